@@ -1,0 +1,3 @@
+from lorakit.cli import run
+
+run()

@@ -1,0 +1,74 @@
+"""Errors a user can cause, each with its documented exit code.
+
+The CLI turns any ``LorakitError`` into one line on stderr and ``exit(error.exit_code)``;
+anything else is a bug (exit 1, traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_DATA = 3
+EXIT_CHECKPOINT = 4
+EXIT_SAFETY = 5
+EXIT_NONFINITE = 6
+EXIT_INTERRUPTED = 75
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_UNEXPECTED: "unexpected failure (a bug: rerun with --debug and report it)",
+    EXIT_USAGE: "invalid recipe or command-line usage",
+    EXIT_DATA: "invalid data (file, row, field or an empty dataset)",
+    EXIT_CHECKPOINT: "checkpoint or adapter problem (missing, corrupt, foreign or changed recipe)",
+    EXIT_SAFETY: "refused for safety (would overwrite a run, pickle weights, remote code)",
+    EXIT_NONFINITE: "non-finite loss or gradient norm",
+    EXIT_INTERRUPTED: "interrupted; a checkpoint was written and the run is resumable",
+}
+
+
+class LorakitError(Exception):
+    """Base class: ``str(error)`` is the one line the user sees."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class UsageError(LorakitError):
+    """Invalid recipe value or command-line usage."""
+
+    exit_code = EXIT_USAGE
+
+
+class RecipeError(UsageError):
+    """One or more recipe problems, reported together."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = f"{where}{self.problems[0]}"
+        else:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            message = f"{where}{len(self.problems)} problems\n{lines}"
+        super().__init__(message)
+
+
+class DataError(LorakitError):
+    exit_code = EXIT_DATA
+
+
+class CheckpointError(LorakitError):
+    exit_code = EXIT_CHECKPOINT
+
+
+class SafetyError(LorakitError):
+    exit_code = EXIT_SAFETY
+
+
+class NonFiniteLossError(LorakitError):
+    exit_code = EXIT_NONFINITE
+
+
+class Interrupted(LorakitError):
+    exit_code = EXIT_INTERRUPTED
