@@ -1,12 +1,29 @@
-"""Terminal output: one place decides what is printed (rank 0 only) and draws the progress bar."""
+"""Terminal output: one place decides what is printed (rank 0 only), in which mode, and draws progress.
+
+Modes (the CLI's global options): normal (rich text and progress bars), ``--quiet`` (only errors and the
+paths of what was written) and ``--json-logs`` (one JSON object per stdout line: messages, stages, metrics,
+warnings, saved paths, errors). Warnings of transformers/peft/bitsandbytes/accelerate/datasets are routed
+here too, each distinct message shown once.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import sys
 import time
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 _console = None
+_err_console = None
+_mode = {"quiet": False, "json": False}
+
+# Loggers whose records lorakit shows itself (de-duplicated); "py.warnings" carries the warnings module.
+LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "huggingface_hub", "py.warnings")
 
 
 def get_console():
@@ -18,14 +35,176 @@ def get_console():
     return _console
 
 
+def get_err_console():
+    global _err_console
+    if _err_console is None:
+        from rich.console import Console
+
+        _err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _err_console
+
+
+def configure(*, quiet: bool = False, json_logs: bool = False) -> None:
+    """Set this process's output mode and take over the libraries' warnings (cheap: imports no library)."""
+    _mode.update(quiet=quiet, json=json_logs)
+    _library_handler.reset()
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _library_handler not in logger.handlers:
+            logger.addHandler(_library_handler)
+    # Library warnings repeat per call site or per step; "once" shows each distinct text one time.
+    for category in (UserWarning, FutureWarning, RuntimeWarning):
+        warnings.filterwarnings("once", category=category)
+    logging.captureWarnings(True)
+
+
+def adopt_transformers_output() -> None:
+    """Once transformers is imported: library warnings go through lorakit only, their progress bars stay off.
+
+    transformers, huggingface_hub and datasets each attach their own stderr handler on import; with lorakit's
+    handler also attached every warning would print twice. Loading is shown as a lorakit stage, so the
+    "Loading weights" tqdm bar would only interleave with it. Public logging switches only, no patching.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(_library_handler)
+    for name in ("huggingface_hub", "datasets"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:  # the library's default
+            logger.removeHandler(handler)
+        if _library_handler not in logger.handlers:
+            logger.addHandler(_library_handler)
+    if _mode["quiet"] or _mode["json"]:
+        datasets.disable_progress_bars()
+
+
+def is_quiet() -> bool:
+    return _mode["quiet"]
+
+
+def is_json() -> bool:
+    return _mode["json"]
+
+
+def emit(event: str, **fields) -> None:
+    """One JSON object on one stdout line (--json-logs)."""
+    record = {"event": event, "time": round(time.time(), 3), **fields}
+    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def console(enabled: bool) -> Callable[[str], None]:
-    """A print function that is silent off the main process."""
+    """A print function that is silent off the main process and with --quiet."""
 
     def say(message: str) -> None:
-        if enabled:
+        if not enabled or _mode["quiet"]:
+            return
+        if _mode["json"]:
+            emit("log", message=message)
+        else:
             get_console().print(message, markup=False)
 
     return say
+
+
+def saved(enabled: bool) -> Callable[[str, object], None]:
+    """Reports a written artifact ("adapter", DIR/adapter): shown in every mode, --quiet included."""
+
+    def report(what: str, path) -> None:
+        if not enabled:
+            return
+        if _mode["json"]:
+            emit("saved", what=what, path=str(path))
+        else:
+            get_console().print(f"{what} saved to {path}", markup=False)
+
+    return report
+
+
+def show_metrics(record: dict) -> None:
+    """One metrics.jsonl record on the terminal (a line of text, or a JSON "metrics" event)."""
+    if _mode["quiet"]:
+        return
+    if _mode["json"]:
+        emit("metrics", **record)
+        return
+    shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+    get_console().print(shown, markup=False)
+
+
+def show_error(code: int, message: str) -> None:
+    """The one error line on stderr; with --json-logs also an "error" event on stdout for scripts."""
+    get_err_console().print(f"[bold red]error:[/] {message}", markup=True)
+    if _mode["json"]:
+        from rich.text import Text
+
+        emit("error", exit_code=code, message=Text.from_markup(message).plain)
+
+
+@contextmanager
+def stage(enabled: bool, description: str):
+    """A named setup stage (loading the model, tokenizing, merging): a spinner, then its duration."""
+    start = time.perf_counter()
+    if not enabled or _mode["quiet"]:
+        yield
+        return
+    if _mode["json"]:
+        emit("stage", name=description, status="start")
+        yield
+        emit("stage", name=description, status="done", seconds=round(time.perf_counter() - start, 3))
+        return
+    if get_console().is_terminal:
+        with get_console().status(f"{description}..."):
+            yield
+    else:
+        yield
+    get_console().print(f"{description}: {time.perf_counter() - start:.1f}s", markup=False)
+
+
+class _OnceHandler(logging.Handler):
+    """Shows each distinct library warning once, in the current output mode (errors even with --quiet)."""
+
+    _WARNING_TEXT = re.compile(r"^(.*?):\d+: (\w+): (.*)$")
+    _PACKAGE = re.compile(r"[/\\](?:site|dist)-packages[/\\]([^/\\]+)")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: set[tuple[str, str]] = set()
+
+    def reset(self) -> None:
+        self.seen.clear()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            source, text = self.describe(record)
+        except Exception:  # a malformed record must not break a run
+            return
+        if (source, text) in self.seen or (_mode["quiet"] and record.levelno < logging.ERROR):
+            return
+        self.seen.add((source, text))
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        if _mode["json"]:
+            emit(level, source=source, message=text)
+        else:
+            get_err_console().print(f"{level} ({source}): {text}", markup=False)
+
+    def describe(self, record: logging.LogRecord) -> tuple[str, str]:
+        """(package, one-line text); a warnings-module record "path:line: Category: message" is shortened."""
+        text = record.getMessage().strip()
+        if record.name != "py.warnings":
+            return record.name.split(".")[0], text
+        match = self._WARNING_TEXT.match(text.splitlines()[0] if text else "")
+        if not match:
+            return "python", text
+        path, category, message = match.groups()
+        package = self._PACKAGE.search(path)
+        return (package.group(1) if package else Path(path).stem), f"{category}: {message}"
+
+
+_library_handler = _OnceHandler()
 
 
 class _Bar:
@@ -44,8 +223,8 @@ class _Bar:
 
 @contextmanager
 def progress_bar(enabled: bool, total: int):
-    """Rich progress for the training steps: step, loss, lr, tokens/s, ETA."""
-    if not enabled or not get_console().is_terminal:
+    """Rich progress for the training steps: step, loss, lr, tokens/s, ETA (terminal, normal mode only)."""
+    if not enabled or _mode["quiet"] or _mode["json"] or not get_console().is_terminal:
         yield _Bar(None, None)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -72,3 +72,17 @@ class NonFiniteLossError(LorakitError):
 
 class Interrupted(LorakitError):
     exit_code = EXIT_INTERRUPTED
+
+
+class VerificationError(LorakitError):
+    """A check of a finished artifact failed (`lorakit merge --verify`: merged logits off the adapter's)."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class DistributedError(LorakitError):
+    """A process of a multi-process run died, hung or failed; the run ends with that process's exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_UNEXPECTED):
+        super().__init__(message)
+        self.exit_code = exit_code

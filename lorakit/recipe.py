@@ -52,7 +52,9 @@ class ModelSection(Section):
         True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight)."
     )
     trust_remote_code: bool = Field(
-        False, description="Allow model code from the hub repository to run. Requires model.revision to be pinned."
+        False,
+        description="Allow model code from the hub repository to run. For a hub id it requires model.revision "
+        "pinned to a full commit hash (else exit 5).",
     )
     revision: str | None = Field(None, description="Hub revision (commit hash, tag or branch) of the base model.")
     tokenizer: str | None = Field(
@@ -63,28 +65,73 @@ class ModelSection(Section):
     )
 
 
+# lorakit's own adapter keys that each method uses, with their defaults (lora_alpha: 2·r). A method rejects the
+# others, as PEFT's IA3Config/PrefixTuningConfig/PromptTuningConfig reject a rank: the key would do nothing.
+METHOD_KEY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "dora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "ia3": {"target_modules": None},  # None: PEFT's per-architecture IA3 targets and feedforward modules
+    "prefix": {},
+    "prompt": {},
+    "bottleneck": {"r": 16},
+}
+_WHY_UNUSED = {
+    "ia3": "IA3 learns scaling vectors: no rank, alpha or dropout",
+    "prefix": "prefix tuning learns key/value prefixes and targets no modules",
+    "prompt": "prompt tuning learns virtual input tokens and targets no modules",
+    "bottleneck": "bottleneck adapters sit on attention/MLP outputs (adapter.placement) and use adapter.dropout "
+    "and adapter.scaling",
+}
+MERGEABLE_METHODS = ("lora", "dora", "ia3")
+
+
 class AdapterSection(Section):
     # Other fields of the method's PEFT config class pass through; they are checked against that class
     # (see validate_adapter_extras) rather than re-declared here.
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     method: Literal["lora", "dora", "ia3", "prefix", "prompt", "bottleneck"] = Field(
-        "lora", description="Adapter method: lora, dora, ia3, prefix, prompt or bottleneck."
+        "lora",
+        description="Adapter method: lora, dora (weight-decomposed LoRA), ia3, prefix, prompt or bottleneck "
+        "(Houlsby adapter layers). rsLoRA is lora/dora with use_rslora: true. See docs/methods.md.",
     )
-    r: int = Field(16, gt=0, description="LoRA rank r of the update B·A (lora/dora); bottleneck width (bottleneck).")
+    r: int | None = Field(
+        None,
+        gt=0,
+        description="Rank r of the LoRA update B·A (lora/dora) or width of the bottleneck (bottleneck); default 16. "
+        "Not used by ia3, prefix or prompt.",
+    )
     lora_alpha: float | None = Field(
-        None, gt=0, description="LoRA scaling numerator: the update is scaled by lora_alpha/r. Defaults to 2·r."
+        None,
+        gt=0,
+        description="lora/dora: the update is scaled by lora_alpha/r (lora_alpha/√r with use_rslora: true). "
+        "Default 2·r.",
     )
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input (lora/dora).")
-    target_modules: Union[list[str], str] = Field(
-        "all-linear",
-        description="Modules that get an adapter: a list of module names (q_proj, v_proj, ...), 'all-linear', "
-        "or a regular expression matched against full module names.",
+    lora_dropout: float | None = Field(
+        None, ge=0, lt=1, description="lora/dora: dropout on the adapter's input; default 0.05."
+    )
+    target_modules: Union[list[str], str, None] = Field(
+        None,
+        description="Modules that get an adapter (lora/dora/ia3): a list of module names (q_proj, v_proj, ...), "
+        "'all-linear', or a regular expression matched against full module names. Default: all-linear for "
+        "lora/dora; PEFT's per-architecture IA3 modules for ia3 (k_proj, v_proj, down_proj on Llama).",
     )
 
     @model_validator(mode="after")
-    def _default_alpha(self) -> "AdapterSection":
-        if self.lora_alpha is None:
+    def _method_keys(self) -> "AdapterSection":
+        used = METHOD_KEY_DEFAULTS[self.method]
+        unused = [k for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k not in used]
+        given = [k for k in unused if getattr(self, k) is not None]
+        if given:
+            keys = ", ".join(f"adapter.{k}" for k in given)
+            raise ValueError(
+                f"{keys}: not used by method {self.method} ({_WHY_UNUSED[self.method]}); "
+                f"remove {'it' if len(given) == 1 else 'them'}"
+            )
+        for key, default in used.items():
+            if getattr(self, key) is None and default is not None:
+                setattr(self, key, default)
+        if "lora_alpha" in used and self.lora_alpha is None:
             self.lora_alpha = float(2 * self.r)
         return self
 
@@ -109,7 +156,9 @@ class DataSection(Section):
     )
     chat_template: str | None = Field(
         None,
-        description="chat format: a named template (chatml, llama3, ...) to use when the tokenizer has none.",
+        description="chat format: a template shipped with lorakit (chatml, gemma, llama3, mistral, phi3, zephyr) "
+        "or a .jinja file. Replaces the tokenizer's own template (and is saved with the adapter); required when "
+        "the tokenizer has none.",
     )
     max_seq_len: int = Field(2048, gt=0, description="Longest tokenized example, in tokens.")
     truncation: Literal["drop", "truncate_prompt", "truncate"] = Field(
@@ -121,10 +170,39 @@ class DataSection(Section):
         False,
         description="Pack several examples into one sequence, padding-free, with attention kept inside each example.",
     )
+    group_by_length: bool = Field(
+        False,
+        description="Without packing: put examples of similar length in the same micro-batch (less padding); "
+        "the order of steps stays seeded and random.",
+    )
+    padding_free: bool = Field(
+        True,
+        description="Flatten each micro-batch into one row with no padding (position ids restart per example), "
+        "where the model keeps flattened examples apart: checked once at start with a two-sequence probe. "
+        "Otherwise micro-batches are padded and grouped by length. The examples of each step are the same "
+        "either way (unlike data.packing); no FLOPs go to pad tokens.",
+    )
     train_on_inputs: bool = Field(
         False, description="Also supervise prompt tokens. Default: only the response (and its end token) is learned."
     )
     skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping with exit 3.")
+    cache: bool = Field(
+        True,
+        description="Reuse tokenized data from $LORAKIT_CACHE/data when the data files, tokenizer, chat template "
+        "and this section are unchanged.",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataSection":
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("data.eval / data.eval_split: set only one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _packing_or_grouping(self) -> "DataSection":
+        if self.packing and self.group_by_length:
+            raise ValueError("data.packing / data.group_by_length: packed rows need no length grouping; set only one")
+        return self
 
 
 class TrainSection(Section):
@@ -153,11 +231,38 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: much less memory, ~30% slower."
     )
+    chunked_loss: bool = Field(
+        True,
+        description="Apply the LM head and cross-entropy in chunks over supervised positions only: no "
+        "full-vocabulary logits for the whole batch (less memory, and no head FLOPs on prompt or pad tokens). "
+        "Uses Liger's fused kernel when liger-kernel is installed and a GPU is present; falls back to the "
+        "model's own loss where the head cannot run apart (prompt/prefix tuning, an adapter on the head).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (dynamic shapes). Speed knob: pays on long runs with a GPU; the "
+        "first steps are slower while it compiles.",
+    )
+    liger: bool = Field(
+        False,
+        description="Apply Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) to the model. Needs a GPU and "
+        "pip install liger-kernel.",
+    )
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")
-    keep_last: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
+    save_each_epoch: bool = Field(False, description="Also write a resumable checkpoint at the end of every epoch.")
+    keep_last: int = Field(
+        2, gt=0, description="How many of the newest complete checkpoints to keep (older ones are deleted)."
+    )
+    ddp_timeout: int = Field(
+        1800,
+        gt=0,
+        description="Multi-process runs: seconds a process waits in a collective (gradient all-reduce, barrier, "
+        "checkpoint save) for the others before the whole run fails; bounds how long a dead or stuck rank can "
+        "hang the job. Raise it when saving a checkpoint of a large model takes longer.",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainSection":
@@ -188,6 +293,11 @@ class OutputSection(Section):
     save: Literal["adapter", "merged", "both"] = Field(
         "adapter", description="What to write at the end: the adapter, the merged model (DIR/merged/), or both."
     )
+    tensorboard: bool = Field(
+        False,
+        description="Also write the metrics as TensorBoard scalars to DIR/tensorboard/ (needs the tensorboard "
+        "package: pip install 'lorakit[tensorboard]').",
+    )
 
 
 class Recipe(Section):
@@ -196,6 +306,25 @@ class Recipe(Section):
     data: DataSection = Field(description="Training and evaluation data.")
     train: TrainSection = Field(description="Optimisation schedule.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where and what to write.")
+
+    @model_validator(mode="after")
+    def _mergeable(self) -> "Recipe":
+        if self.output.save != "adapter" and self.adapter.method not in MERGEABLE_METHODS:
+            raise ValueError(
+                f"output.save: {self.output.save!r} needs a mergeable adapter.method ({', '.join(MERGEABLE_METHODS)});"
+                f" {self.adapter.method} adds computation the base weights cannot absorb: use output.save: adapter"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_with_virtual_tokens(self) -> "Recipe":
+        if self.data.packing and self.adapter.method in ("prefix", "prompt"):
+            raise ValueError(
+                f"data.packing: not possible with adapter.method {self.adapter.method} (its virtual tokens are "
+                "prepended to each sequence, and PEFT drops the position ids packing relies on); "
+                "set data.packing: false"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -325,7 +454,8 @@ def parse_recipe(data: dict, source: str | None = None) -> Recipe:
             if not any(p.split(":")[0] == message.split(":")[0] and "valid" in p for p in problems):
                 problems.append(message)
         raise RecipeError(problems, source=source) from None
-    problems.extend(validate_adapter_extras(recipe.adapter))
+    tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
+    problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))
     if problems:
         raise RecipeError(problems, source=source)
     return recipe
@@ -348,6 +478,11 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def peft_config_class(method: str):
+    """The config class whose fields a method's pass-through keys must be (lorakit's own for bottleneck)."""
+    if method == "bottleneck":
+        from lorakit.bottleneck import BottleneckConfig
+
+        return BottleneckConfig
     import peft
 
     return {
@@ -356,32 +491,58 @@ def peft_config_class(method: str):
         "ia3": peft.IA3Config,
         "prefix": peft.PrefixTuningConfig,
         "prompt": peft.PromptTuningConfig,
-    }.get(method)
+    }[method]
 
 
 # Keys lorakit sets itself from the recipe or the model; a recipe may not pass them through.
-_RESERVED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "use_dora"}
+_RESERVED = {
+    "task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "use_dora",
+    # prefix/prompt: PEFT reads these from the model's config; bottleneck: lorakit does
+    "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "hidden_size",
+}
+# Pass-through keys the method cannot do without (PEFT has no usable default for them).
+_REQUIRED = {"prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens",)}
 
 
-def validate_adapter_extras(adapter: AdapterSection) -> list[str]:
+def validate_adapter_extras(adapter: AdapterSection, tokenizer_path: str | None = None) -> list[str]:
+    """Problems with the adapter's pass-through keys: names checked against the method's config class, then
+    the values judged by constructing that class (PEFT's own checks; no model is loaded)."""
     extras = dict(adapter.model_extra or {})
+    problems = [
+        f"adapter.{key}: required for method {adapter.method} (e.g. {key}: 20)"
+        for key in _REQUIRED.get(adapter.method, ())
+        if key not in extras
+    ]
     if not extras:
-        return []  # keeps `lorakit validate` free of the peft (and torch) import for plain recipes
-    cls = peft_config_class(adapter.method)
-    if cls is None:
-        return [f"adapter.{key}: unknown key for method {adapter.method}" for key in extras]
+        return problems  # keeps `lorakit validate` free of the peft (and torch) import for plain recipes
     import dataclasses
 
-    allowed = {f.name for f in dataclasses.fields(cls)} - _RESERVED
-    ours = set(AdapterSection.model_fields)
-    problems = []
+    cls = peft_config_class(adapter.method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    allowed = fields - _RESERVED
     for key in extras:
-        if key not in allowed:
-            hint = _did_you_mean(key, allowed | ours)
-            problems.append(
-                f"adapter.{key}: unknown key for method {adapter.method} ({cls.__name__}){hint}"
-            )
+        if key in _RESERVED and key in fields:
+            problems.append(f"adapter.{key}: set by lorakit from the recipe and the model; remove it")
+        elif key not in allowed:
+            hint = _did_you_mean(key, allowed | set(AdapterSection.model_fields))
+            elsewhere = [m for m in METHODS if m != adapter.method and key in _field_names(m)]
+            also = f"; it is an option of method {'/'.join(elsewhere)}" if elsewhere and not hint else ""
+            problems.append(f"adapter.{key}: unknown key for method {adapter.method} ({cls.__name__}){hint}{also}")
+    if problems:
+        return problems
+    from lorakit.model import build_peft_config
+
+    try:
+        build_peft_config(adapter, tokenizer_path=tokenizer_path)
+    except UsageError as e:
+        problems.append(str(e))
     return problems
+
+
+def _field_names(method: str) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(peft_config_class(method))} - _RESERVED
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -96,3 +96,77 @@ def build_tiny_llama(
     model.save_pretrained(out_dir, **kwargs)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+MEMORISATION_ROWS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Italy?", "Rome"),
+    ("What is the colour of the sky?", "blue"),
+    ("What is the opposite of hot?", "cold"),
+    ("What is 2 plus 2?", "4"),
+    ("Translate hello to French.", "bonjour"),
+    ("Name the first letter.", "a"),
+    ("Count to three.", "one two three"),
+]
+
+
+def write_memorisation_data(path: str | Path, fmt: str = "alpaca") -> Path:
+    """A small alpaca (or chat) jsonl a tiny model can memorise in a few dozen steps."""
+    import json
+
+    path = Path(path)
+    with path.open("w") as f:
+        for question, answer in MEMORISATION_ROWS:
+            if fmt == "chat":
+                row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+            else:
+                row = {"instruction": question, "input": "", "output": answer}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def adapter_loss_gain(model_dir: str | Path, adapter_dir: str | Path, data_path: str | Path) -> tuple[float, float]:
+    """(base loss, adapter loss) on the alpaca rows of ``data_path``, the adapter loaded with plain PEFT."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.data import collate, tokenize_rows
+    from lorakit.recipe import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    rows = [json.loads(line) for line in Path(data_path).read_text().splitlines() if line.strip()]
+    examples, _ = tokenize_rows(rows, DataSection(train=str(data_path)), tokenizer)
+    batch = collate(examples, tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_loss = float(base(**batch).loss)
+        tuned = PeftModel.from_pretrained(base, adapter_dir)
+        tuned_loss = float(tuned(**batch).loss)
+    return base_loss, tuned_loss
+
+
+def build_random_adapter(model_dir: str | Path, out_dir: str | Path, peft_config, *, seed: int = 0,
+                         magnitude_jitter: float = 0.0, model=None) -> Path:
+    """Save a PEFT adapter with random weights for the model in ``model_dir`` (merge/serving tests, benchmarks).
+
+    Give a config with ``init_lora_weights=False`` / ``init_ia3_weights=False`` so the update is not zero.
+    ``magnitude_jitter`` scales DoRA magnitudes by 1 + jitter·N(0, 1), so they differ from the weight norms.
+    ``model``: an already loaded base (e.g. 4-bit) to use instead of loading ``model_dir`` in float32.
+    """
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, peft_config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if magnitude_jitter and "lora_magnitude_vector" in name:
+                param.mul_(1 + magnitude_jitter * torch.randn_like(param))
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)

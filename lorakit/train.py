@@ -15,10 +15,42 @@ from pathlib import Path
 import torch
 
 from lorakit import __version__
-from lorakit.console import console, progress_bar
+from lorakit.checkpoint import (
+    TrainState,
+    capture_rng,
+    check_finite,
+    check_free_space,
+    check_resume,
+    checkpoint_bytes,
+    checkpoint_name,
+    restore_checkpoint,
+    select_checkpoint,
+    set_aside_newer,
+    trainer_state,
+    truncate_metrics,
+    write_checkpoint,
+)
+from lorakit.console import adopt_transformers_output, console, progress_bar, saved, stage
 from lorakit.data import IGNORE_INDEX, Datasets, StepSampler, collate, load_datasets
-from lorakit.errors import NonFiniteLossError, SafetyError, UsageError
-from lorakit.model import build_model, load_tokenizer, resolve_model_path, trainable_summary
+from lorakit.distributed import (
+    adapter_skeleton,
+    build_accelerator,
+    check_fsdp,
+    eval_shards,
+    fault_injector,
+    fsdp_requested,
+    gathered_state_dict,
+    idle_batch,
+    prepare_fsdp,
+)
+from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError, SafetyError, UsageError
+from lorakit.interrupt import GracefulStop
+from lorakit.loss import build_loss
+from lorakit.manifest import write_run_manifest
+from lorakit.metrics import MetricsLog
+from lorakit.model import build_model, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
+from lorakit.perf import StepMeter, apply_speed_knobs, describe, padding_free_supported
+from lorakit.plot import maybe_plot
 from lorakit.recipe import Recipe, TrainSection, dump_recipe
 
 
@@ -47,38 +79,80 @@ class RunPaths:
         return self.root / "recipe.yaml"
 
 
-def check_output_dir(root: Path) -> None:
-    """Never write into a directory that already holds something: a user's run is not overwritten."""
+def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """A directory holding something is written into only to continue its run (--resume) or, when it holds a
+    lorakit run, to replace it (--overwrite moves the old run aside at the first write; nothing is deleted)."""
     if root.exists() and not root.is_dir():
         raise SafetyError(f"output.dir: {str(root)!r} is a file; choose a directory with --output-dir")
-    if root.is_dir() and any(root.iterdir()):
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume continues the run, --overwrite replaces it")
+    if resume or not (root.is_dir() and any(root.iterdir())):
+        return
+    if not overwrite:
         raise SafetyError(
-            f"output.dir: {str(root)!r} is not empty (it holds an earlier run); choose another with --output-dir "
-            "or remove it"
+            f"output.dir: {str(root)!r} is not empty (it holds an earlier run); continue it with --resume, replace "
+            "it with --overwrite (the old run is moved aside, not deleted), or choose another --output-dir"
+        )
+    if not ((root / "recipe.yaml").is_file() or (root / "checkpoints").is_dir()):
+        raise SafetyError(
+            f"output.dir: {str(root)!r} holds files that are not a lorakit run; --overwrite only replaces runs; "
+            "choose another --output-dir"
         )
 
 
-def run_training(recipe: Recipe, *, allow_pickle: bool = False) -> Path:
-    """Train as the recipe says; returns the run directory."""
-    from accelerate import Accelerator
+def set_aside(root: Path) -> Path:
+    """--overwrite: the old run becomes DIR.replaced-YYYYmmdd-HHMMSS, next to it."""
+    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    root.rename(aside)
+    return aside
+
+
+def run_training(
+    recipe: Recipe,
+    *,
+    allow_pickle: bool = False,
+    resume: bool = False,
+    resume_from: Path | None = None,
+    allow_recipe_change: bool = False,
+    overwrite: bool = False,
+    resume_command: str = "lorakit train RECIPE --resume",
+) -> Path:
+    """Train as the recipe says (or continue from a checkpoint with ``resume``); returns the run directory."""
     from accelerate.utils import set_seed
 
+    started = time.time()
+    adopt_transformers_output()
     paths = RunPaths(Path(recipe.output.dir))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = build_accelerator(recipe.train)
+    if fsdp_requested():
+        check_fsdp(recipe, accelerator.mixed_precision)
     if accelerator.is_main_process:
-        check_output_dir(paths.root)
+        check_output_dir(paths.root, resume=resume, overwrite=overwrite)
     set_seed(recipe.train.seed)
     say = console(accelerator.is_main_process)
+    # A bad checkpoint or a changed recipe is exit 4 before anything heavy loads.
+    checkpoint, changed = None, False
+    if resume:
+        checkpoint = select_checkpoint(paths.checkpoints, resume_from, say)
+        changed = check_resume(checkpoint, recipe, accelerator.num_processes, allow_recipe_change, say)
 
     # Data first: a data problem (exit 3) must show before minutes of model loading.
-    model_path = resolve_model_path(recipe.model)
-    tokenizer = load_tokenizer(recipe.model, model_path)
-    data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
+    with stage(accelerator.is_main_process, "loading tokenizer"), accelerator.main_process_first():
+        model_path = resolve_model_path(recipe.model)  # rank 0 converts a .gguf once; the others reuse it
+        tokenizer = load_tokenizer(recipe.model, model_path)
+    with stage(accelerator.is_main_process, "tokenizing data"):
+        data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
     say(f"train data: {data.train_stats.summary()}")
     if data.eval_stats:
         say(f"eval data: {data.eval_stats.summary()}")
 
-    model = build_model(recipe, model_path, allow_pickle)
+    with stage(accelerator.is_main_process, "loading model"):
+        model = build_model(recipe, model_path, allow_pickle)
+        padding_free, group_lengths = choose_batching(recipe.data, model, data, say)
+        apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
     say(trainable_summary(model))
 
     sampler = StepSampler(
@@ -88,41 +162,77 @@ def run_training(recipe: Recipe, *, allow_pickle: bool = False) -> Path:
         seed=recipe.train.seed,
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
+        lengths=group_lengths,
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
+    prepare_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # Nothing is written into the run directory before this point: every refusal leaves it as it was.
+    start = TrainState()
+    if checkpoint is not None:
+        start = resume_state(checkpoint, changed, accelerator, model, optimizer, scheduler, sampler, paths, say)
     if accelerator.is_main_process:
+        if overwrite and paths.root.is_dir() and any(paths.root.iterdir()):
+            say(f"--overwrite: the earlier run in {paths.root} was moved to {set_aside(paths.root)}")
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.recipe.write_text(dump_recipe(recipe))
+        check_free_space(paths.root, checkpoint_bytes(model), recipe.train.keep_last)
     accelerator.wait_for_everyone()
 
-    fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths)
+    fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths,
+        start, resume_command, padding_free=padding_free)
+    state_dict = gathered_state_dict(accelerator, model)  # a collective under FSDP: every rank takes part
 
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path)
-        say(f"adapter saved to {paths.adapter}")
+        check_finite(accelerator.unwrap_model(model), optimizer, total_steps)
+        save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict)
+        report = saved(True)
+        report("adapter", paths.adapter)
+        manifest = write_run_manifest(paths.root, recipe, started=started, world_size=accelerator.num_processes)
+        report("run manifest", manifest)
+        if (png := maybe_plot(paths.root, warn=say)) is not None:
+            report("loss plot", png)
     accelerator.wait_for_everyone()
     return paths.root
 
 
-def fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data: Datasets, sampler, total_steps, paths):
-    """The loop, in nanoGPT's order: eval/checkpoint → accumulate micro-steps → clip → step → log → stop."""
+def fit(
+    recipe, accelerator, model, tokenizer, optimizer, scheduler, data: Datasets, sampler, total_steps, paths,
+    start: TrainState | None = None, resume_command: str = "lorakit train RECIPE --resume",
+    padding_free: bool = False,
+):
+    """The loop, in nanoGPT's order: checkpoint/eval → accumulate micro-steps → clip → step → log → stop."""
     cfg = recipe.train
-    metrics = MetricsLog(paths.metrics, accelerator.is_main_process)
+    start = start or TrainState()
+    metrics = MetricsLog(paths.metrics, accelerator.is_main_process, tensorboard=recipe.output.tensorboard)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    tokens_seen, t_last, tokens_last = 0, time.perf_counter(), 0
+    tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
+    last_checkpoint = start.checkpoint
+    compute_loss = build_loss(accelerator.unwrap_model(model), cfg.chunked_loss)
+    console(accelerator.is_main_process)(compute_loss.describe())
+    meter = StepMeter()
+    fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     model.train()
-    with progress_bar(accelerator.is_main_process, total_steps) as bar:
-        for step in range(total_steps):
+    with progress_bar(accelerator.is_main_process, total_steps) as bar, GracefulStop(resume_command) as stop:
+        for step in range(start.step, total_steps):
+            # Checkpoint before evaluating: a run resumed from here repeats the evaluation, not logs it twice.
+            if step > start.step and checkpoint_due(cfg, sampler, step):
+                last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler,
+                                                  step, tokens_seen)
             if cfg.eval_every and step and step % cfg.eval_every == 0 and data.eval:
-                metrics.write({"step": step, "eval_loss": evaluate(model, tokenizer, data.eval, cfg, accelerator)})
-            if cfg.save_every and step and step % cfg.save_every == 0:
-                save_checkpoint(accelerator, model, tokenizer, recipe, paths, step)
+                eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
+                metrics.write({"step": step, "eval_loss": eval_loss})
 
-            batches = [collate([data.train[i] for i in idx], tokenizer) for idx in sampler.micro_batches(step)]
+            fault(step)
+            meter.start()
+            micro_batches = sampler.micro_batches(step)
+            batches = [collate([data.train[i] for i in idx], tokenizer, padding_free) for idx in micro_batches]
+            # A rank left without data by the last, partial step of an epoch still runs one forward/backward
+            # that adds nothing, so the gradient all-reduce of the other ranks does not wait for it.
+            batches = batches or [collate([idle_batch(data.train[0])], tokenizer, padding_free)]
             # Normalise by the supervised tokens of the whole window on all ranks, so every token weighs the
             # same whatever the micro-batch, accumulation or world size. DDP averages gradients over ranks,
             # hence the world-size factor inside num_items.
@@ -130,26 +240,33 @@ def fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data: Datas
             num_items = window_tokens / accelerator.num_processes
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
+                # Dropout masks follow (seed, step, global micro-batch index), not the rank: 2 ranks × k
+                # micro-batches draw what 1 rank × 2k draws, and a resumed run what the uninterrupted one drew.
+                torch.manual_seed(micro_seed(cfg.seed, step, accelerator.process_index + i * accelerator.num_processes))
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = i == len(batches) - 1  # gradients are all-reduced on the last micro-step only
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    loss = model(**batch, num_items_in_batch=num_items).loss
+                    loss = compute_loss(model, batch, num_items)
                     accelerator.backward(loss)
                 step_loss += loss.detach()
-            step_loss = accelerator.reduce(step_loss, reduction="mean").item() * accelerator.num_processes
+            # Each rank's share is already divided by the window's tokens / world size: the mean over ranks
+            # is the loss per supervised token of the whole window.
+            step_loss = accelerator.reduce(step_loss, reduction="mean").item()
 
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 raise NonFiniteLossError(
                     f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; nothing was saved from "
-                    "this step. Likely causes: learning rate too high (train.learning_rate), float16 overflow "
-                    "(use bfloat16 or float32), or corrupt data rows"
+                    f"this step (last good checkpoint: {last_checkpoint or 'none written'}). Likely causes: learning "
+                    "rate too high (train.learning_rate), float16 overflow (use bfloat16 or float32), or corrupt data "
+                    "rows"
                 )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            meter.stop([data.train[i] for idx in micro_batches for i in idx])
 
             tokens_seen += int(window_tokens)
             if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
@@ -168,9 +285,19 @@ def fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data: Datas
                     }
                 )
             bar.update(step + 1, loss=step_loss, lr=lr, tps=tokens_seen / max(bar.elapsed, 1e-9))
+            if any_rank(accelerator, stop.signum is not None) and step + 1 < total_steps:
+                path = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler, step + 1,
+                                       tokens_seen)
+                raise stop.stopped(step + 1, path)
 
     if data.eval:
-        metrics.write({"step": total_steps, "eval_loss": evaluate(model, tokenizer, data.eval, cfg, accelerator)})
+        eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
+        metrics.write({"step": total_steps, "eval_loss": eval_loss})
+    dtype = resolve_dtype(recipe.model.dtype)
+    efficiency = meter.record(total_steps, model, cfg.gradient_checkpointing, dtype, accelerator)
+    metrics.write(efficiency)
+    console(accelerator.is_main_process)(describe(efficiency))
+    metrics.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +310,19 @@ def build_optimizer(model, cfg: TrainSection) -> torch.optim.Optimizer:
                   weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    raise UsageError(f"train.optimizer: {cfg.optimizer!r} is not supported yet; use adamw")
+    import bitsandbytes as bnb
+
+    # 8-bit Adam states (blockwise quantized; tensors under 4096 elements keep 32-bit states, as bitsandbytes
+    # decides). Paging moves those states between GPU and host memory under pressure: on CPU there is nothing
+    # to page, so the same 8-bit optimizer runs unpaged, and the run says so once.
+    if cfg.optimizer == "paged_adamw_8bit" and torch.cuda.is_available():
+        return bnb.optim.PagedAdamW8bit(params, **kwargs)
+    if cfg.optimizer == "paged_adamw_8bit":
+        import warnings
+
+        warnings.warn("train.optimizer: paged_adamw_8bit pages optimizer state out of GPU memory; without a GPU "
+                      "there is nothing to page, so adamw_8bit (the same 8-bit AdamW, unpaged) is used")
+    return bnb.optim.AdamW8bit(params, **kwargs)
 
 
 def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
@@ -197,9 +336,25 @@ def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
 # Loop helpers
 
 
+def choose_batching(section, model, data: Datasets, say) -> tuple[bool, list[int] | None]:
+    """(padding_free, lengths for length grouping): data.padding_free where the model supports it, else
+    padded micro-batches grouped by length. Packed rows are flattened by collate whatever this says."""
+    if not section.padding_free or section.packing:
+        return False, data.group_lengths
+    if padding_free_supported(model):
+        say("batches: padding-free (each micro-batch flattened into one row)")
+        return True, data.group_lengths
+    say("batches: padded, grouped by length (the model mixes flattened examples)")
+    return False, data.group_lengths or [len(e) for e in data.train]
+
+
 def supervised_targets(batch) -> int:
     """Tokens the loss is computed on: labels are shifted by one inside the model's loss."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_seed(seed: int, step: int, index: int) -> int:
+    return (seed * 1_000_003 + step) * 1_009 + index
 
 
 def reduce_sum(accelerator, value: float) -> float:
@@ -209,44 +364,47 @@ def reduce_sum(accelerator, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum"))
 
 
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any: a signal or a failed save may reach one rank only."""
+    return flag if accelerator.num_processes == 1 else reduce_sum(accelerator, float(flag)) > 0
+
+
+def checkpoint_due(cfg: TrainSection, sampler, step: int) -> bool:
+    every = bool(cfg.save_every) and step % cfg.save_every == 0
+    return every or (cfg.save_each_epoch and step % sampler.steps_per_epoch == 0)
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator) -> float:
-    """Token-weighted mean loss over the eval set, each rank taking every world_size-th example."""
+def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute_loss) -> float:
+    """Token-weighted mean loss over the eval set, each rank taking every world_size-th example.
+
+    Every rank runs the same number of batches (idle ones where it has run out), as FSDP's forward is a
+    collective.
+    """
     model.eval()
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    shards = eval_shards(len(examples), cfg.micro_batch_size, accelerator.num_processes, accelerator.process_index)
     total, count = 0.0, 0
-    for i in range(0, len(mine), cfg.micro_batch_size):
-        batch = collate(mine[i : i + cfg.micro_batch_size], tokenizer)
+    for idx in shards:
+        batch = collate([examples[i] for i in idx] or [idle_batch(examples[0])], tokenizer)
         n = supervised_targets(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total += float(model(**batch, num_items_in_batch=1).loss)  # num_items=1: the summed loss
+        total += float(compute_loss(model, batch, 1))  # num_items=1: the summed loss
         count += n
     model.train()
     return round(reduce_sum(accelerator, total) / max(reduce_sum(accelerator, count), 1), 6)
-
-
-class MetricsLog:
-    """metrics.jsonl (rank 0 only): one JSON object per log step or evaluation."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-        console(True)(shown)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Saving
 
 
-def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str) -> None:
-    """DIR/adapter: PEFT's own files (PeftModel.from_pretrained loads them), the tokenizer, and lorakit.json."""
-    model.save_pretrained(out)
+def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, state_dict=None) -> None:
+    """DIR/adapter: PEFT's own files (PeftModel.from_pretrained loads them), the tokenizer, and lorakit.json.
+
+    ``state_dict``: the gathered weights when FSDP shards them, saved through a weightless copy of the model
+    (distributed.gathered_state_dict, distributed.adapter_skeleton).
+    """
+    (model if state_dict is None else adapter_skeleton(model)).save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     meta = {
         "base_model": recipe.model.name_or_path,
@@ -261,9 +419,41 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str) -
     (out / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_checkpoint(accelerator, model, tokenizer, recipe: Recipe, paths: RunPaths, step: int) -> None:
-    from lorakit.checkpoint import write_checkpoint
+def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, paths: RunPaths, sampler, step: int,
+                    tokens_seen: int) -> Path:
+    """Every rank hands over its RNG state, rank 0 writes (see checkpoint.py); a failure stops every rank."""
+    from accelerate.utils import gather_object
 
+    rng_states = [capture_rng()]
+    if accelerator.num_processes > 1:
+        rng_states = gather_object(rng_states)
+    failure = None
     if accelerator.is_main_process:
-        write_checkpoint(paths.checkpoints, step, accelerator.unwrap_model(model), recipe)
+        unwrapped = accelerator.unwrap_model(model)
+        try:
+            write_checkpoint(
+                paths.checkpoints, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                scaler=accelerator.scaler, rng_states=rng_states,
+                state=trainer_state(step, tokens_seen, sampler, unwrapped, paths.metrics),
+                recipe_text=dump_recipe(recipe), keep_last=recipe.train.keep_last,
+            )
+        except LorakitError as e:
+            failure = e
+    if any_rank(accelerator, failure is not None):
+        raise failure or CheckpointError(f"rank 0 could not write checkpoint {checkpoint_name(step)}; see its error")
+    return paths.checkpoints / checkpoint_name(step)
+
+
+def resume_state(checkpoint, changed: bool, accelerator, model, optimizer, scheduler, sampler, paths, say) -> TrainState:
+    """Continue from ``checkpoint``: all state restored (only reads), then newer checkpoints set aside and
+    metrics.jsonl cut back to the checkpoint."""
+    start = restore_checkpoint(
+        checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+        scaler=accelerator.scaler, sampler=sampler, rank=accelerator.process_index, changed=changed, say=say,
+    )
+    if accelerator.is_main_process:
+        set_aside_newer(paths.checkpoints, checkpoint.step, say)
+        truncate_metrics(paths.metrics, checkpoint.state.get("metrics_bytes", 0), say)
     accelerator.wait_for_everyone()
+    say(f"resuming from {checkpoint.path} at step {start.step}")
+    return start

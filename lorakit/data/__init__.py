@@ -1,0 +1,44 @@
+"""Training data: sources, formats, labels, the length policy, caching, packing and batching.
+
+Reading order: sources (rows from files, directories or the hub) → formats (a row to token ids and
+labels) → pipeline (split, length policy, accounting, cache, packing) → batching (collate, data order).
+"""
+
+from lorakit.data.batching import StepSampler, collate, first_fit, pack_examples
+from lorakit.data.formats import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_WITH_INPUT,
+    IGNORE_INDEX,
+    Example,
+    named_chat_templates,
+    resolve_chat_template,
+    tokenize_chat,
+    tokenize_row,
+)
+from lorakit.data.pipeline import DataStats, Datasets, fit_length, load_datasets, num_targets, split_eval, tokenize_rows
+from lorakit.data.sources import BadRowError, Row, read_rows
+
+__all__ = [
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_WITH_INPUT",
+    "IGNORE_INDEX",
+    "BadRowError",
+    "DataStats",
+    "Datasets",
+    "Example",
+    "Row",
+    "StepSampler",
+    "collate",
+    "first_fit",
+    "fit_length",
+    "load_datasets",
+    "named_chat_templates",
+    "num_targets",
+    "pack_examples",
+    "read_rows",
+    "resolve_chat_template",
+    "split_eval",
+    "tokenize_chat",
+    "tokenize_row",
+    "tokenize_rows",
+]

@@ -1,0 +1,170 @@
+"""Batches: padding-free packing, collation (transformers' collators) and the deterministic step sampler."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from lorakit.data.formats import IGNORE_INDEX, Example
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Greedy first-fit bin packing: each item goes into the first bin with room (O(n log n)).
+
+    A max-tree over the bins' free space finds that bin; bins not yet opened have the full capacity,
+    so an item that fits nowhere opens the next one.
+    """
+    width = 1
+    while width < max(len(sizes), 1):
+        width *= 2
+    free = [capacity] * (2 * width)
+    bins: list[list[int]] = []
+    for item, size in enumerate(sizes):
+        if size > capacity:
+            raise ValueError(f"item {item} ({size}) is larger than a bin ({capacity})")
+        node = 1
+        while node < width:
+            node = 2 * node if free[2 * node] >= size else 2 * node + 1
+        slot = node - width
+        if slot == len(bins):
+            bins.append([])
+        bins[slot].append(item)
+        free[node] -= size
+        while node > 1:
+            node //= 2
+            free[node] = max(free[2 * node], free[2 * node + 1])
+    return bins
+
+
+def pack_examples(examples: list[Example], max_len: int, seed: int) -> list[Example]:
+    """Pack examples into rows of at most ``max_len`` tokens (first-fit, longest first, seeded ties).
+
+    Each row remembers its examples' lengths (``seq_lens``); ``collate`` restarts position ids there and
+    keeps attention and loss inside each example.
+    """
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -len(examples[i]))  # stable: equal lengths keep the seeded order
+    rows = []
+    for members in first_fit([len(examples[i]) for i in order], max_len):
+        parts = [examples[order[m]] for m in members]
+        rows.append(
+            Example(
+                [t for p in parts for t in p.input_ids],
+                [t for p in parts for t in p.labels],
+                seq_lens=[len(p) for p in parts],
+            )
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collation
+
+
+def collate(examples: list[Example], tokenizer, padding_free: bool = False):
+    """A micro-batch of tensors for ``model(**batch)``.
+
+    Unpacked examples are padded to the longest of the micro-batch (labels padded with -100) by
+    DataCollatorForSeq2Seq, unless ``padding_free`` (data.padding_free, where the model supports it).
+    Packed rows, and every micro-batch when ``padding_free``, are flattened into one padding-free row by
+    DataCollatorWithFlattening: position_ids restart at every example and the first label of each
+    example is -100, so no example is the target of the one before it and the summed loss equals the
+    unpacked one. There is deliberately no attention_mask: from restarting position_ids transformers
+    builds a block-diagonal causal mask (sdpa, eager, flex) or runs varlen flash attention, but only
+    without a KV cache (load_base_model sets use_cache=False) and without a 2D attention_mask.
+    """
+    if padding_free or any(e.seq_lens is not None for e in examples):
+        from transformers import DataCollatorWithFlattening
+
+        features = []
+        for e in examples:
+            start = 0
+            for n in e.seq_lens or [len(e)]:
+                features.append({"input_ids": e.input_ids[start : start + n], "labels": e.labels[start : start + n]})
+                start += n
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)(features, return_tensors="pt")
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+    )
+    return collator([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in examples])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order
+
+
+@dataclass
+class StepSampler:
+    """Which examples each rank sees at each optimizer step: deterministic from (seed, step) alone.
+
+    An epoch is a seeded permutation; optimizer step s of the epoch takes the next
+    micro_batch_size × grad_accum × world_size examples, split into micro-batches dealt round-robin to
+    ranks. Two ranks with grad_accum k thus see exactly the examples one rank with 2k sees, and a
+    resumed run needs only the step number to continue where it stopped.
+
+    With ``lengths`` (data.group_by_length), each run of MEGA_STEPS steps of the permutation is sorted by
+    length and its steps shuffled again: micro-batches hold examples of similar length (little padding)
+    while the order of steps stays random.
+    """
+
+    num_examples: int
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    world_size: int = 1
+    rank: int = 0
+    lengths: list[int] | None = None
+    _orders: dict = field(default_factory=dict, repr=False, compare=False)
+
+    MEGA_STEPS = 50
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.global_batch)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        import torch
+
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.lengths is not None:
+                order = self._group_by_length(order, generator)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def _group_by_length(self, order: list[int], generator) -> list[int]:
+        import torch
+
+        mega, grouped = self.global_batch * self.MEGA_STEPS, []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            steps = [chunk[i : i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
+            # The last mega-run may end in a partial step: it stays last, so every other step is full.
+            full = [s for s in steps if len(s) == self.global_batch]
+            shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+            grouped += [i for s in shuffled + [s for s in steps if len(s) < self.global_batch] for i in s]
+        return grouped
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of example indices) for optimizer step ``step`` (0-based)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        chunk = order[offset * self.global_batch : (offset + 1) * self.global_batch]
+        micro = [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
+        return micro[self.rank :: self.world_size]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch

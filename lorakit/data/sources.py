@@ -1,0 +1,179 @@
+"""Reading rows from data sources: local JSON Lines / JSON / CSV / Parquet files, `save_to_disk`
+directories and hub dataset ids (the last three through `datasets`).
+
+Every row carries where it came from (``file:line``), so a bad row is reported by its place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.errors import DataError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SKIP_HINT = "fix the row or set data.skip_bad_rows: true to skip such rows"
+
+
+class BadRowError(DataError):
+    """One malformed row (exit 3); ``data.skip_bad_rows`` turns it into a counted skip."""
+
+    def __init__(self, reason: str):
+        self.reason = reason  # "file:line: what is wrong", without the remedy
+        super().__init__(f"{reason}; {SKIP_HINT}")
+
+
+@dataclass
+class Row:
+    where: str  # "file:line" (or "file[row i]" where lines do not exist)
+    data: dict
+
+
+@dataclass
+class SourceRows:
+    rows: list[Row]
+    bad: list[str]  # why each row skipped while reading was skipped
+
+
+def read_rows(source: str, skip_bad_rows: bool = False) -> SourceRows:
+    """The rows of one data source. Malformed rows raise BadRowError unless skip_bad_rows."""
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_SUFFIXES and not path.is_file():
+        raise DataError(f"data: file {source!r} not found")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, skip_bad_rows)
+    if path.suffix == ".json":
+        return _read_json(path, skip_bad_rows)
+    if path.suffix in (".csv", ".parquet") or path.is_dir():
+        return _read_with_datasets(source, path, skip_bad_rows)
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise DataError(
+            f"data: {source!r} is neither a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, "
+            "nor a hub dataset id (owner/name)"
+        )
+    return _read_with_datasets(source, None, skip_bad_rows)
+
+
+def _check_object(value, where: str, bad: list[str], skip: bool) -> bool:
+    if isinstance(value, dict):
+        return True
+    message = f"{where}: expected a JSON object, got {type(value).__name__}"
+    if not skip:
+        raise BadRowError(message)
+    bad.append(message)
+    return False
+
+
+def _read_jsonl(path: Path, skip: bool) -> SourceRows:
+    rows, bad = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                message = f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+                if not skip:
+                    raise BadRowError(message) from None
+                bad.append(message)
+                continue
+            if _check_object(value, where, bad, skip):
+                rows.append(Row(where, value))
+    return SourceRows(rows, bad)
+
+
+def _read_json(path: Path, skip: bool) -> SourceRows:
+    """A JSON array of objects (or {"name": [...]}); each item is located by the line it starts on."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        items = _array_items(text) if text.lstrip().startswith("[") else None
+        if items is None:
+            data = json.loads(text)
+            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                data = next(iter(data.values()))  # {"train": [...]} style
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON array of objects (or use .jsonl, one object per line)")
+            items = [(None, i, item) for i, item in enumerate(data)]
+    except json.JSONDecodeError as e:
+        hint = "; if it holds one object per line, name it .jsonl" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
+    rows, bad = [], []
+    for line, index, item in items:
+        where = f"{path}:{line}" if line is not None else f"{path}[item {index}]"
+        if _check_object(item, where, bad, skip):
+            rows.append(Row(where, item))
+    return SourceRows(rows, bad)
+
+
+def _array_items(text: str) -> list[tuple[int, int, object]]:
+    """(line, index, value) of each item of a top-level JSON array, so errors can name the line."""
+    decoder, ws = json.JSONDecoder(), " \t\r\n"
+    pos, items = text.index("[") + 1, []
+    while True:
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos < len(text) and text[pos] == "]" and not items:
+            break
+        value, end = decoder.raw_decode(text, pos)
+        items.append((text.count("\n", 0, pos) + 1, len(items), value))
+        pos = end
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] == "]":
+            break
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    if text[pos + 1 :].strip():
+        raise json.JSONDecodeError("Extra data", text, pos + 1)
+    return items
+
+
+def _read_with_datasets(source: str, path: Path | None, skip: bool) -> SourceRows:
+    import datasets
+
+    try:
+        if path is not None and path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"data: {source!r} holds splits {', '.join(ds)} but no 'train' split")
+                ds = ds["train"]
+        elif path is not None:
+            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(source, split="train")
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types for unreachable ids and unreadable files
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"data: cannot load {source!r}: {type(e).__name__}: {first}") from None
+    # CSV: row i is on line i + 2 (after the header) unless a quoted cell spans lines.
+    if path is not None and path.suffix == ".csv":
+        return SourceRows([Row(f"{source}:{i + 2}", row) for i, row in enumerate(ds)], [])
+    return SourceRows([Row(f"{source}[row {i}]", row) for i, row in enumerate(ds)], [])
+
+
+def content_hash(source: str) -> str | None:
+    """sha256 of a local file's or directory's bytes; None for a hub id (its content is not known here).
+
+    For a file it is the plain sha256 of its bytes (what `sha256sum` prints; run.json records it).
+    """
+    import hashlib
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file != path:  # a directory: each file's relative path is part of the content
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,256 @@
+"""Several processes: what differs from one process, decided before the training loop starts.
+
+accelerate owns the process group and the DDP / FSDP wrapping (launched by torchrun, `accelerate launch` or
+`lorakit train --nproc N`); this module builds the Accelerator with the recipe's collective timeout, checks
+and prepares FSDP (+ 4-bit) runs, keeps every rank in step when one has no data, gathers sharded adapter
+weights for saving, relaunches `lorakit train` on N processes, and turns a dead or stuck rank into one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+from lorakit.errors import EXIT_CODES, EXIT_UNEXPECTED, DistributedError, UsageError
+from lorakit.recipe import Recipe, TrainSection
+
+# Test-only fault injection (see tests/test_distributed.py): "die:RANK:STEP" kills that rank with SIGKILL at
+# the start of optimizer step STEP (0-based), as the OOM killer would; "hang:RANK:STEP" makes it sleep forever.
+FAULT_ENV = "LORAKIT_TEST_FAULT"
+
+# accelerate's mixed_precision values and the parameter dtype FSDP computes in under each.
+_MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
+
+
+def build_accelerator(cfg: TrainSection):
+    """The run's Accelerator: CPU processes talk over gloo, GPUs over NCCL; collectives time out after
+    train.ddp_timeout seconds so a dead or stuck rank ends the job instead of hanging it."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (`accelerate launch` with an FSDP config sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_fsdp(recipe: Recipe, mixed_precision: str) -> None:
+    """Before any model loads: settings FSDP cannot shard, named with their fix (exit 2).
+
+    FSDP shards floating-point tensors only. lorakit stores 4-bit weights in the compute dtype
+    (bnb_4bit_quant_storage = model.dtype, see model.build_quant_config) so they shard like the rest of the
+    layer; FSDP must then compute in that same dtype, or it casts the packed 4-bit bytes and corrupts them.
+    """
+    from lorakit.model import build_quant_config, resolve_dtype
+
+    cfg = recipe.train
+    if cfg.save_every or cfg.save_each_epoch:
+        # lorakit's checkpoints hold the adapter and optimizer state as one process sees them; under FSDP they
+        # are sharded over the ranks and gathering them for a checkpoint is not implemented yet.
+        raise UsageError(
+            "train.save_every / train.save_each_epoch: resumable checkpoints are not supported under FSDP yet; "
+            "set train.save_every=0 and train.save_each_epoch=false (the final adapter is still saved), or use "
+            "DDP (recipes/accelerate/ddp.yaml) when the model fits on one GPU"
+        )
+    quantization = recipe.model.quantization
+    if quantization == "int8":
+        raise UsageError(
+            "model.quantization: int8 weights cannot be sharded by FSDP; use nf4 with the fsdp-qlora accelerate "
+            "config, or DDP (recipes/accelerate/ddp.yaml) if the model fits on one GPU"
+        )
+    if quantization not in ("nf4", "fp4"):
+        return
+    dtype = resolve_dtype(recipe.model.dtype)
+    storage = build_quant_config(recipe.model, dtype).bnb_4bit_quant_storage
+    if storage != dtype:
+        raise UsageError(
+            f"model.quantization: {quantization} under FSDP stores 4-bit weights as {storage}, not the model dtype "
+            f"{dtype}; they must match for FSDP to shard them (set bnb_4bit_quant_storage to the compute dtype)"
+        )
+    wanted = _MIXED_PRECISION_DTYPES.get(mixed_precision)
+    if wanted is not None and f"torch.{wanted}" != str(storage):
+        name = str(storage).removeprefix("torch.")
+        raise UsageError(
+            f"model.dtype: {recipe.model.dtype} stores the {quantization} weights as {name}, but the accelerate "
+            f"config's mixed_precision {mixed_precision} makes FSDP cast them to {wanted}; set model.dtype={wanted} "
+            f"or mixed_precision: 'no' (recipes/accelerate/fsdp-qlora.yaml)"
+        )
+
+
+def prepare_fsdp(accelerator, model) -> None:
+    """FSDP1 flattens each wrapped module's parameters into one tensor, which must share requires_grad and
+    dtype: PEFT's policy wraps the (trainable, fp32) adapter layers apart from the frozen decoder layers."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP or accelerator.state.fsdp_plugin.fsdp_version != 1:
+        return  # FSDP2 shards per parameter and needs no special wrapping
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
+def gathered_state_dict(accelerator, model):
+    """The full state dict on rank 0 when FSDP shards the weights (None otherwise: PEFT reads the model).
+
+    Every rank must call this: gathering the shards is a collective, so a save done by rank 0 alone would wait
+    forever for the others.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def adapter_skeleton(model):
+    """The same PEFT model on the meta device (no memory), to save a gathered FSDP state dict through.
+
+    PEFT (0.21) picks a state dict's adapter entries by module name and strips only a leading
+    ``_fsdp_wrapped_module.``; under FSDP1, which wraps each decoder layer, the names hold it in the middle and
+    ``save_pretrained(state_dict=...)`` writes an empty adapter. The skeleton's names are plain, so PEFT selects
+    and names the entries as for an unsharded model. tests/fsdp_one_step.py fails once PEFT no longer needs it.
+    """
+    import copy
+
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        base = AutoModelForCausalLM.from_config(model.base_model.model.config)
+    return get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keeping ranks in step
+
+
+def idle_batch(example):
+    """A copy of ``example`` that teaches nothing (every label -100, so it adds 0 to the summed loss).
+
+    A rank left without a micro-batch at the end of an epoch, or with fewer eval batches than the others, runs
+    this instead: its forward/backward still take part in DDP's all-reduce and FSDP's all-gathers, which
+    would otherwise wait for it until train.ddp_timeout.
+    """
+    from lorakit.data import IGNORE_INDEX
+
+    return dataclasses.replace(example, labels=[IGNORE_INDEX] * len(example.labels))
+
+
+def eval_shards(num_examples: int, micro_batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """This rank's eval micro-batches (example indices, every world_size-th example): the same number on every
+    rank, so sharded forwards line up; an empty list marks a batch to fill with an idle one."""
+    mine = list(range(rank, num_examples, world_size))
+    count = math.ceil(math.ceil(num_examples / world_size) / micro_batch_size)
+    return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failures
+
+
+@contextmanager
+def collective_failures(cfg: TrainSection):
+    """Around a whole run: a collective that fails or times out because another rank died or hangs (in setup,
+    the loop, an evaluation or a save) becomes one line naming this rank, instead of a gloo/NCCL traceback."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if not (dist.is_available() and dist.is_initialized()) or not _is_collective_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DistributedError(
+            f"rank {dist.get_rank()}: a collective with the other {dist.get_world_size() - 1} rank(s) failed "
+            f"({first}); another rank died or did not respond within train.ddp_timeout={cfg.ddp_timeout}s: its "
+            "own error, if it had time to print one, is above"
+        ) from None
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    # gloo raises plain RuntimeErrors that name it; NCCL and the process group raise DistError subclasses.
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "ProcessGroup"))
+
+
+def fault_injector(rank: int):
+    """Test-only: a per-step hook that kills or hangs this rank when LORAKIT_TEST_FAULT says so (else a no-op)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return lambda step: None
+    kind, fault_rank, fault_step = spec.split(":")
+    if int(fault_rank) != rank:
+        return lambda step: None
+
+    def inject(step: int) -> None:
+        if step == int(fault_step):
+            if kind == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            # Stuck as in a C call, where Python's SIGTERM handler (GracefulStop) would never run: the launcher's
+            # SIGTERM ends it at once instead of after its grace period.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(10**6)
+
+    return inject
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `lorakit train --nproc N`
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def relaunch(nproc: int, argv: list[str] | None = None) -> None:
+    """Run this same command (without --nproc) as ``torchrun --standalone --nproc-per-node N -m lorakit ...``.
+
+    torch's launcher starts the processes, tears all of them down when one fails, and reports which rank
+    failed first; we end with that rank's exit code, so a data error on every rank is still exit 3.
+    """
+    if "LOCAL_RANK" in os.environ:
+        raise UsageError("--nproc: this process was already started by a launcher (torchrun / accelerate launch)")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = strip_option(list(sys.argv[1:] if argv is None else argv), "--nproc")
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit", *args])
+    try:
+        run(launch)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
+        raise DistributedError(
+            f"rank {rank} (local rank {failure.local_rank}) {how}; the launcher stopped the other ranks "
+            "(the failing rank's own error is above)",
+            exit_code=code if code in EXIT_CODES and code != 0 else EXIT_UNEXPECTED,
+        ) from None
+    except SignalException as e:
+        raise DistributedError(f"the launcher received {e.sigval.name}; all ranks were stopped") from None

@@ -1,0 +1,407 @@
+"""Side-by-side training benchmark: `lorakit train` against transformers.Trainer + PEFT.
+
+    python scripts/bench_train.py [--repeats 3] [--steps 6] [--knobs default] [--out runs/bench]
+    make bench
+
+Both sides get the same model, data, LoRA config (r 16, alpha 32, dropout 0.05, all linear layers),
+precision, optimizer (torch AdamW), learning rate and cosine schedule, micro-batch, accumulation and
+number of optimizer steps, and train on the same micro-batches (scripts/bench_reference_trainer.py).
+Each run is its own process; the two sides alternate (which goes first flips every repeat); medians over
+the repeats and the ratios lorakit/reference are reported for:
+- supervised tokens/s: supervised (non-pad, unmasked) targets / wall seconds of the training loop
+  (model loading excluded); also per CPU-second, which is steadier when other processes share the CPU;
+- peak memory: peak RSS of the process (CPU) or CUDA max allocated (GPU), and, in one extra run per side
+  under lorakit.perf.TensorMemoryTracker, the peak of tensors allocated by torch ops;
+- final training loss: mean of the last 3 steps' losses (both must agree within noise).
+Then each speed knob's effect on lorakit alone (one run each). Results go to OUT/bench_train.json.
+
+CPU setup (no GPU): a random Llama with 32,768-token vocabulary, hidden 256, 4 layers (≈20M parameters,
+two thirds of them embeddings and head, as in small real models), float32, and a synthetic alpaca dataset
+of variable length (see make_dataset). The tokenizer is lorakit.testing's byte-level BPE; its few hundred
+tokens are the low ids of the 32k vocabulary: the model's config has vocab_size 32768 beyond the tokenizer,
+as Qwen's and Llama's padded vocabularies do, so the head and softmax cost what a 32k vocabulary costs.
+GPU setup (CUDA present): a random ≈1.1B Llama (hidden 2048, 20 layers), bfloat16, examples up to 4,096
+tokens, flattened padding-free on the lorakit side (knob: data.packing into 4K rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = (
+    "the quick brown fox jumps over lazy dog journey of a thousand miles begins with single step what is capital "
+    "France Paris translate to French hello world bonjour you are helpful assistant answer question summarize text "
+    "one two three four five six seven eight nine ten below instruction that describes task write response"
+).split()
+
+CPU = dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vocab=32768, dtype="float32",
+           rows=400, max_seq_len=512, prompt_words=(3.4, 0.7), response_words=(3.2, 0.8),
+           steps=6, micro_batch=4, grad_accum=2, lr=2e-3)
+GPU = dict(hidden=2048, layers=20, heads=16, kv_heads=8, intermediate=5632, vocab=32768, dtype="bfloat16",
+           rows=2000, max_seq_len=4096, prompt_words=(5.6, 0.9), response_words=(5.4, 0.9),
+           steps=30, micro_batch=4, grad_accum=2, lr=2e-4)
+# Speed knobs, each run on the lorakit side alone: --set overrides on top of the common recipe.
+KNOBS = {
+    "default": [],
+    "chunked_loss off": ["train.chunked_loss=false"],
+    "padding_free off": ["data.padding_free=false"],
+    "packing on": ["data.packing=true"],
+    "attn eager": ["model.attn_implementation=eager"],
+    "compile on": ["train.compile=true"],
+    "liger on": ["train.liger=true"],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and data
+
+
+def make_model(out: Path, cfg: dict) -> Path:
+    """A random Llama with cfg's shape and a 32k vocabulary, lorakit.testing's tokenizer (cached in ``out``)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.testing import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    config = LlamaConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
+        max_position_embeddings=max(cfg["max_seq_len"], 2048), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(getattr(torch, cfg["dtype"])).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_dataset(path: Path, cfg: dict, seed: int = 0) -> Path:
+    """Alpaca rows whose instruction and response lengths (in words) are log-normal: many short, a long tail.
+
+    CPU: median ≈ 30 instruction words and ≈ 25 response words (≈ 60–500 tokens with the template), so a
+    random micro-batch of 4 is about a third padding, and about half of the real tokens are prompt.
+    """
+    rng = random.Random(seed)
+
+    def words(mu_sigma) -> str:
+        n = max(1, min(int(rng.lognormvariate(*mu_sigma)), cfg["max_seq_len"] // 2))
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    with path.open("w") as f:
+        for _ in range(cfg["rows"]):
+            row = {"instruction": words(cfg["prompt_words"]), "input": "", "output": words(cfg["response_words"])}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def recipe_for(model: Path, data: Path, cfg: dict, steps: int) -> dict:
+    return {
+        "model": {"name_or_path": str(model), "dtype": cfg["dtype"]},
+        "adapter": {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        "data": {"train": str(data), "format": "alpaca", "max_seq_len": cfg["max_seq_len"], "cache": False},
+        "train": {
+            "max_steps": steps, "micro_batch_size": cfg["micro_batch"], "grad_accum": cfg["grad_accum"],
+            "learning_rate": cfg["lr"], "lr_scheduler": "cosine", "warmup_steps": 0, "optimizer": "adamw",
+            "max_grad_norm": 1.0, "seed": 42, "log_every": 1,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs: each side in its own process, through the `--child` mode of this script
+
+
+def child(kind: str, result: Path, track: bool, argv: list[str]) -> int:
+    """Run one side in this process; write its peak memory to ``result``."""
+    import torch
+
+    from lorakit.perf import TensorMemoryTracker
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    tracker = TensorMemoryTracker() if track else None
+    code = 0
+    if tracker is not None:
+        tracker.__enter__()
+    try:
+        if kind == "lorakit":
+            from lorakit.cli import app
+
+            try:
+                app(args=argv, prog_name="lorakit")
+            except SystemExit as e:
+                code = e.code or 0
+        else:
+            import bench_reference_trainer
+
+            code = bench_reference_trainer.main(argv)
+    finally:
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+    memory = {
+        "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "tensor_peak_bytes": tracker.peak if tracker is not None else None,
+    }
+    result.write_text(json.dumps(memory))
+    return code
+
+
+def run_side(kind: str, run_dir: Path, recipe: dict, overrides: list[str], track: bool = False) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    memory_file = run_dir / "memory.json"
+    if kind == "lorakit":
+        recipe_file = run_dir / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(recipe))
+        argv = ["train", str(recipe_file), "--output-dir", str(run_dir / "run")]
+        argv += [a for o in overrides for a in ("--set", o)]
+    else:
+        t, m = recipe["train"], recipe
+        argv = [
+            "--model", m["model"]["name_or_path"], "--data", m["data"]["train"], "--out", str(run_dir / "result.json"),
+            "--max-seq-len", str(m["data"]["max_seq_len"]), "--steps", str(t["max_steps"]),
+            "--micro-batch", str(t["micro_batch_size"]), "--grad-accum", str(t["grad_accum"]),
+            "--lr", str(t["learning_rate"]), "--seed", str(t["seed"]), "--dtype", m["model"]["dtype"],
+        ]
+    cmd = [sys.executable, __file__, "--child", kind, str(memory_file), *(["--track"] if track else []), "--", *argv]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    (run_dir / "log.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:], "process_seconds": 0}
+    out = {**json.loads(memory_file.read_text()), "process_seconds": time.perf_counter() - t0}
+    return {**out, **(lorakit_result(run_dir / "run") if kind == "lorakit" else reference_result(run_dir))}
+
+
+def lorakit_result(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    final = [r for r in records if "mfu" in r][-1]
+    supervised = final["tokens_per_s"] * final["train_seconds"]
+    return {
+        "supervised_tokens_per_s": final["tokens_per_s"],
+        "supervised_tokens_per_cpu_s": supervised / final["train_cpu_seconds"],
+        "train_seconds": final["train_seconds"],
+        "final_loss": statistics.mean(losses[-3:]),
+        "mfu": final["mfu"],
+        "losses": losses,
+    }
+
+
+def reference_result(run_dir: Path) -> dict:
+    r = json.loads((run_dir / "result.json").read_text())
+    return {
+        "supervised_tokens_per_s": r["supervised_tokens"] / r["train_seconds"],
+        "supervised_tokens_per_cpu_s": r["supervised_tokens"] / r["train_cpu_seconds"],
+        "train_seconds": r["train_seconds"],
+        "final_loss": statistics.mean(r["losses"][-3:]),
+        "pad_fraction": 1 - r["tokens"] / r["padded_tokens"],
+        "losses": r["losses"],
+    }
+
+
+def step_flops(recipe: dict) -> dict:
+    """Matmul FLOPs (torch's FlopCounterMode) of the first optimizer step's micro-batches, in this process:
+    lorakit's path (padding-free batches, chunked loss on supervised positions) against the reference's
+    (padded batches, the model's loss on full logits). Independent of machine load: it shows what the
+    speed-up is made of, where wall-clock numbers on a shared CPU are noisy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.data import StepSampler, collate, load_datasets
+    from lorakit.loss import build_loss, plain_loss
+    from lorakit.model import build_model, load_tokenizer, resolve_model_path
+    from lorakit.recipe import parse_recipe
+
+    parsed = parse_recipe(recipe)
+    tokenizer = load_tokenizer(parsed.model, resolve_model_path(parsed.model))
+    examples = load_datasets(parsed.data, tokenizer, parsed.train.seed).train
+    t = parsed.train
+    sampler = StepSampler(num_examples=len(examples), micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                          seed=t.seed)
+    micro = [[examples[i] for i in idx] for idx in sampler.micro_batches(0)]
+    model = build_model(parsed)
+    sides = {"lorakit": (True, build_loss(model, chunked=True)), "reference": (False, plain_loss)}
+    out = {}
+    for name, (padding_free, loss) in sides.items():
+        with FlopCounterMode(display=False) as counter:
+            for batch in micro:
+                loss(model, collate(batch, tokenizer, padding_free), 100.0).backward()
+        out[name] = counter.get_total_flops()
+    out["supervised_targets"] = sum(sum(l != -100 for l in e.labels[1:]) for b in micro for e in b)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def median(runs: list[dict], key: str):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(lk: list[dict], ref: list[dict], lk_mem: dict, ref_mem: dict, gpu: bool) -> list[tuple]:
+    """Rows (metric, lorakit, reference, ratio, goal) of the comparison."""
+    mib = 1 / 2**20
+    memory_key = "cuda_max_allocated" if gpu else "rss_peak_bytes"
+    rows = [
+        ("supervised tokens/s (wall)", median(lk, "supervised_tokens_per_s"), median(ref, "supervised_tokens_per_s"),
+         ">= 1.5"),
+        ("supervised tokens/CPU-s", median(lk, "supervised_tokens_per_cpu_s"),
+         median(ref, "supervised_tokens_per_cpu_s"), ">= 1.5"),
+        ("peak CUDA allocated MiB" if gpu else "peak RSS MiB", median(lk, memory_key) * mib,
+         median(ref, memory_key) * mib, "<= 0.8"),
+        ("tensor peak MiB", (lk_mem.get("tensor_peak_bytes") or 0) * mib, (ref_mem.get("tensor_peak_bytes") or 0) * mib,
+         "<= 0.8"),
+        ("final loss (mean of last 3 steps)", median(lk, "final_loss"), median(ref, "final_loss"), "≈ 1"),
+    ]
+    return [(name, a, b, (a / b if a and b else None), goal) for name, a, b, goal in rows]
+
+
+def print_table(rows, header=("metric", "lorakit", "reference", "ratio", "goal")) -> None:
+    print(f"{header[0]:36s} {header[1]:>12s} {header[2]:>12s} {header[3]:>8s}  {header[4]}")
+    for name, a, b, ratio, goal in rows:
+        fmt = lambda v: "-" if v is None else f"{v:12.4g}"  # noqa: E731
+        print(f"{name:36s} {fmt(a)} {fmt(b)} {'-' if ratio is None else f'{ratio:8.3f}'}  {goal}")
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 6 CPU, 30 GPU)")
+    parser.add_argument("--knobs", default=",".join(KNOBS), help=f"comma-separated, of: {', '.join(KNOBS)}; or none")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--no-track", action="store_true", help="skip the tensor-peak runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (OMP_NUM_THREADS); 1 keeps CPU-seconds meaningful on a shared CPU")
+    args = parser.parse_args()
+
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every run
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = torch.cuda.is_available()
+    cfg = GPU if gpu else CPU
+    steps = args.steps or cfg["steps"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = make_model(out / ("model-gpu" if gpu else "model-cpu"), cfg)
+    data = make_dataset(out / "data.jsonl", cfg)
+    recipe = recipe_for(model, data, cfg, steps)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs_dir = out / f"runs-{stamp}"
+    before = machine()
+    print(f"bench_train: {'GPU ' + before.get('gpu', '') if gpu else 'CPU'}, {steps} steps × "
+          f"{cfg['micro_batch']}×{cfg['grad_accum']} examples, {args.repeats} repeats; load avg {before['load_average']}")
+
+    sides = {"lorakit": [], "reference": []}
+    for rep in range(args.repeats):
+        order = ["lorakit", "reference"] if rep % 2 == 0 else ["reference", "lorakit"]
+        for kind in order:
+            result = run_side(kind, runs_dir / f"{kind}-{rep}", recipe, [])
+            sides[kind].append(result)
+            print(f"  {kind:9s} repeat {rep}: " + _brief(result))
+    tracked = {"lorakit": {}, "reference": {}}
+    if not args.no_track:
+        for kind in tracked:
+            tracked[kind] = run_side(kind, runs_dir / f"{kind}-tracked", recipe, [], track=True)
+            print(f"  {kind:9s} tracked: tensor peak {tracked[kind].get('tensor_peak_bytes', 0) / 2**20:.1f} MiB")
+
+    rows = summarize(sides["lorakit"], sides["reference"], tracked["lorakit"], tracked["reference"], gpu)
+    flops = step_flops(recipe)
+    rows.append(("matmul GFLOP in step 1 (counted)", flops["lorakit"] / 1e9, flops["reference"] / 1e9,
+                 flops["lorakit"] / flops["reference"], "lower is better"))
+    print()
+    print_table(rows)
+
+    knob_rows, knob_results = [], {}
+    wanted = [] if args.knobs == "none" else [k.strip() for k in args.knobs.split(",") if k.strip()]
+    default_tps = median(sides["lorakit"], "supervised_tokens_per_s")
+    default_cpu = median(sides["lorakit"], "supervised_tokens_per_cpu_s")
+    for name in wanted:
+        if name == "default":
+            continue
+        if name == "liger on" and not gpu:
+            knob_rows.append((name, None, None, None, "needs a GPU (Triton kernels)"))
+            continue
+        result = run_side("lorakit", runs_dir / f"knob-{name.replace(' ', '-')}", recipe, KNOBS[name])
+        knob_results[name] = result
+        print(f"  knob {name:16s}: " + _brief(result))
+        tps = result.get("supervised_tokens_per_s")
+        cpu = result.get("supervised_tokens_per_cpu_s")
+        note = f"loss {result['final_loss']:.4f}" if "final_loss" in result else f"error {result.get('error')}"
+        knob_rows.append((name, tps, cpu, (tps / default_tps if tps and default_tps else None), note))
+    if knob_rows:
+        print()
+        print(f"knobs (lorakit alone; default: {default_tps:.1f} supervised tokens/s wall, {default_cpu:.1f} per CPU-s)")
+        print_table(knob_rows, header=("knob", "tok/s wall", "tok/CPU-s", "vs default", "note"))
+
+    report = {
+        "setup": {**cfg, "steps": steps, "repeats": args.repeats, "threads": args.threads},
+        "machine_before": before,
+        "machine_after": machine(),
+        "comparison": [dict(zip(("metric", "lorakit", "reference", "ratio", "goal"), r)) for r in rows],
+        "runs": sides,
+        "tracked": tracked,
+        "knobs": knob_results,
+    }
+    (out / "bench_train.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"\nresults: {out / 'bench_train.json'} (logs under {runs_dir})")
+    return 0
+
+
+def _brief(result: dict) -> str:
+    if "error" in result:
+        return f"FAILED {result['error']}"
+    return (f"{result['supervised_tokens_per_s']:.1f} sup tok/s, {result['supervised_tokens_per_cpu_s']:.1f}/CPU-s, "
+            f"RSS {result['rss_peak_bytes'] / 2**20:.0f} MiB, loss {result['final_loss']:.4f}, "
+            f"process {result['process_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, result_file = sys.argv[2], Path(sys.argv[3])
+        rest = sys.argv[4:]
+        track = bool(rest) and rest[0] == "--track"
+        rest = rest[1:] if track else rest
+        sys.exit(child(kind, result_file, track, rest[1:] if rest and rest[0] == "--" else rest))
+    sys.exit(main())

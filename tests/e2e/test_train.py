@@ -1,0 +1,132 @@
+"""`lorakit train` end to end on a tiny random model: the real CLI in a subprocess, and the same code in-process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorakit.testing import write_memorisation_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def recipe_file(tmp_path, model_dir, data, **train):
+    recipe = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"r": 8, "lora_dropout": 0.0},
+        "data": {"train": str(data), "format": "alpaca", "max_seq_len": 128},
+        "train": {"max_steps": 40, "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-2,
+                  "lr_scheduler": "constant", "log_every": 5, **train},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def lorakit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_memorises_and_writes_layout(tmp_path, tiny_model_dir):
+    data = write_memorisation_data(tmp_path / "train.jsonl")
+    recipe = recipe_file(tmp_path, tiny_model_dir, data, save_every=20)
+    result = lorakit("train", recipe, "--set", "train.seed=7")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert "trainable params: " in result.stdout and "|| all params: " in result.stdout
+    # The layout the foundation fixes.
+    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "recipe.yaml", "metrics.jsonl", "checkpoints/step-000020"]:
+        assert (run / name).exists(), name
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(records[0])
+    assert records[-1]["step"] == 40
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.25 * first, (first, last)  # memorised: far below where it started
+    # The resolved recipe records the override and round-trips through the validator.
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["train"]["seed"] == 7 and resolved["adapter"]["lora_alpha"] == 16
+    assert lorakit("validate", run / "recipe.yaml").returncode == 0
+
+
+def _tiny_recipe(model_dir, data, **adapter):
+    from lorakit.recipe import parse_recipe
+
+    return parse_recipe({
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"r": 4, "lora_dropout": 0.0, **adapter},
+        "data": {"train": str(data)},
+        "train": {"max_steps": 3},
+    })
+
+
+def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model_dir):
+    """B = 0 at the start; after training, PeftModel.from_pretrained(DIR/adapter) gives the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.model import build_model, load_tokenizer
+    from lorakit.train import save_adapter
+
+    data = write_memorisation_data(tmp_path / "train.jsonl")
+    recipe = _tiny_recipe(tiny_model_dir, data)
+    tokenizer = load_tokenizer(recipe.model, str(tiny_model_dir))
+    ids = torch.tensor([tokenizer("What is the capital of France? Paris")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base_logits)  # training starts exactly at the base model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    assert not torch.allclose(trained, base_logits)
+
+    save_adapter(model, tokenizer, recipe, tmp_path / "adapter", str(tiny_model_dir))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained, atol=1e-5)
+    meta = json.loads((tmp_path / "adapter" / "lorakit.json").read_text())
+    assert meta["method"] == "lora" and meta["base_model"] == str(tiny_model_dir)
+
+
+def test_bad_data_exits_3_and_writes_nothing(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    recipe = recipe_file(tmp_path, tiny_model_dir, data)
+    result = lorakit("train", recipe)
+    assert result.returncode == 3, result.stderr
+    assert f"{data}:2: invalid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_recipe_exits_2_without_traceback(tmp_path, tiny_model_dir):
+    recipe = recipe_file(tmp_path, tiny_model_dir, tmp_path / "x.jsonl")
+    text = recipe.read_text().replace("lora_dropout", "lora_dropuot")
+    recipe.write_text(text)
+    for command in ("validate", "train"):
+        result = lorakit(command, recipe)
+        assert result.returncode == 2
+        assert "adapter.lora_dropuot: unknown key" in result.stderr and "did you mean lora_dropout?" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,82 @@
+"""Small helpers for tests that run `lorakit train` on the tiny model: data, recipes, the CLI, tree hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def write_data(path: Path, n: int = 40) -> Path:
+    """``n`` short alpaca rows (about 50 tokens each with the tiny tokenizer)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            row = {"instruction": f"Count to {i % 7 + 1}", "input": "", "output": " ".join(map(str, range(i % 7 + 1)))}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def recipe_dict(model_dir, data, out, adapter: dict | None = None, **train) -> dict:
+    """A tiny fp32 CPU recipe: dropout on (so RNG matters), 2 micro-batches of 2 per step, a log line per step."""
+    return {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"r": 4, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"], **(adapter or {})},
+        "data": {"train": str(data), "max_seq_len": 128},
+        "train": {
+            "max_steps": 6, "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 1e-3, "log_every": 1,
+            "lr_scheduler": "cosine", "seed": 7, **train,
+        },
+        "output": {"dir": str(out)},
+    }
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def cli(*args: str):
+    """Run the CLI in this process; returns typer's Result (exit_code, output with stderr mixed in)."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def lorakit(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m lorakit ARGS`` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=env or subprocess_env(),
+        timeout=timeout,
+    )
+
+
+def tree_hash(root: Path) -> dict:
+    """{relative path: sha256} of every file under ``root`` (and the set of directories): byte-for-byte identity."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+    return out
+
+
+def training_records(metrics: Path) -> list[dict]:
+    """metrics.jsonl without the timing-dependent fields: what must match between an interrupted and a clean run."""
+    records = []
+    for line in Path(metrics).read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record or "eval_loss" in record:
+            records.append({k: v for k, v in record.items() if not k.endswith("per_s")})
+    return records
