@@ -179,6 +179,11 @@ class BottleneckModel(nn.Module):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapters.state_dict().items()}
         save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
 
+    def load_adapter_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy the tensors of a bottleneck_model.safetensors into the adapters in place, so an optimizer built on
+        them keeps its parameters (resuming a checkpoint); RuntimeError when a name or shape does not fit."""
+        self.adapters.load_state_dict(weights, strict=True)
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers: the ModuleList with one entry per hidden layer."""
@@ -225,7 +230,7 @@ def load_bottleneck(base_model: nn.Module, adapter_dir, is_trainable: bool = Fal
         )
     model = BottleneckModel(base_model, config)
     try:
-        model.adapters.load_state_dict(weights, strict=True)
+        model.load_adapter_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{adapter_dir}: adapter weights do not match its config: {str(e).splitlines()[0]}")
     model.adapters.requires_grad_(is_trainable)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lorakit import bottleneck
 from lorakit.errors import CheckpointError, NonFiniteLossError
 
 FORMAT = "lorakit-checkpoint"
@@ -32,10 +33,13 @@ MANIFEST = "manifest.json"
 ADAPTER = "adapter"
 STATE = "trainer_state.json"
 RECIPE = "recipe.yaml"
-# Every complete checkpoint has these; optimizer/scheduler/rng tensors live in NAME.safetensors next to NAME.json.
-REQUIRED = (
-    f"{ADAPTER}/adapter_model.safetensors", f"{ADAPTER}/adapter_config.json", "optimizer.json", "scheduler.json",
-    "rng.json", "rng.safetensors", STATE, RECIPE,
+# Every complete checkpoint has these and one adapter layout; optimizer/scheduler/rng tensors live in
+# NAME.safetensors next to NAME.json.
+REQUIRED = ("optimizer.json", "scheduler.json", "rng.json", "rng.safetensors", STATE, RECIPE)
+# ADAPTER/ as the model's own save_pretrained writes it, (config, weights): PEFT's, or lorakit's bottleneck.
+ADAPTER_LAYOUTS = (
+    ("adapter_config.json", "adapter_model.safetensors"),
+    (bottleneck.CONFIG_NAME, bottleneck.WEIGHTS_NAME),
 )
 # Recipe keys that may differ on resume: they change what is written or shown, never the trained weights.
 COSMETIC_KEYS = frozenset({
@@ -240,10 +244,11 @@ def _fsync_dir(folder: Path) -> None:
 def _write_manifest(folder: Path, step: int, world_size: int) -> None:
     from datetime import datetime, timezone
 
-    from lorakit.manifest import package_versions, sha256_file
+    from lorakit.data.sources import content_hash
+    from lorakit.manifest import package_versions
 
     files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": content_hash(str(p))}
         for p in sorted(folder.rglob("*")) if p.is_file()
     }
     manifest = {
@@ -345,7 +350,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def verify_checkpoint(path: Path) -> Checkpoint:
     """The checkpoint at ``path`` if its manifest is valid and every file matches it; CheckpointError otherwise."""
-    from lorakit.manifest import sha256_file
+    from lorakit.data.sources import content_hash
 
     def bad(reason: str) -> CheckpointError:
         return CheckpointError(f"{path}: {reason}")
@@ -363,7 +368,7 @@ def verify_checkpoint(path: Path) -> Checkpoint:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise bad(f"written by a newer lorakit (format {manifest['format_version']}); upgrade lorakit to resume it")
     files = manifest.get("files") or {}
-    for name in REQUIRED:
+    for name in (*adapter_files(files), *REQUIRED):
         if name not in files:
             raise bad(f"incomplete: {name} is not in {MANIFEST}")
     for name, meta in files.items():
@@ -374,9 +379,17 @@ def verify_checkpoint(path: Path) -> Checkpoint:
             raise bad(f"{name} is missing (listed in {MANIFEST})")
         if file.stat().st_size != meta.get("size"):
             raise bad(f"{name} is {file.stat().st_size} bytes, {MANIFEST} says {meta.get('size')}: truncated or modified")
-        if sha256_file(file) != meta.get("sha256"):
+        if content_hash(str(file)) != meta.get("sha256"):
             raise bad(f"{name} does not match its sha256 in {MANIFEST}: corrupt or modified")
     return Checkpoint(path, int(manifest.get("step", -1)), manifest)
+
+
+def adapter_files(names) -> tuple[str, str]:
+    """The (config, weights) paths of the adapter layout whose config is among ``names`` (PEFT's when none is)."""
+    for config, weights in ADAPTER_LAYOUTS:
+        if f"{ADAPTER}/{config}" in names:
+            return f"{ADAPTER}/{config}", f"{ADAPTER}/{weights}"
+    return f"{ADAPTER}/{ADAPTER_LAYOUTS[0][0]}", f"{ADAPTER}/{ADAPTER_LAYOUTS[0][1]}"
 
 
 def latest_checkpoint(root: Path, say: Callable[[str], None]) -> Checkpoint | None:
@@ -544,19 +557,30 @@ def _check_same_data(ckpt: Checkpoint, state: dict, sampler, changed: bool, say)
 
 
 def _load_adapter(ckpt: Checkpoint, model) -> None:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(ckpt.path / ADAPTER / "adapter_model.safetensors"))
+    _, weights_file = adapter_files(ckpt.manifest["files"])
     try:
-        result = set_peft_model_state_dict(model, weights)
+        load_adapter_weights(model, load_file(str(ckpt.path / weights_file)))
     except RuntimeError as e:
         raise CheckpointError(
             f"{ckpt.path}: its adapter weights do not fit this model ({_first_line(e)}); resume with the recipe "
             "that wrote it"
         ) from None
-    if result.unexpected_keys:
-        raise CheckpointError(f"{ckpt.path}: unexpected adapter weights ({result.unexpected_keys[0]}, ...)")
+
+
+def load_adapter_weights(model, weights: dict) -> None:
+    """Copy an adapter's saved weights into ``model`` in place (the optimizer keeps its parameters), with the
+    loader of the model's kind: PEFT's for a PeftModel, the wrapper's own for a bottleneck model. RuntimeError
+    when they do not fit."""
+    if isinstance(model, bottleneck.BottleneckModel):
+        model.load_adapter_state_dict(weights)
+        return
+    from peft import set_peft_model_state_dict
+
+    unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"unexpected adapter weights ({unexpected[0]}, ...)")
 
 
 def _first_line(e: BaseException) -> str:

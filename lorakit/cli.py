@@ -55,7 +55,9 @@ def command(*args, **kwargs) -> Callable:
                     traceback.print_exc()
                 fail(e.exit_code, _escape(str(e)))
             except KeyboardInterrupt:
-                fail(EXIT_INTERRUPTED, "interrupted")
+                # Commands leave no half-written output (merge publishes atomically, a training run's steps
+                # handle Ctrl-C themselves: lorakit/interrupt.py), so a Ctrl-C that gets here saved nothing.
+                fail(EXIT_INTERRUPTED, "interrupted before anything was saved; rerun the same command")
             except Exception as e:  # a bug: say so in one line unless --debug
                 if _state["debug"]:
                     traceback.print_exc()
@@ -311,14 +313,15 @@ def merge(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
     device: Optional[str] = typer.Option(None, "--device", help="Where to compute the merge: cpu (default) or cuda."),
 ) -> None:
-    from lorakit.console import adopt_transformers_output, console, saved
+    from lorakit.console import adopt_transformers_output, console, saved, stage
     from lorakit.merge import merge_adapter
 
     adopt_transformers_output()
     options = {"base": base, "dtype": dtype, "max_shard_size": max_shard_size, "base_precision": base_precision,
                "verify": verify, "device": device}
-    report = merge_adapter(adapter_dir, output, overwrite=overwrite, allow_pickle=allow_pickle, log=console(True),
-                           **{k: v for k, v in options.items() if v is not None})
+    with stage(True, "merging"):
+        report = merge_adapter(adapter_dir, output, overwrite=overwrite, allow_pickle=allow_pickle, log=console(True),
+                               **{k: v for k, v in options.items() if v is not None})
     saved(True)("merged model", report.output_dir)
 
 
@@ -347,6 +350,7 @@ def generate(
     import json
 
     from lorakit.console import adopt_transformers_output, emit, is_json
+    from lorakit.errors import UsageError
     from lorakit.generate import run_generate
     from lorakit.recipe import ModelSection
 
@@ -355,7 +359,7 @@ def generate(
     try:
         section = ModelSection(name_or_path=model, **{k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic names the field and the allowed values
-        raise _usage(f"--dtype/--quantization: {e.errors()[0]['msg']}") from None
+        raise UsageError(f"--dtype/--quantization: {e.errors()[0]['msg']}") from None
     results = run_generate(section, adapter or [], prompt=prompt, file=file, use=use, chat=chat,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            allow_pickle=allow_pickle, device=device)
@@ -424,12 +428,6 @@ def estimate_memory(
         emit("memory_estimate", **data)
     else:
         typer.echo(json.dumps(data, indent=2) if as_json else text)
-
-
-def _usage(message: str) -> LorakitError:
-    from lorakit.errors import UsageError
-
-    return UsageError(message)
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ EXIT_CODES = {
     EXIT_CHECKPOINT: "checkpoint or adapter problem (missing, corrupt, foreign or changed recipe)",
     EXIT_SAFETY: "refused for safety (would overwrite a run, pickle weights, remote code)",
     EXIT_NONFINITE: "non-finite loss or gradient norm",
-    EXIT_INTERRUPTED: "interrupted; a checkpoint was written and the run is resumable",
+    EXIT_INTERRUPTED: "interrupted and resumable: the message names the command (--resume from the checkpoint written, or a plain rerun when nothing was written yet)",
 }
 
 

@@ -77,9 +77,9 @@ TEMPLATES: dict[str, Template] = {
             "train": {"max_steps": 1000, "micro_batch_size": 4, "grad_accum": 2, "gradient_checkpointing": True},
             "output": {"dir": "runs/multi-gpu"},
         },
-        run="accelerate launch --multi_gpu --num_processes 4 -m lorakit train {path}",
-        notes=("For FSDP or several nodes, pass one of the accelerate configs in recipes/accelerate/ with "
-               "--config_file.",),
+        run="lorakit train {path} --nproc 4",
+        notes=("Same as: accelerate launch --multi_gpu --num_processes 4 -m lorakit train RECIPE. For FSDP or "
+               "several nodes use an accelerate config from lorakit's recipes/accelerate/ (docs/scaling.md).",),
     ),
 }
 
@@ -119,7 +119,7 @@ def render(name: str, path: str = "recipe.yaml") -> str:
         value = _yaml_value(overrides[leaf]) if leaf in overrides else default
         if value == "required":  # a required key the template leaves open
             value = '""'
-        lines.append(f"  # {description}")
+        lines.append(f"  # {' '.join(description.split())}")  # one line, whatever the description's layout
         lines.append(f"  {leaf}: {value}")
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,8 @@
 """Stopping a run on request: SIGINT/SIGTERM finish the optimizer step, the loop writes a checkpoint, exit 75.
 
-A second signal stops at once. See docs/checkpoints.md.
+A second signal stops at once. Ctrl-C outside the loop is exit 75 too, saying what there is to continue from:
+nothing before the run directory is written (the CLI's message), the newest checkpoint after. See
+docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit.errors import Interrupted
@@ -51,3 +54,19 @@ class GracefulStop:
         name = signal.Signals(self.signum).name if self.signum else "stop"
         return Interrupted(f"{name}: stopped after step {step}, checkpoint {checkpoint}; resume with: "
                            f"{self.resume_command}")
+
+
+@contextmanager
+def outside_steps(checkpoints: Path, resume_command: str):
+    """Once the run directory is written, a Ctrl-C outside the loop (the rest of the setup, the final evaluation
+    and save) is exit 75 naming what continues the run; inside the loop GracefulStop's handler takes over."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from lorakit.checkpoint import MANIFEST, list_checkpoints
+
+        done = [p for _, p in list_checkpoints(Path(checkpoints)) if (p / MANIFEST).is_file()]
+        start_over = resume_command.removesuffix(" --resume") + " --overwrite"
+        how = (f"continue from {done[-1]} with: {resume_command}" if done
+               else f"no checkpoint was written yet; start over with: {start_over}")
+        raise Interrupted(f"interrupted outside a training step, so no checkpoint was written for it; {how}") from None

@@ -1,120 +1,51 @@
-"""Training-memory estimates: exact parameter counts from a meta-device model, then bytes line by line.
+"""Training memory, line by line: weights, adapter, gradients, optimizer states, activations, loss buffers,
+backward working set and runtime overhead, each with its formula; totals per GPU for DDP and FSDP.
 
-`inspect_model` builds the model on the meta device from its config (no weights read), applies the recipe's
-PEFT config there and records what the formulas need; `estimate` turns that profile and the knobs (batch,
-sequence, precision, optimizer, checkpointing, GPUs) into breakdown lines, each carrying its formula.
-Activation formulas count the tensors autograd keeps for backward; scripts/bench_memory.py measures them.
+`estimate` turns a ModelProfile (lorakit.memory_profile: exact counts from a meta-device build) and the knobs
+(batch, sequence, precision, optimizer, checkpointing, GPUs) into those lines. Activation formulas count the
+tensors autograd keeps for backward; scripts/bench_memory.py measures them against real training steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from lorakit.errors import UsageError
+from lorakit.memory_profile import DQ_BLOCK, NF4_BLOCK, Geometry, ModelProfile
+from lorakit.recipe import METHOD_KEY_DEFAULTS, DataSection, ModelSection, TrainSection
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAPTER_BYTES = 4  # get_peft_model(autocast_adapter_dtype=True) keeps adapter weights in fp32 on bf16/fp16 bases
 OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB with lazy loading) + cuBLAS workspaces + caching-allocator slack
-NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size; second-level block of double quantization
 OPT8_BLOCK, OPT8_MIN_NUMEL, PAGED_MIN_NUMEL = 256, 4096, 100_000  # bitsandbytes 8-bit optimizer constants
 LOGITS_BYTES = 12  # per token·vocab entry at the loss backward: fp32 log-softmax + its gradient + the logits' grad
 
-# Which linear layers read the same input tensor (so one saved copy serves all of them).
-_GROUPS = {
-    "attn_in": {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "query", "key", "value"},
-    "attn_out": {"o_proj", "out_proj", "dense"},
-    "mlp_in": {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3", "gate"},
-    "mlp_out": {"down_proj", "fc2", "w2"},
-}
 _ORDER = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+def _schema(section, key: str):
+    return section.model_fields[key].default  # defaults live in the recipe schema only
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The knobs an estimate depends on (already resolved from the recipe and the command line)."""
+    """The knobs an estimate depends on (resolved from the recipe and the command line; unset: schema defaults)."""
 
     method: str = "lora"  # full | lora (any PEFT adapter)
-    quantization: str = "none"  # none | nf4 | fp4 | int8
-    double_quant: bool = True
-    dtype: str = "bfloat16"
-    batch_size: int = 1
-    seq_len: int = 2048
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
-    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
-    lora_dropout: float = 0.05
+    quantization: str = _schema(ModelSection, "quantization")  # none | nf4 | fp4 | int8
+    double_quant: bool = _schema(ModelSection, "double_quant")
+    dtype: str = "bfloat16"  # model.dtype auto, as it resolves on a GPU with bf16
+    batch_size: int = _schema(TrainSection, "micro_batch_size")
+    seq_len: int = _schema(DataSection, "max_seq_len")
+    gradient_checkpointing: bool = _schema(TrainSection, "gradient_checkpointing")
+    optimizer: str = _schema(TrainSection, "optimizer")
+    attn_implementation: str = _schema(ModelSection, "attn_implementation")  # auto | sdpa | eager | flash_attention_2
+    lora_dropout: float = METHOD_KEY_DEFAULTS["lora"]["lora_dropout"]
     gpus: int = 1
     strategy: str = "ddp"  # ddp | fsdp
     device: str = "cuda"  # cuda | cpu: on CPU dropout keeps a full noise tensor, no CUDA context (benchmarks only)
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    layer: int
-    name: str
-    group: str
-    in_features: int
-    out_features: int
-    r: int
-
-
-@dataclass(frozen=True)
-class Geometry:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    gated_mlp: bool
-    norms_per_layer: int
-    norm_kind: str  # rms | layer
-    experts: int  # 0 for dense models
-    experts_per_token: int
-    attn_default: str
-    attn_softcap: bool
-    logit_softcap: bool
-    max_positions: int | None
-    rotary: bool
-    layer_params: int
-    group_inputs: tuple  # ((group, in_features), ...) of the linear layers in one decoder layer
-
-
-@dataclass(frozen=True)
-class Quantizable:
-    """The weights bitsandbytes would replace (nn.Linear/Conv1D outside transformers' skip list)."""
-
-    numel: int = 0
-    tensors: int = 0
-    blocks: int = 0  # sum over tensors of ceil(n / 64)
-    blocks2: int = 0  # sum over tensors of ceil(blocks / 256)
-    packed_bytes: int = 0  # sum over tensors of ceil(n / 2)
-    rows: int = 0  # out_features summed (int8 keeps one fp32 scale per row)
-    largest: int = 0
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    name: str
-    source: str
-    model_type: str
-    base_params: int
-    total_params: int  # PEFT's count with the adapter (= base_params for full fine-tuning)
-    trainable_params: int  # PEFT's count of the adapter
-    adapter_method: str
-    base_tensors: tuple  # numel of every base parameter (optimizer states of full fine-tuning)
-    adapter_tensors: tuple
-    buffer_bytes: int
-    quantizable: Quantizable
-    geometry: Geometry
-    lora_modules: tuple
-    notes: tuple = ()
 
 
 @dataclass
@@ -154,237 +85,6 @@ def gib(n: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Profile: one meta-device build per model and adapter config
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Meta builds of foreign configs warn about token ids and deprecations that do not matter for counting."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def decoder_layers(model):
-    """The ModuleList of decoder layers (model.model.layers, transformer.h, ...)."""
-    import torch
-
-    n = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise UsageError(f"model_type {model.config.model_type!r}: cannot find its {n} decoder layers")
-
-
-def quantizable_weights(model) -> Quantizable:
-    """Mirror of transformers' replace_with_bnb_linear: which weights bitsandbytes quantizes."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    sizes, rows = [], 0
-    for name, module in model.named_modules():
-        if should_convert_module(name, skip) and (isinstance(module, Conv1D) or type(module) is torch.nn.Linear):
-            sizes.append(module.weight.numel())
-            rows += module.weight.shape[1] if isinstance(module, Conv1D) else module.out_features
-    blocks = [math.ceil(n / NF4_BLOCK) for n in sizes]
-    return Quantizable(
-        numel=sum(sizes),
-        tensors=len(sizes),
-        blocks=sum(blocks),
-        blocks2=sum(math.ceil(b / DQ_BLOCK) for b in blocks),
-        packed_bytes=sum(math.ceil(n / 2) for n in sizes),
-        rows=rows,
-        largest=max(sizes, default=0),
-    )
-
-
-def _group(name: str, parent: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "c_proj":  # GPT-2 uses c_proj for both attention and MLP outputs
-        return "attn_out" if "attn" in parent else "mlp_out"
-    return next((g for g, names in _GROUPS.items() if leaf in names), f"other:{leaf}")
-
-
-def geometry(model) -> Geometry:
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    c = model.config
-    layer = decoder_layers(model)[0]
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    norms = [m for m in layer.modules() if type(m).__name__.endswith("Norm")]
-    names = {n.rsplit(".", 1)[-1] for n, _ in layer.named_modules()} | {n.rsplit(".", 1)[-1] for n, _ in layer.named_parameters()}
-    groups: dict[str, int] = {}
-    for name, module in layer.named_modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            inp = module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
-            groups.setdefault(_group(name, name.rsplit(".", 1)[0]), inp)
-    return Geometry(
-        layers=c.num_hidden_layers,
-        hidden=c.hidden_size,
-        heads=heads,
-        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        intermediate=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size,
-        vocab=model.get_output_embeddings().weight.shape[0],
-        gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1"}),
-        norms_per_layer=len(norms),
-        norm_kind="layer" if norms and isinstance(norms[0], torch.nn.LayerNorm) else "rms",
-        experts=getattr(c, "num_local_experts", 0) or 0,
-        experts_per_token=getattr(c, "num_experts_per_tok", 0) or 0,
-        attn_default=c._attn_implementation or "sdpa",
-        attn_softcap=bool(getattr(c, "attn_logit_softcapping", None)),
-        logit_softcap=bool(getattr(c, "final_logit_softcapping", None)),
-        max_positions=getattr(c, "max_position_embeddings", None),
-        rotary=any("rotary" in n for n, _ in model.named_modules()),
-        layer_params=sum(p.numel() for p in layer.parameters()),
-        group_inputs=tuple(groups.items()),
-    )
-
-
-def _layer_index(name: str) -> int:
-    found = re.search(r"\.(\d+)\.", name)
-    return int(found.group(1)) if found else -1
-
-
-# Adapter options that can treat layers differently: with them every layer is built and counted.
-_LAYER_SPECIFIC = {"layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "exclude_modules"}
-EXTRAPOLATE_ABOVE = 32  # layers; below this the whole model is adapted (fast enough), above it two layers are
-
-
-def _meta_model(config):
-    from lorakit.model import build_meta_model
-
-    try:
-        return build_meta_model(config)
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"--model: cannot build a causal LM from this config: {str(e).splitlines()[0]}") from None
-
-
-def _extrapolatable(model, adapter) -> bool:
-    """Identical layers and a layer-blind adapter: two adapted layers then give every count exactly."""
-    layers = decoder_layers(model)
-    if len(layers) <= EXTRAPOLATE_ABOVE or adapter.method not in ("lora", "dora"):
-        return False
-    targets = adapter.target_modules
-    if not (targets == "all-linear" or (isinstance(targets, list) and not any("." in t for t in targets))):
-        return False
-    if _LAYER_SPECIFIC & set(adapter.model_extra or {}):
-        return False
-    shapes = [tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers]
-    return all(shape == shapes[0] for shape in shapes)
-
-
-def _keep_layers(model, keep: int) -> None:
-    """Cut the meta model's decoder stack to its first ``keep`` layers (our own throwaway model)."""
-    import torch
-
-    layers = decoder_layers(model)
-    for _, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            if child is layers:
-                setattr(parent, attr, torch.nn.ModuleList(list(layers)[:keep]))
-                return
-
-
-def apply_adapter_meta(config, adapter, keep: int | None):
-    """A fresh meta model (first ``keep`` layers only, if given) with the adapter applied by training's own
-    builder; (model, base params of that model, method used, notes)."""
-    import torch
-
-    from lorakit.inspect import counting_section
-    from lorakit.model import apply_adapter
-
-    notes, section = [], counting_section(adapter)
-    for attempt in (section, section.model_copy(update={"method": "lora"})):
-        model = _meta_model(config)
-        if keep:
-            _keep_layers(model, keep)
-        base = sum(p.numel() for p in model.parameters())
-        try:
-            with torch.device("meta"):
-                return apply_adapter(model, attempt, low_cpu_mem_usage=True), base, attempt.method, notes
-        except UsageError as e:
-            if attempt.method in ("lora", "dora"):
-                raise
-            notes.append(f"adapter.method {attempt.method} cannot be built here ({e}); estimated as lora, same r/targets")
-    raise AssertionError("unreachable")
-
-
-def _adapted(config, adapter, base_params: int, layers: int, keep: int | None):
-    """(trainable, total, trainable tensor sizes, LoRA modules, method, notes), extrapolated when ``keep``."""
-    from peft.tuners.lora import LoraLayer
-
-    model, kept_base, method, notes = apply_adapter_meta(config, adapter, keep)
-    trainable, total = model.get_nb_trainable_parameters()
-    tensors = [(_layer_index(n), p.numel()) for n, p in model.named_parameters() if p.requires_grad]
-    lora = [
-        LoraModule(_layer_index(n), n, _group(n, n.rsplit(".", 1)[0]), m.in_features, m.out_features, m.r["default"])
-        for n, m in model.named_modules()
-        if isinstance(m, LoraLayer) and "default" in m.r
-    ]
-    if keep:
-        first, last = ([t for i, t in tensors if i == k] for k in (0, keep - 1))
-        if sorted(first) != sorted(last):
-            return None
-        extra = layers - keep
-        trainable += extra * sum(last)
-        total += base_params - kept_base + extra * sum(last)
-        tensors += [(i, t) for i in range(keep, layers) for t in last]
-        lora += [replace(m, layer=i) for i in range(keep, layers) for m in lora if m.layer == keep - 1]
-    return trainable, total, tuple(t for _, t in tensors), tuple(lora), method, notes
-
-
-def inspect_model(config, adapter, name: str = "", source: str = "") -> ModelProfile:
-    """Exact counts and shapes for ``config`` with the recipe's ``adapter`` section applied (meta device).
-
-    Models with many identical layers adapt two layers and multiply: the counts equal PEFT's on the whole model.
-    """
-    with _quiet():
-        model = _meta_model(config)
-        base = [p.numel() for p in model.parameters()]  # parameters() skips tied duplicates, like PEFT's count
-        buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-        quant, geo = quantizable_weights(model), geometry(model)
-        keep = 2 if _extrapolatable(model, adapter) else None
-        adapted = _adapted(config, adapter, sum(base), geo.layers, keep)
-        if adapted is None:
-            adapted = _adapted(config, adapter, sum(base), geo.layers, None)
-    trainable, total, adapter_tensors, lora, method, notes = adapted
-    if geo.experts and quant.numel < sum(base) / 2:
-        notes.append(
-            "MoE experts are fused 3-D parameters in transformers 5: bitsandbytes does not quantize them, "
-            "so they stay unquantized (in fp32 after k-bit preparation)"
-        )
-    return ModelProfile(
-        name=name or getattr(config, "_name_or_path", "") or config.model_type,
-        source=source,
-        model_type=config.model_type,
-        base_params=sum(base),
-        total_params=total,
-        trainable_params=trainable,
-        adapter_method=method,
-        base_tensors=tuple(base),
-        adapter_tensors=adapter_tensors,
-        buffer_bytes=buffer_bytes,
-        quantizable=quant,
-        geometry=geo,
-        lora_modules=lora,
-        notes=tuple(notes),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Breakdown lines
 
 
@@ -417,7 +117,9 @@ def weights_line(p: ModelProfile, s: Settings) -> Line:
             )
         else:
             consts = 4 * q.blocks + 64 * q.tensors
-            how = f"{q.blocks:,} blocks of {NF4_BLOCK} × 4 B (fp32 absmax) + {q.tensors:,} tensors × 64 B (code table)"
+            how = (
+                f"{q.blocks:,} blocks of {NF4_BLOCK} × 4 B (fp32 absmax) + {q.tensors:,} tensors × 64 B (code table)"
+            )
         parts = {s.quantization: q.packed_bytes, f"{s.quantization}_constants": consts, "float32": rest * 4}
         formula = f"{q.numel:,} quantized params × 0.5 B ({s.quantization}) + constants [{how}] + {kept}"
     if p.buffer_bytes:
@@ -465,7 +167,8 @@ def optimizer_line(p: ModelProfile, s: Settings) -> Line:
     total = 2 * sum(big) + 8 * blocks + 8 * small + 2 * 256 * 4
     parts = {"8bit": 2 * sum(big) + 8 * blocks, "float32": 8 * small, "quantization_maps": 2048}
     formula = (
-        f"bitsandbytes 8-bit AdamW: 2 moments × {sum(big):,} params × 1 B + {blocks:,} blocks of {OPT8_BLOCK} × 2 × 4 B "
+        f"bitsandbytes 8-bit AdamW: 2 moments × {sum(big):,} params × 1 B + {blocks:,} blocks of {OPT8_BLOCK} "
+        "× 2 × 4 B "
         f"(absmax) + {small:,} params in tensors under {OPT8_MIN_NUMEL:,} elements × 8 B (kept in fp32) + 2 KiB maps"
     )
     if s.optimizer == "paged_adamw_8bit":
@@ -507,12 +210,14 @@ def _attention_bytes(p: ModelProfile, s: Settings) -> tuple[int, str]:
     if impl == "eager":
         per_score = 4 + (e if e != 4 else 0) + (e if g.attn_softcap else 0)
         scores = s.batch_size * g.heads * s.seq_len**2
+        kept = "fp32 softmax" + (f", its {e}-byte copy" if e != 4 else "")
+        kept += ", tanh soft-cap" if g.attn_softcap else ""
         return 3 * T * q * e + scores * per_score, (
-            f"eager: T·3·{q}·{e} (q, and k/v repeated to all heads) + b·heads·s² × {per_score} B "
-            f"(fp32 softmax{', its ' + str(e) + '-byte copy' if e != 4 else ''}{', tanh soft-cap' if g.attn_softcap else ''})"
+            f"eager: T·3·{q}·{e} (q, and k/v repeated to all heads) + b·heads·s² × {per_score} B ({kept})"
         )
     return 2 * T * q * e + 2 * T * kv * e + T * g.heads * 4, (
-        f"{impl}: T·(2·{q} + 2·{kv})·{e} (q, k, v, output; GQA keys/values stay narrow) + T·{g.heads}·4 (logsumexp)"
+        f"{impl}: T·(2·{q} + 2·{kv})·{e} (q, k, v, output; GQA keys/values stay narrow) "
+        f"+ T·{g.heads}·4 (logsumexp)"
     )
 
 
@@ -527,11 +232,12 @@ def _mlp_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
     return T * i * e, f"T·{i}·{e} (activation input)"
 
 
-def _lora_bytes(mods: list, s: Settings, flowing: bool) -> int:
-    """What autograd keeps for the LoRA branches of modules that read one input tensor."""
+def _lora_bytes(mods: list, s: Settings, flowing: bool, input_kept: bool) -> int:
+    """What autograd keeps for the LoRA branches of modules that read one input tensor (``input_kept``: that
+    tensor is kept for backward anyway)."""
     T, e, a = _tokens(s), act_bytes(s), ADAPTER_BYTES
     mask = a if s.device == "cpu" else 1  # CUDA keeps a bool mask; CPU dropout keeps a noise tensor
-    total, shared = 0, False
+    total, shared = 0, input_kept
     for m in mods:
         total += T * m.r * a  # lora_A output, kept by lora_B
         if s.lora_dropout > 0:
@@ -561,11 +267,16 @@ def layer_saved(p: ModelProfile, s: Settings, mods: list, flowing: bool) -> tupl
     parts = {"norms": 0, "attention": 0, "mlp": 0, "adapter": 0, "linear_inputs": 0}
     groups = list(_ORDER) + sorted({m.group for m in mods} - set(_ORDER))
 
+    # sdpa/flash kernels lay their output out as (batch, seq, heads, dim) and keep it for backward, so the
+    # o_proj input (its transpose made contiguous) is that same storage.
+    fused_attention = attn_implementation(p, s) != "eager"
+
     def visit(group: str) -> None:
         nonlocal flowing
         mine = [m for m in mods if m.group == group]
-        parts["adapter"] += _lora_bytes(mine, s, flowing)
-        if full and group in inputs:
+        kept = group == "attn_out" and fused_attention and flowing
+        parts["adapter"] += _lora_bytes(mine, s, flowing, kept)
+        if full and group in inputs and not kept:
             scale = g.experts_per_token if g.experts and group.startswith("mlp") else 1
             parts["linear_inputs"] += scale * T * inputs[group] * e
         flowing = flowing or bool(mine)
@@ -642,10 +353,12 @@ def logits_line(p: ModelProfile, s: Settings) -> Line:
 
 
 def backward_line(p: ModelProfile, s: Settings, recompute: int) -> Line:
-    """Peak working set while one decoder layer runs backward (its recomputation under checkpointing)."""
+    """Peak working set as a decoder layer starts its backward (all its saved tensors still alive; under
+    checkpointing they have just been recomputed): the output's gradient, its copy scaled for the adapter
+    branch, and the gradient of the down projection's input."""
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
-    n = T * (3 * g.intermediate + 3 * g.hidden) * e
-    f = f"layer gradients T·(3·{g.intermediate} + 3·{g.hidden})·{e}"
+    n = T * (g.intermediate + 2 * g.hidden) * e
+    f = f"gradients entering a layer T·({g.intermediate} + 2·{g.hidden})·{e}"
     if s.gradient_checkpointing:
         n, f = n + recompute, f + f" + the recomputed layer's saved tensors {gib(recompute)}"
     if s.quantization != "none" and s.method != "full":

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.memory import GiB, Estimate, ModelProfile, Settings, activation_formulas, attn_implementation, estimate, gib
+from lorakit.memory import Estimate, ModelProfile, Settings, activation_formulas, attn_implementation, estimate, gib
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -102,7 +102,7 @@ def settings_from(recipe, flags: Flags) -> Settings:
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         optimizer=recipe.train.optimizer,
         attn_implementation=recipe.model.attn_implementation,
-        lora_dropout=recipe.adapter.lora_dropout,
+        lora_dropout=recipe.adapter.lora_dropout or 0.0,  # None: the method has no LoRA dropout
         gpus=flags.gpus,
         strategy=flags.strategy,
     )
@@ -152,32 +152,37 @@ def fit_advice(p: ModelProfile, s: Settings, budget: int) -> FitAdvice:
     max_seq = p.geometry.max_positions or 1 << 20
     max_batch = largest(lambda b: need(replace(s, batch_size=b)) <= budget, 4096)
     max_len = largest(lambda n: need(replace(s, seq_len=n)) <= budget, max(max_seq, s.seq_len))
-    candidates = []  # cheapest first: same math, then slower, then approximations, then less context
+    candidates = []  # cheapest first: the same optimisation, then slower, then approximate, then less context
     if 0 < max_batch < s.batch_size:
         accum = math.ceil(s.batch_size / max_batch)
-        candidates.append((f"micro_batch_size {max_batch} (and grad_accum x{accum} to keep the batch)", {"batch_size": max_batch}))
+        what = f"micro_batch_size {max_batch} (and grad_accum x{accum} to keep the batch)"
+        candidates.append((what, {"batch_size": max_batch}))
+    if s.gpus > 1 and s.strategy == "ddp":
+        candidates.append((f"FSDP over the {s.gpus} GPUs", {"strategy": "fsdp"}))
     if not s.gradient_checkpointing:
         candidates.append(("gradient_checkpointing: true (~30% slower)", {"gradient_checkpointing": True}))
     if s.optimizer == "adamw":
         candidates.append(("optimizer: paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"}))
+    if attn_implementation(p, s) == "eager":
+        what = "attn_implementation: flash_attention_2 (no s² scores; needs the flash-attn package)"
+        candidates.append((what, {"attn_implementation": "flash_attention_2"}))
     if s.quantization == "none":
         candidates.append(("4-bit base (--method qlora)", {"method": "lora", "quantization": "nf4"}))
     if 0 < max_len < s.seq_len:
         candidates.append((f"max_seq_len {max_len}", {"seq_len": max_len}))
-    if s.gpus > 1 and s.strategy == "ddp":
-        candidates.append((f"FSDP over the {s.gpus} GPUs", {"strategy": "fsdp"}))
     changes = [(what, need(replace(s, **update)), need(replace(s, **update)) <= budget) for what, update in candidates]
-    if candidates and not any(fits for _, _, fits in changes):
+    keeps_data = [fits for (_, update), (_, _, fits) in zip(candidates, changes) if "seq_len" not in update]
+    if candidates and not any(keeps_data):  # combine the changes that keep the data as it is, in cost order
         combined, whats = s, []
         for what, update in candidates:
             if "batch_size" in update or "seq_len" in update:
                 continue
             combined, whats = replace(combined, **update), whats + [what]
-            if need(combined) <= budget:
+            b = largest(lambda n: need(replace(combined, batch_size=n)) <= budget, s.batch_size)
+            if b:  # a smaller micro-batch (more accumulation) is cheaper than the next change
+                if b < s.batch_size:
+                    combined, whats = replace(combined, batch_size=b), whats + [f"micro_batch_size {b}"]
                 break
-        b = largest(lambda n: need(replace(combined, batch_size=n)) <= budget, s.batch_size)
-        if b and need(combined) > budget:
-            combined, whats = replace(combined, batch_size=b), whats + [f"micro_batch_size {b}"]
         changes.append(("together: " + " + ".join(whats), need(combined), need(combined) <= budget))
     total = need(s)
     return FitAdvice(budget, total, total <= budget, max_batch, max_len, changes)
@@ -192,10 +197,14 @@ def describe(est: Estimate) -> str:
     if s.method == "full":
         what = f"full fine-tuning in {s.dtype}"
     else:
-        base = s.dtype if s.quantization == "none" else f"{s.quantization}{' + double quant' if s.double_quant and s.quantization in ('nf4', 'fp4') else ''}"
+        base = s.dtype if s.quantization == "none" else s.quantization
+        if s.double_quant and s.quantization in ("nf4", "fp4"):
+            base += " + double quant"
         ranks = sorted({m.r for m in p.lora_modules})
         names = sorted({m.name.rsplit(".", 1)[-1] for m in p.lora_modules})
-        what = f"{p.adapter_method} r={'/'.join(map(str, ranks)) or '-'} on {', '.join(names) or '-'} over a {base} base"
+        rank = "/".join(map(str, ranks))
+        what = f"{p.adapter_method} r={rank} on {', '.join(names)}" if ranks else f"{p.adapter_method} adapter"
+        what += f" over a {base} base"
     gc = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
     return (
         f"{what}; micro-batch {s.batch_size} × {s.seq_len:,} tokens, {attn_implementation(p, s)} attention, "
@@ -236,21 +245,25 @@ def render_text(est: Estimate, explain: bool, comparison: list | None, advice: F
 def comparison_table(rows: list[tuple[str, Estimate]]) -> list[str]:
     out = [
         "Comparison (same model, micro-batch, sequence and optimizer):",
-        f"  {'method':<18}{'trainable':>16}{'weights':>14}{'grads+optim':>14}{'activ+loss':>14}{'per GPU':>14}",
+        f"  {'method':<18}{'trainable':>16}{'weights':>14}{'train state':>14}{'activ+loss':>14}{'per GPU':>14}"
+        f"{'B/param':>9}",
     ]
     for label, est in rows:
         b = {line.key: line.bytes for line in est.lines}
         states = b["adapter_weights"] + b["gradients"] + b["optimizer_states"]
         dyn = est.per_device_bytes - b["weights"] - states - b["framework_overhead"]
+        per_param = (b["weights"] + states) / est.profile.base_params
         out.append(
             f"  {label:<18}{est.trainable_params:>16,}{gib(b['weights']):>14}{gib(states):>14}{gib(dyn):>14}"
-            f"{gib(est.per_device_bytes):>14}"
+            f"{gib(est.per_device_bytes):>14}{per_param:>9.2f}"
         )
-    out.append(
-        "  full (float32) is 16 B/param before activations (4 weights + 4 gradient + 8 AdamW): ~1.1 TB for 70B. "
-        "full (bfloat16) keeps torch AdamW's moments in bf16 (8 B/param); mixed precision with fp32 master "
-        "weights is 16 B/param again. LoRA/QLoRA adapters, gradients and moments are fp32."
-    )
+    out += [
+        "  B/param: weights + adapter + gradients + optimizer states per base parameter, before activations.",
+        "  full (float32) with AdamW is 16 B/param (4 weight + 4 gradient + 8 moments): ~1.1 TB for a 70B model.",
+        "  full (bfloat16): torch AdamW keeps its moments in bf16 (8 B/param); mixed precision with fp32 master",
+        "  weights is 16 B/param again. LoRA/QLoRA: adapters, their gradients and moments are fp32 (PEFT), and a",
+        "  4-bit base runs activations in fp32 (prepare_model_for_kbit_training upcasts embeddings, norms, head).",
+    ]
     return out
 
 
@@ -302,7 +315,7 @@ def to_json(est: Estimate, comparison: list | None, advice: FitAdvice | None) ->
 
 def report(recipe_path: Path | None, flags: Flags, gpu_memory: str | None, explain: bool) -> tuple[str, dict]:
     """The whole command: inputs → profile → estimate, comparison, advice → (text, JSON document)."""
-    from lorakit.memory import inspect_model
+    from lorakit.memory_profile import inspect_model
     from lorakit.presets import load_model_config
 
     budget = parse_size(gpu_memory) if gpu_memory else None

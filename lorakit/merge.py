@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import resource
 import shutil
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from lorakit.adapters import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
 from lorakit.errors import CheckpointError, SafetyError, UsageError, VerificationError
 from lorakit.model import check_weights_safe
+from lorakit.recipe import ModelSection
 from lorakit.weights_io import (
     SafetensorsStreamWriter, StoredTensor, TensorReader, list_tensors, nbytes, shard_names, write_index,
 )
@@ -130,31 +132,32 @@ class ModuleUpdate:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # A, B, B_bias, m, ia3
 
     def apply_weight(self, weight: torch.Tensor, device: str) -> torch.Tensor:
-        """The merged weight in float32, computed as PEFT's forward does (see peft/tuners/lora and ia3)."""
+        """The merged weight in float32, as PEFT's forward computes it (peft/tuners/lora, ia3); ``weight`` may be
+        updated in place (fresh allocations of every weight would cost page faults for nothing)."""
         w = weight.to(device, torch.float32)
         w = w.T if self.transposed else w  # (out, in) from here on
         p = {k: v.to(device, torch.float32) for k, v in self.parts.items()}
         if "ia3" in p:
-            w = w * p["ia3"]  # (1, in) scales inputs (feedforward), (out, 1) scales outputs
+            w.mul_(p["ia3"])  # (1, in) scales inputs (feedforward), (out, 1) scales outputs
         elif "A" in p:
-            w = torch.addmm(w, p["B"], p["A"], alpha=self.scaling)  # W + s·B·A, one pass, one new tensor
+            w.addmm_(p["B"], p["A"], alpha=self.scaling)  # W + s·B·A
             if "m" in p:  # DoRA: magnitude times the row-normalised direction, the norm taken after the update
                 w.mul_((p["m"] / torch.linalg.norm(w, dim=1)).view(-1, 1))
         return (w.T if self.transposed else w).contiguous()
 
+    @property
+    def changes_bias(self) -> bool:
+        return "B_bias" in self.parts or ("ia3" in self.parts and self.parts["ia3"].shape[1] == 1)
+
     def apply_bias(self, bias: torch.Tensor, device: str) -> torch.Tensor:
         b = bias.to(device, torch.float32)
-        if "ia3" in self.parts and self.parts["ia3"].shape[1] == 1:  # output scaling scales the bias too
+        if "ia3" in self.parts:  # output scaling scales the bias too
             return b * self.parts["ia3"].to(device, torch.float32).flatten()
-        if "B_bias" in self.parts:
-            return b + self.parts["B_bias"].to(device, torch.float32) * self.scaling
-        return b
+        return b + self.parts["B_bias"].to(device, torch.float32) * self.scaling
 
 
 def collect_updates(adapter: Adapter, base_keys: set[str]) -> tuple[dict[str, ModuleUpdate], dict]:
     """Group the adapter's tensors by base module; full replacements (modules_to_save, saved embeddings) apart."""
-    from peft.utils.other import get_pattern_key
-
     updates: dict[str, ModuleUpdate] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.tensors.items():
@@ -171,13 +174,15 @@ def collect_updates(adapter: Adapter, base_keys: set[str]) -> tuple[dict[str, Mo
                 f"{adapter.path}: adapter tensor {key} matches no weight of the base; "
                 "was the adapter trained on another model?"
             )
-    alpha = adapter.config.get("lora_alpha")
     patterns = adapter.config.get("alpha_pattern") or {}
     for name, update in updates.items():
         if "A" in update.parts:
-            r = update.parts["A"].shape[0]
-            a = patterns.get(get_pattern_key(patterns.keys(), name), alpha)
-            update.scaling = a / (r**0.5) if adapter.config.get("use_rslora") else a / r
+            r = update.parts["A"].shape[0]  # rank_pattern is already in the tensor shapes
+            # alpha_pattern keys match a module name's dotted suffix, as peft.utils.other.get_pattern_key
+            # matches them (not imported: importing peft costs seconds and nothing else here needs it).
+            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+            alpha = patterns[key] if key is not None else adapter.config["lora_alpha"]
+            update.scaling = alpha / (r**0.5) if adapter.config.get("use_rslora") else alpha / r
     return updates, replacements
 
 
@@ -261,10 +266,13 @@ def plan_merge(adapter, base_tensors, model, dtype, round_trip: bool, max_shard_
     out = []
     for name, source in [(t.key, t) for t in base_tensors] + extra:
         module, _, param = name.rpartition(".")
+        update = updates.get(module)
+        if update is not None and not (param == "weight" or (param == "bias" and update.changes_bias)):
+            update = None
         out.append(OutTensor(
-            name=name, source=source, update=updates.get(module) if param in ("weight", "bias") else None,
+            name=name, source=source, update=update, replacement=replacements.get(name),
             dtype=dtype if (dtype is not None and source.dtype.is_floating_point) else source.dtype,
-            replacement=replacements.get(name), round_trip=param == "weight" and module in quantized,
+            round_trip=param == "weight" and module in quantized,
         ))
     return MergePlan(out, _shards(out, max_shard_bytes), untie, quantized, len(updates) + len(replacements))
 
@@ -334,8 +342,9 @@ def round_trip_weight(weight: torch.Tensor, record: dict) -> torch.Tensor:
         return bnbf.int8_vectorwise_dequant(cb, scb)
     dtype = _training_dtype(record)
     # bitsandbytes Params4bit quantizes the weight cast to the load dtype, in blocks of 64 (its default).
+    double_quant = record.get("double_quant", ModelSection.model_fields["double_quant"].default)
     q, state = bnbf.quantize_4bit(weight.to(dtype).contiguous(), blocksize=64, quant_type=quant,
-                                  compress_statistics=bool(record.get("double_quant", True)))
+                                  compress_statistics=bool(double_quant))
     return bnbf.dequantize_4bit(q, state)
 
 
@@ -346,13 +355,13 @@ def _training_dtype(record: dict) -> torch.dtype:
 
 
 def merged_tensor(t: OutTensor, reader: TensorReader, record: dict, device: str) -> torch.Tensor:
-    tensor = t.replacement if t.replacement is not None else reader.get(t.source)
+    tensor = t.replacement.clone() if t.replacement is not None else reader.get(t.source)
     changed = t.replacement is not None
     if t.round_trip:
         tensor, changed = round_trip_weight(tensor, record), True
-    param = t.name.rpartition(".")[2]
-    if t.update is not None and (param == "weight" or "ia3" in t.update.parts or "B_bias" in t.update.parts):
-        tensor = t.update.apply_weight(tensor, device) if param == "weight" else t.update.apply_bias(tensor, device)
+    if t.update is not None:
+        weight = t.name.endswith(".weight")
+        tensor = t.update.apply_weight(tensor, device) if weight else t.update.apply_bias(tensor, device)
         changed = True
     result = tensor.to("cpu", t.dtype) if tensor.is_floating_point() else tensor
     # A float32 sum is inf or NaN when any element is (or the weight is absurdly large): one cheap pass.
@@ -461,8 +470,8 @@ def _pid_alive(pid: str) -> bool:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -492,17 +501,20 @@ def merge_adapter(
     overwrite: bool = False,
     allow_pickle: bool = False,
     device: str = "cpu",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> MergeReport:
     """Merge the adapter in ``adapter_dir`` into its base and write a plain Hugging Face model to ``output_dir``.
 
     ``dtype``: output dtype (default: the base's own). ``base_precision``: for QLoRA adapters, merge into the
     ``original`` weights or the ``dequantized`` NF4 round-trip the adapter saw (default: dequantized when the
     adapter's lorakit.json records a quantized base). ``verify``: compare logits with the adapter model
-    (default: on below VERIFY_MAX_PARAMS parameters).
+    (default: on below VERIFY_MAX_PARAMS parameters). ``log``: progress lines (default: lorakit's console).
     """
     from transformers.utils.hub import convert_file_size_to_int
 
+    from lorakit.console import console
+
+    log = log or console(True)
     out_dtype = _parse_choice("--dtype", dtype, OUTPUT_DTYPES)
     out_dtype = getattr(torch, out_dtype) if out_dtype else None
     try:
@@ -545,7 +557,6 @@ def merge_adapter(
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {out} ({len(files)} shard{'s' if len(files) > 1 else ''}, base precision {precision})")
     return report
 
 

@@ -7,7 +7,6 @@ with a ``_source`` naming the hub repository and its parameter count, so estimat
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from lorakit.errors import UsageError
@@ -46,18 +45,13 @@ def config_from_dict(data: dict, where: str):
         raise UsageError(f"{where}: transformers does not know model_type {model_type!r} ({e})") from None
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def load_model_config(model: str) -> tuple[object, str]:
-    """(transformers config, where it came from) for a preset, a model dir, a config.json file or a hub id."""
+    """(transformers config, where it came from) for a preset, a config.json file, a model dir, a .gguf file
+    or a hub id (fetched by transformers, which honours HF_HUB_OFFLINE)."""
+    from lorakit.model import load_model_config as load_config
+
     path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model: {model!r} has no config.json; is it a Hugging Face model dir?")
-        path = path / "config.json"
-    if path.is_file():
+    if path.is_file() and path.suffix != ".gguf":
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -65,6 +59,8 @@ def load_model_config(model: str) -> tuple[object, str]:
         if not isinstance(data, dict):
             raise UsageError(f"--model: {str(path)!r} is not a JSON object")
         return config_from_dict(data, str(path)), str(path)
+    if path.exists():
+        return load_config(str(path)), str(path)
     preset = find_preset(model)
     if preset is not None:
         source = read_preset(preset)["_source"]
@@ -75,15 +71,29 @@ def load_model_config(model: str) -> tuple[object, str]:
 
 
 def _hub_config(model: str):
-    """AutoConfig from the hub (or its local cache when HF_HUB_OFFLINE is set); exit 2 listing presets otherwise."""
+    """The hub's config.json: from the local cache, else from the hub when it answers within 3 s."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
     from transformers import AutoConfig
 
-    offline = _hub_offline()
+    from lorakit.model import load_model_config as load_config
+
+    presets = f"offline presets: {', '.join(preset_names())}"
     try:
-        return AutoConfig.from_pretrained(model, local_files_only=offline, trust_remote_code=False)
-    except Exception as e:  # network errors, missing repos and remote-code configs all mean: not available here
-        why = "the hub is offline (HF_HUB_OFFLINE) and it is not cached" if offline else str(e).splitlines()[0]
-        raise UsageError(
-            f"--model: {model!r} is not a local path or a preset, and its config cannot be fetched ({why}); "
-            f"presets: {', '.join(preset_names())}"
-        ) from None
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise UsageError(f"--model: {model!r} is not cached and HF_HUB_OFFLINE is set; {presets}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        why = f"--model: {model!r} is not a local path or a preset and {host} is unreachable"
+        raise UsageError(f"{why}; {presets}") from None
+    try:
+        return load_config(model)
+    except UsageError as e:
+        raise UsageError(f"{e}; {presets}") from None

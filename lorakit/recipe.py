@@ -177,10 +177,11 @@ class DataSection(Section):
     )
     padding_free: bool = Field(
         True,
-        description="Flatten each micro-batch into one row with no padding (position ids restart per example), "
-        "where the model keeps flattened examples apart: checked once at start with a two-sequence probe. "
-        "Otherwise micro-batches are padded and grouped by length. The examples of each step are the same "
-        "either way (unlike data.packing); no FLOPs go to pad tokens.",
+        description="Spend no FLOPs on padding. With a varlen attention kernel (flash_attention_2/3, "
+        "flex_attention) each micro-batch is flattened into one row, position ids restarting per example "
+        "(checked once at start by a two-sequence probe); with sdpa/eager, which would attend over the whole "
+        "flattened row, micro-batches are padded and grouped by length instead. Unlike data.packing, a step "
+        "holds the same number of examples either way.",
     )
     train_on_inputs: bool = Field(
         False, description="Also supervise prompt tokens. Default: only the response (and its end token) is learned."

@@ -44,12 +44,12 @@ from lorakit.distributed import (
     prepare_fsdp,
 )
 from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError, SafetyError, UsageError
-from lorakit.interrupt import GracefulStop
+from lorakit.interrupt import GracefulStop, outside_steps
 from lorakit.loss import build_loss
 from lorakit.manifest import write_run_manifest
 from lorakit.metrics import MetricsLog
 from lorakit.model import build_model, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
-from lorakit.perf import StepMeter, apply_speed_knobs, describe, padding_free_supported
+from lorakit.perf import StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.plot import maybe_plot
 from lorakit.recipe import Recipe, TrainSection, dump_recipe
 
@@ -151,9 +151,11 @@ def run_training(
 
     with stage(accelerator.is_main_process, "loading model"):
         model = build_model(recipe, model_path, allow_pickle)
-        padding_free, group_lengths = choose_batching(recipe.data, model, data, say)
+        batching = choose_batching(recipe, model, data.train, data.group_lengths)
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
     say(trainable_summary(model))
+    if batching.note:
+        say(f"batches: {batching.note}")
 
     sampler = StepSampler(
         num_examples=len(data.train),
@@ -162,7 +164,7 @@ def run_training(
         seed=recipe.train.seed,
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
-        lengths=group_lengths,
+        lengths=batching.lengths,
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
     optimizer = build_optimizer(model, recipe.train)
@@ -171,31 +173,40 @@ def run_training(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # Nothing is written into the run directory before this point: every refusal leaves it as it was.
-    start = TrainState()
-    if checkpoint is not None:
-        start = resume_state(checkpoint, changed, accelerator, model, optimizer, scheduler, sampler, paths, say)
-    if accelerator.is_main_process:
-        if overwrite and paths.root.is_dir() and any(paths.root.iterdir()):
-            say(f"--overwrite: the earlier run in {paths.root} was moved to {set_aside(paths.root)}")
-        paths.root.mkdir(parents=True, exist_ok=True)
-        paths.recipe.write_text(dump_recipe(recipe))
-        check_free_space(paths.root, checkpoint_bytes(model), recipe.train.keep_last)
-    accelerator.wait_for_everyone()
+    # From here a Ctrl-C outside the loop says what continues the run (inside it, GracefulStop decides).
+    with outside_steps(paths.checkpoints, resume_command):
+        start = TrainState()
+        if checkpoint is not None:
+            start = resume_state(checkpoint, changed, accelerator, model, optimizer, scheduler, sampler, paths, say)
+        if accelerator.is_main_process:
+            if overwrite and paths.root.is_dir() and any(paths.root.iterdir()):
+                say(f"--overwrite: the earlier run in {paths.root} was moved to {set_aside(paths.root)}")
+            paths.root.mkdir(parents=True, exist_ok=True)
+            paths.recipe.write_text(dump_recipe(recipe))
+            check_free_space(paths.root, checkpoint_bytes(model), recipe.train.keep_last)
+        accelerator.wait_for_everyone()
 
-    fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths,
-        start, resume_command, padding_free=padding_free)
-    state_dict = gathered_state_dict(accelerator, model)  # a collective under FSDP: every rank takes part
+        fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths,
+            start, resume_command, padding_free=batching.padding_free)
+        state_dict = gathered_state_dict(accelerator, model)  # a collective under FSDP: every rank takes part
 
-    if accelerator.is_main_process:
-        check_finite(accelerator.unwrap_model(model), optimizer, total_steps)
-        save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict)
-        report = saved(True)
-        report("adapter", paths.adapter)
-        manifest = write_run_manifest(paths.root, recipe, started=started, world_size=accelerator.num_processes)
-        report("run manifest", manifest)
-        if (png := maybe_plot(paths.root, warn=say)) is not None:
-            report("loss plot", png)
-    accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            check_finite(accelerator.unwrap_model(model), optimizer, total_steps)
+            save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict)
+            report = saved(True)
+            report("adapter", paths.adapter)
+            manifest = write_run_manifest(paths.root, recipe, started=started, world_size=accelerator.num_processes)
+            report("run manifest", manifest)
+            if (png := maybe_plot(paths.root, warn=say)) is not None:
+                report("loss plot", png)
+            if recipe.output.save in ("merged", "both"):
+                from lorakit.merge import merge_adapter
+
+                # The same streaming merge as `lorakit merge DIR/adapter`; the adapter stays (the merge's input).
+                with stage(True, "merging"):
+                    merge_adapter(paths.adapter, paths.merged, log=say, allow_pickle=allow_pickle)
+                report("merged model", paths.merged)
+        accelerator.wait_for_everyone()
     return paths.root
 
 
@@ -336,18 +347,6 @@ def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
 # Loop helpers
 
 
-def choose_batching(section, model, data: Datasets, say) -> tuple[bool, list[int] | None]:
-    """(padding_free, lengths for length grouping): data.padding_free where the model supports it, else
-    padded micro-batches grouped by length. Packed rows are flattened by collate whatever this says."""
-    if not section.padding_free or section.packing:
-        return False, data.group_lengths
-    if padding_free_supported(model):
-        say("batches: padding-free (each micro-batch flattened into one row)")
-        return True, data.group_lengths
-    say("batches: padded, grouped by length (the model mixes flattened examples)")
-    return False, data.group_lengths or [len(e) for e in data.train]
-
-
 def supervised_targets(batch) -> int:
     """Tokens the loss is computed on: labels are shifted by one inside the model's loss."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -412,7 +411,7 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, s
         "revision": recipe.model.revision,
         "quantization": recipe.model.quantization,
         "double_quant": recipe.model.double_quant,
-        "dtype": recipe.model.dtype,
+        "dtype": str(resolve_dtype(recipe.model.dtype)).removeprefix("torch."),  # resolved, not "auto"
         "method": recipe.adapter.method,
         "lorakit_version": __version__,
     }

@@ -99,15 +99,13 @@ class TensorReader:
                 self._pickle = torch.load(stored.file, map_location="cpu", mmap=True, weights_only=True)
         if self._pickle is not None:
             return self._pickle[stored.key].clone()
-        entry = self._header[stored.key]
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(buffer) != len(buffer):
-            raise OSError(f"{stored.file}: truncated while reading {stored.key}")
-        if not buffer:
-            return torch.empty(stored.shape, dtype=stored.dtype)
-        return torch.frombuffer(buffer, dtype=stored.dtype).reshape(stored.shape)
+        begin, end = self._header[stored.key]["data_offsets"]
+        tensor = torch.empty(stored.shape, dtype=stored.dtype)
+        if end > begin:
+            self._file.seek(self._data_start + begin)
+            if self._file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise OSError(f"{stored.file}: truncated while reading {stored.key}")
+        return tensor
 
     def close(self) -> None:
         if self._file is not None:

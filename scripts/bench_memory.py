@@ -23,11 +23,13 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per model
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -36,10 +38,10 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 # (name, hidden, layers, heads, kv heads, intermediate, vocab): Llama architecture, GQA, vocabularies large
 # enough that the logits matter as they do in real models.
 MODELS = {
-    "llama-h256-l4-v8k": (256, 4, 8, 4, 688, 8192),
-    "llama-h512-l4-v16k": (512, 4, 8, 2, 1376, 16384),
+    "llama-h128-l4-v8k": (128, 4, 4, 2, 344, 8192),
+    "llama-h256-l6-v16k": (256, 6, 8, 2, 688, 16384),
 }
-SEQ_LENS = (256, 1024)
+SEQ_LENS = (128, 512)
 BATCH = 2
 MICRO_STEPS = 2  # gradient accumulation: the second micro-step runs with the first one's gradients alive
 
@@ -71,9 +73,11 @@ class LiveStorage(TorchDispatchMode):
     def track_existing(self) -> None:
         """Every tensor alive now (weights, quantization states, optimizer states, inputs)."""
         gc.collect()
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
-                self.track(obj)
+        with warnings.catch_warnings():  # isinstance() on some deprecated torch.distributed objects warns
+            warnings.simplefilter("ignore")
+            tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        for tensor in tensors:
+            self.track(tensor)
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -96,29 +100,46 @@ def write_model(out_dir: Path, hidden, layers, heads, kv_heads, intermediate, vo
     return out_dir
 
 
-def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, dtype: str):
+# With a small vocabulary the loss buffers no longer set the peak under checkpointing: the recomputed layer
+# starting its backward does (--variants measures it).
+SMALL_VOCAB = ("llama-h128-l4-v512", (128, 4, 4, 2, 344, 512))
+# Extra points (--variants, first model, longer sequence, LoRA): the paths the grid does not take.
+VARIANTS = {
+    "bfloat16": {"model": {"dtype": "bfloat16"}},
+    "no dropout": {"adapter": {"lora_dropout": 0.0}},
+    "eager attention": {"model": {"attn_implementation": "eager"}},
+    "q,v only": {"adapter": {"target_modules": ["q_proj", "v_proj"]}},
+    "full fine-tuning": {},
+}
+
+
+def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, dtype: str, variant: dict = None):
     from lorakit.recipe import parse_recipe
 
+    variant = variant or {}
     return parse_recipe({
-        "model": {"name_or_path": str(model_dir), "dtype": dtype, "quantization": "nf4" if method == "qlora" else "none"},
-        "adapter": {"method": "lora", "r": 16, "target_modules": "all-linear"},
+        "model": {"name_or_path": str(model_dir), "dtype": dtype,
+                  "quantization": "nf4" if method == "qlora" else "none", **variant.get("model", {})},
+        "adapter": {"method": "lora", "r": 16, "target_modules": "all-linear", **variant.get("adapter", {})},
         "data": {"train": "(benchmark)", "max_seq_len": seq_len},
         "train": {"max_steps": 2, "micro_batch_size": BATCH, "grad_accum": MICRO_STEPS,
                   "gradient_checkpointing": checkpointing},
     }, source="bench")
 
 
-def estimate_for(recipe, device: str) -> int:
-    from lorakit.memory import Settings, estimate, inspect_model
+def estimate_for(recipe, device: str, full: bool = False) -> int:
+    from lorakit.memory import Settings, estimate
+    from lorakit.memory_profile import inspect_model
     from lorakit.presets import load_model_config
 
     config, source = load_model_config(recipe.model.name_or_path)
     profile = inspect_model(config, recipe.adapter, recipe.model.name_or_path, source)
     settings = Settings(
-        method="lora", quantization=recipe.model.quantization, double_quant=recipe.model.double_quant,
+        method="full" if full else "lora", quantization=recipe.model.quantization,
+        double_quant=recipe.model.double_quant,
         dtype=recipe.model.dtype, batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
         gradient_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.train.optimizer,
-        lora_dropout=recipe.adapter.lora_dropout, device=device,
+        attn_implementation=recipe.model.attn_implementation, lora_dropout=recipe.adapter.lora_dropout, device=device,
     )
     est = estimate(profile, settings)
     return est.total_bytes - est.line("framework_overhead").bytes
@@ -132,10 +153,23 @@ def optimizer_step(model, optimizer, batches) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(recipe, device: str) -> int:
+def full_model(recipe):
+    """Full fine-tuning (not a lorakit method, but a row of the comparison table): every weight trains."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.model import enable_activation_checkpointing, resolve_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=resolve_dtype(recipe.model.dtype))
+    model.config.use_cache = False
+    if recipe.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def measure(recipe, device: str, full: bool = False) -> int:
     from lorakit.model import build_model
 
-    model = build_model(recipe).to(device)
+    model = (full_model(recipe) if full else build_model(recipe)).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -172,28 +206,45 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seq-lens", nargs="*", type=int, default=list(SEQ_LENS))
+    parser.add_argument("--variants", action="store_true",
+                        help="Also: bf16, no dropout, eager attention, q/v only, full fine-tuning, small vocabulary.")
     parser.add_argument("--markdown", action="store_true", help="Print the table as Markdown.")
     parser.add_argument("--json", type=Path, help="Also write the rows to this JSON file.")
     args = parser.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     rows, start = [], time.time()
+
+    def point(model_dir, name, seq_len, method, checkpointing, variant=""):
+        recipe = recipe_for(model_dir, method, seq_len, checkpointing, dtype, VARIANTS.get(variant))
+        full = variant == "full fine-tuning"
+        measured, estimated = measure(recipe, args.device, full), estimate_for(recipe, args.device, full)
+        label = "full" if full else method + (f" ({variant})" if variant else "")
+        rows.append({"model": name, "seq_len": seq_len, "method": label,
+                     "checkpointing": checkpointing, "measured": measured, "estimated": estimated,
+                     "ratio": estimated / measured})
+        if not args.markdown:
+            print(_row(rows[-1], False), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model_dir = write_model(Path(tmp) / name, *MODELS[name])
             for seq_len in args.seq_lens:
                 for method in ("lora", "qlora"):
                     for checkpointing in (False, True):
-                        recipe = recipe_for(model_dir, method, seq_len, checkpointing, dtype)
-                        measured, estimated = measure(recipe, args.device), estimate_for(recipe, args.device)
-                        rows.append({"model": name, "seq_len": seq_len, "method": method,
-                                     "checkpointing": checkpointing, "measured": measured, "estimated": estimated,
-                                     "ratio": estimated / measured})
-                        print(_row(rows[-1], args.markdown) if not args.markdown else "", end="" if args.markdown else "\n",
-                              flush=True)
+                        point(model_dir, name, seq_len, method, checkpointing)
+            if args.variants and name == args.models[0]:
+                for variant in VARIANTS:
+                    for checkpointing in (False, True) if variant == "full fine-tuning" else (False,):
+                        point(model_dir, name, max(args.seq_lens), "lora", checkpointing, variant)
+        if args.variants:
+            name, dims = SMALL_VOCAB
+            model_dir = write_model(Path(tmp) / name, *dims)
+            for method in ("lora", "qlora"):
+                point(model_dir, name, max(args.seq_lens), method, True)
     ratios = [r["ratio"] for r in rows]
     worst = max(ratios, key=lambda r: abs(r - 1))
     summary = (f"{len(rows)} points, batch {BATCH} × {MICRO_STEPS} micro-steps, {dtype}, {args.device}; "
-               f"mean ratio {sum(ratios) / len(ratios):.3f}, worst {worst:.3f}; {time.time() - start:.0f} s on "
+               f"mean ratio {sum(ratios) / len(ratios):.4f}, worst {worst:.4f}; {time.time() - start:.0f} s on "
                f"{machine()}")
     if args.markdown:
         print("| model | seq len | method | checkpointing | measured MiB | estimated MiB | estimate/measured |")
@@ -209,7 +260,7 @@ def main() -> int:
 
 def _row(row: dict, markdown: bool) -> str:
     cells = [row["model"], str(row["seq_len"]), row["method"], "on" if row["checkpointing"] else "off",
-             f"{row['measured'] / 2**20:.1f}", f"{row['estimated'] / 2**20:.1f}", f"{row['ratio']:.3f}"]
+             f"{row['measured'] / 2**20:.1f}", f"{row['estimated'] / 2**20:.1f}", f"{row['ratio']:.4f}"]
     if markdown:
         return "| " + " | ".join(cells) + " |"
     return "  ".join(f"{c:>18}" if i == 0 else f"{c:>9}" for i, c in enumerate(cells))

@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="alpaca-format .jsonl")
+    p.add_argument("--eval", default=None, help="held-out alpaca .jsonl: token-weighted loss after training")
     p.add_argument("--out", required=True, help="result .json")
     p.add_argument("--output-dir", default=None, help="Trainer's output_dir (default: next to --out)")
     p.add_argument("--max-seq-len", type=int, default=512)
@@ -107,6 +108,10 @@ def main(argv=None) -> int:
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_loss = None
+    if args.eval:
+        held_out = load_datasets(section.model_copy(update={"train": args.eval}), tokenizer, args.seed).train
+        eval_loss = evaluate(model, collator.inner, held_out, args.micro_batch)
     result = {
         "supervised_tokens": collator.supervised,
         "tokens": collator.tokens,
@@ -114,9 +119,24 @@ def main(argv=None) -> int:
         "train_seconds": clock.seconds,
         "train_cpu_seconds": clock.cpu_seconds,
         "losses": losses,
+        "eval_loss": eval_loss,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+@torch.no_grad()
+def evaluate(model, collator, examples, batch_size: int) -> float:
+    """Loss per supervised token over ``examples`` (the sum over all of them / their supervised targets), as
+    lorakit's eval_loss; Trainer.evaluate would average per-batch means instead."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collator([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[i : i + batch_size]])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        total += float(model(**batch, num_items_in_batch=1).loss)
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    return total / count
 
 
 class CountingCollator:

@@ -12,7 +12,9 @@ the repeats and the ratios lorakit/reference are reported for:
   (model loading excluded); also per CPU-second, which is steadier when other processes share the CPU;
 - peak memory: peak RSS of the process (CPU) or CUDA max allocated (GPU), and, in one extra run per side
   under lorakit.perf.TensorMemoryTracker, the peak of tensors allocated by torch ops;
-- final training loss: mean of the last 3 steps' losses (both must agree within noise).
+- loss: of the last 3 training steps, and on 32 held-out rows after training (token-weighted, the same rows
+  for both sides). The two must agree within noise; when lorakit groups micro-batches by length its steps
+  hold other examples than the reference's, so the held-out loss is the like-for-like one.
 Then each speed knob's effect on lorakit alone (one run each). Results go to OUT/bench_train.json.
 
 CPU setup (no GPU): a random Llama with 32,768-token vocabulary, hidden 256, 4 layers (≈20M parameters,
@@ -62,7 +64,9 @@ KNOBS = {
     "attn eager": ["model.attn_implementation=eager"],
     "compile on": ["train.compile=true"],
     "liger on": ["train.liger=true"],
+    "attn flash_attention_2": ["model.attn_implementation=flash_attention_2"],
 }
+GPU_ONLY = {"liger on": "needs a GPU (Triton kernels)", "attn flash_attention_2": "needs a GPU and flash-attn"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,11 +114,12 @@ def make_dataset(path: Path, cfg: dict, seed: int = 0) -> Path:
     return path
 
 
-def recipe_for(model: Path, data: Path, cfg: dict, steps: int) -> dict:
+def recipe_for(model: Path, data: Path, eval_data: Path, cfg: dict, steps: int) -> dict:
     return {
         "model": {"name_or_path": str(model), "dtype": cfg["dtype"]},
         "adapter": {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
-        "data": {"train": str(data), "format": "alpaca", "max_seq_len": cfg["max_seq_len"], "cache": False},
+        "data": {"train": str(data), "eval": str(eval_data), "format": "alpaca", "max_seq_len": cfg["max_seq_len"],
+                 "cache": False},
         "train": {
             "max_steps": steps, "micro_batch_size": cfg["micro_batch"], "grad_accum": cfg["grad_accum"],
             "learning_rate": cfg["lr"], "lr_scheduler": "cosine", "warmup_steps": 0, "optimizer": "adamw",
@@ -173,7 +178,8 @@ def run_side(kind: str, run_dir: Path, recipe: dict, overrides: list[str], track
     else:
         t, m = recipe["train"], recipe
         argv = [
-            "--model", m["model"]["name_or_path"], "--data", m["data"]["train"], "--out", str(run_dir / "result.json"),
+            "--model", m["model"]["name_or_path"], "--data", m["data"]["train"], "--eval", m["data"]["eval"],
+            "--out", str(run_dir / "result.json"),
             "--max-seq-len", str(m["data"]["max_seq_len"]), "--steps", str(t["max_steps"]),
             "--micro-batch", str(t["micro_batch_size"]), "--grad-accum", str(t["grad_accum"]),
             "--lr", str(t["learning_rate"]), "--seed", str(t["seed"]), "--dtype", m["model"]["dtype"],
@@ -198,6 +204,7 @@ def lorakit_result(run: Path) -> dict:
         "supervised_tokens_per_cpu_s": supervised / final["train_cpu_seconds"],
         "train_seconds": final["train_seconds"],
         "final_loss": statistics.mean(losses[-3:]),
+        "eval_loss": next((r["eval_loss"] for r in records if "eval_loss" in r), None),
         "mfu": final["mfu"],
         "losses": losses,
     }
@@ -210,39 +217,99 @@ def reference_result(run_dir: Path) -> dict:
         "supervised_tokens_per_cpu_s": r["supervised_tokens"] / r["train_cpu_seconds"],
         "train_seconds": r["train_seconds"],
         "final_loss": statistics.mean(r["losses"][-3:]),
+        "eval_loss": r.get("eval_loss"),
         "pad_fraction": 1 - r["tokens"] / r["padded_tokens"],
         "losses": r["losses"],
     }
 
 
-def step_flops(recipe: dict) -> dict:
-    """Matmul FLOPs (torch's FlopCounterMode) of the first optimizer step's micro-batches, in this process:
-    lorakit's path (padding-free batches, chunked loss on supervised positions) against the reference's
-    (padded batches, the model's loss on full logits). Independent of machine load: it shows what the
-    speed-up is made of, where wall-clock numbers on a shared CPU are noisy."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lorakit.data import StepSampler, collate, load_datasets
+def first_steps(recipe: dict):
+    """(model, tokenizer, {side: (padding_free, loss, micro-batches of the first optimizer step)}), built in this
+    process the way each side builds them: lorakit's batching decision and chunked loss, against padded
+    micro-batches in plain random order and the model's own loss."""
+    from lorakit.data import StepSampler, load_datasets
     from lorakit.loss import build_loss, plain_loss
     from lorakit.model import build_model, load_tokenizer, resolve_model_path
+    from lorakit.perf import choose_batching
     from lorakit.recipe import parse_recipe
 
     parsed = parse_recipe(recipe)
     tokenizer = load_tokenizer(parsed.model, resolve_model_path(parsed.model))
     examples = load_datasets(parsed.data, tokenizer, parsed.train.seed).train
-    t = parsed.train
-    sampler = StepSampler(num_examples=len(examples), micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                          seed=t.seed)
-    micro = [[examples[i] for i in idx] for idx in sampler.micro_batches(0)]
     model = build_model(parsed)
-    sides = {"lorakit": (True, build_loss(model, chunked=True)), "reference": (False, plain_loss)}
+    batching = choose_batching(parsed, model, examples, None)
+    t = parsed.train
+
+    def first(lengths):
+        sampler = StepSampler(num_examples=len(examples), micro_batch_size=t.micro_batch_size,
+                              grad_accum=t.grad_accum, seed=t.seed, lengths=lengths)
+        return [[examples[i] for i in idx] for idx in sampler.micro_batches(0)]
+
+    return model, tokenizer, {
+        "lorakit": (batching.padding_free, build_loss(model, chunked=True), first(batching.lengths)),
+        "reference": (False, plain_loss, first(None)),
+    }
+
+
+def step_flops(recipe: dict) -> dict:
+    """Matmul FLOPs (torch's FlopCounterMode) per supervised target of the first optimizer step, each side
+    computing it its own way (see first_steps). Independent of machine load: it shows what the speed-up is
+    made of, where wall-clock numbers on a shared CPU are noisy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.data import collate
+    from lorakit.perf import Work
+
+    model, tokenizer, sides = first_steps(recipe)
     out = {}
-    for name, (padding_free, loss) in sides.items():
+    for name, (padding_free, loss, micro) in sides.items():
+        work = Work()
         with FlopCounterMode(display=False) as counter:
             for batch in micro:
+                work.add(batch)
                 loss(model, collate(batch, tokenizer, padding_free), 100.0).backward()
-        out[name] = counter.get_total_flops()
-    out["supervised_targets"] = sum(sum(l != -100 for l in e.labels[1:]) for b in micro for e in b)
+        out[name] = counter.get_total_flops() / work.targets
+    return out
+
+
+# Operator families for the profile: where the CPU time of a step goes.
+FAMILIES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention", ("scaled_dot_product", "aten::_softmax")),
+    ("loss: softmax/CE over the vocabulary", ("log_softmax", "nll_loss", "logsumexp", "aten::exp", "aten::gather",
+                                              "aten::index_put", "aten::sub_")),
+    ("dropout", ("bernoulli",)),
+    ("copies, fills, indexing", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::index", "aten::scatter",
+                                 "aten::cat", "aten::clone", "aten::contiguous")),
+)
+
+
+def profile_step(recipe: dict, repeats: int = 2) -> dict:
+    """Self CPU seconds per 1,000 supervised targets, by operator family, over the first optimizer step of each
+    side (torch.profiler; the sides' first steps hold different examples when lorakit groups by length)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.data import collate
+    from lorakit.perf import Work
+
+    model, tokenizer, sides = first_steps(recipe)
+    out = {}
+    for name, (padding_free, loss, micro) in sides.items():
+        batches = [collate(b, tokenizer, padding_free) for b in micro]
+        work = Work()
+        for b in micro:
+            work.add(b)
+        loss(model, batches[0], 100.0).backward()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                for batch in batches:
+                    loss(model, batch, 100.0).backward()
+        families = dict.fromkeys([f for f, _ in FAMILIES] + ["other elementwise (norms, SiLU, RoPE, adds)"], 0.0)
+        for event in prof.key_averages():
+            family = next((f for f, keys in FAMILIES if any(k in event.key for k in keys)), None)
+            family = family or "other elementwise (norms, SiLU, RoPE, adds)"
+            families[family] += event.self_cpu_time_total / 1e6 / repeats / (work.targets / 1000)
+        out[name] = families
     return out
 
 
@@ -268,7 +335,8 @@ def summarize(lk: list[dict], ref: list[dict], lk_mem: dict, ref_mem: dict, gpu:
          median(ref, memory_key) * mib, "<= 0.8"),
         ("tensor peak MiB", (lk_mem.get("tensor_peak_bytes") or 0) * mib, (ref_mem.get("tensor_peak_bytes") or 0) * mib,
          "<= 0.8"),
-        ("final loss (mean of last 3 steps)", median(lk, "final_loss"), median(ref, "final_loss"), "≈ 1"),
+        ("train loss (mean of last 3 steps)", median(lk, "final_loss"), median(ref, "final_loss"), "≈ 1"),
+        ("eval loss after training", median(lk, "eval_loss"), median(ref, "eval_loss"), "≈ 1"),
     ]
     return [(name, a, b, (a / b if a and b else None), goal) for name, a, b, goal in rows]
 
@@ -276,8 +344,17 @@ def summarize(lk: list[dict], ref: list[dict], lk_mem: dict, ref_mem: dict, gpu:
 def print_table(rows, header=("metric", "lorakit", "reference", "ratio", "goal")) -> None:
     print(f"{header[0]:36s} {header[1]:>12s} {header[2]:>12s} {header[3]:>8s}  {header[4]}")
     for name, a, b, ratio, goal in rows:
-        fmt = lambda v: "-" if v is None else f"{v:12.4g}"  # noqa: E731
-        print(f"{name:36s} {fmt(a)} {fmt(b)} {'-' if ratio is None else f'{ratio:8.3f}'}  {goal}")
+        fmt = lambda v, width: f"{'-':>{width}s}" if v is None else f"{v:{width}.4g}"  # noqa: E731
+        print(f"{name:36s} {fmt(a, 12)} {fmt(b, 12)} {fmt(ratio, 8)}  {goal}")
+
+
+def print_profile(families: dict) -> int:
+    print(f"{'self CPU seconds per 1k supervised tokens':44s} {'lorakit':>9s} {'reference':>10s}")
+    for family in families["reference"]:
+        print(f"{family:44s} {families['lorakit'][family]:9.3f} {families['reference'][family]:10.3f}")
+    total = {k: sum(v.values()) for k, v in families.items()}
+    print(f"{'total':44s} {total['lorakit']:9.3f} {total['reference']:10.3f}")
+    return 0
 
 
 def machine() -> dict:
@@ -309,6 +386,8 @@ def main() -> int:
     parser.add_argument("--knobs", default=",".join(KNOBS), help=f"comma-separated, of: {', '.join(KNOBS)}; or none")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--no-track", action="store_true", help="skip the tensor-peak runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one optimizer step of each side in this process (torch.profiler)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (OMP_NUM_THREADS); 1 keeps CPU-seconds meaningful on a shared CPU")
     args = parser.parse_args()
@@ -326,12 +405,16 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = make_model(out / ("model-gpu" if gpu else "model-cpu"), cfg)
     data = make_dataset(out / "data.jsonl", cfg)
-    recipe = recipe_for(model, data, cfg, steps)
+    eval_data = make_dataset(out / "eval.jsonl", {**cfg, "rows": 32}, seed=1)
+    recipe = recipe_for(model, data, eval_data, cfg, steps)
+    if args.profile:
+        return print_profile(profile_step(recipe))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs_dir = out / f"runs-{stamp}"
     before = machine()
     print(f"bench_train: {'GPU ' + before.get('gpu', '') if gpu else 'CPU'}, {steps} steps × "
-          f"{cfg['micro_batch']}×{cfg['grad_accum']} examples, {args.repeats} repeats; load avg {before['load_average']}")
+          f"{cfg['micro_batch']}×{cfg['grad_accum']} examples, {args.repeats} repeats; "
+          f"load average {before['load_average']}")
 
     sides = {"lorakit": [], "reference": []}
     for rep in range(args.repeats):
@@ -348,8 +431,8 @@ def main() -> int:
 
     rows = summarize(sides["lorakit"], sides["reference"], tracked["lorakit"], tracked["reference"], gpu)
     flops = step_flops(recipe)
-    rows.append(("matmul GFLOP in step 1 (counted)", flops["lorakit"] / 1e9, flops["reference"] / 1e9,
-                 flops["lorakit"] / flops["reference"], "lower is better"))
+    rows.append(("matmul MFLOP per supervised token", flops["lorakit"] / 1e6, flops["reference"] / 1e6,
+                 flops["lorakit"] / flops["reference"], "(counted in step 1)"))
     print()
     print_table(rows)
 
@@ -360,20 +443,22 @@ def main() -> int:
     for name in wanted:
         if name == "default":
             continue
-        if name == "liger on" and not gpu:
-            knob_rows.append((name, None, None, None, "needs a GPU (Triton kernels)"))
+        if name in GPU_ONLY and not gpu:
+            knob_rows.append((name, None, None, None, GPU_ONLY[name]))
             continue
         result = run_side("lorakit", runs_dir / f"knob-{name.replace(' ', '-')}", recipe, KNOBS[name])
         knob_results[name] = result
         print(f"  knob {name:16s}: " + _brief(result))
         tps = result.get("supervised_tokens_per_s")
         cpu = result.get("supervised_tokens_per_cpu_s")
-        note = f"loss {result['final_loss']:.4f}" if "final_loss" in result else f"error {result.get('error')}"
-        knob_rows.append((name, tps, cpu, (tps / default_tps if tps and default_tps else None), note))
+        note = (f"train loss {result['final_loss']:.4f}, eval loss {result['eval_loss']:.4f}" if "final_loss" in result
+                else f"error {result.get('error')}")
+        knob_rows.append((name, tps, cpu, (cpu / default_cpu if cpu and default_cpu else None), note))
     if knob_rows:
         print()
-        print(f"knobs (lorakit alone; default: {default_tps:.1f} supervised tokens/s wall, {default_cpu:.1f} per CPU-s)")
-        print_table(knob_rows, header=("knob", "tok/s wall", "tok/CPU-s", "vs default", "note"))
+        print(f"knobs (lorakit alone; default: {default_tps:.1f} supervised tokens/s wall, "
+              f"{default_cpu:.1f} per CPU-s)")
+        print_table(knob_rows, header=("knob", "tok/s wall", "tok/CPU-s", "CPU-s ×", "note"))
 
     report = {
         "setup": {**cfg, "steps": steps, "repeats": args.repeats, "threads": args.threads},
@@ -393,7 +478,8 @@ def _brief(result: dict) -> str:
     if "error" in result:
         return f"FAILED {result['error']}"
     return (f"{result['supervised_tokens_per_s']:.1f} sup tok/s, {result['supervised_tokens_per_cpu_s']:.1f}/CPU-s, "
-            f"RSS {result['rss_peak_bytes'] / 2**20:.0f} MiB, loss {result['final_loss']:.4f}, "
+            f"RSS {result['rss_peak_bytes'] / 2**20:.0f} MiB, loss {result['final_loss']:.4f} "
+            f"(eval {result['eval_loss']:.4f}), "
             f"process {result['process_seconds']:.0f} s")
 
 

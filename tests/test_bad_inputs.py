@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from lorakit.checkpoint import MANIFEST
-from lorakit.manifest import sha256_file
+from lorakit.data.sources import content_hash
 from run_helpers import cli, lorakit, recipe_dict, tree_hash, write_data, write_recipe
 
 PWNED = "lorakit-corpus-pwned"  # a file the malicious payloads below would create if they ever ran
@@ -71,7 +71,7 @@ class Ctx:
         if rehash:
             manifest = json.loads((copy / MANIFEST).read_text())
             manifest["files"] = {
-                p.relative_to(copy).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                p.relative_to(copy).as_posix(): {"size": p.stat().st_size, "sha256": content_hash(str(p))}
                 for p in sorted(copy.rglob("*")) if p.is_file() and p.name != MANIFEST
             }
             (copy / MANIFEST).write_text(json.dumps(manifest))

@@ -150,6 +150,62 @@ def test_non_finite_weights_are_never_saved(tmp_path, peft_parts):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture(scope="module")
+def bottleneck_parts(tiny_model_dir):
+    """lorakit's own adapter method after two optimizer steps (up starts at zero: give it something to restore)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.bottleneck import BottleneckConfig, BottleneckModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = BottleneckModel(base, BottleneckConfig(r=4, dropout=0.1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, sched
+
+
+def test_bottleneck_checkpoint_is_verified_and_restores_exactly(tmp_path, tiny_model_dir, bottleneck_parts, peft_parts):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.bottleneck import BottleneckModel
+
+    model = bottleneck_parts[0]
+    path = save(tmp_path, 3, bottleneck_parts)
+    files = ckpt.verify_checkpoint(path).manifest["files"]
+    assert {"adapter/bottleneck_config.json", "adapter/bottleneck_model.safetensors"} <= set(files)
+    assert ckpt.adapter_files(files) == ("adapter/bottleneck_config.json", "adapter/bottleneck_model.safetensors")
+
+    fresh = BottleneckModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                            model.bottleneck_config)
+    params = [p for p in fresh.parameters() if p.requires_grad]
+    ckpt._load_adapter(ckpt.verify_checkpoint(path), fresh)
+    assert [p for p in fresh.parameters() if p.requires_grad] == params  # in place: an optimizer keeps them
+    trained = dict(model.named_parameters())
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param, trained[name]), name
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in trained.items() if ".up." in n)
+
+    lora = save(tmp_path / "lora", 3, peft_parts)
+    with pytest.raises(CheckpointError, match="do not fit this model.*the recipe that wrote it"):
+        ckpt._load_adapter(ckpt.verify_checkpoint(lora), fresh)
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        ckpt._load_adapter(ckpt.verify_checkpoint(path), peft_parts[0])
+
+    os.truncate(path / "adapter" / "bottleneck_model.safetensors", 10)
+    with pytest.raises(CheckpointError, match="adapter/bottleneck_model.safetensors is 10 bytes.*truncated"):
+        ckpt.verify_checkpoint(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["adapter/bottleneck_model.safetensors"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="incomplete: adapter/bottleneck_model.safetensors is not in"):
+        ckpt.verify_checkpoint(path)
+
+
 def test_free_space_is_checked(tmp_path):
     ckpt.check_free_space(tmp_path / "not-yet", 1 << 20, keep_last=2)
     with pytest.raises(CheckpointError, match="free disk space, lower train.keep_last"):

@@ -71,7 +71,7 @@ def test_init_writes_every_key_with_its_schema_comment(tmp_path, name):
     for key, _, description in describe_keys():
         leaf = key.split(".", 1)[1]
         line = next(i for i, l in enumerate(lines) if l.startswith(f"  {leaf}:") and i > lines.index(key.split(".")[0] + ":"))
-        assert lines[line - 1] == f"  # {description}", key
+        assert lines[line - 1] == f"  # {' '.join(description.split())}", key
     recipe = parse_recipe(yaml.safe_load(text))
     dumped = recipe.model_dump(mode="json")
     for section, values in TEMPLATES[name].overrides.items():

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from lorakit.errors import EXIT_USAGE
-from lorakit.inspect import RANKS, format_report, inspect_model, inspect_sections, lora_params, parse_targets, rank_table
+from lorakit.inspect import (
+    RANKS, format_report, inspect_model, inspect_sections, lora_params, parse_targets, rank_table,
+)
 from lorakit.model import build_model
 from lorakit.recipe import parse_recipe
 from run_helpers import cli

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.loss import build_loss, linear_cross_entropy_sum, plain_loss
+from lorakit.loss import _head_reproduces_logits, build_loss, linear_cross_entropy_sum, plain_loss
 from lorakit.perf import TensorMemoryTracker
 
 
@@ -60,6 +60,30 @@ def test_chunked_loss_and_lora_gradients_equal_plain():
         torch.testing.assert_close(loss(model, batch, 1), plain_loss(model, batch, 1), rtol=1e-5, atol=1e-4)
 
 
+def test_flattened_batch_chunked_loss_equals_padded_plain_loss(tiny_model_dir):
+    """data.padding_free's layout (one flattened row, restarting positions) with the chunked loss gives the
+    loss and LoRA gradients of transformers' loss on the padded batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.data import Example, collate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), target_modules="all-linear")
+    model.config.use_cache = False
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n, prompt in ((9, 4), (14, 6), (5, 2)):
+        ids = torch.randint(0, 300, (n,), generator=g).tolist()
+        examples.append(Example(ids, [-100] * prompt + ids[prompt:]))
+    plain, plain_grads = _loss_and_grads(plain_loss, model, collate(examples, tokenizer), 10.0)
+    flat_batch = collate(examples, tokenizer, padding_free=True)
+    assert flat_batch["input_ids"].shape == (1, 28) and "attention_mask" not in flat_batch
+    flat, flat_grads = _loss_and_grads(build_loss(model, chunked=True), model, flat_batch, 10.0)
+    torch.testing.assert_close(flat, plain, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(flat_grads[name], plain_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_gradients_over_several_chunks(bias):
     """A trainable head (weight and bias) gets the gradients of the unchunked computation."""
@@ -104,7 +128,7 @@ def test_plain_loss_where_the_head_cannot_run_apart():
 
 
 def test_plain_loss_when_the_model_transforms_its_logits():
-    """Gemma-2 soft-caps its logits after the head: the one-forward probe notices and keeps the model's loss."""
+    """Gemma-2 soft-caps its logits after the head: the config key, and the one-forward probe alone, notice."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -112,4 +136,7 @@ def test_plain_loss_when_the_model_transforms_its_logits():
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5)
     model = _lora(Gemma2ForCausalLM(config).float(), target_modules=["q_proj"])
     loss = build_loss(model, chunked=True)
-    assert loss.kind == "plain" and "soft-capping" in loss.reason
+    assert loss.kind == "plain" and "final_logit_softcapping" in loss.reason
+    assert not _head_reproduces_logits(model, model.get_output_embeddings())
+    llama = _lora(_llama(), target_modules=["q_proj"])
+    assert _head_reproduces_logits(llama, llama.get_output_embeddings())

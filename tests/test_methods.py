@@ -114,7 +114,8 @@ def test_train_save_reload_merge(method, quant, tiny_model_dir, tmp_path):
         prompt = batch()["input_ids"][:1, :6]
         kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         with torch.no_grad():
-            assert torch.equal(reloaded.generate(input_ids=prompt, **kwargs), model.generate(input_ids=prompt, **kwargs))
+            expected = model.generate(input_ids=prompt, **kwargs)
+            assert torch.equal(reloaded.generate(input_ids=prompt, **kwargs), expected)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "rslora", "ia3", "bottleneck"])
@@ -253,6 +254,17 @@ def test_method_defaults_resolved_in_the_schema(tiny_model_dir):
     ia3 = make_recipe(tiny_model_dir, {"method": "ia3"}).adapter
     assert (ia3.r, ia3.lora_alpha, ia3.target_modules) == (None, None, None)
     assert make_recipe(tiny_model_dir, {"method": "bottleneck"}).adapter.r == 16
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resolved_recipe_round_trips(method, tiny_model_dir):
+    """recipe.yaml holds the resolved recipe (r: null for ia3 and the like): it must load back unchanged."""
+    import yaml
+
+    from lorakit.recipe import dump_recipe
+
+    recipe = make_recipe(tiny_model_dir, METHODS[method])
+    assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
 
 
 def test_non_mergeable_methods_cannot_save_merged(tiny_model_dir):

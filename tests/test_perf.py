@@ -99,6 +99,24 @@ def test_padding_free_detection():
     assert not padding_free_supported(prompt)
 
 
+def test_batching_choice():
+    """Flattened micro-batches with varlen attention only; length-grouped padded ones with sdpa/eager."""
+    from lorakit.data import Example
+    from lorakit.perf import choose_batching
+    from lorakit.recipe import parse_recipe
+
+    def recipe(**data):
+        return parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", **data},
+                             "train": {"max_steps": 1, "micro_batch_size": 4, "grad_accum": 1}})
+
+    examples = [Example([1] * n, [-100] + [1] * (n - 1)) for n in (4, 40, 8, 30, 12, 6)]
+    model = _lora_llama(layers=1, attn="sdpa")
+    chosen = choose_batching(recipe(), model, examples, None)
+    assert not chosen.padding_free and chosen.lengths == [4, 40, 8, 30, 12, 6] and "sdpa" in chosen.note
+    assert choose_batching(recipe(padding_free=False), model, examples, None).lengths is None
+    assert choose_batching(recipe(packing=True), model, examples, [1, 2]).lengths == [1, 2]
+
+
 def test_liger_knob_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

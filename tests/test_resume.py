@@ -4,7 +4,8 @@ metrics log from each resume point on is the same.
 
 Real processes on the tiny fp32 model with lora_dropout > 0. Kill points are chosen by watching
 metrics.jsonl and the checkpoint directory, or by the test-only fault hook inside write_checkpoint
-(LORAKIT_TEST_CHECKPOINT_FAULT, see docs/checkpoints.md). 10 SIGKILLs, one SIGTERM, one double SIGINT.
+(LORAKIT_TEST_CHECKPOINT_FAULT, see docs/checkpoints.md). 10 SIGKILLs, one SIGTERM, one double SIGINT; and one
+SIGKILL of a bottleneck run, whose checkpoints hold lorakit's own adapter files instead of PEFT's.
 """
 
 from __future__ import annotations
@@ -166,3 +167,30 @@ def test_killed_during_first_checkpoint_then_overwrite_and_resume(setup):
     code, output = train(recipe, "--resume")
     assert code == 0, output
     assert_same_as_reference(out, reference)
+
+
+def test_bottleneck_killed_while_checkpointing_resumes_bitwise(tmp_path, tiny_model_dir):
+    """lorakit's own adapter method (bottleneck_*.json/.safetensors, not PEFT's files) resumes the same way."""
+    data = write_data(tmp_path / "train.jsonl", 16)
+    adapter = {"method": "bottleneck", "r": 4, "dropout": 0.1, "lora_dropout": None, "target_modules": None}
+
+    def recipe_for(name: str) -> tuple[Path, Path]:
+        out = tmp_path / name
+        recipe = recipe_dict(tiny_model_dir, data, out, adapter, max_steps=6, save_every=2)
+        return write_recipe(tmp_path / f"{name}.yaml", recipe), out
+
+    reference_recipe, reference = recipe_for("reference")
+    code, output = train(reference_recipe)
+    assert code == 0, output
+    recipe, out = recipe_for("interrupted")
+    ckpts = out / "checkpoints"
+    # SIGKILL while step-4 is written, after its adapter files: the resume skips it and continues from step-2.
+    code, _ = train(recipe, fault="kill:rng:4")
+    assert code == -signal.SIGKILL and (ckpts / "step-000004.tmp" / "adapter").is_dir()
+    assert sorted(p.name for p in (ckpts / "step-000002" / "adapter").iterdir()) == [
+        "bottleneck_config.json", "bottleneck_model.safetensors"]
+    code, output = train(recipe, "--resume")
+    assert code == 0, output
+    assert f"resuming from {ckpts / 'step-000002'} at step 2" in output.replace("\n", "")
+    assert tree_hash(out / "adapter") == tree_hash(reference / "adapter")  # bottleneck weights, config, tokenizer
+    assert training_records(out / "metrics.jsonl") == training_records(reference / "metrics.jsonl")

@@ -34,6 +34,7 @@ def test_train_writes_manifest_plot_and_tensorboard_with_json_logs(tiny_recipe, 
     result = CliRunner().invoke(app, ["--json-logs", "train", str(tiny_recipe)])
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is one JSON object
+    assert "Loading weights" not in result.stderr  # transformers' own tqdm bar is off; loading is a lorakit stage
     run = tmp_path / "run"
 
     metrics = [e for e in events if e["event"] == "metrics"]

@@ -130,3 +130,25 @@ def test_invalid_recipe_exits_2_without_traceback(tmp_path, tiny_model_dir):
         assert "adapter.lora_dropuot: unknown key" in result.stderr and "did you mean lora_dropout?" in result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_save_both_writes_merged_model_equal_to_adapter(tmp_path, tiny_model_dir):
+    """output.save: both → DIR/merged/ is a plain HF model whose logits equal base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    data = write_memorisation_data(tmp_path / "train.jsonl")
+    recipe = recipe_file(tmp_path, tiny_model_dir, data, max_steps=3)
+    result = CliRunner().invoke(app, ["train", str(recipe), "--set", "output.save=both"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert meta["dtype"] == "float32"  # the resolved dtype, never "auto"
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
