@@ -63,9 +63,9 @@ def head_unusable(model) -> str:
     """Why the head cannot be applied to the hidden states outside the model's forward ('' when it can)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
-    if config is not None and config.is_prompt_learning:
-        return f"{config.peft_type.value.lower()} tuning adds virtual tokens inside the forward"
+    method = prompt_learning_method(model)
+    if method:
+        return f"{method} tuning adds virtual tokens inside the forward"
     if _sharded(model):
         return "the model is sharded (FSDP): its head's weight is whole only inside the forward"
     head = model.get_output_embeddings()
@@ -78,6 +78,12 @@ def head_unusable(model) -> str:
     if transforms or not _head_reproduces_logits(model, head):
         return f"the model transforms its logits after the head ({', '.join(transforms) or 'seen by a probe'})"
     return ""
+
+
+def prompt_learning_method(model) -> str:
+    """'prefix', 'prompt', ... when the PEFT method prepends virtual tokens in the forward; '' otherwise."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return config.peft_type.value.lower() if config is not None and config.is_prompt_learning else ""
 
 
 def _sharded(model) -> bool:
@@ -140,7 +146,8 @@ def _head_loss(head: torch.nn.Linear, loss_sum: Callable) -> LossFn:
 def _liger_sum(hidden, weight, bias, targets) -> torch.Tensor:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, targets, bias)
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, targets, bias)
+    return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) when a version returns the z-loss too
 
 
 def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None) -> torch.Tensor:

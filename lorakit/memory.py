@@ -43,6 +43,7 @@ class Settings:
     optimizer: str = _schema(TrainSection, "optimizer")
     attn_implementation: str = _schema(ModelSection, "attn_implementation")  # auto | sdpa | eager | flash_attention_2
     lora_dropout: float = METHOD_KEY_DEFAULTS["lora"]["lora_dropout"]
+    chunked_loss: bool = _schema(TrainSection, "chunked_loss")
     gpus: int = 1
     strategy: str = "ddp"  # ddp | fsdp
     device: str = "cuda"  # cuda | cpu: on CPU dropout keeps a full noise tensor, no CUDA context (benchmarks only)
@@ -288,13 +289,13 @@ def layer_saved(p: ModelProfile, s: Settings, mods: list, flowing: bool) -> tupl
     parts["norms"] += (g.norms_per_layer - 1) * norm if flowing else 0
     visit("mlp_in")
     parts["mlp"] += _mlp_bytes(g, s)[0] if flowing else 0
-    for group in groups[3:]:
+    for group in groups[3:]:  # mlp_out, then modules of no known group
         visit(group)
     return parts, flowing
 
 
-def activations(p: ModelProfile, s: Settings) -> tuple[Line, int, dict]:
-    """(activations line, bytes of one layer recomputed by checkpointing, the largest layer's parts)."""
+def activations(p: ModelProfile, s: Settings) -> tuple[Line, int]:
+    """(activations line, bytes of the largest layer, which checkpointing recomputes in backward)."""
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
     by_layer: dict[int, list] = {}
     for m in p.lora_modules if s.method != "full" else ():
@@ -304,7 +305,8 @@ def activations(p: ModelProfile, s: Settings) -> tuple[Line, int, dict]:
         parts, flowing = layer_saved(p, s, by_layer.get(i, []), flowing)
         layers.append(parts)
     largest = max(layers, key=lambda parts: sum(parts.values()))
-    final = _norm_bytes(g, s)[0] + (T * g.hidden * e if s.method == "full" else 0)
+    head_input = s.method == "full" and loss_path(p, s) == "plain"  # a trainable head keeps its input
+    final = _norm_bytes(g, s)[0] + (T * g.hidden * e if head_input else 0)
     rotary = 2 * s.seq_len * g.head_dim * e if g.rotary else 0
     per_layer = " + ".join(f"{k} {gib(v)}" for k, v in largest.items() if v)
     if s.gradient_checkpointing:
@@ -319,9 +321,8 @@ def activations(p: ModelProfile, s: Settings) -> tuple[Line, int, dict]:
         kept = sum(sum(parts.values()) for parts in layers)
         n = kept + final + rotary
         f = f"{g.layers} layers, largest: {per_layer}; sum {gib(kept)} + final norm {gib(final)} + rotary {gib(rotary)}"
-    return Line("activations", "activations", n, f"T = b·s = {s.batch_size}·{s.seq_len} = {T:,} tokens; " + f), sum(
-        largest.values()
-    ), largest
+    line = Line("activations", "activations", n, f"T = b·s = {s.batch_size}·{s.seq_len} = {T:,} tokens; {f}")
+    return line, sum(largest.values())
 
 
 def activation_formulas(p: ModelProfile, s: Settings) -> list[str]:
@@ -339,17 +340,83 @@ def activation_formulas(p: ModelProfile, s: Settings) -> list[str]:
     return lines
 
 
+def loss_path(p: ModelProfile, s: Settings) -> str:
+    """Which of lorakit.loss's paths training takes: "chunked" (or Liger's fused kernel) or "plain"."""
+    g = p.geometry
+    head_adapted = any(m.name.rsplit(".", 1)[-1] == g.head_name.rsplit(".", 1)[-1] for m in p.lora_modules)
+    usable = not (
+        p.adapter_method in ("prefix", "prompt") and s.method != "full"
+        or s.strategy == "fsdp" and s.gpus > 1
+        or head_adapted and s.method != "full"
+        or g.logit_transform
+    )
+    return "chunked" if s.chunked_loss and usable else "plain"
+
+
 def logits_line(p: ModelProfile, s: Settings) -> Line:
+    if loss_path(p, s) == "chunked":
+        return _chunked_loss_line(p, s)
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
     n = LOGITS_BYTES * T * g.vocab + 16 * T
     f = (
-        f"{LOGITS_BYTES} B × T·V = {LOGITS_BYTES} × {T:,} × {g.vocab:,} (fp32 log-softmax kept for backward, "
-        "then its gradient and the logits' gradient, all live at the start of backward) + 16 B × T (labels)"
+        f"plain loss: {LOGITS_BYTES} B × T·V = {LOGITS_BYTES} × {T:,} × {g.vocab:,} (fp32 log-softmax kept for "
+        "backward, then its gradient and the logits' gradient, all live at the start of backward) + 16 B × T (labels)"
     )
     if g.logit_softcap:
         n += 2 * T * g.vocab * e
         f += f" + 2 × T·V·{e} (final-logit soft-capping: tanh output and its gradient)"
     return Line("logits_and_loss", "logits and loss", n, f)
+
+
+def _chunk_peak(chunks: list, vocab: int, hidden: int, e: int, device: str, head_grad: int) -> int:
+    """Most bytes alive at once in lorakit.loss's chunk loop, given each chunk's rows (``head_grad``: one
+    chunk's contribution to a trainable head's gradient)."""
+    cast = e if e != 4 else 0  # the logits are upcast to fp32 and the gradient cast back to the model dtype
+
+    def made(rows):  # logits being made: the model-dtype product and its fp32 copy (a GPU's logsumexp: a temporary)
+        return rows * vocab * max(4 + cast, 8 if device == "cuda" else 4)
+
+    def kept(rows):  # a chunk's fp32 logits (turned into the gradient in place) and their cast
+        return rows * vocab * (4 + cast)
+
+    def done(rows):  # ... while its rows of the hidden states' gradient (then the head's) are computed
+        return kept(rows) + max(rows * hidden * e, head_grad)
+
+    if not chunks:  # one-token sequences: nothing to predict
+        return 0
+    peaks = [made(chunks[0]), done(chunks[0])]
+    for before, rows in zip(chunks, chunks[1:]):  # the previous chunk's names are rebound only after the next
+        peaks += [kept(before) + made(rows), done(rows)]
+    return max(peaks)
+
+
+def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
+    from lorakit.loss import CHUNK_ELEMENTS
+
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    n = T - s.batch_size  # supervised positions at most: the last token of a sequence has no target
+    rows = max(16, CHUNK_ELEMENTS // g.vocab)
+    chunks = [min(rows, n - start) for start in range(0, n, rows)][:3]
+    head = g.vocab * g.hidden if s.method == "full" else 0  # a trainable head: its gradient is made here too
+    peak = _chunk_peak(chunks, g.vocab, g.hidden, e, s.device, head * (4 + (e if e != 4 else 0)))
+    # model(output_hidden_states=True) returns the embeddings, every layer's output and the final norm's: they
+    # live until the loss is computed. The final norm's output is new; the others are kept anyway when
+    # checkpointing keeps layer inputs, or when the next norm keeps that very tensor (fp32, grads flowing).
+    extra = 1
+    if not s.gradient_checkpointing:
+        extra += (1 if s.method != "full" or e != 4 else 0) + (g.layers - 1 if e != 4 else 0)
+    elif s.method != "full":  # the loop holds the previous micro-step's loss until this forward ends, and with
+        extra += 2  # it two hidden states checkpointing keeps (measured; none when the embeddings train too)
+    total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T + 4 * head
+    return Line("logits_and_loss", "logits and loss", total, (
+        f"chunked loss (lorakit.loss): logits {len(chunks) if len(chunks) < 3 else '≥3'} chunk(s) of ≤ {rows:,} "
+        f"rows × {g.vocab:,}, at most {gib(peak)} alive at once (two chunks' fp32 logits, or one and its rows of "
+        f"the hidden-state gradient); + 2 × n·h·{e} (selected hidden states, their gradient; n = T − b = {n:,} "
+        f"supervised positions at most) + {extra} × T·h·{e} (hidden states the model returns, alive until the "
+        f"loss is computed; under checkpointing, two of them the previous micro-step's graph still holds) "
+        f"+ b·V·{e} (the last position's logits) + 24 B × T (targets)"
+        + (" + V·h·4 (the trainable head's fp32 gradient, accumulated over the chunks)" if head else "")
+    ))
 
 
 def backward_line(p: ModelProfile, s: Settings, recompute: int) -> Line:
@@ -371,49 +438,71 @@ def backward_line(p: ModelProfile, s: Settings, recompute: int) -> Line:
 # Totals
 
 
+def optimizer_step_line(p: ModelProfile, s: Settings) -> Line:
+    """Temporaries of optimizer.step(), after backward has freed the activations."""
+    tensors, b, dtype = _trainable(p, s)
+    if s.optimizer != "adamw":
+        return Line("optimizer_step", "optimizer step", 0, "bitsandbytes updates each tensor in one fused kernel")
+    if s.device == "cuda":  # torch picks the foreach implementation for CUDA tensors
+        n = sum(tensors)
+        return Line("optimizer_step", "optimizer step", n * b, (
+            f"foreach AdamW: sqrt(v) for all {n:,} trainable params at once × {b} B ({dtype})"
+        ))
+    largest = max(tensors, default=0)
+    return Line("optimizer_step", "optimizer step", 2 * largest * b, (
+        f"per-tensor AdamW: sqrt(v) and its bias correction for the largest tensor, 2 × {largest:,} × {b} B"
+    ))
+
+
 def estimate(p: ModelProfile, s: Settings) -> Estimate:
     """Every breakdown line for ``p`` under ``s``, the single-device peak and the per-device peak."""
     if s.method == "full" and s.quantization != "none":
         raise UsageError("full fine-tuning cannot train a quantized base: use --method lora/qlora or no quantization")
     weights, adapter, grads, opt = weights_line(p, s), adapter_line(p, s), gradients_line(p, s), optimizer_line(p, s)
-    act, recompute, _ = activations(p, s)
-    logits, bwd = logits_line(p, s), backward_line(p, s, recompute)
+    act, recompute = activations(p, s)
+    logits, bwd, step = logits_line(p, s), backward_line(p, s, recompute), optimizer_step_line(p, s)
     overhead = Line(
         "framework_overhead", "framework overhead", OVERHEAD_BYTES if s.device == "cuda" else 0,
         "constant 1 GiB: CUDA context (~0.5 GiB with lazy module loading), cuBLAS workspaces and caching-allocator "
         "slack; torch.cuda.max_memory_allocated does not see it, nvidia-smi does",
     )
-    lines = [weights, adapter, grads, opt, act, logits, bwd, overhead]
+    lines = [weights, adapter, grads, opt, act, logits, bwd, step, overhead]
     static = weights.bytes + adapter.bytes + grads.bytes + opt.bytes
-    dynamic = act.bytes + max(logits.bytes, bwd.bytes)
-    total = static + dynamic + overhead.bytes
+    training = act.bytes + max(logits.bytes, bwd.bytes)
+    total = static + max(training, step.bytes) + overhead.bytes
     peak_formula = (
-        "weights + adapter + gradients + optimizer + activations + max(logits_and_loss, backward_transient) "
-        "+ overhead (gradients coexist with activations under gradient accumulation; the loss buffers are freed "
-        "before the first layer runs backward)"
+        "weights + adapter + gradients + optimizer + max(activations + max(logits_and_loss, backward_transient), "
+        "optimizer_step) + overhead (gradients coexist with activations under gradient accumulation; the loss "
+        "buffers are freed before the first layer runs backward; the optimizer steps after the activations are gone)"
     )
-    per_device, per_device_formula = _per_device(p, s, static, dynamic + overhead.bytes, weights, grads)
+    per_device, per_device_formula = _per_device(p, s, static, training, step.bytes, weights, grads)
+    per_device += overhead.bytes
     notes = list(p.notes)
     if p.adapter_method not in ("lora", "dora") and s.method != "full":
         notes.append(f"activations of {p.adapter_method} adapters are not modelled beyond the base model's")
     if p.adapter_method == "dora" and s.method != "full":
         notes.append("DoRA also builds each adapted weight (out × in, fp32) during forward; not counted")
+    if s.strategy == "fsdp" and s.gpus > 1 and s.quantization == "int8":
+        notes.append("FSDP cannot shard int8 weights (lorakit refuses it): use nf4 with FSDP")
     return Estimate(p, s, lines, total, per_device, peak_formula, per_device_formula, notes)
 
 
-def _per_device(p: ModelProfile, s: Settings, static: int, rest: int, weights: Line, grads: Line) -> tuple[int, str]:
+def _per_device(p: ModelProfile, s: Settings, static: int, training: int, step: int, weights: Line,
+                grads: Line) -> tuple[int, str]:
+    """Peak per GPU, overhead left out."""
     if s.gpus <= 1:
-        return static + rest, "one GPU: the total"
+        return static + max(training, step), "one GPU: the total"
     if s.strategy == "ddp":
-        return static + grads.bytes + rest, (
+        return static + grads.bytes + max(training, step), (
             f"DDP on {s.gpus} GPUs: every GPU holds the whole total plus DDP's gradient buckets (+{gib(grads.bytes)})"
         )
     g, e = p.geometry, DTYPE_BYTES[s.dtype]
+    kept = 4 if s.quantization != "none" and s.method != "full" else e  # what bitsandbytes leaves is fp32
     outside = p.base_params - g.layers * g.layer_params  # embeddings, LM head, final norm: FSDP's root unit
-    per_layer = max(0, weights.bytes - outside * e - p.buffer_bytes) // g.layers
-    gathered = outside * e + 2 * per_layer + (g.layer_params * e if s.method == "full" else 0)
-    return static // s.gpus + gathered + rest, (
+    per_layer = max(0, weights.bytes - outside * kept - p.buffer_bytes) // g.layers
+    gathered = outside * kept + 2 * per_layer + (g.layer_params * e if s.method == "full" else 0)
+    return static // s.gpus + max(gathered + training, step // s.gpus), (
         f"FSDP over {s.gpus} GPUs: (weights + adapter + gradients + optimizer) / {s.gpus} + gathered parameters "
         f"{gib(gathered)} (root unit with embeddings/LM head + the current and the prefetched layer) + activations, "
-        "loss buffers and overhead, which are per GPU"
+        "loss buffers and overhead, which are per GPU (the optimizer step's temporaries are sharded too)"
     )

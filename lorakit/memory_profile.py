@@ -53,6 +53,8 @@ class Geometry:
     attn_default: str
     attn_softcap: bool
     logit_softcap: bool
+    logit_transform: bool  # the model scales or soft-caps its logits after the head (lorakit.loss then runs plain)
+    head_name: str
     max_positions: int | None
     rotary: bool
     layer_params: int
@@ -152,6 +154,8 @@ def geometry(model) -> Geometry:
     import torch
     from transformers.pytorch_utils import Conv1D
 
+    from lorakit.loss import LOGIT_TRANSFORMS
+
     c = model.config
     layer = decoder_layers(model)[0]
     heads = c.num_attention_heads
@@ -179,6 +183,8 @@ def geometry(model) -> Geometry:
         attn_default=c._attn_implementation or "sdpa",
         attn_softcap=bool(getattr(c, "attn_logit_softcapping", None)),
         logit_softcap=bool(getattr(c, "final_logit_softcapping", None)),
+        logit_transform=any(getattr(c, k, None) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS),
+        head_name=next(n for n, m in model.named_modules() if m is model.get_output_embeddings()),
         max_positions=getattr(c, "max_position_embeddings", None),
         rotary=any("rotary" in n for n, _ in model.named_modules()),
         layer_params=sum(p.numel() for p in layer.parameters()),

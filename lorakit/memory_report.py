@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.memory import Estimate, ModelProfile, Settings, activation_formulas, attn_implementation, estimate, gib
+from lorakit.memory import (
+    Estimate, ModelProfile, Settings, activation_formulas, attn_implementation, estimate, gib, loss_path,
+)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -103,6 +105,7 @@ def settings_from(recipe, flags: Flags) -> Settings:
         optimizer=recipe.train.optimizer,
         attn_implementation=recipe.model.attn_implementation,
         lora_dropout=recipe.adapter.lora_dropout or 0.0,  # None: the method has no LoRA dropout
+        chunked_loss=recipe.train.chunked_loss,
         gpus=flags.gpus,
         strategy=flags.strategy,
     )
@@ -208,7 +211,7 @@ def describe(est: Estimate) -> str:
     gc = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
     return (
         f"{what}; micro-batch {s.batch_size} × {s.seq_len:,} tokens, {attn_implementation(p, s)} attention, "
-        f"{s.optimizer}, {gc}"
+        f"{loss_path(p, s)} loss, {s.optimizer}, {gc}"
     )
 
 
@@ -245,7 +248,7 @@ def render_text(est: Estimate, explain: bool, comparison: list | None, advice: F
 def comparison_table(rows: list[tuple[str, Estimate]]) -> list[str]:
     out = [
         "Comparison (same model, micro-batch, sequence and optimizer):",
-        f"  {'method':<18}{'trainable':>16}{'weights':>14}{'train state':>14}{'activ+loss':>14}{'per GPU':>14}"
+        f"  {'method':<18}{'trainable':>16}{'weights':>14}{'train state':>14}{'activ/step':>14}{'per GPU':>14}"
         f"{'B/param':>9}",
     ]
     for label, est in rows:
@@ -258,7 +261,8 @@ def comparison_table(rows: list[tuple[str, Estimate]]) -> list[str]:
             f"{gib(est.per_device_bytes):>14}{per_param:>9.2f}"
         )
     out += [
-        "  B/param: weights + adapter + gradients + optimizer states per base parameter, before activations.",
+        "  train state: adapter + gradients + optimizer states. activ/step: activations and loss buffers, or the",
+        "  optimizer step's temporaries when larger. B/param: weights + train state per base parameter.",
         "  full (float32) with AdamW is 16 B/param (4 weight + 4 gradient + 8 moments): ~1.1 TB for a 70B model.",
         "  full (bfloat16): torch AdamW keeps its moments in bf16 (8 B/param); mixed precision with fp32 master",
         "  weights is 16 B/param again. LoRA/QLoRA: adapters, their gradients and moments are fp32 (PEFT), and a",
@@ -286,7 +290,8 @@ def to_json(est: Estimate, comparison: list | None, advice: FitAdvice | None) ->
     data = {
         "model": p.name,
         "source": p.source,
-        "settings": {**s.__dict__, "attn_implementation": attn_implementation(p, s), "adapter": p.adapter_method},
+        "settings": {**s.__dict__, "attn_implementation": attn_implementation(p, s), "adapter": p.adapter_method,
+                     "loss": loss_path(p, s)},
         "total_params": est.total_params,
         "trainable_params": est.trainable_params,
         "base_params": p.base_params,

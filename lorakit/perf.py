@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lorakit.errors import UsageError
+from lorakit.loss import prompt_learning_method
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; matched by substring of the
 # device name, first match wins (so "H100 PCIe" precedes "H100").
@@ -72,15 +73,26 @@ def apply_liger(model) -> None:
     _apply_liger_kernel_to_instance(model=model.get_base_model(), cross_entropy=False, fused_linear_cross_entropy=False)
 
 
-@torch.no_grad()
 def padding_free_supported(model) -> bool:
-    """Does the model keep flattened examples apart? (data.padding_free; decided once, before training)
+    """Does the model keep flattened examples apart? (data.padding_free, with a varlen attention kernel)
 
-    Flattened examples rely on the model building a block-diagonal mask from restarting position_ids
-    (transformers does for sdpa/eager/flex without a cache or 2D mask; flash attention goes varlen).
-    The probe: in a row [a, b] with positions restarting at b, b's logits must be those of b alone,
-    while without the restart they differ (``leak``, the scale of a wrong answer). Eval mode: no dropout.
+    transformers builds a block-diagonal mask (sdpa/eager/flex) or runs varlen flash attention from
+    restarting position_ids, without a KV cache or 2D mask. Prompt/prefix tuning prepends virtual tokens
+    and PEFT drops the position ids: never. Otherwise the probe below, where the kernel can run: weights
+    still on the CPU (they reach the GPU at accelerator.prepare, after this decision) cannot run flash
+    kernels, and there transformers' varlen contract is trusted.
     """
+    if prompt_learning_method(model):
+        return False
+    if not model.get_input_embeddings().weight.is_cuda:
+        return True
+    return flattening_probe(model)
+
+
+@torch.no_grad()
+def flattening_probe(model) -> bool:
+    """In a row [a, b] with positions restarting at b, b's logits must be those of b alone; without the
+    restart they differ, and that difference is the scale of a wrong answer. Eval mode: no dropout."""
     embeddings = model.get_input_embeddings().weight
     vocab, device = embeddings.shape[0], embeddings.device
     a = (torch.arange(5, device=device) * 7919 + 3) % vocab
@@ -183,7 +195,9 @@ class ModelShape:
 class StepMeter:
     """Accumulates the work and the wall time of optimizer steps (evaluation and checkpoints left out)."""
 
-    def __init__(self):
+    def __init__(self, shape: ModelShape):
+        # The shape is taken before accelerator.prepare: FSDP1 flattens and shards the parameters.
+        self.shape = shape
         self.work, self.seconds, self.cpu_seconds = Work(), 0.0, 0.0
         self._t0 = self._cpu0 = 0.0
 
@@ -195,14 +209,13 @@ class StepMeter:
         self.cpu_seconds += time.process_time() - self._cpu0  # < seconds × threads when the CPU is shared
         self.work.add(examples)
 
-    def record(self, step: int, model, checkpointing: bool, dtype: torch.dtype, accelerator) -> dict:
+    def record(self, step: int, checkpointing: bool, dtype: torch.dtype, accelerator) -> dict:
         """The efficiency record of the whole run; collective (call it on every rank)."""
         counts = torch.tensor([self.work.tokens, self.work.targets, self.work.attention_pairs], dtype=torch.float64)
         if accelerator.num_processes > 1:
             counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
         work = Work(*(int(c) for c in counts.tolist()))
-        shape = ModelShape.of(accelerator.unwrap_model(model))
-        record = efficiency(step, work, self.seconds, shape, checkpointing, accelerator.device, dtype,
+        record = efficiency(step, work, self.seconds, self.shape, checkpointing, accelerator.device, dtype,
                             accelerator.num_processes)
         return {**record, "train_cpu_seconds": round(self.cpu_seconds, 3)}
 

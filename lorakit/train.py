@@ -49,7 +49,7 @@ from lorakit.loss import build_loss
 from lorakit.manifest import write_run_manifest
 from lorakit.metrics import MetricsLog
 from lorakit.model import build_model, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
-from lorakit.perf import StepMeter, apply_speed_knobs, choose_batching, describe
+from lorakit.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.plot import maybe_plot
 from lorakit.recipe import Recipe, TrainSection, dump_recipe
 
@@ -152,6 +152,7 @@ def run_training(
     with stage(accelerator.is_main_process, "loading model"):
         model = build_model(recipe, model_path, allow_pickle)
         batching = choose_batching(recipe, model, data.train, data.group_lengths)
+        meter = StepMeter(ModelShape.of(model))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
     say(trainable_summary(model))
     if batching.note:
@@ -187,7 +188,7 @@ def run_training(
         accelerator.wait_for_everyone()
 
         fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths,
-            start, resume_command, padding_free=batching.padding_free)
+            start, resume_command, padding_free=batching.padding_free, meter=meter)
         state_dict = gathered_state_dict(accelerator, model)  # a collective under FSDP: every rank takes part
 
         if accelerator.is_main_process:
@@ -213,7 +214,7 @@ def run_training(
 def fit(
     recipe, accelerator, model, tokenizer, optimizer, scheduler, data: Datasets, sampler, total_steps, paths,
     start: TrainState | None = None, resume_command: str = "lorakit train RECIPE --resume",
-    padding_free: bool = False,
+    padding_free: bool = False, meter: StepMeter | None = None,
 ):
     """The loop, in nanoGPT's order: checkpoint/eval → accumulate micro-steps → clip → step → log → stop."""
     cfg = recipe.train
@@ -224,7 +225,7 @@ def fit(
     last_checkpoint = start.checkpoint
     compute_loss = build_loss(accelerator.unwrap_model(model), cfg.chunked_loss)
     console(accelerator.is_main_process)(compute_loss.describe())
-    meter = StepMeter()
+    meter = meter or StepMeter(ModelShape.of(accelerator.unwrap_model(model)))
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     model.train()
     with progress_bar(accelerator.is_main_process, total_steps) as bar, GracefulStop(resume_command) as stop:
@@ -305,7 +306,7 @@ def fit(
         eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
         metrics.write({"step": total_steps, "eval_loss": eval_loss})
     dtype = resolve_dtype(recipe.model.dtype)
-    efficiency = meter.record(total_steps, model, cfg.gradient_checkpointing, dtype, accelerator)
+    efficiency = meter.record(total_steps, cfg.gradient_checkpointing, dtype, accelerator)
     metrics.write(efficiency)
     console(accelerator.is_main_process)(describe(efficiency))
     metrics.close()

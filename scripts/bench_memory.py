@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Measure training memory and compare it with `lorakit estimate-memory`'s estimate.
 
-Runs real optimizer steps (2 micro-batches of forward + backward, then AdamW) of models built by lorakit's own
-builder (lorakit.model.build_model: bitsandbytes base, k-bit preparation, checkpointing, PEFT adapter) over a grid
-of model sizes × sequence lengths × {lora, qlora} × checkpointing off/on, and prints estimate/measured ratios.
+Runs real optimizer steps as lorakit's loop takes them (2 micro-batches through lorakit.loss, forward +
+backward, clipping, AdamW) of models built by lorakit's own builder (lorakit.model.build_model: bitsandbytes
+base, k-bit preparation, checkpointing, PEFT adapter) over a grid of model sizes × sequence lengths ×
+{lora, qlora} × checkpointing off/on, and prints estimate/measured ratios.
 
 Measured peak: on a GPU torch.cuda.max_memory_allocated (the estimate's CUDA-context constant left out, since
 the allocator does not see it); on CPU the peak of live tensor storage, followed from creation to free by a
 TorchDispatchMode (every op's outputs) and weakref finalizers on the storages (not process RSS, which counts
 allocator caches and freed pages). The second optimizer step is measured, so optimizer states exist.
 
-    python scripts/bench_memory.py                 # the default grid (a few minutes on 2 CPU cores)
+    python scripts/bench_memory.py                 # the default grid (about a minute on 2 CPU cores)
     python scripts/bench_memory.py --markdown      # the table for docs/memory.md
 """
 
@@ -109,6 +110,7 @@ VARIANTS = {
     "no dropout": {"adapter": {"lora_dropout": 0.0}},
     "eager attention": {"model": {"attn_implementation": "eager"}},
     "q,v only": {"adapter": {"target_modules": ["q_proj", "v_proj"]}},
+    "plain loss": {"train": {"chunked_loss": False}},
     "full fine-tuning": {},
 }
 
@@ -123,7 +125,7 @@ def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, 
         "adapter": {"method": "lora", "r": 16, "target_modules": "all-linear", **variant.get("adapter", {})},
         "data": {"train": "(benchmark)", "max_seq_len": seq_len},
         "train": {"max_steps": 2, "micro_batch_size": BATCH, "grad_accum": MICRO_STEPS,
-                  "gradient_checkpointing": checkpointing},
+                  "gradient_checkpointing": checkpointing, **variant.get("train", {})},
     }, source="bench")
 
 
@@ -139,16 +141,20 @@ def estimate_for(recipe, device: str, full: bool = False) -> int:
         double_quant=recipe.model.double_quant,
         dtype=recipe.model.dtype, batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
         gradient_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.train.optimizer,
-        attn_implementation=recipe.model.attn_implementation, lora_dropout=recipe.adapter.lora_dropout, device=device,
+        attn_implementation=recipe.model.attn_implementation, lora_dropout=recipe.adapter.lora_dropout,
+        chunked_loss=recipe.train.chunked_loss, device=device,
     )
     est = estimate(profile, settings)
     return est.total_bytes - est.line("framework_overhead").bytes
 
 
-def optimizer_step(model, optimizer, batches) -> None:
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss / len(batches)  # only the loss is kept: logits are freed
+def optimizer_step(model, optimizer, compute_loss, batches) -> None:
+    """One step as lorakit's loop takes it: micro-batches through lorakit.loss, clipping, AdamW."""
+    num_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
+    for batch in batches:
+        loss = compute_loss(model, batch, num_items)
         loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -167,27 +173,31 @@ def full_model(recipe):
 
 
 def measure(recipe, device: str, full: bool = False) -> int:
+    from lorakit.loss import build_loss
     from lorakit.model import build_model
 
     model = (full_model(recipe) if full else build_model(recipe)).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    compute_loss = build_loss(model, recipe.train.chunked_loss)
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (BATCH, recipe.data.max_seq_len), generator=gen).to(device)
-               for _ in range(MICRO_STEPS)]
-    optimizer_step(model, optimizer, batches)  # creates the optimizer states
+    batches = []
+    for _ in range(MICRO_STEPS):
+        ids = torch.randint(0, vocab, (BATCH, recipe.data.max_seq_len), generator=gen).to(device)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    optimizer_step(model, optimizer, compute_loss, batches)  # creates the optimizer states
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        optimizer_step(model, optimizer, batches)
+        optimizer_step(model, optimizer, compute_loss, batches)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         tracker = LiveStorage()
         tracker.track_existing()
         with tracker:
-            optimizer_step(model, optimizer, batches)
+            optimizer_step(model, optimizer, compute_loss, batches)
         peak = tracker.peak
     del model, optimizer, batches
     gc.collect()
@@ -207,7 +217,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seq-lens", nargs="*", type=int, default=list(SEQ_LENS))
     parser.add_argument("--variants", action="store_true",
-                        help="Also: bf16, no dropout, eager attention, q/v only, full fine-tuning, small vocabulary.")
+                        help="Also: bf16, no dropout, eager attention, q/v only, plain loss, full fine-tuning, small vocabulary.")
     parser.add_argument("--markdown", action="store_true", help="Print the table as Markdown.")
     parser.add_argument("--json", type=Path, help="Also write the rows to this JSON file.")
     args = parser.parse_args()

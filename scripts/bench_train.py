@@ -1,11 +1,12 @@
 """Side-by-side training benchmark: `lorakit train` against transformers.Trainer + PEFT.
 
-    python scripts/bench_train.py [--repeats 3] [--steps 6] [--knobs default] [--out runs/bench]
+    python scripts/bench_train.py [--repeats 3] [--steps 6] [--knobs "chunked_loss off,..."|none]
+                                  [--threads 1] [--out runs/bench] [--profile]
     make bench
 
 Both sides get the same model, data, LoRA config (r 16, alpha 32, dropout 0.05, all linear layers),
 precision, optimizer (torch AdamW), learning rate and cosine schedule, micro-batch, accumulation and
-number of optimizer steps, and train on the same micro-batches (scripts/bench_reference_trainer.py).
+number of optimizer steps, and the same example order (scripts/bench_reference_trainer.py).
 Each run is its own process; the two sides alternate (which goes first flips every repeat); medians over
 the repeats and the ratios lorakit/reference are reported for:
 - supervised tokens/s: supervised (non-pad, unmasked) targets / wall seconds of the training loop
@@ -23,7 +24,8 @@ of variable length (see make_dataset). The tokenizer is lorakit.testing's byte-l
 tokens are the low ids of the 32k vocabulary: the model's config has vocab_size 32768 beyond the tokenizer,
 as Qwen's and Llama's padded vocabularies do, so the head and softmax cost what a 32k vocabulary costs.
 GPU setup (CUDA present): a random ≈1.1B Llama (hidden 2048, 20 layers), bfloat16, examples up to 4,096
-tokens, flattened padding-free on the lorakit side (knob: data.packing into 4K rows).
+tokens; peak memory is CUDA max allocated; the knobs add packed 4K rows (data.packing), flattened
+micro-batches (flash_attention_2, when flash-attn is installed) and Liger's kernels.
 """
 
 from __future__ import annotations
@@ -333,12 +335,16 @@ def summarize(lk: list[dict], ref: list[dict], lk_mem: dict, ref_mem: dict, gpu:
          median(ref, "supervised_tokens_per_cpu_s"), ">= 1.5"),
         ("peak CUDA allocated MiB" if gpu else "peak RSS MiB", median(lk, memory_key) * mib,
          median(ref, memory_key) * mib, "<= 0.8"),
-        ("tensor peak MiB", (lk_mem.get("tensor_peak_bytes") or 0) * mib, (ref_mem.get("tensor_peak_bytes") or 0) * mib,
-         "<= 0.8"),
+        ("tensor peak MiB", _scaled(lk_mem.get("tensor_peak_bytes"), mib),
+         _scaled(ref_mem.get("tensor_peak_bytes"), mib), "<= 0.8"),
         ("train loss (mean of last 3 steps)", median(lk, "final_loss"), median(ref, "final_loss"), "≈ 1"),
         ("eval loss after training", median(lk, "eval_loss"), median(ref, "eval_loss"), "≈ 1"),
     ]
     return [(name, a, b, (a / b if a and b else None), goal) for name, a, b, goal in rows]
+
+
+def _scaled(value, factor):
+    return None if value is None else value * factor
 
 
 def print_table(rows, header=("metric", "lorakit", "reference", "ratio", "goal")) -> None:
@@ -416,49 +422,15 @@ def main() -> int:
           f"{cfg['micro_batch']}×{cfg['grad_accum']} examples, {args.repeats} repeats; "
           f"load average {before['load_average']}")
 
-    sides = {"lorakit": [], "reference": []}
-    for rep in range(args.repeats):
-        order = ["lorakit", "reference"] if rep % 2 == 0 else ["reference", "lorakit"]
-        for kind in order:
-            result = run_side(kind, runs_dir / f"{kind}-{rep}", recipe, [])
-            sides[kind].append(result)
-            print(f"  {kind:9s} repeat {rep}: " + _brief(result))
-    tracked = {"lorakit": {}, "reference": {}}
-    if not args.no_track:
-        for kind in tracked:
-            tracked[kind] = run_side(kind, runs_dir / f"{kind}-tracked", recipe, [], track=True)
-            print(f"  {kind:9s} tracked: tensor peak {tracked[kind].get('tensor_peak_bytes', 0) / 2**20:.1f} MiB")
-
+    sides, tracked = compare(recipe, runs_dir, args.repeats, track=not args.no_track)
     rows = summarize(sides["lorakit"], sides["reference"], tracked["lorakit"], tracked["reference"], gpu)
     flops = step_flops(recipe)
     rows.append(("matmul MFLOP per supervised token", flops["lorakit"] / 1e6, flops["reference"] / 1e6,
                  flops["lorakit"] / flops["reference"], "(counted in step 1)"))
     print()
     print_table(rows)
-
-    knob_rows, knob_results = [], {}
     wanted = [] if args.knobs == "none" else [k.strip() for k in args.knobs.split(",") if k.strip()]
-    default_tps = median(sides["lorakit"], "supervised_tokens_per_s")
-    default_cpu = median(sides["lorakit"], "supervised_tokens_per_cpu_s")
-    for name in wanted:
-        if name == "default":
-            continue
-        if name in GPU_ONLY and not gpu:
-            knob_rows.append((name, None, None, None, GPU_ONLY[name]))
-            continue
-        result = run_side("lorakit", runs_dir / f"knob-{name.replace(' ', '-')}", recipe, KNOBS[name])
-        knob_results[name] = result
-        print(f"  knob {name:16s}: " + _brief(result))
-        tps = result.get("supervised_tokens_per_s")
-        cpu = result.get("supervised_tokens_per_cpu_s")
-        note = (f"train loss {result['final_loss']:.4f}, eval loss {result['eval_loss']:.4f}" if "final_loss" in result
-                else f"error {result.get('error')}")
-        knob_rows.append((name, tps, cpu, (cpu / default_cpu if cpu and default_cpu else None), note))
-    if knob_rows:
-        print()
-        print(f"knobs (lorakit alone; default: {default_tps:.1f} supervised tokens/s wall, "
-              f"{default_cpu:.1f} per CPU-s)")
-        print_table(knob_rows, header=("knob", "tok/s wall", "tok/CPU-s", "CPU-s ×", "note"))
+    knob_results = run_knobs(recipe, runs_dir, [k for k in wanted if k != "default"], sides["lorakit"], gpu)
 
     report = {
         "setup": {**cfg, "steps": steps, "repeats": args.repeats, "threads": args.threads},
@@ -472,6 +444,44 @@ def main() -> int:
     (out / "bench_train.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"\nresults: {out / 'bench_train.json'} (logs under {runs_dir})")
     return 0
+
+
+def compare(recipe: dict, runs_dir: Path, repeats: int, track: bool) -> tuple[dict, dict]:
+    """The two sides, alternating, ``repeats`` times; then one tensor-tracked run each."""
+    sides = {"lorakit": [], "reference": []}
+    for rep in range(repeats):
+        for kind in ["lorakit", "reference"] if rep % 2 == 0 else ["reference", "lorakit"]:
+            result = run_side(kind, runs_dir / f"{kind}-{rep}", recipe, [])
+            sides[kind].append(result)
+            print(f"  {kind:9s} repeat {rep}: " + _brief(result))
+    tracked = {"lorakit": {}, "reference": {}}
+    for kind in tracked if track else []:
+        tracked[kind] = run_side(kind, runs_dir / f"{kind}-tracked", recipe, [], track=True)
+        print(f"  {kind:9s} tracked: tensor peak {tracked[kind].get('tensor_peak_bytes', 0) / 2**20:.1f} MiB")
+    return sides, tracked
+
+
+def run_knobs(recipe: dict, runs_dir: Path, names: list[str], default_runs: list[dict], gpu: bool) -> dict:
+    """One lorakit run per knob; a table of supervised tokens/s against the default's median."""
+    rows, results = [], {}
+    default_tps = median(default_runs, "supervised_tokens_per_s")
+    default_cpu = median(default_runs, "supervised_tokens_per_cpu_s")
+    for name in names:
+        if name in GPU_ONLY and not gpu:
+            rows.append((name, None, None, None, GPU_ONLY[name]))
+            continue
+        result = results[name] = run_side("lorakit", runs_dir / f"knob-{name.replace(' ', '-')}", recipe, KNOBS[name])
+        print(f"  knob {name:16s}: " + _brief(result))
+        cpu = result.get("supervised_tokens_per_cpu_s")
+        note = (f"train loss {result['final_loss']:.4f}, eval loss {result['eval_loss']:.4f}" if "final_loss" in result
+                else f"error {result.get('error')}")
+        rows.append((name, result.get("supervised_tokens_per_s"), cpu,
+                     cpu / default_cpu if cpu and default_cpu else None, note))
+    if rows:
+        print(f"\nknobs (lorakit alone; default: {default_tps:.1f} supervised tokens/s wall, "
+              f"{default_cpu:.1f} per CPU-s)")
+        print_table(rows, header=("knob", "tok/s wall", "tok/CPU-s", "CPU-s ×", "note"))
+    return results
 
 
 def _brief(result: dict) -> str:

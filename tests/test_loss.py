@@ -68,7 +68,8 @@ def test_flattened_batch_chunked_loss_equals_padded_plain_loss(tiny_model_dir):
     from lorakit.data import Example, collate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), target_modules="all-linear")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = _lora(base, target_modules="all-linear")
     model.config.use_cache = False
     g = torch.Generator().manual_seed(3)
     examples = []

@@ -109,6 +109,21 @@ H, Q, KV, I, V, L, HD, HEADS = 64, 64, 32, 128, 512, 2, 16, 4
 BASE = V * H * 2 + L * (H * Q + 2 * H * KV + Q * H + 3 * H * I + 2 * H) + H
 
 
+def test_loss_path_follows_lorakit_loss(tiny):
+    from lorakit.memory import loss_path
+
+    assert loss_path(tiny, Settings()) == "chunked"
+    assert loss_path(tiny, Settings(chunked_loss=False)) == "plain"
+    assert loss_path(tiny, Settings(gpus=2, strategy="fsdp")) == "plain"  # a sharded head runs in the forward
+    assert loss_path(tiny, Settings(gpus=2, strategy="ddp")) == "chunked"
+    on_head = inspect_model(tiny_config(), AdapterSection(r=8, target_modules=["q_proj", "lm_head"]))
+    assert loss_path(on_head, Settings()) == "plain"
+    prompt = inspect_model(tiny_config(), AdapterSection(method="prompt", num_virtual_tokens=4))
+    assert loss_path(prompt, Settings()) == "plain"
+    gemma, _ = FAMILIES["gemma2"]
+    assert loss_path(inspect_model(gemma, AdapterSection(r=8, target_modules=["q_proj"])), Settings()) == "plain"
+
+
 def tiny_config():
     from transformers import LlamaConfig
 
@@ -140,11 +155,19 @@ def test_lines_lora_bf16_by_hand(tiny):
     layer0 = 2 * lora_no_mask + attention + norm + mlp  # layer 0's input norm keeps nothing
     layer1 = norm + 2 * lora + attention + norm + mlp
     assert got["activations"] == layer0 + layer1 + norm + 2 * s * HD * e
-    assert got["logits_and_loss"] == 12 * T * V + 16 * T
+    # chunked loss (the default): one chunk of n = T - b rows; on a GPU logsumexp adds an fp32 temporary
+    n = T - b
+    chunk = max(n * V * 8, n * V * (4 + e) + n * H * e)
+    hidden_states = 3 * T * H * e  # embeddings and layer 0's output (kept only by the output tuple), final norm's
+    assert got["logits_and_loss"] == chunk + 2 * n * H * e + hidden_states + b * V * e + 24 * T
+    plain = lines(estimate(tiny, Settings(batch_size=b, seq_len=s, dtype="bfloat16", chunked_loss=False)))
+    assert plain["logits_and_loss"] == 12 * T * V + 16 * T
     assert got["backward_transient"] == T * (I + 2 * H) * e
+    assert got["optimizer_step"] == adapter * 4  # foreach AdamW on a GPU: sqrt(v) of every trainable param
     assert got["framework_overhead"] == GiB
     static = got["weights"] + got["adapter_weights"] + got["gradients"] + got["optimizer_states"]
-    total = static + got["activations"] + max(got["logits_and_loss"], got["backward_transient"]) + GiB
+    training = got["activations"] + max(got["logits_and_loss"], got["backward_transient"])
+    total = static + max(training, got["optimizer_step"]) + GiB
     assert estimate(tiny, Settings(batch_size=b, seq_len=s)).total_bytes == total
 
 
@@ -169,14 +192,16 @@ def test_lines_qlora_checkpointing_by_hand(tiny):
 def test_lines_full_finetuning_by_hand(tiny):
     b, s, e = 1, 8, 2
     T = b * s
-    got = lines(estimate(tiny, Settings(method="full", batch_size=b, seq_len=s, dtype="bfloat16")))
+    got = lines(estimate(tiny, Settings(method="full", batch_size=b, seq_len=s, dtype="bfloat16", chunked_loss=False)))
     assert got["weights"] - tiny.buffer_bytes == got["gradients"] == BASE * e
     assert got["adapter_weights"] == 0
     assert got["optimizer_states"] == 2 * BASE * e + 4 * len(tiny.base_tensors)
     norm = T * (4 * H + 4) + T * H * e
     # the inputs of q/k/v, gate/up and down; o_proj reads the attention output sdpa keeps anyway
     layer = 2 * norm + T * (2 * Q + 2 * KV) * e + T * HEADS * 4 + 3 * T * I * e + T * (H + H + I) * e
-    assert got["activations"] == L * layer + norm + T * H * e + 2 * s * HD * e
+    assert got["activations"] == L * layer + norm + T * H * e + 2 * s * HD * e  # + the head's input
+    chunked = lines(estimate(tiny, Settings(method="full", batch_size=b, seq_len=s, dtype="bfloat16")))
+    assert chunked["activations"] == got["activations"] - T * H * e  # the chunked loss applies the head itself
 
 
 def test_8bit_optimizer_and_per_device(tiny):
@@ -185,12 +210,14 @@ def test_8bit_optimizer_and_per_device(tiny):
     assert opt.bytes == 2 * L * (2 * 4096 + 8 * 16) + 2048 and opt.parts["pageable"] == 0
     ddp = estimate(tiny, Settings(gpus=2, strategy="ddp"))
     assert ddp.per_device_bytes == ddp.total_bytes + ddp.line("gradients").bytes
-    fsdp, one = estimate(tiny, Settings(gpus=4, strategy="fsdp")), lines(estimate(tiny, Settings()))
+    fsdp = estimate(tiny, Settings(gpus=4, strategy="fsdp"))
+    one = lines(fsdp)  # every line is for one GPU; FSDP shards the static ones
     static = one["weights"] + one["adapter_weights"] + one["gradients"] + one["optimizer_states"]
     outside = 2 * V * H + H
     per_layer = (one["weights"] - outside * 2 - tiny.buffer_bytes) // L
-    rest = one["activations"] + max(one["logits_and_loss"], one["backward_transient"]) + GiB
-    assert fsdp.per_device_bytes == static // 4 + outside * 2 + 2 * per_layer + rest
+    training = one["activations"] + max(one["logits_and_loss"], one["backward_transient"])
+    gathered = outside * 2 + 2 * per_layer
+    assert fsdp.per_device_bytes == static // 4 + max(gathered + training, one["optimizer_step"] // 4) + GiB
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -286,7 +313,7 @@ def test_cli_text_and_explain():
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "trainable params: 13,631,488 || all params: 7,255,363,584" in out
-    assert "= 7,241,732,096 params × 2 B (bfloat16)" in out and "12 B × T·V" in out
+    assert "= 7,241,732,096 params × 2 B (bfloat16)" in out and "chunked loss (lorakit.loss)" in out
     assert "Comparison" in out and "full (float32)" in out and "does not fit" in out
 
 
@@ -303,11 +330,12 @@ def test_cli_json_shape_and_recipe_overrides(tiny_model_dir, tmp_path):
     data = json.loads(result.stdout)
     assert {"total_params", "trainable_params", "bytes", "total_bytes", "per_device_bytes"} <= set(data)
     assert set(data["bytes"]) == {"weights", "adapter_weights", "gradients", "optimizer_states", "activations",
-                                  "logits_and_loss", "backward_transient", "framework_overhead"}
+                                  "logits_and_loss", "backward_transient", "optimizer_step", "framework_overhead"}
     b = data["bytes"]
+    training = b["activations"] + max(b["logits_and_loss"], b["backward_transient"])
     assert data["total_bytes"] == data["per_device_bytes"] == (
-        b["weights"] + b["adapter_weights"] + b["gradients"] + b["optimizer_states"] + b["activations"]
-        + max(b["logits_and_loss"], b["backward_transient"]) + b["framework_overhead"])
+        b["weights"] + b["adapter_weights"] + b["gradients"] + b["optimizer_states"]
+        + max(training, b["optimizer_step"]) + b["framework_overhead"])
     s = data["settings"]
     assert (s["quantization"], s["batch_size"], s["seq_len"], s["gradient_checkpointing"]) == ("nf4", 2, 64, True)
     assert data["trainable_params"] == 2 * 4 * (64 + 64)

@@ -7,12 +7,14 @@ import torch
 
 from lorakit.errors import UsageError
 from lorakit.loss import build_loss
+from lorakit.model import enable_activation_checkpointing
 from lorakit.perf import (
     ModelShape,
     TensorMemoryTracker,
     Work,
     apply_speed_knobs,
     efficiency,
+    flattening_probe,
     padding_free_supported,
 )
 
@@ -26,7 +28,7 @@ def _lora_llama(layers=4, checkpointing=False, attn="eager"):
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False, attn_implementation=attn)
     base = LlamaForCausalLM(config)
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(base)
     return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear", lora_dropout=0.0))
 
 
@@ -89,13 +91,15 @@ def test_tensor_memory_tracker_counts_new_storages_once():
 
 
 def test_padding_free_detection():
+    """The probe sees transformers keep flattened examples apart, and sees prompt tuning mix them."""
     from peft import PromptTuningConfig, get_peft_model
 
-    assert padding_free_supported(_lora_llama(layers=1, attn="sdpa"))
-    assert padding_free_supported(_lora_llama(layers=1, attn="eager"))
+    assert flattening_probe(_lora_llama(layers=1, attn="sdpa"))
+    assert flattening_probe(_lora_llama(layers=1, attn="eager"))
     # Prompt tuning prepends virtual tokens and PEFT drops the position ids: flattened examples would mix.
     base = _lora_llama(layers=1).get_base_model()
     prompt = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert not flattening_probe(prompt)
     assert not padding_free_supported(prompt)
 
 
