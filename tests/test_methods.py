@@ -345,6 +345,12 @@ def test_qlora_base_is_prepared_and_checkpointing_trains(tiny_model_dir):
     assert all(p.dtype == torch.float32 for n, p in base.named_parameters() if "norm" in n)
     train_steps(model, steps=1)
     # after an eval pass (where bitsandbytes would repack weights on CPU) training still computes the same grads
+    grads = grads_before_and_after_eval(model)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+
+
+def grads_before_and_after_eval(model) -> list[torch.Tensor]:
+    """A LoRA B gradient from a fresh model, then again after an eval-mode forward (where bitsandbytes repacks)."""
     grads = []
     for evaluate_first in (False, True):
         if evaluate_first:
@@ -353,7 +359,7 @@ def test_qlora_base_is_prepared_and_checkpointing_trains(tiny_model_dir):
         model.zero_grad()
         model(**batch()).loss.backward()
         grads.append(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+    return grads
 
 
 def test_dora_int8_refused_on_cpu(tiny_model_dir):
@@ -378,14 +384,7 @@ def test_bnb_cpu_repacking_still_breaks_qlora(tiny_model_dir):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quant)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
-    grads = []
-    for evaluate_first in (False, True):
-        if evaluate_first:
-            logits(model)
-        model.train()
-        model.zero_grad()
-        model(**batch()).loss.backward()
-        grads.append(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad.clone())
+    grads = grads_before_and_after_eval(model)
     assert not torch.allclose(grads[0], grads[1], atol=1e-3)
 
 
