@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import CheckpointError, UsageError
+from lorakit.model import decoder_layers
 
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "bottleneck_model.safetensors"
@@ -183,17 +184,6 @@ class BottleneckModel(nn.Module):
         """Copy the tensors of a bottleneck_model.safetensors into the adapters in place, so an optimizer built on
         them keeps its parameters (resuming a checkpoint); RuntimeError when a name or shape does not fit."""
         self.adapters.load_state_dict(weights, strict=True)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers: the ModuleList with one entry per hidden layer."""
-    n = model.config.get_text_config().num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise UsageError(
-        f"adapter.method: bottleneck cannot find the decoder layers of model type {model.config.model_type!r}"
-    )
 
 
 def _child(layer: nn.Module, placement: str) -> nn.Module:

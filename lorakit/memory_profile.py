@@ -108,14 +108,9 @@ def _quiet():
 
 
 def decoder_layers(model):
-    """The ModuleList of decoder layers (model.model.layers, transformer.h, ...)."""
-    import torch
+    from lorakit.model import decoder_layers as layers  # torch-importing module: loaded only when counting
 
-    n = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise UsageError(f"model_type {model.config.model_type!r}: cannot find its {n} decoder layers")
+    return layers(model)
 
 
 def quantizable_weights(model) -> Quantizable:

@@ -198,6 +198,15 @@ def keep_bnb_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList with one entry per hidden layer."""
+    n = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise UsageError(f"model type {model.config.model_type!r}: cannot find its {n} decoder layers")
+
+
 def linear_module_names(model) -> list[str]:
     """Short names of the linear layers an adapter can target (the LM head excluded)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
