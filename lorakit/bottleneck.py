@@ -170,14 +170,19 @@ class BottleneckModel(nn.Module):
 
         print(trainable_summary(self))
 
-    def save_pretrained(self, save_directory, **_ignored) -> None:
-        """Only the adapter: bottleneck_config.json + bottleneck_model.safetensors."""
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **_ignored) -> None:
+        """Only the adapter: bottleneck_config.json + bottleneck_model.safetensors; its weights from
+        ``state_dict`` (names as in this model's state_dict, e.g. gathered from FSDP shards) when given."""
         from safetensors.torch import save_file
 
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_NAME).write_text(json.dumps(self.bottleneck_config.to_dict(), indent=2) + "\n")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.adapters.state_dict().items()}
+        if state_dict is None:
+            weights = self.adapters.state_dict()
+        else:
+            weights = {k.removeprefix("adapters."): v for k, v in state_dict.items() if k.startswith("adapters.")}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
 
     def load_adapter_state_dict(self, weights: dict[str, torch.Tensor]) -> None:

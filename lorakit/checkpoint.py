@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lorakit import bottleneck
+from lorakit.distributed import load_optimizer_state, save_adapter_weights
 from lorakit.errors import CheckpointError, NonFiniteLossError
 
 FORMAT = "lorakit-checkpoint"
@@ -71,7 +72,8 @@ class TrainState:
 
 def _encode(obj: Any, path: str, tensors: dict) -> Any:
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().to("cpu").contiguous()
+        # A copy: FSDP's gathered optimizer moments can be views of one flat tensor, which safetensors refuses.
+        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": path}
     if isinstance(obj, dict):
         items = [[k, _encode(v, f"{path}.{k}", tensors)] for k, v in obj.items()]
@@ -152,9 +154,17 @@ def restore_rng(state: dict) -> None:
 # Writing
 
 
-def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Path) -> dict:
-    """Counters, data position and the adapter's parameter list, as stored in trainer_state.json."""
+def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Path, adapter_state=None) -> dict:
+    """Counters, data position and the adapter's parameter list, as stored in trainer_state.json.
+
+    ``adapter_state``: the adapter gathered from FSDP shards (distributed.gather_adapter), whose names and
+    shapes are the unsharded ones; None when ``model`` holds whole parameters.
+    """
     epoch, offset = divmod(step, sampler.steps_per_epoch)
+    if adapter_state is None:
+        trainable = [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        trainable = [[n, list(t.shape)] for n, t in adapter_state.items()]
     return {
         "step": step,
         "micro_step": 0,  # checkpoints sit between optimizer steps: the accumulation window is always empty
@@ -165,27 +175,35 @@ def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Pat
             "grad_accum": sampler.grad_accum,
         },
         "world_size": sampler.world_size,
+        # FSDP checkpoints hold the optimizer state keyed by parameter name, the others by index: not interchangeable.
+        "fsdp": adapter_state is not None,
         # metrics.jsonl is cut back to this length on resume, so the log continues as if never stopped.
         "metrics_bytes": metrics_path.stat().st_size if metrics_path.is_file() else 0,
-        "trainable": [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad],
+        "trainable": trainable,
     }
 
 
 def write_checkpoint(
     root: Path, step: int, *, model, optimizer, scheduler, scaler, rng_states: list[dict], state: dict,
-    recipe_text: str, keep_last: int,
+    recipe_text: str, keep_last: int, adapter_state: dict | None = None, optimizer_state: dict | None = None,
 ) -> Path:
-    """Write DIR/checkpoints/step-NNNNNN atomically, then drop the oldest beyond keep_last; returns its path."""
-    check_finite(model, optimizer, step)
+    """Write DIR/checkpoints/step-NNNNNN atomically, then drop the oldest beyond keep_last; returns its path.
+
+    Under FSDP the caller gathers the shards first (every rank takes part) and passes them: ``adapter_state``
+    (distributed.gather_adapter) and ``optimizer_state`` (distributed.optimizer_state); otherwise both are
+    read from ``model`` and ``optimizer``.
+    """
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    check_finite(model, optimizer, step, adapter_state, optimizer_state)
     final = root / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _fault("adapter", step)
-        model.save_pretrained(tmp / ADAPTER)
+        save_adapter_weights(model, tmp / ADAPTER, adapter_state)
         _fault("optimizer", step)
-        _write_piece(tmp, "optimizer", optimizer.state_dict())
+        _write_piece(tmp, "optimizer", optimizer_state)
         _fault("scheduler", step)
         _write_piece(tmp, "scheduler", scheduler.state_dict())
         if scaler is not None:
@@ -211,10 +229,15 @@ def write_checkpoint(
     return final
 
 
-def check_finite(model, optimizer, step: int) -> None:
-    """No non-finite weight or optimizer moment is ever written."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    named += [(f"optimizer state {k}", v) for s in optimizer.state.values() for k, v in s.items()]
+def check_finite(model, optimizer, step: int, adapter_state: dict | None = None,
+                 optimizer_state: dict | None = None) -> None:
+    """No non-finite weight or optimizer moment is ever written (the gathered ones when given)."""
+    if adapter_state is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        named = list(adapter_state.items())
+    moments = optimizer.state.values() if optimizer_state is None else optimizer_state.get("state", {}).values()
+    named += [(f"optimizer state {k}", v) for s in moments for k, v in s.items()]
     for name, t in named:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteLossError(
@@ -454,8 +477,11 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, say) -> bool:
-    """Refuse (exit 4) a resume under a changed recipe or world size unless allowed; True when something changed."""
+def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, say, fsdp: bool = False) -> bool:
+    """Refuse (exit 4) a resume under a changed recipe or world size unless allowed; True when something changed.
+
+    A change between FSDP and no FSDP is refused whatever is allowed: their optimizer states are stored
+    differently (by parameter name, by index)."""
     import yaml
 
     from lorakit.errors import RecipeError
@@ -468,6 +494,13 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     except (RecipeError, yaml.YAMLError, AttributeError):
         pass  # compare what is there; every difference is listed
     changes = recipe_changes(old if isinstance(old, dict) else {}, recipe.model_dump(mode="json"))
+    saved_fsdp = bool(ckpt.state.get("fsdp", False))
+    if saved_fsdp != fsdp:
+        how = lambda sharded: "under FSDP" if sharded else "without FSDP (one process or DDP)"  # noqa: E731
+        raise CheckpointError(
+            f"{ckpt.path}: cannot resume {how(fsdp)} a checkpoint written {how(saved_fsdp)}: the optimizer "
+            "state is stored differently; resume with the launcher and accelerate config that wrote it"
+        )
     saved_world = ckpt.state.get("world_size")
     if saved_world != world_size:
         changes.append(f"world size (processes): {saved_world} → {world_size}")
@@ -484,21 +517,30 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     return True
 
 
-def restore_checkpoint(
-    ckpt: Checkpoint, *, model, optimizer, scheduler, scaler, sampler, rank: int, changed: bool, say,
-) -> TrainState:
-    """Load weights, optimizer, scheduler, scaler and (last) this rank's RNG; returns where to continue.
+def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say) -> None:
+    """Check the checkpoint fits this model and data, and load its adapter weights into ``model`` in place.
 
-    Under --allow-recipe-change (``changed``) the optimizer keeps the new recipe's hyperparameters and the
-    new schedule is fast-forwarded to the checkpoint's step; otherwise everything is exactly as saved.
+    Called before accelerator.prepare: FSDP then shards the restored weights (and DDP broadcasts them).
     """
     state = ckpt.state
     _check_same_parameters(ckpt, state, model)
     _check_same_data(ckpt, state, sampler, changed, say)
     _load_adapter(ckpt, model)
+
+
+def restore_training_state(
+    ckpt: Checkpoint, *, model, optimizer, scheduler, scaler, rank: int, changed: bool,
+) -> TrainState:
+    """After accelerator.prepare: optimizer, scheduler, scaler and (last) this rank's RNG; where to continue.
+
+    ``model`` is the prepared model (FSDP's optimizer state is loaded through it). Under
+    --allow-recipe-change (``changed``) the optimizer keeps the new recipe's hyperparameters and the new
+    schedule is fast-forwarded to the checkpoint's step; otherwise everything is exactly as saved.
+    """
+    state = ckpt.state
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(_read_piece(ckpt.path, "optimizer"))
+        load_optimizer_state(model, optimizer, _read_piece(ckpt.path, "optimizer"))
         if changed:
             for group, fresh in zip(optimizer.param_groups, hyper):
                 group.update(fresh)
@@ -522,8 +564,9 @@ def restore_checkpoint(
 
 
 def _check_same_parameters(ckpt: Checkpoint, state: dict, model) -> None:
-    saved = [(n, list(s)) for n, s in state.get("trainable", [])]
-    current = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    # Sorted: FSDP lists the gathered tensors unit by unit, not in the model's parameter order.
+    saved = sorted((n, list(s)) for n, s in state.get("trainable", []))
+    current = sorted((n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
     if saved != current:
         diff = next(
             (f"{a[0]} {a[1]} vs {b[0]} {b[1]}" for a, b in zip(saved, current) if a != b),
@@ -579,6 +622,9 @@ def load_adapter_weights(model, weights: dict) -> None:
     from peft import set_peft_model_state_dict
 
     unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+    if model.active_peft_config.is_prompt_learning:
+        # PEFT loads a prompt-learning adapter's one tensor into its prompt encoder itself, yet lists it as unexpected.
+        unexpected = [k for k in unexpected if k != "prompt_embeddings"]
     if unexpected:
         raise RuntimeError(f"unexpected adapter weights ({unexpected[0]}, ...)")
 

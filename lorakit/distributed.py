@@ -36,7 +36,16 @@ def build_accelerator(cfg: TrainSection):
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    try:
+        return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    except RuntimeError as e:
+        if "no available devices" not in str(e):
+            raise
+        # An accelerate config for GPUs (MULTI_GPU, FSDP: use_cpu false) launched where torch sees none.
+        raise UsageError(
+            "accelerate launch: the accelerate config asks for GPUs, but torch sees none here; on CPU run DDP "
+            "with `lorakit train RECIPE --nproc N` (FSDP runs on GPUs only), or check CUDA_VISIBLE_DEVICES"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,14 +66,23 @@ def check_fsdp(recipe: Recipe, mixed_precision: str) -> None:
     """
     from lorakit.model import build_quant_config, resolve_dtype
 
-    cfg = recipe.train
-    if cfg.save_every or cfg.save_each_epoch:
-        # lorakit's checkpoints hold the adapter and optimizer state as one process sees them; under FSDP they
-        # are sharded over the ranks and gathering them for a checkpoint is not implemented yet.
+    if os.environ.get("FSDP_VERSION", "1") != "1":
+        # FSDP2 shards every parameter as a DTensor: lorakit gathers and saves FSDP1's flat shards only.
         raise UsageError(
-            "train.save_every / train.save_each_epoch: resumable checkpoints are not supported under FSDP yet; "
-            "set train.save_every=0 and train.save_each_epoch=false (the final adapter is still saved), or use "
-            "DDP (recipes/accelerate/ddp.yaml) when the model fits on one GPU"
+            f"fsdp_version: {os.environ['FSDP_VERSION']} is not supported; set fsdp_version: 1 in the accelerate "
+            "config (recipes/accelerate/fsdp.yaml)"
+        )
+    if recipe.adapter.method == "ia3":
+        raise UsageError(
+            "adapter.method: ia3 keeps its scaling vectors inside the decoder layers, whose FSDP units (version 1, "
+            "use_orig_params: false) must be all frozen or all trainable; use lora or dora under FSDP, or DDP "
+            "(recipes/accelerate/ddp.yaml) when the model fits on one GPU"
+        )
+    if recipe.train.optimizer != "adamw":
+        # torch's FSDP optimizer-state gathering cannot rebuild bitsandbytes' quantized states on resume.
+        raise UsageError(
+            f"train.optimizer: {recipe.train.optimizer} cannot be checkpointed under FSDP; use train.optimizer=adamw "
+            "(FSDP already shards the optimizer state over the GPUs)"
         )
     quantization = recipe.model.quantization
     if quantization == "int8":
@@ -103,27 +121,63 @@ def prepare_fsdp(accelerator, model) -> None:
     accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
-def gathered_state_dict(accelerator, model):
-    """The full state dict on rank 0 when FSDP shards the weights (None otherwise: PEFT reads the model).
+def is_sharded(model) -> bool:
+    """Whether ``model`` (as accelerator.prepare returned it) is an FSDP1 root whose weights are sharded."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    Every rank must call this: gathering the shards is a collective, so a save done by rank 0 alone would wait
-    forever for the others.
+    return isinstance(model, FSDP)
+
+
+def gather_adapter(model) -> dict | None:
+    """Under FSDP: the trainable tensors, whole and under their unsharded names, on rank 0 (an empty dict on
+    the other ranks); None when the model is not sharded (its parameters are whole: read them directly).
+
+    Only the FSDP units that hold trainable weights are gathered, one at a time (PEFT's wrap policy gives every
+    adapter layer its own unit), so a save moves the adapter, never the frozen base. A collective: every rank
+    must call it, in the same place.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if not is_sharded(model):
         return None
-    return accelerator.get_state_dict(model)
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank0 = dist.get_rank() == 0
+    offload = next(model.parameters()).device.type != "cpu"  # gather GPU shards into host memory, not the GPU's
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for unit in FSDP.fsdp_modules(model):
+        # With use_orig_params=False each unit owns one flat parameter, trainable or frozen as a whole.
+        if not any(p.requires_grad for p in unit.module.parameters(recurse=False)):
+            continue
+        prefix = _unsharded_name(names[id(unit)])
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=offload):
+            if rank0:
+                # FSDP names them as unsharded inside this block; nested units stay flat (and are visited apart).
+                for name, param in unit.named_parameters():
+                    if "_flat_param" not in name:
+                        out[f"{prefix}.{name}" if prefix else name] = param.detach().clone()
+    return out
 
 
-def adapter_skeleton(model):
-    """The same PEFT model on the meta device (no memory), to save a gathered FSDP state dict through.
+def _unsharded_name(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "")
 
-    PEFT (0.21) picks a state dict's adapter entries by module name and strips only a leading
-    ``_fsdp_wrapped_module.``; under FSDP1, which wraps each decoder layer, the names hold it in the middle and
-    ``save_pretrained(state_dict=...)`` writes an empty adapter. The skeleton's names are plain, so PEFT selects
-    and names the entries as for an unsharded model. tests/fsdp_one_step.py fails once PEFT no longer needs it.
+
+def save_adapter_weights(model, out, state_dict: dict | None = None) -> None:
+    """The adapter's own files in ``out`` (PEFT's, or lorakit's bottleneck layout) from the unwrapped model, or
+    from ``state_dict`` (gather_adapter's result) when FSDP shards it.
+
+    PEFT (0.21) reads a PeftModel's prompt encoders from the model itself, and picks a passed state dict's
+    entries by module name stripping only a leading ``_fsdp_wrapped_module.``: under FSDP1, which wraps each
+    decoder layer, it writes an empty adapter. So a gathered state dict is saved through the same PEFT model
+    built on the meta device (no memory), its weights put in place: PEFT then selects and names the entries
+    as for an unsharded model. tests/fsdp_check.py fails once PEFT no longer needs this.
     """
+    from lorakit import bottleneck
+
+    if state_dict is None or isinstance(model, bottleneck.BottleneckModel):
+        model.save_pretrained(out, state_dict=state_dict)
+        return
     import copy
 
     from accelerate import init_empty_weights
@@ -132,7 +186,51 @@ def adapter_skeleton(model):
 
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(model.base_model.model.config)
-    return get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
+        skeleton = get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
+    unexpected = skeleton.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
+    if unexpected:  # the adapter's meta tensors became real; every gathered tensor must have found its place
+        raise RuntimeError(f"gathered adapter weights the model does not have: {unexpected[:3]}")
+    skeleton.save_pretrained(out)
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state to checkpoint: its own state_dict, or under FSDP the full (unsharded) one keyed by
+    parameter name, on rank 0 (a collective; the other ranks get an empty dict)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper → the torch optimizer
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(model, rank0_only=True):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load what optimizer_state saved; under FSDP every rank takes its shard of the full state."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if is_sharded(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with _full_state_dicts(model, rank0_only=False):
+            state = FSDP.optim_state_dict_to_load(model, optimizer, state)
+    optimizer.load_state_dict(state)
+
+
+@contextmanager
+def _full_state_dicts(model, rank0_only: bool):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # Offloading to host memory only makes sense from a GPU (on CPU shards torch fails to copy from storage it
+    # has already freed).
+    offload = next(model.parameters()).device.type != "cpu"
+    with FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+    ):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------

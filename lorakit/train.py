@@ -23,7 +23,8 @@ from lorakit.checkpoint import (
     check_resume,
     checkpoint_bytes,
     checkpoint_name,
-    restore_checkpoint,
+    restore_adapter,
+    restore_training_state,
     select_checkpoint,
     set_aside_newer,
     trainer_state,
@@ -33,15 +34,16 @@ from lorakit.checkpoint import (
 from lorakit.console import adopt_transformers_output, console, progress_bar, saved, stage
 from lorakit.data import IGNORE_INDEX, Datasets, StepSampler, collate, load_datasets
 from lorakit.distributed import (
-    adapter_skeleton,
     build_accelerator,
     check_fsdp,
     eval_shards,
     fault_injector,
     fsdp_requested,
-    gathered_state_dict,
+    gather_adapter,
     idle_batch,
+    optimizer_state,
     prepare_fsdp,
+    save_adapter_weights,
 )
 from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError, SafetyError, UsageError
 from lorakit.interrupt import GracefulStop, outside_steps
@@ -121,12 +123,13 @@ def run_training(
     resume_command: str = "lorakit train RECIPE --resume",
 ) -> Path:
     """Train as the recipe says (or continue from a checkpoint with ``resume``); returns the run directory."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     started = time.time()
     adopt_transformers_output()
     paths = RunPaths(Path(recipe.output.dir))
     accelerator = build_accelerator(recipe.train)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp_requested():
         check_fsdp(recipe, accelerator.mixed_precision)
     if accelerator.is_main_process:
@@ -137,7 +140,7 @@ def run_training(
     checkpoint, changed = None, False
     if resume:
         checkpoint = select_checkpoint(paths.checkpoints, resume_from, say)
-        changed = check_resume(checkpoint, recipe, accelerator.num_processes, allow_recipe_change, say)
+        changed = check_resume(checkpoint, recipe, accelerator.num_processes, allow_recipe_change, say, fsdp=fsdp)
 
     # Data first: a data problem (exit 3) must show before minutes of model loading.
     with stage(accelerator.is_main_process, "loading tokenizer"), accelerator.main_process_first():
@@ -168,6 +171,9 @@ def run_training(
         lengths=batching.lengths,
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
+    if checkpoint is not None:  # the weights before wrapping: FSDP shards what was restored
+        restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say)
+    checkpoint_size = checkpoint_bytes(model)  # whole parameters, before FSDP flattens and shards them
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     prepare_fsdp(accelerator, model)
@@ -178,21 +184,21 @@ def run_training(
     with outside_steps(paths.checkpoints, resume_command):
         start = TrainState()
         if checkpoint is not None:
-            start = resume_state(checkpoint, changed, accelerator, model, optimizer, scheduler, sampler, paths, say)
+            start = resume_state(checkpoint, changed, accelerator, model, optimizer, scheduler, paths, say)
         if accelerator.is_main_process:
             if overwrite and paths.root.is_dir() and any(paths.root.iterdir()):
                 say(f"--overwrite: the earlier run in {paths.root} was moved to {set_aside(paths.root)}")
             paths.root.mkdir(parents=True, exist_ok=True)
             paths.recipe.write_text(dump_recipe(recipe))
-            check_free_space(paths.root, checkpoint_bytes(model), recipe.train.keep_last)
+            check_free_space(paths.root, checkpoint_size, recipe.train.keep_last)
         accelerator.wait_for_everyone()
 
         fit(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths,
             start, resume_command, padding_free=batching.padding_free, meter=meter)
-        state_dict = gathered_state_dict(accelerator, model)  # a collective under FSDP: every rank takes part
+        state_dict = gather_adapter(model)  # a collective under FSDP: every rank takes part
 
         if accelerator.is_main_process:
-            check_finite(accelerator.unwrap_model(model), optimizer, total_steps)
+            check_finite(accelerator.unwrap_model(model), optimizer, total_steps, state_dict)
             save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict)
             report = saved(True)
             report("adapter", paths.adapter)
@@ -401,10 +407,9 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
 def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, state_dict=None) -> None:
     """DIR/adapter: PEFT's own files (PeftModel.from_pretrained loads them), the tokenizer, and lorakit.json.
 
-    ``state_dict``: the gathered weights when FSDP shards them, saved through a weightless copy of the model
-    (distributed.gathered_state_dict, distributed.adapter_skeleton).
+    ``state_dict``: the adapter gathered from FSDP shards (distributed.gather_adapter), None otherwise.
     """
-    (model if state_dict is None else adapter_skeleton(model)).save_pretrained(out, state_dict=state_dict)
+    save_adapter_weights(model, out, state_dict)
     tokenizer.save_pretrained(out)
     meta = {
         "base_model": recipe.model.name_or_path,
@@ -421,12 +426,15 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, s
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, paths: RunPaths, sampler, step: int,
                     tokens_seen: int) -> Path:
-    """Every rank hands over its RNG state, rank 0 writes (see checkpoint.py); a failure stops every rank."""
+    """Every rank hands over its RNG state (and under FSDP its shards of the adapter and optimizer state), rank 0
+    writes (see checkpoint.py); a failure stops every rank."""
     from accelerate.utils import gather_object
 
     rng_states = [capture_rng()]
     if accelerator.num_processes > 1:
         rng_states = gather_object(rng_states)
+    adapter_state = gather_adapter(model)  # collectives under FSDP (None / the optimizer's own state otherwise)
+    optim_state = optimizer_state(model, optimizer)
     failure = None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -434,8 +442,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, pa
             write_checkpoint(
                 paths.checkpoints, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
                 scaler=accelerator.scaler, rng_states=rng_states,
-                state=trainer_state(step, tokens_seen, sampler, unwrapped, paths.metrics),
+                state=trainer_state(step, tokens_seen, sampler, unwrapped, paths.metrics, adapter_state),
                 recipe_text=dump_recipe(recipe), keep_last=recipe.train.keep_last,
+                adapter_state=adapter_state, optimizer_state=optim_state,
             )
         except LorakitError as e:
             failure = e
@@ -444,12 +453,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, pa
     return paths.checkpoints / checkpoint_name(step)
 
 
-def resume_state(checkpoint, changed: bool, accelerator, model, optimizer, scheduler, sampler, paths, say) -> TrainState:
-    """Continue from ``checkpoint``: all state restored (only reads), then newer checkpoints set aside and
-    metrics.jsonl cut back to the checkpoint."""
-    start = restore_checkpoint(
-        checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-        scaler=accelerator.scaler, sampler=sampler, rank=accelerator.process_index, changed=changed, say=say,
+def resume_state(checkpoint, changed: bool, accelerator, model, optimizer, scheduler, paths, say) -> TrainState:
+    """Continue from ``checkpoint`` (its adapter already restored, before prepare): the optimizer, schedule and
+    RNG restored (only reads), then newer checkpoints set aside and metrics.jsonl cut back to the checkpoint."""
+    start = restore_training_state(
+        checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=accelerator.scaler,
+        rank=accelerator.process_index, changed=changed,
     )
     if accelerator.is_main_process:
         set_aside_newer(paths.checkpoints, checkpoint.step, say)

@@ -257,6 +257,9 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("ckpt-world-size-changed", 4,
      lambda c: c.resume(c.damaged_checkpoint(lambda p: _edit_json(p / "trainer_state.json", world_size=2), rehash=True)),
      ("world size (processes): 2 → 1",)),
+    ("ckpt-written-under-fsdp", 4,
+     lambda c: c.resume(c.damaged_checkpoint(lambda p: _edit_json(p / "trainer_state.json", fsdp=True), rehash=True)),
+     ("written under FSDP", "optimizer state is stored differently")),
     ("ckpt-data-changed", 4, lambda c: c.resume(c.damaged_checkpoint(
         lambda p: _edit_json(p / "trainer_state.json", data={"num_examples": 99}), rehash=True)),
      ("training data changed", "99 examples then")),

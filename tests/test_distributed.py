@@ -122,10 +122,33 @@ def test_fsdp_refuses_what_it_cannot_shard(model, mixed_precision, refused):
         check_fsdp(_recipe(**model), mixed_precision)
 
 
-@pytest.mark.parametrize("train", [{"save_every": 100}, {"save_each_epoch": True}])
-def test_fsdp_refuses_checkpoints_it_cannot_gather_yet(train):
-    with pytest.raises(UsageError, match="not supported under FSDP"):
-        check_fsdp(_recipe(train), "no")
+def _adapter_recipe(adapter: dict, train: dict | None = None):
+    return parse_recipe({"model": {"name_or_path": "x"}, "data": {"train": "d.jsonl"}, "adapter": adapter,
+                         "train": {"max_steps": 1, **(train or {})}})
+
+
+@pytest.mark.parametrize(
+    "adapter, train, env, refused",
+    [
+        ({"method": "lora"}, {"save_every": 100, "save_each_epoch": True}, {}, None),  # checkpoints are gathered
+        ({"method": "dora"}, {}, {"FSDP_VERSION": "1"}, None),
+        ({"method": "bottleneck"}, {}, {}, None),
+        ({"method": "prompt", "num_virtual_tokens": 4}, {}, {}, None),
+        ({"method": "ia3"}, {}, {}, "adapter.method: ia3"),  # its vectors share the frozen layers' flat params
+        ({"method": "lora"}, {"optimizer": "adamw_8bit"}, {}, "train.optimizer: adamw_8bit"),
+        ({"method": "lora"}, {"optimizer": "paged_adamw_8bit"}, {}, "train.optimizer=adamw"),
+        ({"method": "lora"}, {}, {"FSDP_VERSION": "2"}, "fsdp_version: 2"),
+    ],
+)
+def test_fsdp_refuses_what_it_cannot_checkpoint(adapter, train, env, refused, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    recipe = _adapter_recipe(adapter, train)
+    if refused is None:
+        check_fsdp(recipe, "no")
+        return
+    with pytest.raises(UsageError, match=refused):
+        check_fsdp(recipe, "no")
 
 
 def test_4bit_storage_follows_the_compute_dtype():
@@ -314,16 +337,38 @@ def test_a_stuck_rank_ends_the_job_after_ddp_timeout(setup):
     assert "rank 0: a collective" in result.stderr and "train.ddp_timeout=15s" in result.stderr, result.stderr[-3000:]
 
 
+FSDP_ADAPTERS = {
+    "lora": {"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    "dora": {"method": "dora", "r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"]},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 4, "r": None, "lora_dropout": None, "target_modules": None},
+    "bottleneck": {"method": "bottleneck", "r": 4, "lora_dropout": None, "target_modules": None},
+}
+
+
 @pytest.mark.slow
-def test_fsdp_one_step_on_cpu_matches_one_process(setup, tmp_path):
-    """accelerate runs FSDP on GPUs only; tests/fsdp_one_step.py builds the same wrapping with torch on CPU."""
+@pytest.mark.parametrize("method", FSDP_ADAPTERS)
+def test_fsdp_on_cpu_matches_one_process_and_resumes_exactly(setup, tmp_path, method):
+    """accelerate runs FSDP on GPUs only; tests/fsdp_check.py builds the same wrapping with torch on CPU and runs
+    lorakit's gather / save / checkpoint / resume code on it (one step == one process; 2 + resume + 2 == 4)."""
     recipe = recipe_dict(setup["model"], setup["root"] / "train.jsonl", tmp_path / "unused",
-                         adapter={"lora_dropout": 0.0, "target_modules": "all-linear"})
+                         adapter=FSDP_ADAPTERS[method])
     path = write_recipe(tmp_path / "fsdp.yaml", recipe)
     result, _ = _run([_bin("torchrun"), "--standalone", "--nproc-per-node", "2",
-                      str(ROOT / "tests" / "fsdp_one_step.py"), str(path), str(tmp_path / "adapter")])
+                      str(ROOT / "tests" / "fsdp_check.py"), str(path), str(tmp_path / "out")])
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "fsdp-vs-single" in result.stdout
+    assert "fsdp-vs-single" in result.stdout and "fsdp-resume" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where torch sees no GPU")
+def test_a_gpu_accelerate_config_without_a_gpu_is_one_line(setup, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(setup["model"], setup["root"] / "train.jsonl", tmp_path / "run"))
+    result, _ = _run([_bin("accelerate"), "launch", "--config_file", str(ACCELERATE / "fsdp.yaml"), "--num_processes",
+                      "1", "-m", "lorakit", "train", str(recipe)])
+    assert result.returncode != 0
+    assert "error: accelerate launch: the accelerate config asks for GPUs, but torch sees none" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: accelerate launch")[0][-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -169,10 +169,20 @@ def test_killed_during_first_checkpoint_then_overwrite_and_resume(setup):
     assert_same_as_reference(out, reference)
 
 
-def test_bottleneck_killed_while_checkpointing_resumes_bitwise(tmp_path, tiny_model_dir):
-    """lorakit's own adapter method (bottleneck_*.json/.safetensors, not PEFT's files) resumes the same way."""
+NON_PEFT_LAYOUT_ADAPTERS = {
+    # lorakit's own adapter method (bottleneck_*.json/.safetensors, not PEFT's files)
+    "bottleneck": {"method": "bottleneck", "r": 4, "dropout": 0.1},
+    # PEFT saves a prompt-learning adapter as one tensor (prompt_embeddings), which it loads into the prompt
+    # encoder itself while listing it as unexpected: a resume must accept it, not refuse the checkpoint.
+    "prompt": {"method": "prompt", "num_virtual_tokens": 4, "r": None},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 4, "r": None},
+}
+
+
+@pytest.mark.parametrize("method", NON_PEFT_LAYOUT_ADAPTERS)
+def test_killed_while_checkpointing_resumes_bitwise_for_every_adapter_layout(tmp_path, tiny_model_dir, method):
     data = write_data(tmp_path / "train.jsonl", 16)
-    adapter = {"method": "bottleneck", "r": 4, "dropout": 0.1, "lora_dropout": None, "target_modules": None}
+    adapter = {"lora_dropout": None, "target_modules": None, **NON_PEFT_LAYOUT_ADAPTERS[method]}
 
     def recipe_for(name: str) -> tuple[Path, Path]:
         out = tmp_path / name
@@ -187,10 +197,11 @@ def test_bottleneck_killed_while_checkpointing_resumes_bitwise(tmp_path, tiny_mo
     # SIGKILL while step-4 is written, after its adapter files: the resume skips it and continues from step-2.
     code, _ = train(recipe, fault="kill:rng:4")
     assert code == -signal.SIGKILL and (ckpts / "step-000004.tmp" / "adapter").is_dir()
-    assert sorted(p.name for p in (ckpts / "step-000002" / "adapter").iterdir()) == [
-        "bottleneck_config.json", "bottleneck_model.safetensors"]
+    if method == "bottleneck":
+        assert sorted(p.name for p in (ckpts / "step-000002" / "adapter").iterdir()) == [
+            "bottleneck_config.json", "bottleneck_model.safetensors"]
     code, output = train(recipe, "--resume")
     assert code == 0, output
     assert f"resuming from {ckpts / 'step-000002'} at step 2" in output.replace("\n", "")
-    assert tree_hash(out / "adapter") == tree_hash(reference / "adapter")  # bottleneck weights, config, tokenizer
+    assert tree_hash(out / "adapter") == tree_hash(reference / "adapter")  # weights, config, tokenizer
     assert training_records(out / "metrics.jsonl") == training_records(reference / "metrics.jsonl")
