@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lorakit import bottleneck
+from lorakit.atomic import fsync_files, replace_dir
 from lorakit.distributed import load_optimizer_state, save_adapter_weights
 from lorakit.errors import CheckpointError, NonFiniteLossError
 
@@ -42,6 +43,9 @@ ADAPTER_LAYOUTS = (
     ("adapter_config.json", "adapter_model.safetensors"),
     (bottleneck.CONFIG_NAME, bottleneck.WEIGHTS_NAME),
 )
+# Prefix tuning with prefix_projection: PEFT saves only the projection's output, from which training cannot
+# continue; the prompt encoder's own weights (embedding + MLP) go to ADAPTER/PROMPT_ENCODER beside it.
+PROMPT_ENCODER = "prompt_encoder.safetensors"
 # Recipe keys that may differ on resume: they change what is written or shown, never the trained weights.
 COSMETIC_KEYS = frozenset({
     "output.dir", "output.save", "output.tensorboard",
@@ -202,6 +206,8 @@ def write_checkpoint(
         tmp.mkdir(parents=True)
         _fault("adapter", step)
         save_adapter_weights(model, tmp / ADAPTER, adapter_state)
+        if _projected_prefix(model):
+            _write_prompt_encoder(model, tmp / ADAPTER / PROMPT_ENCODER, adapter_state)
         _fault("optimizer", step)
         _write_piece(tmp, "optimizer", optimizer_state)
         _fault("scheduler", step)
@@ -212,10 +218,10 @@ def write_checkpoint(
         _write_piece(tmp, "rng", {"ranks": rng_states})
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / RECIPE).write_text(recipe_text)
-        _fsync_files(tmp)
+        fsync_files(tmp)
         _fault("manifest", step)
         _write_manifest(tmp, step, state["world_size"])
-        _commit(tmp, final)
+        replace_dir(tmp, final, aside=final.with_name(final.name + ".old"))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for _, p in list_checkpoints(root)]
@@ -227,6 +233,19 @@ def write_checkpoint(
     _fault("rotate", step)
     rotate(root, keep_last, newest=final)
     return final
+
+
+def _projected_prefix(model) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return bool(getattr(config, "prefix_projection", False))
+
+
+def _write_prompt_encoder(model, path: Path, adapter_state: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    named = adapter_state.items() if adapter_state is not None else model.named_parameters()
+    tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in named if n.startswith("prompt_encoder.")}
+    save_file(tensors, str(path))
 
 
 def check_finite(model, optimizer, step: int, adapter_state: dict | None = None,
@@ -244,24 +263,6 @@ def check_finite(model, optimizer, step: int, adapter_state: dict | None = None,
                 f"step {step}: {name} holds NaN/Inf; refusing to save it (earlier checkpoints are kept). Likely "
                 "causes: learning rate too high (train.learning_rate), float16 overflow (use bfloat16 or float32)"
             )
-
-
-def _fsync_files(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_manifest(folder: Path, step: int, world_size: int) -> None:
@@ -284,17 +285,6 @@ def _write_manifest(folder: Path, step: int, world_size: int) -> None:
         f.write(json.dumps(manifest, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Rename the finished .tmp into place (replacing a same-step directory) and make the rename durable."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def rotate(root: Path, keep_last: int, newest: Path) -> None:
@@ -603,7 +593,14 @@ def _load_adapter(ckpt: Checkpoint, model) -> None:
     from safetensors.torch import load_file
 
     _, weights_file = adapter_files(ckpt.manifest["files"])
+    encoder = f"{ADAPTER}/{PROMPT_ENCODER}"
     try:
+        if encoder in ckpt.manifest["files"]:  # a projected prefix: its encoder's own weights
+            result = model.load_state_dict(load_file(str(ckpt.path / encoder)), strict=False)
+            missing = [k for k in result.missing_keys if k.startswith("prompt_encoder.")]
+            if result.unexpected_keys or missing:
+                raise RuntimeError(f"prompt encoder weights do not match ({(result.unexpected_keys + missing)[0]}, ...)")
+            return
         load_adapter_weights(model, load_file(str(ckpt.path / weights_file)))
     except RuntimeError as e:
         raise CheckpointError(

@@ -2,8 +2,10 @@
 
 `build_loss` decides once, before the loop, how `compute_loss(model, batch, num_items)` runs; every path
 returns the sum of per-token losses / num_items, as transformers' ForCausalLMLoss does with num_items_in_batch.
-- chunked (train.chunked_loss): the model returns its last hidden states; the head and the loss run over
-  supervised positions only, in chunks, so full-vocabulary logits never exist for the whole batch;
+- chunked (train.chunked_loss): a forward hook on the decoder catches its output (the last hidden state,
+  after the final norm) while the model computes logits for one position only; the head and the loss run over
+  supervised positions only, in chunks, so full-vocabulary logits never exist for the whole batch (and, unlike
+  output_hidden_states=True, no layer's output is kept beyond what the backward needs);
 - Liger's fused linear cross-entropy instead of our chunks, when liger-kernel is installed and the model is on a GPU;
 - plain: the model's own loss, where the head cannot be applied outside the model (an adapter on the head,
   prompt/prefix tuning, a sharded head, logit scaling or soft-capping) or when train.chunked_loss is false.
@@ -53,10 +55,28 @@ def build_loss(model, chunked: bool) -> Loss:
     why_not = head_unusable(model)
     if why_not:
         return Loss(plain_loss, "plain", why_not)
-    head = model.get_output_embeddings()
+    head, decoder = model.get_output_embeddings(), _decoder(model)
     if head.weight.is_cuda and liger_available():
-        return Loss(_head_loss(head, _liger_sum), "liger", "liger-kernel fused linear cross-entropy")
-    return Loss(_head_loss(head, linear_cross_entropy_sum), "chunked")
+        return Loss(_head_loss(head, decoder, _liger_sum), "liger", "liger-kernel fused linear cross-entropy")
+    return Loss(_head_loss(head, decoder, linear_cross_entropy_sum), "chunked")
+
+
+def _decoder(model) -> torch.nn.Module:
+    """The transformer body whose output the head reads (transformers' get_decoder on the unwrapped model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def forward_hidden(model, decoder, inputs: dict, **kwargs) -> tuple[torch.Tensor, object]:
+    """Run ``model`` (possibly DDP-wrapped) and return the decoder's output as a hook caught it, and the
+    model's own output."""
+    caught = []
+    handle = decoder.register_forward_hook(lambda module, args, out: caught.append(out[0]))
+    try:
+        out = model(**inputs, **kwargs)
+    finally:
+        handle.remove()
+    return caught[-1], out
 
 
 def head_unusable(model) -> str:
@@ -75,7 +95,7 @@ def head_unusable(model) -> str:
         return f"the output layer's weight is a {type(head.weight).__name__} (sharded or quantized)"
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     transforms = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
-    if transforms or not _head_reproduces_logits(model, head):
+    if transforms or not _head_reproduces_logits(model, head, _decoder(model)):
         return f"the model transforms its logits after the head ({', '.join(transforms) or 'seen by a probe'})"
     return ""
 
@@ -95,17 +115,17 @@ def _sharded(model) -> bool:
 
 
 @torch.no_grad()
-def _head_reproduces_logits(model, head) -> bool:
-    """One 8-token forward: do head(last hidden state) and the model's logits agree? (eval mode: no dropout)."""
+def _head_reproduces_logits(model, head, decoder) -> bool:
+    """One 8-token forward: do head(the decoder's output) and the model's logits agree? (eval mode: no dropout)."""
     embeddings = model.get_input_embeddings().weight
     ids = (torch.arange(8, device=embeddings.device) * 7919 + 13) % embeddings.shape[0]
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids=ids[None], output_hidden_states=True)
+        hidden, out = forward_hidden(model, decoder, {"input_ids": ids[None]})
     finally:
         model.train(was_training)
-    mine, theirs = head(out.hidden_states[-1].to(head.weight.dtype)).float(), out.logits.float()
+    mine, theirs = head(hidden.to(head.weight.dtype)).float(), out.logits.float()
     if mine.shape != theirs.shape:
         return False
     # Relative to the logits' scale: bf16 rounding (autocast) passes, a scale or a soft-cap does not.
@@ -129,12 +149,11 @@ def shifted_targets(batch: dict) -> torch.Tensor:
     return F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
-def _head_loss(head: torch.nn.Linear, loss_sum: Callable) -> LossFn:
+def _head_loss(head: torch.nn.Linear, decoder: torch.nn.Module, loss_sum: Callable) -> LossFn:
     def compute(model, batch: dict, num_items: float) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
         # logits_to_keep=1: the model's own head runs on one position only; we apply it to the rest.
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]
+        hidden, _ = forward_hidden(model, decoder, inputs, logits_to_keep=1)
         targets = shifted_targets(batch).to(hidden.device).reshape(-1)
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)

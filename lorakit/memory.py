@@ -399,21 +399,20 @@ def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
     chunks = [min(rows, n - start) for start in range(0, n, rows)][:3]
     head = g.vocab * g.hidden if s.method == "full" else 0  # a trainable head: its gradient is made here too
     peak = _chunk_peak(chunks, g.vocab, g.hidden, e, s.device, head * (4 + (e if e != 4 else 0)))
-    # model(output_hidden_states=True) returns the embeddings, every layer's output and the final norm's: they
-    # live until the loss is computed. The final norm's output is new; the others are kept anyway when
-    # checkpointing keeps layer inputs, or when the next norm keeps that very tensor (fp32, grads flowing).
-    extra = 1
-    if not s.gradient_checkpointing:
-        extra += (1 if s.method != "full" or e != 4 else 0) + (g.layers - 1 if e != 4 else 0)
-    elif s.method != "full":  # the loop holds the previous micro-step's loss until this forward ends, and with
-        extra += 2  # it two hidden states checkpointing keeps (measured; none when the embeddings train too)
+    # The decoder's output (caught by a hook) is freed once its supervised rows are selected, unless a trainable
+    # head keeps it for its weight's gradient (full fine-tuning). Under checkpointing the loop holds the previous
+    # micro-step's loss until this forward ends, and with it two hidden states checkpointing keeps (measured;
+    # none when the embeddings train too).
+    extra = 1 if s.method == "full" else 0
+    if s.gradient_checkpointing and s.method != "full":
+        extra += 2
     total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T + 4 * head
     return Line("logits_and_loss", "logits and loss", total, (
         f"chunked loss (lorakit.loss): logits {len(chunks) if len(chunks) < 3 else '≥3'} chunk(s) of ≤ {rows:,} "
         f"rows × {g.vocab:,}, at most {gib(peak)} alive at once (two chunks' fp32 logits, or one and its rows of "
         f"the hidden-state gradient); + 2 × n·h·{e} (selected hidden states, their gradient; n = T − b = {n:,} "
-        f"supervised positions at most) + {extra} × T·h·{e} (hidden states the model returns, alive until the "
-        f"loss is computed; under checkpointing, two of them the previous micro-step's graph still holds) "
+        f"supervised positions at most) + {extra} × T·h·{e} (the decoder's output a trainable head keeps; under "
+        f"checkpointing, two hidden states the previous micro-step's graph still holds) "
         f"+ b·V·{e} (the last position's logits) + 24 B × T (targets)"
         + (" + V·h·4 (the trainable head's fp32 gradient, accumulated over the chunks)" if head else "")
     ))

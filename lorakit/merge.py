@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from lorakit.adapters import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
+from lorakit.atomic import fsync_files, replace_dir
 from lorakit.errors import CheckpointError, SafetyError, UsageError, VerificationError
 from lorakit.model import check_weights_safe
 from lorakit.recipe import ModelSection
@@ -475,16 +476,6 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.lorakit-old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 
@@ -554,7 +545,8 @@ def merge_adapter(
             report.max_abs_diff, report.kl = verify_merge(adapter, base_dir, tmp, plan, device)
             log(check_verification(report.max_abs_diff, report.kl, out_dtype or _main_dtype(base_tensors)))
         _write_provenance(report, adapter, tmp)
-        _publish(tmp, out)
+        fsync_files(tmp)
+        replace_dir(tmp, out, aside=out.parent / f".{out.name}.lorakit-old-{os.getpid()}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

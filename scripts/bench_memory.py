@@ -112,6 +112,7 @@ VARIANTS = {
     "q,v only": {"adapter": {"target_modules": ["q_proj", "v_proj"]}},
     "plain loss": {"train": {"chunked_loss": False}},
     "full fine-tuning": {},
+    "full fine-tuning (bfloat16)": {"model": {"dtype": "bfloat16"}},
 }
 
 
@@ -226,9 +227,9 @@ def main() -> int:
 
     def point(model_dir, name, seq_len, method, checkpointing, variant=""):
         recipe = recipe_for(model_dir, method, seq_len, checkpointing, dtype, VARIANTS.get(variant))
-        full = variant == "full fine-tuning"
+        full = variant.startswith("full fine-tuning")
         measured, estimated = measure(recipe, args.device, full), estimate_for(recipe, args.device, full)
-        label = "full" if full else method + (f" ({variant})" if variant else "")
+        label = variant.replace("full fine-tuning", "full") if full else method + (f" ({variant})" if variant else "")
         rows.append({"model": name, "seq_len": seq_len, "method": label,
                      "checkpointing": checkpointing, "measured": measured, "estimated": estimated,
                      "ratio": estimated / measured})
@@ -244,7 +245,7 @@ def main() -> int:
                         point(model_dir, name, seq_len, method, checkpointing)
             if args.variants and name == args.models[0]:
                 for variant in VARIANTS:
-                    for checkpointing in (False, True) if variant == "full fine-tuning" else (False,):
+                    for checkpointing in (False, True) if variant.startswith("full fine-tuning") else (False,):
                         point(model_dir, name, max(args.seq_lens), "lora", checkpointing, variant)
         if args.variants:
             name, dims = SMALL_VOCAB

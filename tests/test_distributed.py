@@ -340,7 +340,8 @@ def test_a_stuck_rank_ends_the_job_after_ddp_timeout(setup):
 FSDP_ADAPTERS = {
     "lora": {"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"},
     "dora": {"method": "dora", "r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"]},
-    "prefix": {"method": "prefix", "num_virtual_tokens": 4, "r": None, "lora_dropout": None, "target_modules": None},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16,
+               "r": None, "lora_dropout": None, "target_modules": None},
     "bottleneck": {"method": "bottleneck", "r": 4, "lora_dropout": None, "target_modules": None},
 }
 

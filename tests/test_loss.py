@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.loss import _head_reproduces_logits, build_loss, linear_cross_entropy_sum, plain_loss
+from lorakit.loss import _decoder, _head_reproduces_logits, build_loss, linear_cross_entropy_sum, plain_loss
 from lorakit.perf import TensorMemoryTracker
 
 
@@ -16,12 +16,12 @@ def _lora(model, **kwargs):
     return get_peft_model(model, config)
 
 
-def _llama(vocab_size=512, hidden_size=64, **kwargs):
+def _llama(vocab_size=512, hidden_size=64, num_hidden_layers=2, **kwargs):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_cache=False, **kwargs)
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, use_cache=False, **kwargs)
     return LlamaForCausalLM(config).float()
 
 
@@ -138,6 +138,37 @@ def test_plain_loss_when_the_model_transforms_its_logits():
     model = _lora(Gemma2ForCausalLM(config).float(), target_modules=["q_proj"])
     loss = build_loss(model, chunked=True)
     assert loss.kind == "plain" and "final_logit_softcapping" in loss.reason
-    assert not _head_reproduces_logits(model, model.get_output_embeddings())
+    assert not _head_reproduces_logits(model, model.get_output_embeddings(), _decoder(model))
     llama = _lora(_llama(), target_modules=["q_proj"])
-    assert _head_reproduces_logits(llama, llama.get_output_embeddings())
+    assert _head_reproduces_logits(llama, llama.get_output_embeddings(), _decoder(llama))
+
+
+def test_chunked_loss_keeps_no_layer_outputs_in_bfloat16():
+    """The decoder's output is caught by a hook: unlike output_hidden_states=True (the control below), no layer's
+    output is kept beyond what the backward needs, which in bf16 saves (layers − 1) × tokens × hidden × 2 B."""
+    from lorakit.loss import shifted_targets
+
+    layers, rows, length, hidden = 8, 4, 128, 256
+    model = _lora(_llama(hidden_size=hidden, num_hidden_layers=layers).to(torch.bfloat16), target_modules=["q_proj"])
+    batch = _batch(rows=rows, length=length)
+    head, chunked = model.get_output_embeddings(), build_loss(model, chunked=True)
+    assert chunked.kind == "chunked"
+
+    def with_hidden_states(model, batch, num_items):  # the control: what the chunked loss did before the hook
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)  # alive until the loss is computed
+        targets = shifted_targets(batch).reshape(-1)
+        keep = (targets != -100).nonzero().squeeze(1)
+        h = out.hidden_states[-1].reshape(-1, hidden)[keep]
+        return linear_cross_entropy_sum(h, head.weight, None, targets[keep]) / num_items
+
+    peaks, losses = {}, {}
+    for name, fn in (("control", with_hidden_states), ("chunked", chunked)):
+        model.zero_grad()
+        with TensorMemoryTracker() as tracker:
+            losses[name] = fn(model, batch, 100.0)
+            losses[name].backward()
+        peaks[name] = tracker.peak
+    torch.testing.assert_close(losses["chunked"], losses["control"])
+    saved = (layers - 1) * rows * length * hidden * 2
+    assert peaks["chunked"] <= peaks["control"] - 0.9 * saved, (peaks, saved)

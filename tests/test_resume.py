@@ -176,6 +176,10 @@ NON_PEFT_LAYOUT_ADAPTERS = {
     # encoder itself while listing it as unexpected: a resume must accept it, not refuse the checkpoint.
     "prompt": {"method": "prompt", "num_virtual_tokens": 4, "r": None},
     "prefix": {"method": "prefix", "num_virtual_tokens": 4, "r": None},
+    # ... and with prefix_projection only the projection's output, which cannot be trained on: the checkpoint
+    # keeps the prompt encoder's own weights beside it.
+    "prefix-projection": {"method": "prefix", "num_virtual_tokens": 4, "r": None, "prefix_projection": True,
+                          "encoder_hidden_size": 16},
 }
 
 

@@ -1,0 +1,42 @@
+"""Directories that appear whole or not at all: written under a temporary name, synced, renamed into place.
+
+Used by resumable checkpoints (checkpoint.py) and by `lorakit merge` (merge.py); each names its own temporary
+and set-aside directories and cleans up what a killed process left of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush every file under ``folder`` to disk."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, final: Path, aside: Path) -> None:
+    """Rename the finished ``tmp`` to ``final`` and make the rename durable. An existing ``final`` is first
+    renamed to ``aside`` and deleted afterwards: a crash in between leaves it there, complete, never half-gone."""
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
