@@ -88,7 +88,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors, and every library warning."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the paths of what was written."),
     json_logs: bool = typer.Option(
         False, "--json-logs", help="Print one JSON object per line on stdout (messages, metrics, warnings, errors)."
@@ -97,7 +97,7 @@ def main(
     from lorakit.console import configure
 
     _state["debug"] = debug
-    configure(quiet=quiet, json_logs=json_logs)
+    configure(quiet=quiet, json_logs=json_logs, debug=debug)
 
 
 def _recipe_keys_help() -> str:

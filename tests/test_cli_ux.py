@@ -252,6 +252,20 @@ def test_library_warnings_are_shown_once():
     assert lines.count("warning (peft): fan_in_fan_out set to False") == 1
 
 
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_known_library_noise_shows_only_with_debug(debug):
+    script = (
+        "import logging\n"
+        "from lorakit.console import configure\n"
+        f"configure(debug={debug})\n"
+        "logging.getLogger('bitsandbytes').warning('Failed to load CPU gemm_4bit_forward from kernels-community: x')\n"
+        "logging.getLogger('bitsandbytes').warning('something a user should see')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stderr
+    assert ("kernels-community" in err) == debug
+    assert "warning (bitsandbytes): something a user should see" in err
+
 # ----------------------------------------------------------------------------------------------------------
 # The same commands as real subprocesses
 
