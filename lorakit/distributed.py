@@ -92,6 +92,11 @@ def check_fsdp(recipe: Recipe, mixed_precision: str) -> None:
         )
     if quantization not in ("nf4", "fp4"):
         return
+    if recipe.model.upcast_unquantized:
+        raise UsageError(
+            "model.upcast_unquantized: FSDP flattens each decoder layer into one tensor of one dtype, and the upcast "
+            "makes its norms float32 beside the model.dtype 4-bit storage; set model.upcast_unquantized=false"
+        )
     dtype = resolve_dtype(recipe.model.dtype)
     storage = build_quant_config(recipe.model, dtype).bnb_4bit_quant_storage
     if storage != dtype:

@@ -36,6 +36,7 @@ class Settings:
     method: str = "lora"  # full | lora (any PEFT adapter)
     quantization: str = _schema(ModelSection, "quantization")  # none | nf4 | fp4 | int8
     double_quant: bool = _schema(ModelSection, "double_quant")
+    upcast_unquantized: bool = _schema(ModelSection, "upcast_unquantized")
     dtype: str = "bfloat16"  # model.dtype auto, as it resolves on a GPU with bf16
     batch_size: int = _schema(TrainSection, "micro_batch_size")
     seq_len: int = _schema(DataSection, "max_seq_len")
@@ -99,15 +100,16 @@ def attn_implementation(profile: ModelProfile, settings: Settings) -> str:
 def weights_line(p: ModelProfile, s: Settings) -> Line:
     e, q = DTYPE_BYTES[s.dtype], p.quantizable
     rest = p.base_params - q.numel
-    kept = (
-        f"{rest:,} params bitsandbytes leaves unquantized (embeddings, LM head, norms, biases) × 4 B: "
-        "prepare_model_for_kbit_training casts them to fp32"
+    kept_bytes, kept_dtype = (4, "float32") if s.upcast_unquantized else (e, s.dtype)
+    kept = f"{rest:,} params bitsandbytes leaves unquantized (embeddings, LM head, norms, biases) × {kept_bytes} B" + (
+        ": model.upcast_unquantized casts them to fp32" if s.upcast_unquantized else f" ({s.dtype})"
     )
     if s.quantization == "none" or s.method == "full":
         parts = {s.dtype: p.base_params * e}
         formula = f"{p.base_params:,} params × {e} B ({s.dtype})"
     elif s.quantization == "int8":
-        parts = {"int8": q.numel, "int8_row_scales": 4 * q.rows, "float32": rest * 4}
+        parts = {"int8": q.numel, "int8_row_scales": 4 * q.rows}
+        parts[kept_dtype] = parts.get(kept_dtype, 0) + rest * kept_bytes
         formula = f"{q.numel:,} linear weights × 1 B (int8) + {q.rows:,} rows × 4 B (fp32 scale per row) + {kept}"
     else:
         if s.double_quant:
@@ -121,7 +123,7 @@ def weights_line(p: ModelProfile, s: Settings) -> Line:
             how = (
                 f"{q.blocks:,} blocks of {NF4_BLOCK} × 4 B (fp32 absmax) + {q.tensors:,} tensors × 64 B (code table)"
             )
-        parts = {s.quantization: q.packed_bytes, f"{s.quantization}_constants": consts, "float32": rest * 4}
+        parts = {s.quantization: q.packed_bytes, f"{s.quantization}_constants": consts, kept_dtype: rest * kept_bytes}
         formula = f"{q.numel:,} quantized params × 0.5 B ({s.quantization}) + constants [{how}] + {kept}"
     if p.buffer_bytes:
         parts["float32_buffers"] = p.buffer_bytes
@@ -183,10 +185,11 @@ def optimizer_line(p: ModelProfile, s: Settings) -> Line:
 
 
 def act_bytes(s: Settings) -> int:
-    """Element size of activations. lorakit prepares a k-bit base with PEFT's prepare_model_for_kbit_training,
-    which keeps embeddings, norms and LM head in fp32, and bitsandbytes layers return their input's dtype: the
-    residual stream of a quantized base runs in fp32."""
-    return 4 if s.quantization != "none" and s.method != "full" else DTYPE_BYTES[s.dtype]
+    """Element size of activations. With model.upcast_unquantized a k-bit base keeps embeddings, norms and LM
+    head in fp32 (PEFT's prepare_model_for_kbit_training), and bitsandbytes layers return their input's dtype:
+    its residual stream then runs in fp32. Otherwise in model.dtype, as for LoRA."""
+    upcast = s.quantization != "none" and s.method != "full" and s.upcast_unquantized
+    return 4 if upcast else DTYPE_BYTES[s.dtype]
 
 
 def _tokens(s: Settings) -> int:
@@ -496,7 +499,7 @@ def _per_device(p: ModelProfile, s: Settings, static: int, training: int, step: 
             f"DDP on {s.gpus} GPUs: every GPU holds the whole total plus DDP's gradient buckets (+{gib(grads.bytes)})"
         )
     g, e = p.geometry, DTYPE_BYTES[s.dtype]
-    kept = 4 if s.quantization != "none" and s.method != "full" else e  # what bitsandbytes leaves is fp32
+    kept = 4 if s.quantization != "none" and s.method != "full" and s.upcast_unquantized else e  # unquantized ones
     outside = p.base_params - g.layers * g.layer_params  # embeddings, LM head, final norm: FSDP's root unit
     per_layer = max(0, weights.bytes - outside * kept - p.buffer_bytes) // g.layers
     gathered = outside * kept + 2 * per_layer + (g.layer_params * e if s.method == "full" else 0)

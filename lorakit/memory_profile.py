@@ -291,7 +291,7 @@ def inspect_model(config, adapter, name: str = "", source: str = "") -> ModelPro
     if geo.experts and quant.numel < sum(base) / 2:
         notes.append(
             "MoE experts are fused 3-D parameters in transformers 5: bitsandbytes does not quantize them, "
-            "so they stay unquantized (in fp32 after k-bit preparation)"
+            "so they stay unquantized (in model.dtype; fp32 with model.upcast_unquantized)"
         )
     return ModelProfile(
         name=name or getattr(config, "_name_or_path", "") or config.model_type,

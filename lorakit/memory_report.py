@@ -98,6 +98,7 @@ def settings_from(recipe, flags: Flags) -> Settings:
         method="full" if flags.method == "full" else "lora",
         quantization=recipe.model.quantization,
         double_quant=recipe.model.double_quant,
+        upcast_unquantized=recipe.model.upcast_unquantized,
         dtype=dtype,
         batch_size=recipe.train.micro_batch_size,
         seq_len=recipe.data.max_seq_len,
@@ -266,7 +267,8 @@ def comparison_table(rows: list[tuple[str, Estimate]]) -> list[str]:
         "  full (float32) with AdamW is 16 B/param (4 weight + 4 gradient + 8 moments): ~1.1 TB for a 70B model.",
         "  full (bfloat16): torch AdamW keeps its moments in bf16 (8 B/param); mixed precision with fp32 master",
         "  weights is 16 B/param again. LoRA/QLoRA: adapters, their gradients and moments are fp32 (PEFT), and a",
-        "  4-bit base runs activations in fp32 (prepare_model_for_kbit_training upcasts embeddings, norms, head).",
+        "  4-bit base runs activations in model.dtype (in fp32 with model.upcast_unquantized, as PEFT's",
+        "  prepare_model_for_kbit_training upcasts embeddings, norms and head).",
     ]
     return out
 

@@ -393,7 +393,7 @@ def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: boo
     """The base model with the recipe's adapter applied, ready to train."""
     model_path = model_path or resolve_model_path(recipe.model)
     model = load_base_model(recipe.model, model_path, allow_pickle)
-    if recipe.model.quantization != "none":
+    if recipe.model.quantization != "none" and recipe.model.upcast_unquantized:
         model = prepare_kbit_base(model)
     if recipe.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -401,7 +401,9 @@ def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: boo
 
 
 def prepare_kbit_base(model):
-    """PEFT's k-bit preparation of a bitsandbytes base: frozen, norms and head in fp32.
+    """PEFT's k-bit preparation of a bitsandbytes base (model.upcast_unquantized): frozen, the weights left
+    unquantized (embeddings, norms, head) in fp32, which makes the residual stream fp32 too. Without it the
+    base is frozen by the adapter's wrapper and computes like a LoRA base in model.dtype.
 
     Checkpointing is left to enable_activation_checkpointing, as for every base: it is non-reentrant, so it
     needs none of the input-gradient hook PEFT adds for the reentrant kind (and avoids transformers 5's

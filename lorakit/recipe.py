@@ -51,6 +51,12 @@ class ModelSection(Section):
     double_quant: bool = Field(
         True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight)."
     )
+    upcast_unquantized: bool = Field(
+        False,
+        description="Quantized base only: cast the weights bitsandbytes leaves unquantized (embeddings, norms, LM "
+        "head) to float32, as PEFT's prepare_model_for_kbit_training does. Off: they stay in model.dtype as in "
+        "LoRA, so the activations do too (half the activation memory in bf16). FSDP needs it off.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Allow model code from the hub repository to run. For a hub id it requires model.revision "
@@ -63,6 +69,14 @@ class ModelSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel. auto: transformers' default for the model (sdpa where supported)."
     )
+
+    @model_validator(mode="after")
+    def _upcast_needs_a_quantized_base(self) -> "ModelSection":
+        if self.upcast_unquantized and self.quantization == "none":
+            raise ValueError(
+                "model.upcast_unquantized: only for a quantized base (model.quantization nf4, fp4 or int8); remove it"
+            )
+        return self
 
 
 # lorakit's own adapter keys that each method uses, with their defaults (lora_alpha: 2·r). A method rejects the

@@ -111,6 +111,8 @@ VARIANTS = {
     "eager attention": {"model": {"attn_implementation": "eager"}},
     "q,v only": {"adapter": {"target_modules": ["q_proj", "v_proj"]}},
     "plain loss": {"train": {"chunked_loss": False}},
+    "bfloat16 nf4": {"model": {"dtype": "bfloat16", "quantization": "nf4"}},
+    "bfloat16 nf4, upcast": {"model": {"dtype": "bfloat16", "quantization": "nf4", "upcast_unquantized": True}},
     "full fine-tuning": {},
     "full fine-tuning (bfloat16)": {"model": {"dtype": "bfloat16"}},
 }
@@ -139,7 +141,7 @@ def estimate_for(recipe, device: str, full: bool = False) -> int:
     profile = inspect_model(config, recipe.adapter, recipe.model.name_or_path, source)
     settings = Settings(
         method="full" if full else "lora", quantization=recipe.model.quantization,
-        double_quant=recipe.model.double_quant,
+        double_quant=recipe.model.double_quant, upcast_unquantized=recipe.model.upcast_unquantized,
         dtype=recipe.model.dtype, batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
         gradient_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.train.optimizer,
         attn_implementation=recipe.model.attn_implementation, lora_dropout=recipe.adapter.lora_dropout,
@@ -229,7 +231,8 @@ def main() -> int:
         recipe = recipe_for(model_dir, method, seq_len, checkpointing, dtype, VARIANTS.get(variant))
         full = variant.startswith("full fine-tuning")
         measured, estimated = measure(recipe, args.device, full), estimate_for(recipe, args.device, full)
-        label = variant.replace("full fine-tuning", "full") if full else method + (f" ({variant})" if variant else "")
+        shown = "qlora" if recipe.model.quantization != "none" else method
+        label = variant.replace("full fine-tuning", "full") if full else shown + (f" ({variant})" if variant else "")
         rows.append({"model": name, "seq_len": seq_len, "method": label,
                      "checkpointing": checkpointing, "measured": measured, "estimated": estimated,
                      "ratio": estimated / measured})

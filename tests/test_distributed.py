@@ -122,9 +122,9 @@ def test_fsdp_refuses_what_it_cannot_shard(model, mixed_precision, refused):
         check_fsdp(_recipe(**model), mixed_precision)
 
 
-def _adapter_recipe(adapter: dict, train: dict | None = None):
-    return parse_recipe({"model": {"name_or_path": "x"}, "data": {"train": "d.jsonl"}, "adapter": adapter,
-                         "train": {"max_steps": 1, **(train or {})}})
+def _adapter_recipe(adapter: dict, train: dict | None = None, model: dict | None = None):
+    return parse_recipe({"model": {"name_or_path": "x", **(model or {})}, "data": {"train": "d.jsonl"},
+                         "adapter": adapter, "train": {"max_steps": 1, **(train or {})}})
 
 
 @pytest.mark.parametrize(
@@ -148,6 +148,15 @@ def test_fsdp_refuses_what_it_cannot_checkpoint(adapter, train, env, refused, mo
         check_fsdp(recipe, "no")
         return
     with pytest.raises(UsageError, match=refused):
+        check_fsdp(recipe, "no")
+
+
+def test_fsdp_refuses_float32_norms_beside_4bit_storage():
+    """model.upcast_unquantized makes a decoder layer's norms fp32 beside its bf16-stored nf4 weights: FSDP1 flattens
+    a layer into one tensor of one dtype (tests/fsdp_check.py runs FSDP + QLoRA without the upcast)."""
+    recipe = _adapter_recipe({"method": "lora"}, model={"quantization": "nf4", "dtype": "bfloat16",
+                                                        "upcast_unquantized": True})
+    with pytest.raises(UsageError, match="model.upcast_unquantized"):
         check_fsdp(recipe, "no")
 
 
@@ -337,22 +346,25 @@ def test_a_stuck_rank_ends_the_job_after_ddp_timeout(setup):
     assert "rank 0: a collective" in result.stderr and "train.ddp_timeout=15s" in result.stderr, result.stderr[-3000:]
 
 
-FSDP_ADAPTERS = {
-    "lora": {"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"},
-    "dora": {"method": "dora", "r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"]},
-    "prefix": {"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16,
-               "r": None, "lora_dropout": None, "target_modules": None},
-    "bottleneck": {"method": "bottleneck", "r": 4, "lora_dropout": None, "target_modules": None},
+FSDP_RUNS = {  # name: (adapter keys, model keys)
+    "lora": ({"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"}, {}),
+    "dora": ({"method": "dora", "r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}, {}),
+    "prefix": ({"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16,
+                "r": None, "lora_dropout": None, "target_modules": None}, {}),
+    "bottleneck": ({"method": "bottleneck", "r": 4, "lora_dropout": None, "target_modules": None}, {}),
+    # FSDP + QLoRA: the nf4 weights stored as bfloat16 shard with the (bfloat16) norms and embeddings
+    "qlora": ({"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"}, {"dtype": "bfloat16", "quantization": "nf4"}),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", FSDP_ADAPTERS)
-def test_fsdp_on_cpu_matches_one_process_and_resumes_exactly(setup, tmp_path, method):
+@pytest.mark.parametrize("name", FSDP_RUNS)
+def test_fsdp_on_cpu_matches_one_process_and_resumes_exactly(setup, tmp_path, name):
     """accelerate runs FSDP on GPUs only; tests/fsdp_check.py builds the same wrapping with torch on CPU and runs
     lorakit's gather / save / checkpoint / resume code on it (one step == one process; 2 + resume + 2 == 4)."""
-    recipe = recipe_dict(setup["model"], setup["root"] / "train.jsonl", tmp_path / "unused",
-                         adapter=FSDP_ADAPTERS[method])
+    adapter, model = FSDP_RUNS[name]
+    recipe = recipe_dict(setup["model"], setup["root"] / "train.jsonl", tmp_path / "unused", adapter=adapter)
+    recipe["model"].update(model)
     path = write_recipe(tmp_path / "fsdp.yaml", recipe)
     result, _ = _run([_bin("torchrun"), "--standalone", "--nproc-per-node", "2",
                       str(ROOT / "tests" / "fsdp_check.py"), str(path), str(tmp_path / "out")])

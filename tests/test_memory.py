@@ -171,17 +171,19 @@ def test_lines_lora_bf16_by_hand(tiny):
     assert estimate(tiny, Settings(batch_size=b, seq_len=s)).total_bytes == total
 
 
-def test_lines_qlora_checkpointing_by_hand(tiny):
+@pytest.mark.parametrize("upcast", [False, True])
+def test_lines_qlora_checkpointing_by_hand(tiny, upcast):
     b, s, r = 1, 32, 8
-    T, e = b * s, 4  # a k-bit base runs its residual stream in fp32 (prepare_model_for_kbit_training)
+    # model.upcast_unquantized (prepare_model_for_kbit_training) runs the residual stream in fp32; else bf16
+    T, e, kept = b * s, 4 if upcast else 2, "float32" if upcast else "bfloat16"
     weights = [H * Q, H * KV, H * KV, Q * H, H * I, H * I, I * H] * L
     blocks = [math.ceil(n / 64) for n in weights]
     est = estimate(tiny, Settings(batch_size=b, seq_len=s, quantization="nf4", double_quant=True,
-                                  gradient_checkpointing=True))
+                                  gradient_checkpointing=True, upcast_unquantized=upcast))
     parts = est.line("weights").parts
     assert parts["nf4"] == sum(n // 2 for n in weights)
     assert parts["nf4_constants"] == sum(blocks) + 4 * sum(math.ceil(k / 256) for k in blocks) + 1092 * len(weights)
-    assert parts["float32"] == (BASE - sum(weights)) * 4
+    assert parts[kept] == (BASE - sum(weights)) * e
     got = lines(est)
     norm = T * (4 * H + 4)
     assert got["activations"] == L * T * H * e + norm + 2 * s * HD * e

@@ -331,10 +331,12 @@ def test_validate_stays_free_of_torch_without_pass_through():
 # Quantized bases: k-bit preparation, checkpointing, the CPU workarounds and their sentinels
 
 
-def test_qlora_base_is_prepared_and_checkpointing_trains(tiny_model_dir):
+@pytest.mark.parametrize("upcast", [False, True])
+def test_qlora_base_is_prepared_and_checkpointing_trains(tiny_model_dir, upcast):
     recipe = make_recipe(tiny_model_dir, {**METHODS["lora"], "lora_dropout": 0.0}, "nf4",
                          train={"max_steps": 1, "gradient_checkpointing": True})
-    recipe.model.dtype = "bfloat16"  # compute and storage dtype of the 4-bit base; norms go to fp32
+    recipe.model.dtype = "bfloat16"  # compute and storage dtype of the 4-bit base
+    recipe.model.upcast_unquantized = upcast  # unquantized weights: bf16 as in LoRA, or fp32 (PEFT's k-bit prep)
     model = build_model(recipe)
     base = model.get_base_model()
     q_proj = base.model.layers[0].self_attn.q_proj.base_layer
@@ -342,7 +344,9 @@ def test_qlora_base_is_prepared_and_checkpointing_trains(tiny_model_dir):
     assert q_proj.weight.quant_state.nested  # model.double_quant defaults to true
     assert q_proj.compute_dtype == torch.bfloat16 and q_proj.weight.quant_storage == torch.bfloat16
     assert base.is_activation_checkpointing
-    assert all(p.dtype == torch.float32 for n, p in base.named_parameters() if "norm" in n)
+    kept = torch.float32 if upcast else torch.bfloat16
+    assert all(p.dtype == kept for n, p in base.named_parameters() if "norm" in n)
+    assert base.get_input_embeddings().weight.dtype == base.get_output_embeddings().weight.dtype == kept
     train_steps(model, steps=1)
     # after an eval pass (where bitsandbytes would repack weights on CPU) training still computes the same grads
     grads = grads_before_and_after_eval(model)

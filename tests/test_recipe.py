@@ -104,6 +104,12 @@ def test_cross_field_rules(train, message):
     assert any(p.startswith(message) for p in found), found
 
 
+def test_upcast_needs_a_quantized_base():
+    found = problems({**MINIMAL, "model": {**MINIMAL["model"], "upcast_unquantized": True}})
+    assert any(p.startswith("model.upcast_unquantized: only for a quantized base") for p in found), found
+    parse_recipe({**MINIMAL, "model": {**MINIMAL["model"], "quantization": "nf4", "upcast_unquantized": True}})
+
+
 def test_missing_required_keys():
     found = problems({"train": {"max_steps": 1}})
     assert "model: required key is missing" in found
