@@ -1,12 +1,21 @@
 """The GPU checks of docs/scaling.md, as one command for a machine with one NVIDIA GPU. NOT RUN YET: no session
 has been lent a GPU so far; expect to adjust it on its first run.
 
-On the device tool's machine python3 already has torch, transformers, peft, accelerate, typer and rich; carry
-the others (bitsandbytes, datasets and its needs, pydantic, pydantic-core) as wheels in .whl (see the device
-tool's README), then, in one call:
+On the device tool's machine (Python 3.12) python3 already has torch, transformers, accelerate, typer and rich;
+carry the rest as wheels (47 MB, under the tool's 64 MiB with this repository), prepared here:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2 peft==0.21.2 datasets pydantic \
+        pydantic-core annotated-types typing-inspection dill multiprocess
+
+then one call, carry [".whl"], timeout_s 540:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
     PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py $OUT
+
+(transformers there was 5.17 when last listed; lorakit is tested with 5.24, whose wheel adds 14 MB.)
 
 What it runs on recipes/smoke.yaml's tiny model, in bf16 on the GPU: one process; FSDP through `accelerate
 launch --config_file recipes/accelerate/fsdp.yaml --num_processes 1` (the wrapping, gathering, checkpoint and
