@@ -484,8 +484,15 @@ def estimate(p: ModelProfile, s: Settings) -> Estimate:
         notes.append(f"activations of {p.adapter_method} adapters are not modelled beyond the base model's")
     if p.adapter_method == "dora" and s.method != "full":
         notes.append("DoRA also builds each adapted weight (out × in, fp32) during forward; not counted")
-    if s.strategy == "fsdp" and s.gpus > 1 and s.quantization == "int8":
-        notes.append("FSDP cannot shard int8 weights (lorakit refuses it): use nf4 with FSDP")
+    if s.strategy == "fsdp" and s.gpus > 1:  # what lorakit train refuses under FSDP (distributed.check_fsdp)
+        if s.quantization == "int8":
+            notes.append("FSDP cannot shard int8 weights (lorakit refuses it): use nf4 with FSDP")
+        if p.adapter_method == "ia3":
+            notes.append("lorakit refuses IA3 under FSDP (its vectors share the frozen layers' flat shards)")
+        if s.optimizer != "adamw" and s.method != "full":
+            notes.append(f"lorakit refuses {s.optimizer} under FSDP (its state cannot be checkpointed): use adamw")
+        if s.upcast_unquantized and s.quantization in ("nf4", "fp4") and s.method != "full":
+            notes.append("lorakit refuses model.upcast_unquantized under FSDP (one dtype per flat shard)")
     return Estimate(p, s, lines, total, per_device, peak_formula, per_device_formula, notes)
 
 

@@ -387,3 +387,14 @@ def test_cli_as_a_subprocess():
     data = json.loads(result.stdout)
     assert data["total_params"] == 8_030_261_248 + data["trainable_params"]
     assert data["per_device_bytes"] < data["total_bytes"] and data["fit"]["budget_bytes"] == 24 * GiB
+
+
+def test_fsdp_estimates_name_what_lorakit_train_refuses(tiny):
+    def notes(**settings):
+        return " | ".join(estimate(tiny, Settings(gpus=2, strategy="fsdp", **settings)).notes)
+
+    assert "refuses" not in notes(quantization="nf4")
+    assert "refuses adamw_8bit under FSDP" in notes(optimizer="adamw_8bit")
+    assert "refuses model.upcast_unquantized under FSDP" in notes(quantization="nf4", upcast_unquantized=True)
+    assert "int8" in notes(quantization="int8")
+    assert "refuses" not in " | ".join(estimate(tiny, Settings(optimizer="adamw_8bit")).notes)  # one GPU
