@@ -147,7 +147,7 @@ def gather_adapter(model) -> dict | None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     rank0 = dist.get_rank() == 0
-    offload = next(model.parameters()).device.type != "cpu"  # gather GPU shards into host memory, not the GPU's
+    offload = _on_gpu(model)  # gather GPU shards into host memory, not the GPU's
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     for unit in FSDP.fsdp_modules(model):
@@ -204,38 +204,26 @@ def optimizer_state(model, optimizer) -> dict:
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper → the torch optimizer
     if not is_sharded(model):
         return optimizer.state_dict()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    with _full_state_dicts(model, rank0_only=True):
-        return FSDP.optim_state_dict(model, optimizer)
+    # Offloaded to host memory from GPUs (then on rank 0 only); CPU shards are whole on every rank already.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=_on_gpu(model))
+    return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
     """Load what optimizer_state saved; under FSDP every rank takes its shard of the full state."""
     optimizer = getattr(optimizer, "optimizer", optimizer)
-    if is_sharded(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        with _full_state_dicts(model, rank0_only=False):
-            state = FSDP.optim_state_dict_to_load(model, optimizer, state)
-    optimizer.load_state_dict(state)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-@contextmanager
-def _full_state_dicts(model, rank0_only: bool):
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    # Offloading to host memory only makes sense from a GPU (on CPU shards torch fails to copy from storage it
-    # has already freed).
-    offload = next(model.parameters()).device.type != "cpu"
-    with FSDP.state_dict_type(
-        model,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-    ):
-        yield
+def _on_gpu(model) -> bool:
+    return next(model.parameters()).device.type != "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------
