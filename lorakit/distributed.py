@@ -66,17 +66,20 @@ def check_fsdp(recipe: Recipe, mixed_precision: str) -> None:
     """
     from lorakit.model import build_quant_config, resolve_dtype
 
-    if os.environ.get("FSDP_VERSION", "1") != "1":
-        # FSDP2 shards every parameter as a DTensor: lorakit gathers and saves FSDP1's flat shards only.
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version not in ("1", "2"):
+        raise UsageError(f"fsdp_version: {version} is not an FSDP version; set 1 or 2 in the accelerate config")
+    if version == "2" and recipe.model.quantization != "none":
+        # FSDP2 shards every parameter as a DTensor; bitsandbytes' quantized parameters are not ones it can shard.
         raise UsageError(
-            f"fsdp_version: {os.environ['FSDP_VERSION']} is not supported; set fsdp_version: 1 in the accelerate "
-            "config (recipes/accelerate/fsdp.yaml)"
+            f"model.quantization: {recipe.model.quantization} weights cannot be sharded by FSDP version 2; use "
+            "fsdp_version: 1 (recipes/accelerate/fsdp-qlora.yaml)"
         )
-    if recipe.adapter.method == "ia3":
+    if version == "1" and recipe.adapter.method == "ia3":
         raise UsageError(
             "adapter.method: ia3 keeps its scaling vectors inside the decoder layers, whose FSDP units (version 1, "
-            "use_orig_params: false) must be all frozen or all trainable; use lora or dora under FSDP, or DDP "
-            "(recipes/accelerate/ddp.yaml) when the model fits on one GPU"
+            "use_orig_params: false) must be all frozen or all trainable; use fsdp_version: 2 (it shards per "
+            "parameter), lora or dora, or DDP (recipes/accelerate/ddp.yaml) when the model fits on one GPU"
         )
     if recipe.train.optimizer != "adamw":
         # torch's FSDP optimizer-state gathering cannot rebuild bitsandbytes' quantized states on resume.
@@ -127,19 +130,21 @@ def prepare_fsdp(accelerator, model) -> None:
 
 
 def is_sharded(model) -> bool:
-    """Whether ``model`` (as accelerator.prepare returned it) is an FSDP1 root whose weights are sharded."""
+    """Whether ``model`` (as accelerator.prepare returned it) has its weights sharded by FSDP (version 1: a
+    FullyShardedDataParallel root; version 2: modules fully_shard turned into FSDPModules)."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return isinstance(model, FSDP)
+    return isinstance(model, FSDP) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def gather_adapter(model) -> dict | None:
     """Under FSDP: the trainable tensors, whole and under their unsharded names, on rank 0 (an empty dict on
     the other ranks); None when the model is not sharded (its parameters are whole: read them directly).
 
-    Only the FSDP units that hold trainable weights are gathered, one at a time (PEFT's wrap policy gives every
-    adapter layer its own unit), so a save moves the adapter, never the frozen base. A collective: every rank
-    must call it, in the same place.
+    Only trainable weights are gathered, so a save moves the adapter, never the frozen base: under FSDP1 the
+    units that hold them, one at a time (PEFT's wrap policy gives every adapter layer its own unit); under
+    FSDP2 each trainable parameter. A collective: every rank must call it, in the same place.
     """
     if not is_sharded(model):
         return None
@@ -147,6 +152,14 @@ def gather_adapter(model) -> dict | None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     rank0 = dist.get_rank() == 0
+    if not isinstance(model, FSDP):  # FSDP2: parameters keep their names; each is a DTensor shard
+        out = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                whole = param.full_tensor() if hasattr(param, "full_tensor") else param  # a collective per tensor
+                if rank0:
+                    out[name] = whole.detach().to("cpu", copy=True)
+        return out
     offload = _on_gpu(model)  # gather GPU shards into host memory, not the GPU's
     names = {id(m): n for n, m in model.named_modules()}
     out = {}

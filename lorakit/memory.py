@@ -488,7 +488,8 @@ def estimate(p: ModelProfile, s: Settings) -> Estimate:
         if s.quantization == "int8":
             notes.append("FSDP cannot shard int8 weights (lorakit refuses it): use nf4 with FSDP")
         if p.adapter_method == "ia3":
-            notes.append("lorakit refuses IA3 under FSDP (its vectors share the frozen layers' flat shards)")
+            notes.append("lorakit refuses IA3 under FSDP version 1 (its vectors share the frozen layers' flat "
+                         "shards): use recipes/accelerate/fsdp2.yaml")
         if s.optimizer != "adamw" and s.method != "full":
             notes.append(f"lorakit refuses {s.optimizer} under FSDP (its state cannot be checkpointed): use adamw")
         if s.upcast_unquantized and s.quantization in ("nf4", "fp4") and s.method != "full":

@@ -2,8 +2,9 @@
 
 accelerate enables FSDP only on GPUs, so this builds what `accelerate launch --config_file
 recipes/accelerate/fsdp.yaml` builds there — torch FSDP1 (full shard, use_orig_params false) with the auto-wrap
-policy lorakit sets (PEFT's: decoder layers, adapter layers apart) — on lorakit's model, and drives lorakit's own
-FSDP code with it:
+policy lorakit sets (PEFT's: decoder layers, adapter layers apart) — or, with VERSION 2, what fsdp_version: 2
+builds (fully_shard on every decoder layer, then on the root), on lorakit's model, and drives lorakit's own FSDP
+code with it:
 
 1. one SGD step with each rank on half the batch equals one unsharded process; the adapter gathered by
    distributed.gather_adapter and saved by train.save_adapter is that process's adapter;
@@ -11,7 +12,7 @@ FSDP code with it:
    --resume` restores it (checkpoint.restore_adapter before wrapping, train.resume_state after), 2 more steps
    == 4 uninterrupted steps (adapter and optimizer state); the checkpoint holds whole, unsharded tensors.
 
-usage: fsdp_check.py RECIPE.yaml OUT_DIR
+usage: fsdp_check.py RECIPE.yaml OUT_DIR [VERSION]
 """
 
 import sys
@@ -45,8 +46,17 @@ def run_steps(model, optimizer, scheduler, batches, num_items, steps):
         optimizer.zero_grad(set_to_none=True)
 
 
-def shard(model):
-    """What accelerator.prepare builds from fsdp.yaml, with the wrap policy lorakit.distributed.prepare_fsdp sets."""
+def shard(model, version: int):
+    """What accelerator.prepare builds from fsdp.yaml: FSDP1 with the wrap policy lorakit.distributed.prepare_fsdp
+    sets, or FSDP2 (fully_shard per decoder layer, then the root)."""
+    if version == 2:
+        from torch.distributed.fsdp import fully_shard
+
+        from lorakit.model import decoder_layers
+
+        for layer in decoder_layers(model.get_base_model()):
+            fully_shard(layer)
+        return fully_shard(model)
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
@@ -64,7 +74,7 @@ def flat_moments(osd: dict) -> dict:
     return {f"{p}.{k}": v for p, s in osd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
 
 
-def main(recipe_path: str, out: str) -> None:
+def main(recipe_path: str, out: str, version: int = 1) -> None:
     from peft import get_peft_model_state_dict
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -88,12 +98,13 @@ def main(recipe_path: str, out: str) -> None:
 
     torch.manual_seed(0)
     model = build_model(recipe, model_path)
-    sharded = shard(model)
-    assert len(FSDP.fsdp_modules(sharded)) > 1 + model.config.num_hidden_layers, "decoder and adapter layers wrapped"
+    sharded = shard(model, version)
+    if version == 1:
+        assert len(FSDP.fsdp_modules(sharded)) > 1 + model.config.num_hidden_layers, "decoder and adapter layers wrapped"
     sgd = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=1.0)
     run_steps(sharded, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0), mine, num_items, 1)
     gathered = gather_adapter(sharded)  # a collective: every rank takes part
-    if hasattr(model, "peft_config") and not model.active_peft_config.is_prompt_learning:
+    if version == 1 and hasattr(model, "peft_config") and not model.active_peft_config.is_prompt_learning:
         # PEFT alone finds nothing in a state dict named by FSDP1's nested wrappers; when this fails, PEFT handles
         # them itself and distributed.save_adapter_weights can hand it the gathered state dict directly.
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
@@ -117,7 +128,7 @@ def main(recipe_path: str, out: str) -> None:
     states = {}
     for label, seed in (("straight", 0), ("resumed", 0)):
         torch.manual_seed(seed)
-        sharded = shard(build_model(recipe, model_path))
+        sharded = shard(build_model(recipe, model_path), version)
         optimizer = build_optimizer(sharded, recipe.train)
         scheduler = build_scheduler(optimizer, recipe.train, 4)
         if label == "straight":
@@ -131,7 +142,7 @@ def main(recipe_path: str, out: str) -> None:
             torch.manual_seed(1)  # another initial adapter: the checkpoint must replace it
             fresh = build_model(recipe, model_path)
             restore_adapter(checkpoint, model=fresh, sampler=sampler, changed=False, say=say)
-            sharded = shard(fresh)
+            sharded = shard(fresh, version)
             optimizer = build_optimizer(sharded, recipe.train)
             scheduler = build_scheduler(optimizer, recipe.train, 4)
             start = resume_state(checkpoint, False, accelerator, sharded, optimizer, scheduler, paths, say)
@@ -172,4 +183,4 @@ def _read_optimizer(path: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)

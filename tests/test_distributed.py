@@ -135,9 +135,11 @@ def _adapter_recipe(adapter: dict, train: dict | None = None, model: dict | None
         ({"method": "bottleneck"}, {}, {}, None),
         ({"method": "prompt", "num_virtual_tokens": 4}, {}, {}, None),
         ({"method": "ia3"}, {}, {}, "adapter.method: ia3"),  # its vectors share the frozen layers' flat params
+        ({"method": "ia3"}, {}, {"FSDP_VERSION": "2"}, None),  # FSDP2 shards per parameter
         ({"method": "lora"}, {"optimizer": "adamw_8bit"}, {}, "train.optimizer: adamw_8bit"),
         ({"method": "lora"}, {"optimizer": "paged_adamw_8bit"}, {}, "train.optimizer=adamw"),
-        ({"method": "lora"}, {}, {"FSDP_VERSION": "2"}, "fsdp_version: 2"),
+        ({"method": "lora"}, {}, {"FSDP_VERSION": "2"}, None),
+        ({"method": "lora"}, {}, {"FSDP_VERSION": "3"}, "fsdp_version: 3"),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_checkpoint(adapter, train, env, refused, monkeypatch):
@@ -160,6 +162,14 @@ def test_fsdp_refuses_float32_norms_beside_4bit_storage():
         check_fsdp(recipe, "no")
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_fsdp2_refuses_quantized_bases(quantization, monkeypatch):
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    recipe = _adapter_recipe({"method": "lora"}, model={"quantization": quantization, "dtype": "bfloat16"})
+    with pytest.raises(UsageError, match="cannot be sharded by FSDP version 2; use fsdp_version: 1"):
+        check_fsdp(recipe, "no")
+
+
 def test_4bit_storage_follows_the_compute_dtype():
     """What check_fsdp relies on: FSDP shards 4-bit weights stored in the model dtype like any other."""
     from lorakit.model import build_quant_config
@@ -172,13 +182,14 @@ EXPECTED = {
     "ddp.yaml": {"distributed_type": "MULTI_GPU", "num_machines": 1},
     "fsdp.yaml": {"distributed_type": "FSDP", "num_machines": 1},
     "fsdp-qlora.yaml": {"distributed_type": "FSDP", "num_machines": 1},
+    "fsdp2.yaml": {"distributed_type": "FSDP", "num_machines": 1},
     "multi-node.yaml": {"distributed_type": "MULTI_GPU", "num_machines": 2},
 }
-FSDP_KEYS = {
-    "fsdp_sharding_strategy": "FULL_SHARD",
-    "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-    "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-    "fsdp_use_orig_params": False,
+FSDP_KEYS = {  # per fsdp_version
+    1: {"fsdp_sharding_strategy": "FULL_SHARD", "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_use_orig_params": False},
+    2: {"fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT"},
 }
 
 
@@ -191,7 +202,8 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
     assert raw["mixed_precision"] == "no"  # the recipe's model.dtype decides precision
     assert {k: raw[k] for k in EXPECTED[name]} == EXPECTED[name]
     if raw["distributed_type"] == "FSDP":
-        assert {k: raw["fsdp_config"][k] for k in FSDP_KEYS} == FSDP_KEYS
+        keys = FSDP_KEYS[raw["fsdp_config"]["fsdp_version"]]
+        assert {k: raw["fsdp_config"][k] for k in keys} == keys
         assert "fsdp_transformer_layer_cls_to_wrap" not in raw["fsdp_config"]  # the model's own decoder layer
     if raw["num_machines"] > 1:
         assert {"main_process_ip", "main_process_port", "machine_rank"} <= set(raw)
@@ -212,6 +224,17 @@ def test_the_fsdp_qlora_config_launches_what_check_fsdp_reads():
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "no"
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_USE_ORIG_PARAMS"] == "false"
     assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+
+
+def test_the_fsdp2_config_launches_version_2():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(ACCELERATE / "fsdp2.yaml"), "-m", "lorakit", "train", "r.yaml"]
+    )
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"  # what check_fsdp reads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,7 +369,7 @@ def test_a_stuck_rank_ends_the_job_after_ddp_timeout(setup):
     assert "rank 0: a collective" in result.stderr and "train.ddp_timeout=15s" in result.stderr, result.stderr[-3000:]
 
 
-FSDP_RUNS = {  # name: (adapter keys, model keys)
+FSDP_RUNS = {  # name: (adapter keys, model keys[, FSDP version])
     "lora": ({"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"}, {}),
     "dora": ({"method": "dora", "r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}, {}),
     "prefix": ({"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16,
@@ -354,6 +377,9 @@ FSDP_RUNS = {  # name: (adapter keys, model keys)
     "bottleneck": ({"method": "bottleneck", "r": 4, "lora_dropout": None, "target_modules": None}, {}),
     # FSDP + QLoRA: the nf4 weights stored as bfloat16 shard with the (bfloat16) norms and embeddings
     "qlora": ({"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"}, {"dtype": "bfloat16", "quantization": "nf4"}),
+    # FSDP2 (fsdp_version: 2) shards per parameter: IA3's vectors may sit beside frozen weights
+    "lora-fsdp2": ({"r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"}, {}, 2),
+    "ia3-fsdp2": ({"method": "ia3", "r": None, "lora_dropout": None, "target_modules": None}, {}, 2),
 }
 
 
@@ -362,12 +388,12 @@ FSDP_RUNS = {  # name: (adapter keys, model keys)
 def test_fsdp_on_cpu_matches_one_process_and_resumes_exactly(setup, tmp_path, name):
     """accelerate runs FSDP on GPUs only; tests/fsdp_check.py builds the same wrapping with torch on CPU and runs
     lorakit's gather / save / checkpoint / resume code on it (one step == one process; 2 + resume + 2 == 4)."""
-    adapter, model = FSDP_RUNS[name]
+    adapter, model, *version = FSDP_RUNS[name]
     recipe = recipe_dict(setup["model"], setup["root"] / "train.jsonl", tmp_path / "unused", adapter=adapter)
     recipe["model"].update(model)
     path = write_recipe(tmp_path / "fsdp.yaml", recipe)
     result, _ = _run([_bin("torchrun"), "--standalone", "--nproc-per-node", "2",
-                      str(ROOT / "tests" / "fsdp_check.py"), str(path), str(tmp_path / "out")])
+                      str(ROOT / "tests" / "fsdp_check.py"), str(path), str(tmp_path / "out"), str(*version or [1])])
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "fsdp-vs-single" in result.stdout and "fsdp-resume" in result.stdout
 
