@@ -19,8 +19,8 @@ then one call, carry [".whl"], timeout_s 540:
 
 What it runs on recipes/smoke.yaml's tiny model, in bf16 on the GPU: one process; FSDP through `accelerate
 launch --config_file recipes/accelerate/fsdp.yaml --num_processes 1` (the wrapping, gathering, checkpoint and
-resume code CPU runs cannot reach, as accelerate enables FSDP on GPUs only); the same with fsdp-qlora.yaml and
-an nf4 base. Each FSDP run is also killed while writing its step-4 checkpoint and resumed, and its adapter
+resume code CPU runs cannot reach, as accelerate enables FSDP on GPUs only); the same with fsdp2.yaml, and with
+fsdp-qlora.yaml and an nf4 base. Each FSDP run is also killed while writing its step-4 checkpoint and resumed, and its adapter
 compared with the uninterrupted run's. One line per run goes to OUT/gpu_check.txt: copy them into
 docs/scaling.md.
 """
@@ -55,6 +55,7 @@ def main(out: Path) -> None:
     runs = {
         "one process": [sys.executable, *train],
         "fsdp": [*launch, str(ROOT / "recipes/accelerate/fsdp.yaml"), *train],
+        "fsdp2": [*launch, str(ROOT / "recipes/accelerate/fsdp2.yaml"), *train],
         "fsdp-qlora": [*launch, str(ROOT / "recipes/accelerate/fsdp-qlora.yaml"), *train,
                        "--set", "model.quantization=nf4"],
     }
