@@ -258,6 +258,9 @@ def check_finite(model, optimizer, step: int, adapter_state: dict | None = None,
     moments = optimizer.state.values() if optimizer_state is None else optimizer_state.get("state", {}).values()
     named += [(f"optimizer state {k}", v) for s in moments for k, v in s.items()]
     for name, t in named:
+        # Of an FSDP2 DTensor, this process's shard: this runs on rank 0 alone, and nothing here may need the
+        # other ranks (tests/fsdp_check.py checks that it returns while they wait on a file, not a collective).
+        t = t.to_local() if hasattr(t, "to_local") else t
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteLossError(
                 f"step {step}: {name} holds NaN/Inf; refusing to save it (earlier checkpoints are kept). Likely "

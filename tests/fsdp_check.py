@@ -16,12 +16,13 @@ usage: fsdp_check.py RECIPE.yaml OUT_DIR [VERSION]
 """
 
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from lorakit.checkpoint import list_checkpoints, restore_adapter, verify_checkpoint
+from lorakit.checkpoint import check_finite, list_checkpoints, restore_adapter, verify_checkpoint
 from lorakit.data import StepSampler, collate, load_datasets
 from lorakit.distributed import build_accelerator, gather_adapter, optimizer_state
 from lorakit.model import build_model, load_tokenizer, resolve_model_path
@@ -149,6 +150,18 @@ def main(recipe_path: str, out: str, version: int = 1) -> None:
             assert start.step == 2
             run_steps(sharded, optimizer, scheduler, mine, num_items, 2)
         states[label] = (gather_adapter(sharded), optimizer_state(sharded, optimizer))
+    # As the final save does, on rank 0 alone: no collective may hide in it (FSDP2's moments are DTensors). The
+    # other rank waits on a file, not a collective that a stray one on rank 0 could pair with.
+    done = Path(out) / "check_finite.done"
+    if rank == 0:
+        check_finite(sharded, optimizer, 4, states["resumed"][0])
+        done.touch()
+    else:
+        deadline = time.monotonic() + 60
+        while not done.exists():
+            assert time.monotonic() < deadline, "rank 0 is stuck in check_finite (a collective on one rank)"
+            time.sleep(0.1)
+    dist.barrier()
     if rank == 0:
         (a, oa), (b, ob) = states["straight"], states["resumed"]
         trainable = {n: s for n, s in checkpoint.state["trainable"]}
