@@ -24,13 +24,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lorakit import bottleneck
+from lorakit import bottleneck, distributed
 from lorakit.atomic import fsync_files, replace_dir
-from lorakit.distributed import load_optimizer_state, save_adapter_weights
 from lorakit.errors import CheckpointError, NonFiniteLossError
 
 FORMAT = "lorakit-checkpoint"
-FORMAT_VERSION = 1
+# 2: the optimizer state is keyed by parameter name (with or without FSDP); 1 keyed it by index (still read).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ADAPTER = "adapter"
 STATE = "trainer_state.json"
@@ -179,8 +179,7 @@ def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Pat
             "grad_accum": sampler.grad_accum,
         },
         "world_size": sampler.world_size,
-        # FSDP checkpoints hold the optimizer state keyed by parameter name, the others by index: not interchangeable.
-        "fsdp": adapter_state is not None,
+        "fsdp": adapter_state is not None,  # for the record: a checkpoint resumes with or without FSDP
         # metrics.jsonl is cut back to this length on resume, so the log continues as if never stopped.
         "metrics_bytes": metrics_path.stat().st_size if metrics_path.is_file() else 0,
         "trainable": trainable,
@@ -193,11 +192,11 @@ def write_checkpoint(
 ) -> Path:
     """Write DIR/checkpoints/step-NNNNNN atomically, then drop the oldest beyond keep_last; returns its path.
 
-    Under FSDP the caller gathers the shards first (every rank takes part) and passes them: ``adapter_state``
-    (distributed.gather_adapter) and ``optimizer_state`` (distributed.optimizer_state); otherwise both are
-    read from ``model`` and ``optimizer``.
+    The caller gathers what every rank must take part in (train.save_checkpoint) and passes it: under FSDP
+    ``adapter_state`` (distributed.gather_adapter), and ``optimizer_state`` (distributed.optimizer_state);
+    without them both are read from ``model`` and ``optimizer`` (one process).
     """
-    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    optimizer_state = distributed.optimizer_state(model, optimizer) if optimizer_state is None else optimizer_state
     check_finite(model, optimizer, step, adapter_state, optimizer_state)
     final = root / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -205,7 +204,7 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _fault("adapter", step)
-        save_adapter_weights(model, tmp / ADAPTER, adapter_state)
+        distributed.save_adapter_weights(model, tmp / ADAPTER, adapter_state)
         if _projected_prefix(model):
             _write_prompt_encoder(model, tmp / ADAPTER / PROMPT_ENCODER, adapter_state)
         _fault("optimizer", step)
@@ -248,6 +247,15 @@ def _write_prompt_encoder(model, path: Path, adapter_state: dict | None) -> None
     save_file(tensors, str(path))
 
 
+def _leaves(state: dict, prefix: str = ""):
+    """(name, value) of a per-parameter optimizer state, nested dicts (bitsandbytes' quantization state) opened."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def check_finite(model, optimizer, step: int, adapter_state: dict | None = None,
                  optimizer_state: dict | None = None) -> None:
     """No non-finite weight or optimizer moment is ever written (the gathered ones when given)."""
@@ -256,7 +264,7 @@ def check_finite(model, optimizer, step: int, adapter_state: dict | None = None,
     else:
         named = list(adapter_state.items())
     moments = optimizer.state.values() if optimizer_state is None else optimizer_state.get("state", {}).values()
-    named += [(f"optimizer state {k}", v) for s in moments for k, v in s.items()]
+    named += [(f"optimizer state {k}", v) for s in moments for k, v in _leaves(s)]
     for name, t in named:
         # Of an FSDP2 DTensor, this process's shard: this runs on rank 0 alone, and nothing here may need the
         # other ranks (tests/fsdp_check.py checks that it returns while they wait on a file, not a collective).
@@ -473,8 +481,8 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
 def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, say, fsdp: bool = False) -> bool:
     """Refuse (exit 4) a resume under a changed recipe or world size unless allowed; True when something changed.
 
-    A change between FSDP and no FSDP is refused whatever is allowed: their optimizer states are stored
-    differently (by parameter name, by index)."""
+    With or without FSDP makes no difference (the optimizer state is keyed by parameter name), except for a
+    format-1 checkpoint, keyed by index, which FSDP cannot take."""
     import yaml
 
     from lorakit.errors import RecipeError
@@ -487,12 +495,10 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     except (RecipeError, yaml.YAMLError, AttributeError):
         pass  # compare what is there; every difference is listed
     changes = recipe_changes(old if isinstance(old, dict) else {}, recipe.model_dump(mode="json"))
-    saved_fsdp = bool(ckpt.state.get("fsdp", False))
-    if saved_fsdp != fsdp:
-        how = lambda sharded: "under FSDP" if sharded else "without FSDP (one process or DDP)"  # noqa: E731
+    if fsdp and ckpt.manifest.get("format_version", 1) < 2:
         raise CheckpointError(
-            f"{ckpt.path}: cannot resume {how(fsdp)} a checkpoint written {how(saved_fsdp)}: the optimizer "
-            "state is stored differently; resume with the launcher and accelerate config that wrote it"
+            f"{ckpt.path}: written by an older lorakit, with the optimizer state keyed by index, which FSDP cannot "
+            "shard; resume it without FSDP (one process or DDP), or start over"
         )
     saved_world = ckpt.state.get("world_size")
     if saved_world != world_size:
@@ -533,7 +539,7 @@ def restore_training_state(
     state = ckpt.state
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
-        load_optimizer_state(model, optimizer, _read_piece(ckpt.path, "optimizer"))
+        distributed.load_optimizer_state(model, optimizer, _read_piece(ckpt.path, "optimizer"))
         if changed:
             for group, fresh in zip(optimizer.param_groups, hyper):
                 group.update(fresh)

@@ -212,22 +212,21 @@ def save_adapter_weights(model, out, state_dict: dict | None = None) -> None:
 
 
 def optimizer_state(model, optimizer) -> dict:
-    """The optimizer's state to checkpoint: its own state_dict, or under FSDP the full (unsharded) one keyed by
-    parameter name, on rank 0 (a collective; the other ranks get an empty dict)."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper → the torch optimizer
-    if not is_sharded(model):
-        return optimizer.state_dict()
+    """The optimizer's whole state keyed by parameter name (torch.distributed.checkpoint's full optimizer state
+    dict), the same with or without FSDP, so a checkpoint resumes under either. Every rank must call it (under
+    FSDP it gathers the shards); from GPU shards it is offloaded to host memory and rank 0 alone gets it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    # Offloaded to host memory from GPUs (then on rank 0 only); CPU shards are whole on every rank already.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=_on_gpu(model))
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper → the torch optimizer
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model) and _on_gpu(model))
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
-    """Load what optimizer_state saved; under FSDP every rank takes its shard of the full state."""
+    """Load what optimizer_state saved into this rank's optimizer (its shard under FSDP). A state keyed by
+    parameter index (checkpoint format 1, written without FSDP) goes to the optimizer as it is."""
     optimizer = getattr(optimizer, "optimizer", optimizer)
-    if not is_sharded(model):
+    if all(isinstance(k, int) for k in state.get("state", {})) and not is_sharded(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -10,7 +10,8 @@ code with it:
    distributed.gather_adapter and saved by train.save_adapter is that process's adapter;
 2. a resumable checkpoint: 2 AdamW steps, train.save_checkpoint, a fresh model restored the way `lorakit train
    --resume` restores it (checkpoint.restore_adapter before wrapping, train.resume_state after), 2 more steps
-   == 4 uninterrupted steps (adapter and optimizer state); the checkpoint holds whole, unsharded tensors.
+   == 4 uninterrupted steps (adapter and optimizer state); the checkpoint holds whole, unsharded tensors; the
+   same from the checkpoint of an unsharded run (checkpoints do not depend on FSDP).
 
 usage: fsdp_check.py RECIPE.yaml OUT_DIR [VERSION]
 """
@@ -122,24 +123,29 @@ def main(recipe_path: str, out: str, version: int = 1) -> None:
         assert moved > 1e-4 and diff < 1e-5
     dist.barrier()
 
-    # 2. A resumable checkpoint at step 2 of 4.
-    paths = RunPaths(Path(out) / "run")
+    # 2. A resumable checkpoint at step 2 of 4, written sharded, or by an unsharded run (each rank the whole batch):
+    # checkpoints are the same with or without FSDP, so either resumes sharded.
     sampler = StepSampler(num_examples=len(examples), micro_batch_size=2, grad_accum=1, seed=recipe.train.seed,
                           world_size=world, rank=rank)
-    states = {}
-    for label, seed in (("straight", 0), ("resumed", 0)):
-        torch.manual_seed(seed)
-        sharded = shard(build_model(recipe, model_path), version)
+    states, checkpoints = {}, {}
+    for label in ("straight", "resumed", "from-unsharded"):
+        torch.manual_seed(0)
+        model = build_model(recipe, model_path)
+        sharded = model if label == "from-unsharded" else shard(model, version)
         optimizer = build_optimizer(sharded, recipe.train)
         scheduler = build_scheduler(optimizer, recipe.train, 4)
         if label == "straight":
             run_steps(sharded, optimizer, scheduler, mine, num_items, 4)
         else:
-            run_steps(sharded, optimizer, scheduler, mine, num_items, 2)
+            if label == "from-unsharded":
+                run_steps(model, optimizer, scheduler, batches, total, 2)
+            else:
+                run_steps(sharded, optimizer, scheduler, mine, num_items, 2)
+            paths = RunPaths(Path(out) / label)
             save_checkpoint(accelerator, sharded, optimizer, scheduler, recipe, paths, sampler, 2, 0)
             (_, path), = list_checkpoints(paths.checkpoints)
-            checkpoint = verify_checkpoint(path)
-            assert checkpoint.state["fsdp"] and checkpoint.state["world_size"] == world
+            checkpoint = checkpoints[label] = verify_checkpoint(path)
+            assert checkpoint.state["fsdp"] == (label == "resumed") and checkpoint.state["world_size"] == world
             torch.manual_seed(1)  # another initial adapter: the checkpoint must replace it
             fresh = build_model(recipe, model_path)
             restore_adapter(checkpoint, model=fresh, sampler=sampler, changed=False, say=say)
@@ -163,14 +169,17 @@ def main(recipe_path: str, out: str, version: int = 1) -> None:
             time.sleep(0.1)
     dist.barrier()
     if rank == 0:
-        (a, oa), (b, ob) = states["straight"], states["resumed"]
-        trainable = {n: s for n, s in checkpoint.state["trainable"]}
-        assert a.keys() == trainable.keys() and all(list(v.shape) == trainable[k] for k, v in a.items())
-        whole = {p: s["exp_avg"].shape for p, s in _read_optimizer(path)["state"].items() if "exp_avg" in s}
-        assert whole and all(list(shape) == trainable[p] for p, shape in whole.items()), "unsharded moments"
-        diff, moments = max_diff(a, b), max_diff(flat_moments(oa), flat_moments(ob))
-        say(f"fsdp-resume max|diff| adapter {diff:.3g}, optimizer state {moments:.3g}", flush=True)
-        assert diff < 1e-6 and moments < 1e-6
+        a, oa = states["straight"]
+        for label, checkpoint in checkpoints.items():
+            trainable = {n: s for n, s in checkpoint.state["trainable"]}
+            assert a.keys() == trainable.keys() and all(list(v.shape) == trainable[k] for k, v in a.items())
+            saved = _read_optimizer(checkpoint.path)["state"]
+            whole = {p: s["exp_avg"].shape for p, s in saved.items() if "exp_avg" in s}
+            assert whole and all(list(shape) == trainable[p] for p, shape in whole.items()), "unsharded moments"
+            b, ob = states[label]
+            diff, moments = max_diff(a, b), max_diff(flat_moments(oa), flat_moments(ob))
+            say(f"fsdp-resume ({label}) max|diff| adapter {diff:.3g}, optimizer state {moments:.3g}", flush=True)
+            assert diff < 1e-6 and moments < 1e-6
     dist.barrier()
     dist.destroy_process_group()
 

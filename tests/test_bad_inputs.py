@@ -81,6 +81,17 @@ class Ctx:
         return ["train", self.run_recipe, "--resume", checkpoint, *extra]
 
 
+def _rename_optimizer_param(checkpoint: Path) -> None:
+    """The optimizer state of a parameter this model does not have (states are keyed by parameter name)."""
+    path = checkpoint / "optimizer.json"
+    data = json.loads(path.read_text())
+    old = next(iter(data["state"]))
+    data["state"]["base_model.model.no_such.weight"] = data["state"].pop(old)
+    data["param_groups"][0]["params"] = [
+        "base_model.model.no_such.weight" if n == old else n for n in data["param_groups"][0]["params"]]
+    path.write_text(json.dumps(data))
+
+
 def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
@@ -257,9 +268,9 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("ckpt-world-size-changed", 4,
      lambda c: c.resume(c.damaged_checkpoint(lambda p: _edit_json(p / "trainer_state.json", world_size=2), rehash=True)),
      ("world size (processes): 2 → 1",)),
-    ("ckpt-written-under-fsdp", 4,
-     lambda c: c.resume(c.damaged_checkpoint(lambda p: _edit_json(p / "trainer_state.json", fsdp=True), rehash=True)),
-     ("written under FSDP", "optimizer state is stored differently")),
+    ("ckpt-optimizer-of-other-params", 4,
+     lambda c: c.resume(c.damaged_checkpoint(_rename_optimizer_param, rehash=True)),
+     ("optimizer or scheduler state does not fit this run",)),
     ("ckpt-data-changed", 4, lambda c: c.resume(c.damaged_checkpoint(
         lambda p: _edit_json(p / "trainer_state.json", data={"num_examples": 99}), rehash=True)),
      ("training data changed", "99 examples then")),

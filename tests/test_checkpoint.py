@@ -67,14 +67,45 @@ def peft_parts(tiny_model_dir):
     return model, opt, sched
 
 
-def save(root, step, parts, keep_last=2):
+def save(root, step, parts, keep_last=2, **kwargs):
     model, opt, sched = parts
     state = {"step": step, "tokens_seen": 10 * step, "world_size": 1, "metrics_bytes": 0,
              "trainable": [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad]}
     return ckpt.write_checkpoint(
         root, step, model=model, optimizer=opt, scheduler=sched, scaler=None, rng_states=[ckpt.capture_rng()],
-        state=state, recipe_text="model: {}\n", keep_last=keep_last,
+        state=state, recipe_text="model: {}\n", keep_last=keep_last, **kwargs,
     )
+
+
+@pytest.mark.parametrize("format_version", [1, 2])
+def test_optimizer_state_by_name_and_format_1_by_index(tmp_path, peft_parts, format_version):
+    """Format 2 keys the optimizer state by parameter name (the same with FSDP); format 1 keyed it by index and
+    still resumes without FSDP, while FSDP refuses it."""
+    model, opt, sched = peft_parts
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    legacy = {"optimizer_state": opt.state_dict()} if format_version == 1 else {}
+    path = save(tmp_path, 3, peft_parts, **legacy)
+    saved = ckpt._read_piece(path, "optimizer")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert list(saved["state"]) == (list(range(len(names))) if format_version == 1 else names)
+    if format_version == 1:
+        manifest = json.loads((path / "manifest.json").read_text())
+        (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    checkpoint = ckpt.verify_checkpoint(path)
+    fresh = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0)  # as resuming builds it, before loading
+    ckpt.restore_training_state(checkpoint, model=model, optimizer=fresh, scheduler=schedule, scaler=None, rank=0,
+                                changed=False)
+    for a, b in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    if format_version == 1:
+        from lorakit.recipe import parse_recipe
+
+        recipe = parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t"}, "train": {"max_steps": 1}})
+        with pytest.raises(CheckpointError, match="keyed by index, which FSDP cannot shard"):
+            ckpt.check_resume(checkpoint, recipe, 1, True, print, fsdp=True)
 
 
 def test_checkpoint_is_complete_and_verified(tmp_path, peft_parts):
