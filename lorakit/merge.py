@@ -443,6 +443,19 @@ def verify_merge(adapter: Adapter, base_dir: Path, merged_dir: Path, plan: Merge
 # The output directory, written atomically
 
 
+def _recover_interrupted(out: Path, log: Callable[[str], None]) -> None:
+    """A merge killed while publishing (atomic.replace_dir) may have left the previous OUT set aside as
+    .OUT.lorakit-old-PID: put it back where OUT is missing, delete it where the new OUT made it in."""
+    for aside in sorted(out.parent.glob(f".{out.name}.lorakit-old-*")) if out.parent.is_dir() else []:
+        if _pid_alive(aside.name.rsplit("-", 1)[-1]):
+            continue  # a merge running now
+        if out.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(out)
+            log(f"restored {out} from an interrupted merge (it had been set aside as {aside.name})")
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty OUT without --overwrite, before any work is done."""
     if out.exists() and not out.is_dir():
@@ -513,6 +526,7 @@ def merge_adapter(
     except ValueError:
         raise UsageError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB or 500MB") from None
     out = Path(output_dir).resolve()
+    _recover_interrupted(out, log)
     _check_output(out, overwrite)
     adapter = read_mergeable_adapter(adapter_dir, allow_pickle)
     base_dir = resolve_base(adapter, base)
