@@ -130,12 +130,15 @@ def prepare_fsdp(accelerator, model) -> None:
 
 
 def is_sharded(model) -> bool:
-    """Whether ``model`` (as accelerator.prepare returned it) has its weights sharded by FSDP (version 1: a
-    FullyShardedDataParallel root; version 2: modules fully_shard turned into FSDPModules)."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    """Whether FSDP shards ``model``'s weights (as accelerator.prepare returned it, or unwrapped): it is or holds
+    FullyShardedDataParallel units (version 1) or modules fully_shard turned into FSDPModules (version 2)."""
+    import torch
 
-    return isinstance(model, FSDP) or any(isinstance(m, FSDPModule) for m in model.modules())
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 def gather_adapter(model) -> dict | None:

@@ -86,7 +86,9 @@ def head_unusable(model) -> str:
     method = prompt_learning_method(model)
     if method:
         return f"{method} tuning adds virtual tokens inside the forward"
-    if _sharded(model):
+    from lorakit.distributed import is_sharded
+
+    if is_sharded(model):
         return "the model is sharded (FSDP): its head's weight is whole only inside the forward"
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or isinstance(head, BaseTunerLayer):
@@ -105,13 +107,6 @@ def prompt_learning_method(model) -> str:
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
     return config.peft_type.value.lower() if config is not None and config.is_prompt_learning else ""
 
-
-def _sharded(model) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel  # FSDP2, FSDP1
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 @torch.no_grad()
