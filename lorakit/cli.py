@@ -15,6 +15,7 @@ from typing import Callable, List, Optional
 import typer
 
 from lorakit import __version__
+from lorakit.console import debugging
 from lorakit.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_UNEXPECTED, LorakitError
 
 app = typer.Typer(
@@ -25,7 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-_state = {"debug": False}
 
 
 def _exit_codes_epilog() -> str:
@@ -51,7 +51,7 @@ def command(*args, **kwargs) -> Callable:
             except typer.Exit:
                 raise
             except LorakitError as e:
-                if _state["debug"]:
+                if debugging():
                     traceback.print_exc()
                 fail(e.exit_code, _escape(str(e)))
             except KeyboardInterrupt:
@@ -59,7 +59,7 @@ def command(*args, **kwargs) -> Callable:
                 # handle Ctrl-C themselves: lorakit/interrupt.py), so a Ctrl-C that gets here saved nothing.
                 fail(EXIT_INTERRUPTED, "interrupted before anything was saved; rerun the same command")
             except Exception as e:  # a bug: say so in one line unless --debug
-                if _state["debug"]:
+                if debugging():
                     traceback.print_exc()
                     raise typer.Exit(EXIT_UNEXPECTED)
                 fail(
@@ -96,7 +96,6 @@ def main(
 ) -> None:
     from lorakit.console import configure
 
-    _state["debug"] = debug
     configure(quiet=quiet, json_logs=json_logs, debug=debug)
 
 

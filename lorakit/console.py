@@ -68,6 +68,11 @@ def configure(*, quiet: bool = False, json_logs: bool = False, debug: bool = Fal
     logging.captureWarnings(True)
 
 
+def debugging() -> bool:
+    """Whether --debug is on (tracebacks for errors, every library warning)."""
+    return _mode["debug"]
+
+
 def adopt_transformers_output() -> None:
     """Once transformers is imported: library warnings go through lorakit only, their progress bars stay off.
 
