@@ -58,3 +58,10 @@ def test_unexpected_error_is_one_line_exit_1(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "unexpected failure: RuntimeError: kaboom (rerun with --debug" in result.output
     assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback_with_the_same_exit_code(tmp_path):
+    result = runner.invoke(app, ["--debug", "validate", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "Traceback" in result.output and "not found" in result.output
+    result = runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")])  # --debug does not stick
+    assert result.exit_code == 2 and "Traceback" not in result.output
