@@ -36,16 +36,24 @@ def build_accelerator(cfg: TrainSection):
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
-    try:
-        return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
-    except RuntimeError as e:
-        if "no available devices" not in str(e):
-            raise
-        # An accelerate config for GPUs (MULTI_GPU, FSDP: use_cpu false) launched where torch sees none.
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def check_launch(recipe: Recipe) -> None:
+    """Before the Accelerator is built: what the launcher asked for (accelerate launch exports its config as
+    ACCELERATE_* / FSDP_* variables, which the Accelerator then reads) that this recipe or machine cannot run."""
+    if not fsdp_requested():
+        return
+    check_fsdp(recipe, os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower())
+    import torch
+
+    explicit_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if not torch.cuda.is_available() and not explicit_cpu:
+        # An FSDP config (use_cpu: false) launched where torch sees no GPU.
         raise UsageError(
             "accelerate launch: the accelerate config asks for GPUs, but torch sees none here; on CPU run DDP "
             "with `lorakit train RECIPE --nproc N` (FSDP runs on GPUs only), or check CUDA_VISIBLE_DEVICES"
-        ) from None
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,6 +300,8 @@ def _is_collective_failure(e: BaseException) -> bool:
     import torch.distributed as dist
 
     # gloo raises plain RuntimeErrors that name it; NCCL and the process group raise DistError subclasses.
+    # The message match stays: a gloo failure (a peer that closed its connection) has no type or attribute of
+    # its own, and this only decides how a failure that already ended the run is worded, never whether it does.
     return isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "ProcessGroup"))
 
 

@@ -27,10 +27,13 @@ class Finding:
 
 
 def check_versions() -> list[Finding]:
-    """Python and every requirement of lorakit (as installed) against the ranges lorakit declares."""
+    """Python and every requirement of lorakit (as installed) against the ranges lorakit declares and the
+    versions its test suite passed with (the lock shipped in the package, lorakit/lock.txt)."""
     import platform
 
     from packaging.requirements import Requirement
+
+    from lorakit.versions import canonical, lock_path, newer_than_tested, read_lock
 
     findings = [Finding("python", OK, platform.python_version())]
     try:
@@ -38,6 +41,12 @@ def check_versions() -> list[Finding]:
         requires = metadata.requires("lorakit") or []
     except metadata.PackageNotFoundError:
         return findings + [Finding("lorakit", FAIL, "not installed as a package", "pip install -e . in the repository")]
+    try:
+        tested = read_lock()
+    except (OSError, ValueError) as e:
+        tested = {}
+        findings.append(Finding("lock", WARN, f"cannot read the tested versions ({lock_path()}): {e}",
+                                "reinstall lorakit"))
     for line in requires:
         req = Requirement(line)
         extra = next((e for e in OPTIONAL_EXTRAS if req.marker and req.marker.evaluate({"extra": e})), None)
@@ -52,11 +61,16 @@ def check_versions() -> list[Finding]:
             else:
                 findings.append(Finding(req.name, FAIL, "not installed", f"pip install '{req.name}{req.specifier}'"))
             continue
+        locked = tested.get(canonical(req.name))
+        detail = f"{version} (tested with {locked})" if locked else f"{version} (not in the tested lock)"
         if req.specifier and not req.specifier.contains(version, prereleases=True):
             findings.append(Finding(req.name, FAIL, f"{version} is outside the supported range {req.specifier}",
                                     f"pip install '{req.name}{req.specifier}'"))
+        elif locked and (newer := newer_than_tested(version, locked)):
+            findings.append(Finding(req.name, WARN, f"{detail}: a newer {newer} release than lorakit was tested with",
+                                    f"if something breaks: pip install '{req.name}=={locked}' (or make install)"))
         else:
-            findings.append(Finding(req.name, OK, version))
+            findings.append(Finding(req.name, OK, detail))
     return findings
 
 

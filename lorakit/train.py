@@ -35,10 +35,9 @@ from lorakit.console import adopt_transformers_output, console, progress_bar, sa
 from lorakit.data import IGNORE_INDEX, Datasets, StepSampler, collate, load_datasets
 from lorakit.distributed import (
     build_accelerator,
-    check_fsdp,
+    check_launch,
     eval_shards,
     fault_injector,
-    fsdp_requested,
     gather_adapter,
     idle_batch,
     optimizer_state,
@@ -128,10 +127,9 @@ def run_training(
     started = time.time()
     adopt_transformers_output()
     paths = RunPaths(Path(recipe.output.dir))
+    check_launch(recipe)  # from the launcher's environment, before the Accelerator exists
     accelerator = build_accelerator(recipe.train)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp_requested():
-        check_fsdp(recipe, accelerator.mixed_precision)
     if accelerator.is_main_process:
         check_output_dir(paths.root, resume=resume, overwrite=overwrite)
     set_seed(recipe.train.seed)

