@@ -1,3 +1,3 @@
-from lorakit.cli import run
+from lorakit.cli.main import run
 
 run()

@@ -30,7 +30,7 @@ KNOWN_NOISE = (
     re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community"),
     # PEFT 0.21 calls a transformers 5 API deprecated in favour of is_activation_checkpointing.
     re.compile(r"`is_gradient_checkpointing` is deprecated"),
-    # torch 2.13 under FSDP1 saves (lorakit.distributed): deprecation notes about the APIs it gathers with.
+    # torch 2.13 under FSDP1 saves (lorakit.distributed.fsdp): deprecation notes about the APIs it gathers with.
     re.compile(r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\) are being deprecated"),
     re.compile(r"`_get_pg_default_device` will be deprecated|Multiple backends are registered with this ProcessGroup"),
 )

@@ -134,7 +134,7 @@ def adapter_loss_gain(model_dir: str | Path, adapter_dir: str | Path, data_path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit.data import collate, tokenize_rows
-    from lorakit.recipe import DataSection
+    from lorakit.config.schema import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     rows = [json.loads(line) for line in Path(data_path).read_text().splitlines() if line.strip()]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Measure training memory and compare it with `lorakit estimate-memory`'s estimate.
 
-Runs real optimizer steps as lorakit's loop takes them (2 micro-batches through lorakit.loss, forward +
-backward, clipping, AdamW) of models built by lorakit's own builder (lorakit.model.build_model: bitsandbytes
+Runs real optimizer steps as lorakit's loop takes them (2 micro-batches through lorakit.training.loss, forward +
+backward, clipping, AdamW) of models built by lorakit's own builder (lorakit.models.loading.build_model: bitsandbytes
 base, k-bit preparation, checkpointing, PEFT adapter) over a grid of model sizes × sequence lengths ×
 {lora, qlora} × checkpointing off/on, and prints estimate/measured ratios.
 
@@ -119,7 +119,7 @@ VARIANTS = {
 
 
 def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, dtype: str, variant: dict = None):
-    from lorakit.recipe import parse_recipe
+    from lorakit.config.schema import parse_recipe
 
     variant = variant or {}
     return parse_recipe({
@@ -133,9 +133,9 @@ def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, 
 
 
 def estimate_for(recipe, device: str, full: bool = False) -> int:
-    from lorakit.memory import Settings, estimate
-    from lorakit.memory_profile import inspect_model
-    from lorakit.presets import load_model_config
+    from lorakit.memory.estimate import Settings, estimate
+    from lorakit.memory.profile import inspect_model
+    from lorakit.models.presets import load_model_config
 
     config, source = load_model_config(recipe.model.name_or_path)
     profile = inspect_model(config, recipe.adapter, recipe.model.name_or_path, source)
@@ -152,7 +152,7 @@ def estimate_for(recipe, device: str, full: bool = False) -> int:
 
 
 def optimizer_step(model, optimizer, compute_loss, batches) -> None:
-    """One step as lorakit's loop takes it: micro-batches through lorakit.loss, clipping, AdamW."""
+    """One step as lorakit's loop takes it: micro-batches through lorakit.training.loss, clipping, AdamW."""
     num_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
     for batch in batches:
         loss = compute_loss(model, batch, num_items)
@@ -166,7 +166,7 @@ def full_model(recipe):
     """Full fine-tuning (not a lorakit method, but a row of the comparison table): every weight trains."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.model import enable_activation_checkpointing, resolve_dtype
+    from lorakit.models.loading import enable_activation_checkpointing, resolve_dtype
 
     model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=resolve_dtype(recipe.model.dtype))
     model.config.use_cache = False
@@ -176,8 +176,8 @@ def full_model(recipe):
 
 
 def measure(recipe, device: str, full: bool = False) -> int:
-    from lorakit.loss import build_loss
-    from lorakit.model import build_model
+    from lorakit.training.loss import build_loss
+    from lorakit.models.loading import build_model
 
     model = (full_model(recipe) if full else build_model(recipe)).to(device)
     model.train()

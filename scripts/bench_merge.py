@@ -63,7 +63,7 @@ def measure(cmd: list[str]) -> tuple[float, int]:
 
 def max_difference(a: Path, b: Path) -> tuple[float, int]:
     """Largest |a - b| over every tensor, read one tensor at a time; and how many tensors were compared."""
-    from lorakit.weights_io import TensorReader, list_tensors
+    from lorakit.merge.weights_io import TensorReader, list_tensors
 
     theirs = {t.key: t for t in list_tensors(b)}
     worst, count = 0.0, 0

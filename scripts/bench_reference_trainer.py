@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from lorakit.data import StepSampler, load_datasets
-from lorakit.recipe import DataSection
+from lorakit.config.schema import DataSection
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ the repeats and the ratios lorakit/reference are reported for:
 - supervised tokens/s: supervised (non-pad, unmasked) targets / wall seconds of the training loop
   (model loading excluded); also per CPU-second, which is steadier when other processes share the CPU;
 - peak memory: peak RSS of the process (CPU) or CUDA max allocated (GPU), and, in one extra run per side
-  under lorakit.perf.TensorMemoryTracker, the peak of tensors allocated by torch ops;
+  under lorakit.training.perf.TensorMemoryTracker, the peak of tensors allocated by torch ops;
 - loss: of the last 3 training steps, and on 32 held-out rows after training (token-weighted, the same rows
   for both sides). The two must agree within noise; when lorakit groups micro-batches by length its steps
   hold other examples than the reference's, so the held-out loss is the like-for-like one.
@@ -138,7 +138,7 @@ def child(kind: str, result: Path, track: bool, argv: list[str]) -> int:
     """Run one side in this process; write its peak memory to ``result``."""
     import torch
 
-    from lorakit.perf import TensorMemoryTracker
+    from lorakit.training.perf import TensorMemoryTracker
 
     sys.path.insert(0, str(ROOT / "scripts"))
     tracker = TensorMemoryTracker() if track else None
@@ -147,7 +147,7 @@ def child(kind: str, result: Path, track: bool, argv: list[str]) -> int:
         tracker.__enter__()
     try:
         if kind == "lorakit":
-            from lorakit.cli import app
+            from lorakit.cli.main import app
 
             try:
                 app(args=argv, prog_name="lorakit")
@@ -230,10 +230,10 @@ def first_steps(recipe: dict):
     process the way each side builds them: lorakit's batching decision and chunked loss, against padded
     micro-batches in plain random order and the model's own loss."""
     from lorakit.data import StepSampler, load_datasets
-    from lorakit.loss import build_loss, plain_loss
-    from lorakit.model import build_model, load_tokenizer, resolve_model_path
-    from lorakit.perf import choose_batching
-    from lorakit.recipe import parse_recipe
+    from lorakit.training.loss import build_loss, plain_loss
+    from lorakit.models.loading import build_model, load_tokenizer, resolve_model_path
+    from lorakit.training.perf import choose_batching
+    from lorakit.config.schema import parse_recipe
 
     parsed = parse_recipe(recipe)
     tokenizer = load_tokenizer(parsed.model, resolve_model_path(parsed.model))
@@ -260,7 +260,7 @@ def step_flops(recipe: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from lorakit.data import collate
-    from lorakit.perf import Work
+    from lorakit.training.perf import Work
 
     model, tokenizer, sides = first_steps(recipe)
     out = {}
@@ -292,7 +292,7 @@ def profile_step(recipe: dict, repeats: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from lorakit.data import collate
-    from lorakit.perf import Work
+    from lorakit.training.perf import Work
 
     model, tokenizer, sides = first_steps(recipe)
     out = {}

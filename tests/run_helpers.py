@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import yaml
@@ -44,7 +46,7 @@ def cli(*args: str):
     """Run the CLI in this process; returns typer's Result (exit_code, output with stderr mixed in)."""
     from typer.testing import CliRunner
 
-    from lorakit.cli import app
+    from lorakit.cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -80,3 +82,15 @@ def training_records(metrics: Path) -> list[dict]:
         if "loss" in record or "eval_loss" in record:
             records.append({k: v for k, v in record.items() if not k.endswith("per_s")})
     return records
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the signature and the chunk's CRC."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    body, crc = data[16:29], struct.unpack(">I", data[29:33])[0]
+    assert zlib.crc32(kind + body) == crc, "IHDR CRC mismatch"
+    assert data.endswith(b"IEND\xaeB`\x82"), "PNG is truncated"
+    return struct.unpack(">II", body[:8])

@@ -81,7 +81,7 @@ def test_newer_than_tested():
 def test_doctor_shows_the_tested_version_and_warns_on_a_newer_minor(tmp_path, monkeypatch):
     from importlib import metadata
 
-    from lorakit.doctor import OK, WARN, check_versions
+    from lorakit.tools.doctor import OK, WARN, check_versions
 
     lock = read_lock()
     accelerate, peft = metadata.version("accelerate"), metadata.version("peft")
@@ -115,14 +115,14 @@ def test_the_lock_script_reports_changes_and_failing_tests(tmp_path):
 
 
 def _recipe():
-    from lorakit.recipe import parse_recipe
+    from lorakit.config.schema import parse_recipe
 
     return parse_recipe({"model": {"name_or_path": "x"}, "data": {"train": "d.jsonl"}, "train": {"max_steps": 1}})
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where torch sees no GPU")
 def test_an_fsdp_launch_without_a_gpu_is_refused_before_the_accelerator_exists(monkeypatch):
-    from lorakit.distributed import check_launch
+    from lorakit.distributed.fsdp import check_launch
     from lorakit.errors import UsageError
 
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)

@@ -2,6 +2,7 @@
 
 Reading order: sources (rows from files, directories or the hub) → formats (a row to token ids and
 labels) → pipeline (split, length policy, accounting, cache, packing) → batching (collate, data order).
+May import lorakit.config and the bottom layer (lorakit.errors, console, atomic, paths, tokens).
 """
 
 from lorakit.data.batching import StepSampler, collate, first_fit, pack_examples

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from lorakit.data.formats import Example
-from lorakit.recipe import DataSection
+from lorakit.config.schema import DataSection
 
 CACHE_FORMAT = 1
 # Keys that act after tokenization: changing them reuses the tokenized data.
@@ -57,7 +57,7 @@ def cache_key(section: DataSection, tokenizer, template: str | None, seed: int, 
 
 
 def cache_root() -> Path:
-    from lorakit.model import cache_dir
+    from lorakit.models.loading import cache_dir
 
     return cache_dir() / "data"
 

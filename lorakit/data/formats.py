@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lorakit.data.sources import BadRowError, Row
 from lorakit.errors import UsageError
-from lorakit.recipe import DataSection
+from lorakit.config.schema import DataSection
 
 IGNORE_INDEX = -100
 

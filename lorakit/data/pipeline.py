@@ -14,7 +14,7 @@ from lorakit.data.batching import pack_examples
 from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
 from lorakit.data.sources import BadRowError, Row, content_hash, read_rows
 from lorakit.errors import DataError
-from lorakit.recipe import DataSection
+from lorakit.config.schema import DataSection
 
 PROGRESS_MIN_ROWS = 2000  # a progress bar for tokenizing at least this many rows (on a terminal)
 

@@ -63,7 +63,7 @@ def test_train_memorises_and_writes_layout(tmp_path, tiny_model_dir):
 
 
 def _tiny_recipe(model_dir, data, **adapter):
-    from lorakit.recipe import parse_recipe
+    from lorakit.config.schema import parse_recipe
 
     return parse_recipe({
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
@@ -78,8 +78,8 @@ def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorakit.model import build_model, load_tokenizer
-    from lorakit.train import save_adapter
+    from lorakit.models.loading import build_model, load_tokenizer
+    from lorakit.training.run import save_adapter
 
     data = write_memorisation_data(tmp_path / "train.jsonl")
     recipe = _tiny_recipe(tiny_model_dir, data)
@@ -140,7 +140,7 @@ def test_save_both_writes_merged_model_equal_to_adapter(tmp_path, tiny_model_dir
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
-    from lorakit.cli import app
+    from lorakit.cli.main import app
 
     data = write_memorisation_data(tmp_path / "train.jsonl")
     recipe = recipe_file(tmp_path, tiny_model_dir, data, max_steps=3)

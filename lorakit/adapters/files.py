@@ -1,0 +1,121 @@
+"""Adapter directories on disk: finding one, reading its config, record and tensors, and its recorded base.
+
+An adapter directory is PEFT's (adapter_config.json + adapter_model.safetensors) plus, when lorakit trained
+it, lorakit.json (base model, quantization, dtype, method). Shared by `lorakit merge` and `lorakit generate`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters.bottleneck import is_bottleneck_dir
+from lorakit.errors import CheckpointError, SafetyError, UsageError
+from lorakit.models.loading import resolve_model_path
+from lorakit.config.schema import ModelSection
+
+PEFT_PREFIX = "base_model.model."
+RECORD_FILE = "lorakit.json"
+
+
+def find_adapter_dir(path: str | Path, what: str) -> Path:
+    """The adapter directory at ``path``, or RUN/adapter when a run directory is given."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{what}: adapter directory {str(path)!r} not found")
+    if not _has_config(path) and _has_config(path / "adapter"):
+        path = path / "adapter"
+    if not _has_config(path):
+        raise CheckpointError(f"{what}: {path} has no adapter_config.json; give an adapter directory (RUN/adapter)")
+    return path
+
+
+def _has_config(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() or is_bottleneck_dir(path)
+
+
+def read_config(path: Path) -> dict:
+    """adapter_config.json; a bottleneck adapter (lorakit's own method) reads as {"peft_type": "BOTTLENECK"}."""
+    if is_bottleneck_dir(path):
+        return {"peft_type": "BOTTLENECK"}
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict  # adapter_config.json
+    record: dict  # lorakit.json written by `lorakit train`, or {}
+    tensors: dict[str, torch.Tensor]  # keys without PEFT's "base_model.model." prefix
+
+    @property
+    def method(self) -> str:
+        if self.config.get("peft_type") == "IA3":
+            return "ia3"
+        name = "dora" if self.config.get("use_dora") else "lora"
+        return name + ("+rslora" if self.config.get("use_rslora") else "")
+
+
+def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+    record_file = path / RECORD_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    return Adapter(path, read_config(path), record, load_adapter_tensors(path, allow_pickle))
+
+
+def load_adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").is_file():
+        raw = load_file(path / "adapter_model.safetensors")
+    elif (path / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise SafetyError(f"{path}/adapter_model.bin is a pickle file, which can run code when loaded; "
+                              "pass --allow-pickle if you trust its source")
+        raw = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{path}: no adapter_model.safetensors; is the adapter directory complete?")
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: adapter tensor {key} holds NaN or inf; the adapter is broken")
+    return tensors
+
+
+def resolve_base(adapter: Adapter, base: str | None) -> Path:
+    """The local base directory: ``base``, else the adapter's recorded base (lorakit.json, then adapter_config)."""
+    if base:
+        return _local_model_dir(base, "--base", None)
+    recorded = [adapter.record.get("base_model_path"), adapter.record.get("base_model"),
+                adapter.config.get("base_model_name_or_path")]
+    recorded = [r for r in recorded if r]
+    for name in recorded:
+        if _looks_local(name) and not Path(name).expanduser().exists():
+            continue  # a recorded local path that has moved: try the next record
+        return _local_model_dir(name, f"{adapter.path}: recorded base", adapter.record.get("revision"))
+    raise UsageError(f"{adapter.path}: the recorded base ({', '.join(recorded) or 'none'}) is not on this machine; "
+                     "pass --base PATH")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def _local_model_dir(name: str, what: str, revision: str | None) -> Path:
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"{what} {name}: not found")
+    local = resolve_model_path(ModelSection(name_or_path=name))
+    return Path(local) if Path(local).is_dir() else _hub_snapshot(local, revision)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated: one line with the way out
+        raise UsageError(f"base model {repo_id!r} is not a local directory and could not be fetched "
+                         f"({type(e).__name__}); pass --base PATH") from None

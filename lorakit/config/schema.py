@@ -1,0 +1,579 @@
+"""The recipe: pydantic schema (the single source of defaults and key docs), loading, overrides.
+
+Nothing here imports torch or transformers, so `lorakit validate` and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorakit.errors import RecipeError, UsageError
+
+# transformers' SchedulerType values; tests/config/test_recipe.py fails when transformers changes them.
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "bottleneck")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        description="Base model: a hub id, a local Hugging Face model directory, or a .gguf file."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Compute and storage dtype of the base weights. auto: bfloat16 on a GPU that supports it, "
+        "float32 on CPU.",
+    )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none", description="bitsandbytes quantization of the frozen base: none, nf4/fp4 (QLoRA, 4-bit) or int8."
+    )
+    double_quant: bool = Field(
+        True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight)."
+    )
+    upcast_unquantized: bool = Field(
+        False,
+        description="Quantized base only: cast the weights bitsandbytes leaves unquantized (embeddings, norms, LM "
+        "head) to float32, as PEFT's prepare_model_for_kbit_training does. Off: they stay in model.dtype as in "
+        "LoRA, so the activations do too (half the activation memory in bf16). FSDP needs it off.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow model code from the hub repository to run. For a hub id it requires model.revision "
+        "pinned to a full commit hash (else exit 5).",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit hash, tag or branch) of the base model.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer to use when it is not stored with the model (hub id or local directory)."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. auto: transformers' default for the model (sdpa where supported)."
+    )
+
+    @model_validator(mode="after")
+    def _upcast_needs_a_quantized_base(self) -> "ModelSection":
+        if self.upcast_unquantized and self.quantization == "none":
+            raise ValueError(
+                "model.upcast_unquantized: only for a quantized base (model.quantization nf4, fp4 or int8); remove it"
+            )
+        return self
+
+
+# lorakit's own adapter keys that each method uses, with their defaults (lora_alpha: 2·r). A method rejects the
+# others, as PEFT's IA3Config/PrefixTuningConfig/PromptTuningConfig reject a rank: the key would do nothing.
+METHOD_KEY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "dora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "ia3": {"target_modules": None},  # None: PEFT's per-architecture IA3 targets and feedforward modules
+    "prefix": {},
+    "prompt": {},
+    "bottleneck": {"r": 16},
+}
+_WHY_UNUSED = {
+    "ia3": "IA3 learns scaling vectors: no rank, alpha or dropout",
+    "prefix": "prefix tuning learns key/value prefixes and targets no modules",
+    "prompt": "prompt tuning learns virtual input tokens and targets no modules",
+    "bottleneck": "bottleneck adapters sit on attention/MLP outputs (adapter.placement) and use adapter.dropout "
+    "and adapter.scaling",
+}
+MERGEABLE_METHODS = ("lora", "dora", "ia3")
+
+
+class AdapterSection(Section):
+    # Other fields of the method's PEFT config class pass through; they are checked against that class
+    # (see validate_adapter_extras) rather than re-declared here.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    method: Literal["lora", "dora", "ia3", "prefix", "prompt", "bottleneck"] = Field(
+        "lora",
+        description="Adapter method: lora, dora (weight-decomposed LoRA), ia3, prefix, prompt or bottleneck "
+        "(Houlsby adapter layers). rsLoRA is lora/dora with use_rslora: true. See docs/methods.md.",
+    )
+    r: int | None = Field(
+        None,
+        gt=0,
+        description="Rank r of the LoRA update B·A (lora/dora) or width of the bottleneck (bottleneck); default 16. "
+        "Not used by ia3, prefix or prompt.",
+    )
+    lora_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="lora/dora: the update is scaled by lora_alpha/r (lora_alpha/√r with use_rslora: true). "
+        "Default 2·r.",
+    )
+    lora_dropout: float | None = Field(
+        None, ge=0, lt=1, description="lora/dora: dropout on the adapter's input; default 0.05."
+    )
+    target_modules: Union[list[str], str, None] = Field(
+        None,
+        description="Modules that get an adapter (lora/dora/ia3): a list of module names (q_proj, v_proj, ...), "
+        "'all-linear', or a regular expression matched against full module names. Default: all-linear for "
+        "lora/dora; PEFT's per-architecture IA3 modules for ia3 (k_proj, v_proj, down_proj on Llama).",
+    )
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> "AdapterSection":
+        used = METHOD_KEY_DEFAULTS[self.method]
+        unused = [k for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k not in used]
+        given = [k for k in unused if getattr(self, k) is not None]
+        if given:
+            keys = ", ".join(f"adapter.{k}" for k in given)
+            raise ValueError(
+                f"{keys}: not used by method {self.method} ({_WHY_UNUSED[self.method]}); "
+                f"remove {'it' if len(given) == 1 else 'them'}"
+            )
+        for key, default in used.items():
+            if getattr(self, key) is None and default is not None:
+                setattr(self, key, default)
+        if "lora_alpha" in used and self.lora_alpha is None:
+            self.lora_alpha = float(2 * self.r)
+        return self
+
+
+class DataSection(Section):
+    train: Union[str, list[str]] = Field(
+        description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk directory, "
+        "a hub dataset id, or a list of these to mix."
+    )
+    eval: str | None = Field(None, description="Evaluation data (same kinds as data.train).")
+    eval_split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of the training rows held out for evaluation (seeded by train.seed)."
+    )
+    format: Literal["alpaca", "chat", "text", "completion"] = Field(
+        "alpaca",
+        description="Row format: alpaca (instruction/input/output), chat (messages: [{role, content}]), "
+        "text (raw text) or completion (prompt/completion).",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Maps the format's field names to the dataset's column names, e.g. {instruction: question}.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="chat format: a template shipped with lorakit (chatml, gemma, llama3, mistral, phi3, zephyr) "
+        "or a .jinja file. Replaces the tokenizer's own template (and is saved with the adapter); required when "
+        "the tokenizer has none.",
+    )
+    max_seq_len: int = Field(2048, gt=0, description="Longest tokenized example, in tokens.")
+    truncation: Literal["drop", "truncate_prompt", "truncate"] = Field(
+        "truncate_prompt",
+        description="Rows longer than max_seq_len: drop them, truncate the prompt from the left (never the "
+        "response), or truncate the end.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several examples into one sequence, padding-free, with attention kept inside each example.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Without packing: put examples of similar length in the same micro-batch (less padding); "
+        "the order of steps stays seeded and random.",
+    )
+    padding_free: bool = Field(
+        True,
+        description="Spend no FLOPs on padding. With a varlen attention kernel (flash_attention_2/3, "
+        "flex_attention) each micro-batch is flattened into one row, position ids restarting per example "
+        "(checked once at start by a two-sequence probe); with sdpa/eager, which would attend over the whole "
+        "flattened row, micro-batches are padded and grouped by length instead. Unlike data.packing, a step "
+        "holds the same number of examples either way.",
+    )
+    train_on_inputs: bool = Field(
+        False, description="Also supervise prompt tokens. Default: only the response (and its end token) is learned."
+    )
+    skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping with exit 3.")
+    cache: bool = Field(
+        True,
+        description="Reuse tokenized data from $LORAKIT_CACHE/data when the data files, tokenizer, chat template "
+        "and this section are unchanged.",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataSection":
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("data.eval / data.eval_split: set only one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _packing_or_grouping(self) -> "DataSection":
+        if self.packing and self.group_by_length:
+            raise ValueError("data.packing / data.group_by_length: packed rows need no length grouping; set only one")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, gt=0, description="Number of optimizer steps (set this or train.epochs).")
+    epochs: int | None = Field(None, gt=0, description="Number of passes over the training data (or train.max_steps).")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward/backward pass on each device.")
+    grad_accum: int = Field(
+        4, gt=0, description="Micro-batches accumulated per optimizer step (trades memory for speed)."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field(
+        "cosine", description="Learning-rate schedule: any transformers scheduler name (" + ", ".join(SCHEDULERS) + ")."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (or train.warmup_ratio).")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warmup as a fraction of the total steps (instead of train.warmup_steps)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the trainable parameters.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables clipping).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: much less memory, ~30% slower."
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Apply the LM head and cross-entropy in chunks over supervised positions only: no "
+        "full-vocabulary logits for the whole batch (less memory, and no head FLOPs on prompt or pad tokens). "
+        "Uses Liger's fused kernel when liger-kernel is installed and a GPU is present; falls back to the "
+        "model's own loss where the head cannot run apart (prompt/prefix tuning, an adapter on the head).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (dynamic shapes). Speed knob: pays on long runs with a GPU; the "
+        "first steps are slower while it compiles.",
+    )
+    liger: bool = Field(
+        False,
+        description="Apply Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) to the model. Needs a GPU and "
+        "pip install liger-kernel.",
+    )
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")
+    save_each_epoch: bool = Field(False, description="Also write a resumable checkpoint at the end of every epoch.")
+    keep_last: int = Field(
+        2, gt=0, description="How many of the newest complete checkpoints to keep (older ones are deleted)."
+    )
+    ddp_timeout: int = Field(
+        1800,
+        gt=0,
+        description="Multi-process runs: seconds a process waits in a collective (gradient all-reduce, barrier, "
+        "checkpoint save) for the others before the whole run fails; bounds how long a dead or stuck rank can "
+        "hang the job. Raise it when saving a checkpoint of a large model takes longer.",
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainSection":
+        if (self.max_steps is None) == (self.epochs is None):
+            both = "both are set" if self.max_steps is not None else "neither is set"
+            raise ValueError(f"train.max_steps / train.epochs: set exactly one of them ({both})")
+        return self
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainSection":
+        if self.warmup_ratio is not None and self.warmup_steps > 0:
+            raise ValueError("train.warmup_steps / train.warmup_ratio: set only one of them")
+        return self
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name not in SCHEDULERS:
+            raise ValueError(
+                f"train.lr_scheduler: unknown scheduler {name!r}{_did_you_mean(name, SCHEDULERS)}"
+                f"; choose one of {', '.join(SCHEDULERS)}"
+            )
+        return name
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/lorakit", description="Run directory: adapter/, checkpoints/, metrics.jsonl, recipe.yaml.")
+    save: Literal["adapter", "merged", "both"] = Field(
+        "adapter", description="What to write at the end: the adapter, the merged model (DIR/merged/), or both."
+    )
+    tensorboard: bool = Field(
+        False,
+        description="Also write the metrics as TensorBoard scalars to DIR/tensorboard/ (needs the tensorboard "
+        "package: pip install 'lorakit[tensorboard]').",
+    )
+
+
+class Recipe(Section):
+    model: ModelSection = Field(description="The base model and how it is loaded.")
+    adapter: AdapterSection = Field(default_factory=AdapterSection, description="The adapter method and its options.")
+    data: DataSection = Field(description="Training and evaluation data.")
+    train: TrainSection = Field(description="Optimisation schedule.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Where and what to write.")
+
+    @model_validator(mode="after")
+    def _mergeable(self) -> "Recipe":
+        if self.output.save != "adapter" and self.adapter.method not in MERGEABLE_METHODS:
+            raise ValueError(
+                f"output.save: {self.output.save!r} needs a mergeable adapter.method ({', '.join(MERGEABLE_METHODS)});"
+                f" {self.adapter.method} adds computation the base weights cannot absorb: use output.save: adapter"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_with_virtual_tokens(self) -> "Recipe":
+        if self.data.packing and self.adapter.method in ("prefix", "prompt"):
+            raise ValueError(
+                f"data.packing: not possible with adapter.method {self.adapter.method} (its virtual tokens are "
+                "prepended to each sequence, and PEFT drops the position ids packing relies on); "
+                "set data.packing: false"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Error formatting
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list[str]", "dict[str,str]", "function-after", "none", "literal"}
+
+
+def _section_fields(path: tuple) -> list[str]:
+    """Field names of the pydantic model at ``path`` (for suggestions)."""
+    model: Any = Recipe
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
+    key = ".".join(str(p) for p in loc)
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        parent, name = loc[:-1], str(loc[-1])
+        return f"{key}: unknown key{_did_you_mean(name, _section_fields(parent))}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "value_error":  # our own validators: the message already names the keys
+        return msg.removeprefix("Value error, ")
+    if kind == "literal_error":
+        expected = msg.split("Input should be ", 1)[-1].replace("'", "")
+        return f"{key}: must be {expected}; got {value!r}{_did_you_mean(value, _literal_choices(msg))}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = msg.split("Input should be ", 1)[-1]
+        bound = bound.replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
+        bound = bound.replace("greater than", ">").replace("less than", "<")
+        return f"{key}: must be {bound}, got {value!r}"
+    return f"{key}: {msg[0].lower() + msg[1:]}, got {value!r}"
+
+
+def _literal_choices(msg: str) -> list[str]:
+    return [c.strip(" '") for c in msg.split("Input should be ", 1)[-1].replace(" or ", ",").split(",") if c.strip()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError([f"invalid YAML: {e.problem or e}"], source=where) from None
+    except yaml.YAMLError as e:
+        raise RecipeError([f"invalid YAML: {e}"], source=str(path)) from None
+    if data is None:
+        raise RecipeError(["the recipe is empty; see `lorakit init` for a starter"], source=str(path))
+    if not isinstance(data, dict):
+        raise RecipeError([f"the recipe must be a mapping of sections, got {type(data).__name__}"], source=str(path))
+    return data
+
+
+def _annotation_at(path: list[str]):
+    model: Any = Recipe
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _keeps_raw_string(tp, value) -> bool:
+    """A scalar given for a string field stays the string the user typed (``name_or_path=123``)."""
+    args = get_args(tp) if get_origin(tp) is Union else (tp,)
+    return str in args and not isinstance(value, (str, list, dict)) and not any(a in (int, float, bool) for a in args)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set section.key=value`` overrides; values are YAML scalars typed by the schema."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+        parts = key.split(".")
+        try:
+            value: Any = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise UsageError(f"--set {key}: cannot parse value {raw!r} ({e.__class__.__name__})") from None
+        if _keeps_raw_string(_annotation_at(parts), value):
+            value = raw
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_recipe(data: dict, source: str | None = None) -> Recipe:
+    problems = []
+    for name in data:
+        if name not in Recipe.model_fields:
+            problems.append(f"{name}: unknown section{_did_you_mean(name, Recipe.model_fields)}")
+    try:
+        recipe = Recipe.model_validate({k: v for k, v in data.items() if k in Recipe.model_fields})
+    except ValidationError as e:
+        for message in map(_format_error, e.errors()):
+            # A union field (str | list[str]) yields one error per member: report the key once.
+            if not any(p.split(":")[0] == message.split(":")[0] and "valid" in p for p in problems):
+                problems.append(message)
+        raise RecipeError(problems, source=source) from None
+    tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
+    problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
+    data = read_yaml(path)
+    apply_overrides(data, list(overrides or []))
+    if output_dir is not None:
+        data.setdefault("output", {})["dir"] = output_dir
+    return parse_recipe(data, source=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapter pass-through fields, checked against PEFT's own config classes
+
+
+def peft_config_class(method: str):
+    """The config class whose fields a method's pass-through keys must be (lorakit's own for bottleneck)."""
+    if method == "bottleneck":
+        from lorakit.adapters.bottleneck import BottleneckConfig
+
+        return BottleneckConfig
+    import peft
+
+    return {
+        "lora": peft.LoraConfig,
+        "dora": peft.LoraConfig,
+        "ia3": peft.IA3Config,
+        "prefix": peft.PrefixTuningConfig,
+        "prompt": peft.PromptTuningConfig,
+    }[method]
+
+
+# Keys lorakit sets itself from the recipe or the model; a recipe may not pass them through.
+_RESERVED = {
+    "task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "use_dora",
+    # prefix/prompt: PEFT reads these from the model's config; bottleneck: lorakit does
+    "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "hidden_size",
+}
+# Pass-through keys the method cannot do without (PEFT has no usable default for them).
+_REQUIRED = {"prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens",)}
+
+
+def validate_adapter_extras(adapter: AdapterSection, tokenizer_path: str | None = None) -> list[str]:
+    """Problems with the adapter's pass-through keys: names checked against the method's config class, then
+    the values judged by constructing that class (PEFT's own checks; no model is loaded)."""
+    extras = dict(adapter.model_extra or {})
+    problems = [
+        f"adapter.{key}: required for method {adapter.method} (e.g. {key}: 20)"
+        for key in _REQUIRED.get(adapter.method, ())
+        if key not in extras
+    ]
+    if not extras:
+        return problems  # keeps `lorakit validate` free of the peft (and torch) import for plain recipes
+    import dataclasses
+
+    cls = peft_config_class(adapter.method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    allowed = fields - _RESERVED
+    for key in extras:
+        if key in _RESERVED and key in fields:
+            problems.append(f"adapter.{key}: set by lorakit from the recipe and the model; remove it")
+        elif key not in allowed:
+            hint = _did_you_mean(key, allowed | set(AdapterSection.model_fields))
+            elsewhere = [m for m in METHODS if m != adapter.method and key in _field_names(m)]
+            also = f"; it is an option of method {'/'.join(elsewhere)}" if elsewhere and not hint else ""
+            problems.append(f"adapter.{key}: unknown key for method {adapter.method} ({cls.__name__}){hint}{also}")
+    if problems:
+        return problems
+    from lorakit.models.loading import build_peft_config
+
+    try:
+        build_peft_config(adapter, tokenizer_path=tokenizer_path)
+    except UsageError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _field_names(method: str) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(peft_config_class(method))} - _RESERVED
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key documentation, generated from the schema (CLI help, `lorakit init`, docs/recipe-reference.md)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default as YAML, description) for every recipe key, in schema order."""
+    rows = []
+    for section_name, section_field in Recipe.model_fields.items():
+        section = section_field.annotation
+        for name, field in section.model_fields.items():
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append((f"{section_name}.{name}", default, field.description or ""))
+    return rows

@@ -1,0 +1,518 @@
+"""Training memory, line by line: weights, adapter, gradients, optimizer states, activations, loss buffers,
+backward working set and runtime overhead, each with its formula; totals per GPU for DDP and FSDP.
+
+`estimate` turns a ModelProfile (lorakit.memory.profile: exact counts from a meta-device build) and the knobs
+(batch, sequence, precision, optimizer, checkpointing, GPUs) into those lines. Activation formulas count the
+tensors autograd keeps for backward; scripts/bench_memory.py measures them against real training steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lorakit.errors import UsageError
+from lorakit.memory.profile import DQ_BLOCK, NF4_BLOCK, Geometry, ModelProfile
+from lorakit.config.schema import METHOD_KEY_DEFAULTS, DataSection, ModelSection, TrainSection
+
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAPTER_BYTES = 4  # get_peft_model(autocast_adapter_dtype=True) keeps adapter weights in fp32 on bf16/fp16 bases
+OVERHEAD_BYTES = GiB  # CUDA context (~0.5 GiB with lazy loading) + cuBLAS workspaces + caching-allocator slack
+OPT8_BLOCK, OPT8_MIN_NUMEL, PAGED_MIN_NUMEL = 256, 4096, 100_000  # bitsandbytes 8-bit optimizer constants
+LOGITS_BYTES = 12  # per token·vocab entry at the loss backward: fp32 log-softmax + its gradient + the logits' grad
+
+_ORDER = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+def _schema(section, key: str):
+    return section.model_fields[key].default  # defaults live in the recipe schema only
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs an estimate depends on (resolved from the recipe and the command line; unset: schema defaults)."""
+
+    method: str = "lora"  # full | lora (any PEFT adapter)
+    quantization: str = _schema(ModelSection, "quantization")  # none | nf4 | fp4 | int8
+    double_quant: bool = _schema(ModelSection, "double_quant")
+    upcast_unquantized: bool = _schema(ModelSection, "upcast_unquantized")
+    dtype: str = "bfloat16"  # model.dtype auto, as it resolves on a GPU with bf16
+    batch_size: int = _schema(TrainSection, "micro_batch_size")
+    seq_len: int = _schema(DataSection, "max_seq_len")
+    gradient_checkpointing: bool = _schema(TrainSection, "gradient_checkpointing")
+    optimizer: str = _schema(TrainSection, "optimizer")
+    attn_implementation: str = _schema(ModelSection, "attn_implementation")  # auto | sdpa | eager | flash_attention_2
+    lora_dropout: float = METHOD_KEY_DEFAULTS["lora"]["lora_dropout"]
+    chunked_loss: bool = _schema(TrainSection, "chunked_loss")
+    gpus: int = 1
+    strategy: str = "ddp"  # ddp | fsdp
+    device: str = "cuda"  # cuda | cpu: on CPU dropout keeps a full noise tensor, no CUDA context (benchmarks only)
+
+
+@dataclass
+class Line:
+    key: str
+    label: str
+    bytes: int
+    formula: str
+    parts: dict = field(default_factory=dict)
+
+
+@dataclass
+class Estimate:
+    profile: ModelProfile
+    settings: Settings
+    lines: list
+    total_bytes: int
+    per_device_bytes: int
+    peak_formula: str
+    per_device_formula: str
+    notes: list
+
+    def line(self, key: str) -> Line:
+        return next(line for line in self.lines if line.key == key)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.profile.base_params if self.settings.method == "full" else self.profile.trainable_params
+
+    @property
+    def total_params(self) -> int:
+        return self.profile.base_params if self.settings.method == "full" else self.profile.total_params
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Breakdown lines
+
+
+def attn_implementation(profile: ModelProfile, settings: Settings) -> str:
+    impl = settings.attn_implementation if settings.attn_implementation != "auto" else profile.geometry.attn_default
+    if profile.geometry.attn_softcap and impl == "sdpa":
+        return "eager"  # transformers refuses attention soft-capping under sdpa
+    return impl
+
+
+def weights_line(p: ModelProfile, s: Settings) -> Line:
+    e, q = DTYPE_BYTES[s.dtype], p.quantizable
+    rest = p.base_params - q.numel
+    kept_bytes, kept_dtype = (4, "float32") if s.upcast_unquantized else (e, s.dtype)
+    kept = f"{rest:,} params bitsandbytes leaves unquantized (embeddings, LM head, norms, biases) × {kept_bytes} B" + (
+        ": model.upcast_unquantized casts them to fp32" if s.upcast_unquantized else f" ({s.dtype})"
+    )
+    if s.quantization == "none" or s.method == "full":
+        parts = {s.dtype: p.base_params * e}
+        formula = f"{p.base_params:,} params × {e} B ({s.dtype})"
+    elif s.quantization == "int8":
+        parts = {"int8": q.numel, "int8_row_scales": 4 * q.rows}
+        parts[kept_dtype] = parts.get(kept_dtype, 0) + rest * kept_bytes
+        formula = f"{q.numel:,} linear weights × 1 B (int8) + {q.rows:,} rows × 4 B (fp32 scale per row) + {kept}"
+    else:
+        if s.double_quant:
+            consts = q.blocks + 4 * q.blocks2 + q.tensors * (4 + 1024 + 64)
+            how = (
+                f"{q.blocks:,} blocks of {NF4_BLOCK} × 1 B (8-bit absmax) + {q.blocks2:,} blocks of {DQ_BLOCK} "
+                f"× 4 B (fp32 second-level absmax) + {q.tensors:,} tensors × 1,092 B (offset, code tables)"
+            )
+        else:
+            consts = 4 * q.blocks + 64 * q.tensors
+            how = (
+                f"{q.blocks:,} blocks of {NF4_BLOCK} × 4 B (fp32 absmax) + {q.tensors:,} tensors × 64 B (code table)"
+            )
+        parts = {s.quantization: q.packed_bytes, f"{s.quantization}_constants": consts, kept_dtype: rest * kept_bytes}
+        formula = f"{q.numel:,} quantized params × 0.5 B ({s.quantization}) + constants [{how}] + {kept}"
+    if p.buffer_bytes:
+        parts["float32_buffers"] = p.buffer_bytes
+        formula += f" + {p.buffer_bytes:,} B of buffers (rotary tables)"
+    return Line("weights", "base weights", sum(parts.values()), formula, parts)
+
+
+def _trainable(p: ModelProfile, s: Settings) -> tuple[tuple, int, str]:
+    """(tensor sizes, bytes per element, dtype name) of what the optimizer updates."""
+    if s.method == "full":
+        return p.base_tensors, DTYPE_BYTES[s.dtype], s.dtype
+    return p.adapter_tensors, ADAPTER_BYTES, "float32"
+
+
+def adapter_line(p: ModelProfile, s: Settings) -> Line:
+    if s.method == "full":
+        return Line("adapter_weights", "adapter weights", 0, "none: full fine-tuning trains the base weights")
+    n = sum(p.adapter_tensors)
+    return Line(
+        "adapter_weights", "adapter weights", n * ADAPTER_BYTES,
+        f"{n:,} trainable params × {ADAPTER_BYTES} B (PEFT keeps adapter weights in float32)",
+    )
+
+
+def gradients_line(p: ModelProfile, s: Settings) -> Line:
+    tensors, b, dtype = _trainable(p, s)
+    n = sum(tensors)
+    return Line("gradients", "gradients", n * b, f"{n:,} trainable params × {b} B ({dtype}, one gradient each)")
+
+
+def optimizer_line(p: ModelProfile, s: Settings) -> Line:
+    tensors, b, dtype = _trainable(p, s)
+    n = sum(tensors)
+    if s.optimizer == "adamw":
+        total = 2 * n * b + 4 * len(tensors)
+        return Line(
+            "optimizer_states", "optimizer states", total,
+            f"AdamW: 2 moments × {n:,} params × {b} B ({dtype}, torch keeps them in the parameter dtype) "
+            f"+ {len(tensors):,} step counters × 4 B",
+        )
+    big = [t for t in tensors if t >= OPT8_MIN_NUMEL]
+    small = n - sum(big)
+    blocks = sum(math.ceil(t / OPT8_BLOCK) for t in big)
+    total = 2 * sum(big) + 8 * blocks + 8 * small + 2 * 256 * 4
+    parts = {"8bit": 2 * sum(big) + 8 * blocks, "float32": 8 * small, "quantization_maps": 2048}
+    formula = (
+        f"bitsandbytes 8-bit AdamW: 2 moments × {sum(big):,} params × 1 B + {blocks:,} blocks of {OPT8_BLOCK} "
+        "× 2 × 4 B "
+        f"(absmax) + {small:,} params in tensors under {OPT8_MIN_NUMEL:,} elements × 8 B (kept in fp32) + 2 KiB maps"
+    )
+    if s.optimizer == "paged_adamw_8bit":
+        paged = [t for t in big if t >= PAGED_MIN_NUMEL]
+        parts["pageable"] = 2 * sum(paged) + 8 * sum(math.ceil(t / OPT8_BLOCK) for t in paged)
+        formula += (
+            f"; paged: {gib(parts['pageable'])} of it (tensors ≥ {PAGED_MIN_NUMEL:,} elements) lives in unified "
+            "memory that the driver can evict to CPU RAM under pressure"
+        )
+    return Line("optimizer_states", "optimizer states", total, formula, parts)
+
+
+def act_bytes(s: Settings) -> int:
+    """Element size of activations. With model.upcast_unquantized a k-bit base keeps embeddings, norms and LM
+    head in fp32 (PEFT's prepare_model_for_kbit_training), and bitsandbytes layers return their input's dtype:
+    its residual stream then runs in fp32. Otherwise in model.dtype, as for LoRA."""
+    upcast = s.quantization != "none" and s.method != "full" and s.upcast_unquantized
+    return 4 if upcast else DTYPE_BYTES[s.dtype]
+
+
+def _tokens(s: Settings) -> int:
+    return s.batch_size * s.seq_len
+
+
+def _norm_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
+    T, e = _tokens(s), act_bytes(s)
+    if g.norm_kind == "rms":
+        n, f = T * (4 * g.hidden + 4), "T·(4·h + 4) (RMSNorm keeps an fp32 copy of its input and 1/rms per token)"
+    else:
+        n, f = T * (e * g.hidden + 8), f"T·({e}·h + 8) (LayerNorm keeps its input, mean and 1/std)"
+    if s.method == "full":
+        n, f = n + T * g.hidden * e, f + f" + T·h·{e} (normalized input, for the norm weight's gradient)"
+    return n, f
+
+
+def _attention_bytes(p: ModelProfile, s: Settings) -> tuple[int, str]:
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    q, kv = g.heads * g.head_dim, g.kv_heads * g.head_dim
+    impl = attn_implementation(p, s)
+    if impl == "eager":
+        per_score = 4 + (e if e != 4 else 0) + (e if g.attn_softcap else 0)
+        scores = s.batch_size * g.heads * s.seq_len**2
+        kept = "fp32 softmax" + (f", its {e}-byte copy" if e != 4 else "")
+        kept += ", tanh soft-cap" if g.attn_softcap else ""
+        return 3 * T * q * e + scores * per_score, (
+            f"eager: T·3·{q}·{e} (q, and k/v repeated to all heads) + b·heads·s² × {per_score} B ({kept})"
+        )
+    return 2 * T * q * e + 2 * T * kv * e + T * g.heads * 4, (
+        f"{impl}: T·(2·{q} + 2·{kv})·{e} (q, k, v, output; GQA keys/values stay narrow) "
+        f"+ T·{g.heads}·4 (logsumexp)"
+    )
+
+
+def _mlp_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
+    T, e, i = _tokens(s), act_bytes(s), g.intermediate
+    if g.experts:
+        k = g.experts_per_token
+        n = k * (3 * T * i * e + T * g.hidden * e) + T * g.experts * 4 + 16 * T * k
+        return n, f"MoE: {k} experts/token × T·(3·{i} + {g.hidden})·{e} + router T·{g.experts}·4 + T·{k}·16"
+    if g.gated_mlp:
+        return 3 * T * i * e, f"T·3·{i}·{e} (gate, activation, up)"
+    return T * i * e, f"T·{i}·{e} (activation input)"
+
+
+def _lora_bytes(mods: list, s: Settings, flowing: bool, input_kept: bool) -> int:
+    """What autograd keeps for the LoRA branches of modules that read one input tensor (``input_kept``: that
+    tensor is kept for backward anyway)."""
+    T, e, a = _tokens(s), act_bytes(s), ADAPTER_BYTES
+    mask = a if s.device == "cpu" else 1  # CUDA keeps a bool mask; CPU dropout keeps a noise tensor
+    total, shared = 0, input_kept
+    for m in mods:
+        total += T * m.r * a  # lora_A output, kept by lora_B
+        if s.lora_dropout > 0:
+            total += T * m.in_features * (a + (mask if flowing else 0))  # dropout output (+ mask if grads flow back)
+        elif e != a:
+            total += T * m.in_features * a  # each module casts the shared input to fp32 on its own
+        elif not shared:
+            total, shared = total + T * m.in_features * e, True  # one input tensor serves every module
+    return total
+
+
+def _lora_formula(s: Settings) -> str:
+    mask = "4" if s.device == "cpu" else "1"
+    if s.lora_dropout > 0:
+        return f"per adapted module T·(in·(4 + {mask}) + r·4) (fp32 dropout output, dropout mask, A output)"
+    if act_bytes(s) != ADAPTER_BYTES:
+        return "per adapted module T·(in + r)·4 (fp32 cast of its input, A output)"
+    return "per adapted module T·r·4 (A output) + one T·in·4 input per group of modules sharing it"
+
+
+def layer_saved(p: ModelProfile, s: Settings, mods: list, flowing: bool) -> tuple[dict, bool]:
+    """Bytes autograd keeps for one decoder layer, in forward order; grads flow only after a trainable module."""
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    norm = _norm_bytes(g, s)[0]
+    full = s.method == "full"
+    inputs = dict(g.group_inputs)
+    parts = {"norms": 0, "attention": 0, "mlp": 0, "adapter": 0, "linear_inputs": 0}
+    groups = list(_ORDER) + sorted({m.group for m in mods} - set(_ORDER))
+
+    # sdpa/flash kernels lay their output out as (batch, seq, heads, dim) and keep it for backward, so the
+    # o_proj input (its transpose made contiguous) is that same storage.
+    fused_attention = attn_implementation(p, s) != "eager"
+
+    def visit(group: str) -> None:
+        nonlocal flowing
+        mine = [m for m in mods if m.group == group]
+        kept = group == "attn_out" and fused_attention and flowing
+        parts["adapter"] += _lora_bytes(mine, s, flowing, kept)
+        if full and group in inputs and not kept:
+            scale = g.experts_per_token if g.experts and group.startswith("mlp") else 1
+            parts["linear_inputs"] += scale * T * inputs[group] * e
+        flowing = flowing or bool(mine)
+
+    parts["norms"] += norm if flowing else 0
+    visit("attn_in")
+    parts["attention"] += _attention_bytes(p, s)[0] if flowing else 0
+    visit("attn_out")
+    parts["norms"] += (g.norms_per_layer - 1) * norm if flowing else 0
+    visit("mlp_in")
+    parts["mlp"] += _mlp_bytes(g, s)[0] if flowing else 0
+    for group in groups[3:]:  # mlp_out, then modules of no known group
+        visit(group)
+    return parts, flowing
+
+
+def activations(p: ModelProfile, s: Settings) -> tuple[Line, int]:
+    """(activations line, bytes of the largest layer, which checkpointing recomputes in backward)."""
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    by_layer: dict[int, list] = {}
+    for m in p.lora_modules if s.method != "full" else ():
+        by_layer.setdefault(m.layer, []).append(m)
+    flowing, layers = s.method == "full", []
+    for i in range(g.layers):
+        parts, flowing = layer_saved(p, s, by_layer.get(i, []), flowing)
+        layers.append(parts)
+    largest = max(layers, key=lambda parts: sum(parts.values()))
+    head_input = s.method == "full" and loss_path(p, s) == "plain"  # a trainable head keeps its input
+    final = _norm_bytes(g, s)[0] + (T * g.hidden * e if head_input else 0)
+    rotary = 2 * s.seq_len * g.head_dim * e if g.rotary else 0
+    per_layer = " + ".join(f"{k} {gib(v)}" for k, v in largest.items() if v)
+    if s.gradient_checkpointing:
+        kept = g.layers * T * g.hidden * e
+        n = kept + final + rotary
+        f = (
+            f"checkpointing: {g.layers} layer inputs × T·h·{e} = {g.layers} × {T:,}·{g.hidden}·{e} = {gib(kept)}"
+            f" + final norm {gib(final)} + rotary cos/sin {gib(rotary)}; one layer ({per_layer}) is recomputed "
+            "during backward (see backward_transient)"
+        )
+    else:
+        kept = sum(sum(parts.values()) for parts in layers)
+        n = kept + final + rotary
+        f = f"{g.layers} layers, largest: {per_layer}; sum {gib(kept)} + final norm {gib(final)} + rotary {gib(rotary)}"
+    line = Line("activations", "activations", n, f"T = b·s = {s.batch_size}·{s.seq_len} = {T:,} tokens; {f}")
+    return line, sum(largest.values())
+
+
+def activation_formulas(p: ModelProfile, s: Settings) -> list[str]:
+    """The per-component formulas behind the activations line (for --explain)."""
+    g = p.geometry
+    lines = [
+        f"norms: {g.norms_per_layer} per layer × {_norm_bytes(g, s)[1]}",
+        f"attention: {_attention_bytes(p, s)[1]}",
+        f"MLP: {_mlp_bytes(g, s)[1]}",
+    ]
+    if p.lora_modules and s.method != "full":
+        lines.append(f"adapter: {_lora_formula(s)}; nothing is kept before the first adapted module")
+    if s.method == "full":
+        lines.append(f"linear inputs: one T·in·{act_bytes(s)} per input shared by trainable linears")
+    return lines
+
+
+def loss_path(p: ModelProfile, s: Settings) -> str:
+    """Which of lorakit.training.loss's paths training takes: "chunked" (or Liger's fused kernel) or "plain"."""
+    g = p.geometry
+    head_adapted = any(m.name.rsplit(".", 1)[-1] == g.head_name.rsplit(".", 1)[-1] for m in p.lora_modules)
+    usable = not (
+        p.adapter_method in ("prefix", "prompt") and s.method != "full"
+        or s.strategy == "fsdp" and s.gpus > 1
+        or head_adapted and s.method != "full"
+        or g.logit_transform
+    )
+    return "chunked" if s.chunked_loss and usable else "plain"
+
+
+def logits_line(p: ModelProfile, s: Settings) -> Line:
+    if loss_path(p, s) == "chunked":
+        return _chunked_loss_line(p, s)
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    n = LOGITS_BYTES * T * g.vocab + 16 * T
+    f = (
+        f"plain loss: {LOGITS_BYTES} B × T·V = {LOGITS_BYTES} × {T:,} × {g.vocab:,} (fp32 log-softmax kept for "
+        "backward, then its gradient and the logits' gradient, all live at the start of backward) + 16 B × T (labels)"
+    )
+    if g.logit_softcap:
+        n += 2 * T * g.vocab * e
+        f += f" + 2 × T·V·{e} (final-logit soft-capping: tanh output and its gradient)"
+    return Line("logits_and_loss", "logits and loss", n, f)
+
+
+def _chunk_peak(chunks: list, vocab: int, hidden: int, e: int, device: str, head_grad: int) -> int:
+    """Most bytes alive at once in lorakit.training.loss's chunk loop, given each chunk's rows (``head_grad``: one
+    chunk's contribution to a trainable head's gradient)."""
+    cast = e if e != 4 else 0  # the logits are upcast to fp32 and the gradient cast back to the model dtype
+
+    def made(rows):  # logits being made: the model-dtype product and its fp32 copy (a GPU's logsumexp: a temporary)
+        return rows * vocab * max(4 + cast, 8 if device == "cuda" else 4)
+
+    def kept(rows):  # a chunk's fp32 logits (turned into the gradient in place) and their cast
+        return rows * vocab * (4 + cast)
+
+    def done(rows):  # ... while its rows of the hidden states' gradient (then the head's) are computed
+        return kept(rows) + max(rows * hidden * e, head_grad)
+
+    if not chunks:  # one-token sequences: nothing to predict
+        return 0
+    peaks = [made(chunks[0]), done(chunks[0])]
+    for before, rows in zip(chunks, chunks[1:]):  # the previous chunk's names are rebound only after the next
+        peaks += [kept(before) + made(rows), done(rows)]
+    return max(peaks)
+
+
+def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
+    from lorakit.training.loss import CHUNK_ELEMENTS
+
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    n = T - s.batch_size  # supervised positions at most: the last token of a sequence has no target
+    rows = max(16, CHUNK_ELEMENTS // g.vocab)
+    chunks = [min(rows, n - start) for start in range(0, n, rows)][:3]
+    head = g.vocab * g.hidden if s.method == "full" else 0  # a trainable head: its gradient is made here too
+    peak = _chunk_peak(chunks, g.vocab, g.hidden, e, s.device, head * (4 + (e if e != 4 else 0)))
+    # The decoder's output (caught by a hook) is freed once its supervised rows are selected, unless a trainable
+    # head keeps it for its weight's gradient (full fine-tuning). Under checkpointing the loop holds the previous
+    # micro-step's loss until this forward ends, and with it two hidden states checkpointing keeps (measured;
+    # none when the embeddings train too).
+    extra = 1 if s.method == "full" else 0
+    if s.gradient_checkpointing and s.method != "full":
+        extra += 2
+    total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T + 4 * head
+    return Line("logits_and_loss", "logits and loss", total, (
+        f"chunked loss (lorakit.training.loss): logits {len(chunks) if len(chunks) < 3 else '≥3'} chunk(s) of ≤ {rows:,} "
+        f"rows × {g.vocab:,}, at most {gib(peak)} alive at once (two chunks' fp32 logits, or one and its rows of "
+        f"the hidden-state gradient); + 2 × n·h·{e} (selected hidden states, their gradient; n = T − b = {n:,} "
+        f"supervised positions at most) + {extra} × T·h·{e} (the decoder's output a trainable head keeps; under "
+        f"checkpointing, two hidden states the previous micro-step's graph still holds) "
+        f"+ b·V·{e} (the last position's logits) + 24 B × T (targets)"
+        + (" + V·h·4 (the trainable head's fp32 gradient, accumulated over the chunks)" if head else "")
+    ))
+
+
+def backward_line(p: ModelProfile, s: Settings, recompute: int) -> Line:
+    """Peak working set as a decoder layer starts its backward (all its saved tensors still alive; under
+    checkpointing they have just been recomputed): the output's gradient, its copy scaled for the adapter
+    branch, and the gradient of the down projection's input."""
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    n = T * (g.intermediate + 2 * g.hidden) * e
+    f = f"gradients entering a layer T·({g.intermediate} + 2·{g.hidden})·{e}"
+    if s.gradient_checkpointing:
+        n, f = n + recompute, f + f" + the recomputed layer's saved tensors {gib(recompute)}"
+    if s.quantization != "none" and s.method != "full":
+        n += p.quantizable.largest * DTYPE_BYTES[s.dtype]
+        f += f" + one dequantized weight {p.quantizable.largest:,} × {DTYPE_BYTES[s.dtype]} B"
+    return Line("backward_transient", "backward working set", n, f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Totals
+
+
+def optimizer_step_line(p: ModelProfile, s: Settings) -> Line:
+    """Temporaries of optimizer.step(), after backward has freed the activations."""
+    tensors, b, dtype = _trainable(p, s)
+    if s.optimizer != "adamw":
+        return Line("optimizer_step", "optimizer step", 0, "bitsandbytes updates each tensor in one fused kernel")
+    if s.device == "cuda":  # torch picks the foreach implementation for CUDA tensors
+        n = sum(tensors)
+        return Line("optimizer_step", "optimizer step", n * b, (
+            f"foreach AdamW: sqrt(v) for all {n:,} trainable params at once × {b} B ({dtype})"
+        ))
+    largest = max(tensors, default=0)
+    return Line("optimizer_step", "optimizer step", 2 * largest * b, (
+        f"per-tensor AdamW: sqrt(v) and its bias correction for the largest tensor, 2 × {largest:,} × {b} B"
+    ))
+
+
+def estimate(p: ModelProfile, s: Settings) -> Estimate:
+    """Every breakdown line for ``p`` under ``s``, the single-device peak and the per-device peak."""
+    if s.method == "full" and s.quantization != "none":
+        raise UsageError("full fine-tuning cannot train a quantized base: use --method lora/qlora or no quantization")
+    weights, adapter, grads, opt = weights_line(p, s), adapter_line(p, s), gradients_line(p, s), optimizer_line(p, s)
+    act, recompute = activations(p, s)
+    logits, bwd, step = logits_line(p, s), backward_line(p, s, recompute), optimizer_step_line(p, s)
+    overhead = Line(
+        "framework_overhead", "framework overhead", OVERHEAD_BYTES if s.device == "cuda" else 0,
+        "constant 1 GiB: CUDA context (~0.5 GiB with lazy module loading), cuBLAS workspaces and caching-allocator "
+        "slack; torch.cuda.max_memory_allocated does not see it, nvidia-smi does",
+    )
+    lines = [weights, adapter, grads, opt, act, logits, bwd, step, overhead]
+    static = weights.bytes + adapter.bytes + grads.bytes + opt.bytes
+    training = act.bytes + max(logits.bytes, bwd.bytes)
+    total = static + max(training, step.bytes) + overhead.bytes
+    peak_formula = (
+        "weights + adapter + gradients + optimizer + max(activations + max(logits_and_loss, backward_transient), "
+        "optimizer_step) + overhead (gradients coexist with activations under gradient accumulation; the loss "
+        "buffers are freed before the first layer runs backward; the optimizer steps after the activations are gone)"
+    )
+    per_device, per_device_formula = _per_device(p, s, static, training, step.bytes, weights, grads)
+    per_device += overhead.bytes
+    notes = list(p.notes)
+    if p.adapter_method not in ("lora", "dora") and s.method != "full":
+        notes.append(f"activations of {p.adapter_method} adapters are not modelled beyond the base model's")
+    if p.adapter_method == "dora" and s.method != "full":
+        notes.append("DoRA also builds each adapted weight (out × in, fp32) during forward; not counted")
+    if s.strategy == "fsdp" and s.gpus > 1:  # what lorakit train refuses under FSDP (distributed.check_fsdp)
+        if s.quantization == "int8":
+            notes.append("FSDP cannot shard int8 weights (lorakit refuses it): use nf4 with FSDP")
+        if p.adapter_method == "ia3":
+            notes.append("lorakit refuses IA3 under FSDP version 1 (its vectors share the frozen layers' flat "
+                         "shards): use recipes/accelerate/fsdp2.yaml")
+        if s.optimizer != "adamw" and s.method != "full":
+            notes.append(f"lorakit refuses {s.optimizer} under FSDP (its state cannot be checkpointed): use adamw")
+        if s.upcast_unquantized and s.quantization in ("nf4", "fp4") and s.method != "full":
+            notes.append("lorakit refuses model.upcast_unquantized under FSDP (one dtype per flat shard)")
+    return Estimate(p, s, lines, total, per_device, peak_formula, per_device_formula, notes)
+
+
+def _per_device(p: ModelProfile, s: Settings, static: int, training: int, step: int, weights: Line,
+                grads: Line) -> tuple[int, str]:
+    """Peak per GPU, overhead left out."""
+    if s.gpus <= 1:
+        return static + max(training, step), "one GPU: the total"
+    if s.strategy == "ddp":
+        return static + grads.bytes + max(training, step), (
+            f"DDP on {s.gpus} GPUs: every GPU holds the whole total plus DDP's gradient buckets (+{gib(grads.bytes)})"
+        )
+    g, e = p.geometry, DTYPE_BYTES[s.dtype]
+    kept = 4 if s.quantization != "none" and s.method != "full" and s.upcast_unquantized else e  # unquantized ones
+    outside = p.base_params - g.layers * g.layer_params  # embeddings, LM head, final norm: FSDP's root unit
+    per_layer = max(0, weights.bytes - outside * kept - p.buffer_bytes) // g.layers
+    gathered = outside * kept + 2 * per_layer + (g.layer_params * e if s.method == "full" else 0)
+    return static // s.gpus + max(gathered + training, step // s.gpus), (
+        f"FSDP over {s.gpus} GPUs: (weights + adapter + gradients + optimizer) / {s.gpus} + gathered parameters "
+        f"{gib(gathered)} (root unit with embeddings/LM head + the current and the prefetched layer) + activations, "
+        "loss buffers and overhead, which are per GPU (the optimizer step's temporaries are sharded too)"
+    )

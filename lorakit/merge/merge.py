@@ -1,0 +1,627 @@
+"""`lorakit merge`: fold an adapter into its base model, one tensor at a time, and check the result.
+
+Each base tensor is read on its own from the base's weight files, updated with the adapter's delta (LoRA,
+rsLoRA, DoRA, IA3; for QLoRA adapters optionally on the NF4 round-tripped weight the adapter was trained
+against) and streamed straight into the output safetensors shard, so host memory stays near one input shard
+plus the adapter whatever the model size. Everything lands in a temporary directory next to OUT that is
+renamed into place only when complete (and, with verification, checked against PEFT's adapter model).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import resource
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
+from lorakit.atomic import fsync_files, replace_dir
+from lorakit.errors import CheckpointError, SafetyError, UsageError, VerificationError
+from lorakit.models.loading import check_weights_safe
+from lorakit.config.schema import ModelSection
+from lorakit.merge.weights_io import (
+    SafetensorsStreamWriter, StoredTensor, TensorReader, list_tensors, nbytes, shard_names, write_index,
+)
+
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
+BASE_PRECISIONS = ("original", "dequantized")
+VERIFY_MAX_PARAMS = 2_000_000_000  # --verify is on by default below this size (it loads the model twice)
+PROVENANCE_FILE = "lorakit_merge.json"
+
+# Methods that change activations rather than weights: there is nothing to fold into a weight.
+NOT_MERGEABLE = {
+    "BOTTLENECK": "bottleneck adapters add small nonlinear MLP blocks after the sublayers",
+    "PREFIX_TUNING": "prefix tuning adds learned key/value prefixes to every attention layer",
+    "PROMPT_TUNING": "prompt tuning prepends learned virtual-token embeddings to the input",
+    "P_TUNING": "p-tuning prepends learned virtual-token embeddings to the input",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning prepends learned virtual-token embeddings to the input",
+    "ADAPTION_PROMPT": "adaption prompts add learned prompts inside the attention layers",
+}
+# LoRA options whose forward is not W + s·B·A (or that train weights outside lora_A/B): merged output would differ.
+UNSUPPORTED_LORA_OPTIONS = (
+    "use_qalora", "use_bdlora", "arrow_config", "velora_config", "kasa_config", "monteclora_config", "mica",
+    "alora_invocation_tokens", "layer_replication", "target_parameters", "trainable_token_indices",
+)
+_ADAPTER_SUFFIXES = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias", ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B", ".lora_magnitude_vector": "m", ".ia3_l": "ia3",
+}
+# Verification limits per output dtype: (max |Δlogit|, mean KL(adapter ‖ merged) in nats per token). In float32
+# only summation order differs (tiny models: ~1e-7); rounding weights to 16 bits moves logits by up to ~0.1 on
+# real models, so those are judged by KL alone (bf16 rounding of a 1B model costs ~1e-4..1e-3 nats).
+VERIFY_LIMITS = {torch.float32: (1e-2, 1e-5), torch.bfloat16: (float("inf"), 1e-2), torch.float16: (float("inf"), 1e-3)}
+VERIFY_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Translate to German: good morning, how are you?",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+)
+
+
+@dataclass
+class MergeReport:
+    output_dir: str
+    base: str
+    method: str
+    base_precision: str
+    dtype: str
+    merged_modules: int
+    files: list[str] = field(default_factory=list)
+    untied_embeddings: bool = False
+    peak_rss_bytes: int = 0  # process peak when the last shard was written (before verification)
+    max_abs_diff: float | None = None
+    kl: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The adapter
+
+
+def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) -> Adapter:
+    """The adapter at ``adapter_dir``, refused (exit 2, with the alternative) when it has no weight delta to merge."""
+    path = find_adapter_dir(adapter_dir, "merge")
+    config = read_config(path)
+    peft_type = config.get("peft_type")
+    if peft_type in NOT_MERGEABLE:
+        raise UsageError(_not_mergeable(path, NOT_MERGEABLE[peft_type]))
+    if peft_type not in ("LORA", "IA3"):
+        raise UsageError(f"{path}: peft_type {peft_type} is not mergeable by lorakit (it merges LoRA, DoRA, rsLoRA "
+                         f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
+    options = [k for k in UNSUPPORTED_LORA_OPTIONS if config.get(k)]
+    if options:
+        raise UsageError(f"{path}/adapter_config.json: {', '.join(options)} is set; that LoRA variant is not a "
+                         "plain weight update, so lorakit cannot merge it; serve it with "
+                         f"`lorakit generate --adapter {path}`")
+    return read_adapter(path, allow_pickle)
+
+
+def _not_mergeable(path: Path, why: str) -> str:
+    return (f"{path}: {why}, so there is no weight update to merge into the base; "
+            f"load it next to the base instead: `lorakit generate --model BASE --adapter {path}`")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The base model
+
+
+def list_base_tensors(base_dir: Path, allow_pickle: bool) -> list[StoredTensor]:
+    check_weights_safe(str(base_dir), allow_pickle)
+    tensors = list_tensors(base_dir)
+    if not tensors:
+        raise UsageError(f"--base {base_dir}: no *.safetensors weight files found")
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the adapter does to each base module
+
+
+@dataclass
+class ModuleUpdate:
+    """The adapter's tensors for one module of the base, and how the module stores its weight."""
+
+    module: str
+    transposed: bool = False  # Conv1D and Embedding store the weight as (in, out)
+    scaling: float = 1.0
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # A, B, B_bias, m, ia3
+
+    def apply_weight(self, weight: torch.Tensor, device: str) -> torch.Tensor:
+        """The merged weight in float32, as PEFT's forward computes it (peft/tuners/lora, ia3); ``weight`` may be
+        updated in place (fresh allocations of every weight would cost page faults for nothing)."""
+        w = weight.to(device, torch.float32)
+        w = w.T if self.transposed else w  # (out, in) from here on
+        p = {k: v.to(device, torch.float32) for k, v in self.parts.items()}
+        if "ia3" in p:
+            w.mul_(p["ia3"])  # (1, in) scales inputs (feedforward), (out, 1) scales outputs
+        elif "A" in p:
+            w.addmm_(p["B"], p["A"], alpha=self.scaling)  # W + s·B·A
+            if "m" in p:  # DoRA: magnitude times the row-normalised direction, the norm taken after the update
+                w.mul_((p["m"] / torch.linalg.norm(w, dim=1)).view(-1, 1))
+        return (w.T if self.transposed else w).contiguous()
+
+    @property
+    def changes_bias(self) -> bool:
+        return "B_bias" in self.parts or ("ia3" in self.parts and self.parts["ia3"].shape[1] == 1)
+
+    def apply_bias(self, bias: torch.Tensor, device: str) -> torch.Tensor:
+        b = bias.to(device, torch.float32)
+        if "ia3" in self.parts:  # output scaling scales the bias too
+            return b * self.parts["ia3"].to(device, torch.float32).flatten()
+        return b + self.parts["B_bias"].to(device, torch.float32) * self.scaling
+
+
+def collect_updates(adapter: Adapter, base_keys: set[str]) -> tuple[dict[str, ModuleUpdate], dict]:
+    """Group the adapter's tensors by base module; full replacements (modules_to_save, saved embeddings) apart."""
+    updates: dict[str, ModuleUpdate] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter.tensors.items():
+        suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            module = key[: -len(suffix)]
+            updates.setdefault(module, ModuleUpdate(module)).parts[_ADAPTER_SUFFIXES[suffix]] = tensor
+        elif ".base_layer." in key:  # PEFT saved the (possibly resized) embedding the adapter sits on
+            replacements[key.replace(".base_layer.", ".")] = tensor
+        elif key in base_keys:  # modules_to_save: a fully trained copy of the module
+            replacements[key] = tensor
+        else:
+            raise CheckpointError(
+                f"{adapter.path}: adapter tensor {key} matches no weight of the base; "
+                "was the adapter trained on another model?"
+            )
+    patterns = adapter.config.get("alpha_pattern") or {}
+    for name, update in updates.items():
+        if "A" in update.parts:
+            r = update.parts["A"].shape[0]  # rank_pattern is already in the tensor shapes
+            # alpha_pattern keys match a module name's dotted suffix, as peft.utils.other.get_pattern_key
+            # matches them (not imported: importing peft costs seconds and nothing else here needs it).
+            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+            alpha = patterns[key] if key is not None else adapter.config["lora_alpha"]
+            update.scaling = alpha / (r**0.5) if adapter.config.get("use_rslora") else alpha / r
+    return updates, replacements
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan: every output tensor, where it comes from, and what happens to it
+
+
+@dataclass
+class OutTensor:
+    name: str
+    source: StoredTensor
+    dtype: torch.dtype
+    update: ModuleUpdate | None = None
+    replacement: torch.Tensor | None = None
+    round_trip: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.source.shape, self.dtype)
+
+
+@dataclass
+class MergePlan:
+    tensors: list[OutTensor]
+    shards: list[list[OutTensor]]
+    untie: bool
+    quantized_modules: set[str]
+    merged_modules: int
+
+
+def meta_model(base_dir: Path):
+    """The base architecture on the meta device (no memory): module types, tied weights, quantizable layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--base {base_dir}: cannot build the model from its config.json ({e})") from None
+
+
+def quantized_module_names(model) -> set[str]:
+    """The layers bitsandbytes quantizes when transformers loads this model in 4 or 8 bits."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or [])
+    return {
+        name for name, m in model.named_modules()
+        if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and should_convert_module(name, skip)
+    }
+
+
+def plan_merge(adapter, base_tensors, model, dtype, round_trip: bool, max_shard_bytes: int) -> MergePlan:
+    """Match every adapter tensor to a base weight, check shapes, and lay the output out in shards."""
+    from transformers.pytorch_utils import Conv1D
+
+    by_key = {t.key: t for t in base_tensors}
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # tied lm_head.weight too
+    updates, replacements = collect_updates(adapter, set(by_key) | params)
+    untie, extra = _untie(adapter, model, by_key, updates, replacements)
+    sources = {**by_key, **dict(extra)}
+    modules = dict(model.named_modules())
+    for name, update in updates.items():
+        module = modules.get(name)
+        if module is None or f"{name}.weight" not in sources:
+            raise CheckpointError(f"{adapter.path}: the adapter targets {name}, which the base does not have")
+        if not isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding)):
+            raise UsageError(f"{adapter.path}: {name} is a {type(module).__name__}; lorakit merges Linear, Conv1D "
+                             "and Embedding layers only")
+        update.transposed = isinstance(module, (Conv1D, torch.nn.Embedding))
+        _check_shapes(adapter, update, sources[f"{name}.weight"].shape, sources.get(f"{name}.bias"))
+    for key, tensor in replacements.items():
+        if key not in sources or tuple(tensor.shape) != sources[key].shape:
+            raise CheckpointError(f"{adapter.path}: adapter tensor {key} {tuple(tensor.shape)} does not fit the base "
+                                  f"weight {sources[key].shape if key in sources else '(missing)'}")
+
+    quantized = quantized_module_names(model) if round_trip else set()
+    out = []
+    for name, source in [(t.key, t) for t in base_tensors] + extra:
+        module, _, param = name.rpartition(".")
+        update = updates.get(module)
+        if update is not None and not (param == "weight" or (param == "bias" and update.changes_bias)):
+            update = None
+        out.append(OutTensor(
+            name=name, source=source, update=update, replacement=replacements.get(name),
+            dtype=dtype if (dtype is not None and source.dtype.is_floating_point) else source.dtype,
+            round_trip=param == "weight" and module in quantized,
+        ))
+    return MergePlan(out, _shards(out, max_shard_bytes), untie, quantized, len(updates) + len(replacements))
+
+
+def _check_shapes(adapter: Adapter, update: ModuleUpdate, stored: tuple, bias: StoredTensor | None) -> None:
+    out_f, in_f = (stored[1], stored[0]) if update.transposed else stored
+    p = update.parts
+    expected = {"ia3": [(1, in_f), (out_f, 1)]} if "ia3" in p else {
+        "A": [(p["A"].shape[0], in_f)], "B": [(out_f, p["A"].shape[0])], "m": [(out_f,)], "B_bias": [(out_f,)],
+    }
+    if "ia3" not in p and ("A" not in p or "B" not in p):
+        raise CheckpointError(f"{adapter.path}: {update.module} has only half of its LoRA pair (lora_A/lora_B)")
+    for part, tensor in p.items():
+        if tuple(tensor.shape) not in expected.get(part, []):
+            raise CheckpointError(
+                f"{adapter.path}: adapter tensor {update.module} {part} {tuple(tensor.shape)} does not fit the "
+                f"base weight {update.module} ({out_f} out x {in_f} in); was the adapter trained on another model?"
+            )
+    if "B_bias" in p and bias is None:
+        raise CheckpointError(f"{adapter.path}: {update.module} has a LoRA bias but the base layer has no bias")
+
+
+def _output_embedding_name(model) -> str:
+    out = model.get_output_embeddings()
+    return next(name for name, m in model.named_modules() if m is out)
+
+
+def _untie(adapter, model, by_key, updates, replacements) -> tuple[bool, list[tuple[str, StoredTensor]]]:
+    """Tied input/output embeddings that the adapter touches are written apart, to keep the adapter's logits."""
+    out_mod, in_mod = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_mod is None or in_mod is None or out_mod.weight is not in_mod.weight:
+        return False, []
+    in_name = next(n for n, m in model.named_modules() if m is in_mod)
+    out_name = _output_embedding_name(model)
+    touched = {k.rpartition(".")[0] for k in replacements} | set(updates)
+    if not {in_name, out_name} & touched:
+        return False, []
+    if adapter.config.get("ensure_weight_tying"):
+        raise UsageError(f"{adapter.path}: ensure_weight_tying adapters on tied embeddings are not mergeable by "
+                         "lorakit yet; serve the adapter with `lorakit generate --adapter`")
+    out_key = f"{out_name}.weight"
+    return True, [] if out_key in by_key else [(out_key, by_key[f"{in_name}.weight"])]
+
+
+def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards, current, size = [], [], 0
+    for t in tensors:
+        if current and size + t.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    return shards + [current] if current else shards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Computing and writing
+
+
+def round_trip_weight(weight: torch.Tensor, record: dict) -> torch.Tensor:
+    """The weight as the quantized base served it during training: bitsandbytes quantize → dequantize."""
+    import bitsandbytes.functional as bnbf
+
+    quant = record.get("quantization")
+    if quant == "int8":  # LLM.int8: row-wise absmax of the fp16 weight (bitsandbytes Int8Params._quantize)
+        cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        return bnbf.int8_vectorwise_dequant(cb, scb)
+    dtype = _training_dtype(record)
+    # bitsandbytes Params4bit quantizes the weight cast to the load dtype, in blocks of 64 (its default).
+    double_quant = record.get("double_quant", ModelSection.model_fields["double_quant"].default)
+    q, state = bnbf.quantize_4bit(weight.to(dtype).contiguous(), blocksize=64, quant_type=quant,
+                                  compress_statistics=bool(double_quant))
+    return bnbf.dequantize_4bit(q, state)
+
+
+def _training_dtype(record: dict) -> torch.dtype:
+    from lorakit.models.loading import resolve_dtype
+
+    return resolve_dtype(record.get("dtype") or "auto")
+
+
+def merged_tensor(t: OutTensor, reader: TensorReader, record: dict, device: str) -> torch.Tensor:
+    tensor = t.replacement.clone() if t.replacement is not None else reader.get(t.source)
+    changed = t.replacement is not None
+    if t.round_trip:
+        tensor, changed = round_trip_weight(tensor, record), True
+    if t.update is not None:
+        weight = t.name.endswith(".weight")
+        tensor = t.update.apply_weight(tensor, device) if weight else t.update.apply_bias(tensor, device)
+        changed = True
+    result = tensor.to("cpu", t.dtype) if tensor.is_floating_point() else tensor
+    # A float32 sum is inf or NaN when any element is (or the weight is absurdly large): one cheap pass.
+    if (changed or result.dtype != t.source.dtype) and result.is_floating_point() and not torch.isfinite(
+            result.sum(dtype=torch.float32)):
+        hint = f"; {t.dtype} cannot hold it, try --dtype bfloat16" if t.dtype == torch.float16 else ""
+        raise CheckpointError(f"merged weight {t.name} is not finite (NaN or inf){hint}; nothing was written")
+    return result
+
+
+def write_shards(plan: MergePlan, out_dir: Path, record: dict, device: str, log: Callable[[str], None]) -> list[str]:
+    names = shard_names(len(plan.shards))
+    with TensorReader() as reader:
+        for name, shard in zip(names, plan.shards):
+            with SafetensorsStreamWriter(out_dir / name, [(t.name, t.dtype, t.source.shape) for t in shard]) as writer:
+                for t in shard:
+                    writer.write(t.name, merged_tensor(t, reader, record, device))
+            log(f"wrote {name}")
+    if len(names) > 1:
+        weight_map = {t.name: name for name, shard in zip(names, plan.shards) for t in shard}
+        write_index(out_dir, weight_map, sum(t.nbytes for t in plan.tensors), sum(t.source.numel for t in plan.tensors))
+    return names
+
+
+def write_metadata(adapter: Adapter, base_dir: Path, config, plan: MergePlan, dtype, out_dir: Path) -> None:
+    """config.json (dtype, untied embeddings), generation config and tokenizer next to the weights."""
+    from transformers import AutoTokenizer
+
+    if dtype is not None:
+        config.dtype = dtype
+    if plan.untie:
+        config.tie_word_embeddings = False
+        text = config.get_text_config()
+        if text is not config:
+            text.tie_word_embeddings = False
+    config.save_pretrained(out_dir)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    # The run saves its tokenizer (pad token, chat template) with the adapter; it wins over the base's.
+    source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_dir
+    if (source / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification: the merged model against PEFT's adapter model on the same base weights
+
+
+def verify_merge(adapter: Adapter, base_dir: Path, merged_dir: Path, plan: MergePlan, device: str):
+    """(max |Δlogit|, mean KL(adapter ‖ merged) per token) over VERIFY_PROMPTS, both models in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    has_tokenizer = (merged_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir if has_tokenizer else base_dir)
+    inputs = [tokenizer(p, return_tensors="pt").input_ids.to(device) for p in VERIFY_PROMPTS]
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+        for name in plan.quantized_modules:  # the same NF4 round-trip the merge applied
+            weight = model.get_submodule(name).weight
+            weight.data = round_trip_weight(weight.data, adapter.record).to(device, torch.float32)
+        model = PeftModel.from_pretrained(model, adapter.path).eval()
+        reference = [model(ids).logits.float().cpu() for ids in inputs]
+        del model
+        gc.collect()
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
+        merged = [model(ids).logits.float().cpu() for ids in inputs]
+        del model
+        gc.collect()
+    ref, got = torch.cat([r[0] for r in reference]), torch.cat([m[0] for m in merged])
+    max_abs = (ref - got).abs().max().item()
+    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    return max_abs, kl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The output directory, written atomically
+
+
+def _recover_interrupted(out: Path, log: Callable[[str], None]) -> None:
+    """A merge killed while publishing (atomic.replace_dir) may have left the previous OUT set aside as
+    .OUT.lorakit-old-PID: put it back where OUT is missing, delete it where the new OUT made it in."""
+    for aside in sorted(out.parent.glob(f".{out.name}.lorakit-old-*")) if out.parent.is_dir() else []:
+        if _pid_alive(aside.name.rsplit("-", 1)[-1]):
+            continue  # a merge running now
+        if out.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(out)
+            log(f"restored {out} from an interrupted merge (it had been set aside as {aside.name})")
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty OUT without --overwrite, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: a file of that name exists; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SafetyError(f"--output {out} is not empty; pass --overwrite to replace it or choose another directory")
+
+
+def _temporary_output(out: Path, protected: Iterable[Path]) -> Path:
+    """The temporary directory next to OUT to write into (removing any a killed merge left behind)."""
+    for p in protected:
+        if out == p.resolve():
+            raise UsageError(f"--output {out}: that is the adapter or base directory; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.lorakit-tmp-*"):
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.lorakit-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    base_precision: str | None = None,
+    verify: bool | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> MergeReport:
+    """Merge the adapter in ``adapter_dir`` into its base and write a plain Hugging Face model to ``output_dir``.
+
+    ``dtype``: output dtype (default: the base's own). ``base_precision``: for QLoRA adapters, merge into the
+    ``original`` weights or the ``dequantized`` NF4 round-trip the adapter saw (default: dequantized when the
+    adapter's lorakit.json records a quantized base). ``verify``: compare logits with the adapter model
+    (default: on below VERIFY_MAX_PARAMS parameters). ``log``: progress lines (default: lorakit's console).
+    """
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from lorakit.console import console
+
+    log = log or console(True)
+    out_dtype = _parse_choice("--dtype", dtype, OUTPUT_DTYPES)
+    out_dtype = getattr(torch, out_dtype) if out_dtype else None
+    try:
+        max_bytes = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise UsageError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB or 500MB") from None
+    out = Path(output_dir).resolve()
+    _recover_interrupted(out, log)
+    _check_output(out, overwrite)
+    adapter = read_mergeable_adapter(adapter_dir, allow_pickle)
+    base_dir = resolve_base(adapter, base)
+    _check_recorded_base(adapter, base_dir)
+    precision, why = _choose_base_precision(adapter, base_precision)
+    base_tensors = list_base_tensors(base_dir, allow_pickle)
+    config, model = meta_model(base_dir)
+    if getattr(config, "quantization_config", None):
+        raise UsageError(f"--base {base_dir}: a pre-quantized checkpoint; merge needs the full-precision base weights")
+    plan = plan_merge(adapter, base_tensors, model, out_dtype, precision == "dequantized", max_bytes)
+    n_params = sum(t.source.numel for t in plan.tensors)
+    verify = n_params < VERIFY_MAX_PARAMS if verify is None else verify
+    log(f"merging {adapter.method} adapter {adapter.path} into {base_dir} "
+        f"({plan.merged_modules} modules, {n_params / 1e6:,.1f}M parameters)")
+    log(f"base precision: {precision}: {why}")
+    if plan.untie:
+        log("the adapter changes tied input/output embeddings: writing them untied (tie_word_embeddings: false)")
+
+    tmp = _temporary_output(out, [adapter.path, base_dir])
+    try:
+        files = write_shards(plan, tmp, adapter.record, device, log)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        write_metadata(adapter, base_dir, config, plan, out_dtype, tmp)
+        report = MergeReport(
+            output_dir=str(out), base=str(base_dir), method=adapter.method, base_precision=precision,
+            dtype=str(out_dtype or "as base").removeprefix("torch."), merged_modules=plan.merged_modules,
+            files=files, untied_embeddings=plan.untie, peak_rss_bytes=peak,
+        )
+        if verify:
+            report.max_abs_diff, report.kl = verify_merge(adapter, base_dir, tmp, plan, device)
+            log(check_verification(report.max_abs_diff, report.kl, out_dtype or _main_dtype(base_tensors)))
+        _write_provenance(report, adapter, tmp)
+        fsync_files(tmp)
+        replace_dir(tmp, out, aside=out.parent / f".{out.name}.lorakit-old-{os.getpid()}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _parse_choice(option: str, value: str | None, choices: tuple[str, ...]) -> str | None:
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} {value!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def _check_recorded_base(adapter: Adapter, base_dir: Path) -> None:
+    """Refuse a base whose architecture differs from the one recorded at training time."""
+    recorded = adapter.record.get("base_model_path")
+    if not recorded or not (Path(recorded) / "config.json").is_file() or Path(recorded).resolve() == base_dir.resolve():
+        return
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    a, b = (json.loads((Path(d) / "config.json").read_text()) for d in (recorded, base_dir))
+    diff = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+    if diff:
+        raise CheckpointError(f"--base {base_dir} is not the model the adapter was trained on ({recorded}): "
+                              f"{'; '.join(diff)}")
+
+
+def _choose_base_precision(adapter: Adapter, choice: str | None) -> tuple[str, str]:
+    """original or dequantized, and why: the default keeps the merged model closest to what was trained."""
+    choice = _parse_choice("--base-precision", choice, BASE_PRECISIONS)
+    quant = adapter.record.get("quantization", "none") if adapter.record else "not recorded"
+    if choice == "dequantized" and quant not in ("nf4", "fp4", "int8"):
+        raise UsageError(f"--base-precision dequantized: {adapter.path} was not trained on a quantized base "
+                         f"(lorakit.json quantization: {quant}); use original")
+    if choice is not None:
+        return choice, "--base-precision"
+    if quant in ("nf4", "fp4", "int8"):
+        return "dequantized", f"the adapter was trained on a {quant} base (--base-precision original to change)"
+    return "original", f"the adapter was trained on an unquantized base (lorakit.json quantization: {quant})"
+
+
+def _main_dtype(base_tensors: list[StoredTensor]) -> torch.dtype:
+    floats = [t.dtype for t in base_tensors if t.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def check_verification(max_abs: float, kl: float, dtype: torch.dtype) -> str:
+    """The verify line when the figures are within VERIFY_LIMITS for ``dtype``; VerificationError (exit 1) if not."""
+    limit_abs, limit_kl = VERIFY_LIMITS.get(dtype, VERIFY_LIMITS[torch.bfloat16])
+    name = str(dtype).removeprefix("torch.")
+    line = (f"verify: max |Δlogit| {max_abs:.3g}, KL {kl:.3g} nats/token "
+            f"(limits {limit_abs:g}, {limit_kl:g} for {name})")
+    if not (max_abs <= limit_abs and kl <= limit_kl):  # NaN fails too
+        raise VerificationError(f"{line}: the merged model does not reproduce the adapter; nothing was written "
+                                "(rerun with --no-verify to write it anyway)")
+    return line + ": ok"
+
+
+def _write_provenance(report: MergeReport, adapter: Adapter, out_dir: Path) -> None:
+    from dataclasses import asdict
+
+    from lorakit import __version__
+
+    data = {"adapter": str(adapter.path.resolve()), "adapter_record": adapter.record, "lorakit_version": __version__,
+            **{k: v for k, v in asdict(report).items() if k != "output_dir"}}
+    (out_dir / PROVENANCE_FILE).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,99 @@
+"""Model configs for `lorakit estimate-memory`: offline presets, local model dirs, bare config.json files, hub ids.
+
+Presets are the architecture keys of popular models' published config.json files (lorakit/models/presets/*.json), each
+with a ``_source`` naming the hub repository and its parameter count, so estimates work without a network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorakit.errors import UsageError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def read_preset(name: str) -> dict:
+    return json.loads((PRESET_DIR / f"{name}.json").read_text())
+
+
+def find_preset(name_or_hub_id: str) -> str | None:
+    """The preset called ``name_or_hub_id`` (case-insensitive), or the one whose source is that hub repository."""
+    wanted = name_or_hub_id.strip().lower()
+    for name in preset_names():
+        if name == wanted or read_preset(name)["_source"]["hub_id"].lower() == wanted:
+            return name
+    return None
+
+
+def config_from_dict(data: dict, where: str):
+    """A transformers config from a config.json mapping; unknown architectures exit 2."""
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise UsageError(f"{where}: config has no model_type; is it a Hugging Face config.json?")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{where}: transformers does not know model_type {model_type!r} ({e})") from None
+
+
+def load_model_config(model: str) -> tuple[object, str]:
+    """(transformers config, where it came from) for a preset, a config.json file, a model dir, a .gguf file
+    or a hub id (fetched by transformers, which honours HF_HUB_OFFLINE)."""
+    from lorakit.models.loading import load_model_config as load_config
+
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix != ".gguf":
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"--model: {str(path)!r} is not a JSON config ({e})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--model: {str(path)!r} is not a JSON object")
+        return config_from_dict(data, str(path)), str(path)
+    if path.exists():
+        return load_config(str(path)), str(path)
+    preset = find_preset(model)
+    if preset is not None:
+        source = read_preset(preset)["_source"]
+        return config_from_dict(read_preset(preset), f"preset {preset}"), f"preset {preset} ({source['hub_id']})"
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"--model: {model!r} not found")
+    return _hub_config(model), f"hub {model}"
+
+
+def _hub_config(model: str):
+    """The hub's config.json: from the local cache, else from the hub when it answers within 3 s."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from transformers import AutoConfig
+
+    from lorakit.models.loading import load_model_config as load_config
+
+    presets = f"offline presets: {', '.join(preset_names())}"
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise UsageError(f"--model: {model!r} is not cached and HF_HUB_OFFLINE is set; {presets}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        why = f"--model: {model!r} is not a local path or a preset and {host} is unreachable"
+        raise UsageError(f"{why}; {presets}") from None
+    try:
+        return load_config(model)
+    except UsageError as e:
+        raise UsageError(f"{e}; {presets}") from None

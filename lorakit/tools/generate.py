@@ -1,0 +1,151 @@
+"""`lorakit generate`: text from one base model with any number of adapters, loaded once and chosen per prompt.
+
+Every adapter is attached to the one shared base with PEFT (``load_adapter``) and activated per request
+(``set_adapter``); the name ``base`` runs with all adapters disabled. This is the "adapter serving" pattern:
+one copy of the base weights in memory, a few megabytes per task adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters.files import find_adapter_dir, read_config
+from lorakit.errors import CheckpointError, DataError, UsageError
+from lorakit.models.loading import load_adapter, load_base_model, load_tokenizer, resolve_model_path
+from lorakit.config.schema import ModelSection
+
+BASE = "base"  # the adapter name that means "no adapter"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass
+class Request:
+    adapter: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` (or a bare DIR, named after it) → {name: dir}, in the order given."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep:
+            directory = spec
+            name = Path(spec).resolve().name
+            name = Path(spec).resolve().parent.name if name == "adapter" else name  # RUN/adapter is named RUN
+        if not _NAME.fullmatch(name) or name == BASE or name in adapters:
+            raise UsageError(f"--adapter {spec}: names are letters, digits, '_', '.', '-', unique and not {BASE!r}; "
+                             "write NAME=DIR")
+        adapters[name] = find_adapter_dir(directory, f"--adapter {spec}")
+    methods = {read_config(p).get("peft_type") for p in adapters.values()}
+    if len(methods) > 1 or ("BOTTLENECK" in methods and len(adapters) > 1):
+        raise UsageError(f"--adapter: adapters of different methods ({', '.join(sorted(methods))}), or several "
+                         "bottleneck adapters, cannot share one base; run generate once per method")
+    return adapters
+
+
+def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
+    """Rows of ``{"prompt": TEXT}`` or ``{"messages": [...]}``, each with an optional ``"adapter": NAME``."""
+    if not path.is_file():
+        raise DataError(f"--file {path}: not found")
+    requests = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        ok = isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
+        if not ok:
+            raise DataError(f'{where}: expected {{"prompt": TEXT}} or {{"messages": [...]}}, optionally with "adapter"')
+        adapter = row.get("adapter", default)
+        if adapter not in known:
+            raise DataError(f"{where}: adapter {adapter!r} is not loaded; loaded: {', '.join(sorted(known))}")
+        requests.append(Request(adapter, row.get("prompt"), row.get("messages")))
+    if not requests:
+        raise DataError(f"--file {path}: no prompts")
+    return requests
+
+
+def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, allow_pickle: bool, device: str):
+    """(model, tokenizer): the base once, every adapter attached to it under its name."""
+    from peft import PeftModel
+
+    from lorakit.adapters.bottleneck import is_bottleneck_dir
+
+    model_path = resolve_model_path(section)
+    tokenizer = load_tokenizer(section, model_path)
+    model = load_base_model(section, model_path, allow_pickle)
+    model.config.use_cache = True  # load_base_model turns the KV cache off for training
+    if section.quantization == "none":
+        model = model.to(device)
+    if any(is_bottleneck_dir(p) for p in adapters.values()):  # lorakit's own method: one adapter, no names
+        return load_adapter(model, next(iter(adapters.values()))).eval(), tokenizer
+    for i, (name, path) in enumerate(adapters.items()):
+        try:
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"--adapter {name}={path}: PEFT cannot attach it to {model_path}: "
+                                  f"{str(e).strip().splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int) -> str:
+    """The completion for one request, with its adapter active (or all adapters off for ``base``)."""
+    if request.messages is not None or chat:
+        messages = request.messages or [{"role": "user", "content": request.prompt}]
+        if not tokenizer.chat_template:
+            raise UsageError("--chat: the tokenizer has no chat template; drop --chat to send raw prompts")
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+    else:
+        inputs = tokenizer(request.prompt, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    from peft import PeftModel
+
+    from lorakit.adapters.bottleneck import BottleneckModel
+
+    context = nullcontext()
+    if request.adapter == BASE and isinstance(model, (PeftModel, BottleneckModel)):
+        context = model.disable_adapter()
+    elif isinstance(model, PeftModel):
+        model.set_adapter(request.adapter)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
+    torch.manual_seed(seed)  # per request, so a prompt's sample does not depend on the prompts before it
+    with context, torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str | None, file: Path | None,
+                 use: str | None, chat: bool, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 allow_pickle: bool, device: str | None):
+    """Yield (request, completion) for --prompt or every row of --file, loading the model once."""
+    if (prompt is None) == (file is None):
+        raise UsageError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    adapters = parse_adapter_specs(adapter_specs)
+    known = {BASE, *adapters}
+    default = use or next(iter(adapters), BASE)
+    if default not in known:
+        raise UsageError(f"--use {default}: no adapter of that name; loaded: {', '.join(sorted(known))}")
+    requests = [Request(default, prompt=prompt)] if prompt is not None else read_requests(file, default, known)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_generation(section, adapters, allow_pickle=allow_pickle, device=device)
+    for request in requests:
+        yield request, generate_one(model, tokenizer, request, chat=chat, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed)

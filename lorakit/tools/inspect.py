@@ -1,0 +1,229 @@
+"""`lorakit inspect`: a model's targetable modules and what an adapter would train, from shapes alone.
+
+The model is built on the meta device from its config (no weights are read), the adapter is applied by the
+same builder training uses, and the counts are PEFT's own: they are the numbers a run prints at its start.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit.errors import UsageError
+from lorakit.config.schema import (
+    METHOD_KEY_DEFAULTS, AdapterSection, ModelSection, apply_overrides, parse_recipe, peft_config_class, read_yaml,
+)
+
+RANKS = (1, 4, 8, 16, 64)
+# Initialisations that read the base weights (SVD, quantization, data): the count is the same with the default.
+_WEIGHT_READING_INITS = ("pissa", "loftq", "olora", "eva", "corda", "orthogonal")
+
+
+@dataclass
+class Report:
+    model: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    adapter: str
+    linear: list[tuple[str, int, tuple[int, int]]]  # (short name, count, (out, in))
+    trainable: list[tuple[str, int, int | None, int]]  # (group, count, each or None when it varies, total)
+    trainable_params: int
+    all_params: int
+    rank_rows: list[tuple[tuple[int, int], list[str], list[int], int]]  # (shape, modules, per rank, full)
+    notes: list[str] = field(default_factory=list)
+
+
+def lora_params(d_in: int, d_out: int, r: int) -> int:
+    """Trainable parameters of one LoRA update B·A on a d_out×d_in matrix: A is r×d_in, B is d_out×r."""
+    return r * (d_in + d_out)
+
+
+def rank_table(shapes: dict[tuple[int, int], list[str]], ranks=RANKS):
+    """For each (out, in) shape: the modules with it, LoRA params per matrix at each rank, and full d_in·d_out."""
+    return [
+        (shape, modules, [lora_params(shape[1], shape[0], r) for r in ranks], shape[0] * shape[1])
+        for shape, modules in shapes.items()
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From the CLI's arguments to the recipe sections inspect needs
+
+
+def inspect_sections(recipe_path: Path | None, model: str | None, method: str | None, r: int | None,
+                     targets: str | None, overrides: list[str]) -> tuple[ModelSection, AdapterSection]:
+    """The model and adapter sections from a recipe and/or --model/--method/--r/--targets/--set."""
+    if recipe_path is None and model is None:
+        raise UsageError("inspect: give a RECIPE or --model PATH")
+    data = read_yaml(recipe_path) if recipe_path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    if model is not None:
+        data.setdefault("model", {})["name_or_path"] = model
+    adapter = data.setdefault("adapter", {})
+    if method is not None and method != adapter.get("method", "lora"):
+        data["adapter"] = adapter = _keys_for_method(adapter, method)
+    if r is not None:
+        adapter["r"] = r
+    if targets is not None:
+        adapter["target_modules"] = parse_targets(targets)
+    if recipe_path is None:  # inspect needs only model and adapter; placeholders satisfy the other sections
+        data.update(data={"train": "-"}, train={"max_steps": 1})
+    recipe = parse_recipe(data, source=str(recipe_path) if recipe_path else "inspect")
+    return recipe.model, recipe.adapter
+
+
+def parse_targets(text: str):
+    """--targets: 'all-linear', a comma-separated list of module names, or else a regex."""
+    if text == "all-linear":
+        return text
+    if re.fullmatch(r"[\w\-]+(\s*,\s*[\w\-]+)*", text.strip()):
+        return [t.strip() for t in text.split(",")]
+    return text
+
+
+def _keys_for_method(adapter: dict, method: str) -> dict:
+    """The recipe's adapter keys that still mean something for another method (--method switches method)."""
+    import dataclasses
+
+    own = {"r", "lora_alpha", "lora_dropout", "target_modules"}
+    fields = {f.name for f in dataclasses.fields(peft_config_class(method))}
+    kept = {k: v for k, v in adapter.items() if (k in METHOD_KEY_DEFAULTS[method]) or (k not in own and k in fields)}
+    kept["method"] = method
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+
+def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Report:
+    from lorakit.models.loading import apply_adapter, build_meta_model, trainable_summary  # heavy: torch, transformers
+
+    model = build_meta_model(model_section.name_or_path, model_section.trust_remote_code)
+    text_config = model.config.get_text_config()
+    linear = linear_groups(model)
+    shapes: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for name, _, shape in linear:
+        shapes[shape].append(name)
+    adapted = apply_adapter(model, counting_section(adapter), low_cpu_mem_usage=True)
+    trainable, total = adapted.get_nb_trainable_parameters()
+    notes = []
+    if model_section.quantization != "none":
+        notes.append(f"model.quantization {model_section.quantization}: the adapter's counts are the same on the "
+                     "quantized base (memory: lorakit estimate-memory)")
+    notes.append(trainable_summary(adapted))
+    return Report(
+        model=model_section.name_or_path,
+        model_type=model.config.model_type,
+        num_layers=text_config.num_hidden_layers,
+        hidden_size=text_config.hidden_size,
+        adapter=describe_adapter(adapter, adapted),
+        linear=linear,
+        trainable=trainable_groups(adapted),
+        trainable_params=trainable,
+        all_params=total,
+        rank_rows=rank_table(dict(shapes)),
+        notes=notes,
+    )
+
+
+def counting_section(adapter: AdapterSection) -> AdapterSection:
+    """The same adapter with initialisations that need real weights (or a tokenizer) swapped for the default."""
+    data = adapter.model_dump()
+    if data.get("init_lora_weights") in _WEIGHT_READING_INITS:
+        data["init_lora_weights"] = True
+        data.pop("loftq_config", None)
+    if adapter.method == "prompt":
+        for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
+            data.pop(key, None)
+    return AdapterSection.model_validate(data)
+
+
+def linear_groups(model) -> list[tuple[str, int, tuple[int, int]]]:
+    """(short name, how many, (out, in)) of the linear layers an adapter can target, the LM head excluded."""
+    import torch
+
+    head = model.get_output_embeddings()
+    counts: dict[tuple[str, tuple[int, int]], int] = defaultdict(int)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            counts[(name.rsplit(".", 1)[-1], tuple(module.weight.shape))] += 1
+    return [(short, n, shape) for (short, shape), n in counts.items()]
+
+
+def trainable_groups(adapted) -> list[tuple[str, int, int | None, int]]:
+    """Trainable parameters grouped by the module that holds them (q_proj, ..., prompt_encoder, bottleneck)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    from lorakit.adapters.bottleneck import BottleneckAdapter
+
+    sizes: dict[str, list[int]] = defaultdict(list)
+    seen: set[int] = set()
+    for name, module in adapted.named_modules():
+        if not isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper, BottleneckAdapter)):
+            continue
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+        if not params:
+            continue
+        seen.update(id(p) for p in params)
+        short = name.rsplit(".", 1)[-1]
+        group = f"bottleneck after {short}" if isinstance(module, BottleneckAdapter) else short
+        sizes[group].append(sum(p.numel() for p in params))
+    for name, p in adapted.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            sizes[name.removeprefix("base_model.model.")].append(p.numel())
+    return [(g, len(v), v[0] if len(set(v)) == 1 else None, sum(v)) for g, v in sizes.items()]
+
+
+def describe_adapter(adapter: AdapterSection, adapted) -> str:
+    keys = {k: v for k, v in adapter.model_dump().items() if v is not None and k != "method"}
+    text = " ".join([adapter.method] + [f"{k}={_short(v)}" for k, v in keys.items()])
+    if adapter.method == "ia3" and adapter.target_modules is None:  # say which defaults PEFT chose
+        config = adapted.peft_config["default"]
+        text += (f" (PEFT's defaults: target_modules={_short(sorted(config.target_modules))} "
+                 f"feedforward_modules={_short(sorted(config.feedforward_modules or []))})")
+    return text
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def format_report(report: Report) -> str:
+    lines = [
+        f"model: {report.model} ({report.model_type}, {report.num_layers} layers, hidden {report.hidden_size}; "
+        "meta device, no weights loaded)",
+        "",
+        "linear modules an adapter can target (lm_head excluded):",
+        _table(["module", "count", "shape (out×in)", "params each"],
+               [[name, n, f"{o}×{i}", o * i] for name, n, (o, i) in report.linear]),
+        "",
+        f"adapter: {report.adapter}",
+        _table(["trainable in", "count", "each", "total"],
+               [[g, n, "varies" if each is None else each, total] for g, n, each, total in report.trainable]),
+        *report.notes,
+        "",
+        "LoRA rank table: trainable params per matrix, r·(d_in+d_out), vs full fine-tuning d_in·d_out",
+        _table(["shape (out×in)", *[f"r={r}" for r in RANKS], "full", "modules"],
+               [[f"{o}×{i}", *counts, full, ",".join(mods)] for (o, i), mods, counts, full in report.rank_rows]),
+    ]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[f"{c:,d}" if isinstance(c, int) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    left = {0, len(header) - 1} if header[-1] == "modules" else {0}
+    return "\n".join(
+        ("  " + "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        .rstrip()
+        for row in cells
+    )

@@ -1,0 +1,143 @@
+"""`lorakit preview-data`: the first rows exactly as the model will see them. Nothing is trained.
+
+Supervised tokens (the ones the loss is computed on) are highlighted, masked ones dimmed; on a non-terminal
+the supervised spans are written between [[ and ]]. Rows with no supervised token or no supervised EOS are
+flagged, because a wrong chat template or a lost EOS is otherwise invisible until the model misbehaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
+from lorakit.data.pipeline import train_sources, fit_length, load_datasets, num_targets
+from lorakit.data.sources import BadRowError, read_rows
+from lorakit.config.schema import DataSection, Recipe
+
+SUPERVISED_STYLE, MASKED_STYLE = "bold green", "dim"
+PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"
+
+
+@dataclass
+class PreviewRow:
+    where: str
+    status: str  # kept | truncated | dropped: ... | skipped: ...
+    example: Example | None = None
+    targets: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
+    """The first ``n`` training rows, tokenized and fitted as in training, dropped ones included."""
+    resolve_chat_template(section, tokenizer)
+    rows = []
+    for source in train_sources(section):
+        rows += read_rows(source, section.skip_bad_rows).rows
+        if len(rows) >= n:
+            break
+    out = []
+    for row in rows[:n]:
+        try:
+            example, truncated = fit_length(tokenize_row(row, section, tokenizer), section, tokenizer.bos_token_id)
+        except BadRowError as e:
+            if not section.skip_bad_rows:
+                raise
+            out.append(PreviewRow(row.where, f"skipped: {e.reason.split(': ', 1)[-1]}"))
+            continue
+        if example is None:
+            out.append(PreviewRow(row.where, f"dropped: longer than data.max_seq_len {section.max_seq_len}"))
+            continue
+        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example, num_targets(example))
+        if shown.targets == 0:
+            shown.status = "dropped: no supervised tokens"
+            shown.warnings.append("no supervised tokens: this row teaches nothing")
+        elif tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in example.labels[1:]:
+            shown.warnings.append(f"no supervised EOS ({tokenizer.eos_token}): the model may not learn to stop")
+        out.append(shown)
+    return out
+
+
+def spans(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """(text, supervised) runs of consecutive tokens, each run decoded as a whole (keeps multi-byte text intact)."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(example.input_ids, example.labels):
+        supervised = label != IGNORE_INDEX
+        if runs and runs[-1][1] == supervised:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], supervised))
+    return [
+        (tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), supervised)
+        for ids, supervised in runs
+    ]
+
+
+def header(index: int, row: PreviewRow) -> str:
+    if row.example is None:
+        return f"example {index}  {row.where}  {row.status}"
+    return f"example {index}  {row.where}  {len(row.example)} tokens, {row.targets} supervised  {row.status}"
+
+
+def render_plain(index: int, row: PreviewRow, tokenizer) -> str:
+    lines = [header(index, row)]
+    if row.example is not None:
+        lines.append("".join(f"{PLAIN_OPEN}{t}{PLAIN_CLOSE}" if s else t for t, s in spans(row.example, tokenizer)))
+    lines += [f"  warning: {w}" for w in row.warnings]
+    return "\n".join(lines)
+
+
+def render_rich(index: int, row: PreviewRow, tokenizer):
+    from rich.console import Group
+    from rich.text import Text
+
+    parts = [Text(header(index, row), style="bold")]
+    if row.example is not None:
+        body = Text()
+        for text, supervised in spans(row.example, tokenizer):
+            body.append(text, style=SUPERVISED_STYLE if supervised else MASKED_STYLE)
+        parts.append(body)
+    parts += [Text(f"  warning: {w}", style="yellow") for w in row.warnings]
+    return Group(*parts)
+
+
+def preview_data(recipe: Recipe, n: int, stats: bool = True) -> None:
+    """Print the first ``n`` rows as the model sees them, then (with ``stats``) the whole dataset's summary."""
+    from lorakit.console import emit, get_console, is_json
+    from lorakit.models.loading import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model))
+    rows = preview_rows(recipe.data, tokenizer, n)
+    console = get_console()
+    if is_json():
+        for i, row in enumerate(rows, 1):
+            emit("preview", index=i, where=row.where, status=row.status, tokens=len(row.example or []),
+                 supervised=row.targets, warnings=row.warnings,
+                 spans=[[t, s] for t, s in spans(row.example, tokenizer)] if row.example else [])
+    elif console.is_terminal:
+        console.print(legend(), soft_wrap=False)
+        for i, row in enumerate(rows, 1):
+            console.print(render_rich(i, row, tokenizer), soft_wrap=False)
+            console.print()
+    else:
+        console.print(f"supervised tokens are shown {PLAIN_OPEN}like this{PLAIN_CLOSE}; the rest is masked (-100)\n",
+                      markup=False)
+        for i, row in enumerate(rows, 1):
+            console.print(render_plain(i, row, tokenizer) + "\n", markup=False)
+    if stats:
+        data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
+        for name, split in (("train", data.train_stats), ("eval", data.eval_stats)):
+            if split is not None:
+                if is_json():
+                    emit("data", split=name, summary=split.summary())
+                else:
+                    console.print(f"{name} data: {split.summary()}", markup=False)
+
+
+def legend():
+    from rich.text import Text
+
+    text = Text()
+    text.append("supervised tokens", style=SUPERVISED_STYLE)
+    text.append(" are highlighted, ")
+    text.append("masked ones (-100) dimmed", style=MASKED_STYLE)
+    return text

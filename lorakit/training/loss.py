@@ -1,0 +1,227 @@
+"""The training loss: cross-entropy over supervised positions, the LM head applied a chunk at a time.
+
+`build_loss` decides once, before the loop, how `compute_loss(model, batch, num_items)` runs; every path
+returns the sum of per-token losses / num_items, as transformers' ForCausalLMLoss does with num_items_in_batch.
+- chunked (train.chunked_loss): a forward hook on the decoder catches its output (the last hidden state,
+  after the final norm) while the model computes logits for one position only; the head and the loss run over
+  supervised positions only, in chunks, so full-vocabulary logits never exist for the whole batch (and, unlike
+  output_hidden_states=True, no layer's output is kept beyond what the backward needs);
+- Liger's fused linear cross-entropy instead of our chunks, when liger-kernel is installed and the model is on a GPU;
+- plain: the model's own loss, where the head cannot be applied outside the model (an adapter on the head,
+  prompt/prefix tuning, a sharded head, logit scaling or soft-capping) or when train.chunked_loss is false.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 256 rows at a 32k vocabulary, 55 at 152k
+
+# Config keys of models that scale or soft-cap their logits after the head (Gemma 2/3, Cohere, Granite);
+# the probe in _head_reproduces_logits catches the ones not listed.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+LossFn = Callable[[torch.nn.Module, dict, float], torch.Tensor]
+
+
+@dataclass
+class Loss:
+    """The loss the loop calls, and which path it takes (printed at the start of a run)."""
+
+    fn: LossFn
+    kind: str  # "chunked", "liger" or "plain"
+    reason: str = ""
+
+    def __call__(self, model, batch: dict, num_items: float) -> torch.Tensor:
+        return self.fn(model, batch, num_items)
+
+    def describe(self) -> str:
+        return f"loss: {self.kind}" + (f" ({self.reason})" if self.reason else "")
+
+
+def plain_loss(model, batch: dict, num_items: float) -> torch.Tensor:
+    return model(**batch, num_items_in_batch=num_items).loss
+
+
+def build_loss(model, chunked: bool) -> Loss:
+    """Choose the loss path for ``model`` (the unwrapped PEFT model, on its training device)."""
+    if not chunked:
+        return Loss(plain_loss, "plain", "train.chunked_loss is false")
+    why_not = head_unusable(model)
+    if why_not:
+        return Loss(plain_loss, "plain", why_not)
+    head, decoder = model.get_output_embeddings(), _decoder(model)
+    if head.weight.is_cuda and liger_available():
+        return Loss(_head_loss(head, decoder, _liger_sum), "liger", "liger-kernel fused linear cross-entropy")
+    return Loss(_head_loss(head, decoder, linear_cross_entropy_sum), "chunked")
+
+
+def _decoder(model) -> torch.nn.Module:
+    """The transformer body whose output the head reads (transformers' get_decoder on the unwrapped model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def forward_hidden(model, decoder, inputs: dict, **kwargs) -> tuple[torch.Tensor, object]:
+    """Run ``model`` (possibly DDP-wrapped) and return the decoder's output as a hook caught it, and the
+    model's own output."""
+    caught = []
+    handle = decoder.register_forward_hook(lambda module, args, out: caught.append(out[0]))
+    try:
+        out = model(**inputs, **kwargs)
+    finally:
+        handle.remove()
+    return caught[-1], out
+
+
+def head_unusable(model) -> str:
+    """Why the head cannot be applied to the hidden states outside the model's forward ('' when it can)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    method = prompt_learning_method(model)
+    if method:
+        return f"{method} tuning adds virtual tokens inside the forward"
+    from lorakit.distributed.fsdp import is_sharded
+
+    if is_sharded(model):
+        return "the model is sharded (FSDP): its head's weight is whole only inside the forward"
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or isinstance(head, BaseTunerLayer):
+        return f"the output layer is a {type(head).__name__}, not a plain Linear"
+    if type(head.weight) is not torch.nn.Parameter:
+        return f"the output layer's weight is a {type(head.weight).__name__} (sharded or quantized)"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    transforms = [k for k in LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
+    if transforms or not _head_reproduces_logits(model, head, _decoder(model)):
+        return f"the model transforms its logits after the head ({', '.join(transforms) or 'seen by a probe'})"
+    return ""
+
+
+def prompt_learning_method(model) -> str:
+    """'prefix', 'prompt', ... when the PEFT method prepends virtual tokens in the forward; '' otherwise."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return config.peft_type.value.lower() if config is not None and config.is_prompt_learning else ""
+
+
+
+@torch.no_grad()
+def _head_reproduces_logits(model, head, decoder) -> bool:
+    """One 8-token forward: do head(the decoder's output) and the model's logits agree? (eval mode: no dropout)."""
+    embeddings = model.get_input_embeddings().weight
+    ids = (torch.arange(8, device=embeddings.device) * 7919 + 13) % embeddings.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, out = forward_hidden(model, decoder, {"input_ids": ids[None]})
+    finally:
+        model.train(was_training)
+    mine, theirs = head(hidden.to(head.weight.dtype)).float(), out.logits.float()
+    if mine.shape != theirs.shape:
+        return False
+    # Relative to the logits' scale: bf16 rounding (autocast) passes, a scale or a soft-cap does not.
+    return bool((mine - theirs).abs().max() <= 2e-2 * theirs.abs().max())
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chunked path
+
+
+def shifted_targets(batch: dict) -> torch.Tensor:
+    """Target of each position (the next token's label), -100 where nothing is learned; as ForCausalLMLoss."""
+    if "shift_labels" in batch:
+        return batch["shift_labels"]
+    return F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def _head_loss(head: torch.nn.Linear, decoder: torch.nn.Module, loss_sum: Callable) -> LossFn:
+    def compute(model, batch: dict, num_items: float) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+        # logits_to_keep=1: the model's own head runs on one position only; we apply it to the rest.
+        hidden, _ = forward_hidden(model, decoder, inputs, logits_to_keep=1)
+        targets = shifted_targets(batch).to(hidden.device).reshape(-1)
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+        return loss_sum(hidden, head.weight, head.bias, targets[keep]) / num_items
+
+    return compute
+
+
+def _liger_sum(hidden, weight, bias, targets) -> torch.Tensor:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, targets, bias)
+    return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) when a version returns the z-loss too
+
+
+def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight.T + bias, targets_i) without holding more than one chunk of logits."""
+    rows = chunk_rows or max(16, CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled():
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], rows):
+        total += _chunk_loss(hidden[s : s + rows], weight, bias, targets[s : s + rows])[0]
+    return total
+
+
+def _chunk_loss(hidden, weight, bias, targets):
+    """Loss sum of one chunk, its fp32 logits (upcast from the model dtype, as transformers does) and logsumexp."""
+    logits = F.linear(hidden, weight, bias).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum(), logits, lse
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Each chunk's backward runs in the forward, while its logits exist (the scheme of Liger's fused kernel).
+
+    What is kept for the backward is the gradient of the hidden states ([n, hidden] in the model dtype) and,
+    only if the head is trainable, of its weight and bias: never [n, vocab] logits. The gradients are those of
+    F.cross_entropy(logits.float(), reduction="sum"): softmax minus one-hot, cast back to the model dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, hidden.shape[0], rows):
+            h, t = hidden[s : s + rows], targets[s : s + rows]
+            loss, logits, lse = _chunk_loss(h, weight, bias, t)
+            total += loss
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_h:
+                grad_h[s : s + rows] = grad_logits @ weight
+            if need_w:
+                grad_w += (grad_logits.T @ h).float()
+            if need_b:
+                grad_b += grad_logits.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+            None if grad_b is None else (grad_b * grad_out).to(ctx.weight_dtype),
+            None,
+            None,
+        )

@@ -1,0 +1,69 @@
+"""`lorakit plot`: train/eval loss and learning rate against step, drawn from DIR/metrics.jsonl (matplotlib).
+
+matplotlib is an optional extra (`pip install 'lorakit[plot]'`); a Figure with the Agg canvas is used
+directly, so no GUI backend and no pyplot global state are involved.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from lorakit.errors import UsageError
+from lorakit.training.metrics import read_metrics, series
+
+DPI = 100
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int = 1000, height: int = 700) -> Path:
+    """Write a PNG of width×height pixels (default DIR/loss.png) and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: not a directory; give a run directory (the output.dir of a run)")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train_steps, train_loss = series(records, "loss")
+    eval_steps, eval_loss = series(records, "eval_loss")
+    lr_steps, lr = series(records, "lr")
+    if not train_steps and not eval_steps:
+        raise UsageError(f"{run_dir / 'metrics.jsonl'}: no loss has been logged yet")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("lorakit plot needs matplotlib: pip install 'lorakit[plot]'") from None
+
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if train_steps:
+        loss_ax.plot(train_steps, train_loss, label="train loss", color="tab:blue")
+    if eval_steps:
+        loss_ax.plot(eval_steps, eval_loss, label="eval loss", color="tab:orange", marker="o")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title(run_dir.resolve().name)
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
+    if lr_steps:
+        lr_ax.plot(lr_steps, lr, color="tab:green")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("step")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    lr_ax.grid(alpha=0.3)
+    fig.tight_layout()
+
+    out = Path(out) if out is not None else run_dir / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=DPI)
+    return out
+
+
+def maybe_plot(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """DIR/loss.png at the end of `lorakit train` when matplotlib is installed; a plot never fails a run."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    try:
+        return plot_run(run_dir)
+    except Exception as e:  # the adapter is already saved; a missing picture is not worth an error exit
+        warn(f"loss plot not written: {e}")
+        return None

@@ -1,0 +1,274 @@
+"""init, schema, plot, doctor and the global --quiet / --json-logs modes: through CliRunner and as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from run_helpers import png_size
+from typer.testing import CliRunner
+
+from lorakit.cli.main import app
+from lorakit.console import configure
+from lorakit.config.init import TEMPLATES
+from lorakit.config.schema import describe_keys, parse_recipe, read_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _normal_output_after():
+    yield
+    configure()  # --quiet/--json-logs are process-wide: leave the next test in normal mode
+
+
+def lorakit(*args, cwd=None, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+def write_metrics(run_dir: Path, steps=20, every=5) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for step in range(every, steps + 1, every):
+        lines.append({"step": step, "loss": 3.0 / step, "lr": 1e-3 * (1 - step / steps), "grad_norm": 0.5})
+        if step % 10 == 0:
+            lines.append({"step": step, "eval_loss": 3.5 / step})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# init
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_init_writes_every_key_with_its_schema_comment(tmp_path, name):
+    out = tmp_path / "recipe.yaml"
+    result = runner.invoke(app, ["init", name, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    lines = text.splitlines()
+    for key, _, description in describe_keys():
+        leaf = key.split(".", 1)[1]
+        line = next(i for i, l in enumerate(lines) if l.startswith(f"  {leaf}:") and i > lines.index(key.split(".")[0] + ":"))
+        assert lines[line - 1] == f"  # {' '.join(description.split())}", key
+    recipe = parse_recipe(yaml.safe_load(text))
+    dumped = recipe.model_dump(mode="json")
+    for section, values in TEMPLATES[name].overrides.items():
+        for key, value in values.items():
+            assert dumped[section][key] == value, f"{section}.{key}"
+    assert text.startswith("# lorakit recipe") and "--set " in text
+
+
+def test_init_never_overwrites_without_force(tmp_path):
+    out = tmp_path / "recipe.yaml"
+    out.write_text("mine\n")
+    result = runner.invoke(app, ["init", "qlora", "-o", str(out)])
+    assert result.exit_code == 5
+    assert "--force" in result.stderr and out.read_text() == "mine\n"
+    result = runner.invoke(app, ["init", "qlora", "-o", str(out), "--force"])
+    assert result.exit_code == 0
+    assert parse_recipe(read_yaml(out)).model.quantization == "nf4"
+
+
+def test_init_list_and_unknown_template(tmp_path):
+    result = runner.invoke(app, ["init", "--list"])
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.stdout.splitlines()] == list(TEMPLATES)
+    result = runner.invoke(app, ["init", "qlroa", "-o", str(tmp_path / "x.yaml")])
+    assert result.exit_code == 2 and "did you mean qlora" in result.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_init_to_stdout():
+    result = runner.invoke(app, ["init", "dora", "-o", "-"])
+    assert result.exit_code == 0
+    assert parse_recipe(yaml.safe_load(result.stdout)).adapter.method == "dora"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schema
+
+
+def test_schema_is_json_with_every_key_description(tmp_path):
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    for key, _, description in describe_keys():
+        section, leaf = key.split(".", 1)
+        ref = schema["properties"][section]["$ref"].rsplit("/", 1)[-1]
+        assert schema["$defs"][ref]["properties"][leaf]["description"] == description
+    out = tmp_path / "recipe.schema.json"
+    assert runner.invoke(app, ["schema", "-o", str(out)]).exit_code == 0
+    assert json.loads(out.read_text()) == schema
+
+
+def test_schema_rejects_what_validate_rejects():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(runner.invoke(app, ["schema"]).stdout)
+    bad = {"model": {"name_or_path": "m", "quantization": "nf5"}, "data": {"train": "d.jsonl"}, "train": {"max_steps": 1}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad["model"]["quantization"] = "nf4"
+    bad["train"]["learnign_rate"] = 1e-4
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plot
+
+
+def test_plot_writes_a_png_of_the_requested_size(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run)
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    assert png_size(run / "loss.png") == (1000, 700)
+    out = tmp_path / "pics" / "small.png"
+    result = runner.invoke(app, ["plot", str(run), "-o", str(out), "--width", "640", "--height", "480"])
+    assert result.exit_code == 0 and str(out) in result.stdout
+    assert png_size(out) == (640, 480)
+
+
+def test_plot_tolerates_a_torn_last_line_and_repeated_steps(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 20, "loss": 0.1, "lr": 0.0}) + "\n" + '{"step": 25, "lo')
+    assert runner.invoke(app, ["plot", str(run)]).exit_code == 0
+    assert png_size(run / "loss.png") == (1000, 700)
+
+
+def test_plot_errors_are_one_line_usage_errors(tmp_path):
+    result = runner.invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "metrics" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(app, ["plot", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "not a directory" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# doctor
+
+
+def test_doctor_reports_stack_and_respects_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    import torch
+
+    assert torch.__version__ in result.stdout and "offline" in result.stdout
+    result = runner.invoke(app, ["--json-logs", "doctor"])
+    checks = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {c["event"] for c in checks} <= {"check", "warning"}
+    names = {c["name"] for c in checks if c["event"] == "check"}
+    assert {"python", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gpu", "hub"} <= names
+    for check in checks:
+        if check["event"] == "check" and check["status"] in ("warn", "fail"):
+            assert check["fix"], f"{check['name']}: a problem without a remedy"
+
+
+def test_hub_probe_is_bounded_by_its_timeout():
+    """A server that accepts the connection and never answers: doctor gives up after its timeout."""
+    import socket
+
+    from lorakit.tools.doctor import WARN, check_hub
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)  # never accept(): the client connects (backlog) and waits forever for a reply
+        start = time.monotonic()
+        [finding] = check_hub(timeout=0.5, offline=False, endpoint=f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert time.monotonic() - start < 2.5
+    assert finding.status == WARN and finding.fix
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --quiet and --json-logs
+
+
+def test_json_logs_are_json_lines_including_errors(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    assert runner.invoke(app, ["init", "cpu-demo", "-o", str(recipe)]).exit_code == 0
+    result = runner.invoke(app, ["--json-logs", "validate", str(recipe)])
+    assert result.exit_code == 0
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["event"] == "log" and "ok" in record["message"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("max_steps: 60", "max_steps: -1"))
+    result = runner.invoke(app, ["--json-logs", "validate", str(bad)])
+    assert result.exit_code == 2
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["event"] == "error" and record["exit_code"] == 2 and "train.max_steps" in record["message"]
+    assert "train.max_steps" in result.stderr
+
+
+def test_quiet_prints_only_errors_and_written_paths(tmp_path):
+    out = tmp_path / "r.yaml"
+    result = runner.invoke(app, ["--quiet", "init", "lora", "-o", str(out)])
+    assert result.exit_code == 0 and result.stdout.strip() == f"recipe saved to {out}"
+    result = runner.invoke(app, ["-q", "validate", str(out)])
+    assert result.exit_code == 0 and result.stdout == ""
+    result = runner.invoke(app, ["-q", "validate", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "not found" in result.stderr
+
+
+def test_library_warnings_are_shown_once():
+    script = (
+        "import logging, warnings\n"
+        "from lorakit.console import configure\n"
+        "configure()\n"
+        "for _ in range(3):\n"
+        "    warnings.warn('deprecated knob', FutureWarning)\n"
+        "    logging.getLogger('transformers.modeling_utils').warning('weights not initialised')\n"
+        "    logging.getLogger('peft.tuners.lora').warning('fan_in_fan_out set to False')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stderr
+    lines = err.strip().splitlines()
+    assert sum("deprecated knob" in l for l in lines) == 1
+    assert lines.count("warning (transformers): weights not initialised") == 1
+    assert lines.count("warning (peft): fan_in_fan_out set to False") == 1
+
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_known_library_noise_shows_only_with_debug(debug):
+    script = (
+        "import logging\n"
+        "from lorakit.console import configure\n"
+        f"configure(debug={debug})\n"
+        "logging.getLogger('bitsandbytes').warning('Failed to load CPU gemm_4bit_forward from kernels-community: x')\n"
+        "logging.getLogger('bitsandbytes').warning('something a user should see')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stderr
+    assert ("kernels-community" in err) == debug
+    assert "warning (bitsandbytes): something a user should see" in err
+
+# ----------------------------------------------------------------------------------------------------------
+# The same commands as real subprocesses
+
+
+def test_commands_as_subprocesses(tmp_path):
+    r = lorakit("init", "cpu-demo", "-o", "recipe.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = lorakit("--json-logs", "validate", "recipe.yaml", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["event"] == "log"
+    r = lorakit("init", "cpu-demo", "-o", "recipe.yaml", cwd=tmp_path)
+    assert r.returncode == 5 and r.stderr.startswith("error:")
+    r = lorakit("schema", cwd=tmp_path)
+    assert r.returncode == 0 and "properties" in json.loads(r.stdout)
+    write_metrics(tmp_path / "run")
+    r = lorakit("-q", "plot", "run", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "plot saved to run/loss.png"
+    assert png_size(tmp_path / "run" / "loss.png") == (1000, 700)
+    r = lorakit("doctor", cwd=tmp_path)
+    assert r.returncode == 0 and "offline" in r.stdout and "problem" in r.stdout

@@ -1,0 +1,164 @@
+"""Recipe schema, loading, overrides and error messages (no model is loaded)."""
+
+import pytest
+import yaml
+
+from lorakit.errors import RecipeError, UsageError
+from lorakit.config.schema import SCHEDULERS, Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
+
+MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"max_steps": 10}}
+
+
+def write(tmp_path, data, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def problems(data):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    return info.value.problems
+
+
+def test_minimal_recipe_fills_defaults():
+    recipe = parse_recipe(MINIMAL)
+    assert recipe.adapter.method == "lora"
+    assert recipe.adapter.lora_alpha == 2 * recipe.adapter.r  # the 2·r heuristic
+    assert recipe.train.lr_scheduler == "cosine"
+    assert recipe.output.save == "adapter"
+
+
+def test_explicit_alpha_kept():
+    recipe = parse_recipe({**MINIMAL, "adapter": {"r": 8, "lora_alpha": 8}})
+    assert recipe.adapter.lora_alpha == 8
+
+
+def test_contract_keys_exist():
+    """The keys the foundation issue fixes as public interface."""
+    expected = {
+        "model": {"name_or_path", "dtype", "quantization", "trust_remote_code"},
+        "adapter": {"method", "r", "lora_alpha", "lora_dropout", "target_modules"},
+        "data": {"train", "eval", "eval_split", "format", "max_seq_len", "packing", "train_on_inputs"},
+        "train": {
+            "max_steps", "epochs", "micro_batch_size", "grad_accum", "learning_rate", "lr_scheduler",
+            "warmup_steps", "warmup_ratio", "weight_decay", "optimizer", "max_grad_norm",
+            "gradient_checkpointing", "seed", "log_every", "eval_every", "save_every", "keep_last",
+        },
+        "output": {"dir", "save"},
+    }
+    for section, keys in expected.items():
+        assert keys <= set(Recipe.model_fields[section].annotation.model_fields), section
+
+
+def test_every_key_has_a_description():
+    for section in Recipe.model_fields.values():
+        for name, field in section.annotation.model_fields.items():
+            assert field.description, name
+
+
+def test_schedulers_match_transformers():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_all_problems_reported_at_once():
+    data = {
+        "model": {"name_or_path": "m", "dtype": "bf16"},
+        "adapter": {"r": 0},
+        "data": {"train": "t.jsonl", "formt": "chat"},
+        "train": {"max_steps": 10, "learning_rate": -1, "lr_scheduler": "cosin"},
+        "trian": {},
+    }
+    found = problems(data)
+    assert "train.learning_rate: must be > 0, got -1" in found
+    assert "data.formt: unknown key; did you mean format?" in found
+    assert "trian: unknown section; did you mean train?" in found
+    assert any(p.startswith("adapter.r: must be > 0") for p in found)
+    assert any(p.startswith("model.dtype: must be auto, bfloat16") and "did you mean bfloat16" in p for p in found)
+    assert any(p.startswith("train.lr_scheduler: unknown scheduler 'cosin'; did you mean cosine?") for p in found)
+    assert len(found) == 6
+
+
+def test_adapter_typo_suggests_key():
+    found = problems({**MINIMAL, "adapter": {"lora_alpah": 32}})
+    assert found == ["adapter.lora_alpah: unknown key for method lora (LoraConfig); did you mean lora_alpha?"]
+
+
+def test_adapter_passthrough_validated_against_peft():
+    recipe = parse_recipe({**MINIMAL, "adapter": {"use_rslora": True, "bias": "lora_only"}})
+    assert recipe.adapter.model_extra == {"use_rslora": True, "bias": "lora_only"}
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({}, "train.max_steps / train.epochs: set exactly one of them (neither is set)"),
+        ({"max_steps": 5, "epochs": 1}, "train.max_steps / train.epochs: set exactly one of them (both are set)"),
+        ({"max_steps": 5, "warmup_steps": 2, "warmup_ratio": 0.1}, "train.warmup_steps / train.warmup_ratio"),
+    ],
+)
+def test_cross_field_rules(train, message):
+    found = problems({**MINIMAL, "train": train})
+    assert any(p.startswith(message) for p in found), found
+
+
+def test_upcast_needs_a_quantized_base():
+    found = problems({**MINIMAL, "model": {**MINIMAL["model"], "upcast_unquantized": True}})
+    assert any(p.startswith("model.upcast_unquantized: only for a quantized base") for p in found), found
+    parse_recipe({**MINIMAL, "model": {**MINIMAL["model"], "quantization": "nf4", "upcast_unquantized": True}})
+
+
+def test_missing_required_keys():
+    found = problems({"train": {"max_steps": 1}})
+    assert "model: required key is missing" in found
+    assert "data: required key is missing" in found
+
+
+def test_overrides_are_typed_by_schema(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(
+        path,
+        ["train.learning_rate=1e-4", "adapter.r=4", "data.packing=true", "model.name_or_path=123",
+         "adapter.target_modules=[q_proj, v_proj]", "data.fields.instruction=question"],
+    )
+    assert recipe.train.learning_rate == 1e-4
+    assert recipe.adapter.r == 4 and recipe.adapter.lora_alpha == 8
+    assert recipe.data.packing is True
+    assert recipe.model.name_or_path == "123"  # a string field keeps the text as typed
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    assert recipe.data.fields == {"instruction": "question"}
+
+
+@pytest.mark.parametrize("bad", ["train.learning_rate", "=3", "train.max_steps.x=1"])
+def test_bad_override_is_usage_error(tmp_path, bad):
+    with pytest.raises(UsageError):
+        apply_overrides({"train": {"max_steps": 3}}, [bad])
+
+
+def test_override_unknown_key_suggests(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError, match="train.learnig_rate: unknown key; did you mean learning_rate"):
+        load_recipe(path, ["train.learnig_rate=1"])
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = parse_recipe({**MINIMAL, "adapter": {"r": 4, "use_rslora": True}, "data": {"train": ["a.jsonl", "b.csv"]}})
+    path = write(tmp_path, dump_recipe(recipe), "resolved.yaml")
+    again = load_recipe(path)
+    assert again == recipe
+    assert dump_recipe(again) == dump_recipe(recipe)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match=r"bad.yaml:\d+:\d+: invalid YAML"):
+        load_recipe(write(tmp_path, "model:\n  - [unclosed\n", "bad.yaml"))
+    with pytest.raises(RecipeError, match="invalid YAML"):  # safe_load refuses python tags
+        load_recipe(write(tmp_path, "model: !!python/object/apply:os.system ['echo hi']\n", "evil.yaml"))
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    with pytest.raises(RecipeError, match="empty"):
+        load_recipe(write(tmp_path, "", "empty.yaml"))

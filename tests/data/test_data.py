@@ -1,0 +1,514 @@
+"""Data pipeline invariants: formats and labels, length policy, bad rows, sources, cache, packing, data order."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lorakit.data import (
+    ALPACA_PROMPT,
+    IGNORE_INDEX,
+    BadRowError,
+    Example,
+    Row,
+    StepSampler,
+    collate,
+    first_fit,
+    fit_length,
+    load_datasets,
+    named_chat_templates,
+    num_targets,
+    pack_examples,
+    read_rows,
+    resolve_chat_template,
+    split_eval,
+    tokenize_row,
+    tokenize_rows,
+)
+from lorakit.errors import EXIT_DATA, EXIT_USAGE, DataError, RecipeError, UsageError
+from lorakit.config.schema import DataSection, ModelSection
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from lorakit.models.loading import load_tokenizer
+
+    return load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+
+
+@pytest.fixture
+def fresh_tok(tiny_model_dir):
+    """A tokenizer a test may change (chat template, added tokens)."""
+    from lorakit.models.loading import load_tokenizer
+
+    return load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+
+
+def section(**kw) -> DataSection:
+    return DataSection(**{"train": "t.jsonl", **kw})
+
+
+def supervised_text(example: Example, tok) -> str:
+    return tok.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX])
+
+
+def masked_text(example: Example, tok) -> str:
+    return tok.decode([t for t, lab in zip(example.input_ids, example.labels) if lab == IGNORE_INDEX])
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And two plus two?"},
+    {"role": "assistant", "content": "four"},
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# Formats and labels
+
+
+def test_alpaca_without_input_supervises_only_output_and_eos(tok):
+    ex = tokenize_row(Row("t:1", {"instruction": "Say hi", "output": "hi there"}), section(), tok)
+    assert masked_text(ex, tok) == ALPACA_PROMPT.format(instruction="Say hi")
+    assert supervised_text(ex, tok) == "hi there<|im_end|>"
+    assert ex.input_ids[-1] == ex.labels[-1] == tok.eos_token_id
+    assert ex.prompt_len == len(ex) - ex.num_supervised
+
+
+def test_alpaca_with_input_uses_the_input_template(tok):
+    ex = tokenize_row(Row("t:1", {"instruction": "Translate", "input": "hello", "output": "bonjour"}), section(), tok)
+    assert "### Input:\nhello\n\n### Response:\n" in masked_text(ex, tok)
+    assert supervised_text(ex, tok) == "bonjour<|im_end|>"
+
+
+def test_completion_and_field_mapping(tok):
+    s = section(format="completion", fields={"prompt": "q", "completion": "a"})
+    ex = tokenize_row(Row("t:1", {"q": "2+2=", "a": " 4"}), s, tok)
+    assert masked_text(ex, tok) == "2+2=" and supervised_text(ex, tok) == " 4<|im_end|>"
+
+
+def test_text_is_fully_supervised_with_one_eos(tok):
+    ex = tokenize_row(Row("t:1", {"text": "The quick brown fox."}), section(format="text"), tok)
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == tok.eos_token_id
+    already = tokenize_row(Row("t:1", {"text": "The fox.<|im_end|>"}), section(format="text"), tok)
+    assert already.input_ids.count(tok.eos_token_id) == 1
+
+
+def test_train_on_inputs_supervises_the_prompt_too(tok):
+    row = Row("t:1", {"instruction": "Say hi", "output": "hi"})
+    assert tokenize_row(row, section(train_on_inputs=True), tok).labels == tokenize_row(row, section(), tok).input_ids
+    chat = tokenize_row(Row("t:1", {"messages": CHAT}), section(format="chat", train_on_inputs=True), tok)
+    assert chat.labels == chat.input_ids
+
+
+def test_chat_keeps_system_and_supervises_every_assistant_turn_with_its_end(tok):
+    ex = tokenize_row(Row("t:1", {"messages": CHAT}), section(format="chat"), tok)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(CHAT, tokenize=False)
+    assert "Be brief." in masked_text(ex, tok)
+    assert supervised_text(ex, tok) == "Paris.<|im_end|>\nfour<|im_end|>\n"
+    assert "<|im_start|>assistant\n" not in supervised_text(ex, tok)  # the generation prompt is not learned
+    single = tokenize_row(Row("t:1", {"messages": CHAT[:3]}), section(format="chat"), tok)
+    assert supervised_text(single, tok) == "Paris.<|im_end|>\n"
+    assert single.prompt_len == len(single) - single.num_supervised
+
+
+@pytest.mark.parametrize("name", named_chat_templates())
+def test_every_shipped_template_locates_the_assistant_turns(name, fresh_tok):
+    s = section(format="chat", chat_template=name)
+    resolve_chat_template(s, fresh_tok)
+    ex = tokenize_row(Row("t:1", {"messages": CHAT}), s, fresh_tok)
+    supervised = supervised_text(ex, fresh_tok)
+    assert "Paris." in supervised and "four" in supervised
+    assert "France" not in supervised and "Be brief." in fresh_tok.decode(ex.input_ids)
+
+
+def test_named_template_replaces_the_tokenizers_and_is_kept_on_it(fresh_tok):
+    s = section(format="chat", chat_template="llama3")
+    template = resolve_chat_template(s, fresh_tok)
+    assert fresh_tok.chat_template == template and "<|eot_id|>" in template
+    ex = tokenize_row(Row("t:1", {"messages": CHAT}), s, fresh_tok)
+    assert supervised_text(ex, fresh_tok) == "Paris.<|eot_id|>four<|eot_id|>"
+
+
+def test_template_needed_when_the_tokenizer_has_none(fresh_tok):
+    fresh_tok.chat_template = None
+    with pytest.raises(UsageError, match="has no chat template; set data.chat_template to one of chatml"):
+        resolve_chat_template(section(format="chat"), fresh_tok)
+    assert resolve_chat_template(section(format="chat", chat_template="zephyr"), fresh_tok).startswith("{#-")
+    with pytest.raises(UsageError, match="unknown template 'chatm'; did you mean chatml") as e:
+        resolve_chat_template(section(format="chat", chat_template="chatm"), fresh_tok)
+    assert e.value.exit_code == EXIT_USAGE
+
+
+def test_template_file_and_non_prefix_template(tmp_path, fresh_tok):
+    path = tmp_path / "odd.jinja"
+    # Marks the last message: rendering the start of a conversation is not a prefix of the whole.
+    path.write_text("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}")
+    s = section(format="chat", chat_template=str(path))
+    resolve_chat_template(s, fresh_tok)
+    with pytest.raises(UsageError, match="t.jsonl:4.*assistant turns cannot be located"):
+        tokenize_row(Row("t.jsonl:4", {"messages": CHAT}), s, fresh_tok)
+
+
+def test_template_rejecting_a_conversation_is_a_bad_row(fresh_tok):
+    s = section(format="chat", chat_template="mistral")
+    resolve_chat_template(s, fresh_tok)
+    messages = [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(BadRowError, match="t.jsonl:9: the chat template rejects this conversation.*unknown role"):
+        tokenize_row(Row("t.jsonl:9", {"messages": messages}), s, fresh_tok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Length policy and accounting
+
+
+def long_row(n_words: int = 40) -> Row:
+    return Row("t:1", {"instruction": "word " * n_words, "output": "short answer"})
+
+
+def test_drop_policy(tok):
+    examples, stats = tokenize_rows([long_row()], section(max_seq_len=32, truncation="drop"), tok)
+    assert examples == [] and stats.too_long == 1 and stats.first["too_long"] == "t:1"
+
+
+def test_truncate_policy_cuts_the_end(tok):
+    row = Row("t:1", {"instruction": "a", "output": "word " * 40})
+    full = tokenize_row(row, section(), tok)
+    limit = full.prompt_len + 10
+    (cut,), stats = tokenize_rows([row], section(max_seq_len=limit, truncation="truncate"), tok)
+    assert stats.truncated == 1 and cut.input_ids == full.input_ids[:limit] and cut.labels == full.labels[:limit]
+    assert tok.eos_token_id not in cut.input_ids  # a cut response does not teach the model to stop there
+
+
+def test_truncate_prompt_cuts_the_prompt_from_the_left_never_the_response(tok):
+    full = tokenize_row(long_row(), section(), tok)
+    cut, truncated = fit_length(full, section(max_seq_len=len(full) - 5))
+    assert truncated and cut.input_ids == full.input_ids[5:] and cut.labels == full.labels[5:]
+    assert cut.num_supervised == full.num_supervised and cut.prompt_len == full.prompt_len - 5
+    assert fit_length(full, section(max_seq_len=full.num_supervised - 1)) == (None, False)  # response alone too long
+
+
+def test_truncate_prompt_keeps_a_leading_bos():
+    ex = Example([1, 10, 11, 12, 13, 20, 21], [-100] * 5 + [20, 21], prompt_len=5)
+    cut, _ = fit_length(ex, section(max_seq_len=5), bos_token_id=1)
+    assert cut.input_ids == [1, 12, 13, 20, 21] and cut.prompt_len == 3
+
+
+def test_text_rows_keep_their_start_under_truncate_prompt(tok):
+    ex = tokenize_row(Row("t:1", {"text": "word " * 50}), section(format="text"), tok)
+    cut, truncated = fit_length(ex, section(format="text", max_seq_len=8))
+    assert truncated and cut.input_ids == ex.input_ids[:8]
+
+
+def test_rows_left_without_supervision_are_counted_and_reported(tok):
+    rows = [Row("t:1", {"messages": CHAT[:2]}), Row("t:2", {"messages": CHAT})]  # t:1 has no assistant turn
+    examples, stats = tokenize_rows(rows, section(format="chat"), tok)
+    assert len(examples) == 1 and stats.unsupervised == 1 and stats.kept == 1
+    assert "1 row(s) had no supervised token" in stats.summary() and "first: t:1" in stats.summary()
+    assert all(num_targets(e) > 0 for e in examples)
+
+
+def test_rows_without_supervised_eos_are_reported(tok):
+    rows = [Row("t:1", {"instruction": "a", "output": "word " * 40})]
+    _, stats = tokenize_rows(rows, section(max_seq_len=60, truncation="truncate"), tok)
+    assert stats.no_eos == 1 and "never supervise the EOS token '<|im_end|>'" in stats.summary()
+
+
+def test_summary_counts_every_row_and_shows_the_length_distribution(tmp_path, tok):
+    rows = [{"instruction": "hi", "output": "yo"}] * 3 + [{"instruction": "word " * 60, "output": "x"}]
+    s = section(train=write_jsonl(tmp_path / "a.jsonl", rows), max_seq_len=48, truncation="drop")
+    stats = load_datasets(s, tok, seed=0).train_stats
+    assert (stats.rows, stats.kept, stats.too_long) == (4, 3, 1)
+    assert "kept 3 (0 truncated), dropped 1 longer than data.max_seq_len 48" in stats.summary()
+    assert "tokens/example min" in stats.summary() and "p90" in stats.summary()
+
+
+def test_empty_or_fully_dropped_data_is_exit_3(tmp_path, tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl is empty") as e:
+        load_datasets(section(train=str(empty)), tok, seed=0)
+    assert e.value.exit_code == EXIT_DATA
+    long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 60, "output": "x"}])
+    with pytest.raises(DataError, match="no usable rows.*dropped 1 longer than data.max_seq_len 16"):
+        load_datasets(section(train=long, max_seq_len=16, truncation="drop"), tok, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad rows: direct and through the real CLI
+
+
+BAD_ROWS = {
+    "invalid_json": ('{"instruction": "a", "output": ', "bad.jsonl:2: invalid JSON"),
+    "not_object": ('["a", "b"]', "bad.jsonl:2: expected a JSON object, got list"),
+    "missing_field": ('{"instruction": "a"}', "bad.jsonl:2: missing field 'output' for data.format alpaca"),
+    "wrong_type": ('{"instruction": "a", "output": 7}', "bad.jsonl:2: field 'output' must be a string, got int"),
+}
+GOOD = '{"instruction": "a", "output": "b"}'
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_row_is_exit_3_naming_file_line_and_field_or_skipped(case, tmp_path, tok):
+    line, expected = BAD_ROWS[case]
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, line, GOOD])
+    with pytest.raises(DataError, match=expected) as e:
+        load_datasets(section(train=path), tok, seed=0)
+    assert e.value.exit_code == EXIT_DATA and "data.skip_bad_rows: true" in str(e.value)
+    stats = load_datasets(section(train=path, skip_bad_rows=True), tok, seed=0).train_stats
+    assert (stats.rows, stats.kept, stats.bad) == (3, 2, 1)
+    assert f"skipped 1 malformed row(s); first: {tmp_path}/{expected}" in stats.summary()
+
+
+def test_bad_chat_messages(tok):
+    for messages, expected in (([], "'messages' is an empty list"), ([{"role": "user"}], r"'messages'\[0\] must be")):
+        with pytest.raises(BadRowError, match=f"t.jsonl:3: field {expected}"):
+            tokenize_row(Row("t.jsonl:3", {"messages": messages}), section(format="chat"), tok)
+    with pytest.raises(BadRowError, match="field 'messages' must be a list, got str"):
+        tokenize_row(Row("t.jsonl:3", {"messages": "hi"}), section(format="chat"), tok)
+
+
+def test_json_array_rows_are_located_by_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  "oops"\n]\n')
+    with pytest.raises(BadRowError, match="rows.json:3: expected a JSON object, got str"):
+        read_rows(str(path))
+    assert [r.where for r in read_rows(str(path), skip_bad_rows=True).rows] == [f"{path}:2"]
+    path.write_text('{"a": 1}\n{"a": 2}\n')
+    with pytest.raises(DataError, match="rows.json:2: invalid JSON.*name it .jsonl"):
+        read_rows(str(path))
+
+
+def cli_recipe(tmp_path: Path, model_dir, **data) -> str:
+    recipe = {"model": {"name_or_path": str(model_dir)}, "data": data, "train": {"max_steps": 1}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_row_through_the_cli(case, tmp_path, tiny_model_dir):
+    from lorakit.cli.main import app
+
+    line, expected = BAD_ROWS[case]
+    recipe = cli_recipe(tmp_path, tiny_model_dir, train=write_jsonl(tmp_path / "bad.jsonl", [GOOD, line]))
+    result = CliRunner().invoke(app, ["preview-data", recipe, "-n", "1"])
+    assert result.exit_code == EXIT_DATA, result.output
+    assert expected in " ".join(result.output.split())
+    skipped = CliRunner().invoke(app, ["preview-data", recipe, "-n", "1", "--set", "data.skip_bad_rows=true"])
+    assert skipped.exit_code == 0 and "skipped 1 malformed" in skipped.output
+
+
+def test_missing_file_and_unreachable_hub_id_are_exit_3(tmp_path, tok):
+    with pytest.raises(DataError, match="file 'nope.jsonl' not found"):
+        load_datasets(section(train="nope.jsonl"), tok, seed=0)
+    with pytest.raises(DataError, match="cannot load 'lorakit-tests/no-such-dataset'"):
+        read_rows("lorakit-tests/no-such-dataset")  # offline in tests: datasets cannot reach the hub
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources, mixing, eval split
+
+
+def test_csv_parquet_and_save_to_disk_sources(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"instruction": ["a", "b"], "output": ["x", "y"]})
+    ds.to_csv(str(tmp_path / "d.csv"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    for source in ("d.csv", "d.parquet", "saved"):
+        rows = read_rows(str(tmp_path / source)).rows
+        assert [r.data for r in rows] == [{"instruction": "a", "output": "x"}, {"instruction": "b", "output": "y"}]
+    assert read_rows(str(tmp_path / "d.csv")).rows[1].where.endswith("d.csv:3")
+
+
+def test_several_train_files_are_mixed(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "from a"}] * 3)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "b", "output": "from b"}] * 5)
+    data = load_datasets(section(train=[a, b]), tok, seed=0)
+    assert data.train_stats.rows == 8 and len(data.train) == 8
+    sampler = StepSampler(len(data.train), micro_batch_size=2, grad_accum=1, seed=0)
+    seen = [supervised_text(data.train[i], tok) for s in range(4) for mb in sampler.micro_batches(s) for i in mb]
+    assert sorted(seen) == sorted(["from a<|im_end|>"] * 3 + ["from b<|im_end|>"] * 5)
+    assert seen[:3] != ["from a<|im_end|>"] * 3  # shuffled, not file order
+
+
+def test_eval_split_is_seeded_and_disjoint():
+    rows = [Row(f"t:{i}", {"i": i}) for i in range(50)]
+    train, held = split_eval(rows, 0.2, seed=1)
+    assert len(held) == 10 and {r.where for r in train} | {r.where for r in held} == {r.where for r in rows}
+    assert not {r.where for r in train} & {r.where for r in held}
+    assert split_eval(rows, 0.2, seed=1) == (train, held) and split_eval(rows, 0.2, seed=2)[1] != held
+
+
+def test_eval_file_and_split_through_load_datasets(tmp_path, tok):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = load_datasets(section(train=train, eval_split=0.3), tok, seed=3)
+    assert (len(data.train), len(data.eval)) == (7, 3)
+    assert load_datasets(section(train=train, eval_split=0.3), tok, seed=3).eval == data.eval
+    data = load_datasets(section(train=train, eval=write_jsonl(tmp_path / "ev.jsonl", rows[:2])), tok, seed=0)
+    assert (len(data.train), len(data.eval)) == (10, 2)
+
+
+def test_recipe_rejects_conflicting_data_keys():
+    with pytest.raises(RecipeError, match="data.eval / data.eval_split"):
+        from lorakit.config.schema import parse_recipe
+
+        parse_recipe({"model": {"name_or_path": "m"}, "train": {"max_steps": 1},
+                      "data": {"train": "t.jsonl", "eval": "e.jsonl", "eval_split": 0.1}})
+    with pytest.raises(RecipeError, match="data.packing / data.group_by_length"):
+        parse_recipe({"model": {"name_or_path": "m"}, "train": {"max_steps": 1},
+                      "data": {"train": "t.jsonl", "packing": True, "group_by_length": True}})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "data"
+
+
+def test_cache_hit_miss_and_invalidation(tmp_path, cache_root, tiny_model_dir):
+    from lorakit.models.loading import load_tokenizer
+
+    load_tok = lambda: load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))  # noqa
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [{"messages": CHAT}, {"messages": CHAT[:3]}])
+    s = section(train=str(path), format="chat")
+    first = load_datasets(s, load_tok(), seed=0)
+    again = load_datasets(s, load_tok(), seed=0)  # a freshly loaded, identical tokenizer
+    assert not first.train_stats.cached and again.train_stats.cached
+    assert again.train == first.train and again.train_stats.summary().startswith(first.train_stats.summary())
+    assert {p.suffix for p in cache_root.rglob("*") if p.is_file()} == {".safetensors", ".json"}  # no pickle
+    assert load_datasets(section(train=str(path), format="chat", packing=True), load_tok(), 0).train_stats.cached
+
+    def rebuilt(s, tokenizer) -> bool:
+        return not load_datasets(s, tokenizer, seed=0).train_stats.cached
+
+    assert rebuilt(section(train=str(path), format="chat", max_seq_len=1000), load_tok())  # data section
+    changed_template = load_tok()
+    changed_template.chat_template = changed_template.chat_template.replace("\n", "\n\n", 1)
+    assert rebuilt(s, changed_template)  # chat template text
+    assert rebuilt(section(train=str(path), format="chat", chat_template="zephyr"), load_tok())
+    more_tokens = load_tok()
+    more_tokens.add_tokens(["Paris"])
+    assert rebuilt(s, more_tokens)  # tokenizer
+    write_jsonl(path, [{"messages": CHAT}])
+    assert rebuilt(s, load_tok())  # file content
+    assert load_datasets(s, load_tok(), seed=0).train_stats.cached  # and the new entry is reused
+    assert rebuilt(section(train=str(path), format="chat", cache=False), load_tok())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing, collation, data order
+
+
+def test_first_fit_packs_every_item_once_within_capacity():
+    sizes = [7, 5, 3, 3, 2, 9, 1, 4, 10, 6]
+    bins = first_fit(sizes, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in b) <= 10 for b in bins)
+    assert bins[0] == [0, 2] and bins[1] == [1, 3, 4]  # each item in the first bin with room
+
+
+def test_packed_rows_keep_every_example_and_collate_to_a_padding_free_row():
+    examples = [Example(list(range(100 * k, 100 * k + n)), [-100] * 2 + list(range(100 * k + 2, 100 * k + n)))
+                for k, n in enumerate([5, 9, 3, 7, 4])]
+    packed = pack_examples(examples, 12, seed=0)
+    assert all(len(r) <= 12 and sum(r.seq_lens) == len(r) for r in packed)
+    assert sorted(t for r in packed for t in r.input_ids) == sorted(t for e in examples for t in e.input_ids)
+    assert pack_examples(examples, 12, seed=0) == packed
+    batch = collate(packed[:2], tokenizer=None)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: see collate()
+    starts = [0]
+    for n in [n for r in packed[:2] for n in r.seq_lens]:
+        starts.append(starts[-1] + n)
+    positions, labels = batch["position_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert [i for i, p in enumerate(positions) if p == 0] == starts[:-1]
+    assert all(labels[i] == IGNORE_INDEX for i in starts[:-1])  # no example is the target of the one before
+    everything = collate(packed, tokenizer=None)
+    assert int((everything["labels"][:, 1:] != IGNORE_INDEX).sum()) == sum(num_targets(e) for e in examples)
+
+
+def test_unpacked_collate_pads_to_the_longest_of_the_micro_batch(tok):
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], tok)
+    assert batch["input_ids"].shape == (2, 3)
+    assert batch["labels"][1].tolist() == [8, -100, -100] and batch["attention_mask"][1].tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_gradients_equal_unpacked(attn, tiny_model_dir, tok):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.models.loading import load_base_model
+
+    rows = [Row(f"t:{i}", {"prompt": f"Question {i}: what is the capital of France? " * (i % 3 + 1),
+                            "completion": " Paris" * (i + 1)}) for i in range(6)]
+    examples, _ = tokenize_rows(rows, section(format="completion", max_seq_len=64), tok)
+    packed = pack_examples(examples, 64, seed=0)
+    assert any(len(r.seq_lens) > 1 for r in packed)
+    model = load_base_model(ModelSection(name_or_path=str(tiny_model_dir), attn_implementation=attn),
+                            str(tiny_model_dir))
+    torch.manual_seed(0)  # random A and B, so every LoRA weight gets a gradient
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                             lora_dropout=0.0))
+    n_items = sum(num_targets(e) for e in examples)
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        total = 0.0
+        for batch in batches:
+            loss = model(**batch, num_items_in_batch=n_items).loss
+            loss.backward()
+            total += loss.item()
+        return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    unpacked_loss, unpacked_grads = loss_and_grads([collate([e], tok) for e in examples])
+    packed_batch = collate(packed, tok)
+    assert int((packed_batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == n_items  # train.supervised_targets
+    packed_loss, packed_grads = loss_and_grads([packed_batch])
+    assert abs(packed_loss - unpacked_loss) < 1e-5
+    for name, grad in unpacked_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=0)
+    # The training loop's chunked loss (head applied outside the model) sees the same packed batch.
+    from lorakit.training.loss import build_loss
+
+    chunked = build_loss(model, chunked=True)
+    with torch.no_grad():
+        assert chunked.kind == "chunked" and abs(chunked(model, packed_batch, n_items).item() - unpacked_loss) < 1e-5
+    # Control: with a 2D attention mask transformers stops isolating the examples, and the test sees it.
+    leaky = model(**packed_batch, attention_mask=torch.ones_like(packed_batch["input_ids"]),
+                  num_items_in_batch=n_items).loss.item()
+    assert abs(leaky - unpacked_loss) > 1e-3
+
+
+def test_step_sampler_groups_by_length_deterministically():
+    lengths = [(i * 37) % 101 + 1 for i in range(200)]
+    plain = StepSampler(200, micro_batch_size=4, grad_accum=2, seed=5)
+    grouped = StepSampler(200, micro_batch_size=4, grad_accum=2, seed=5, lengths=lengths)
+    for sampler in (plain, grouped):
+        epoch = [i for s in range(sampler.steps_per_epoch) for mb in sampler.micro_batches(s) for i in mb]
+        assert sorted(epoch) == list(range(200))
+
+    def padding(sampler):
+        mbs = [mb for s in range(sampler.steps_per_epoch) for mb in sampler.micro_batches(s)]
+        return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for mb in mbs)
+
+    assert padding(grouped) < padding(plain) / 4
+    again = StepSampler(200, micro_batch_size=4, grad_accum=2, seed=5, lengths=lengths)
+    assert [again.micro_batches(s) for s in range(5)] == [grouped.micro_batches(s) for s in range(5)]
+    steps = [max(lengths[i] for mb in grouped.micro_batches(s) for i in mb) for s in range(grouped.steps_per_epoch)]
+    assert steps != sorted(steps, reverse=True)  # steps are shuffled, not longest-first

@@ -1,0 +1,118 @@
+"""`lorakit inspect`: shapes from the meta device, PEFT's own counts, the seed's rank table."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from lorakit.errors import EXIT_USAGE
+from lorakit.tools.inspect import (
+    RANKS, format_report, inspect_model, inspect_sections, lora_params, parse_targets, rank_table,
+)
+from lorakit.models.loading import build_model
+from lorakit.config.schema import parse_recipe
+from run_helpers import cli
+
+TINY_METHODS = {
+    "lora": {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "dora": {"method": "dora", "r": 8},
+    "rslora": {"method": "lora", "r": 4, "use_rslora": True, "modules_to_save": ["lm_head"]},
+    "ia3": {"method": "ia3"},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 8},
+    "prompt": {"method": "prompt", "num_virtual_tokens": 5, "prompt_tuning_init_text": "Count to three"},
+    "bottleneck": {"method": "bottleneck", "r": 8, "placement": ["mlp"]},
+}
+
+
+def has_row(text: str, *cells: str) -> bool:
+    """A table line holding exactly these cells, whatever the column padding."""
+    pattern = r"^\s*" + r"\s+".join(map(re.escape, cells)) + r"\s*$"
+    return re.search(pattern, text, re.MULTILINE) is not None
+
+
+@pytest.fixture(scope="module")
+def llama_7b_dir(tmp_path_factory):
+    """Only the config.json of a Llama-2-7B-shaped model (transformers' LlamaConfig defaults): no weights."""
+    from transformers import LlamaConfig
+
+    out = tmp_path_factory.mktemp("llama-7b-config")
+    LlamaConfig().save_pretrained(out)
+    return out
+
+
+def test_rank_table_for_a_4096_matrix():
+    [(shape, modules, counts, full)] = rank_table({(4096, 4096): ["q_proj"]})
+    assert RANKS == (1, 4, 8, 16, 64)
+    assert counts == [8_192, 32_768, 65_536, 131_072, 524_288] and full == 16_777_216
+    assert lora_params(4096, 4096, 16) == 131_072 and lora_params(11008, 4096, 1) == 15_104
+
+
+def test_inspect_a_7b_config_loads_no_weights(llama_7b_dir):
+    model, adapter = inspect_sections(None, str(llama_7b_dir), None, None, None, [])
+    report = inspect_model(model, adapter)
+    assert ("q_proj", 32, (4096, 4096)) in report.linear and ("down_proj", 32, (4096, 11008)) in report.linear
+    row = next(r for r in report.rank_rows if r[0] == (4096, 4096))
+    assert row[1] == ["q_proj", "k_proj", "v_proj", "o_proj"] and row[2] == [8_192, 32_768, 65_536, 131_072, 524_288]
+    # r=16 on all 7 projections of 32 layers: 32·(4·131,072 + 3·241,664); PEFT's count of the same model
+    assert report.trainable_params == 32 * (4 * 131_072 + 3 * 241_664) == 39_976_960
+    assert ("q_proj", 32, 131_072, 4_194_304) in report.trainable
+    text = format_report(report)
+    assert has_row(text, "4096×4096", "8,192", "32,768", "65,536", "131,072", "524,288", "16,777,216",
+                   "q_proj,k_proj,v_proj,o_proj")
+    assert "trainable params: 39,976,960 || all params: 6,778,392,576 || trainable%: 0.5898" in text
+
+
+@pytest.mark.parametrize("name", list(TINY_METHODS))
+def test_counts_match_peft_on_the_real_model(name, tiny_model_dir):
+    data = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"}, "adapter": TINY_METHODS[name],
+            "data": {"train": "x.jsonl"}, "train": {"max_steps": 1}}
+    recipe = parse_recipe(data)
+    report = inspect_model(recipe.model, recipe.adapter)
+    real_trainable, real_total = build_model(recipe).get_nb_trainable_parameters()
+    assert (report.trainable_params, report.all_params) == (real_trainable, real_total)
+    assert sum(total for _, _, _, total in report.trainable) == real_trainable
+
+
+def test_inspect_cli_model_mode(tiny_model_dir):
+    result = cli("inspect", "--model", tiny_model_dir, "--method", "dora", "--r", "2", "--targets", "q_proj,v_proj")
+    assert result.exit_code == 0, result.output
+    assert "adapter: dora r=2 lora_alpha=4 lora_dropout=0.05 target_modules=q_proj,v_proj" in result.output
+    assert has_row(result.output, "gate_proj", "2", "128×64", "8,192")
+    assert has_row(result.output, "q_proj", "2", "320", "640")  # r·(64 + 64) + DoRA's 64 magnitudes
+    assert has_row(result.output, "128×64", "192", "768", "1,536", "3,072", "12,288", "8,192", "gate_proj,up_proj")
+
+    result = cli("inspect", "--model", tiny_model_dir, "--method", "prefix", "--set", "adapter.num_virtual_tokens=3")
+    assert result.exit_code == 0, result.output
+    # 3 virtual tokens × 2 layers × (key + value) × 32 (2 KV heads of 16)
+    assert has_row(result.output, "prompt_encoder.default.embedding.weight", "1", "384", "384")
+
+
+def test_inspect_cli_recipe_mode_and_errors(tiny_model_dir, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir), "quantization": "nf4"},
+        "adapter": {"method": "lora", "r": 4, "use_rslora": True}, "data": {"train": "x.jsonl"},
+        "train": {"max_steps": 1},
+    }))
+    result = cli("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "model.quantization nf4: the adapter's counts are the same" in result.output
+    result = cli("inspect", path, "--method", "ia3")  # keys ia3 has no use for (r, use_rslora) are dropped
+    assert result.exit_code == 0, result.output
+    assert "adapter: ia3 (PEFT's defaults: target_modules=down_proj,k_proj,v_proj feedforward_modules=down_proj)" \
+        in result.output
+
+    result = cli("inspect", path, "--targets", "qproj")
+    assert result.exit_code == EXIT_USAGE and "did you mean q_proj?" in result.output
+    result = cli("inspect", path, "--targets", r".*\.nothing")
+    assert result.exit_code == EXIT_USAGE and "matches no module" in result.output
+    result = cli("inspect")
+    assert result.exit_code == EXIT_USAGE and "give a RECIPE or --model PATH" in result.output
+
+
+def test_parse_targets():
+    assert parse_targets("all-linear") == "all-linear"
+    assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert parse_targets(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"

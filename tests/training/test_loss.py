@@ -1,0 +1,174 @@
+"""The chunked loss equals transformers' own loss (value and gradients) and needs less memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.training.loss import _decoder, _head_reproduces_logits, build_loss, linear_cross_entropy_sum, plain_loss
+from lorakit.training.perf import TensorMemoryTracker
+
+
+def _lora(model, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: B != 0, so the adapter changes the logits and its gradients are not trivial.
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.0, init_lora_weights=False, **kwargs)
+    return get_peft_model(model, config)
+
+
+def _llama(vocab_size=512, hidden_size=64, num_hidden_layers=2, **kwargs):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, use_cache=False, **kwargs)
+    return LlamaForCausalLM(config).float()
+
+
+def _batch(vocab_size=512, rows=3, length=12):
+    """Right-padded rows of different lengths, prompts masked: the shape of lorakit's collated batches."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab_size, (rows, length), generator=g)
+    labels, mask = ids.clone(), torch.ones_like(ids)
+    for r in range(rows):
+        end = length - 3 * r
+        labels[r, : 2 + r] = -100  # prompt
+        labels[r, end:], mask[r, end:] = -100, 0  # padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(loss_fn, model, batch, num_items):
+    model.zero_grad()
+    loss = loss_fn(model, batch, num_items)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_chunked_loss_and_lora_gradients_equal_plain():
+    model = _lora(_llama(), target_modules="all-linear")
+    loss = build_loss(model, chunked=True)
+    assert loss.kind == "chunked"
+    batch = _batch()
+    num_items = 17.0  # the window's supervised tokens: any normaliser, applied the same way
+    plain, plain_grads = _loss_and_grads(plain_loss, model, batch, num_items)
+    chunked, chunked_grads = _loss_and_grads(loss, model, batch, num_items)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == chunked_grads.keys() and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(chunked_grads[name], plain_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():  # evaluation: no gradients kept
+        torch.testing.assert_close(loss(model, batch, 1), plain_loss(model, batch, 1), rtol=1e-5, atol=1e-4)
+
+
+def test_flattened_batch_chunked_loss_equals_padded_plain_loss(tiny_model_dir):
+    """data.padding_free's layout (one flattened row, restarting positions) with the chunked loss gives the
+    loss and LoRA gradients of transformers' loss on the padded batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.data import Example, collate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = _lora(base, target_modules="all-linear")
+    model.config.use_cache = False
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n, prompt in ((9, 4), (14, 6), (5, 2)):
+        ids = torch.randint(0, 300, (n,), generator=g).tolist()
+        examples.append(Example(ids, [-100] * prompt + ids[prompt:]))
+    plain, plain_grads = _loss_and_grads(plain_loss, model, collate(examples, tokenizer), 10.0)
+    flat_batch = collate(examples, tokenizer, padding_free=True)
+    assert flat_batch["input_ids"].shape == (1, 28) and "attention_mask" not in flat_batch
+    flat, flat_grads = _loss_and_grads(build_loss(model, chunked=True), model, flat_batch, 10.0)
+    torch.testing.assert_close(flat, plain, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(flat_grads[name], plain_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_gradients_over_several_chunks(bias):
+    """A trainable head (weight and bias) gets the gradients of the unchunked computation."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, 50, (37,), generator=g)
+    expected = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum")
+    wanted = [t for t in (hidden, weight, b) if t is not None]
+    expected_grads = torch.autograd.grad(expected * 0.3, wanted)
+    got = linear_cross_entropy_sum(hidden, weight, b, targets, chunk_rows=8)
+    got_grads = torch.autograd.grad(got * 0.3, wanted)
+    torch.testing.assert_close(got, expected)
+    for e, g_ in zip(expected_grads, got_grads):
+        torch.testing.assert_close(g_, e)
+
+
+def test_chunked_loss_step_needs_less_memory_at_32k_vocabulary():
+    """Peak tensor memory of forward+backward falls: no [batch, seq, 32k] fp32 logits and their gradient."""
+    model = _lora(_llama(vocab_size=32768, hidden_size=32), target_modules=["q_proj", "v_proj"])
+    batch = _batch(vocab_size=32768, rows=4, length=128)
+    chunked = build_loss(model, chunked=True)
+    peaks = {}
+    for name, fn in (("plain", plain_loss), ("chunked", chunked)):
+        model.zero_grad()
+        with TensorMemoryTracker() as tracker:
+            fn(model, batch, 100.0).backward()
+        peaks[name] = tracker.peak
+    logits_bytes = 4 * 128 * 32768 * 4
+    assert peaks["chunked"] < peaks["plain"] - logits_bytes, peaks
+
+
+def test_plain_loss_where_the_head_cannot_run_apart():
+    from peft import PromptTuningConfig, get_peft_model
+
+    on_head = _lora(_llama(), target_modules=["q_proj", "lm_head"])
+    assert build_loss(on_head, chunked=True).kind == "plain"
+    prompt = get_peft_model(_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert build_loss(prompt, chunked=True).kind == "plain"
+    assert build_loss(_lora(_llama(), target_modules=["q_proj"]), chunked=False).kind == "plain"
+
+
+def test_plain_loss_when_the_model_transforms_its_logits():
+    """Gemma-2 soft-caps its logits after the head: the config key, and the one-forward probe alone, notice."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5)
+    model = _lora(Gemma2ForCausalLM(config).float(), target_modules=["q_proj"])
+    loss = build_loss(model, chunked=True)
+    assert loss.kind == "plain" and "final_logit_softcapping" in loss.reason
+    assert not _head_reproduces_logits(model, model.get_output_embeddings(), _decoder(model))
+    llama = _lora(_llama(), target_modules=["q_proj"])
+    assert _head_reproduces_logits(llama, llama.get_output_embeddings(), _decoder(llama))
+
+
+def test_chunked_loss_keeps_no_layer_outputs_in_bfloat16():
+    """The decoder's output is caught by a hook: unlike output_hidden_states=True (the control below), no layer's
+    output is kept beyond what the backward needs, which in bf16 saves (layers − 1) × tokens × hidden × 2 B."""
+    from lorakit.training.loss import shifted_targets
+
+    layers, rows, length, hidden = 8, 4, 128, 256
+    model = _lora(_llama(hidden_size=hidden, num_hidden_layers=layers).to(torch.bfloat16), target_modules=["q_proj"])
+    batch = _batch(rows=rows, length=length)
+    head, chunked = model.get_output_embeddings(), build_loss(model, chunked=True)
+    assert chunked.kind == "chunked"
+
+    def with_hidden_states(model, batch, num_items):  # the control: what the chunked loss did before the hook
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)  # alive until the loss is computed
+        targets = shifted_targets(batch).reshape(-1)
+        keep = (targets != -100).nonzero().squeeze(1)
+        h = out.hidden_states[-1].reshape(-1, hidden)[keep]
+        return linear_cross_entropy_sum(h, head.weight, None, targets[keep]) / num_items
+
+    peaks, losses = {}, {}
+    for name, fn in (("control", with_hidden_states), ("chunked", chunked)):
+        model.zero_grad()
+        with TensorMemoryTracker() as tracker:
+            losses[name] = fn(model, batch, 100.0)
+            losses[name].backward()
+        peaks[name] = tracker.peak
+    torch.testing.assert_close(losses["chunked"], losses["control"])
+    saved = (layers - 1) * rows * length * hidden * 2
+    assert peaks["chunked"] <= peaks["control"] - 0.9 * saved, (peaks, saved)
