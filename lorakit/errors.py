@@ -86,3 +86,8 @@ class DistributedError(LorakitError):
     def __init__(self, message: str, exit_code: int = EXIT_UNEXPECTED):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(e: BaseException) -> str:
+    """A library exception's first line, cut at 200 characters: what a one-line lorakit message quotes of it."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,4 +1,5 @@
-"""The lock: the exact versions of every dependency that lorakit's whole test suite last passed with.
+"""Versions: what run manifests and checkpoints record (package_versions), and the lock: the exact versions of
+every dependency that lorakit's whole test suite last passed with.
 
 `lorakit/lock.txt` is a pip constraints file shipped inside the package. `make install` (and so `make test`,
 `make demo`, CI) installs with it; `make lock` (scripts/lock.py) moves it forward on purpose; `lorakit doctor`
@@ -8,6 +9,7 @@ compares what is installed with it. pyproject.toml keeps the ranges a user's `pi
 from __future__ import annotations
 
 import os
+import platform
 import re
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -140,3 +142,19 @@ def newer_than_tested(installed: str, tested: str) -> str | None:
     if have.major == want.major and have.minor > want.minor:
         return "minor"
     return None
+
+
+# What run.json and every checkpoint manifest record as the versions a run used.
+PACKAGES = (
+    "lorakit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "tokenizers",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -119,7 +119,7 @@ VARIANTS = {
 
 
 def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, dtype: str, variant: dict = None):
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
 
     variant = variant or {}
     return parse_recipe({
@@ -177,7 +177,7 @@ def full_model(recipe):
 
 def measure(recipe, device: str, full: bool = False) -> int:
     from lorakit.training.loss import build_loss
-    from lorakit.models.loading import build_model
+    from lorakit.adapters.build import build_model
 
     model = (full_model(recipe) if full else build_model(recipe)).to(device)
     model.train()

@@ -231,9 +231,10 @@ def first_steps(recipe: dict):
     micro-batches in plain random order and the model's own loss."""
     from lorakit.data import StepSampler, load_datasets
     from lorakit.training.loss import build_loss, plain_loss
-    from lorakit.models.loading import build_model, load_tokenizer, resolve_model_path
+    from lorakit.adapters.build import build_model
+    from lorakit.models.loading import load_tokenizer, resolve_model_path
     from lorakit.training.perf import choose_batching
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
 
     parsed = parse_recipe(recipe)
     tokenizer = load_tokenizer(parsed.model, resolve_model_path(parsed.model))

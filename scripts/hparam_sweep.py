@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorakit.console import configure
-    from lorakit.config.schema import load_recipe
+    from lorakit.config.load import load_recipe
     from lorakit.training.run import run_training
 
     configure(quiet=True)

@@ -115,7 +115,7 @@ def test_the_lock_script_reports_changes_and_failing_tests(tmp_path):
 
 
 def _recipe():
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
 
     return parse_recipe({"model": {"name_or_path": "x"}, "data": {"train": "d.jsonl"}, "train": {"max_steps": 1}})
 

@@ -9,68 +9,26 @@ bottleneck_model.safetensors. Not mergeable: the nonlinearity cannot be folded i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit.config.methods import NONLINEARITY_NAMES, BottleneckConfig
 from lorakit.errors import CheckpointError, UsageError
 from lorakit.models.loading import decoder_layers
 
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "bottleneck_model.safetensors"
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-PLACEMENTS = ("attention", "mlp")
+assert set(NONLINEARITIES) == set(NONLINEARITY_NAMES)
 # Child names of the attention and MLP blocks inside a decoder layer across transformers' architectures.
 _CHILD_NAMES = {
     "attention": ("self_attn", "attn", "attention", "self_attention"),
     "mlp": ("mlp", "feed_forward", "ffn"),
 }
-
-
-@dataclass
-class BottleneckConfig:
-    """Options of the bottleneck adapter. `r` comes from adapter.r; the rest pass through from the recipe."""
-
-    r: int  # bottleneck width (adapter.r)
-    nonlinearity: str = "relu"
-    dropout: float = 0.0
-    placement: list[str] = field(default_factory=lambda: list(PLACEMENTS))  # Houlsby: after both sublayers
-    scaling: float = 1.0
-    layers_to_transform: list[int] | None = None  # decoder layer indices; None: every layer
-    # Written at save time from the base model, checked at load time.
-    hidden_size: int | None = None
-    base_model_name_or_path: str | None = None
-
-    def __post_init__(self):
-        if isinstance(self.placement, str):
-            self.placement = [self.placement]
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"adapter.r: bottleneck width must be a positive integer, got {self.r!r}")
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ValueError(
-                f"adapter.nonlinearity: must be one of {', '.join(NONLINEARITIES)}, got {self.nonlinearity!r}"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
-        if not self.placement or any(p not in PLACEMENTS for p in self.placement):
-            raise ValueError(
-                f"adapter.placement: a non-empty list of {', '.join(PLACEMENTS)}, got {self.placement!r}"
-            )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BottleneckConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class BottleneckAdapter(nn.Module):

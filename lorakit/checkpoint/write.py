@@ -27,7 +27,7 @@ import torch
 from lorakit.adapters import bottleneck
 from lorakit.distributed import fsdp as distributed
 from lorakit.atomic import fsync_files, replace_dir
-from lorakit.errors import CheckpointError, NonFiniteLossError
+from lorakit.errors import CheckpointError, NonFiniteLossError, first_line
 
 FORMAT = "lorakit-checkpoint"
 # 2: the optimizer state is keyed by parameter name (with or without FSDP); 1 keyed it by index (still read).
@@ -281,7 +281,7 @@ def _write_manifest(folder: Path, step: int, world_size: int) -> None:
     from datetime import datetime, timezone
 
     from lorakit.data.sources import content_hash
-    from lorakit.training.manifest import package_versions
+    from lorakit.versions import package_versions
 
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": content_hash(str(p))}
@@ -487,7 +487,7 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
 
     old: Any = {}
     try:
@@ -554,7 +554,7 @@ def restore_training_state(
             scaler.load_state_dict(_read_piece(ckpt.path, "scaler"))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(
-            f"{ckpt.path}: optimizer or scheduler state does not fit this run ({_first_line(e)}); the checkpoint "
+            f"{ckpt.path}: optimizer or scheduler state does not fit this run ({first_line(e)}); the checkpoint "
             "is foreign, or train.optimizer changed"
         ) from None
     ranks = _read_piece(ckpt.path, "rng").get("ranks", [])
@@ -614,7 +614,7 @@ def _load_adapter(ckpt: Checkpoint, model) -> None:
         load_adapter_weights(model, load_file(str(ckpt.path / weights_file)))
     except RuntimeError as e:
         raise CheckpointError(
-            f"{ckpt.path}: its adapter weights do not fit this model ({_first_line(e)}); resume with the recipe "
+            f"{ckpt.path}: its adapter weights do not fit this model ({first_line(e)}); resume with the recipe "
             "that wrote it"
         ) from None
 
@@ -634,10 +634,6 @@ def load_adapter_weights(model, weights: dict) -> None:
         unexpected = [k for k in unexpected if k != "prompt_embeddings"]
     if unexpected:
         raise RuntimeError(f"unexpected adapter weights ({unexpected[0]}, ...)")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def truncate_metrics(path: Path, size: int, say) -> None:

@@ -115,7 +115,7 @@ SetOpt = typer.Option(
 
 @command(help="Check a recipe and report every problem at once. Loads no model or data.")
 def validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
-    from lorakit.config.schema import load_recipe
+    from lorakit.config.load import load_recipe
 
     load_recipe(recipe, set_)
     from lorakit.console import console
@@ -133,7 +133,7 @@ def preview_data(
         True, "--stats/--no-stats", help="Also tokenize the whole dataset (cached) and print kept/truncated/dropped "
         "counts and the token-length distribution."),
 ) -> None:
-    from lorakit.config.schema import load_recipe
+    from lorakit.config.load import load_recipe
 
     loaded = load_recipe(recipe, set_)
     from lorakit.console import adopt_transformers_output
@@ -176,7 +176,7 @@ def train(
     ),
 ) -> None:
     from lorakit.errors import UsageError
-    from lorakit.config.schema import load_recipe
+    from lorakit.config.load import load_recipe
 
     if checkpoint is not None and not resume:
         raise UsageError(f"{checkpoint}: a checkpoint is given with --resume: lorakit train {recipe} --resume {checkpoint}")

@@ -57,7 +57,7 @@ def cache_key(section: DataSection, tokenizer, template: str | None, seed: int, 
 
 
 def cache_root() -> Path:
-    from lorakit.models.loading import cache_dir
+    from lorakit.paths import cache_dir
 
     return cache_dir() / "data"
 

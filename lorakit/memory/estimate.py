@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from lorakit.errors import UsageError
 from lorakit.memory.profile import DQ_BLOCK, NF4_BLOCK, Geometry, ModelProfile
-from lorakit.config.schema import METHOD_KEY_DEFAULTS, DataSection, ModelSection, TrainSection
+from lorakit.config.methods import METHOD_KEY_DEFAULTS
+from lorakit.config.schema import DataSection, ModelSection, TrainSection
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

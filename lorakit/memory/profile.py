@@ -198,7 +198,7 @@ EXTRAPOLATE_ABOVE = 32  # layers; below this the whole model is adapted (fast en
 
 
 def _meta_model(config):
-    from lorakit.models.loading import build_meta_model
+    from lorakit.models.meta import build_meta_model
 
     try:
         return build_meta_model(config)
@@ -237,8 +237,8 @@ def apply_adapter_meta(config, adapter, keep: int | None):
     builder (its errors are the recipe's errors); (model, base params of that model)."""
     import torch
 
-    from lorakit.tools.inspect import counting_section
-    from lorakit.models.loading import apply_adapter
+    from lorakit.adapters.build import counting_section
+    from lorakit.adapters.build import apply_adapter
 
     model = _meta_model(config)
     if keep:

@@ -52,8 +52,8 @@ class Flags:
 
 def resolve_recipe(recipe_path: Path | None, flags: Flags):
     """The recipe (or a skeleton around --model) with the flags applied, validated by the recipe schema."""
-    from lorakit.tools.inspect import parse_targets
-    from lorakit.config.schema import apply_overrides, parse_recipe, read_yaml
+    from lorakit.config.load import parse_targets
+    from lorakit.config.load import apply_overrides, parse_recipe, read_yaml
 
     if recipe_path is not None:
         data, source = read_yaml(recipe_path), str(recipe_path)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import CheckpointError, SafetyError, UsageError
-from lorakit.config.schema import AdapterSection, ModelSection, Recipe
+from lorakit.errors import SafetyError, UsageError, first_line
+from lorakit.config.schema import ModelSection
+from lorakit.paths import cache_dir
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -26,10 +27,6 @@ def resolve_dtype(name: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,15 +130,11 @@ def load_tokenizer(section: ModelSection, model_path: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(section))
     except (OSError, ValueError) as e:
-        raise UsageError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {_first_line(e)}") from None
+        raise UsageError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are masked explicitly, so pad == eos is safe
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +172,7 @@ def load_base_model(section: ModelSection, model_path: str, allow_pickle: bool =
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        raise UsageError(f"model.name_or_path: cannot load {model_path!r}: {_first_line(e)}") from None
+        raise UsageError(f"model.name_or_path: cannot load {model_path!r}: {first_line(e)}") from None
     model.config.use_cache = False  # the KV cache only costs memory during training
     if section.quantization in ("nf4", "fp4"):
         keep_bnb_4bit_layout(model)
@@ -223,163 +216,6 @@ def linear_module_names(model) -> list[str]:
     return names
 
 
-def check_targets(model, target_modules, feedforward_modules=None) -> None:
-    """Exit 2 naming the model's linear modules when a target (a name or a regex) matches nothing.
-
-    None (the method's default) and 'all-linear' always match. IA3's feedforward modules must also match.
-    """
-    available = linear_module_names(model)
-    module_names = [n for n, _ in model.named_modules()]
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        try:
-            matched = any(re.fullmatch(target_modules, n) for n in module_names)
-        except re.error as e:
-            raise UsageError(f"adapter.target_modules: {target_modules!r} is not a valid regex ({e})") from None
-        if not matched:
-            raise UsageError(
-                f"adapter.target_modules: regex {target_modules!r} matches no module (it must match the full "
-                f"name, e.g. model.layers.0.self_attn.q_proj); linear modules are {', '.join(available)}"
-            )
-    for key, names in (("target_modules", target_modules), ("feedforward_modules", feedforward_modules)):
-        if not isinstance(names, (list, tuple, set)):
-            continue
-        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in module_names)]
-        if missing:
-            import difflib
-
-            hints = [difflib.get_close_matches(m, available, n=1) for m in missing]
-            hint = "".join(f" (did you mean {h[0]}?)" for h in hints if h)
-            raise UsageError(
-                f"adapter.{key}: {', '.join(repr(m) for m in missing)} matches no module{hint}; "
-                f"linear modules are {', '.join(available)}"
-            )
-
-
-def check_feedforward(target_modules, feedforward_modules) -> None:
-    """IA3: every feedforward module must also be a target (PEFT requires it; checked here to say so clearly)."""
-    if not isinstance(target_modules, (list, tuple, set)) or not isinstance(feedforward_modules, (list, tuple, set)):
-        return
-    outside = [m for m in feedforward_modules if m not in target_modules]
-    if outside:
-        raise UsageError(
-            f"adapter.feedforward_modules: {', '.join(outside)} not in adapter.target_modules "
-            f"({', '.join(target_modules)}); IA3 scales the input of a feedforward module, so each must also be a "
-            "target: add it to target_modules or remove it from feedforward_modules"
-        )
-
-
-def ia3_default_modules(model_type: str) -> tuple[list[str], list[str]] | None:
-    """PEFT's own per-architecture IA3 (target, feedforward) modules, or None when PEFT has none."""
-    from peft.utils import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
-    )
-
-    if model_type not in TARGETS:
-        return None
-    return list(TARGETS[model_type]), list(FEEDFORWARD.get(model_type, []))
-
-
-def build_peft_config(section: AdapterSection, *, model_type: str | None = None, tokenizer_path: str | None = None):
-    """The adapter config of the recipe's adapter section: PEFT's class for the method (lorakit's
-    BottleneckConfig for bottleneck), with the pass-through keys handed to that class unchanged.
-
-    model_type selects IA3's per-architecture default modules; tokenizer_path is what prompt tuning's text
-    init tokenizes with unless the recipe names tokenizer_name_or_path.
-    """
-    from lorakit.config.schema import peft_config_class
-
-    cls = peft_config_class(section.method)
-    extras = dict(section.model_extra or {})
-    kwargs: dict = {}
-    if section.method in ("lora", "dora"):
-        kwargs = dict(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
-                      target_modules=section.target_modules, use_dora=section.method == "dora")
-    elif section.method == "ia3":
-        kwargs["target_modules"] = section.target_modules
-        defaults = ia3_default_modules(model_type) if section.target_modules is None and model_type else None
-        if defaults is not None:
-            kwargs["target_modules"] = defaults[0]
-            extras.setdefault("feedforward_modules", defaults[1])
-        check_feedforward(kwargs["target_modules"], extras.get("feedforward_modules"))
-    elif section.method == "prompt":
-        extras.update(_prompt_init(extras, tokenizer_path))
-    elif section.method == "bottleneck":
-        kwargs["r"] = section.r
-    if section.method != "bottleneck":
-        from peft import TaskType
-
-        kwargs["task_type"] = TaskType.CAUSAL_LM
-    try:
-        return cls(**kwargs, **extras)
-    except (TypeError, ValueError) as e:
-        message = _first_line(e)
-        if message.startswith("adapter."):
-            raise UsageError(message) from None
-        raise UsageError(f"adapter: {cls.__name__} rejects these options: {message}") from None
-    except ImportError as e:  # e.g. scipy for init_lora_weights: loftq (the lorakit[loftq] extra)
-        raise UsageError(f"adapter: {cls.__name__} needs a package for these options: {_first_line(e)}") from None
-
-
-def _prompt_init(extras: dict, tokenizer_path: str | None) -> dict:
-    """prompt_tuning_init as PEFT spells it (TEXT, SAMPLE_VOCAB, RANDOM); text given implies TEXT init."""
-    from peft import PromptTuningInit
-
-    init = extras.get("prompt_tuning_init")
-    if init is None and extras.get("prompt_tuning_init_text") is not None:
-        init = "TEXT"
-    if init is None:
-        return {}
-    choices = [m.value for m in PromptTuningInit]
-    if str(init).upper() not in choices:
-        raise UsageError(f"adapter.prompt_tuning_init: must be one of {', '.join(choices)}, got {init!r}")
-    update = {"prompt_tuning_init": str(init).upper()}
-    if update["prompt_tuning_init"] == "TEXT" and not extras.get("tokenizer_name_or_path"):
-        update["tokenizer_name_or_path"] = tokenizer_path
-    return update
-
-
-def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None = None,
-                  low_cpu_mem_usage: bool = False):
-    """The model with the recipe's adapter: a PeftModel, or a BottleneckModel for method bottleneck."""
-    model_type = model.config.model_type
-    if section.method == "ia3" and section.target_modules is None and ia3_default_modules(model_type) is None:
-        raise UsageError(
-            f"adapter.target_modules: PEFT has no default IA3 modules for model type {model_type!r}; name them "
-            f"(and feedforward_modules); linear modules are {', '.join(linear_module_names(model))}"
-        )
-    if section.method == "dora" and getattr(model, "is_loaded_in_8bit", False) and model.device.type == "cpu":
-        # PEFT 0.21's DoRA re-wraps the int8 weight on CPU and drops its scales: the second forward fails.
-        # tests/adapters/test_methods.py::test_peft_dora_int8_cpu_still_broken fails once PEFT fixes it.
-        raise UsageError(
-            "adapter.method: dora on an int8 base does not run on CPU (PEFT loses the int8 scales after the first "
-            "step); use model.quantization: nf4, method lora, or a GPU"
-        )
-    if (section.model_extra or {}).get("init_lora_weights") == "loftq" and not torch.cuda.is_available():
-        raise UsageError(
-            "adapter.init_lora_weights: loftq runs PEFT's LoftQ decomposition on a CUDA GPU and none is available; "
-            "use gaussian, pissa or the default here"
-        )
-    config = build_peft_config(section, model_type=model_type, tokenizer_path=tokenizer_path)
-    check_targets(model, getattr(config, "target_modules", None), getattr(config, "feedforward_modules", None))
-    if section.method == "bottleneck":
-        from lorakit.adapters.bottleneck import BottleneckModel
-
-        return BottleneckModel(model, config)
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, config, low_cpu_mem_usage=low_cpu_mem_usage)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"adapter: PEFT rejected the adapter config: {_first_line(e)}") from None
-
-
-def trainable_summary(model) -> str:
-    """PEFT's own line: ``trainable params: N || all params: M || trainable%: P``."""
-    trainable, total = model.get_nb_trainable_parameters()
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-
-
 def enable_activation_checkpointing(model) -> None:
     # transformers 5 renamed gradient checkpointing to activation checkpointing; 5.0 has only the old name.
     kwargs = {"use_reentrant": False}
@@ -387,17 +223,6 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: bool = False):
-    """The base model with the recipe's adapter applied, ready to train."""
-    model_path = model_path or resolve_model_path(recipe.model)
-    model = load_base_model(recipe.model, model_path, allow_pickle)
-    if recipe.model.quantization != "none" and recipe.model.upcast_unquantized:
-        model = prepare_kbit_base(model)
-    if recipe.train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    return apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path)
 
 
 def prepare_kbit_base(model):
@@ -414,46 +239,7 @@ def prepare_kbit_base(model):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def load_adapter(base_model, adapter_dir, is_trainable: bool = False):
-    """A ready model from any adapter directory lorakit writes: PEFT's (adapter_config.json) or bottleneck."""
-    from lorakit.adapters.bottleneck import is_bottleneck_dir, load_bottleneck
-
-    adapter_dir = Path(adapter_dir)
-    if is_bottleneck_dir(adapter_dir):
-        return load_bottleneck(base_model, adapter_dir, is_trainable=is_trainable)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise CheckpointError(
-            f"{str(adapter_dir)!r} holds no adapter (neither adapter_config.json nor bottleneck_config.json)"
-        )
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{str(adapter_dir)!r}: cannot load the adapter: {_first_line(e)}") from None
-
-
-def load_model_config(name_or_path: str, trust_remote_code: bool = False):
-    """The transformers config of a local dir, a .gguf file (its metadata only) or a hub id."""
-    from transformers import AutoConfig
-
-    path = Path(name_or_path).expanduser()
-    try:
-        if path.suffix == ".gguf":
-            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"model.name_or_path: cannot read a model config from {name_or_path!r}: {_first_line(e)}"
-        ) from None
-
-
-def build_meta_model(config_or_path, trust_remote_code: bool = False):
-    """The causal LM of a config (or of a model dir/.gguf/hub id) on the meta device: shapes only, no memory."""
-    from transformers import AutoModelForCausalLM, PretrainedConfig
-
-    config = config_or_path
-    if not isinstance(config, PretrainedConfig):
-        config = load_model_config(str(config_or_path), trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+def trainable_summary(model) -> str:
+    """PEFT's own line: ``trainable params: N || all params: M || trainable%: P``."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

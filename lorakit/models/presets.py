@@ -48,7 +48,7 @@ def config_from_dict(data: dict, where: str):
 def load_model_config(model: str) -> tuple[object, str]:
     """(transformers config, where it came from) for a preset, a config.json file, a model dir, a .gguf file
     or a hub id (fetched by transformers, which honours HF_HUB_OFFLINE)."""
-    from lorakit.models.loading import load_model_config as load_config
+    from lorakit.models.meta import load_model_config as load_config
 
     path = Path(model).expanduser()
     if path.is_file() and path.suffix != ".gguf":
@@ -78,7 +78,7 @@ def _hub_config(model: str):
 
     from transformers import AutoConfig
 
-    from lorakit.models.loading import load_model_config as load_config
+    from lorakit.models.meta import load_model_config as load_config
 
     presets = f"offline presets: {', '.join(preset_names())}"
     try:

@@ -17,7 +17,8 @@ import torch
 
 from lorakit.adapters.files import find_adapter_dir, read_config
 from lorakit.errors import CheckpointError, DataError, UsageError
-from lorakit.models.loading import load_adapter, load_base_model, load_tokenizer, resolve_model_path
+from lorakit.adapters.build import load_adapter
+from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
 from lorakit.config.schema import ModelSection
 
 BASE = "base"  # the adapter name that means "no adapter"

@@ -6,19 +6,16 @@ same builder training uses, and the counts are PEFT's own: they are the numbers 
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.config.schema import (
-    METHOD_KEY_DEFAULTS, AdapterSection, ModelSection, apply_overrides, parse_recipe, peft_config_class, read_yaml,
-)
+from lorakit.config.methods import METHOD_KEY_DEFAULTS, peft_config_class
+from lorakit.config.schema import AdapterSection, ModelSection
+from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml
 
 RANKS = (1, 4, 8, 16, 64)
-# Initialisations that read the base weights (SVD, quantization, data): the count is the same with the default.
-_WEIGHT_READING_INITS = ("pissa", "loftq", "olora", "eva", "corda", "orthogonal")
 
 
 @dataclass
@@ -75,15 +72,6 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
     return recipe.model, recipe.adapter
 
 
-def parse_targets(text: str):
-    """--targets: 'all-linear', a comma-separated list of module names, or else a regex."""
-    if text == "all-linear":
-        return text
-    if re.fullmatch(r"[\w\-]+(\s*,\s*[\w\-]+)*", text.strip()):
-        return [t.strip() for t in text.split(",")]
-    return text
-
-
 def _keys_for_method(adapter: dict, method: str) -> dict:
     """The recipe's adapter keys that still mean something for another method (--method switches method)."""
     import dataclasses
@@ -100,7 +88,9 @@ def _keys_for_method(adapter: dict, method: str) -> dict:
 
 
 def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Report:
-    from lorakit.models.loading import apply_adapter, build_meta_model, trainable_summary  # heavy: torch, transformers
+    from lorakit.adapters.build import apply_adapter, counting_section  # heavy: torch, transformers
+    from lorakit.models.loading import trainable_summary
+    from lorakit.models.meta import build_meta_model
 
     model = build_meta_model(model_section.name_or_path, model_section.trust_remote_code)
     text_config = model.config.get_text_config()
@@ -128,18 +118,6 @@ def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Repor
         rank_rows=rank_table(dict(shapes)),
         notes=notes,
     )
-
-
-def counting_section(adapter: AdapterSection) -> AdapterSection:
-    """The same adapter with initialisations that need real weights (or a tokenizer) swapped for the default."""
-    data = adapter.model_dump()
-    if data.get("init_lora_weights") in _WEIGHT_READING_INITS:
-        data["init_lora_weights"] = True
-        data.pop("loftq_config", None)
-    if adapter.method == "prompt":
-        for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
-            data.pop(key, None)
-    return AdapterSection.model_validate(data)
 
 
 def linear_groups(model) -> list[tuple[str, int, tuple[int, int]]]:

@@ -13,26 +13,13 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from lorakit.data.sources import content_hash
+from lorakit.versions import package_versions
 from lorakit.training.metrics import read_metrics
-from lorakit.config.schema import DataSection, Recipe, dump_recipe
-
-PACKAGES = (
-    "lorakit", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "tokenizers",
-)
-
-
-def package_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+from lorakit.config.schema import DataSection, Recipe
+from lorakit.config.load import dump_recipe
 
 
 def git_state(cwd: str | Path | None = None) -> dict | None:

@@ -49,10 +49,13 @@ from lorakit.training.interrupt import GracefulStop, outside_steps
 from lorakit.training.loss import build_loss
 from lorakit.training.manifest import write_run_manifest
 from lorakit.training.metrics import MetricsLog
-from lorakit.models.loading import build_model, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
+from lorakit.adapters.build import build_model
+from lorakit.models.loading import trainable_summary
+from lorakit.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
-from lorakit.config.schema import Recipe, TrainSection, dump_recipe
+from lorakit.config.schema import Recipe, TrainSection
+from lorakit.config.load import dump_recipe
 
 
 @dataclass

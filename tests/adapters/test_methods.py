@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from lorakit.errors import EXIT_USAGE, RecipeError, UsageError
-from lorakit.models.loading import build_model, load_adapter, load_base_model, trainable_summary
-from lorakit.config.schema import parse_recipe
+from lorakit.adapters.build import build_model, load_adapter
+from lorakit.models.loading import trainable_summary
+from lorakit.models.loading import load_base_model
+from lorakit.config.load import parse_recipe
 from run_helpers import cli, recipe_dict, write_data
 
 METHODS = {
@@ -261,7 +263,7 @@ def test_resolved_recipe_round_trips(method, tiny_model_dir):
     """recipe.yaml holds the resolved recipe (r: null for ia3 and the like): it must load back unchanged."""
     import yaml
 
-    from lorakit.config.schema import dump_recipe
+    from lorakit.config.load import dump_recipe
 
     recipe = make_recipe(tiny_model_dir, METHODS[method])
     assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
@@ -318,7 +320,7 @@ def test_cli_validate_unknown_key_exit_2(tmp_path, tiny_model_dir):
 
 def test_validate_stays_free_of_torch_without_pass_through():
     code = (
-        "import sys; from lorakit.config.schema import parse_recipe\n"
+        "import sys; from lorakit.config.load import parse_recipe\n"
         "for m in ('lora', 'ia3', 'bottleneck'):\n"
         "    parse_recipe({'model': {'name_or_path': 'x'}, 'adapter': {'method': m}, 'data': {'train': 'x'},"
         " 'train': {'max_steps': 1}})\n"

@@ -101,7 +101,7 @@ def test_optimizer_state_by_name_and_format_1_by_index(tmp_path, peft_parts, for
     for a, b in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     if format_version == 1:
-        from lorakit.config.schema import parse_recipe
+        from lorakit.config.load import parse_recipe
 
         recipe = parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t"}, "train": {"max_steps": 1}})
         with pytest.raises(CheckpointError, match="keyed by index, which FSDP cannot shard"):
@@ -186,7 +186,8 @@ def bottleneck_parts(tiny_model_dir):
     """lorakit's own adapter method after two optimizer steps (up starts at zero: give it something to restore)."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.adapters.bottleneck import BottleneckConfig, BottleneckModel
+    from lorakit.config.methods import BottleneckConfig
+    from lorakit.adapters.bottleneck import BottleneckModel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = BottleneckModel(base, BottleneckConfig(r=4, dropout=0.1))

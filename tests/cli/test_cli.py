@@ -48,12 +48,12 @@ def test_validate_ok_and_error(tmp_path):
 
 
 def test_unexpected_error_is_one_line_exit_1(tmp_path, monkeypatch):
-    import lorakit.config.schema
+    import lorakit.config.load
 
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(lorakit.config.schema, "load_recipe", boom)
+    monkeypatch.setattr(lorakit.config.load, "load_recipe", boom)
     result = runner.invoke(app, ["validate", "x.yaml"])
     assert result.exit_code == 1
     assert "unexpected failure: RuntimeError: kaboom (rerun with --debug" in result.output

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from lorakit.cli.main import app
 from lorakit.console import configure
 from lorakit.config.init import TEMPLATES
-from lorakit.config.schema import describe_keys, parse_recipe, read_yaml
+from lorakit.config.schema import describe_keys
+from lorakit.config.load import parse_recipe, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()

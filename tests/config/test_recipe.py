@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from lorakit.errors import RecipeError, UsageError
-from lorakit.config.schema import SCHEDULERS, Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
+from lorakit.config.schema import SCHEDULERS, Recipe
+from lorakit.config.load import apply_overrides, dump_recipe, load_recipe, parse_recipe
 
 MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"max_steps": 10}}
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from lorakit.config.docs import recipe_json_schema
-from lorakit.config.schema import parse_recipe, read_yaml
+from lorakit.config.load import parse_recipe, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"

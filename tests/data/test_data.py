@@ -361,7 +361,7 @@ def test_eval_file_and_split_through_load_datasets(tmp_path, tok):
 
 def test_recipe_rejects_conflicting_data_keys():
     with pytest.raises(RecipeError, match="data.eval / data.eval_split"):
-        from lorakit.config.schema import parse_recipe
+        from lorakit.config.load import parse_recipe
 
         parse_recipe({"model": {"name_or_path": "m"}, "train": {"max_steps": 1},
                       "data": {"train": "t.jsonl", "eval": "e.jsonl", "eval_split": 0.1}})

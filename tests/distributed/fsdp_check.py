@@ -26,8 +26,9 @@ import torch.distributed as dist
 from lorakit.checkpoint.write import check_finite, list_checkpoints, restore_adapter, verify_checkpoint
 from lorakit.data import StepSampler, collate, load_datasets
 from lorakit.distributed.fsdp import build_accelerator, gather_adapter, optimizer_state
-from lorakit.models.loading import build_model, load_tokenizer, resolve_model_path
-from lorakit.config.schema import load_recipe
+from lorakit.adapters.build import build_model
+from lorakit.models.loading import load_tokenizer, resolve_model_path
+from lorakit.config.load import load_recipe
 from lorakit.training.run import (
     RunPaths,
     build_optimizer,

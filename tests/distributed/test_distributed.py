@@ -31,7 +31,7 @@ from lorakit.distributed.fsdp import (
     strip_option,
 )
 from lorakit.errors import UsageError
-from lorakit.config.schema import parse_recipe
+from lorakit.config.load import parse_recipe
 from run_helpers import cli, recipe_dict, subprocess_env, training_records, write_data, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,8 @@ def test_an_idle_batch_adds_nothing_but_reaches_every_adapter_weight(tiny_model_
     """What a rank without data runs: loss 0 and zero gradients, yet every trainable tensor gets a gradient
     (DDP's all-reduce waits for a gradient of each)."""
     from lorakit.data import collate, load_datasets
-    from lorakit.models.loading import build_model, load_tokenizer
+    from lorakit.adapters.build import build_model
+    from lorakit.models.loading import load_tokenizer
 
     recipe = parse_recipe(recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 4), tmp_path / "run"))
     tokenizer = load_tokenizer(recipe.model, str(tiny_model_dir))

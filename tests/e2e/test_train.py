@@ -63,7 +63,7 @@ def test_train_memorises_and_writes_layout(tmp_path, tiny_model_dir):
 
 
 def _tiny_recipe(model_dir, data, **adapter):
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
 
     return parse_recipe({
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
@@ -78,7 +78,8 @@ def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models.loading import build_model, load_tokenizer
+    from lorakit.adapters.build import build_model
+    from lorakit.models.loading import load_tokenizer
     from lorakit.training.run import save_adapter
 
     data = write_memorisation_data(tmp_path / "train.jsonl")

@@ -88,7 +88,7 @@ def test_many_layers_extrapolate_exactly(extra):
 
 
 def test_presets_record_their_source_and_parameter_count():
-    from lorakit.models.loading import build_meta_model
+    from lorakit.models.meta import build_meta_model
 
     names = preset_names()
     for required in ("llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "llama-3.1-8b",
@@ -245,7 +245,7 @@ def test_nf4_bytes_equal_a_really_quantized_model(tiny_model_dir, double_quant):
     assert (parts["nf4"], parts["nf4_constants"]) == (packed, consts)
     from peft import get_peft_model
 
-    from lorakit.models.loading import build_peft_config
+    from lorakit.config.methods import build_peft_config
 
     real = get_peft_model(model, build_peft_config(AdapterSection())).get_nb_trainable_parameters()
     profile = inspect_model(config, AdapterSection())

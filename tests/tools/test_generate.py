@@ -87,7 +87,8 @@ def test_cli_usage_errors(tiny_model_dir, two_adapters, args, code):
 def test_bottleneck_adapter_is_served_and_disabled_for_base(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.adapters.bottleneck import BottleneckConfig, BottleneckModel
+    from lorakit.config.methods import BottleneckConfig
+    from lorakit.adapters.bottleneck import BottleneckModel
 
     wrapped = BottleneckModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), BottleneckConfig(r=4))
     torch.manual_seed(0)

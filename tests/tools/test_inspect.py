@@ -8,11 +8,10 @@ import pytest
 import yaml
 
 from lorakit.errors import EXIT_USAGE
-from lorakit.tools.inspect import (
-    RANKS, format_report, inspect_model, inspect_sections, lora_params, parse_targets, rank_table,
-)
-from lorakit.models.loading import build_model
-from lorakit.config.schema import parse_recipe
+from lorakit.tools.inspect import RANKS, format_report, inspect_model, inspect_sections, lora_params, rank_table
+from lorakit.config.load import parse_targets
+from lorakit.adapters.build import build_model
+from lorakit.config.load import parse_recipe
 from run_helpers import cli
 
 TINY_METHODS = {

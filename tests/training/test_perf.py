@@ -107,7 +107,7 @@ def test_batching_choice():
     """Flattened micro-batches with varlen attention only; length-grouped padded ones with sdpa/eager."""
     from lorakit.data import Example
     from lorakit.training.perf import choose_batching
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
 
     def recipe(**data):
         return parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", **data},
@@ -140,7 +140,7 @@ def test_attn_implementation_reaches_the_model(tiny_model_dir):
 
 @pytest.mark.slow
 def test_train_ends_with_an_efficiency_record(tiny_model_dir, tmp_path):
-    from lorakit.config.schema import parse_recipe
+    from lorakit.config.load import parse_recipe
     from lorakit.training.run import run_training
 
     rows = [{"instruction": f"say {i}", "input": "", "output": "ok " * (1 + i % 5)} for i in range(8)]

@@ -1,0 +1,128 @@
+"""Building an adapter onto a base model and loading a saved one: PEFT's tuners, or lorakit's bottleneck."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from lorakit.config.methods import build_peft_config, ia3_default_modules
+from lorakit.config.schema import AdapterSection, Recipe
+from lorakit.errors import CheckpointError, UsageError, first_line
+from lorakit.models.loading import (
+    enable_activation_checkpointing, linear_module_names, load_base_model, prepare_kbit_base, resolve_model_path,
+)
+
+
+def check_targets(model, target_modules, feedforward_modules=None) -> None:
+    """Exit 2 naming the model's linear modules when a target (a name or a regex) matches nothing.
+
+    None (the method's default) and 'all-linear' always match. IA3's feedforward modules must also match.
+    """
+    available = linear_module_names(model)
+    module_names = [n for n, _ in model.named_modules()]
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            matched = any(re.fullmatch(target_modules, n) for n in module_names)
+        except re.error as e:
+            raise UsageError(f"adapter.target_modules: {target_modules!r} is not a valid regex ({e})") from None
+        if not matched:
+            raise UsageError(
+                f"adapter.target_modules: regex {target_modules!r} matches no module (it must match the full "
+                f"name, e.g. model.layers.0.self_attn.q_proj); linear modules are {', '.join(available)}"
+            )
+    for key, names in (("target_modules", target_modules), ("feedforward_modules", feedforward_modules)):
+        if not isinstance(names, (list, tuple, set)):
+            continue
+        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if missing:
+            import difflib
+
+            hints = [difflib.get_close_matches(m, available, n=1) for m in missing]
+            hint = "".join(f" (did you mean {h[0]}?)" for h in hints if h)
+            raise UsageError(
+                f"adapter.{key}: {', '.join(repr(m) for m in missing)} matches no module{hint}; "
+                f"linear modules are {', '.join(available)}"
+            )
+
+
+def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None = None,
+                  low_cpu_mem_usage: bool = False):
+    """The model with the recipe's adapter: a PeftModel, or a BottleneckModel for method bottleneck."""
+    model_type = model.config.model_type
+    if section.method == "ia3" and section.target_modules is None and ia3_default_modules(model_type) is None:
+        raise UsageError(
+            f"adapter.target_modules: PEFT has no default IA3 modules for model type {model_type!r}; name them "
+            f"(and feedforward_modules); linear modules are {', '.join(linear_module_names(model))}"
+        )
+    if section.method == "dora" and getattr(model, "is_loaded_in_8bit", False) and model.device.type == "cpu":
+        # PEFT 0.21's DoRA re-wraps the int8 weight on CPU and drops its scales: the second forward fails.
+        # tests/adapters/test_methods.py::test_peft_dora_int8_cpu_still_broken fails once PEFT fixes it.
+        raise UsageError(
+            "adapter.method: dora on an int8 base does not run on CPU (PEFT loses the int8 scales after the first "
+            "step); use model.quantization: nf4, method lora, or a GPU"
+        )
+    if (section.model_extra or {}).get("init_lora_weights") == "loftq" and not torch.cuda.is_available():
+        raise UsageError(
+            "adapter.init_lora_weights: loftq runs PEFT's LoftQ decomposition on a CUDA GPU and none is available; "
+            "use gaussian, pissa or the default here"
+        )
+    config = build_peft_config(section, model_type=model_type, tokenizer_path=tokenizer_path)
+    check_targets(model, getattr(config, "target_modules", None), getattr(config, "feedforward_modules", None))
+    if section.method == "bottleneck":
+        from lorakit.adapters.bottleneck import BottleneckModel
+
+        return BottleneckModel(model, config)
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config, low_cpu_mem_usage=low_cpu_mem_usage)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"adapter: PEFT rejected the adapter config: {first_line(e)}") from None
+
+
+def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: bool = False):
+    """The base model with the recipe's adapter applied, ready to train."""
+    model_path = model_path or resolve_model_path(recipe.model)
+    model = load_base_model(recipe.model, model_path, allow_pickle)
+    if recipe.model.quantization != "none" and recipe.model.upcast_unquantized:
+        model = prepare_kbit_base(model)
+    if recipe.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path)
+
+
+def load_adapter(base_model, adapter_dir, is_trainable: bool = False):
+    """A ready model from any adapter directory lorakit writes: PEFT's (adapter_config.json) or bottleneck."""
+    from lorakit.adapters.bottleneck import is_bottleneck_dir, load_bottleneck
+
+    adapter_dir = Path(adapter_dir)
+    if is_bottleneck_dir(adapter_dir):
+        return load_bottleneck(base_model, adapter_dir, is_trainable=is_trainable)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{str(adapter_dir)!r} holds no adapter (neither adapter_config.json nor bottleneck_config.json)"
+        )
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{str(adapter_dir)!r}: cannot load the adapter: {first_line(e)}") from None
+
+
+# Initialisations that read the base weights (SVD, quantization, data): the count is the same with the default.
+_WEIGHT_READING_INITS = ("pissa", "loftq", "olora", "eva", "corda", "orthogonal")
+
+
+def counting_section(adapter: AdapterSection) -> AdapterSection:
+    """The same adapter with initialisations that need real weights (or a tokenizer) swapped for the default."""
+    data = adapter.model_dump()
+    if data.get("init_lora_weights") in _WEIGHT_READING_INITS:
+        data["init_lora_weights"] = True
+        data.pop("loftq_config", None)
+    if adapter.method == "prompt":
+        for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
+            data.pop(key, None)
+    return AdapterSection.model_validate(data)

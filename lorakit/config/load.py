@@ -1,0 +1,197 @@
+"""Reading a recipe: YAML in, --set overrides applied, validated into the schema, problems reported together."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from lorakit.config.methods import _REQUIRED, _RESERVED, METHODS, peft_config_class
+from lorakit.config.schema import AdapterSection, Recipe, _did_you_mean
+from lorakit.errors import RecipeError, UsageError
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list[str]", "dict[str,str]", "function-after", "none", "literal"}
+
+
+def _section_fields(path: tuple) -> list[str]:
+    """Field names of the pydantic model at ``path`` (for suggestions)."""
+    model: Any = Recipe
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
+    key = ".".join(str(p) for p in loc)
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        parent, name = loc[:-1], str(loc[-1])
+        return f"{key}: unknown key{_did_you_mean(name, _section_fields(parent))}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "value_error":  # our own validators: the message already names the keys
+        return msg.removeprefix("Value error, ")
+    if kind == "literal_error":
+        expected = msg.split("Input should be ", 1)[-1].replace("'", "")
+        return f"{key}: must be {expected}; got {value!r}{_did_you_mean(value, _literal_choices(msg))}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = msg.split("Input should be ", 1)[-1]
+        bound = bound.replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
+        bound = bound.replace("greater than", ">").replace("less than", "<")
+        return f"{key}: must be {bound}, got {value!r}"
+    return f"{key}: {msg[0].lower() + msg[1:]}, got {value!r}"
+
+
+def _literal_choices(msg: str) -> list[str]:
+    return [c.strip(" '") for c in msg.split("Input should be ", 1)[-1].replace(" or ", ",").split(",") if c.strip()]
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError([f"invalid YAML: {e.problem or e}"], source=where) from None
+    except yaml.YAMLError as e:
+        raise RecipeError([f"invalid YAML: {e}"], source=str(path)) from None
+    if data is None:
+        raise RecipeError(["the recipe is empty; see `lorakit init` for a starter"], source=str(path))
+    if not isinstance(data, dict):
+        raise RecipeError([f"the recipe must be a mapping of sections, got {type(data).__name__}"], source=str(path))
+    return data
+
+
+def _annotation_at(path: list[str]):
+    model: Any = Recipe
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _keeps_raw_string(tp, value) -> bool:
+    """A scalar given for a string field stays the string the user typed (``name_or_path=123``)."""
+    args = get_args(tp) if get_origin(tp) is Union else (tp,)
+    return str in args and not isinstance(value, (str, list, dict)) and not any(a in (int, float, bool) for a in args)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set section.key=value`` overrides; values are YAML scalars typed by the schema."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+        parts = key.split(".")
+        try:
+            value: Any = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise UsageError(f"--set {key}: cannot parse value {raw!r} ({e.__class__.__name__})") from None
+        if _keeps_raw_string(_annotation_at(parts), value):
+            value = raw
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_recipe(data: dict, source: str | None = None) -> Recipe:
+    problems = []
+    for name in data:
+        if name not in Recipe.model_fields:
+            problems.append(f"{name}: unknown section{_did_you_mean(name, Recipe.model_fields)}")
+    try:
+        recipe = Recipe.model_validate({k: v for k, v in data.items() if k in Recipe.model_fields})
+    except ValidationError as e:
+        for message in map(_format_error, e.errors()):
+            # A union field (str | list[str]) yields one error per member: report the key once.
+            if not any(p.split(":")[0] == message.split(":")[0] and "valid" in p for p in problems):
+                problems.append(message)
+        raise RecipeError(problems, source=source) from None
+    tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
+    problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
+    data = read_yaml(path)
+    apply_overrides(data, list(overrides or []))
+    if output_dir is not None:
+        data.setdefault("output", {})["dir"] = output_dir
+    return parse_recipe(data, source=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def validate_adapter_extras(adapter: AdapterSection, tokenizer_path: str | None = None) -> list[str]:
+    """Problems with the adapter's pass-through keys: names checked against the method's config class, then
+    the values judged by constructing that class (PEFT's own checks; no model is loaded)."""
+    extras = dict(adapter.model_extra or {})
+    problems = [
+        f"adapter.{key}: required for method {adapter.method} (e.g. {key}: 20)"
+        for key in _REQUIRED.get(adapter.method, ())
+        if key not in extras
+    ]
+    if not extras:
+        return problems  # keeps `lorakit validate` free of the peft (and torch) import for plain recipes
+    import dataclasses
+
+    cls = peft_config_class(adapter.method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    allowed = fields - _RESERVED
+    for key in extras:
+        if key in _RESERVED and key in fields:
+            problems.append(f"adapter.{key}: set by lorakit from the recipe and the model; remove it")
+        elif key not in allowed:
+            hint = _did_you_mean(key, allowed | set(AdapterSection.model_fields))
+            elsewhere = [m for m in METHODS if m != adapter.method and key in _field_names(m)]
+            also = f"; it is an option of method {'/'.join(elsewhere)}" if elsewhere and not hint else ""
+            problems.append(f"adapter.{key}: unknown key for method {adapter.method} ({cls.__name__}){hint}{also}")
+    if problems:
+        return problems
+    from lorakit.config.methods import build_peft_config
+
+    try:
+        build_peft_config(adapter, tokenizer_path=tokenizer_path)
+    except UsageError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _field_names(method: str) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(peft_config_class(method))} - _RESERVED
+
+
+def parse_targets(text: str):
+    """--targets: 'all-linear', a comma-separated list of module names, or else a regex."""
+    if text == "all-linear":
+        return text
+    if re.fullmatch(r"[\w\-]+(\s*,\s*[\w\-]+)*", text.strip()):
+        return [t.strip() for t in text.split(",")]
+    return text

@@ -1,0 +1,203 @@
+"""Adapter methods as configuration: the keys each method uses and their defaults, whether it merges, and the
+config class its options are checked against and built into (PEFT's, or lorakit's BottleneckConfig).
+
+Typed recipe section in, library config object out; torch and peft are imported only when a config is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lorakit.errors import UsageError, first_line
+
+if TYPE_CHECKING:
+    from lorakit.config.schema import AdapterSection
+
+# The bottleneck nonlinearities (lorakit.adapters.bottleneck maps each name to its torch module).
+NONLINEARITY_NAMES = ("relu", "gelu", "silu", "tanh")
+
+
+METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "bottleneck")
+
+
+# lorakit's own adapter keys that each method uses, with their defaults (lora_alpha: 2·r). A method rejects the
+# others, as PEFT's IA3Config/PrefixTuningConfig/PromptTuningConfig reject a rank: the key would do nothing.
+METHOD_KEY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "dora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "ia3": {"target_modules": None},  # None: PEFT's per-architecture IA3 targets and feedforward modules
+    "prefix": {},
+    "prompt": {},
+    "bottleneck": {"r": 16},
+}
+
+
+_WHY_UNUSED = {
+    "ia3": "IA3 learns scaling vectors: no rank, alpha or dropout",
+    "prefix": "prefix tuning learns key/value prefixes and targets no modules",
+    "prompt": "prompt tuning learns virtual input tokens and targets no modules",
+    "bottleneck": "bottleneck adapters sit on attention/MLP outputs (adapter.placement) and use adapter.dropout "
+    "and adapter.scaling",
+}
+
+
+MERGEABLE_METHODS = ("lora", "dora", "ia3")
+
+
+def peft_config_class(method: str):
+    """The config class whose fields a method's pass-through keys must be (lorakit's own for bottleneck)."""
+    if method == "bottleneck":
+        from lorakit.config.methods import BottleneckConfig
+
+        return BottleneckConfig
+    import peft
+
+    return {
+        "lora": peft.LoraConfig,
+        "dora": peft.LoraConfig,
+        "ia3": peft.IA3Config,
+        "prefix": peft.PrefixTuningConfig,
+        "prompt": peft.PromptTuningConfig,
+    }[method]
+
+
+# Keys lorakit sets itself from the recipe or the model; a recipe may not pass them through.
+_RESERVED = {
+    "task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "use_dora",
+    # prefix/prompt: PEFT reads these from the model's config; bottleneck: lorakit does
+    "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "hidden_size",
+}
+
+
+# Pass-through keys the method cannot do without (PEFT has no usable default for them).
+_REQUIRED = {"prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens",)}
+
+
+def check_feedforward(target_modules, feedforward_modules) -> None:
+    """IA3: every feedforward module must also be a target (PEFT requires it; checked here to say so clearly)."""
+    if not isinstance(target_modules, (list, tuple, set)) or not isinstance(feedforward_modules, (list, tuple, set)):
+        return
+    outside = [m for m in feedforward_modules if m not in target_modules]
+    if outside:
+        raise UsageError(
+            f"adapter.feedforward_modules: {', '.join(outside)} not in adapter.target_modules "
+            f"({', '.join(target_modules)}); IA3 scales the input of a feedforward module, so each must also be a "
+            "target: add it to target_modules or remove it from feedforward_modules"
+        )
+
+
+def ia3_default_modules(model_type: str) -> tuple[list[str], list[str]] | None:
+    """PEFT's own per-architecture IA3 (target, feedforward) modules, or None when PEFT has none."""
+    from peft.utils import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+    )
+
+    if model_type not in TARGETS:
+        return None
+    return list(TARGETS[model_type]), list(FEEDFORWARD.get(model_type, []))
+
+
+def build_peft_config(section: AdapterSection, *, model_type: str | None = None, tokenizer_path: str | None = None):
+    """The adapter config of the recipe's adapter section: PEFT's class for the method (lorakit's
+    BottleneckConfig for bottleneck), with the pass-through keys handed to that class unchanged.
+
+    model_type selects IA3's per-architecture default modules; tokenizer_path is what prompt tuning's text
+    init tokenizes with unless the recipe names tokenizer_name_or_path.
+    """
+    from lorakit.config.methods import peft_config_class
+
+    cls = peft_config_class(section.method)
+    extras = dict(section.model_extra or {})
+    kwargs: dict = {}
+    if section.method in ("lora", "dora"):
+        kwargs = dict(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+                      target_modules=section.target_modules, use_dora=section.method == "dora")
+    elif section.method == "ia3":
+        kwargs["target_modules"] = section.target_modules
+        defaults = ia3_default_modules(model_type) if section.target_modules is None and model_type else None
+        if defaults is not None:
+            kwargs["target_modules"] = defaults[0]
+            extras.setdefault("feedforward_modules", defaults[1])
+        check_feedforward(kwargs["target_modules"], extras.get("feedforward_modules"))
+    elif section.method == "prompt":
+        extras.update(_prompt_init(extras, tokenizer_path))
+    elif section.method == "bottleneck":
+        kwargs["r"] = section.r
+    if section.method != "bottleneck":
+        from peft import TaskType
+
+        kwargs["task_type"] = TaskType.CAUSAL_LM
+    try:
+        return cls(**kwargs, **extras)
+    except (TypeError, ValueError) as e:
+        message = first_line(e)
+        if message.startswith("adapter."):
+            raise UsageError(message) from None
+        raise UsageError(f"adapter: {cls.__name__} rejects these options: {message}") from None
+    except ImportError as e:  # e.g. scipy for init_lora_weights: loftq (the lorakit[loftq] extra)
+        raise UsageError(f"adapter: {cls.__name__} needs a package for these options: {first_line(e)}") from None
+
+
+def _prompt_init(extras: dict, tokenizer_path: str | None) -> dict:
+    """prompt_tuning_init as PEFT spells it (TEXT, SAMPLE_VOCAB, RANDOM); text given implies TEXT init."""
+    from peft import PromptTuningInit
+
+    init = extras.get("prompt_tuning_init")
+    if init is None and extras.get("prompt_tuning_init_text") is not None:
+        init = "TEXT"
+    if init is None:
+        return {}
+    choices = [m.value for m in PromptTuningInit]
+    if str(init).upper() not in choices:
+        raise UsageError(f"adapter.prompt_tuning_init: must be one of {', '.join(choices)}, got {init!r}")
+    update = {"prompt_tuning_init": str(init).upper()}
+    if update["prompt_tuning_init"] == "TEXT" and not extras.get("tokenizer_name_or_path"):
+        update["tokenizer_name_or_path"] = tokenizer_path
+    return update
+
+
+PLACEMENTS = ("attention", "mlp")
+
+
+@dataclass
+class BottleneckConfig:
+    """Options of the bottleneck adapter. `r` comes from adapter.r; the rest pass through from the recipe."""
+
+    r: int  # bottleneck width (adapter.r)
+    nonlinearity: str = "relu"
+    dropout: float = 0.0
+    placement: list[str] = field(default_factory=lambda: list(PLACEMENTS))  # Houlsby: after both sublayers
+    scaling: float = 1.0
+    layers_to_transform: list[int] | None = None  # decoder layer indices; None: every layer
+    # Written at save time from the base model, checked at load time.
+    hidden_size: int | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.placement, str):
+            self.placement = [self.placement]
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"adapter.r: bottleneck width must be a positive integer, got {self.r!r}")
+        if self.nonlinearity not in NONLINEARITY_NAMES:
+            raise ValueError(
+                f"adapter.nonlinearity: must be one of {', '.join(NONLINEARITY_NAMES)}, got {self.nonlinearity!r}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not self.placement or any(p not in PLACEMENTS for p in self.placement):
+            raise ValueError(
+                f"adapter.placement: a non-empty list of {', '.join(PLACEMENTS)}, got {self.placement!r}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BottleneckConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,35 @@
+"""Models built on the meta device: shapes and parameter counts without reading or allocating weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import UsageError, first_line
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The transformers config of a local dir, a .gguf file (its metadata only) or a hub id."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    try:
+        if path.suffix == ".gguf":
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"model.name_or_path: cannot read a model config from {name_or_path!r}: {first_line(e)}"
+        ) from None
+
+
+def build_meta_model(config_or_path, trust_remote_code: bool = False):
+    """The causal LM of a config (or of a model dir/.gguf/hub id) on the meta device: shapes only, no memory."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    config = config_or_path
+    if not isinstance(config, PretrainedConfig):
+        config = load_model_config(str(config_or_path), trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
