@@ -133,7 +133,8 @@ def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, 
 
 
 def estimate_for(recipe, device: str, full: bool = False) -> int:
-    from lorakit.memory.estimate import Settings, estimate
+    from lorakit.memory.lines import Settings
+    from lorakit.memory.estimate import estimate
     from lorakit.memory.profile import inspect_model
     from lorakit.models.presets import load_model_config
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.bottleneck import is_bottleneck_dir
+from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.loading import resolve_model_path
-from lorakit.config.schema import ModelSection
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"

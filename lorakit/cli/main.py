@@ -184,10 +184,10 @@ def train(
         raise UsageError("--allow-recipe-change applies only with --resume")
     loaded = load_recipe(recipe, set_, output_dir=output_dir)
     if nproc > 1:  # the recipe is checked once here, before N processes start
-        from lorakit.distributed.fsdp import relaunch
+        from lorakit.distributed.launch import relaunch
 
         return relaunch(nproc)
-    from lorakit.distributed.fsdp import collective_failures
+    from lorakit.distributed.launch import collective_failures
     from lorakit.training.run import run_training  # heavy: torch, transformers
 
     with collective_failures(loaded.train):  # another rank died or hangs: one line, not a gloo/NCCL traceback

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from lorakit.errors import SafetyError, UsageError
-from lorakit.config.schema import Recipe, _did_you_mean, describe_keys
 from lorakit.config.load import parse_recipe
+from lorakit.config.schema import Recipe, _did_you_mean, describe_keys
+from lorakit.errors import SafetyError, UsageError
 
 
 @dataclass(frozen=True)

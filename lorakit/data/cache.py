@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from lorakit.data.formats import Example
 from lorakit.config.schema import DataSection
+from lorakit.data.formats import Example
 
 CACHE_FORMAT = 1
 # Keys that act after tokenization: changing them reuses the tokenized data.

@@ -10,9 +10,9 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.config.schema import DataSection
 from lorakit.data.sources import BadRowError, Row
 from lorakit.errors import UsageError
-from lorakit.config.schema import DataSection
 
 IGNORE_INDEX = -100
 

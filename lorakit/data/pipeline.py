@@ -9,12 +9,12 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
+from lorakit.config.schema import DataSection
 from lorakit.data import cache
 from lorakit.data.batching import pack_examples
 from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
 from lorakit.data.sources import BadRowError, Row, content_hash, read_rows
 from lorakit.errors import DataError
-from lorakit.config.schema import DataSection
 
 PROGRESS_MIN_ROWS = 2000  # a progress bar for tokenizing at least this many rows (on a terminal)
 

@@ -8,21 +8,13 @@ weights for saving, relaunches `lorakit train` on N processes, and turns a dead 
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import signal
-import sys
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 
-from lorakit.errors import EXIT_CODES, EXIT_UNEXPECTED, DistributedError, UsageError
 from lorakit.config.schema import Recipe, TrainSection
+from lorakit.errors import UsageError
 
-# Test-only fault injection (see tests/distributed/test_distributed.py): "die:RANK:STEP" kills that rank with SIGKILL at
-# the start of optimizer step STEP (0-based), as the OOM killer would; "hang:RANK:STEP" makes it sleep forever.
-FAULT_ENV = "LORAKIT_TEST_FAULT"
 
 # accelerate's mixed_precision values and the parameter dtype FSDP computes in under each.
 _MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
@@ -253,120 +245,11 @@ def _on_gpu(model) -> bool:
 # Keeping ranks in step
 
 
-def idle_batch(example):
-    """A copy of ``example`` that teaches nothing (every label -100, so it adds 0 to the summed loss).
-
-    A rank left without a micro-batch at the end of an epoch, or with fewer eval batches than the others, runs
-    this instead: its forward/backward still take part in DDP's all-reduce and FSDP's all-gathers, which
-    would otherwise wait for it until train.ddp_timeout.
-    """
-    from lorakit.data import IGNORE_INDEX
-
-    return dataclasses.replace(example, labels=[IGNORE_INDEX] * len(example.labels))
-
-
-def eval_shards(num_examples: int, micro_batch_size: int, world_size: int, rank: int) -> list[list[int]]:
-    """This rank's eval micro-batches (example indices, every world_size-th example): the same number on every
-    rank, so sharded forwards line up; an empty list marks a batch to fill with an idle one."""
-    mine = list(range(rank, num_examples, world_size))
-    count = math.ceil(math.ceil(num_examples / world_size) / micro_batch_size)
-    return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(count)]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Failures
-
-
-@contextmanager
-def collective_failures(cfg: TrainSection):
-    """Around a whole run: a collective that fails or times out because another rank died or hangs (in setup,
-    the loop, an evaluation or a save) becomes one line naming this rank, instead of a gloo/NCCL traceback."""
-    import torch.distributed as dist
-
-    try:
-        yield
-    except (dist.DistError, RuntimeError) as e:
-        if not (dist.is_available() and dist.is_initialized()) or not _is_collective_failure(e):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DistributedError(
-            f"rank {dist.get_rank()}: a collective with the other {dist.get_world_size() - 1} rank(s) failed "
-            f"({first}); another rank died or did not respond within train.ddp_timeout={cfg.ddp_timeout}s: its "
-            "own error, if it had time to print one, is above"
-        ) from None
-
-
-def _is_collective_failure(e: BaseException) -> bool:
-    import torch.distributed as dist
-
-    # gloo raises plain RuntimeErrors that name it; NCCL and the process group raise DistError subclasses.
-    # The message match stays: a gloo failure (a peer that closed its connection) has no type or attribute of
-    # its own, and this only decides how a failure that already ended the run is worded, never whether it does.
-    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "ProcessGroup"))
-
-
-def fault_injector(rank: int):
-    """Test-only: a per-step hook that kills or hangs this rank when LORAKIT_TEST_FAULT says so (else a no-op)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return lambda step: None
-    kind, fault_rank, fault_step = spec.split(":")
-    if int(fault_rank) != rank:
-        return lambda step: None
-
-    def inject(step: int) -> None:
-        if step == int(fault_step):
-            if kind == "die":
-                os.kill(os.getpid(), signal.SIGKILL)
-            # Stuck as in a C call, where Python's SIGTERM handler (GracefulStop) would never run: the launcher's
-            # SIGTERM ends it at once instead of after its grace period.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(10**6)
-
-    return inject
 
 
 # ----------------------------------------------------------------------------------------------------------
 # `lorakit train --nproc N`
 
 
-def strip_option(argv: list[str], name: str) -> list[str]:
-    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
-def relaunch(nproc: int, argv: list[str] | None = None) -> None:
-    """Run this same command (without --nproc) as ``torchrun --standalone --nproc-per-node N -m lorakit ...``.
-
-    torch's launcher starts the processes, tears all of them down when one fails, and reports which rank
-    failed first; we end with that rank's exit code, so a data error on every rank is still exit 3.
-    """
-    if "LOCAL_RANK" in os.environ:
-        raise UsageError("--nproc: this process was already started by a launcher (torchrun / accelerate launch)")
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    args = strip_option(list(sys.argv[1:] if argv is None else argv), "--nproc")
-    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit", *args])
-    try:
-        run(launch)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        code = failure.exitcode
-        how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
-        raise DistributedError(
-            f"rank {rank} (local rank {failure.local_rank}) {how}; the launcher stopped the other ranks "
-            "(the failing rank's own error is above)",
-            exit_code=code if code in EXIT_CODES and code != 0 else EXIT_UNEXPECTED,
-        ) from None
-    except SignalException as e:
-        raise DistributedError(f"the launcher received {e.sigval.name}; all ranks were stopped") from None

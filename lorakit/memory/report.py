@@ -10,9 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.memory.estimate import (
-    Estimate, ModelProfile, Settings, activation_formulas, attn_implementation, estimate, gib, loss_path,
-)
+from lorakit.memory.activations import attn_implementation, loss_path
+from lorakit.memory.activations import activation_formulas
+from lorakit.memory.estimate import estimate
+from lorakit.memory.lines import Estimate, Settings, gib
+from lorakit.memory.profile import ModelProfile
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}

@@ -9,7 +9,6 @@ renamed into place only when complete (and, with verification, checked against P
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -23,12 +22,14 @@ import torch
 
 from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
 from lorakit.atomic import fsync_files, replace_dir
-from lorakit.errors import CheckpointError, SafetyError, UsageError, VerificationError
-from lorakit.models.loading import check_weights_safe
-from lorakit.config.schema import ModelSection
+from lorakit.errors import CheckpointError, SafetyError, UsageError
+from lorakit.merge.plan import MergePlan, OutTensor, meta_model, plan_merge
+from lorakit.merge.plan import round_trip_weight
+from lorakit.merge.verify import check_verification, verify_merge
 from lorakit.merge.weights_io import (
     SafetensorsStreamWriter, StoredTensor, TensorReader, list_tensors, nbytes, shard_names, write_index,
 )
+from lorakit.models.loading import check_weights_safe
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 BASE_PRECISIONS = ("original", "dequantized")
@@ -48,20 +49,6 @@ NOT_MERGEABLE = {
 UNSUPPORTED_LORA_OPTIONS = (
     "use_qalora", "use_bdlora", "arrow_config", "velora_config", "kasa_config", "monteclora_config", "mica",
     "alora_invocation_tokens", "layer_replication", "target_parameters", "trainable_token_indices",
-)
-_ADAPTER_SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "B_bias", ".lora_embedding_A": "A",
-    ".lora_embedding_B": "B", ".lora_magnitude_vector": "m", ".ia3_l": "ia3",
-}
-# Verification limits per output dtype: (max |Δlogit|, mean KL(adapter ‖ merged) in nats per token). In float32
-# only summation order differs (tiny models: ~1e-7); rounding weights to 16 bits moves logits by up to ~0.1 on
-# real models, so those are judged by KL alone (bf16 rounding of a 1B model costs ~1e-4..1e-3 nats).
-VERIFY_LIMITS = {torch.float32: (1e-2, 1e-5), torch.bfloat16: (float("inf"), 1e-2), torch.float16: (float("inf"), 1e-3)}
-VERIFY_PROMPTS = (
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Translate to German: good morning, how are you?",
-    "1 2 3 4 5 6 7 8 9 10 11 12",
 )
 
 
@@ -123,236 +110,12 @@ def list_base_tensors(base_dir: Path, allow_pickle: bool) -> list[StoredTensor]:
 # What the adapter does to each base module
 
 
-@dataclass
-class ModuleUpdate:
-    """The adapter's tensors for one module of the base, and how the module stores its weight."""
-
-    module: str
-    transposed: bool = False  # Conv1D and Embedding store the weight as (in, out)
-    scaling: float = 1.0
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # A, B, B_bias, m, ia3
-
-    def apply_weight(self, weight: torch.Tensor, device: str) -> torch.Tensor:
-        """The merged weight in float32, as PEFT's forward computes it (peft/tuners/lora, ia3); ``weight`` may be
-        updated in place (fresh allocations of every weight would cost page faults for nothing)."""
-        w = weight.to(device, torch.float32)
-        w = w.T if self.transposed else w  # (out, in) from here on
-        p = {k: v.to(device, torch.float32) for k, v in self.parts.items()}
-        if "ia3" in p:
-            w.mul_(p["ia3"])  # (1, in) scales inputs (feedforward), (out, 1) scales outputs
-        elif "A" in p:
-            w.addmm_(p["B"], p["A"], alpha=self.scaling)  # W + s·B·A
-            if "m" in p:  # DoRA: magnitude times the row-normalised direction, the norm taken after the update
-                w.mul_((p["m"] / torch.linalg.norm(w, dim=1)).view(-1, 1))
-        return (w.T if self.transposed else w).contiguous()
-
-    @property
-    def changes_bias(self) -> bool:
-        return "B_bias" in self.parts or ("ia3" in self.parts and self.parts["ia3"].shape[1] == 1)
-
-    def apply_bias(self, bias: torch.Tensor, device: str) -> torch.Tensor:
-        b = bias.to(device, torch.float32)
-        if "ia3" in self.parts:  # output scaling scales the bias too
-            return b * self.parts["ia3"].to(device, torch.float32).flatten()
-        return b + self.parts["B_bias"].to(device, torch.float32) * self.scaling
-
-
-def collect_updates(adapter: Adapter, base_keys: set[str]) -> tuple[dict[str, ModuleUpdate], dict]:
-    """Group the adapter's tensors by base module; full replacements (modules_to_save, saved embeddings) apart."""
-    updates: dict[str, ModuleUpdate] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for key, tensor in adapter.tensors.items():
-        suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
-        if suffix is not None:
-            module = key[: -len(suffix)]
-            updates.setdefault(module, ModuleUpdate(module)).parts[_ADAPTER_SUFFIXES[suffix]] = tensor
-        elif ".base_layer." in key:  # PEFT saved the (possibly resized) embedding the adapter sits on
-            replacements[key.replace(".base_layer.", ".")] = tensor
-        elif key in base_keys:  # modules_to_save: a fully trained copy of the module
-            replacements[key] = tensor
-        else:
-            raise CheckpointError(
-                f"{adapter.path}: adapter tensor {key} matches no weight of the base; "
-                "was the adapter trained on another model?"
-            )
-    patterns = adapter.config.get("alpha_pattern") or {}
-    for name, update in updates.items():
-        if "A" in update.parts:
-            r = update.parts["A"].shape[0]  # rank_pattern is already in the tensor shapes
-            # alpha_pattern keys match a module name's dotted suffix, as peft.utils.other.get_pattern_key
-            # matches them (not imported: importing peft costs seconds and nothing else here needs it).
-            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
-            alpha = patterns[key] if key is not None else adapter.config["lora_alpha"]
-            update.scaling = alpha / (r**0.5) if adapter.config.get("use_rslora") else alpha / r
-    return updates, replacements
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The plan: every output tensor, where it comes from, and what happens to it
 
 
-@dataclass
-class OutTensor:
-    name: str
-    source: StoredTensor
-    dtype: torch.dtype
-    update: ModuleUpdate | None = None
-    replacement: torch.Tensor | None = None
-    round_trip: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.source.shape, self.dtype)
-
-
-@dataclass
-class MergePlan:
-    tensors: list[OutTensor]
-    shards: list[list[OutTensor]]
-    untie: bool
-    quantized_modules: set[str]
-    merged_modules: int
-
-
-def meta_model(base_dir: Path):
-    """The base architecture on the meta device (no memory): module types, tied weights, quantizable layers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(base_dir)
-        with torch.device("meta"):
-            return config, AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"--base {base_dir}: cannot build the model from its config.json ({e})") from None
-
-
-def quantized_module_names(model) -> set[str]:
-    """The layers bitsandbytes quantizes when transformers loads this model in 4 or 8 bits."""
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or [])
-    return {
-        name for name, m in model.named_modules()
-        if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and should_convert_module(name, skip)
-    }
-
-
-def plan_merge(adapter, base_tensors, model, dtype, round_trip: bool, max_shard_bytes: int) -> MergePlan:
-    """Match every adapter tensor to a base weight, check shapes, and lay the output out in shards."""
-    from transformers.pytorch_utils import Conv1D
-
-    by_key = {t.key: t for t in base_tensors}
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}  # tied lm_head.weight too
-    updates, replacements = collect_updates(adapter, set(by_key) | params)
-    untie, extra = _untie(adapter, model, by_key, updates, replacements)
-    sources = {**by_key, **dict(extra)}
-    modules = dict(model.named_modules())
-    for name, update in updates.items():
-        module = modules.get(name)
-        if module is None or f"{name}.weight" not in sources:
-            raise CheckpointError(f"{adapter.path}: the adapter targets {name}, which the base does not have")
-        if not isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding)):
-            raise UsageError(f"{adapter.path}: {name} is a {type(module).__name__}; lorakit merges Linear, Conv1D "
-                             "and Embedding layers only")
-        update.transposed = isinstance(module, (Conv1D, torch.nn.Embedding))
-        _check_shapes(adapter, update, sources[f"{name}.weight"].shape, sources.get(f"{name}.bias"))
-    for key, tensor in replacements.items():
-        if key not in sources or tuple(tensor.shape) != sources[key].shape:
-            raise CheckpointError(f"{adapter.path}: adapter tensor {key} {tuple(tensor.shape)} does not fit the base "
-                                  f"weight {sources[key].shape if key in sources else '(missing)'}")
-
-    quantized = quantized_module_names(model) if round_trip else set()
-    out = []
-    for name, source in [(t.key, t) for t in base_tensors] + extra:
-        module, _, param = name.rpartition(".")
-        update = updates.get(module)
-        if update is not None and not (param == "weight" or (param == "bias" and update.changes_bias)):
-            update = None
-        out.append(OutTensor(
-            name=name, source=source, update=update, replacement=replacements.get(name),
-            dtype=dtype if (dtype is not None and source.dtype.is_floating_point) else source.dtype,
-            round_trip=param == "weight" and module in quantized,
-        ))
-    return MergePlan(out, _shards(out, max_shard_bytes), untie, quantized, len(updates) + len(replacements))
-
-
-def _check_shapes(adapter: Adapter, update: ModuleUpdate, stored: tuple, bias: StoredTensor | None) -> None:
-    out_f, in_f = (stored[1], stored[0]) if update.transposed else stored
-    p = update.parts
-    expected = {"ia3": [(1, in_f), (out_f, 1)]} if "ia3" in p else {
-        "A": [(p["A"].shape[0], in_f)], "B": [(out_f, p["A"].shape[0])], "m": [(out_f,)], "B_bias": [(out_f,)],
-    }
-    if "ia3" not in p and ("A" not in p or "B" not in p):
-        raise CheckpointError(f"{adapter.path}: {update.module} has only half of its LoRA pair (lora_A/lora_B)")
-    for part, tensor in p.items():
-        if tuple(tensor.shape) not in expected.get(part, []):
-            raise CheckpointError(
-                f"{adapter.path}: adapter tensor {update.module} {part} {tuple(tensor.shape)} does not fit the "
-                f"base weight {update.module} ({out_f} out x {in_f} in); was the adapter trained on another model?"
-            )
-    if "B_bias" in p and bias is None:
-        raise CheckpointError(f"{adapter.path}: {update.module} has a LoRA bias but the base layer has no bias")
-
-
-def _output_embedding_name(model) -> str:
-    out = model.get_output_embeddings()
-    return next(name for name, m in model.named_modules() if m is out)
-
-
-def _untie(adapter, model, by_key, updates, replacements) -> tuple[bool, list[tuple[str, StoredTensor]]]:
-    """Tied input/output embeddings that the adapter touches are written apart, to keep the adapter's logits."""
-    out_mod, in_mod = model.get_output_embeddings(), model.get_input_embeddings()
-    if out_mod is None or in_mod is None or out_mod.weight is not in_mod.weight:
-        return False, []
-    in_name = next(n for n, m in model.named_modules() if m is in_mod)
-    out_name = _output_embedding_name(model)
-    touched = {k.rpartition(".")[0] for k in replacements} | set(updates)
-    if not {in_name, out_name} & touched:
-        return False, []
-    if adapter.config.get("ensure_weight_tying"):
-        raise UsageError(f"{adapter.path}: ensure_weight_tying adapters on tied embeddings are not mergeable by "
-                         "lorakit yet; serve the adapter with `lorakit generate --adapter`")
-    out_key = f"{out_name}.weight"
-    return True, [] if out_key in by_key else [(out_key, by_key[f"{in_name}.weight"])]
-
-
-def _shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    shards, current, size = [], [], 0
-    for t in tensors:
-        if current and size + t.nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.nbytes
-    return shards + [current] if current else shards
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Computing and writing
-
-
-def round_trip_weight(weight: torch.Tensor, record: dict) -> torch.Tensor:
-    """The weight as the quantized base served it during training: bitsandbytes quantize → dequantize."""
-    import bitsandbytes.functional as bnbf
-
-    quant = record.get("quantization")
-    if quant == "int8":  # LLM.int8: row-wise absmax of the fp16 weight (bitsandbytes Int8Params._quantize)
-        cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
-        return bnbf.int8_vectorwise_dequant(cb, scb)
-    dtype = _training_dtype(record)
-    # bitsandbytes Params4bit quantizes the weight cast to the load dtype, in blocks of 64 (its default).
-    double_quant = record.get("double_quant", ModelSection.model_fields["double_quant"].default)
-    q, state = bnbf.quantize_4bit(weight.to(dtype).contiguous(), blocksize=64, quant_type=quant,
-                                  compress_statistics=bool(double_quant))
-    return bnbf.dequantize_4bit(q, state)
-
-
-def _training_dtype(record: dict) -> torch.dtype:
-    from lorakit.models.loading import resolve_dtype
-
-    return resolve_dtype(record.get("dtype") or "auto")
 
 
 def merged_tensor(t: OutTensor, reader: TensorReader, record: dict, device: str) -> torch.Tensor:
@@ -409,34 +172,6 @@ def write_metadata(adapter: Adapter, base_dir: Path, config, plan: MergePlan, dt
 
 # ----------------------------------------------------------------------------------------------------------
 # Verification: the merged model against PEFT's adapter model on the same base weights
-
-
-def verify_merge(adapter: Adapter, base_dir: Path, merged_dir: Path, plan: MergePlan, device: str):
-    """(max |Δlogit|, mean KL(adapter ‖ merged) per token) over VERIFY_PROMPTS, both models in float32."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    has_tokenizer = (merged_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir if has_tokenizer else base_dir)
-    inputs = [tokenizer(p, return_tensors="pt").input_ids.to(device) for p in VERIFY_PROMPTS]
-    with torch.no_grad():
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
-        for name in plan.quantized_modules:  # the same NF4 round-trip the merge applied
-            weight = model.get_submodule(name).weight
-            weight.data = round_trip_weight(weight.data, adapter.record).to(device, torch.float32)
-        model = PeftModel.from_pretrained(model, adapter.path).eval()
-        reference = [model(ids).logits.float().cpu() for ids in inputs]
-        del model
-        gc.collect()
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
-        merged = [model(ids).logits.float().cpu() for ids in inputs]
-        del model
-        gc.collect()
-    ref, got = torch.cat([r[0] for r in reference]), torch.cat([m[0] for m in merged])
-    max_abs = (ref - got).abs().max().item()
-    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    return max_abs, kl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -603,18 +338,6 @@ def _choose_base_precision(adapter: Adapter, choice: str | None) -> tuple[str, s
 def _main_dtype(base_tensors: list[StoredTensor]) -> torch.dtype:
     floats = [t.dtype for t in base_tensors if t.dtype.is_floating_point]
     return max(set(floats), key=floats.count) if floats else torch.float32
-
-
-def check_verification(max_abs: float, kl: float, dtype: torch.dtype) -> str:
-    """The verify line when the figures are within VERIFY_LIMITS for ``dtype``; VerificationError (exit 1) if not."""
-    limit_abs, limit_kl = VERIFY_LIMITS.get(dtype, VERIFY_LIMITS[torch.bfloat16])
-    name = str(dtype).removeprefix("torch.")
-    line = (f"verify: max |Δlogit| {max_abs:.3g}, KL {kl:.3g} nats/token "
-            f"(limits {limit_abs:g}, {limit_kl:g} for {name})")
-    if not (max_abs <= limit_abs and kl <= limit_kl):  # NaN fails too
-        raise VerificationError(f"{line}: the merged model does not reproduce the adapter; nothing was written "
-                                "(rerun with --no-verify to write it anyway)")
-    return line + ": ok"
 
 
 def _write_provenance(report: MergeReport, adapter: Adapter, out_dir: Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import SafetyError, UsageError, first_line
 from lorakit.config.schema import ModelSection
+from lorakit.errors import SafetyError, UsageError, first_line
 from lorakit.paths import cache_dir
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapters.files import find_adapter_dir, read_config
-from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.adapters.build import load_adapter
-from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
+from lorakit.adapters.files import find_adapter_dir, read_config
 from lorakit.config.schema import ModelSection
+from lorakit.errors import CheckpointError, DataError, UsageError
+from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
 
 BASE = "base"  # the adapter name that means "no adapter"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")

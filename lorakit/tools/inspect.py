@@ -10,10 +10,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.errors import UsageError
+from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml
 from lorakit.config.methods import METHOD_KEY_DEFAULTS, peft_config_class
 from lorakit.config.schema import AdapterSection, ModelSection
-from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml
+from lorakit.errors import UsageError
 
 RANKS = (1, 4, 8, 16, 64)
 

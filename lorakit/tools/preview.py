@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lorakit.config.schema import DataSection, Recipe
 from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
 from lorakit.data.pipeline import train_sources, fit_length, load_datasets, num_targets
 from lorakit.data.sources import BadRowError, read_rows
-from lorakit.config.schema import DataSection, Recipe
 
 SUPERVISED_STYLE, MASKED_STYLE = "bold green", "dim"
 PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"

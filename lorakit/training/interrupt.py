@@ -63,7 +63,8 @@ def outside_steps(checkpoints: Path, resume_command: str):
     try:
         yield
     except KeyboardInterrupt:
-        from lorakit.checkpoint.write import MANIFEST, list_checkpoints
+        from lorakit.checkpoint.format import MANIFEST
+        from lorakit.checkpoint.read import list_checkpoints
 
         done = [p for _, p in list_checkpoints(Path(checkpoints)) if (p / MANIFEST).is_file()]
         start_over = resume_command.removesuffix(" --resume") + " --overwrite"

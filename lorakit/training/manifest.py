@@ -15,11 +15,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lorakit.data.sources import content_hash
-from lorakit.versions import package_versions
-from lorakit.training.metrics import read_metrics
-from lorakit.config.schema import DataSection, Recipe
 from lorakit.config.load import dump_recipe
+from lorakit.config.schema import DataSection, Recipe
+from lorakit.data.sources import content_hash
+from lorakit.training.metrics import read_metrics
+from lorakit.versions import package_versions
 
 
 def git_state(cwd: str | Path | None = None) -> dict | None:

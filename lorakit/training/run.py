@@ -15,47 +15,30 @@ from pathlib import Path
 import torch
 
 from lorakit import __version__
-from lorakit.checkpoint.write import (
-    TrainState,
-    capture_rng,
-    check_finite,
-    check_free_space,
-    check_resume,
-    checkpoint_bytes,
-    checkpoint_name,
-    restore_adapter,
-    restore_training_state,
-    select_checkpoint,
-    set_aside_newer,
-    trainer_state,
-    truncate_metrics,
-    write_checkpoint,
-)
+from lorakit.adapters.build import build_model
+from lorakit.checkpoint.format import TrainState, capture_rng, checkpoint_name
+from lorakit.checkpoint.read import select_checkpoint, set_aside_newer
+from lorakit.checkpoint.resume import check_resume, restore_adapter, restore_training_state, truncate_metrics
+from lorakit.checkpoint.write import check_finite, check_free_space, checkpoint_bytes, trainer_state, write_checkpoint
+from lorakit.config.load import dump_recipe
+from lorakit.config.schema import Recipe, TrainSection
 from lorakit.console import adopt_transformers_output, console, progress_bar, saved, stage
 from lorakit.data import IGNORE_INDEX, Datasets, StepSampler, collate, load_datasets
+from lorakit.data.shards import eval_shards, idle_batch
 from lorakit.distributed.fsdp import (
-    build_accelerator,
-    check_launch,
-    eval_shards,
-    fault_injector,
-    gather_adapter,
-    idle_batch,
-    optimizer_state,
-    prepare_fsdp,
+    build_accelerator, check_launch, gather_adapter, optimizer_state, prepare_fsdp,
     save_adapter_weights,
 )
 from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError, SafetyError, UsageError
+from lorakit.faults import fault_injector
+from lorakit.models.loading import trainable_summary
+from lorakit.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
 from lorakit.training.interrupt import GracefulStop, outside_steps
 from lorakit.training.loss import build_loss
 from lorakit.training.manifest import write_run_manifest
 from lorakit.training.metrics import MetricsLog
-from lorakit.adapters.build import build_model
-from lorakit.models.loading import trainable_summary
-from lorakit.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
-from lorakit.config.schema import Recipe, TrainSection
-from lorakit.config.load import dump_recipe
 
 
 @dataclass

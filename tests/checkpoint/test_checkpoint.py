@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.checkpoint import write as ckpt
+from lorakit.checkpoint import format as fmt
+from lorakit.checkpoint import read, resume, write
+from lorakit.faults import CHECKPOINT_FAULT_ENV
 from lorakit.errors import CheckpointError, NonFiniteLossError
 from run_helpers import cli, recipe_dict, training_records, tree_hash, write_data, write_recipe
 
@@ -28,25 +30,25 @@ def test_state_dicts_round_trip_without_pickle(tmp_path):
     param.grad = torch.randn(3, 4)
     opt.step()
     sched.step()
-    ckpt._write_piece(tmp_path, "optimizer", opt.state_dict())
-    ckpt._write_piece(tmp_path, "scheduler", sched.state_dict())
+    fmt._write_piece(tmp_path, "optimizer", opt.state_dict())
+    fmt._write_piece(tmp_path, "scheduler", sched.state_dict())
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
 
-    back = ckpt._read_piece(tmp_path, "optimizer")
+    back = fmt._read_piece(tmp_path, "optimizer")
     state = opt.state_dict()
     assert list(back["state"]) == [0]  # int keys stay ints
     for key, value in state["state"][0].items():
         assert torch.equal(back["state"][0][key], value)
     assert back["param_groups"][0]["betas"] == (0.9, 0.95)  # tuples stay tuples
-    assert ckpt._read_piece(tmp_path, "scheduler") == sched.state_dict()
+    assert fmt._read_piece(tmp_path, "scheduler") == sched.state_dict()
 
 
 def test_rng_states_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    ckpt._write_piece(tmp_path, "rng", {"ranks": [ckpt.capture_rng()]})
+    fmt._write_piece(tmp_path, "rng", {"ranks": [fmt.capture_rng()]})
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ckpt.restore_rng(ckpt._read_piece(tmp_path, "rng")["ranks"][0])
+    fmt.restore_rng(fmt._read_piece(tmp_path, "rng")["ranks"][0])
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
@@ -71,8 +73,8 @@ def save(root, step, parts, keep_last=2, **kwargs):
     model, opt, sched = parts
     state = {"step": step, "tokens_seen": 10 * step, "world_size": 1, "metrics_bytes": 0,
              "trainable": [[n, list(p.shape)] for n, p in model.named_parameters() if p.requires_grad]}
-    return ckpt.write_checkpoint(
-        root, step, model=model, optimizer=opt, scheduler=sched, scaler=None, rng_states=[ckpt.capture_rng()],
+    return write.write_checkpoint(
+        root, step, model=model, optimizer=opt, scheduler=sched, scaler=None, rng_states=[fmt.capture_rng()],
         state=state, recipe_text="model: {}\n", keep_last=keep_last, **kwargs,
     )
 
@@ -87,16 +89,16 @@ def test_optimizer_state_by_name_and_format_1_by_index(tmp_path, peft_parts, for
     opt.zero_grad()
     legacy = {"optimizer_state": opt.state_dict()} if format_version == 1 else {}
     path = save(tmp_path, 3, peft_parts, **legacy)
-    saved = ckpt._read_piece(path, "optimizer")
+    saved = fmt._read_piece(path, "optimizer")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert list(saved["state"]) == (list(range(len(names))) if format_version == 1 else names)
     if format_version == 1:
         manifest = json.loads((path / "manifest.json").read_text())
         (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    checkpoint = ckpt.verify_checkpoint(path)
+    checkpoint = read.verify_checkpoint(path)
     fresh = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0)  # as resuming builds it, before loading
-    ckpt.restore_training_state(checkpoint, model=model, optimizer=fresh, scheduler=schedule, scaler=None, rank=0,
+    resume.restore_training_state(checkpoint, model=model, optimizer=fresh, scheduler=schedule, scaler=None, rank=0,
                                 changed=False)
     for a, b in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -105,17 +107,17 @@ def test_optimizer_state_by_name_and_format_1_by_index(tmp_path, peft_parts, for
 
         recipe = parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t"}, "train": {"max_steps": 1}})
         with pytest.raises(CheckpointError, match="keyed by index, which FSDP cannot shard"):
-            ckpt.check_resume(checkpoint, recipe, 1, True, print, fsdp=True)
+            resume.check_resume(checkpoint, recipe, 1, True, print, fsdp=True)
 
 
 def test_checkpoint_is_complete_and_verified(tmp_path, peft_parts):
     path = save(tmp_path, 3, peft_parts)
     assert path.name == "step-000003" and not (tmp_path / "step-000003.tmp").exists()
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["step"] == 3 and manifest["format"] == ckpt.FORMAT and "torch" in manifest["versions"]
+    assert manifest["step"] == 3 and manifest["format"] == fmt.FORMAT and "torch" in manifest["versions"]
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
-    assert ckpt.verify_checkpoint(path).step == 3
+    assert read.verify_checkpoint(path).step == 3
 
 
 @pytest.mark.parametrize(
@@ -134,7 +136,7 @@ def test_damaged_checkpoint_is_refused(tmp_path, peft_parts, damage, reason):
     path = save(tmp_path, 3, peft_parts)
     damage(path)
     with pytest.raises(CheckpointError, match=reason):
-        ckpt.verify_checkpoint(path)
+        read.verify_checkpoint(path)
 
 
 def test_latest_skips_incomplete_and_reports(tmp_path, peft_parts):
@@ -143,7 +145,7 @@ def test_latest_skips_incomplete_and_reports(tmp_path, peft_parts):
     (tmp_path / "step-000006" / "manifest.json").unlink()
     (tmp_path / "step-000009.tmp").mkdir()
     said = []
-    assert ckpt.latest_checkpoint(tmp_path, said.append).step == 3
+    assert read.latest_checkpoint(tmp_path, said.append).step == 3
     assert any("step-000009.tmp" in s for s in said) and any("step-000006" in s for s in said)
 
 
@@ -151,16 +153,16 @@ def test_rotation_keeps_newest_complete(tmp_path, peft_parts):
     (tmp_path / "step-000002.tmp").mkdir(parents=True)  # an interrupted write
     for step in (1, 2, 3, 4):
         save(tmp_path, step, peft_parts, keep_last=2)
-    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    assert [p.name for _, p in read.list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
     assert not list(tmp_path.glob("*.tmp"))
     save(tmp_path, 5, peft_parts, keep_last=1)
-    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step-000005"]
+    assert [p.name for _, p in read.list_checkpoints(tmp_path)] == ["step-000005"]
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, peft_parts, monkeypatch):
     save(tmp_path, 3, peft_parts)
     before = tree_hash(tmp_path)
-    monkeypatch.setenv(ckpt.FAULT_ENV, "enospc:rng:6")
+    monkeypatch.setenv(CHECKPOINT_FAULT_ENV, "enospc:rng:6")
     with pytest.raises(CheckpointError, match="No space left on device.*step-000003 is intact"):
         save(tmp_path, 6, peft_parts)
     assert tree_hash(tmp_path) == before
@@ -208,14 +210,14 @@ def test_bottleneck_checkpoint_is_verified_and_restores_exactly(tmp_path, tiny_m
 
     model = bottleneck_parts[0]
     path = save(tmp_path, 3, bottleneck_parts)
-    files = ckpt.verify_checkpoint(path).manifest["files"]
+    files = read.verify_checkpoint(path).manifest["files"]
     assert {"adapter/bottleneck_config.json", "adapter/bottleneck_model.safetensors"} <= set(files)
-    assert ckpt.adapter_files(files) == ("adapter/bottleneck_config.json", "adapter/bottleneck_model.safetensors")
+    assert read.adapter_files(files) == ("adapter/bottleneck_config.json", "adapter/bottleneck_model.safetensors")
 
     fresh = BottleneckModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                             model.bottleneck_config)
     params = [p for p in fresh.parameters() if p.requires_grad]
-    ckpt._load_adapter(ckpt.verify_checkpoint(path), fresh)
+    resume._load_adapter(read.verify_checkpoint(path), fresh)
     assert [p for p in fresh.parameters() if p.requires_grad] == params  # in place: an optimizer keeps them
     trained = dict(model.named_parameters())
     for name, param in fresh.named_parameters():
@@ -224,30 +226,30 @@ def test_bottleneck_checkpoint_is_verified_and_restores_exactly(tmp_path, tiny_m
 
     lora = save(tmp_path / "lora", 3, peft_parts)
     with pytest.raises(CheckpointError, match="do not fit this model.*the recipe that wrote it"):
-        ckpt._load_adapter(ckpt.verify_checkpoint(lora), fresh)
+        resume._load_adapter(read.verify_checkpoint(lora), fresh)
     with pytest.raises(CheckpointError, match="do not fit this model"):
-        ckpt._load_adapter(ckpt.verify_checkpoint(path), peft_parts[0])
+        resume._load_adapter(read.verify_checkpoint(path), peft_parts[0])
 
     os.truncate(path / "adapter" / "bottleneck_model.safetensors", 10)
     with pytest.raises(CheckpointError, match="adapter/bottleneck_model.safetensors is 10 bytes.*truncated"):
-        ckpt.verify_checkpoint(path)
+        read.verify_checkpoint(path)
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["files"]["adapter/bottleneck_model.safetensors"]
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="incomplete: adapter/bottleneck_model.safetensors is not in"):
-        ckpt.verify_checkpoint(path)
+        read.verify_checkpoint(path)
 
 
 def test_free_space_is_checked(tmp_path):
-    ckpt.check_free_space(tmp_path / "not-yet", 1 << 20, keep_last=2)
+    write.check_free_space(tmp_path / "not-yet", 1 << 20, keep_last=2)
     with pytest.raises(CheckpointError, match="free disk space, lower train.keep_last"):
-        ckpt.check_free_space(tmp_path / "not-yet", 1 << 60, keep_last=2)
+        write.check_free_space(tmp_path / "not-yet", 1 << 60, keep_last=2)
 
 
 def test_recipe_changes_name_keys_and_skip_cosmetic():
     old = {"train": {"learning_rate": 1e-3, "log_every": 1}, "output": {"dir": "a"}}
     new = {"train": {"learning_rate": 2e-3, "log_every": 5}, "output": {"dir": "b"}}
-    assert ckpt.recipe_changes(old, new) == ["train.learning_rate: 0.001 → 0.002"]
+    assert resume.recipe_changes(old, new) == ["train.learning_rate: 0.001 → 0.002"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,19 +347,19 @@ def test_non_finite_loss_stops_with_exit_6(run):
 
 def test_failed_save_exits_4_and_resume_continues(run, monkeypatch):
     recipe, out = run(max_steps=6, save_every=2)
-    monkeypatch.setenv(ckpt.FAULT_ENV, "enospc:optimizer:4")
+    monkeypatch.setenv(CHECKPOINT_FAULT_ENV, "enospc:optimizer:4")
     result = cli("train", recipe)
     assert result.exit_code == 4 and "No space left on device" in result.output
-    assert [p.name for _, p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-000002"]
-    ckpt.verify_checkpoint(out / "checkpoints" / "step-000002")
-    monkeypatch.delenv(ckpt.FAULT_ENV)
+    assert [p.name for _, p in read.list_checkpoints(out / "checkpoints")] == ["step-000002"]
+    read.verify_checkpoint(out / "checkpoints" / "step-000002")
+    monkeypatch.delenv(CHECKPOINT_FAULT_ENV)
     assert cli("train", recipe, "--resume").exit_code == 0
 
 
 def test_epoch_end_checkpoints(run):
     recipe, out = run(max_steps=9, save_each_epoch=True)  # 16 examples / 4 per step: 4 steps per epoch
     assert cli("train", recipe).exit_code == 0
-    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [4, 8]
+    assert [s for s, _ in read.list_checkpoints(out / "checkpoints")] == [4, 8]
     state = json.loads((out / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
     assert state["data"]["epoch"] == 2 and state["data"]["offset"] == 0 and state["micro_step"] == 0
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.checkpoint.write import FAULT_ENV, list_checkpoints
+from lorakit.faults import CHECKPOINT_FAULT_ENV
+from lorakit.checkpoint.read import list_checkpoints
 from run_helpers import recipe_dict, subprocess_env, training_records, tree_hash, write_data, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,7 @@ def when_checkpoint(run: Path, step: int):
 
 def train(recipe: Path, *args, when=None, send=signal.SIGKILL, twice=False, fault=None) -> tuple[int, str]:
     """Run `lorakit train RECIPE ARGS`; when ``when()`` turns true, send ``send`` (twice: a second Ctrl-C)."""
-    env = subprocess_env(**({FAULT_ENV: fault} if fault else {}))
+    env = subprocess_env(**({CHECKPOINT_FAULT_ENV: fault} if fault else {}))
     log_path = recipe.with_suffix(f".{time.monotonic_ns()}.log")
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from lorakit.checkpoint.write import MANIFEST
+from lorakit.checkpoint.format import MANIFEST
 from lorakit.data.sources import content_hash
 from run_helpers import cli, lorakit, recipe_dict, tree_hash, write_data, write_recipe
 

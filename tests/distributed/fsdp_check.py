@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lorakit.checkpoint.write import check_finite, list_checkpoints, restore_adapter, verify_checkpoint
+from lorakit.checkpoint.write import check_finite
+from lorakit.checkpoint.read import list_checkpoints, verify_checkpoint
+from lorakit.checkpoint.resume import restore_adapter
 from lorakit.data import StepSampler, collate, load_datasets
 from lorakit.distributed.fsdp import build_accelerator, gather_adapter, optimizer_state
 from lorakit.adapters.build import build_model
@@ -200,7 +202,7 @@ def adapter_weights(model) -> dict:
 
 
 def _read_optimizer(path: Path) -> dict:
-    from lorakit.checkpoint.write import _read_piece
+    from lorakit.checkpoint.format import _read_piece
 
     return _read_piece(path, "optimizer")
 

@@ -21,15 +21,10 @@ import torch
 import yaml
 
 from lorakit.data import IGNORE_INDEX, StepSampler
-from lorakit.distributed.fsdp import (
-    FAULT_ENV,
-    check_fsdp,
-    eval_shards,
-    fault_injector,
-    idle_batch,
-    relaunch,
-    strip_option,
-)
+from lorakit.faults import RANK_FAULT_ENV, fault_injector
+from lorakit.distributed.fsdp import check_fsdp
+from lorakit.data.shards import eval_shards, idle_batch
+from lorakit.distributed.launch import relaunch, strip_option
 from lorakit.errors import UsageError
 from lorakit.config.load import parse_recipe
 from run_helpers import cli, recipe_dict, subprocess_env, training_records, write_data, write_recipe
@@ -254,9 +249,9 @@ def test_nproc_is_refused_inside_a_launched_process(monkeypatch):
 
 
 def test_fault_injection_is_off_unless_asked(monkeypatch):
-    monkeypatch.delenv(FAULT_ENV, raising=False)
+    monkeypatch.delenv(RANK_FAULT_ENV, raising=False)
     fault_injector(1)(3)  # nothing happens
-    monkeypatch.setenv(FAULT_ENV, "die:1:3")
+    monkeypatch.setenv(RANK_FAULT_ENV, "die:1:3")
     fault_injector(0)(3)  # another rank: nothing happens
 
 
@@ -342,7 +337,7 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_to_the_same_adapter(setu
     two = _two_rank_run(setup)
     out = setup["root"] / "killed"
     cmd = [sys.executable, "-m", "lorakit", "train", str(setup["two"]), "--output-dir", str(out), "--nproc", "2"]
-    killed, seconds = _run(cmd, env=subprocess_env(**{FAULT_ENV: "die:1:3"}))  # SIGKILL rank 1 at step 3
+    killed, seconds = _run(cmd, env=subprocess_env(**{RANK_FAULT_ENV: "die:1:3"}))  # SIGKILL rank 1 at step 3
     assert killed.returncode != 0
     # train.ddp_timeout is 600 s: ending sooner means the launcher tore the job down, nobody waited it out
     assert seconds < 240, f"the job took {seconds:.0f}s to end after a rank died"
@@ -364,7 +359,7 @@ def test_a_stuck_rank_ends_the_job_after_ddp_timeout(setup):
     out = setup["root"] / "stuck"
     cmd = [_bin("torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "lorakit", "train", str(setup["two"]),
            "--output-dir", str(out), "--set", "train.ddp_timeout=15"]
-    result, seconds = _run(cmd, env=subprocess_env(**{FAULT_ENV: "hang:1:1"}))  # rank 1 stops responding
+    result, seconds = _run(cmd, env=subprocess_env(**{RANK_FAULT_ENV: "hang:1:1"}))  # rank 1 stops responding
     assert result.returncode != 0
     assert seconds < 240, f"the job took {seconds:.0f}s to end with a stuck rank and a 15 s timeout"
     assert "rank 0: a collective" in result.stderr and "train.ddp_timeout=15s" in result.stderr, result.stderr[-3000:]

@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from lorakit.cli.main import app
-from lorakit.memory.estimate import GiB, Settings, estimate
+from lorakit.memory.lines import GiB, Settings
+from lorakit.memory.estimate import estimate
 from lorakit.memory.profile import inspect_model
 from lorakit.memory.report import compare_methods, fit_advice, largest, parse_size
 from lorakit.models.presets import config_from_dict, load_model_config, preset_names, read_preset
@@ -110,7 +111,7 @@ BASE = V * H * 2 + L * (H * Q + 2 * H * KV + Q * H + 3 * H * I + 2 * H) + H
 
 
 def test_loss_path_follows_lorakit_loss(tiny):
-    from lorakit.memory.estimate import loss_path
+    from lorakit.memory.activations import loss_path
 
     assert loss_path(tiny, Settings()) == "chunked"
     assert loss_path(tiny, Settings(chunked_loss=False)) == "plain"

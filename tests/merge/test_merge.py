@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from lorakit.cli.main import app
 from lorakit.errors import VerificationError
-from lorakit.merge.merge import (
-    check_verification, merge_adapter, meta_model, plan_merge, read_mergeable_adapter, round_trip_weight,
-    verify_merge,
-)
+from lorakit.merge.verify import check_verification, verify_merge
+from lorakit.merge.merge import merge_adapter, read_mergeable_adapter
+from lorakit.merge.plan import round_trip_weight
+from lorakit.merge.plan import meta_model, plan_merge
 from lorakit.testing import build_random_adapter, build_tiny_llama, build_tokenizer
 from lorakit.merge.weights_io import list_tensors
 

@@ -1,0 +1,204 @@
+"""Resuming: check that a checkpoint fits this run (recipe, world size, parameters, data), then restore the
+adapter, optimizer, scheduler, RNG and data order bitwise."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lorakit.adapters import bottleneck
+from lorakit.checkpoint.format import ADAPTER, COSMETIC_KEYS, PROMPT_ENCODER, TrainState, _read_piece, restore_rng
+from lorakit.checkpoint.read import Checkpoint, adapter_files
+from lorakit.distributed import fsdp as distributed
+from lorakit.errors import CheckpointError, first_line
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """``key: old → new`` for every recipe key that differs, cosmetic keys (COSMETIC_KEYS) aside."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if key not in COSMETIC_KEYS and a != b:
+            changes.append(f"{key}: {a!r} → {b!r}")
+    return changes
+
+
+def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, say, fsdp: bool = False) -> bool:
+    """Refuse (exit 4) a resume under a changed recipe or world size unless allowed; True when something changed.
+
+    With or without FSDP makes no difference (the optimizer state is keyed by parameter name), except for a
+    format-1 checkpoint, keyed by index, which FSDP cannot take."""
+    import yaml
+
+    from lorakit.errors import RecipeError
+    from lorakit.config.load import parse_recipe
+
+    old: Any = {}
+    try:
+        old = yaml.safe_load(ckpt.recipe_text) or {}
+        old = parse_recipe(old).model_dump(mode="json")  # fills keys added since the checkpoint with defaults
+    except (RecipeError, yaml.YAMLError, AttributeError):
+        pass  # compare what is there; every difference is listed
+    changes = recipe_changes(old if isinstance(old, dict) else {}, recipe.model_dump(mode="json"))
+    if fsdp and ckpt.manifest.get("format_version", 1) < 2:
+        raise CheckpointError(
+            f"{ckpt.path}: written by an older lorakit, with the optimizer state keyed by index, which FSDP cannot "
+            "shard; resume it without FSDP (one process or DDP), or start over"
+        )
+    saved_world = ckpt.state.get("world_size")
+    if saved_world != world_size:
+        changes.append(f"world size (processes): {saved_world} → {world_size}")
+    if not changes:
+        return False
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    if not allow_change:
+        raise CheckpointError(
+            f"{ckpt.path}: cannot resume, the run changed since this checkpoint ({shown}); undo the change, or pass "
+            "--allow-recipe-change to continue under the new settings (the result then differs from an "
+            "uninterrupted run)"
+        )
+    say(f"resuming under changed settings (--allow-recipe-change): {shown}")
+    return True
+
+
+def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say) -> None:
+    """Check the checkpoint fits this model and data, and load its adapter weights into ``model`` in place.
+
+    Called before accelerator.prepare: FSDP then shards the restored weights (and DDP broadcasts them).
+    """
+    state = ckpt.state
+    _check_same_parameters(ckpt, state, model)
+    _check_same_data(ckpt, state, sampler, changed, say)
+    _load_adapter(ckpt, model)
+
+
+def restore_training_state(
+    ckpt: Checkpoint, *, model, optimizer, scheduler, scaler, rank: int, changed: bool,
+) -> TrainState:
+    """After accelerator.prepare: optimizer, scheduler, scaler and (last) this rank's RNG; where to continue.
+
+    ``model`` is the prepared model (FSDP's optimizer state is loaded through it). Under
+    --allow-recipe-change (``changed``) the optimizer keeps the new recipe's hyperparameters and the new
+    schedule is fast-forwarded to the checkpoint's step; otherwise everything is exactly as saved.
+    """
+    state = ckpt.state
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        distributed.load_optimizer_state(model, optimizer, _read_piece(ckpt.path, "optimizer"))
+        if changed:
+            for group, fresh in zip(optimizer.param_groups, hyper):
+                group.update(fresh)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+                for _ in range(state["step"]):
+                    scheduler.step()
+        else:
+            scheduler.load_state_dict(_read_piece(ckpt.path, "scheduler"))
+        if scaler is not None and (ckpt.path / "scaler.json").is_file():
+            scaler.load_state_dict(_read_piece(ckpt.path, "scaler"))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer or scheduler state does not fit this run ({first_line(e)}); the checkpoint "
+            "is foreign, or train.optimizer changed"
+        ) from None
+    ranks = _read_piece(ckpt.path, "rng").get("ranks", [])
+    if rank < len(ranks):
+        restore_rng(ranks[rank])  # last: nothing after this may draw random numbers before the loop
+    return TrainState(step=state["step"], tokens_seen=state["tokens_seen"], checkpoint=ckpt.path)
+
+
+def _check_same_parameters(ckpt: Checkpoint, state: dict, model) -> None:
+    # Sorted: FSDP lists the gathered tensors unit by unit, not in the model's parameter order.
+    saved = sorted((n, list(s)) for n, s in state.get("trainable", []))
+    current = sorted((n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
+    if saved != current:
+        diff = next(
+            (f"{a[0]} {a[1]} vs {b[0]} {b[1]}" for a, b in zip(saved, current) if a != b),
+            f"{len(saved)} trainable tensors saved, {len(current)} now",
+        )
+        raise CheckpointError(
+            f"{ckpt.path}: its adapter does not fit this model ({diff}); it was written for another base model "
+            "or adapter; resume with the recipe that wrote it"
+        )
+
+
+def _check_same_data(ckpt: Checkpoint, state: dict, sampler, changed: bool, say) -> None:
+    """The data set and the data position recorded in the checkpoint must be this run's (the order follows)."""
+    data = state.get("data", {})
+    if data.get("num_examples") != sampler.num_examples:
+        message = (
+            f"{ckpt.path}: the training data changed ({data.get('num_examples')} examples then, "
+            f"{sampler.num_examples} now)"
+        )
+        if not changed:
+            raise CheckpointError(message + "; restore the data, or pass --allow-recipe-change to continue on it")
+        say(message + "; continuing on the new data (--allow-recipe-change)")
+        return
+    position = divmod(state["step"], sampler.steps_per_epoch)
+    if not changed and (data.get("epoch"), data.get("offset")) != position:
+        raise CheckpointError(
+            f"{ckpt.path}: its data position (epoch {data.get('epoch')}, step {data.get('offset')} of the epoch) "
+            f"is not where step {state['step']} falls in this run (epoch {position[0]}, step {position[1]}); "
+            "resume with the recipe and number of processes that wrote it"
+        )
+
+
+def _load_adapter(ckpt: Checkpoint, model) -> None:
+    from safetensors.torch import load_file
+
+    _, weights_file = adapter_files(ckpt.manifest["files"])
+    encoder = f"{ADAPTER}/{PROMPT_ENCODER}"
+    try:
+        if encoder in ckpt.manifest["files"]:  # a projected prefix: its encoder's own weights
+            result = model.load_state_dict(load_file(str(ckpt.path / encoder)), strict=False)
+            missing = [k for k in result.missing_keys if k.startswith("prompt_encoder.")]
+            if result.unexpected_keys or missing:
+                raise RuntimeError(f"prompt encoder weights do not match ({(result.unexpected_keys + missing)[0]}, ...)")
+            return
+        load_adapter_weights(model, load_file(str(ckpt.path / weights_file)))
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{ckpt.path}: its adapter weights do not fit this model ({first_line(e)}); resume with the recipe "
+            "that wrote it"
+        ) from None
+
+
+def load_adapter_weights(model, weights: dict) -> None:
+    """Copy an adapter's saved weights into ``model`` in place (the optimizer keeps its parameters), with the
+    loader of the model's kind: PEFT's for a PeftModel, the wrapper's own for a bottleneck model. RuntimeError
+    when they do not fit."""
+    if isinstance(model, bottleneck.BottleneckModel):
+        model.load_adapter_state_dict(weights)
+        return
+    from peft import set_peft_model_state_dict
+
+    unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+    if model.active_peft_config.is_prompt_learning:
+        # PEFT loads a prompt-learning adapter's one tensor into its prompt encoder itself, yet lists it as unexpected.
+        unexpected = [k for k in unexpected if k != "prompt_embeddings"]
+    if unexpected:
+        raise RuntimeError(f"unexpected adapter weights ({unexpected[0]}, ...)")
+
+
+def truncate_metrics(path: Path, size: int, say) -> None:
+    """Cut metrics.jsonl back to what it held at the checkpoint: the resumed run rewrites the rest."""
+    if not path.is_file():
+        return
+    current = path.stat().st_size
+    if current > size:
+        with path.open("r+b") as f:
+            f.truncate(size)
+    elif current < size:
+        say(f"{path} is shorter than when the checkpoint was written; appending to it as it is")
