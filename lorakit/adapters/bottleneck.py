@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.config.methods import NONLINEARITY_NAMES, BottleneckConfig
+from lorakit.config.methods import BOTTLENECK_LAYOUT, NONLINEARITY_NAMES, BottleneckConfig
 from lorakit.errors import CheckpointError, UsageError
 from lorakit.models.loading import decoder_layers
 
-CONFIG_NAME = "bottleneck_config.json"
-WEIGHTS_NAME = "bottleneck_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME = BOTTLENECK_LAYOUT
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 assert set(NONLINEARITIES) == set(NONLINEARITY_NAMES)
 # Child names of the attention and MLP blocks inside a decoder layer across transformers' architectures.

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.adapters import bottleneck
 from lorakit.errors import CheckpointError
 
 
@@ -43,11 +42,7 @@ RECIPE = "recipe.yaml"
 REQUIRED = ("optimizer.json", "scheduler.json", "rng.json", "rng.safetensors", STATE, RECIPE)
 
 
-# ADAPTER/ as the model's own save_pretrained writes it, (config, weights): PEFT's, or lorakit's bottleneck.
-ADAPTER_LAYOUTS = (
-    ("adapter_config.json", "adapter_model.safetensors"),
-    (bottleneck.CONFIG_NAME, bottleneck.WEIGHTS_NAME),
-)
+
 
 
 # Prefix tuning with prefix_projection: PEFT saves only the projection's output, from which training cannot

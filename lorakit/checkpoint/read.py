@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lorakit.checkpoint.format import (
-    _NAME, ADAPTER, ADAPTER_LAYOUTS, FORMAT, FORMAT_VERSION, MANIFEST, RECIPE, REQUIRED, STATE,
-)
+from lorakit.checkpoint.format import _NAME, ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, RECIPE, REQUIRED, STATE
+from lorakit.config.methods import ADAPTER_LAYOUTS  # ADAPTER/ holds one registered method's (config, weights)
 from lorakit.errors import CheckpointError
 
 

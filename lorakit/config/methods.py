@@ -1,5 +1,6 @@
-"""Adapter methods as configuration: the keys each method uses and their defaults, whether it merges, and the
-config class its options are checked against and built into (PEFT's, or lorakit's BottleneckConfig).
+"""The registry of adapter methods (REGISTRY): for each, the recipe keys it uses and their defaults, whether it
+merges, how a saved adapter is laid out, and the config class its options are checked against and built into
+(PEFT's, or lorakit's BottleneckConfig). Applying, saving and loading live in lorakit.adapters.
 
 Typed recipe section in, library config object out; torch and peft are imported only when a config is built.
 """
@@ -19,48 +20,59 @@ if TYPE_CHECKING:
 NONLINEARITY_NAMES = ("relu", "gelu", "silu", "tanh")
 
 
-METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "bottleneck")
+# Files of a saved adapter (DIR/adapter, a checkpoint's adapter/): (config, weights).
+PEFT_LAYOUT = ("adapter_config.json", "adapter_model.safetensors")
+BOTTLENECK_LAYOUT = ("bottleneck_config.json", "bottleneck_model.safetensors")
 
 
-# lorakit's own adapter keys that each method uses, with their defaults (lora_alpha: 2·r). A method rejects the
-# others, as PEFT's IA3Config/PrefixTuningConfig/PromptTuningConfig reject a rank: the key would do nothing.
-METHOD_KEY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
-    "dora": {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"},
-    "ia3": {"target_modules": None},  # None: PEFT's per-architecture IA3 targets and feedforward modules
-    "prefix": {},
-    "prompt": {},
-    "bottleneck": {"r": 16},
+@dataclass(frozen=True)
+class Method:
+    """One adapter method, everything lorakit needs to know about it in one entry. Adding a method is one
+    entry here plus, for a tuner PEFT does not have, one module in lorakit/adapters/ (as bottleneck.py)."""
+
+    # lorakit's own adapter keys the method uses, with their defaults (lora_alpha None: 2·r). A method rejects
+    # the others, as PEFT's IA3Config/PrefixTuningConfig/PromptTuningConfig reject a rank: the key would do nothing.
+    key_defaults: dict[str, Any]
+    config_class: str  # its options are checked against and built into peft.<config_class> (or BottleneckConfig)
+    mergeable: bool  # the update folds into the base weights (output.save: merged, `lorakit merge`)
+    layout: tuple[str, str] = PEFT_LAYOUT  # saved as (config file, weights file); loaded by the config file's name
+    why_unused: str = ""  # why the other own keys mean nothing to it (the refusal's reason)
+    required: tuple[str, ...] = ()  # pass-through keys it cannot do without (PEFT has no usable default)
+
+
+_LORA_KEYS = {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"}
+REGISTRY: dict[str, Method] = {
+    "lora": Method(_LORA_KEYS, "LoraConfig", mergeable=True),
+    "dora": Method(dict(_LORA_KEYS), "LoraConfig", mergeable=True),
+    # target_modules None: PEFT's per-architecture IA3 targets and feedforward modules
+    "ia3": Method({"target_modules": None}, "IA3Config", mergeable=True,
+                  why_unused="IA3 learns scaling vectors: no rank, alpha or dropout"),
+    "prefix": Method({}, "PrefixTuningConfig", mergeable=False, required=("num_virtual_tokens",),
+                     why_unused="prefix tuning learns key/value prefixes and targets no modules"),
+    "prompt": Method({}, "PromptTuningConfig", mergeable=False, required=("num_virtual_tokens",),
+                     why_unused="prompt tuning learns virtual input tokens and targets no modules"),
+    "bottleneck": Method({"r": 16}, "BottleneckConfig", mergeable=False, layout=BOTTLENECK_LAYOUT,
+                         why_unused="bottleneck adapters sit on attention/MLP outputs (adapter.placement) and use "
+                         "adapter.dropout and adapter.scaling"),
 }
 
-
-_WHY_UNUSED = {
-    "ia3": "IA3 learns scaling vectors: no rank, alpha or dropout",
-    "prefix": "prefix tuning learns key/value prefixes and targets no modules",
-    "prompt": "prompt tuning learns virtual input tokens and targets no modules",
-    "bottleneck": "bottleneck adapters sit on attention/MLP outputs (adapter.placement) and use adapter.dropout "
-    "and adapter.scaling",
-}
-
-
-MERGEABLE_METHODS = ("lora", "dora", "ia3")
+# Views of the registry for the schema's validators and messages.
+METHODS = tuple(REGISTRY)
+METHOD_KEY_DEFAULTS = {name: m.key_defaults for name, m in REGISTRY.items()}
+_WHY_UNUSED = {name: m.why_unused for name, m in REGISTRY.items() if m.why_unused}
+MERGEABLE_METHODS = tuple(name for name, m in REGISTRY.items() if m.mergeable)
+_REQUIRED = {name: m.required for name, m in REGISTRY.items() if m.required}
+ADAPTER_LAYOUTS = tuple(dict.fromkeys(m.layout for m in REGISTRY.values()))
 
 
 def peft_config_class(method: str):
     """The config class whose fields a method's pass-through keys must be (lorakit's own for bottleneck)."""
-    if method == "bottleneck":
-        from lorakit.config.methods import BottleneckConfig
-
+    name = REGISTRY[method].config_class
+    if name == BottleneckConfig.__name__:
         return BottleneckConfig
     import peft
 
-    return {
-        "lora": peft.LoraConfig,
-        "dora": peft.LoraConfig,
-        "ia3": peft.IA3Config,
-        "prefix": peft.PrefixTuningConfig,
-        "prompt": peft.PromptTuningConfig,
-    }[method]
+    return getattr(peft, name)
 
 
 # Keys lorakit sets itself from the recipe or the model; a recipe may not pass them through.
@@ -69,10 +81,6 @@ _RESERVED = {
     # prefix/prompt: PEFT reads these from the model's config; bottleneck: lorakit does
     "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "hidden_size",
 }
-
-
-# Pass-through keys the method cannot do without (PEFT has no usable default for them).
-_REQUIRED = {"prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens",)}
 
 
 def check_feedforward(target_modules, feedforward_modules) -> None:
