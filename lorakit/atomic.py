@@ -1,7 +1,8 @@
 """Directories that appear whole or not at all: written under a temporary name, synced, renamed into place.
 
-Used by resumable checkpoints (checkpoint.py) and by `lorakit merge` (merge.py); each names its own temporary
-and set-aside directories and cleans up what a killed process left of them.
+replace_dir publishes what must survive a crash (checkpoints, `lorakit merge` output); publish_dir publishes
+what can be rebuilt (the tokenized-data cache, GGUF conversions). Each caller names its own temporary and
+set-aside directories and cleans up what a killed process left of them.
 """
 
 from __future__ import annotations
@@ -40,3 +41,14 @@ def replace_dir(tmp: Path, final: Path, aside: Path) -> None:
     tmp.rename(final)
     fsync_dir(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``. When another process (rank) published ``final`` first, its copy
+    is kept and ``tmp`` dropped: both were built from the same inputs. Raises if ``final`` is still missing."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise

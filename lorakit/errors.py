@@ -69,6 +69,14 @@ class SafetyError(LorakitError):
 class NonFiniteLossError(LorakitError):
     exit_code = EXIT_NONFINITE
 
+    @classmethod
+    def at_step(cls, step: int, loss: float, grad_norm: float, last_checkpoint) -> "NonFiniteLossError":
+        return cls(
+            f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; nothing was saved from this step "
+            f"(last good checkpoint: {last_checkpoint or 'none written'}). Likely causes: learning rate too high "
+            "(train.learning_rate), float16 overflow (use bfloat16 or float32), or corrupt data rows"
+        )
+
 
 class Interrupted(LorakitError):
     exit_code = EXIT_INTERRUPTED

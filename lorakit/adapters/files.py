@@ -16,6 +16,7 @@ from lorakit.adapters.bottleneck import is_bottleneck_dir
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.loading import resolve_model_path
+from lorakit.paths import is_local
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"
@@ -92,19 +93,15 @@ def resolve_base(adapter: Adapter, base: str | None) -> Path:
                 adapter.config.get("base_model_name_or_path")]
     recorded = [r for r in recorded if r]
     for name in recorded:
-        if _looks_local(name) and not Path(name).expanduser().exists():
+        if is_local(name) and not Path(name).expanduser().exists():
             continue  # a recorded local path that has moved: try the next record
         return _local_model_dir(name, f"{adapter.path}: recorded base", adapter.record.get("revision"))
     raise UsageError(f"{adapter.path}: the recorded base ({', '.join(recorded) or 'none'}) is not on this machine; "
                      "pass --base PATH")
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
-
-
 def _local_model_dir(name: str, what: str, revision: str | None) -> Path:
-    if _looks_local(name) and not Path(name).expanduser().exists():
+    if is_local(name) and not Path(name).expanduser().exists():
         raise UsageError(f"{what} {name}: not found")
     local = resolve_model_path(ModelSection(name_or_path=name))
     return Path(local) if Path(local).is_dir() else _hub_snapshot(local, revision)

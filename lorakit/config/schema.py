@@ -11,7 +11,7 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS
+from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS
 
 # transformers' SchedulerType values; tests/config/test_recipe.py fails when transformers changes them.
 SCHEDULERS = (
@@ -82,7 +82,7 @@ class AdapterSection(Section):
     # (see validate_adapter_extras) rather than re-declared here.
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    method: Literal["lora", "dora", "ia3", "prefix", "prompt", "bottleneck"] = Field(
+    method: Literal[METHODS] = Field(
         "lora",
         description="Adapter method: lora, dora (weight-decomposed LoRA), ia3, prefix, prompt or bottleneck "
         "(Houlsby adapter layers). rsLoRA is lora/dora with use_rslora: true. See docs/methods.md.",

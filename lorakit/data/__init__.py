@@ -16,7 +16,8 @@ from lorakit.data.formats import (
     tokenize_chat,
     tokenize_row,
 )
-from lorakit.data.pipeline import DataStats, Datasets, fit_length, load_datasets, num_targets, split_eval, tokenize_rows
+from lorakit.data.formats import num_targets
+from lorakit.data.pipeline import DataStats, Datasets, fit_length, load_datasets, split_eval, tokenize_rows
 from lorakit.data.sources import BadRowError, Row, read_rows
 
 __all__ = [

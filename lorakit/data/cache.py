@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lorakit.atomic import publish_dir
 from lorakit.config.schema import DataSection
 from lorakit.data.formats import Example
 
@@ -108,6 +109,6 @@ def save(key: str, splits: dict) -> None:
         _save_examples(tmp / f"{split}.safetensors", examples)
     (tmp / "meta.json").write_text(json.dumps({"splits": {s: stats for s, (_, stats) in splits.items()}}))
     try:
-        tmp.rename(entry)
-    except OSError:  # another process (rank) wrote the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, entry)
+    except OSError:  # a cache that cannot be written is not an error: the data is tokenized again next time
+        pass

@@ -44,10 +44,6 @@ class Example:
     prompt_len: int = 0  # tokens before the first response token: what truncate_prompt may cut
     seq_lens: list[int] | None = None  # a packed row: the lengths of the examples packed into it
 
-    @property
-    def num_supervised(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
-
     def __len__(self) -> int:
         return len(self.input_ids)
 
@@ -212,3 +208,11 @@ def tokenize_row(row: Row, section: DataSection, tokenizer) -> Example:
     response_ids = _with_eos(_ids(tokenizer, response, False), tokenizer)
     prompt_labels = list(prompt_ids) if section.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
     return Example(prompt_ids + response_ids, prompt_labels + response_ids, len(prompt_ids))
+
+
+def num_targets(labels) -> int:
+    """The one definition of supervised tokens: targets after the shift (position i learns labels[i + 1], so a
+    first label is never a target) that are not IGNORE_INDEX. One example's labels, or a [batch, seq] tensor."""
+    if hasattr(labels, "ndim"):
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return sum(label != IGNORE_INDEX for label in labels[1:])

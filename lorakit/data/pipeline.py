@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from lorakit.config.schema import DataSection
 from lorakit.data import cache
 from lorakit.data.batching import pack_examples
-from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
+from lorakit.data.formats import Example, resolve_chat_template, tokenize_row
+from lorakit.data.formats import num_targets
 from lorakit.data.sources import BadRowError, Row, content_hash, read_rows
 from lorakit.errors import DataError
 
@@ -121,11 +122,6 @@ def fit_length(example: Example, section: DataSection, bos_token_id: int | None 
     return Example(cut(ids), cut(labels), example.prompt_len - excess), True
 
 
-def num_targets(example: Example) -> int:
-    """Supervised tokens the loss sees: the first label is never a target (labels shift by one)."""
-    return sum(label != IGNORE_INDEX for label in example.labels[1:])
-
-
 def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats: DataStats | None = None,
                   advance=None) -> tuple[list[Example], DataStats]:
     """Tokenize and fit rows (plain dicts are named "row N"); every row lands in exactly one count of the stats."""
@@ -147,7 +143,7 @@ def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats
         if example is None:
             stats.note("too_long", row.where)
             continue
-        targets = num_targets(example)
+        targets = num_targets(example.labels)
         if targets == 0:
             stats.note("unsupervised", row.where)
             continue

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.errors import DataError
+from lorakit.errors import DataError, first_line
+from lorakit.paths import is_local
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SKIP_HINT = "fix the row or set data.skip_bad_rows: true to skip such rows"
@@ -47,10 +48,10 @@ def read_rows(source: str, skip_bad_rows: bool = False) -> SourceRows:
         return _read_json(path, skip_bad_rows)
     if path.suffix in (".csv", ".parquet") or path.is_dir():
         return _read_with_datasets(source, path, skip_bad_rows)
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if is_local(source):
         raise DataError(
             f"data: {source!r} is neither a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, "
-            "nor a hub dataset id (owner/name)"
+            "nor a hub dataset id (owner/name, or a canonical name such as imdb)"
         )
     return _read_with_datasets(source, None, skip_bad_rows)
 
@@ -150,8 +151,7 @@ def _read_with_datasets(source: str, path: Path | None, skip: bool) -> SourceRow
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreachable ids and unreadable files
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"data: cannot load {source!r}: {type(e).__name__}: {first}") from None
+        raise DataError(f"data: cannot load {source!r}: {type(e).__name__}: {first_line(e)}") from None
     # CSV: row i is on line i + 2 (after the header) unless a quoted cell spans lines.
     if path is not None and path.suffix == ".csv":
         return SourceRows([Row(f"{source}:{i + 2}", row) for i, row in enumerate(ds)], [])

@@ -13,6 +13,7 @@ from lorakit.adapters.files import Adapter
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, UsageError
 from lorakit.merge.weights_io import StoredTensor, nbytes
+from lorakit.models.meta import build_meta_model
 
 
 _ADAPTER_SUFFIXES = {
@@ -110,12 +111,11 @@ class MergePlan:
 
 def meta_model(base_dir: Path):
     """The base architecture on the meta device (no memory): module types, tied weights, quantizable layers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(base_dir)
-        with torch.device("meta"):
-            return config, AutoModelForCausalLM.from_config(config)
+        return config, build_meta_model(config)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--base {base_dir}: cannot build the model from its config.json ({e})") from None
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from lorakit.atomic import publish_dir
 from lorakit.config.schema import ModelSection
 from lorakit.errors import SafetyError, UsageError, first_line
-from lorakit.paths import cache_dir
+from lorakit.paths import cache_dir, is_local
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -48,7 +49,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs).save_pretrained(tmp)
-    tmp.rename(out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 
@@ -83,7 +84,7 @@ def resolve_model_path(section: ModelSection) -> str:
         if not (path / "config.json").is_file():
             raise UsageError(f"model.name_or_path: {str(path)!r} has no config.json; is it a Hugging Face model dir?")
         return str(path)
-    if section.name_or_path.startswith((".", "/", "~")) or section.name_or_path.count("/") > 1:
+    if is_local(section.name_or_path):
         raise UsageError(f"model.name_or_path: {section.name_or_path!r} not found")
     return section.name_or_path
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lorakit.errors import UsageError
+from lorakit.paths import is_local
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -65,7 +66,7 @@ def load_model_config(model: str) -> tuple[object, str]:
     if preset is not None:
         source = read_preset(preset)["_source"]
         return config_from_dict(read_preset(preset), f"preset {preset}"), f"preset {preset} ({source['hub_id']})"
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if is_local(model):
         raise UsageError(f"--model: {model!r} not found")
     return _hub_config(model), f"hub {model}"
 

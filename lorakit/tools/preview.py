@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from lorakit.config.schema import DataSection, Recipe
 from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
-from lorakit.data.pipeline import train_sources, fit_length, load_datasets, num_targets
+from lorakit.data.formats import num_targets
+from lorakit.data.pipeline import train_sources, fit_length, load_datasets
 from lorakit.data.sources import BadRowError, read_rows
 
 SUPERVISED_STYLE, MASKED_STYLE = "bold green", "dim"
@@ -47,7 +48,7 @@ def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
         if example is None:
             out.append(PreviewRow(row.where, f"dropped: longer than data.max_seq_len {section.max_seq_len}"))
             continue
-        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example, num_targets(example))
+        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example, num_targets(example.labels))
         if shown.targets == 0:
             shown.status = "dropped: no supervised tokens"
             shown.warnings.append("no supervised tokens: this row teaches nothing")

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lorakit.data.formats import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 256 rows at a 32k vocabulary, 55 at 152k
 
 # Config keys of models that scale or soft-cap their logits after the head (Gemma 2/3, Cohere, Granite);

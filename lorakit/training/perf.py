@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorakit.data.formats import num_targets
 from lorakit.errors import UsageError
 from lorakit.training.loss import prompt_learning_method
 
@@ -160,7 +161,7 @@ class Work:
             start = 0
             for n in getattr(e, "seq_lens", None) or [len(e.input_ids)]:  # a packed row: each example in it
                 self.tokens += n
-                self.targets += sum(label != -100 for label in e.labels[start + 1 : start + n])
+                self.targets += num_targets(e.labels[start : start + n])
                 self.attention_pairs += n * (n + 1) // 2
                 start += n
 

@@ -416,7 +416,7 @@ def test_8bit_optimizers(name, recwarn):
     import bitsandbytes as bnb
 
     from lorakit.config.schema import TrainSection
-    from lorakit.training.run import build_optimizer
+    from lorakit.training.optim import build_optimizer
 
     layer = torch.nn.Linear(128, 64)  # 8,192 weights: above bitsandbytes' 4,096 minimum for 8-bit states
     optimizer = build_optimizer(layer, TrainSection(max_steps=1, optimizer=name, learning_rate=1e-2))

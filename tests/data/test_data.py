@@ -80,7 +80,7 @@ def test_alpaca_without_input_supervises_only_output_and_eos(tok):
     assert masked_text(ex, tok) == ALPACA_PROMPT.format(instruction="Say hi")
     assert supervised_text(ex, tok) == "hi there<|im_end|>"
     assert ex.input_ids[-1] == ex.labels[-1] == tok.eos_token_id
-    assert ex.prompt_len == len(ex) - ex.num_supervised
+    assert ex.prompt_len == len(ex) - num_targets(ex.labels)
 
 
 def test_alpaca_with_input_uses_the_input_template(tok):
@@ -117,7 +117,7 @@ def test_chat_keeps_system_and_supervises_every_assistant_turn_with_its_end(tok)
     assert "<|im_start|>assistant\n" not in supervised_text(ex, tok)  # the generation prompt is not learned
     single = tokenize_row(Row("t:1", {"messages": CHAT[:3]}), section(format="chat"), tok)
     assert supervised_text(single, tok) == "Paris.<|im_end|>\n"
-    assert single.prompt_len == len(single) - single.num_supervised
+    assert single.prompt_len == len(single) - num_targets(single.labels)
 
 
 @pytest.mark.parametrize("name", named_chat_templates())
@@ -192,8 +192,8 @@ def test_truncate_prompt_cuts_the_prompt_from_the_left_never_the_response(tok):
     full = tokenize_row(long_row(), section(), tok)
     cut, truncated = fit_length(full, section(max_seq_len=len(full) - 5))
     assert truncated and cut.input_ids == full.input_ids[5:] and cut.labels == full.labels[5:]
-    assert cut.num_supervised == full.num_supervised and cut.prompt_len == full.prompt_len - 5
-    assert fit_length(full, section(max_seq_len=full.num_supervised - 1)) == (None, False)  # response alone too long
+    assert num_targets(cut.labels) == num_targets(full.labels) and cut.prompt_len == full.prompt_len - 5
+    assert fit_length(full, section(max_seq_len=num_targets(full.labels) - 1)) == (None, False)  # response alone too long
 
 
 def test_truncate_prompt_keeps_a_leading_bos():
@@ -213,7 +213,7 @@ def test_rows_left_without_supervision_are_counted_and_reported(tok):
     examples, stats = tokenize_rows(rows, section(format="chat"), tok)
     assert len(examples) == 1 and stats.unsupervised == 1 and stats.kept == 1
     assert "1 row(s) had no supervised token" in stats.summary() and "first: t:1" in stats.summary()
-    assert all(num_targets(e) > 0 for e in examples)
+    assert all(num_targets(e.labels) > 0 for e in examples)
 
 
 def test_rows_without_supervised_eos_are_reported(tok):
@@ -439,7 +439,7 @@ def test_packed_rows_keep_every_example_and_collate_to_a_padding_free_row():
     assert [i for i, p in enumerate(positions) if p == 0] == starts[:-1]
     assert all(labels[i] == IGNORE_INDEX for i in starts[:-1])  # no example is the target of the one before
     everything = collate(packed, tokenizer=None)
-    assert int((everything["labels"][:, 1:] != IGNORE_INDEX).sum()) == sum(num_targets(e) for e in examples)
+    assert int((everything["labels"][:, 1:] != IGNORE_INDEX).sum()) == sum(num_targets(e.labels) for e in examples)
 
 
 def test_unpacked_collate_pads_to_the_longest_of_the_micro_batch(tok):
@@ -465,7 +465,7 @@ def test_packed_loss_and_gradients_equal_unpacked(attn, tiny_model_dir, tok):
     torch.manual_seed(0)  # random A and B, so every LoRA weight gets a gradient
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
                                              lora_dropout=0.0))
-    n_items = sum(num_targets(e) for e in examples)
+    n_items = sum(num_targets(e.labels) for e in examples)
 
     def loss_and_grads(batches):
         model.zero_grad()

@@ -26,20 +26,15 @@ import torch.distributed as dist
 from lorakit.checkpoint.write import check_finite
 from lorakit.checkpoint.read import list_checkpoints, verify_checkpoint
 from lorakit.checkpoint.resume import restore_adapter
-from lorakit.data import StepSampler, collate, load_datasets
+from lorakit.data import StepSampler, collate, load_datasets, num_targets
 from lorakit.distributed.fsdp import build_accelerator, gather_adapter, optimizer_state
 from lorakit.adapters.build import build_model
 from lorakit.models.loading import load_tokenizer, resolve_model_path
 from lorakit.config.load import load_recipe
-from lorakit.training.run import (
-    RunPaths,
-    build_optimizer,
-    build_scheduler,
-    resume_state,
-    save_adapter,
-    save_checkpoint,
-    supervised_targets,
-)
+from lorakit.training.context import RunPaths
+from lorakit.training.optim import build_optimizer, build_scheduler
+from lorakit.training.run import resume_state, save_adapter
+from lorakit.training.loop import save_checkpoint
 
 
 def run_steps(model, optimizer, scheduler, batches, num_items, steps):
@@ -90,7 +85,7 @@ def main(recipe_path: str, out: str, version: int = 1) -> None:
     tokenizer = load_tokenizer(recipe.model, model_path)
     examples = load_datasets(recipe.data, tokenizer, recipe.train.seed).train[: 2 * world]
     batches = [collate(examples[i : i + 2], tokenizer) for i in range(0, len(examples), 2)]
-    total = sum(supervised_targets(b) for b in batches)
+    total = sum(num_targets(b["labels"]) for b in batches)
     mine, num_items = batches[rank::world], total / world  # FSDP averages gradients over ranks, as lorakit's loop
     say = print if rank == 0 else (lambda *_: None)
 

@@ -78,7 +78,7 @@ def test_rich_rendering_highlights_supervised_and_dims_masked(tmp_path, tiny_mod
     train = tmp_path / "t.jsonl"
     train.write_text(json.dumps({"messages": CHAT}) + "\n")
     (row,) = preview_rows(DataSection(train=str(train), format="chat"), tok, 3)
-    assert isinstance(row, PreviewRow) and row.targets == row.example.num_supervised
+    assert isinstance(row, PreviewRow) and row.targets == sum(label != -100 for label in row.example.labels[1:])
     console = Console(record=True, force_terminal=True, width=120)
     console.print(render_rich(1, row, tok))
     assert "Paris." in console.export_text()
