@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.compat import dora_int8_broken_on_cpu
 from lorakit.config.methods import build_peft_config, ia3_default_modules
 from lorakit.config.schema import AdapterSection, Recipe
 from lorakit.errors import CheckpointError, UsageError, first_line
@@ -56,9 +57,7 @@ def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None 
             f"adapter.target_modules: PEFT has no default IA3 modules for model type {model_type!r}; name them "
             f"(and feedforward_modules); linear modules are {', '.join(linear_module_names(model))}"
         )
-    if section.method == "dora" and getattr(model, "is_loaded_in_8bit", False) and model.device.type == "cpu":
-        # PEFT 0.21's DoRA re-wraps the int8 weight on CPU and drops its scales: the second forward fails.
-        # tests/adapters/test_methods.py::test_peft_dora_int8_cpu_still_broken fails once PEFT fixes it.
+    if section.method == "dora" and dora_int8_broken_on_cpu(model):
         raise UsageError(
             "adapter.method: dora on an int8 base does not run on CPU (PEFT loses the int8 scales after the first "
             "step); use model.quantization: nf4, method lora, or a GPU"

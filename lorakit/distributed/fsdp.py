@@ -12,6 +12,7 @@ import os
 import time
 from datetime import timedelta
 
+from lorakit.compat import save_gathered_peft_adapter
 from lorakit.config.schema import Recipe, TrainSection
 from lorakit.errors import UsageError
 
@@ -186,32 +187,15 @@ def _unsharded_name(name: str) -> str:
 
 def save_adapter_weights(model, out, state_dict: dict | None = None) -> None:
     """The adapter's own files in ``out`` (PEFT's, or lorakit's bottleneck layout) from the unwrapped model, or
-    from ``state_dict`` (gather_adapter's result) when FSDP shards it.
-
-    PEFT (0.21) reads a PeftModel's prompt encoders from the model itself, and picks a passed state dict's
-    entries by module name stripping only a leading ``_fsdp_wrapped_module.``: under FSDP1, which wraps each
-    decoder layer, it writes an empty adapter. So a gathered state dict is saved through the same PEFT model
-    built on the meta device (no memory), its weights put in place: PEFT then selects and names the entries
-    as for an unsharded model. tests/distributed/fsdp_check.py fails once PEFT no longer needs this.
+    from ``state_dict`` (gather_adapter's result) when FSDP shards it (through lorakit.compat: PEFT alone
+    would save an empty adapter from FSDP1's names).
     """
     from lorakit.adapters import bottleneck
 
     if state_dict is None or isinstance(model, bottleneck.BottleneckModel):
         model.save_pretrained(out, state_dict=state_dict)
         return
-    import copy
-
-    from accelerate import init_empty_weights
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        base = AutoModelForCausalLM.from_config(model.base_model.model.config)
-        skeleton = get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
-    unexpected = skeleton.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
-    if unexpected:  # the adapter's meta tensors became real; every gathered tensor must have found its place
-        raise RuntimeError(f"gathered adapter weights the model does not have: {unexpected[:3]}")
-    skeleton.save_pretrained(out)
+    save_gathered_peft_adapter(model, out, state_dict)
 
 
 def optimizer_state(model, optimizer) -> dict:

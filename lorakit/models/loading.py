@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lorakit.atomic import publish_dir
+from lorakit.compat import keep_bnb_4bit_layout
 from lorakit.config.schema import ModelSection
 from lorakit.errors import SafetyError, UsageError, first_line
 from lorakit.paths import cache_dir, is_local
@@ -178,18 +179,6 @@ def load_base_model(section: ModelSection, model_path: str, allow_pickle: bool =
     if section.quantization in ("nf4", "fp4"):
         keep_bnb_4bit_layout(model)
     return model
-
-
-def keep_bnb_4bit_layout(model) -> None:
-    """Stop bitsandbytes (0.49+, on CPUs with AVX512-BF16) from repacking 4-bit weights in place at the first
-    eval-mode forward. Only its inference kernel reads the repacked layout: after it, the backward pass (QLoRA
-    gradients after an evaluation) and PEFT's dequantization (DoRA, merging) read it as the standard layout and
-    compute wrong numbers. tests/adapters/test_methods.py::test_bnb_cpu_repacking_still_breaks_qlora fails once
-    bitsandbytes no longer does this; then remove this function.
-    """
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -383,7 +383,7 @@ def _has_avx512bf16() -> bool:
 
 @pytest.mark.skipif(not _has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
 def test_bnb_cpu_repacking_still_breaks_qlora(tiny_model_dir):
-    """Sentinel for lorakit.models.loading.keep_bnb_4bit_layout: when this fails, bitsandbytes is fixed; remove it."""
+    """Sentinel for lorakit.compat.keep_bnb_4bit_layout: when this fails, bitsandbytes is fixed; remove it."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -395,7 +395,7 @@ def test_bnb_cpu_repacking_still_breaks_qlora(tiny_model_dir):
 
 
 def test_peft_dora_int8_cpu_still_broken(tiny_model_dir):
-    """Sentinel for the DoRA-on-int8 refusal in lorakit.models.loading.apply_adapter: when this fails, PEFT is fixed."""
+    """Sentinel for lorakit.compat.dora_int8_broken_on_cpu: when this fails, PEFT is fixed."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
