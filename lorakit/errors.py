@@ -39,6 +39,11 @@ class UsageError(LorakitError):
     exit_code = EXIT_USAGE
 
 
+class OptionError(UsageError, ValueError):
+    """An adapter option that lorakit's own config classes reject. Also a ValueError, so a saved adapter config
+    holding such a value is reported as a damaged adapter where one is loaded."""
+
+
 class RecipeError(UsageError):
     """One or more recipe problems, reported together."""
 

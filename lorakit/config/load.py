@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -40,18 +40,39 @@ def _format_error(err: dict) -> str:
     if kind == "value_error":  # our own validators: the message already names the keys
         return msg.removeprefix("Value error, ")
     if kind == "literal_error":
-        expected = msg.split("Input should be ", 1)[-1].replace("'", "")
-        return f"{key}: must be {expected}; got {value!r}{_did_you_mean(value, _literal_choices(msg))}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bound = msg.split("Input should be ", 1)[-1]
-        bound = bound.replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
-        bound = bound.replace("greater than", ">").replace("less than", "<")
-        return f"{key}: must be {bound}, got {value!r}"
+        choices = _literal_values(loc)
+        expected = ", ".join(map(str, choices)) if choices else str(err.get("ctx", {}).get("expected", "")).replace("'", "")
+        return f"{key}: must be {expected}; got {value!r}{_did_you_mean(value, choices)}"
+    if kind in _BOUNDS:
+        symbol, name = _BOUNDS[kind]
+        bound = err["ctx"][name]
+        return f"{key}: must be {symbol} {format(bound, 'g') if isinstance(bound, float) else bound}, got {value!r}"
     return f"{key}: {msg[0].lower() + msg[1:]}, got {value!r}"
 
 
-def _literal_choices(msg: str) -> list[str]:
-    return [c.strip(" '") for c in msg.split("Input should be ", 1)[-1].replace(" or ", ",").split(",") if c.strip()]
+# pydantic's bound errors carry the bound in err["ctx"] under these names (its messages are only read by people).
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
+
+
+def _literal_values(loc: tuple) -> list:
+    """The choices of the Literal-typed schema field at ``loc`` (read from the annotation, not the message)."""
+    annotation: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list element: its choices are in the list's annotation
+        fields = getattr(annotation, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+    found, pending = [], [annotation]
+    while pending:
+        node = pending.pop()
+        if get_origin(node) is Literal:
+            found.extend(a for a in get_args(node) if a not in found)
+        else:
+            pending.extend(get_args(node))
+    return found
 
 
 def read_yaml(path: str | Path) -> dict:

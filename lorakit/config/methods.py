@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lorakit.errors import UsageError, first_line
+from lorakit.errors import OptionError, UsageError, first_line
 
 if TYPE_CHECKING:
     from lorakit.config.schema import AdapterSection
@@ -140,11 +140,10 @@ def build_peft_config(section: AdapterSection, *, model_type: str | None = None,
         kwargs["task_type"] = TaskType.CAUSAL_LM
     try:
         return cls(**kwargs, **extras)
+    except OptionError:
+        raise  # lorakit's own config class: its message already names the key
     except (TypeError, ValueError) as e:
-        message = first_line(e)
-        if message.startswith("adapter."):
-            raise UsageError(message) from None
-        raise UsageError(f"adapter: {cls.__name__} rejects these options: {message}") from None
+        raise UsageError(f"adapter: {cls.__name__} rejects these options: {first_line(e)}") from None
     except ImportError as e:  # e.g. scipy for init_lora_weights: loftq (the lorakit[loftq] extra)
         raise UsageError(f"adapter: {cls.__name__} needs a package for these options: {first_line(e)}") from None
 
@@ -190,15 +189,15 @@ class BottleneckConfig:
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"adapter.r: bottleneck width must be a positive integer, got {self.r!r}")
+            raise OptionError(f"adapter.r: bottleneck width must be a positive integer, got {self.r!r}")
         if self.nonlinearity not in NONLINEARITY_NAMES:
-            raise ValueError(
+            raise OptionError(
                 f"adapter.nonlinearity: must be one of {', '.join(NONLINEARITY_NAMES)}, got {self.nonlinearity!r}"
             )
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
+            raise OptionError(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
         if not self.placement or any(p not in PLACEMENTS for p in self.placement):
-            raise ValueError(
+            raise OptionError(
                 f"adapter.placement: a non-empty list of {', '.join(PLACEMENTS)}, got {self.placement!r}"
             )
 

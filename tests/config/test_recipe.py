@@ -163,3 +163,28 @@ def test_yaml_errors(tmp_path):
         load_recipe(write(tmp_path, "- a\n- b\n", "list.yaml"))
     with pytest.raises(RecipeError, match="empty"):
         load_recipe(write(tmp_path, "", "empty.yaml"))
+
+
+def test_schema_errors_are_worded_from_pydantic_structured_context_not_its_message_text():
+    """A reworded (or translated) pydantic message changes nothing: choices come from the schema's Literal,
+    bounds from err["ctx"]."""
+    from lorakit.config.load import _format_error
+
+    bound = {"type": "greater_than", "loc": ("adapter", "r"), "msg": "Eingabe muss größer als 0 sein", "input": -1,
+             "ctx": {"gt": 0}}
+    assert _format_error(bound) == "adapter.r: must be > 0, got -1"
+    literal = {"type": "literal_error", "loc": ("model", "quantization"), "msg": "ungültig", "input": "nf5",
+               "ctx": {"expected": "?"}}
+    message = _format_error(literal)
+    assert message.startswith("model.quantization: must be none, nf4, fp4, int8; got 'nf5'")
+    assert "nf4" in message.split("got 'nf5'")[1]  # the did-you-mean suggestion
+
+
+def test_lorakit_config_class_errors_are_raised_as_usage_errors_by_type():
+    from lorakit.config.methods import BottleneckConfig
+    from lorakit.errors import OptionError, UsageError
+
+    with pytest.raises(OptionError) as raised:
+        BottleneckConfig(r=0)
+    assert isinstance(raised.value, UsageError) and isinstance(raised.value, ValueError)
+    assert str(raised.value).startswith("adapter.r:")
