@@ -52,3 +52,15 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.is_dir():
             raise
+
+
+def publish_file(tmp: Path, final: Path) -> None:
+    """Rename the finished file ``tmp`` (next to ``final``) onto ``final`` durably: readers see the old file or the
+    new one, never a part. The caller has already refused to replace a file the user did not ask to replace."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)

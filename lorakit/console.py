@@ -252,3 +252,17 @@ def progress_bar(enabled: bool, total: int):
     )
     with Progress(*columns, console=get_console(), transient=False) as progress:
         yield _Bar(progress, progress.add_task("train", total=total, info=""))
+
+
+@contextmanager
+def work_progress(enabled: bool, total: int, description: str):
+    """Rich progress over ``total`` bytes of work (export): yields advance(n); nothing off a terminal."""
+    if not enabled or _mode["quiet"] or _mode["json"] or not get_console().is_terminal:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(description), BarColumn(), DownloadColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=get_console(), transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)

@@ -15,6 +15,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+# Llama 3's layout: turns end with <|eot_id|>, which is not the EOS (<|end_of_text|>).
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>", "<pad>"]
 
 _CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -27,31 +30,65 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE fast tokenizer with ChatML tokens and chat template (PreTrainedTokenizerFast)."""
+def build_tokenizer(vocab_size: int = 512, style: str = "chatml"):
+    """A byte-level BPE fast tokenizer (PreTrainedTokenizerFast) with a chat template: ChatML tokens and template
+    (EOS <|im_end|> ends turns), or ``style="llama3"``: Llama 3's tokens and template, turns ending with
+    <|eot_id|> while the EOS is <|end_of_text|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    llama3 = style == "llama3"
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=LLAMA3_SPECIAL_TOKENS if llama3 else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        bos_token=None,
-        pad_token="<pad>",
-        unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-    )
-    fast.chat_template = CHATML_TEMPLATE
+    if llama3:
+        from lorakit.data.formats import TEMPLATE_DIR
+
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<pad>",
+            unk_token=None, additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        )
+        fast.chat_template = (TEMPLATE_DIR / "llama3.jinja").read_text()
+    else:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            bos_token=None,
+            pad_token="<pad>",
+            unk_token=None,
+            additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        )
+        fast.chat_template = CHATML_TEMPLATE
     fast.padding_side = "right"
+    return fast
+
+
+def build_sentencepiece_style_tokenizer(vocab_size: int = 600):
+    """A BPE with byte fallback, "▁" for spaces and a BOS added, as Llama 2 and Mistral 7B ship (fast)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    fast.chat_template = (Path(__file__).parent / "data" / "chat_templates" / "mistral.jinja").read_text()
     return fast
 
 
@@ -67,13 +104,14 @@ def build_tiny_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     max_shard_size: str | None = None,
+    tokenizer_style: str = "chatml",
 ) -> Path:
-    """Write a random Llama-architecture model and its tokenizer to ``out_dir`` (safetensors)."""
+    """Write a random Llama-architecture model and its tokenizer (see build_tokenizer) to ``out_dir``."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, tokenizer_style)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -84,7 +122,7 @@ def build_tiny_llama(
         max_position_embeddings=max_position_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

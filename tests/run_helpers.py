@@ -94,3 +94,22 @@ def png_size(path: Path) -> tuple[int, int]:
     assert zlib.crc32(kind + body) == crc, "IHDR CRC mismatch"
     assert data.endswith(b"IEND\xaeB`\x82"), "PNG is truncated"
     return struct.unpack(">II", body[:8])
+
+
+def train_chat_memorisation(tmp: Path, model_dir: Path) -> Path:
+    """A run (adapter and merged model) memorising short chat answers in the model's own chat template: 40 steps,
+    enough for confident answers that end with the template's end-of-turn token."""
+    from lorakit.testing import write_memorisation_data
+
+    data = write_memorisation_data(tmp / "train.jsonl", fmt="chat")
+    recipe = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"r": 8, "lora_dropout": 0.0, "target_modules": ".*(proj|lm_head)"},
+        "data": {"train": str(data), "format": "chat", "max_seq_len": 128},
+        "train": {"max_steps": 40, "micro_batch_size": 4, "grad_accum": 2, "learning_rate": 1e-2,
+                  "lr_scheduler": "constant", "log_every": 10, "seed": 3},
+        "output": {"dir": str(tmp / "run"), "save": "both"},
+    }
+    result = cli("train", write_recipe(tmp / "recipe.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    return tmp / "run"

@@ -22,7 +22,7 @@ RANKS = {
     "checkpoint": 5,
     "training": 6,
     "merge": 5,  # training merges at the end of a run (output.save: merged)
-    "memory": 7, "tools": 7,
+    "memory": 7, "tools": 7, "export": 7,
     "cli": 8, "testing": 8,
     "__main__": 9,
 }

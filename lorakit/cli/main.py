@@ -183,6 +183,12 @@ def train(
     if allow_recipe_change and not resume:
         raise UsageError("--allow-recipe-change applies only with --resume")
     loaded = load_recipe(recipe, set_, output_dir=output_dir)
+    import os
+
+    from lorakit.console import console
+    from lorakit.export.vllm import warn_if_not_servable
+
+    warn_if_not_servable(loaded.adapter, console(os.environ.get("RANK", "0") == "0"))  # once, not per process
     if nproc > 1:  # the recipe is checked once here, before N processes start
         from lorakit.distributed.launch import relaunch
 
@@ -322,6 +328,67 @@ def merge(
         report = merge_adapter(adapter_dir, output, overwrite=overwrite, allow_pickle=allow_pickle, log=console(True),
                                **{k: v for k, v in options.items() if v is not None})
     saved(True)("merged model", report.output_dir)
+
+
+@command(help="Export for serving: a GGUF model (llama.cpp, Ollama) or a GGUF LoRA adapter, from a run directory, "
+         "an adapter (merged on the fly) or a merged model; or check that vLLM can serve an adapter (--check vllm). "
+         "See docs/serving.md.")
+def export(
+    target: Path = typer.Argument(..., help="Run directory, adapter directory or merged model.", show_default=False),
+    format_: str = typer.Option("gguf", "--format", help="gguf (the whole model) or gguf-lora (the adapter only)."),
+    quant: str = typer.Option("f16", "--quant", help="f16, bf16, q8_0 or q4_0 (gguf-lora: f16, bf16 or q8_0)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="FILE.gguf to write.", show_default=False),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing FILE.gguf."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Read the GGUF back with transformers' GGUF loader and compare tokens and logits "
+        "with the model's; exit 1 over the limit, writing nothing."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write a Modelfile next to FILE.gguf for `ollama create`."),
+    check: Optional[str] = typer.Option(
+        None, "--check", help="vllm: report whether vLLM's LoRA loader accepts the adapter as saved; writes nothing."),
+    max_lora_rank: Optional[int] = typer.Option(
+        None, "--max-lora-rank", min=1, help="With --check vllm: the rank limit the server will run with."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one the adapter records)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
+) -> None:
+    from lorakit.console import adopt_transformers_output, console, saved
+    from lorakit.errors import UsageError
+
+    adopt_transformers_output()
+    say = console(True)
+    if check is not None:
+        from lorakit.export.vllm import run_vllm_check
+
+        if check != "vllm":
+            raise UsageError(f"--check {check}: the only check is vllm")
+        return run_vllm_check(target, max_lora_rank, base=base, say=say)
+    if output is None:
+        raise UsageError(f"-o FILE.gguf is required: lorakit export {target} --format {format_} -o FILE.gguf")
+    if ollama:
+        from lorakit.export.ollama import check_modelfile
+
+        check_modelfile(output, overwrite)  # before any work
+    if format_ == "gguf":
+        from lorakit.export.run import export_gguf
+
+        report = export_gguf(target, output, quant=quant, overwrite=overwrite, verify=verify, base=base,
+                             allow_pickle=allow_pickle, log=say)
+    elif format_ == "gguf-lora":
+        from lorakit.export.gguf_lora import export_gguf_lora
+
+        if ollama:
+            raise UsageError("--ollama applies to --format gguf (a whole model); Ollama's ADAPTER takes a gguf-lora "
+                             "file in a Modelfile of your base model")
+        report = export_gguf_lora(target, output, quant=quant, overwrite=overwrite, verify=verify, base=base,
+                                  allow_pickle=allow_pickle, log=say)
+    else:
+        raise UsageError(f"--format {format_}: choose gguf or gguf-lora")
+    saved(True)("gguf", report.output)
+    if ollama:
+        from lorakit.export.ollama import write_modelfile
+
+        modelfile, create = write_modelfile(target, report, overwrite=overwrite)
+        saved(True)("Modelfile", modelfile)
+        say(f"next: {create}")
 
 
 @command(help="Generate with a base model and adapters loaded once onto it, chosen per prompt (greedy by default).")

@@ -22,6 +22,7 @@ import torch
 
 from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
 from lorakit.atomic import fsync_files, replace_dir
+from lorakit.data.stop_tokens import GENERATION_CONFIG, write_generation_config
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.merge.plan import MergePlan, OutTensor, meta_model, plan_merge
 from lorakit.merge.plan import round_trip_weight
@@ -162,12 +163,17 @@ def write_metadata(adapter: Adapter, base_dir: Path, config, plan: MergePlan, dt
         if text is not config:
             text.tie_word_embeddings = False
     config.save_pretrained(out_dir)
-    if (base_dir / "generation_config.json").is_file():
-        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
     # The run saves its tokenizer (pad token, chat template) with the adapter; it wins over the base's.
     source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_dir
     if (source / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.save_pretrained(out_dir)
+        # The base's sampling defaults, stopping on the template's end-of-turn tokens too (the adapter's own
+        # generation_config.json, written by the run, already lists them).
+        generation = adapter.path if (adapter.path / GENERATION_CONFIG).is_file() else base_dir
+        write_generation_config(out_dir, tokenizer, generation)
+    elif (base_dir / GENERATION_CONFIG).is_file():
+        shutil.copy2(base_dir / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------------------

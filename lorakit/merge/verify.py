@@ -49,7 +49,12 @@ def verify_merge(adapter: Adapter, base_dir: Path, merged_dir: Path, plan: Merge
         merged = [model(ids).logits.float().cpu() for ids in inputs]
         del model
         gc.collect()
-    ref, got = torch.cat([r[0] for r in reference]), torch.cat([m[0] for m in merged])
+    return compare_logits(reference, merged)
+
+
+def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float]:
+    """(max |Δlogit|, mean KL(reference ‖ other) in nats per token) over prompts' logits (1, tokens, vocab)."""
+    ref, got = torch.cat([r[0] for r in reference]), torch.cat([m[0] for m in other])
     max_abs = (ref - got).abs().max().item()
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()

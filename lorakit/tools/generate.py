@@ -18,6 +18,7 @@ import torch
 from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import find_adapter_dir, read_config
 from lorakit.config.schema import ModelSection
+from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
 
@@ -104,8 +105,9 @@ def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, all
 
 
 def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> str:
-    """The completion for one request, with its adapter active (or all adapters off for ``base``)."""
+                 top_p: float, seed: int, stop_ids: list[int] | None = None) -> str:
+    """The completion for one request, with its adapter active (or all adapters off for ``base``), ending at
+    the first of ``stop_ids`` (default: the model's generation config)."""
     if request.messages is not None or chat:
         messages = request.messages or [{"role": "user", "content": request.prompt}]
         if not tokenizer.chat_template:
@@ -129,7 +131,7 @@ def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_toke
     torch.manual_seed(seed)  # per request, so a prompt's sample does not depend on the prompts before it
     with context, torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling)
+                                eos_token_id=stop_ids, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -147,6 +149,14 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     requests = [Request(default, prompt=prompt)] if prompt is not None else read_requests(file, default, known)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_generation(section, adapters, allow_pickle=allow_pickle, device=device)
+    stop_ids = generation_stop_ids(model, tokenizer, adapters.values())
     for request in requests:
         yield request, generate_one(model, tokenizer, request, chat=chat, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed)
+                                    temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids)
+
+
+def generation_stop_ids(model, tokenizer, adapter_dirs) -> list[int]:
+    """Every token that ends an answer: the base's EOS, its template's end-of-turn tokens, and those each
+    adapter's run recorded (an adapter tuned on another chat template ends turns with that template's token)."""
+    recorded = [read_generation_eos(path) for path in adapter_dirs]
+    return stop_token_ids(tokenizer, eos_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None)), *recorded)

@@ -21,6 +21,7 @@ from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe
 from lorakit.console import adopt_transformers_output, console, saved, stage
 from lorakit.data import StepSampler, load_datasets
+from lorakit.data.stop_tokens import write_generation_config
 from lorakit.distributed.fsdp import (
     build_accelerator, check_launch, gather_adapter, optimizer_state, prepare_fsdp,
     save_adapter_weights,
@@ -184,12 +185,15 @@ def run_training(
 
 
 def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, state_dict=None) -> None:
-    """DIR/adapter: PEFT's own files (PeftModel.from_pretrained loads them), the tokenizer, and lorakit.json.
+    """DIR/adapter: PEFT's own files (PeftModel.from_pretrained loads them), the tokenizer, generation_config.json
+    (every stop token) and lorakit.json.
 
     ``state_dict``: the adapter gathered from FSDP shards (distributed.gather_adapter), None otherwise.
     """
     save_adapter_weights(model, out, state_dict)
     tokenizer.save_pretrained(out)
+    # Servers read the stop tokens from here: the template's end-of-turn as well as the base's EOS.
+    write_generation_config(out, tokenizer, getattr(model, "generation_config", None) or model_path)
     meta = {
         "base_model": recipe.model.name_or_path,
         "base_model_path": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,

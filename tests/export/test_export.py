@@ -1,0 +1,282 @@
+"""`lorakit export`: GGUF models read back by transformers' GGUF loader (a second, independent reader) with the same
+tokens and logits, the tokenizer and every stop token in the metadata, refusals before any work, atomic output,
+gguf-lora files, the Ollama Modelfile and the vLLM check."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config
+from transformers import Qwen2ForCausalLM
+
+from lorakit.data.formats import TEMPLATE_DIR
+from lorakit.export import gguf_model
+from lorakit.export.ollama import emulate, translate, _turns
+from lorakit.export.run import export_gguf
+from lorakit.testing import (
+    build_random_adapter, build_sentencepiece_style_tokenizer, build_tiny_llama, build_tokenizer,
+)
+from run_helpers import cli
+
+QUIET = {"log": lambda message: None, "progress": False}
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
+
+
+def _small_model(cls, config_cls, out, tokenizer, **extra):
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("llama3"), tokenizer_style="llama3")
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_model_dir, tmp_path_factory):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return build_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("lora") / "adapter", config)
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0", "q4_0"])
+def test_every_quant_reads_back_in_transformers_with_the_same_logits(quant, tiny_model_dir, tmp_path):
+    out = tmp_path / f"model-{quant}.gguf"
+    result = cli("export", tiny_model_dir, "--quant", quant, "-o", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "same tokens" in result.output and out.is_file()
+    meta, reader = fields(out)
+    assert meta["general.architecture"] == "llama" and meta["general.file_type"] == gguf_model._qtypes()[quant][0]
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "output.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
+    assert not list(tmp_path.glob(".*"))  # no temporary left
+
+
+def test_tokenizer_chat_template_and_every_stop_token_are_in_the_metadata(llama3_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    report = export_gguf(llama3_dir, out, **QUIET)
+    tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    meta, _ = fields(out)
+    assert report.stop_ids == [eos, eot]
+    assert meta["tokenizer.ggml.eos_token_id"] == eos and meta["tokenizer.ggml.eot_token_id"] == eot
+    assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert tokens[eot] == "<|eot_id|>" and types[eot] == types[eos] == gguf.TokenType.CONTROL
+    assert len(meta["tokenizer.ggml.merges"]) > 0
+    # transformers rebuilds the same tokenizer from the file.
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}], tokenize=False)
+    assert read_back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_and_mistral(arch, tmp_path):
+    tokenizer = build_tokenizer()
+    if arch == "qwen2":  # biases on q/k/v, tied embeddings, no RoPE row regrouping
+        model = _small_model(Qwen2ForCausalLM, Qwen2Config, tmp_path / "m", tokenizer, tie_word_embeddings=True)
+    else:
+        model = _small_model(MistralForCausalLM, MistralConfig, tmp_path / "m", tokenizer)
+    out = tmp_path / "m.gguf"
+    report = export_gguf(model, out, quant="f16", verify=True, **QUIET)
+    assert report.kl < 1e-4
+    meta, reader = fields(out)
+    assert meta["general.architecture"] == {"qwen2": "qwen2", "mistral": "llama"}[arch]
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (arch == "mistral")
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+
+
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """Llama 2 / Mistral 7B tokenizers: tokenizer model "llama" with byte tokens and scores."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_sentencepiece_style_tokenizer()
+    model = _small_model(LlamaForCausalLM, LlamaConfig, tmp_path / "m", tokenizer, bos_token_id=tokenizer.bos_token_id)
+    out = tmp_path / "m.gguf"
+    export_gguf(model, out, verify=True, **QUIET)  # the same token ids through transformers' reader
+    meta, _ = fields(out)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"] is True
+    byte = tokenizer.convert_tokens_to_ids("<0xC3>")
+    assert meta["tokenizer.ggml.token_type"][byte] == gguf.TokenType.BYTE
+
+
+def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hp = gguf_model.Hyper.from_config({"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128,
+                                       "num_attention_heads": 4, "vocab_size": 10, "rope_parameters": rope}, tmp_path)
+    factors = gguf_model.llama3_rope_factors(hp)
+    assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == 8.0  # high frequencies kept, low scaled
+
+
+def test_adapter_target_is_merged_on_the_fly(tiny_model_dir, lora_adapter, tmp_path):
+    result = cli("merge", lora_adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    export_gguf(tmp_path / "merged", tmp_path / "from-merged.gguf", **QUIET)
+    export_gguf(lora_adapter.parent, tmp_path / "from-run.gguf", **QUIET)  # a run directory: its adapter/
+    a, b = fields(tmp_path / "from-merged.gguf")[1], fields(tmp_path / "from-run.gguf")[1]
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert np.array_equal(x.data, y.data), x.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from-merged.gguf", "from-run.gguf", "merged"]
+
+
+def test_rope_rows_are_regrouped_or_verify_fails(tiny_model_dir, tmp_path, monkeypatch):
+    """--verify has teeth: without the q/k regrouping the logits differ, exit 1, and nothing is written."""
+    monkeypatch.setattr(gguf_model, "permute_for_rope", lambda w, heads: w)
+    out = tmp_path / "m.gguf"
+    result = cli("export", tiny_model_dir, "-o", out, "--verify")
+    assert result.exit_code == 1 and "self_attn.k_proj.weight reads back 1.3 away" in result.output, result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_refusals_come_before_any_work(tiny_model_dir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    result = cli("export", tmp_path / "gpt2", "-o", tmp_path / "g.gguf")
+    assert result.exit_code == 2 and "supported: Llama, Mistral, Qwen2, SmolLM" in result.output, result.output
+    existing = tmp_path / "mine.gguf"
+    existing.write_text("the user's file")
+    result = cli("export", tiny_model_dir, "-o", existing)
+    assert result.exit_code == 5 and "--overwrite" in result.output
+    assert existing.read_text() == "the user's file"
+    assert cli("export", tiny_model_dir, "-o", tmp_path / "x.bin").exit_code == 2
+    assert cli("export", tiny_model_dir, "-o", tmp_path / "q.gguf", "--quant", "q5_k").exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "mine.gguf"]
+
+
+def test_a_failed_write_leaves_the_old_file(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "m.gguf"
+    export_gguf(tiny_model_dir, out, **QUIET)
+    before = out.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_model, "write_tensors", broken)
+    with pytest.raises(OSError):
+        export_gguf(tiny_model_dir, out, overwrite=True, **QUIET)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ollama
+
+
+@pytest.mark.parametrize("template", sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
+def test_every_shipped_template_translates_to_ollama(template):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (TEMPLATE_DIR / f"{template}.jinja").read_text()
+    assert translate(tokenizer) is not None
+    turns = _turns(tokenizer)
+    conversation = [{"role": r, "content": f"turn {i}"} for i, r in enumerate(["user", "assistant", "user"])]
+    assert emulate(turns, conversation) == tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                                         add_generation_prompt=True)
+
+
+def test_a_default_system_turn_is_kept_and_replaced_by_a_given_one():
+    """SmolLM2/Qwen2-style templates write a default system turn when the conversation has none."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+        + tokenizer.chat_template)
+    turns = _turns(tokenizer)
+    assert "if ne (index .Messages 0).Role" in translate(tokenizer)
+    for roles in (["system", "user"], ["user", "assistant", "user"]):
+        conversation = [{"role": r, "content": f"turn {i}"} for i, r in enumerate(roles)]
+        assert emulate(turns, conversation) == tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                                             add_generation_prompt=True)
+
+
+def test_ollama_modelfile(llama3_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    result = cli("export", llama3_dir, "-o", out, "--ollama")
+    assert result.exit_code == 0, result.output
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./m.gguf\n")
+    assert 'PARAMETER stop "<|eot_id|>"' in modelfile and 'PARAMETER stop "<|end_of_text|>"' in modelfile
+    assert "<|start_header_id|>assistant<|end_header_id|>" in modelfile and "{{ .Content }}" in modelfile
+    assert "ollama create" in result.output
+    again = cli("export", llama3_dir, "-o", tmp_path / "other.gguf", "--ollama")  # the Modelfile exists: refused
+    assert again.exit_code == 5 and not (tmp_path / "other.gguf").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gguf-lora
+
+
+def test_gguf_lora_file(lora_adapter, tmp_path):
+    out = tmp_path / "a.gguf"
+    result = cli("export", lora_adapter, "--format", "gguf-lora", "--quant", "f32", "-o", out, "--verify")
+    assert result.exit_code == 0, result.output
+    meta, reader = fields(out)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora" and meta["adapter.lora.alpha"] == 0
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 * 14  # 7 linear modules x 2 layers, an A and a B each
+    b = torch.from_numpy(np.array(tensors["blk.0.ffn_up.weight.lora_b"].data)).reshape(128, 4)
+    from safetensors.torch import load_file
+
+    saved = load_file(lora_adapter / "adapter_model.safetensors")
+    expected = saved["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"] * (8 / 4)  # scaling folded in
+    assert torch.allclose(b, expected)
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path):
+    dora = build_random_adapter(tiny_model_dir, tmp_path / "dora", LoraConfig(
+        r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    result = cli("export", dora, "--format", "gguf-lora", "-o", tmp_path / "d.gguf")
+    assert result.exit_code == 2 and "--format gguf" in result.output, result.output
+    saved = build_random_adapter(tiny_model_dir, tmp_path / "mts", LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    result = cli("export", saved, "--format", "gguf-lora", "-o", tmp_path / "s.gguf")
+    assert result.exit_code == 2 and "modules_to_save" in result.output, result.output
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vLLM
+
+
+def test_vllm_check(tiny_model_dir, lora_adapter, tmp_path):
+    result = cli("export", lora_adapter, "--check", "vllm")
+    assert result.exit_code == 0, result.output
+    assert f"--lora-modules adapter={lora_adapter.resolve()}" not in result.output  # RUN/adapter is named RUN
+    assert "vllm serve" in result.output and "--enable-lora" in result.output and "--max-lora-rank 8" in result.output
+    dora = build_random_adapter(tiny_model_dir, tmp_path / "dora", LoraConfig(
+        r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    result = cli("export", dora, "--check", "vllm")
+    assert result.exit_code == 4 and "use_dora" in result.output
+    wide = build_random_adapter(tiny_model_dir, tmp_path / "wide", LoraConfig(
+        r=32, target_modules=["q_proj"], init_lora_weights=False))
+    result = cli("export", wide, "--check", "vllm", "--max-lora-rank", "16")
+    assert result.exit_code == 4 and "--max-lora-rank 32" in result.output
+
+
+def test_train_warns_at_start_when_vllm_cannot_serve_the_adapter(tiny_model_dir, tmp_path):
+    from run_helpers import recipe_dict, write_data, write_recipe
+
+    recipe = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run", {"method": "dora"},
+                         max_steps=1)
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "vLLM will not serve this adapter" in lines[0] and "use_dora" in lines[0]
+    plain = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run2", max_steps=1)
+    assert "vLLM" not in cli("train", write_recipe(tmp_path / "r2.yaml", plain)).output
