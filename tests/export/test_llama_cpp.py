@@ -22,7 +22,7 @@ pytestmark = [
                        reason="llama-cpp-python is not installed (make install builds it: the dev extra)"),
 ]
 QUIET = {"log": lambda message: None, "progress": False}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_gguf(path, lora=None):
