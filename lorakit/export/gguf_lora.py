@@ -17,8 +17,9 @@ import torch
 
 from lorakit.errors import UsageError, VerificationError
 from lorakit.export.gguf_model import Hyper, permute_for_rope
-from lorakit.export.run import ExportReport, check_output, publish_file, temporary_file
-from lorakit.export.target import resolve_target
+from lorakit.atomic import publish_file
+from lorakit.export.run import ExportReport, check_output, temporary_file
+from lorakit.export.target import display_name, resolve_target
 from lorakit.merge.weights_io import list_tensors
 
 LORA_QUANTS = ("f32", "f16", "bf16", "q8_0")
@@ -84,13 +85,13 @@ def export_gguf_lora(target: str | Path, output: str | Path, *, quant: str = "f1
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: B already holds each module's scaling
-        writer.add_name(Path(resolved.adapter_dir).resolve().parent.name)
+        writer.add_name(display_name(resolved.adapter_dir))
         for name, data, qtype in tensors:
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
+        writer.close()  # flushed before it is read back or renamed
         if verify:
             check_lora_file(tmp, tensors)
             log("verify: every lora_a/lora_b pair reads back as written: ok")

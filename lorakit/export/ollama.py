@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from lorakit.errors import SafetyError
+from lorakit.export.target import display_name
 
 ROLES = ("system", "user", "assistant")
 _P = {role: f"lorakit0{role}0probe" for role in ROLES + ("user2",)}
@@ -154,5 +155,5 @@ def write_modelfile(target, report, *, overwrite: bool) -> tuple[Path, str]:
     tmp = path.with_name(f".{path.name}.lorakit-tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
-    name = Path(target).resolve().name.lower().replace("_", "-")
+    name = display_name(target).lower().replace("_", "-")
     return path, f"ollama create {shlex.quote(name)} -f {shlex.quote(str(path))}"

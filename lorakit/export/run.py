@@ -18,7 +18,7 @@ from typing import Callable
 
 from lorakit.atomic import publish_file
 from lorakit.errors import SafetyError, UsageError
-from lorakit.export.target import Target, resolve_target
+from lorakit.export.target import Target, display_name, resolve_target
 
 FORMATS = ("gguf", "gguf-lora")
 
@@ -105,7 +105,7 @@ def export_gguf(target: str | Path, output: str | Path, *, quant: str = "f16", o
         tmp = temporary_file(out)
         writer = gguf.GGUFWriter(tmp, resolved.arch)
         try:
-            add_hyperparameters(writer, hp, quant, Path(target).resolve().name)
+            add_hyperparameters(writer, hp, quant, display_name(target))
             report.stop_ids = add_tokenizer(writer, model_dir, hp.vocab, log)
             add_tensor_infos(writer, tensors)
             writer.write_header_to_file()

@@ -27,6 +27,12 @@ class Target:
     arch: str  # GGUF architecture name
 
 
+def display_name(target: str | Path) -> str:
+    """The name a served model or adapter gets: the run's for RUN, RUN/adapter and RUN/merged."""
+    path = Path(target).resolve()
+    return path.parent.name if path.name in ("adapter", "merged") else path.name
+
+
 def _is_model(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import CheckpointError
+from lorakit.export.target import display_name
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values --max-lora-rank accepts
@@ -72,7 +73,7 @@ def run_vllm_check(target: Path, max_lora_rank: int | None, *, base: str | None,
     if problems:
         raise CheckpointError(f"{path}: vLLM's LoRA loader would refuse this adapter: " + "; ".join(problems))
     rank = max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()])
-    name = path.resolve().parent.name if path.name == "adapter" else path.name
+    name = display_name(path)
     say(f"{path}: vLLM can serve this adapter (LoRA rank {rank} on {', '.join(sorted(_lora_modules(path)))}; "
         f"weights {', '.join(sorted(dtypes))}, cast to the model's dtype by vLLM)")
     say(f"vllm serve {base_model} --enable-lora --lora-modules {name}={path.resolve()} "
