@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorakit.errors import UsageError
+
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+    path = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"LORAKIT_CACHE={path}: {blocked} is a file, not a directory; point LORAKIT_CACHE at a "
+                         "directory (or unset it for ~/.cache/lorakit)")
+    return path
 
 
 def is_local(name: str) -> bool:

@@ -15,6 +15,7 @@ import torch
 from lorakit.adapters.bottleneck import is_bottleneck_dir
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
+from lorakit.models.checks import folder_problem
 from lorakit.models.loading import resolve_model_path
 from lorakit.paths import is_local
 
@@ -31,6 +32,8 @@ def find_adapter_dir(path: str | Path, what: str) -> Path:
         path = path / "adapter"
     if not _has_config(path):
         raise CheckpointError(f"{what}: {path} has no adapter_config.json; give an adapter directory (RUN/adapter)")
+    if problem := folder_problem(path, ("adapter_config.json", RECORD_FILE)):
+        raise CheckpointError(f"{what}: {problem}; the adapter is damaged: copy or train it again")
     return path
 
 

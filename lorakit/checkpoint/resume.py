@@ -73,14 +73,17 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     return True
 
 
-def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say) -> None:
+def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, data_fingerprint: str = "",
+                    data_name: str = "the training data", allow_change: bool = False) -> None:
     """Check the checkpoint fits this model and data, and load its adapter weights into ``model`` in place.
+    ``allow_change``: --allow-recipe-change, which also accepts edited data when nothing else changed.
 
     Called before accelerator.prepare: FSDP then shards the restored weights (and DDP broadcasts them).
     """
     state = ckpt.state
     _check_same_parameters(ckpt, state, model)
     _check_same_data(ckpt, state, sampler, changed, say)
+    _check_same_content(ckpt, state, data_fingerprint, data_name, changed or allow_change, say)
     _load_adapter(ckpt, model)
 
 
@@ -153,6 +156,19 @@ def _check_same_data(ckpt: Checkpoint, state: dict, sampler, changed: bool, say)
             f"is not where step {state['step']} falls in this run (epoch {position[0]}, step {position[1]}); "
             "resume with the recipe and number of processes that wrote it"
         )
+
+
+def _check_same_content(ckpt: Checkpoint, state: dict, current: str, data_name: str, allowed: bool, say) -> None:
+    """Same number of examples is not the same data: compare the fingerprint of the tokenized examples
+    (checkpoints written before it was recorded have none, and are not checked)."""
+    recorded = state.get("data", {}).get("fingerprint")
+    if not recorded or not current or recorded == current:
+        return
+    message = (f"{ckpt.path}: {data_name} changed since this checkpoint (same number of examples, other content: "
+               "the tokenized examples' fingerprint differs)")
+    if not allowed:
+        raise CheckpointError(message + "; restore the data, or pass --allow-recipe-change to continue on it")
+    say(message + "; continuing on the new data (--allow-recipe-change)")
 
 
 def _load_adapter(ckpt: Checkpoint, model) -> None:

@@ -38,7 +38,8 @@ from lorakit.faults import checkpoint_fault
 # Writing
 
 
-def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Path, adapter_state=None) -> dict:
+def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Path, adapter_state=None,
+                  data_fingerprint: str = "") -> dict:
     """Counters, data position and the adapter's parameter list, as stored in trainer_state.json.
 
     ``adapter_state``: the adapter gathered from FSDP shards (distributed.gather_adapter), whose names and
@@ -57,6 +58,7 @@ def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Pat
             "seed": sampler.seed, "epoch": epoch, "offset": offset, "steps_per_epoch": sampler.steps_per_epoch,
             "num_examples": sampler.num_examples, "micro_batch_size": sampler.micro_batch_size,
             "grad_accum": sampler.grad_accum,
+            "fingerprint": data_fingerprint,  # of the tokenized examples (lorakit.data.fingerprint)
         },
         "world_size": sampler.world_size,
         "fsdp": adapter_state is not None,  # for the record: a checkpoint resumes with or without FSDP

@@ -13,13 +13,43 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from lorakit import __version__
 from lorakit.console import debugging
 from lorakit.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_UNEXPECTED, LorakitError
 
+class OneLineUsageErrors(TyperGroup):
+    """Click's own usage errors (an option out of range, a missing argument) end like every lorakit error: one
+    line on stderr, exit 2, instead of a usage panel. Typer's public ``cls`` hook, no patching."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # click's errors (typer vendors click: only this base class is public)
+            if type(e).__name__ == "NoArgsIsHelpError":  # `lorakit` alone: the help is the answer
+                e.show()
+                sys.exit(e.exit_code)
+            from lorakit.console import show_error
+
+            where = e.ctx.command_path if getattr(e, "ctx", None) else "lorakit"
+            message = " ".join(e.format_message().split())
+            show_error(e.exit_code, _escape(f"{where}: {message} (see {where} --help)"))
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            from lorakit.console import show_error
+
+            show_error(EXIT_INTERRUPTED, "interrupted before anything was saved; rerun the same command")
+            sys.exit(EXIT_INTERRUPTED)
+        # Without standalone mode click returns a typer.Exit's code, or the command's value (None: success).
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="lorakit",
+    cls=OneLineUsageErrors,
     help="LoRA/QLoRA fine-tuning of open LLMs from YAML recipes.",
     no_args_is_help=True,
     add_completion=False,
@@ -200,7 +230,7 @@ def train(
         run_training(
             loaded, allow_pickle=allow_pickle, resume=resume, resume_from=checkpoint,
             allow_recipe_change=allow_recipe_change, overwrite=overwrite,
-            resume_command=_resume_command(recipe, set_, output_dir),
+            resume_command=_resume_command(recipe, set_, output_dir), recipe_file=recipe,
         )
 
 
@@ -245,7 +275,8 @@ def init(
 
 @command(help="Print the recipe JSON Schema (for editors: lorakit schema > recipe.schema.json).")
 def schema(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it to this file instead of stdout."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write it to this file instead of stdout (replaces only an earlier schema)."),
 ) -> None:
     import json
 
@@ -256,9 +287,25 @@ def schema(
         sys.stdout.write(text)
         return
     from lorakit.console import saved
+    from lorakit.errors import SafetyError
+    from lorakit.publish import check_file_output
 
+    check_file_output("schema -o", output)
+    if output.exists() and _json_title(output) != "lorakit recipe":  # an earlier schema is replaced, nothing else
+        raise SafetyError(f"schema -o {output}: the file exists and is not a lorakit recipe schema; choose another "
+                          "file")
     output.write_text(text)
     saved(True)("schema", output)
+
+
+def _json_title(path: Path) -> str | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data.get("title") if isinstance(data, dict) else None
 
 
 @command(help="Draw train/eval loss and learning rate against step from RUN_DIR/metrics.jsonl (a PNG).")
@@ -304,7 +351,7 @@ def doctor(
          "model directory (loads without PEFT). Verifies merged logits against the adapter's on small models.")
 def merge(
     adapter_dir: Path = typer.Argument(..., help="Adapter directory (RUN/adapter) or run dir.", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="Output model directory.", show_default=False),
+    output: str = typer.Option(..., "--output", "-o", help="Output model directory.", show_default=False),
     base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one the adapter records)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the base's)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest output file, e.g. 5GB."),

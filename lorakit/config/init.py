@@ -15,6 +15,7 @@ import yaml
 from lorakit.config.load import parse_recipe
 from lorakit.config.schema import Recipe, _did_you_mean, describe_keys
 from lorakit.errors import SafetyError, UsageError
+from lorakit.publish import check_file_output
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def write_template(name: str, out: Path, force: bool = False) -> Path:
     """Write the starter recipe; an existing file is kept unless ``force`` (exit 5, like a run dir)."""
     text = render(name, str(out))
     parse_recipe(yaml.safe_load(text), source=f"template {name}")  # a template that does not validate is a bug
+    check_file_output("init -o", out)
     if out.exists() and not force:
         raise SafetyError(f"init: {out} already exists; choose another file with -o or pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)

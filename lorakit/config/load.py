@@ -9,6 +9,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lorakit import text
+from lorakit.config import safe_yaml
 from lorakit.config.methods import _REQUIRED, _RESERVED, METHODS, peft_config_class
 from lorakit.config.schema import AdapterSection, Recipe, _did_you_mean
 from lorakit.errors import RecipeError, UsageError
@@ -80,13 +82,17 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"recipe file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_yaml.load_file_bytes(path.read_bytes(), "the recipe")
+    except (safe_yaml.YamlProblem, text.NotText) as e:
+        raise RecipeError([str(e)], source=f"{path}:{e.line}" if e.line else str(path)) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError([f"invalid YAML: {e.problem or e}"], source=where) from None
-    except yaml.YAMLError as e:
-        raise RecipeError([f"invalid YAML: {e}"], source=str(path)) from None
+    except yaml.YAMLError as e:  # a reader error (a control character, ...): its text spans lines
+        raise RecipeError([f"invalid YAML: {' '.join(str(e).split())}"], source=str(path)) from None
+    except OSError as e:
+        raise UsageError(f"recipe file {str(path)!r} cannot be read ({e.strerror or e})") from None
     if data is None:
         raise RecipeError(["the recipe is empty; see `lorakit init` for a starter"], source=str(path))
     if not isinstance(data, dict):
@@ -121,9 +127,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
         parts = key.split(".")
         try:
-            value: Any = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise UsageError(f"--set {key}: cannot parse value {raw!r} ({e.__class__.__name__})") from None
+            value: Any = safe_yaml.load(raw) if raw.strip() else None
+        except (yaml.YAMLError, safe_yaml.YamlProblem) as e:
+            raise UsageError(f"--set {key}: cannot parse value {raw!r} ({e})".replace("\n", " ")) from None
         if _keeps_raw_string(_annotation_at(parts), value):
             value = raw
         node = data

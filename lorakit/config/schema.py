@@ -6,10 +6,10 @@ Nothing here imports torch or transformers, so `lorakit validate` and `--help` s
 from __future__ import annotations
 
 import difflib
-from typing import Literal, Union
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS
 
@@ -28,10 +28,31 @@ SCHEDULERS = (
     "warmup_stable_decay",
     "greedy",
 )
+# Schedules transformers' get_scheduler builds without num_warmup_steps: a warmup given with them is ignored.
+NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf/nan pass every bound yet no run can use them (train.learning_rate: .inf).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false would pass as 1/0 for a number (adapter.r: true is r = 1): refuse them."""
+        if isinstance(value, bool) and _takes_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{cls._key(info.field_name)}: must be a number, got {value!r}")
+        return value
+
+    @classmethod
+    def _key(cls, field: str) -> str:
+        return f"{cls.__name__.removesuffix('Section').lower()}.{field}"
+
+
+def _takes_number(annotation) -> bool:
+    args = get_args(annotation) if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType" \
+        else (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
 
 
 class ModelSection(Section):
@@ -241,7 +262,7 @@ class TrainSection(Section):
         description="Apply Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) to the model. Needs a GPU and "
         "pip install liger-kernel.",
     )
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")

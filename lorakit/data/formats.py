@@ -10,6 +10,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit import text
 from lorakit.config.schema import DataSection
 from lorakit.data.sources import BadRowError, Row
 from lorakit.errors import UsageError
@@ -74,7 +75,7 @@ def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
                 f"data.chat_template: the tokenizer ({tokenizer.name_or_path}) has no chat template; set "
                 f"data.chat_template to one of {', '.join(named_chat_templates())} or a .jinja file"
             )
-        return template
+        return _checked(template, f"the tokenizer's chat template ({tokenizer.name_or_path})")
     path = TEMPLATE_DIR / f"{name}.jinja"
     if name.endswith(".jinja"):
         path = Path(name).expanduser()
@@ -87,8 +88,25 @@ def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
             f"data.chat_template: unknown template {name!r}{hint}; choose one of "
             f"{', '.join(named_chat_templates())} or give a .jinja file"
         )
-    tokenizer.chat_template = path.read_text(encoding="utf-8")
+    try:
+        template = text.decode(path.read_bytes(), f"data.chat_template: {path}")
+    except text.NotText as e:
+        raise UsageError(str(e)) from None
+    tokenizer.chat_template = _checked(template, f"data.chat_template: {path}")
     return tokenizer.chat_template
+
+
+def _checked(template: str, source: str) -> str:
+    """``template`` once Jinja has parsed it: a syntax error is the template's fault, not a data row's."""
+    from jinja2 import Environment
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        Environment().parse(template)
+    except TemplateSyntaxError as e:
+        raise UsageError(f"{source}: Jinja syntax error on line {e.lineno} of the template ({e.message}); fix the "
+                         "template or choose one of " + ", ".join(named_chat_templates())) from None
+    return template
 
 
 def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, fields
 from lorakit.config.schema import DataSection
 from lorakit.data import cache
 from lorakit.data.batching import pack_examples
-from lorakit.data.formats import Example, resolve_chat_template, tokenize_row
-from lorakit.data.formats import num_targets
+from lorakit.data.fingerprint import fingerprint
+from lorakit.data.formats import Example, num_targets, resolve_chat_template, tokenize_row
 from lorakit.data.sources import BadRowError, Row, content_hash, read_rows
-from lorakit.errors import DataError
+from lorakit.errors import DataError, UsageError
 
 PROGRESS_MIN_ROWS = 2000  # a progress bar for tokenizing at least this many rows (on a terminal)
 
@@ -98,6 +98,7 @@ class Datasets:
     train_stats: DataStats
     eval_stats: DataStats | None
     group_lengths: list[int] | None = None  # for StepSampler(lengths=...) when data.group_by_length
+    fingerprint: str = ""  # of the train examples before packing (data.fingerprint), checked on resume
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,7 +192,11 @@ def _tokenize_splits(section: DataSection, tokenizer, seed: int) -> dict:
     rows = _read(train_sources(section), section, train_stats)
     eval_rows = _read([section.eval], section, eval_stats) if section.eval else []
     if section.eval_split:
+        read = len(rows)
         rows, eval_rows = split_eval(rows, section.eval_split, seed)
+        if read and not rows:
+            raise UsageError(f"data.eval_split: {section.eval_split} holds out all {read} rows of data.train, "
+                             "leaving none to train on; use a smaller fraction (e.g. 0.1) or a separate data.eval")
     with _progress(len(rows) + len(eval_rows)) as advance:
         train, train_stats = tokenize_rows(rows, section, tokenizer, train_stats, advance)
         evals, eval_stats = tokenize_rows(eval_rows, section, tokenizer, eval_stats, advance)
@@ -204,7 +209,7 @@ def _tokenize_splits(section: DataSection, tokenizer, seed: int) -> dict:
 def _check_not_empty(key: str, names: list[str], examples: list[Example], stats: DataStats) -> None:
     if examples:
         return
-    why = "is empty" if stats.rows == 0 else f"has no usable rows ({stats.summary()})"
+    why = "is empty" if stats.rows == 0 else f"has no usable rows ({'; '.join(stats.summary().splitlines())})"
     raise DataError(
         f"data.{key}: {', '.join(names)} {why}; check data.format, data.fields, data.max_seq_len and data.truncation"
     )
@@ -229,10 +234,11 @@ def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:
     train, train_stats = splits["train"]
     evals, eval_stats = splits.get("eval", ([], None))
     group_lengths = [len(e) for e in train] if section.group_by_length and not section.packing else None
+    content = fingerprint(train)
     if section.packing:
         train = pack_examples(train, section.max_seq_len, seed)
         train_stats.packed_rows = len(train)
-    return Datasets(train, evals, train_stats, eval_stats, group_lengths)
+    return Datasets(train, evals, train_stats, eval_stats, group_lengths, content)
 
 
 def _stats_from(raw: dict, examples: list[Example]) -> DataStats:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit import text
 from lorakit.errors import DataError, first_line
 from lorakit.paths import is_local
 
@@ -68,31 +69,45 @@ def _check_object(value, where: str, bad: list[str], skip: bool) -> bool:
 
 def _read_jsonl(path: Path, skip: bool) -> SourceRows:
     rows, bad = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        try:
+            text.sniff(f.read(8), str(path))  # compressed or UTF-16: no line of it is a row
+        except text.NotText as e:
+            raise DataError(str(e)) from None
+        f.seek(0)
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
+                line = text.decode(raw, where, lineno)
+                if not line.strip():
+                    continue
                 value = json.loads(line)
+            except text.NotText as e:
+                message = str(e)
             except json.JSONDecodeError as e:
                 message = f"{where}: invalid JSON ({e.msg} at column {e.colno})"
-                if not skip:
-                    raise BadRowError(message) from None
-                bad.append(message)
+            except RecursionError:
+                message = f"{where}: nested too deeply to be a data row"
+            else:
+                if _check_object(value, where, bad, skip):
+                    rows.append(Row(where, value))
                 continue
-            if _check_object(value, where, bad, skip):
-                rows.append(Row(where, value))
+            if not skip:
+                raise BadRowError(message) from None
+            bad.append(message)
     return SourceRows(rows, bad)
 
 
 def _read_json(path: Path, skip: bool) -> SourceRows:
     """A JSON array of objects (or {"name": [...]}); each item is located by the line it starts on."""
-    text = path.read_text(encoding="utf-8")
     try:
-        items = _array_items(text) if text.lstrip().startswith("[") else None
+        content = text.decode(path.read_bytes(), str(path))
+    except text.NotText as e:
+        raise DataError(str(e)) from None
+    try:
+        items = _array_items(content) if content.lstrip().startswith("[") else None
         if items is None:
-            data = json.loads(text)
+            data = json.loads(content)
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
                 data = next(iter(data.values()))  # {"train": [...]} style
             if not isinstance(data, list):
@@ -101,6 +116,8 @@ def _read_json(path: Path, skip: bool) -> SourceRows:
     except json.JSONDecodeError as e:
         hint = "; if it holds one object per line, name it .jsonl" if e.msg == "Extra data" else ""
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be data rows") from None
     rows, bad = [], []
     for line, index, item in items:
         where = f"{path}:{line}" if line is not None else f"{path}[item {index}]"
@@ -109,33 +126,47 @@ def _read_json(path: Path, skip: bool) -> SourceRows:
     return SourceRows(rows, bad)
 
 
-def _array_items(text: str) -> list[tuple[int, int, object]]:
+def _array_items(source: str) -> list[tuple[int, int, object]]:
     """(line, index, value) of each item of a top-level JSON array, so errors can name the line."""
     decoder, ws = json.JSONDecoder(), " \t\r\n"
-    pos, items = text.index("[") + 1, []
+    pos, items = source.index("[") + 1, []
     while True:
-        while pos < len(text) and text[pos] in ws:
+        while pos < len(source) and source[pos] in ws:
             pos += 1
-        if pos < len(text) and text[pos] == "]" and not items:
+        if pos < len(source) and source[pos] == "]" and not items:
             break
-        value, end = decoder.raw_decode(text, pos)
-        items.append((text.count("\n", 0, pos) + 1, len(items), value))
+        value, end = decoder.raw_decode(source, pos)
+        items.append((source.count("\n", 0, pos) + 1, len(items), value))
         pos = end
-        while pos < len(text) and text[pos] in ws:
+        while pos < len(source) and source[pos] in ws:
             pos += 1
-        if pos < len(text) and text[pos] == ",":
+        if pos < len(source) and source[pos] == ",":
             pos += 1
-        elif pos < len(text) and text[pos] == "]":
+        elif pos < len(source) and source[pos] == "]":
             break
         else:
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-    if text[pos + 1 :].strip():
-        raise json.JSONDecodeError("Extra data", text, pos + 1)
+            raise json.JSONDecodeError("Expecting ',' delimiter", source, pos)
+    if source[pos + 1 :].strip():
+        raise json.JSONDecodeError("Extra data", source, pos + 1)
     return items
+
+
+def _check_parquet(path: Path) -> None:
+    """A Parquet file starts and ends with PAR1: checked here, as datasets would log its own error line first."""
+    with path.open("rb") as f:
+        head = f.read(4)
+        f.seek(max(path.stat().st_size - 4, 0))
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"{path}: not a Parquet file (no PAR1 marker at its start and end): damaged, or another "
+                        "format under a .parquet name")
 
 
 def _read_with_datasets(source: str, path: Path | None, skip: bool) -> SourceRows:
     import datasets
+
+    if path is not None and path.suffix == ".parquet":
+        _check_parquet(path)
 
     try:
         if path is not None and path.is_dir():

@@ -152,7 +152,7 @@ def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
     n = T - s.batch_size  # supervised positions at most: the last token of a sequence has no target
     rows = max(16, CHUNK_ELEMENTS // g.vocab)
-    chunks = [min(rows, n - start) for start in range(0, n, rows)][:3]
+    chunks = [min(rows, n - start) for start in range(0, min(n, 3 * rows), rows)]  # the first three: O(1) whatever n
     head = g.vocab * g.hidden if s.method == "full" else 0  # a trainable head: its gradient is made here too
     peak = _chunk_peak(chunks, g.vocab, g.hidden, e, s.device, head * (4 + (e if e != 4 else 0)))
     # The decoder's output (caught by a hook) is freed once its supervised rows are selected, unless a trainable

@@ -16,14 +16,14 @@ import resource
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
-from lorakit.atomic import fsync_files, replace_dir
+from lorakit.atomic import fsync_files
 from lorakit.data.stop_tokens import GENERATION_CONFIG, write_generation_config
-from lorakit.errors import CheckpointError, SafetyError, UsageError
+from lorakit.errors import CheckpointError, UsageError
 from lorakit.merge.plan import MergePlan, OutTensor, meta_model, plan_merge
 from lorakit.merge.plan import round_trip_weight
 from lorakit.merge.verify import check_verification, verify_merge
@@ -31,6 +31,10 @@ from lorakit.merge.weights_io import (
     SafetensorsStreamWriter, StoredTensor, TensorReader, list_tensors, nbytes, shard_names, write_index,
 )
 from lorakit.models.loading import check_weights_safe
+from lorakit.publish import (
+    check_inputs_apart, check_replaceable, check_writable, publish_output, read_marker, resolve_output,
+)
+from lorakit.runlock import OutputLock
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 BASE_PRECISIONS = ("original", "dequantized")
@@ -181,53 +185,25 @@ def write_metadata(adapter: Adapter, base_dir: Path, config, plan: MergePlan, dt
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The output directory, written atomically
+# The output directory: written under a temporary name next to OUT, published whole (lorakit.publish)
 
 
-def _recover_interrupted(out: Path, log: Callable[[str], None]) -> None:
-    """A merge killed while publishing (atomic.replace_dir) may have left the previous OUT set aside as
-    .OUT.lorakit-old-PID: put it back where OUT is missing, delete it where the new OUT made it in."""
-    for aside in sorted(out.parent.glob(f".{out.name}.lorakit-old-*")) if out.parent.is_dir() else []:
-        if _pid_alive(aside.name.rsplit("-", 1)[-1]):
-            continue  # a merge running now
-        if out.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.rename(out)
-            log(f"restored {out} from an interrupted merge (it had been set aside as {aside.name})")
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty OUT without --overwrite, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {out}: a file of that name exists; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SafetyError(f"--output {out} is not empty; pass --overwrite to replace it or choose another directory")
-
-
-def _temporary_output(out: Path, protected: Iterable[Path]) -> Path:
-    """The temporary directory next to OUT to write into (removing any a killed merge left behind)."""
-    for p in protected:
-        if out == p.resolve():
-            raise UsageError(f"--output {out}: that is the adapter or base directory; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _temporary_output(out: Path) -> Path:
+    """The temporary directory next to OUT to write into. Called under OUT's lock: any other temporary of OUT
+    was left by a killed merge."""
     for stale in out.parent.glob(f".{out.name}.lorakit-tmp-*"):
-        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.lorakit-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
 
 
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
+def _merge_inputs(adapter: Adapter, base_dir: Path, inside_run: bool) -> dict[str, Path | None]:
+    """What OUT must keep apart from: the adapter, the base and, unless training writes RUN/merged itself,
+    the run directory the adapter belongs to."""
+    run = adapter.path.parent
+    is_run = read_marker(run) is not None or (run / "recipe.yaml").is_file() or (run / "checkpoints").is_dir()
+    return {"adapter": adapter.path, "base model": base_dir, "run": run if is_run and not inside_run else None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,6 +223,7 @@ def merge_adapter(
     allow_pickle: bool = False,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    inside_run: bool = False,
 ) -> MergeReport:
     """Merge the adapter in ``adapter_dir`` into its base and write a plain Hugging Face model to ``output_dir``.
 
@@ -254,6 +231,8 @@ def merge_adapter(
     ``original`` weights or the ``dequantized`` NF4 round-trip the adapter saw (default: dequantized when the
     adapter's lorakit.json records a quantized base). ``verify``: compare logits with the adapter model
     (default: on below VERIFY_MAX_PARAMS parameters). ``log``: progress lines (default: lorakit's console).
+    ``inside_run``: training writes RUN/merged, so the adapter's run directory is the output's home, not an input.
+    OUT is checked (lorakit.publish) and locked (lorakit.runlock) before the base is read.
     """
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -266,11 +245,19 @@ def merge_adapter(
         max_bytes = convert_file_size_to_int(max_shard_size)
     except ValueError:
         raise UsageError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB or 500MB") from None
-    out = Path(output_dir).resolve()
-    _recover_interrupted(out, log)
-    _check_output(out, overwrite)
+    out = resolve_output("--output", output_dir)
     adapter = read_mergeable_adapter(adapter_dir, allow_pickle)
     base_dir = resolve_base(adapter, base)
+    check_inputs_apart("--output", out, _merge_inputs(adapter, base_dir, inside_run))
+    check_writable("--output", out)
+    with OutputLock(out, log, "--output"):
+        check_replaceable("--output", out, overwrite, "merged model")
+        return _merge_locked(adapter, base_dir, out, out_dtype, max_bytes, base_precision, verify, device, log,
+                             allow_pickle)
+
+
+def _merge_locked(adapter, base_dir, out, out_dtype, max_bytes, base_precision, verify, device, log,
+                  allow_pickle) -> MergeReport:
     _check_recorded_base(adapter, base_dir)
     precision, why = _choose_base_precision(adapter, base_precision)
     base_tensors = list_base_tensors(base_dir, allow_pickle)
@@ -286,7 +273,7 @@ def merge_adapter(
     if plan.untie:
         log("the adapter changes tied input/output embeddings: writing them untied (tie_word_embeddings: false)")
 
-    tmp = _temporary_output(out, [adapter.path, base_dir])
+    tmp = _temporary_output(out)
     try:
         files = write_shards(plan, tmp, adapter.record, device, log)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -301,7 +288,8 @@ def merge_adapter(
             log(check_verification(report.max_abs_diff, report.kl, out_dtype or _main_dtype(base_tensors)))
         _write_provenance(report, adapter, tmp)
         fsync_files(tmp)
-        replace_dir(tmp, out, aside=out.parent / f".{out.name}.lorakit-old-{os.getpid()}")
+        if (aside := publish_output(tmp, out, "merged model")) is not None:
+            log(f"--overwrite: the earlier {out} was moved to {aside}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from lorakit.atomic import publish_dir
 from lorakit.compat import keep_bnb_4bit_layout
 from lorakit.config.schema import ModelSection
 from lorakit.errors import SafetyError, UsageError, first_line
+from lorakit.models.checks import folder_problem
 from lorakit.paths import cache_dir, is_local
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -76,7 +78,11 @@ def resolve_model_path(section: ModelSection) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"model.name_or_path: GGUF file {str(path)!r} not found")
-        return str(gguf_to_hf_dir(path))
+        try:
+            return str(gguf_to_hf_dir(path))
+        except (ValueError, KeyError, OSError, struct.error) as e:  # the GGUF reader's errors for a damaged file
+            raise UsageError(f"model.name_or_path: {str(path)!r} is not a readable GGUF file ({first_line(e)}); "
+                             "re-download it") from None
     if path.exists():
         if path.is_file():
             raise UsageError(
@@ -84,6 +90,8 @@ def resolve_model_path(section: ModelSection) -> str:
             )
         if not (path / "config.json").is_file():
             raise UsageError(f"model.name_or_path: {str(path)!r} has no config.json; is it a Hugging Face model dir?")
+        if problem := folder_problem(path, ("config.json", "generation_config.json")):
+            raise UsageError(f"model.name_or_path: {problem}; re-download or re-convert the model")
         return str(path)
     if is_local(section.name_or_path):
         raise UsageError(f"model.name_or_path: {section.name_or_path!r} not found")
@@ -160,10 +168,25 @@ def build_quant_config(section: ModelSection, compute_dtype: torch.dtype):
     )
 
 
+# Attention implementations that need a package transformers does not bring: (import name, pip name).
+ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn")}
+
+
+def check_attention_package(section: ModelSection) -> None:
+    """Exit 2 naming the package when model.attn_implementation needs one that is not installed."""
+    import importlib.util
+
+    module, package = ATTENTION_PACKAGES.get(section.attn_implementation, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise UsageError(f"model.attn_implementation: {section.attn_implementation} needs the {package} package, "
+                         f"which is not installed; pip install {package} (CUDA only), or use sdpa")
+
+
 def load_base_model(section: ModelSection, model_path: str, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM
 
     check_weights_safe(model_path, allow_pickle)
+    check_attention_package(section)
     dtype = resolve_dtype(section.dtype)
     kwargs = _hub_kwargs(section)
     quant = build_quant_config(section, dtype)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit import text
 from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import find_adapter_dir, read_config
 from lorakit.config.schema import ModelSection
@@ -57,8 +58,12 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
     """Rows of ``{"prompt": TEXT}`` or ``{"messages": [...]}``, each with an optional ``"adapter": NAME``."""
     if not path.is_file():
         raise DataError(f"--file {path}: not found")
+    try:
+        content = text.decode(path.read_bytes(), f"--file {path}")
+    except text.NotText as e:
+        raise DataError(str(e)) from None
     requests = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -66,6 +71,8 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: nested too deeply to be a prompt row") from None
         ok = isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
         if not ok:
             raise DataError(f'{where}: expected {{"prompt": TEXT}} or {{"messages": [...]}}, optionally with "adapter"')

@@ -23,16 +23,15 @@ from lorakit.data.shards import eval_shards, idle_batch
 from lorakit.distributed.fsdp import gather_adapter, optimizer_state
 from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError
 from lorakit.faults import fault_injector
-from lorakit.models.loading import resolve_dtype
 from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.interrupt import GracefulStop
 from lorakit.training.loss import build_loss
 from lorakit.training.metrics import MetricsLog
-from lorakit.training.perf import describe
 
 
-def fit(ctx: FitContext) -> None:
-    """The loop, in nanoGPT's order: checkpoint/eval → accumulate micro-steps → clip → step → log → stop."""
+def fit(ctx: FitContext) -> MetricsLog:
+    """The loop, in nanoGPT's order: checkpoint/eval → accumulate micro-steps → clip → step → log → stop.
+    Returns the metrics log, still open for the end-of-run records (written once the adapter is saved)."""
     recipe, accelerator, model, tokenizer = ctx.recipe, ctx.accelerator, ctx.model, ctx.tokenizer
     optimizer, scheduler, data, sampler, paths = ctx.optimizer, ctx.scheduler, ctx.data, ctx.sampler, ctx.paths
     total_steps, start, meter, padding_free = ctx.total_steps, ctx.start, ctx.meter, ctx.padding_free
@@ -50,7 +49,7 @@ def fit(ctx: FitContext) -> None:
             # Checkpoint before evaluating: a run resumed from here repeats the evaluation, not logs it twice.
             if step > start.step and checkpoint_due(cfg, sampler, step):
                 last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler,
-                                                  step, tokens_seen)
+                                                  step, tokens_seen, data.fingerprint)
             if cfg.eval_every and step and step % cfg.eval_every == 0 and data.eval:
                 eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
                 metrics.write({"step": step, "eval_loss": eval_loss})
@@ -111,17 +110,13 @@ def fit(ctx: FitContext) -> None:
             bar.update(step + 1, loss=step_loss, lr=lr, tps=tokens_seen / max(bar.elapsed, 1e-9))
             if any_rank(accelerator, stop.signum is not None) and step + 1 < total_steps:
                 path = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler, step + 1,
-                                       tokens_seen)
+                                       tokens_seen, data.fingerprint)
                 raise stop.stopped(step + 1, path)
 
     if data.eval:
         eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
         metrics.write({"step": total_steps, "eval_loss": eval_loss})
-    dtype = resolve_dtype(recipe.model.dtype)
-    efficiency = meter.record(total_steps, cfg.gradient_checkpointing, dtype, accelerator)
-    metrics.write(efficiency)
-    console(accelerator.is_main_process)(describe(efficiency))
-    metrics.close()
+    return metrics
 
 
 def micro_seed(seed: int, step: int, index: int) -> int:
@@ -166,7 +161,7 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, paths: RunPaths, sampler, step: int,
-                    tokens_seen: int) -> Path:
+                    tokens_seen: int, data_fingerprint: str = "") -> Path:
     """Every rank hands over its RNG state (and under FSDP its shards of the adapter and optimizer state), rank 0
     writes (see checkpoint.py); a failure stops every rank."""
     from accelerate.utils import gather_object
@@ -183,7 +178,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, pa
             write_checkpoint(
                 paths.checkpoints, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
                 scaler=accelerator.scaler, rng_states=rng_states,
-                state=trainer_state(step, tokens_seen, sampler, unwrapped, paths.metrics, adapter_state),
+                state=trainer_state(step, tokens_seen, sampler, unwrapped, paths.metrics, adapter_state,
+                                    data_fingerprint),
                 recipe_text=dump_recipe(recipe), keep_last=recipe.train.keep_last,
                 adapter_state=adapter_state, optimizer_state=optim_state,
             )

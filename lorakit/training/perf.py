@@ -268,16 +268,19 @@ def efficiency(step: int, work: Work, seconds: float, shape: ModelShape, checkpo
         "achieved_flops": round(achieved),
         "peak_flops": round(peak * world_size),
         "peak_flops_source": source + (f" × {world_size}" if world_size > 1 else ""),
-        "mfu": round(achieved / (peak * world_size), 4),
+        # A probe can measure no throughput at all (float16 matmuls on some CPUs): then there is no MFU to give.
+        "mfu": round(achieved / (peak * world_size), 4) if peak > 0 else None,
         "train_seconds": round(seconds, 3),
     }
 
 
 def describe(record: dict) -> str:
+    mfu = (f"MFU {100 * record['mfu']:.1f}% of {_si(record['peak_flops'])}FLOP/s" if record["mfu"] is not None
+           else "MFU unknown (no peak measured)")
     return (
         f"efficiency: {record['input_tokens_per_s']:,.0f} tokens/s ({record['tokens_per_s']:,.0f} supervised/s), "
-        f"{_si(record['flops_per_token'])}FLOP/token, {_si(record['achieved_flops'])}FLOP/s = MFU "
-        f"{100 * record['mfu']:.1f}% of {_si(record['peak_flops'])}FLOP/s ({record['peak_flops_source']})"
+        f"{_si(record['flops_per_token'])}FLOP/token, {_si(record['achieved_flops'])}FLOP/s = {mfu} "
+        f"({record['peak_flops_source']})"
     )
 
 

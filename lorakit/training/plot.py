@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import UsageError
+from lorakit.publish import check_file_output
 from lorakit.training.metrics import read_metrics, series
 
 DPI = 100
@@ -21,6 +22,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory; give a run directory (the output.dir of a run)")
+    check_file_output("plot -o", out if out is not None else run_dir / "loss.png")
     records = read_metrics(run_dir / "metrics.jsonl")
     train_steps, train_loss = series(records, "loss")
     eval_steps, eval_loss = series(records, "eval_loss")

@@ -6,13 +6,15 @@ Reading order: run_training (setup) → lorakit.training.loop.fit (the loop) →
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from lorakit import __version__
-from lorakit.adapters.build import build_model
+from lorakit.adapters.build import apply_adapter, build_model, counting_section
 from lorakit.checkpoint.format import TrainState
 from lorakit.checkpoint.read import select_checkpoint, set_aside_newer
 from lorakit.checkpoint.resume import check_resume, restore_adapter, restore_training_state, truncate_metrics
@@ -27,45 +29,86 @@ from lorakit.distributed.fsdp import (
     save_adapter_weights,
 )
 from lorakit.errors import SafetyError, UsageError
-from lorakit.models.loading import load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary
+from lorakit.models.checks import shape_problem, vocab_problem
+from lorakit.models.loading import (
+    check_attention_package, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary,
+)
+from lorakit.models.meta import build_meta_model, load_model_config
+from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
+from lorakit.runlock import OutputLock
 from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
 from lorakit.training.manifest import write_run_manifest
+from lorakit.training.metrics import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
-from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching
+from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
 
 
+# An adapter's fp32 weight, gradient and two AdamW moments (lorakit.memory.lines.ADAPTER_BYTES = 4 each).
+ADAPTER_STATE_BYTES = 16
+
+
 def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """A directory holding something is written into only to continue its run (--resume) or, when it holds a
-    lorakit run, to replace it (--overwrite moves the old run aside at the first write; nothing is deleted)."""
+    """A directory holding something is written into only to continue its run (--resume) or, when lorakit wrote
+    it, to replace it (--overwrite moves the old run aside at the first write; nothing is deleted). Called under
+    the run's lock, after publish.check_output."""
     if root.exists() and not root.is_dir():
         raise SafetyError(f"output.dir: {str(root)!r} is a file; choose a directory with --output-dir")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the run, --overwrite replaces it")
-    if resume or not (root.is_dir() and any(root.iterdir())):
+    if not resume:
+        check_replaceable("output.dir", root, overwrite, "run", also="continue it with --resume, ",
+                          elsewhere="choose another --output-dir")
+
+
+def run_inputs(recipe: Recipe, recipe_file: Path | None, resume: bool) -> dict[str, str | None]:
+    """What a run directory must keep apart from (publish.check_inputs_apart). A resumed run's recipe may be
+    its own DIR/recipe.yaml."""
+    train = recipe.data.train
+    inputs = {f"data.train[{i}] data": s for i, s in enumerate(train)} if isinstance(train, list) else {
+        "data.train data": train}
+    inputs.update({"data.eval data": recipe.data.eval, "chat template": recipe.data.chat_template,
+                   "base model": recipe.model.name_or_path, "tokenizer": recipe.model.tokenizer,
+                   "recipe": None if resume or recipe_file is None else str(recipe_file)})
+    return inputs
+
+
+def check_base_fits(recipe: Recipe, model_path: str, tokenizer) -> None:
+    """Exit 2 before the weights load when they cannot be this config's model, the tokenizer's ids overrun its
+    vocabulary (lorakit.models.checks), the attention kernel's package is missing, or the adapter alone cannot
+    fit in memory; transformers or the allocator would fail minutes later, in many lines."""
+    check_attention_package(recipe.model)
+    config = load_model_config(model_path, recipe.model.trust_remote_code)
+    problem = vocab_problem(tokenizer, config)
+    if problem is None and Path(model_path).is_dir():
+        problem = shape_problem(Path(model_path), config)
+    if problem is not None:
+        raise UsageError(f"model.name_or_path: {problem}")
+    check_adapter_fits(recipe, config)
+
+
+def check_adapter_fits(recipe: Recipe, config) -> None:
+    """An adapter.r typed with extra zeros: its weights, gradients and AdamW moments counted on the meta device
+    against this machine's memory. Only ranks above the hidden size are counted (a rank beyond it adds nothing),
+    so an ordinary run pays nothing for this."""
+    r = getattr(recipe.adapter, "r", None)
+    hidden = getattr(config.get_text_config(), "hidden_size", None)
+    if not isinstance(r, int) or not hidden or r <= hidden:
         return
-    if not overwrite:
-        raise SafetyError(
-            f"output.dir: {str(root)!r} is not empty (it holds an earlier run); continue it with --resume, replace "
-            "it with --overwrite (the old run is moved aside, not deleted), or choose another --output-dir"
-        )
-    if not ((root / "recipe.yaml").is_file() or (root / "checkpoints").is_dir()):
-        raise SafetyError(
-            f"output.dir: {str(root)!r} holds files that are not a lorakit run; --overwrite only replaces runs; "
-            "choose another --output-dir"
-        )
-
-
-def set_aside(root: Path) -> Path:
-    """--overwrite: the old run becomes DIR.replaced-YYYYmmdd-HHMMSS, next to it."""
-    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while aside.exists():
-        aside, n = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
-    root.rename(aside)
-    return aside
+    with torch.device("meta"):
+        model = apply_adapter(build_meta_model(config), counting_section(recipe.adapter), low_cpu_mem_usage=True)
+    params = model.get_nb_trainable_parameters()[0]
+    need = params * ADAPTER_STATE_BYTES
+    if torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(0).total_memory, "this GPU's"
+    else:
+        have, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's"
+    if need > have:
+        raise UsageError(f"adapter.r: {r:,} makes a {params:,}-parameter adapter, {need / 2**30:,.2f} GiB with its "
+                         f"gradients and optimizer state, more than {where} {have / 2**30:,.2f} GiB; a rank above "
+                         f"the hidden size ({hidden}) adds nothing: lower adapter.r (8 to 64 is usual)")
 
 
 def run_training(
@@ -77,18 +120,32 @@ def run_training(
     allow_recipe_change: bool = False,
     overwrite: bool = False,
     resume_command: str = "lorakit train RECIPE --resume",
+    recipe_file: Path | None = None,
 ) -> Path:
-    """Train as the recipe says (or continue from a checkpoint with ``resume``); returns the run directory."""
+    """Train as the recipe says (or continue from a checkpoint with ``resume``); returns the run directory.
+
+    The run directory is checked (lorakit.publish) and locked (lorakit.runlock) by rank 0 before anything loads.
+    """
+    adopt_transformers_output()
+    main = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts: rank 0 checks and locks
+    root = Path(os.path.realpath(recipe.output.dir or "."))
+    if main:
+        root = check_output("output.dir", recipe.output.dir, run_inputs(recipe, recipe_file, resume))
+    with OutputLock(root, console(main), "output.dir") if main else nullcontext():
+        if main:
+            check_output_dir(root, resume=resume, overwrite=overwrite)
+        return _train(recipe, RunPaths(root), allow_pickle=allow_pickle, resume=resume, resume_from=resume_from,
+                      allow_recipe_change=allow_recipe_change, overwrite=overwrite, resume_command=resume_command)
+
+
+def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from, allow_recipe_change, overwrite,
+           resume_command) -> Path:
     from accelerate.utils import DistributedType, set_seed
 
     started = time.time()
-    adopt_transformers_output()
-    paths = RunPaths(Path(recipe.output.dir))
     check_launch(recipe)  # from the launcher's environment, before the Accelerator exists
     accelerator = build_accelerator(recipe.train)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if accelerator.is_main_process:
-        check_output_dir(paths.root, resume=resume, overwrite=overwrite)
     set_seed(recipe.train.seed)
     say = console(accelerator.is_main_process)
     # A bad checkpoint or a changed recipe is exit 4 before anything heavy loads.
@@ -101,6 +158,7 @@ def run_training(
     with stage(accelerator.is_main_process, "loading tokenizer"), accelerator.main_process_first():
         model_path = resolve_model_path(recipe.model)  # rank 0 converts a .gguf once; the others reuse it
         tokenizer = load_tokenizer(recipe.model, model_path)
+        check_base_fits(recipe, model_path, tokenizer)
     with stage(accelerator.is_main_process, "tokenizing data"):
         data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
     say(f"train data: {data.train_stats.summary()}")
@@ -127,7 +185,9 @@ def run_training(
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
     if checkpoint is not None:  # the weights before wrapping: FSDP shards what was restored
-        restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say)
+        restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say,
+                        data_fingerprint=data.fingerprint, data_name=f"data.train ({recipe.data.train})",
+                        allow_change=allow_recipe_change)
     checkpoint_size = checkpoint_bytes(model)  # whole parameters, before FSDP flattens and shards them
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
@@ -144,32 +204,61 @@ def run_training(
             if overwrite and paths.root.is_dir() and any(paths.root.iterdir()):
                 say(f"--overwrite: the earlier run in {paths.root} was moved to {set_aside(paths.root)}")
             paths.root.mkdir(parents=True, exist_ok=True)
+            if read_marker(paths.root) is None:
+                write_marker(paths.root, "run")
             paths.recipe.write_text(dump_recipe(recipe))
             check_free_space(paths.root, checkpoint_size, recipe.train.keep_last)
         accelerator.wait_for_everyone()
 
-        fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler, total_steps, paths,
-                       meter, start, resume_command, padding_free=batching.padding_free))
+        metrics = fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler,
+                                 total_steps, paths, meter, start, resume_command,
+                                 padding_free=batching.padding_free))
         state_dict = gather_adapter(model)  # a collective under FSDP: every rank takes part
-
         if accelerator.is_main_process:
             check_finite(accelerator.unwrap_model(model), optimizer, total_steps, state_dict)
             save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict)
-            report = saved(True)
-            report("adapter", paths.adapter)
-            manifest = write_run_manifest(paths.root, recipe, started=started, world_size=accelerator.num_processes)
-            report("run manifest", manifest)
-            if (png := maybe_plot(paths.root, warn=say)) is not None:
-                report("loss plot", png)
+            saved(True)("adapter", paths.adapter)
+        # Reporting comes only now, the adapter safe on disk: a failure in it is a warning, never a lost run.
+        efficiency = best_effort(say, "the efficiency summary", meter.record, total_steps,
+                                 recipe.train.gradient_checkpointing, resolve_dtype(recipe.model.dtype), accelerator)
+        if accelerator.is_main_process:
+            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say)
             if recipe.output.save in ("merged", "both"):
                 from lorakit.merge.merge import merge_adapter
 
                 # The same streaming merge as `lorakit merge DIR/adapter`; the adapter stays (the merge's input).
+                # RUN/merged is this run's own output (replaced when a resumed run reaches the end again).
                 with stage(True, "merging"):
-                    merge_adapter(paths.adapter, paths.merged, log=say, allow_pickle=allow_pickle)
-                report("merged model", paths.merged)
+                    merge_adapter(paths.adapter, paths.merged, log=say, allow_pickle=allow_pickle, inside_run=True,
+                                  overwrite=True)
+                saved(True)("merged model", paths.merged)
         accelerator.wait_for_everyone()
     return paths.root
+
+
+def best_effort(say, what: str, fn, *args):
+    """``fn(*args)`` for a report made after the adapter is saved: any failure becomes a warning (and None)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # whatever breaks in a report, the finished run must stay a success
+        say(f"warning: {what} could not be made ({type(e).__name__}: {e}); the adapter is saved")
+        return None
+
+
+def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency: dict | None, started: float,
+               world_size: int, say) -> None:
+    """Rank 0, after the adapter is saved: the efficiency record, run.json and the loss plot, each best-effort."""
+    report = saved(True)
+    if efficiency is not None:
+        best_effort(say, "the efficiency record", metrics.write, efficiency)
+        best_effort(say, "the efficiency line", lambda: say(describe(efficiency)))
+    best_effort(say, "closing the metrics log", metrics.close)
+    manifest = best_effort(say, "run.json", lambda: write_run_manifest(paths.root, recipe, started=started,
+                                                                        world_size=world_size))
+    if manifest is not None:
+        report("run manifest", manifest)
+    if (png := maybe_plot(paths.root, warn=say)) is not None:
+        report("loss plot", png)
 
 
 # ----------------------------------------------------------------------------------------------------------

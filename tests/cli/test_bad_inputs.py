@@ -7,6 +7,7 @@ Cases run in-process through the Typer app (fast); a handful also as real proces
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
@@ -125,6 +126,12 @@ def _pickle_base(ctx: Ctx) -> Path:
     return base
 
 
+def _dangling(ctx: Ctx) -> Path:
+    link = ctx.tmp / "dangling"
+    link.symlink_to(ctx.tmp / "nowhere")
+    return link
+
+
 def _foreign_dir(ctx: Ctx) -> Path:
     photos = ctx.tmp / "photos"
     photos.mkdir()
@@ -143,6 +150,50 @@ def _flip_byte(path: Path) -> None:
 
 
 ROWS_OK = json.dumps({"instruction": "Say hi", "input": "", "output": "hi"})
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ["model: {name_or_path: x}", "bomb:", "  a0: &a0 [q_proj, q_proj, q_proj, q_proj, q_proj, q_proj]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 6)}]" for i in range(1, levels)]
+    return "\n".join(lines + [f"adapter: {{target_modules: *a{levels - 1}}}"]) + "\n"
+
+
+def _bytes_file(ctx: "Ctx", name: str, data: bytes) -> Path:
+    path = ctx.tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _damaged_base(ctx: "Ctx", damage: Callable[[Path], None], name: str = "base") -> str:
+    base = ctx.tmp / name
+    shutil.copytree(ctx.model, base)
+    damage(base)
+    return str(base)
+
+
+def _weights(base: Path) -> Path:
+    return next(base.glob("*.safetensors"))
+
+
+def _edit_config(**changes) -> Callable[[Path], None]:
+    return lambda base: _edit_json(base / "config.json", **changes)
+
+
+def _damaged_adapter(ctx: "Ctx", damage: Callable[[Path], None]) -> Path:
+    adapter = ctx.tmp / "damaged-adapter"
+    shutil.copytree(ctx.run / "adapter", adapter)
+    damage(adapter)
+    return adapter
+
+
+def _broken_template(ctx: "Ctx") -> list:
+    template = ctx.tmp / "broken.jinja"
+    template.write_text("{% for message in messages %}{{ message['content'] }\n")
+    data = ctx.data_file(['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'])
+    return ["train", ctx.recipe({"data.format": "chat", "data.chat_template": str(template), "data.train": str(data)})]
+
+
+ROWS_LATIN1 = ROWS_OK.replace("Say hi", "Caf\u00e9").encode("latin-1") + b"\n"
 
 # (id, exit code, args builder, substrings the error must contain)
 CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
@@ -185,7 +236,7 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("model.name_or_path", "not found")),
     ("model-path-is-file", 2, lambda c: ["train", c.recipe({"model.name_or_path": str(c.data)})],
      ("model.name_or_path", "is a file")),
-    ("model-dir-not-hf", 2, lambda c: ["train", c.recipe({"model.name_or_path": str(c.tmp)})],
+    ("model-dir-not-hf", 2, lambda c: ["train", c.recipe({"model.name_or_path": str(_foreign_dir(c))})],
      ("model.name_or_path", "no config.json")),
     ("target-typo", 2, lambda c: ["train", c.recipe({"adapter.target_modules": ["qproj"]})],
      ("adapter.target_modules", "did you mean q_proj")),
@@ -213,9 +264,12 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("--allow-recipe-change applies only with --resume",)),
     # --- safety: exit 5 --------------------------------------------------------------------------------
     ("run-dir-not-empty", 5, lambda c: ["train", c.run_recipe], ("is not empty", "--resume", "--overwrite")),
+    ("foreign-dir-is-not-a-run", 5, lambda c: ["train", c.recipe(), "--output-dir", _foreign_dir(c)],
+     ("holds files lorakit did not write", "not a lorakit run")),
     ("overwrite-foreign-dir", 5, lambda c: ["train", c.recipe(), "--output-dir", _foreign_dir(c), "--overwrite"],
      ("not a lorakit run",)),
-    ("output-is-file", 5, lambda c: ["train", c.recipe(), "--output-dir", c.data], ("is a file", "--output-dir")),
+    ("output-is-file", 5, lambda c: ["train", c.recipe(), "--output-dir", c.run_recipe], ("is a file", "--output-dir")),
+    ("output-is-the-data", 5, lambda c: ["train", c.recipe(), "--output-dir", c.data], ("is the data.train data",)),
     ("remote-code-unpinned", 5,
      lambda c: ["train", c.recipe({"model.name_or_path": "someorg/somemodel", "model.trust_remote_code": True})],
      ("model.trust_remote_code", "model.revision")),
@@ -294,6 +348,129 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("adapter_model.bin", "--allow-pickle")),
     ("adapter-wrong-base-merge", 4, lambda c: ["merge", c.run / "adapter", "--base", c.other_model, "--output", c.out],
      ("is not the model the adapter was trained on", "hidden_size")),
+    # --- recipes the YAML reader refuses: exit 2 (issue 15: duplicate keys, alias bombs, encodings) ----------
+    ("yaml-duplicate-section", 2, lambda c: ["train", c.recipe(text=c.recipe().read_text() + "train:\n  max_steps: 3\n")],
+     ("key 'train' is given twice", "keep one")),
+    ("yaml-duplicate-key-nested", 2,
+     lambda c: ["train", c.recipe(text="model:\n  name_or_path: x\nadapter:\n  r: 4\n  r: 8\n")],
+     ("recipe.yaml:5", "key 'r' is given twice, on lines 4 and 5")),
+    ("yaml-duplicate-key-in-list", 2,
+     lambda c: ["train", c.recipe(text="data:\n  fields: {output: a, output: b}\n")], ("key 'output' is given twice",)),
+    ("yaml-alias-bomb", 2, lambda c: ["train", c.recipe(text=_alias_bomb())], ("aliases", "expand it to")),
+    ("yaml-alias-bomb-in-set", 2,
+     lambda c: ["train", c.recipe(), "--set", "adapter.target_modules=" + "[&a [x,x,x,x,x,x,x,x,x,x], " + ", ".join(
+         f"&{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdef", "bcdefg")) + "]"],
+     ("--set adapter.target_modules", "aliases")),
+    ("yaml-alias-loop", 2, lambda c: ["train", c.recipe(text="model: &m {name_or_path: *m}\n")], ("a loop",)),
+    ("yaml-deep-nesting", 2, lambda c: ["train", c.recipe(text="model: " + "[" * 3000 + "]" * 3000 + "\n")],
+     ("nested too deeply",)),
+    ("yaml-deep-but-parsable", 2, lambda c: ["train", c.recipe(text="model: " + "[" * 150 + "]" * 150 + "\n")],
+     ("nested too deeply (151 levels",)),
+    ("recipe-latin1", 2, lambda c: ["train", _bytes_file(c, "latin.yaml", "model: {name_or_path: caf\u00e9}\n".encode(
+        "latin-1"))], ("latin.yaml:1", "not UTF-8 text", "save it as UTF-8")),
+    ("recipe-gzip", 2, lambda c: ["train", _bytes_file(c, "r.yaml", gzip.compress(c.recipe().read_bytes()))],
+     ("gzip-compressed", "decompress")),
+    ("recipe-utf16", 2, lambda c: ["train", _bytes_file(c, "r16.yaml", c.recipe().read_text().encode("utf-16"))],
+     ("UTF-16",)),
+    ("recipe-too-large", 2, lambda c: ["train", _bytes_file(c, "big.yaml", b"# " + b"x" * (2 << 20) + b"\n")],
+     ("more than a recipe can be",)),
+    # --- numbers the schema let through but no run can use: exit 2 ----------------------------------------
+    ("seed-negative", 2, lambda c: ["train", c.recipe({"train.seed": -1})], ("train.seed: must be >= 0",)),
+    ("seed-too-large", 2, lambda c: ["train", c.recipe({"train.seed": 2**40})], ("train.seed: must be <= 4294967295",)),
+    ("lr-infinite", 2, lambda c: ["train", c.recipe(), "--set", "train.learning_rate=.inf"],
+     ("train.learning_rate", "finite")),
+    ("warmup-ratio-nan", 2, lambda c: ["train", c.recipe(), "--set", "train.warmup_ratio=.nan"], ("train.warmup_ratio",)),
+    ("r-bool", 2, lambda c: ["train", c.recipe({"adapter.r": True})], ("adapter.r: must be a number, got True",)),
+    ("max-steps-bool", 2, lambda c: ["train", c.recipe(), "--set", "train.max_steps=true"],
+     ("train.max_steps: must be a number",)),
+    ("r-beyond-memory", 2, lambda c: ["train", c.recipe({"adapter.r": 10**9})],
+     ("adapter.r: 1,000,000,000", "more than", "lower adapter.r")),
+    ("r-beyond-memory-dora", 2, lambda c: ["train", c.recipe({"adapter.r": 10**9, "adapter.method": "dora"})],
+     ("adapter.r", "lower adapter.r")),
+    ("eval-split-takes-all", 2, lambda c: ["train", c.recipe({"data.eval_split": 0.99})],
+     ("data.eval_split: 0.99 holds out all 16 rows", "smaller fraction")),
+    ("chat-template-syntax", 2, _broken_template, ("broken.jinja", "Jinja syntax error on line 1")),
+    ("attention-package-missing", 2, lambda c: ["train", c.recipe({"model.attn_implementation": "flash_attention_2"})],
+     ("model.attn_implementation", "flash-attn")),
+    # --- click's own usage errors, as one line: exit 2 ------------------------------------------------------
+    ("option-nproc-zero", 2, lambda c: ["train", c.recipe(), "--nproc", "0"], ("'--nproc'", "greater than or equal")),
+    ("option-batch-size-negative", 2, lambda c: ["estimate-memory", "--model", "mistral-7b", "--batch-size", "-1"],
+     ("'--batch-size'",)),
+    ("missing-argument", 2, lambda c: ["merge"], ("Missing argument", "--help")),
+    ("unknown-command", 2, lambda c: ["trian"], ("No such command",)),
+    # --- outputs that cannot be written, refused before anything loads: exit 2 -----------------------------
+    ("output-dangling-symlink", 2, lambda c: ["train", c.recipe(), "--output-dir", _dangling(c)],
+     ("dangling symbolic link",)),
+    ("output-under-a-file", 2, lambda c: ["train", c.recipe(), "--output-dir", c.data / "run"], ("is a file",)),
+    ("output-empty", 2, lambda c: ["train", c.recipe(), "--output-dir", ""], ("the path is empty",)),
+    ("output-current-dir", 2, lambda c: ["train", c.recipe(), "--output-dir", "."], ("current directory",)),
+    ("output-read-only", 2, lambda c: ["train", c.recipe(), "--output-dir", "/proc/lorakit-run"], ("cannot write",)),
+    ("merge-output-read-only", 2, lambda c: ["merge", c.run / "adapter", "-o", "/proc/lorakit-merged"],
+     ("cannot write",)),
+    ("init-output-is-a-dir", 2, lambda c: ["init", "-o", c.tmp, "--force"], ("a directory", "name a file")),
+    ("init-output-dangling", 2, lambda c: ["init", "-o", _dangling(c), "--force"], ("dangling symbolic link",)),
+    ("schema-output-is-a-dir", 2, lambda c: ["schema", "-o", c.tmp], ("a directory",)),
+    ("schema-over-a-user-file", 5, lambda c: ["schema", "-o", c.data], ("not a lorakit recipe schema",)),
+    ("plot-output-is-a-dir", 2, lambda c: ["plot", c.run, "-o", c.tmp], ("a directory",)),
+    ("plot-output-under-a-file", 2, lambda c: ["plot", c.run, "-o", c.data / "x.png"], ("is a file",)),
+    # --- damaged or inconsistent base models: exit 2, before the weights load ------------------------------
+    ("base-truncated-weights", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, lambda b: _truncate(_weights(b), 4096))})], ("model.safetensors", "truncated", "re-download")),
+    ("base-garbage-weights", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, lambda b: _weights(b).write_bytes(bytes(range(256)) * 40))})], ("model.safetensors", "not a safetensors")),
+    ("base-absurd-header-length", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, lambda b: _weights(b).write_bytes((2**62).to_bytes(8, "little") + _weights(b).read_bytes()[8:]))})],
+     ("header in a",)),
+    ("base-config-not-object", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, lambda b: (b / "config.json").write_text("[1, 2]"))})], ("config.json holds a JSON list",)),
+    ("base-config-not-json", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, lambda b: (b / "config.json").write_text("{oops"))})], ("config.json is not valid JSON",)),
+    ("base-config-does-not-match-weights", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, _edit_config(intermediate_size=256))})], ("config.json describes", "different models")),
+    ("base-fake-gguf", 2, lambda c: ["train", c.recipe({"model.name_or_path": str(_bytes_file(
+        c, "fake.gguf", b"GGUF" + bytes(range(200))))})], ("fake.gguf", "not a readable GGUF file")),
+    ("base-tokenizer-beyond-vocab", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
+        c, _edit_config(vocab_size=100))})], ("the tokenizer has", "vocabulary is 100")),
+    # --- damaged adapters: exit 4 naming the file ----------------------------------------------------------
+    ("adapter-config-not-json", 4, lambda c: ["merge", _damaged_adapter(
+        c, lambda a: (a / "adapter_config.json").write_text("{oops")), "-o", c.out],
+     ("adapter_config.json is not valid JSON",)),
+    ("adapter-config-not-object", 4, lambda c: ["merge", _damaged_adapter(
+        c, lambda a: (a / "adapter_config.json").write_text('"lora"')), "-o", c.out], ("holds a JSON str",)),
+    ("adapter-truncated-weights", 4, lambda c: ["merge", _damaged_adapter(
+        c, lambda a: _truncate(a / "adapter_model.safetensors", 100)), "-o", c.out],
+     ("adapter_model.safetensors", "truncated")),
+    ("adapter-record-not-json", 4, lambda c: ["generate", "--model", c.model, "--adapter", "a=" + str(_damaged_adapter(
+        c, lambda a: (a / "lorakit.json").write_text("{"))), "--prompt", "hi"], ("lorakit.json is not valid JSON",)),
+    # --- data that is not UTF-8 text, or too deep: exit 3 --------------------------------------------------
+    ("data-latin1", 3, lambda c: ["train", c.recipe({"data.train": str(_bytes_file(c, "l.jsonl", ROWS_LATIN1))})],
+     ("l.jsonl:1", "not UTF-8 text")),
+    ("data-gzip-jsonl", 3, lambda c: ["train", c.recipe({"data.train": str(_bytes_file(
+        c, "g.jsonl", gzip.compress(c.data.read_bytes())))})], ("g.jsonl is gzip-compressed",)),
+    ("data-utf16-json", 3, lambda c: ["train", c.recipe({"data.train": str(_bytes_file(
+        c, "u.json", ("[" + ROWS_OK + "]").encode("utf-16")))})], ("u.json is UTF-16",)),
+    ("data-deep-row", 3, lambda c: ["train", c.recipe({"data.train": str(c.data_file(
+        ['{"instruction": "x", "output": "y", "z": ' + "[" * 100000 + "]" * 100000 + "}"]))})],
+     ("bad.jsonl:1", "nested too deeply")),
+    ("data-row-no-usable", 3, lambda c: ["train", c.recipe({"data.max_seq_len": 8, "data.truncation": "drop"})],
+     ("no usable rows (rows 16",)),
+    ("data-bad-parquet", 3, lambda c: ["train", c.recipe({"data.train": str(_bytes_file(c, "d.parquet", b"PAR1junk"))})],
+     ("d.parquet: not a Parquet file",)),
+    ("data-truncated-parquet", 3, lambda c: ["train", c.recipe({"data.train": str(_bytes_file(
+        c, "t.parquet", b"PAR1" + bytes(100)))})], ("t.parquet: not a Parquet file",)),
+    ("generate-file-latin1", 3, lambda c: ["generate", "--model", c.model, "--file", _bytes_file(c, "p.jsonl", b'{"prompt": "caf\xe9"}\n')],
+     ("not UTF-8 text",)),
+    # --- outputs over inputs: exit 5 (issue 15, item 1) ----------------------------------------------------
+    ("merge-into-its-run", 5, lambda c: ["merge", c.run / "adapter", "-o", c.run, "--overwrite"],
+     ("contains the adapter",)),
+    ("merge-into-the-base", 5, lambda c: ["merge", c.run / "adapter", "-o", c.model, "--overwrite"],
+     ("is the base model",)),
+    ("merge-inside-the-adapter", 5, lambda c: ["merge", c.run / "adapter", "-o", c.run / "adapter" / "merged"],
+     ("lies inside the adapter",)),
+    ("merge-over-a-foreign-folder", 5, lambda c: ["merge", c.run / "adapter", "-o", _foreign_dir(c), "--overwrite"],
+     ("lorakit did not write",)),
+    ("train-into-the-base", 5, lambda c: ["train", c.recipe(), "--output-dir", c.model / "run"],
+     ("lies inside the base model",)),
 ]
 
 
@@ -329,6 +506,7 @@ def check(ctx: Ctx, output: str, stderr: str, needles: tuple[str, ...], run_befo
     assert "Traceback" not in output
     errors = error_lines(stderr)
     assert len(errors) == 1, stderr
+    assert len(stderr.strip().splitlines()) == 1, f"more than the error line on stderr:\n{stderr}"
     line = " ".join(errors[0].split())
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"

@@ -233,19 +233,22 @@ def test_pickle_weights_and_non_empty_output_exit_5(adapters, tiny_model_dir, tm
     assert invoke("merge", adapters["lora"], "--output", tmp_path / "a", "--no-verify", "--overwrite").exit_code == 0
 
 
-def test_a_merge_killed_while_publishing_loses_nothing(adapters, tmp_path):
-    """Killed between setting the old OUT aside and renaming the new one in (no such process now): the next
-    merge puts the old OUT back (then refuses to replace it without --overwrite); after a kill later, when
-    the new OUT is in place, it deletes the set-aside copy."""
-    aside = tmp_path / ".out.lorakit-old-999999999"
-    aside.mkdir()
-    (aside / "mine.txt").write_text("the earlier merge")
-    result = invoke("merge", adapters["lora"], "--output", tmp_path / "out", "--no-verify")
-    assert result.exit_code == 5 and "restored" in result.output, result.output
-    assert (tmp_path / "out" / "mine.txt").read_text() == "the earlier merge" and not aside.exists()
-    aside.mkdir()
-    assert invoke("merge", adapters["lora"], "--output", tmp_path / "out", "--no-verify", "--overwrite").exit_code == 0
-    assert not aside.exists() and (tmp_path / "out" / "config.json").is_file()
+def test_overwrite_moves_the_old_output_aside_and_only_replaces_lorakit_outputs(adapters, tmp_path):
+    """--overwrite never deletes: the earlier merged model is kept whole as OUT.replaced-*; a folder lorakit did
+    not write (no marker) is never replaced."""
+    out = tmp_path / "out"
+    assert invoke("merge", adapters["lora"], "--output", out, "--no-verify").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    result = invoke("merge", adapters["lora"], "--output", out, "--no-verify", "--overwrite")
+    assert result.exit_code == 0 and "moved to" in result.output, result.output
+    (aside,) = tmp_path.glob("out.replaced-*")
+    assert (aside / "notes.txt").read_text() == "mine" and (aside / "config.json").is_file()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    result = invoke("merge", adapters["lora"], "--output", notes, "--no-verify", "--overwrite")
+    assert result.exit_code == 5 and "lorakit did not write" in result.output, result.output
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
 
 
 def test_dequantized_precision_needs_a_quantized_record_exit_2(adapters, tmp_path):

@@ -1,0 +1,103 @@
+"""Model and adapter files checked before anything loads them: a damaged file is named, with the fix, in one line.
+
+safetensors files are checked from their header alone (length, JSON, every tensor's byte range inside the
+file), so a truncated download, a garbage file or an absurd declared header length never reaches the loader.
+JSON files must hold an object. ``shape_problem`` compares the weights' shapes with the config's model (built
+on the meta device), ``vocab_problem`` the tokenizer's size with the vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from lorakit import text
+from lorakit.models.meta import build_meta_model
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path} is truncated ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER, size - 8):
+            return (f"{path} declares a {length:,}-byte header in a {size:,}-byte file: truncated, or not a "
+                    "safetensors file")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return f"{path} has no readable header: not a safetensors file"
+    if not isinstance(header, dict):
+        return f"{path} has no readable header: not a safetensors file"
+    data = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"{path}: tensor {key} has no valid byte range: a damaged file"
+        if offsets[1] > data:
+            return f"{path} is truncated: tensor {key} ends at byte {offsets[1]:,} of the data, the file holds {data:,}"
+    return None
+
+
+def json_object_problem(path: Path) -> str | None:
+    """Why ``path`` is not a JSON object, or None."""
+    try:
+        value = json.loads(text.decode(path.read_bytes(), str(path)))
+    except text.NotText as e:
+        return str(e)
+    except (ValueError, RecursionError) as e:
+        return f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})"
+    return None if isinstance(value, dict) else f"{path} holds a JSON {type(value).__name__}, not an object"
+
+
+def folder_problem(folder: Path, json_names: tuple[str, ...]) -> str | None:
+    """The first damaged file among ``folder``'s safetensors and the named JSON files."""
+    for name in json_names:
+        if (folder / name).is_file() and (problem := json_object_problem(folder / name)):
+            return problem
+    for path in sorted(folder.glob("*.safetensors")):
+        if problem := safetensors_problem(path):
+            return problem
+    return None
+
+
+def stored_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, file name)} from the headers of the folder's safetensors files (checked first)."""
+    shapes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        shapes.update({k: (tuple(v["shape"]), path.name) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def shape_problem(model_dir: Path, config) -> str | None:
+    """The first weight whose stored shape differs from the model config.json describes (meta device: no
+    memory), or None. Keys named differently in the checkpoint (converted on load) are not compared."""
+    if getattr(config, "quantization_config", None) or any(model_dir.glob("*.bin")):
+        return None  # pre-quantized weights are stored packed, in other shapes; pickles are not opened here
+    expected = {k: tuple(v.shape) for k, v in build_meta_model(config).state_dict().items()}
+    for key, (shape, file) in stored_shapes(model_dir).items():
+        want = expected.get(key)
+        if want is not None and want != shape:
+            return (f"{file}: {key} is {list(shape)} but config.json describes {list(want)}; the config and the "
+                    "weights come from different models")
+    return None
+
+
+def vocab_problem(tokenizer, config) -> str | None:
+    """A tokenizer that can produce ids the model's embedding has no row for, or None."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        return (f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary is {vocab:,}: ids past it "
+                "have no embedding; use the model's own tokenizer")
+    return None
