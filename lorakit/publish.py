@@ -37,45 +37,41 @@ def read_marker(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and "kind" in record else None
 
 
-def resolve_output(option: str, value: str | Path) -> Path:
-    """``value`` with symlinks resolved, refused (exit 2) where no directory can ever be written: an empty path,
-    a dangling symlink, a path under a file, the current directory or one above it."""
+def _writable_path(option: str, value: str | Path, what: str) -> Path:
+    """``value`` with symlinks resolved; exit 2 for an empty path, a dangling symlink (writing would create its
+    target elsewhere) and a path under a file. ``what``: "directory" or "file", for the messages."""
     text = str(value)
     if not text.strip():
-        raise UsageError(f"{option}: the path is empty; name a directory, e.g. {option} runs/NAME")
+        raise UsageError(f"{option}: the path is empty; name a {what}")
     path = Path(text).expanduser()
     if path.is_symlink() and not path.exists():
         raise UsageError(f"{option} {text}: a dangling symbolic link (to {os.readlink(path)}); remove the link or "
-                         "choose another directory")
+                         f"choose another {what}")
     out = Path(os.path.realpath(path))
-    cwd = Path(os.path.realpath(os.getcwd()))
-    if out == cwd or out in cwd.parents:
-        raise UsageError(f"{option} {text}: that is the current directory (or one above it), which holds your files; "
-                         f"choose a new subdirectory, e.g. {option} runs/NAME")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if existing != out and not existing.is_dir():
         raise UsageError(f"{option} {text}: {existing} is a file, so nothing can be created under it; choose "
-                         "another directory")
+                         f"another {what}")
+    return out
+
+
+def resolve_output(option: str, value: str | Path) -> Path:
+    """An output directory's path, symlinks resolved; exit 2 where none can ever be written (_writable_path), or
+    for the current directory or one above it (it holds the user's files)."""
+    out = _writable_path(option, value, "directory")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if out == cwd or out in cwd.parents:
+        raise UsageError(f"{option} {value}: that is the current directory (or one above it), which holds your "
+                         f"files; choose a new subdirectory, e.g. {option} runs/NAME")
     return out
 
 
 def check_file_output(option: str, value: str | Path) -> Path:
-    """Exit 2 unless a file can be written at ``value`` (init, plot, schema): not empty, not a directory, not a
-    dangling symlink (writing would create its target elsewhere), not under a file, in a writable directory."""
-    text = str(value)
-    if not text.strip():
-        raise UsageError(f"{option}: the path is empty; name a file")
-    path = Path(text).expanduser()
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{option} {text}: a dangling symbolic link (to {os.readlink(path)}); remove the link or "
-                         "choose another file")
-    if path.is_dir():
-        raise UsageError(f"{option} {text}: a directory; name a file, e.g. {path / 'recipe.yaml'}")
-    out = Path(os.path.realpath(path))
-    existing = next(p for p in out.parents if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"{option} {text}: {existing} is a file, so nothing can be created under it; choose "
-                         "another path")
+    """An output file's path (init, plot, schema); exit 2 unless a file can be written there: see _writable_path,
+    and not a directory, in a writable directory."""
+    out = _writable_path(option, value, "file")
+    if out.is_dir():
+        raise UsageError(f"{option} {value}: a directory; name a file, e.g. {out / 'recipe.yaml'}")
     check_writable(option, out.parent)
     return out
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import lorakit.training.run
 from run_helpers import cli, recipe_dict, write_data, write_recipe
 
@@ -53,13 +55,16 @@ def test_resume_after_editing_one_row_is_exit_4_naming_the_data(tiny_model_dir, 
     assert result.exit_code == 0 and "continuing on the new data" in " ".join(result.output.split()), result.output
 
 
-def test_warmup_with_a_schedule_that_has_none_is_a_warning(tiny_model_dir, tmp_path):
-    data = write_data(tmp_path / "d.jsonl", 8)
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=1,
-                                                           lr_scheduler="constant", warmup_steps=5))
-    result = cli("train", recipe)
-    assert result.exit_code == 0, result.output
-    assert "train.warmup_steps: the constant schedule has no warmup, so it is ignored" in " ".join(result.output.split())
+@pytest.mark.parametrize("scheduler", ["constant", "reduce_lr_on_plateau", "greedy"])
+def test_warmup_with_a_schedule_that_has_none_is_a_warning(scheduler):
+    import torch
+
+    from lorakit.config.schema import TrainSection
+    from lorakit.training.optim import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.warns(UserWarning, match=f"train.warmup_steps: the {scheduler} schedule has no warmup"):
+        build_scheduler(optimizer, TrainSection(max_steps=3, lr_scheduler=scheduler, warmup_steps=5), 3)
 
 
 def test_lorakit_cache_pointing_at_a_file_is_exit_2(tiny_model_dir, tmp_path, monkeypatch):
