@@ -152,6 +152,8 @@ def publish_output(tmp: Path, out: Path, kind: str) -> Path | None:
     """Mark the finished ``tmp`` as lorakit's and rename it to ``out``, the old ``out`` (checked replaceable)
     set aside first; returns where the old one went, if anywhere. A crash in between leaves both complete."""
     write_marker(tmp, kind)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory holds nothing to keep
     aside = set_aside(out) if out.exists() else None
     tmp.rename(out)
     fsync_dir(out.parent)
