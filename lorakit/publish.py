@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from lorakit.atomic import fsync_dir
+from lorakit.atomic import fsync_dir, publish_file
 from lorakit.errors import SafetyError, UsageError
 
 MARKER = ".lorakit-output"  # JSON {kind, version, created} in every output directory lorakit creates
@@ -157,4 +157,12 @@ def publish_output(tmp: Path, out: Path, kind: str) -> Path | None:
     aside = set_aside(out) if out.exists() else None
     tmp.rename(out)
     fsync_dir(out.parent)
+    return aside
+
+
+def publish_file_output(tmp: Path, out: Path) -> Path | None:
+    """Rename the finished file ``tmp`` onto ``out`` atomically; an existing ``out`` (the caller checked that
+    --overwrite was given) is set aside first, never replaced in place. Returns where the old one went."""
+    aside = set_aside(out) if out.exists() else None
+    publish_file(tmp, out)
     return aside

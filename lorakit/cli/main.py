@@ -385,7 +385,7 @@ def export(
     format_: str = typer.Option("gguf", "--format", help="gguf (the whole model) or gguf-lora (the adapter only)."),
     quant: str = typer.Option("f16", "--quant", help="f16, bf16, q8_0 or q4_0 (gguf-lora: f16, bf16 or q8_0)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="FILE.gguf to write.", show_default=False),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing FILE.gguf."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Move an existing FILE.gguf (and Modelfile) aside as FILE.gguf.replaced-TIME and write a new one."),
     verify: bool = typer.Option(
         False, "--verify", help="Read the GGUF back with transformers' GGUF loader and compare tokens and logits "
         "with the model's; exit 1 over the limit, writing nothing."),
@@ -410,6 +410,17 @@ def export(
         return run_vllm_check(target, max_lora_rank, base=base, say=say)
     if output is None:
         raise UsageError(f"-o FILE.gguf is required: lorakit export {target} --format {format_} -o FILE.gguf")
+    from lorakit.export.run import check_output
+    from lorakit.runlock import OutputLock
+
+    with OutputLock(check_output(output, overwrite), say, "-o"):  # one lorakit process per output file
+        _export(target, output, format_, quant, overwrite, verify, ollama, base, allow_pickle, say)
+
+
+def _export(target, output, format_, quant, overwrite, verify, ollama, base, allow_pickle, say) -> None:
+    from lorakit.console import saved
+    from lorakit.errors import UsageError
+
     if ollama:
         from lorakit.export.ollama import check_modelfile
 

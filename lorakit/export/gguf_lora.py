@@ -17,8 +17,8 @@ import torch
 
 from lorakit.errors import UsageError, VerificationError
 from lorakit.export.gguf_model import Hyper, permute_for_rope
-from lorakit.atomic import publish_file
-from lorakit.export.run import ExportReport, check_output, temporary_file
+from lorakit.export.run import ExportReport, check_apart, check_output, temporary_file
+from lorakit.publish import publish_file_output
 from lorakit.export.target import display_name, resolve_target
 from lorakit.merge.weights_io import list_tensors
 
@@ -76,6 +76,7 @@ def export_gguf_lora(target: str | Path, output: str | Path, *, quant: str = "f1
         raise UsageError(f"--quant {quant}: a gguf-lora file is {', '.join(LORA_QUANTS)}")
     out = check_output(Path(output), overwrite)
     resolved = resolve_target(target, want="adapter", base=base, allow_pickle=allow_pickle)
+    check_apart(out, resolved)
     adapter = read_adapter(resolved.adapter_dir, allow_pickle)
     hp = Hyper.from_config(resolved.config, resolved.model_dir)
     tensors = lora_tensors(adapter, resolved.model_dir, resolved.arch, hp, quant)
@@ -95,7 +96,7 @@ def export_gguf_lora(target: str | Path, output: str | Path, *, quant: str = "f1
         if verify:
             check_lora_file(tmp, tensors)
             log("verify: every lora_a/lora_b pair reads back as written: ok")
-        publish_file(tmp, out)
+        publish_file_output(tmp, out)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)

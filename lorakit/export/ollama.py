@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorakit.errors import SafetyError
 from lorakit.export.target import display_name
+from lorakit.publish import publish_file_output
 
 ROLES = ("system", "user", "assistant")
 _P = {role: f"lorakit0{role}0probe" for role in ROLES + ("user2",)}
@@ -154,6 +155,6 @@ def write_modelfile(target, report, *, overwrite: bool) -> tuple[Path, str]:
         lines.append(f"PARAMETER stop {json.dumps(tokenizer.convert_ids_to_tokens(i))}")
     tmp = path.with_name(f".{path.name}.lorakit-tmp")
     tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    publish_file_output(tmp, path)  # an old Modelfile (--overwrite) is moved aside, not replaced
     name = display_name(target).lower().replace("_", "-")
     return path, f"ollama create {shlex.quote(name)} -f {shlex.quote(str(path))}"

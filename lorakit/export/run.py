@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorakit.atomic import publish_file
 from lorakit.errors import SafetyError, UsageError
 from lorakit.export.target import Target, display_name, resolve_target
+from lorakit.publish import check_file_output, check_inputs_apart, publish_file_output
 
 FORMATS = ("gguf", "gguf-lora")
 
@@ -34,17 +34,23 @@ class ExportReport:
 
 
 def check_output(output: Path, overwrite: bool, suffix: str = ".gguf") -> Path:
-    """The resolved output path; refuses (before any work) a path that would replace a file without --overwrite."""
-    out = Path(output).expanduser().resolve()
+    """The resolved output path, refused before any work where it cannot be written (publish.check_file_output:
+    empty, a dangling link, under a file, a directory, unwritable), or would replace a file without --overwrite
+    (with it, the old file is moved aside at publish time, never replaced in place)."""
+    out = check_file_output("-o", output)
     if out.suffix != suffix:
         raise UsageError(f"-o {output}: the output is a {suffix} file; name it {out.stem}{suffix}")
     if not out.parent.is_dir():
         raise UsageError(f"-o {output}: directory {out.parent} does not exist")
-    if out.is_dir():
-        raise UsageError(f"-o {output}: a directory of that name exists; choose a file name")
     if out.exists() and not overwrite:
-        raise SafetyError(f"-o {output} exists; pass --overwrite to replace it or choose another name")
+        raise SafetyError(f"-o {output} exists; pass --overwrite to move it aside and write a new one, or choose "
+                          "another name")
     return out
+
+
+def check_apart(out: Path, target: Target) -> None:
+    """The output file must not lie inside the model or adapter folder it is made from (exit 5)."""
+    check_inputs_apart("-o", out, {"base model": target.model_dir, "adapter": target.adapter_dir})
 
 
 def temporary_file(out: Path) -> Path:
@@ -98,6 +104,7 @@ def export_gguf(target: str | Path, output: str | Path, *, quant: str = "f16", o
         raise UsageError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     out = check_output(Path(output), overwrite)
     resolved = resolve_target(target, base=base, allow_pickle=allow_pickle)
+    check_apart(out, resolved)
     hp = Hyper.from_config(resolved.config, resolved.model_dir)
     report = ExportReport(out, quant)
     with model_directory(resolved, out, allow_pickle, log) as model_dir:
@@ -123,7 +130,7 @@ def export_gguf(target: str | Path, output: str | Path, *, quant: str = "f16", o
                 report.max_abs_diff, report.kl = verify_gguf(tmp, model_dir, quant)
                 log(f"verify: read back by transformers' GGUF loader: same tokens; max |Δlogit| "
                     f"{report.max_abs_diff:.3g}, mean KL {report.kl:.2e} nats/token: ok")
-            publish_file(tmp, out)
+            publish_file_output(tmp, out)
         finally:
             writer.close()
             tmp.unlink(missing_ok=True)

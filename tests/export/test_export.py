@@ -3,6 +3,7 @@ tokens and logits, the tokenizer and every stop token in the metadata, refusals 
 gguf-lora files, the Ollama Modelfile and the vLLM check."""
 
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -280,3 +281,28 @@ def test_train_warns_at_start_when_vllm_cannot_serve_the_adapter(tiny_model_dir,
     assert "vLLM will not serve this adapter" in lines[0] and "use_dora" in lines[0]
     plain = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run2", max_steps=1)
     assert "vLLM" not in cli("train", write_recipe(tmp_path / "r2.yaml", plain)).output
+
+
+def test_export_guards_its_output_like_every_other_command(llama3_dir, tmp_path):
+    """--overwrite moves the old file aside (never replaced in place), an output inside the model folder is
+    refused (exit 5), and a second process on the same output is refused while the first holds its lock."""
+    from lorakit.runlock import OutputLock
+
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"the user's earlier export")
+    refused = cli("export", llama3_dir, "-o", out)
+    assert refused.exit_code == 5 and out.read_bytes() == b"the user's earlier export"
+    replaced = cli("export", llama3_dir, "-o", out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("m.gguf.replaced-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"the user's earlier export"
+    assert out.read_bytes()[:4] == b"GGUF"
+
+    inside = cli("export", llama3_dir, "-o", Path(llama3_dir) / "model.gguf")
+    assert inside.exit_code == 5 and "lies inside the base model" in inside.output
+    assert not (Path(llama3_dir) / "model.gguf").exists()
+
+    held = tmp_path / "held.gguf"
+    with OutputLock(held, lambda _: None, "-o"):
+        busy = cli("export", llama3_dir, "-o", held)
+    assert busy.exit_code == 5 and not held.exists()
