@@ -26,7 +26,7 @@ def dora_int8_broken_on_cpu(model) -> bool:
     return getattr(model, "is_loaded_in_8bit", False) and model.device.type == "cpu"
 
 
-def save_gathered_peft_adapter(model, out, state_dict: dict) -> None:
+def save_gathered_peft_adapter(model, out, state_dict: dict, **save_kwargs) -> None:
     """Save a PeftModel's adapter from ``state_dict`` gathered off FSDP shards.
 
     PEFT (0.21) reads a PeftModel's prompt encoders from the model itself, and picks a passed state dict's
@@ -47,4 +47,4 @@ def save_gathered_peft_adapter(model, out, state_dict: dict) -> None:
     unexpected = skeleton.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
     if unexpected:  # the adapter's meta tensors became real; every gathered tensor must have found its place
         raise RuntimeError(f"gathered adapter weights the model does not have: {unexpected[:3]}")
-    skeleton.save_pretrained(out)
+    skeleton.save_pretrained(out, **save_kwargs)

@@ -11,9 +11,12 @@ from lorakit.compat import dora_int8_broken_on_cpu
 from lorakit.config.methods import build_peft_config, ia3_default_modules
 from lorakit.config.schema import AdapterSection, Recipe
 from lorakit.errors import CheckpointError, UsageError, first_line
+from lorakit.config.tokens import tokens_to_train
 from lorakit.models.loading import (
-    enable_activation_checkpointing, linear_module_names, load_base_model, prepare_kbit_base, resolve_model_path,
+    enable_activation_checkpointing, linear_module_names, load_base_model, load_tokenizer, prepare_kbit_base,
+    resolve_model_path,
 )
+from lorakit.models.tokens import grow_embeddings, recorded_vocab, token_indices, trainable_token_ids
 
 
 def check_targets(model, target_modules, feedforward_modules=None) -> None:
@@ -49,7 +52,7 @@ def check_targets(model, target_modules, feedforward_modules=None) -> None:
 
 
 def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None = None,
-                  low_cpu_mem_usage: bool = False):
+                  low_cpu_mem_usage: bool = False, token_rows: dict[str, list[int]] | None = None):
     """The model with the recipe's adapter: a PeftModel, or a BottleneckModel for method bottleneck."""
     model_type = model.config.model_type
     if section.method == "ia3" and section.target_modules is None and ia3_default_modules(model_type) is None:
@@ -64,10 +67,11 @@ def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None 
         )
     if (section.model_extra or {}).get("init_lora_weights") == "loftq" and not torch.cuda.is_available():
         raise UsageError(
-            "adapter.init_lora_weights: loftq runs PEFT's LoftQ decomposition on a CUDA GPU and none is available; "
-            "use gaussian, pissa or the default here"
+            "adapter.init_lora_weights: loftq runs PEFT's LoftQ decomposition on a CUDA GPU and none is available "
+            "(PEFT 0.21 computes it on cuda/xpu only, replace_lora_weights_loftq too); use gaussian, pissa or the "
+            "default here"
         )
-    config = build_peft_config(section, model_type=model_type, tokenizer_path=tokenizer_path)
+    config = build_peft_config(section, model_type=model_type, tokenizer_path=tokenizer_path, token_rows=token_rows)
     check_targets(model, getattr(config, "target_modules", None), getattr(config, "feedforward_modules", None))
     if section.method == "bottleneck":
         from lorakit.adapters.bottleneck import BottleneckModel
@@ -81,15 +85,22 @@ def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None 
         raise UsageError(f"adapter: PEFT rejected the adapter config: {first_line(e)}") from None
 
 
-def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: bool = False):
-    """The base model with the recipe's adapter applied, ready to train."""
+def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: bool = False, tokenizer=None):
+    """The base model with the recipe's adapter applied, ready to train. ``tokenizer``: the run's (with
+    model.add_tokens), loaded here when new or trainable tokens need it and none is given."""
     model_path = model_path or resolve_model_path(recipe.model)
     model = load_base_model(recipe.model, model_path, allow_pickle)
     if recipe.model.quantization != "none" and recipe.model.upcast_unquantized:
         model = prepare_kbit_base(model)
+    token_rows = None
+    if tokens_to_train(recipe):
+        tokenizer = tokenizer or load_tokenizer(recipe.model, model_path)
+        grow_embeddings(model, len(tokenizer))
+        token_rows = token_indices(model, trainable_token_ids(tokenizer, tokens_to_train(recipe)))
     if recipe.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path)
+    return apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path,
+                         token_rows=token_rows)
 
 
 def load_adapter(base_model, adapter_dir, is_trainable: bool = False):
@@ -105,6 +116,7 @@ def load_adapter(base_model, adapter_dir, is_trainable: bool = False):
         )
     from peft import PeftModel
 
+    grow_embeddings(base_model, recorded_vocab(adapter_dir))  # trained with model.add_tokens: the same vocabulary
     try:
         return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -498,6 +498,14 @@ def generate(
             typer.echo(completion)
 
 
+@command(help="Print the effective settings a finished run recorded (RUN/run.json): what each recipe setting did, "
+         "as `lorakit train` printed it after building the model.")
+def explain(run: Path = typer.Argument(..., help="Run directory (output.dir of a finished run).")) -> None:
+    from lorakit.training.effective import explain as explain_run
+
+    typer.echo(explain_run(run))
+
+
 @command(name="inspect", help="Show a model's targetable linear modules with shapes, what the adapter trains per "
          "module and in total, and the LoRA rank table. Builds the model on the meta device: no weights loaded.")
 def inspect_(

@@ -11,8 +11,10 @@ from pydantic import BaseModel, ValidationError
 
 from lorakit import text
 from lorakit.config import safe_yaml
+from lorakit.config.inits import init_problems
 from lorakit.config.methods import _REQUIRED, _RESERVED, METHODS, peft_config_class
 from lorakit.config.schema import AdapterSection, Recipe, _did_you_mean
+from lorakit.config.tokens import token_problems
 from lorakit.errors import RecipeError, UsageError
 
 
@@ -157,6 +159,8 @@ def parse_recipe(data: dict, source: str | None = None) -> Recipe:
         raise RecipeError(problems, source=source) from None
     tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
     problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))
+    if not problems:
+        problems.extend(init_problems(recipe) + token_problems(recipe))
     if problems:
         raise RecipeError(problems, source=source)
     return recipe

@@ -65,6 +65,11 @@ _REQUIRED = {name: m.required for name, m in REGISTRY.items() if m.required}
 ADAPTER_LAYOUTS = tuple(dict.fromkeys(m.layout for m in REGISTRY.values()))
 
 
+def is_lora_family(method: str) -> bool:
+    """Methods built as PEFT LoRA (A/B matrices, LoraConfig's options: inits, LoRA+, trainable tokens)."""
+    return REGISTRY[method].config_class == "LoraConfig"
+
+
 def peft_config_class(method: str):
     """The config class whose fields a method's pass-through keys must be (lorakit's own for bottleneck)."""
     name = REGISTRY[method].config_class
@@ -108,17 +113,21 @@ def ia3_default_modules(model_type: str) -> tuple[list[str], list[str]] | None:
     return list(TARGETS[model_type]), list(FEEDFORWARD.get(model_type, []))
 
 
-def build_peft_config(section: AdapterSection, *, model_type: str | None = None, tokenizer_path: str | None = None):
+def build_peft_config(section: AdapterSection, *, model_type: str | None = None, tokenizer_path: str | None = None,
+                      token_rows: dict[str, list[int]] | None = None):
     """The adapter config of the recipe's adapter section: PEFT's class for the method (lorakit's
     BottleneckConfig for bottleneck), with the pass-through keys handed to that class unchanged.
 
     model_type selects IA3's per-architecture default modules; tokenizer_path is what prompt tuning's text
-    init tokenizes with unless the recipe names tokenizer_name_or_path.
+    init tokenizes with unless the recipe names tokenizer_name_or_path; token_rows: the trainable token rows
+    per embedding module (adapter.trainable_tokens resolved against the tokenizer and the model).
     """
     from lorakit.config.methods import peft_config_class
 
     cls = peft_config_class(section.method)
     extras = dict(section.model_extra or {})
+    if token_rows:
+        extras["trainable_token_indices"] = token_rows
     kwargs: dict = {}
     if section.method in ("lora", "dora"):
         kwargs = dict(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,

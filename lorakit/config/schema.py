@@ -11,7 +11,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS
+from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
 
 # transformers' SchedulerType values; tests/config/test_recipe.py fails when transformers changes them.
 SCHEDULERS = (
@@ -88,6 +88,13 @@ class ModelSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel. auto: transformers' default for the model (sdpa where supported)."
     )
+    add_tokens: list[str] = Field(
+        default_factory=list,
+        description="New tokens to add to the tokenizer (never split) and to the model's embedding (and untied LM "
+        "head), e.g. ['<tool_call>', '</tool_call>']. Their rows train through adapter.trainable_tokens (every "
+        "added token must be listed there; it defaults to these); lora/dora only. The tokenizer is saved with the "
+        "adapter and the merged model.",
+    )
 
     @model_validator(mode="after")
     def _upcast_needs_a_quantized_base(self) -> "ModelSection":
@@ -129,6 +136,38 @@ class AdapterSection(Section):
         "'all-linear', or a regular expression matched against full module names. Default: all-linear for "
         "lora/dora; PEFT's per-architecture IA3 modules for ia3 (k_proj, v_proj, down_proj on Llama).",
     )
+
+    trainable_tokens: list[str] | None = Field(
+        None,
+        description="lora/dora: tokens whose embedding rows (and untied LM-head rows) train, through PEFT's "
+        "trainable_token_indices, which saves only those rows instead of whole embedding matrices (as "
+        "modules_to_save would). Each must be one token of the tokenizer. Default: model.add_tokens.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+ (lora/dora): the B matrices (and biases, DoRA magnitudes) learn at train.learning_rate "
+        "times this ratio, the A matrices at train.learning_rate, through PEFT's create_loraplus_optimizer (the "
+        "LoRA+ paper uses 16). Default: off, one learning rate for every tensor.",
+    )
+    loraplus_lr_embedding: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+ only: learning rate of LoRA layers on embedding modules. Default: PEFT's 1e-6.",
+    )
+
+    @model_validator(mode="after")
+    def _loraplus(self) -> "AdapterSection":
+        if self.loraplus_lr_ratio is not None and not is_lora_family(self.method):
+            raise ValueError(
+                f"adapter.loraplus_lr_ratio: LoRA+ sets learning rates for LoRA's A and B matrices; method "
+                f"{self.method} has none: remove it or use method lora/dora"
+            )
+        if self.loraplus_lr_embedding is not None and self.loraplus_lr_ratio is None:
+            raise ValueError(
+                "adapter.loraplus_lr_embedding: only used by LoRA+; set adapter.loraplus_lr_ratio (e.g. 16) or remove it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _method_keys(self) -> "AdapterSection":

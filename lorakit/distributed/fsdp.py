@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 
 from lorakit.compat import save_gathered_peft_adapter
+from lorakit.config.inits import init_name, rewrites_base
 from lorakit.config.schema import Recipe, TrainSection
 from lorakit.errors import UsageError
 
@@ -87,6 +88,12 @@ def check_fsdp(recipe: Recipe, mixed_precision: str) -> None:
         raise UsageError(
             f"train.optimizer: {recipe.train.optimizer} cannot be checkpointed under FSDP; use train.optimizer=adamw "
             "(FSDP already shards the optimizer state over the GPUs)"
+        )
+    init = init_name(recipe.adapter.model_extra or {})
+    if rewrites_base(init) or init == "eva":
+        raise UsageError(
+            f"adapter.init_lora_weights: {init} needs the whole adapter on one process (PEFT's conversion at save, "
+            "EVA's SVD), which FSDP shards; use DDP (recipes/accelerate/ddp.yaml) or the default init"
         )
     quantization = recipe.model.quantization
     if quantization == "int8":
@@ -193,9 +200,16 @@ def save_adapter_weights(model, out, state_dict: dict | None = None) -> None:
     from lorakit.adapters import bottleneck
 
     if state_dict is None or isinstance(model, bottleneck.BottleneckModel):
-        model.save_pretrained(out, state_dict=state_dict)
+        model.save_pretrained(out, state_dict=state_dict, **embedding_kwargs(model))
         return
-    save_gathered_peft_adapter(model, out, state_dict)
+    save_gathered_peft_adapter(model, out, state_dict, **embedding_kwargs(model))
+
+
+def embedding_kwargs(model) -> dict:
+    """Trainable token rows (model.add_tokens) are saved as rows only: PEFT's "auto" would save both whole
+    embedding matrices because the vocabulary grew."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return {"save_embedding_layers": False} if getattr(config, "trainable_token_indices", None) else {}
 
 
 def optimizer_state(model, optimizer) -> dict:

@@ -13,6 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass, replace
 
+from lorakit.config.tokens import tokens_to_train
 from lorakit.errors import UsageError
 
 NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size; second-level block of double quantization
@@ -308,4 +309,27 @@ def inspect_model(config, adapter, name: str = "", source: str = "") -> ModelPro
         geometry=geo,
         lora_modules=lora,
         notes=tuple(notes),
+    )
+
+
+def add_token_rows(config, profile: ModelProfile, recipe) -> ModelProfile:
+    """``profile`` with model.add_tokens and adapter.trainable_tokens counted: the vocabulary grows by every added
+    token (assumed new: the tokenizer is not read here), and each trainable token adds one row per embedding
+    matrix it trains (the input embedding, and the LM head unless tied), as PEFT's trainable_token_indices does."""
+    trained, added = len(tokens_to_train(recipe)), len(recipe.model.add_tokens)
+    if not trained:
+        return profile
+    text = config.get_text_config()
+    matrices = 1 if getattr(text, "tie_word_embeddings", False) else 2
+    rows = trained * text.hidden_size
+    grown = added * text.hidden_size * matrices
+    return replace(
+        profile,
+        base_params=profile.base_params + grown,
+        total_params=profile.total_params + grown + rows * matrices,
+        trainable_params=profile.trainable_params + rows * matrices,
+        base_tensors=profile.base_tensors + ((added * text.hidden_size,) * matrices if added else ()),
+        adapter_tensors=profile.adapter_tensors + (rows,) * matrices,
+        notes=profile.notes + (f"{trained} trainable token rows × {matrices} embedding matrices"
+                               + (f", vocabulary + {added} added tokens" if added else ""),),
     )

@@ -324,14 +324,14 @@ def to_json(est: Estimate, comparison: list | None, advice: FitAdvice | None) ->
 
 def report(recipe_path: Path | None, flags: Flags, gpu_memory: str | None, explain: bool) -> tuple[str, dict]:
     """The whole command: inputs → profile → estimate, comparison, advice → (text, JSON document)."""
-    from lorakit.memory.profile import inspect_model
+    from lorakit.memory.profile import add_token_rows, inspect_model
     from lorakit.models.presets import load_model_config
 
     budget = parse_size(gpu_memory) if gpu_memory else None
     recipe = resolve_recipe(recipe_path, flags)
     settings = settings_from(recipe, flags)
     config, source = load_model_config(recipe.model.name_or_path)
-    profile = inspect_model(config, recipe.adapter, recipe.model.name_or_path, source)
+    profile = add_token_rows(config, inspect_model(config, recipe.adapter, recipe.model.name_or_path, source), recipe)
     est = estimate(profile, settings)
     comparison = compare_methods(profile, settings)
     advice = fit_advice(profile, settings, budget) if budget else None

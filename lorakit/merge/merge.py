@@ -53,7 +53,7 @@ NOT_MERGEABLE = {
 # LoRA options whose forward is not W + s·B·A (or that train weights outside lora_A/B): merged output would differ.
 UNSUPPORTED_LORA_OPTIONS = (
     "use_qalora", "use_bdlora", "arrow_config", "velora_config", "kasa_config", "monteclora_config", "mica",
-    "alora_invocation_tokens", "layer_replication", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "layer_replication", "target_parameters",
 )
 
 
@@ -86,6 +86,12 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
     if peft_type not in ("LORA", "IA3"):
         raise UsageError(f"{path}: peft_type {peft_type} is not mergeable by lorakit (it merges LoRA, DoRA, rsLoRA "
                          f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "corda", "lora_ga")):
+        raise UsageError(f"{path}: an unconverted {init} adapter (a checkpoint's, or saved without PEFT's "
+                         "path_initial_model_for_weight_conversion): its B·A belongs on a residual base only PEFT "
+                         "rebuilds at load, not on the base weights; merge the run's DIR/adapter, which lorakit "
+                         "saves converted")
     options = [k for k in UNSUPPORTED_LORA_OPTIONS if config.get(k)]
     if options:
         raise UsageError(f"{path}/adapter_config.json: {', '.join(options)} is set; that LoRA variant is not a "
@@ -145,7 +151,7 @@ def write_shards(plan: MergePlan, out_dir: Path, record: dict, device: str, log:
     names = shard_names(len(plan.shards))
     with TensorReader() as reader:
         for name, shard in zip(names, plan.shards):
-            with SafetensorsStreamWriter(out_dir / name, [(t.name, t.dtype, t.source.shape) for t in shard]) as writer:
+            with SafetensorsStreamWriter(out_dir / name, [(t.name, t.dtype, t.shape) for t in shard]) as writer:
                 for t in shard:
                     writer.write(t.name, merged_tensor(t, reader, record, device))
             log(f"wrote {name}")
@@ -161,6 +167,8 @@ def write_metadata(adapter: Adapter, base_dir: Path, config, plan: MergePlan, dt
 
     if dtype is not None:
         config.dtype = dtype
+    if plan.vocab_size:
+        config.get_text_config().vocab_size = plan.vocab_size
     if plan.untie:
         config.tie_word_embeddings = False
         text = config.get_text_config()

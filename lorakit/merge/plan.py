@@ -12,6 +12,7 @@ import torch
 from lorakit.adapters.files import Adapter
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, UsageError
+from lorakit.merge.tokens import grown_embeddings, is_token_rows
 from lorakit.merge.weights_io import StoredTensor, nbytes
 from lorakit.models.meta import build_meta_model
 
@@ -61,6 +62,8 @@ def collect_updates(adapter: Adapter, base_keys: set[str]) -> tuple[dict[str, Mo
     updates: dict[str, ModuleUpdate] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.tensors.items():
+        if is_token_rows(key):
+            continue  # whole grown embeddings, merge.tokens.grown_embeddings
         suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
             module = key[: -len(suffix)]
@@ -97,7 +100,12 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return nbytes(self.source.shape, self.dtype)
+        return nbytes(self.shape, self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The source's, or a replacement's that grew (an embedding with added tokens)."""
+        return tuple(self.replacement.shape) if self.replacement is not None else self.source.shape
 
 
 @dataclass
@@ -107,6 +115,7 @@ class MergePlan:
     untie: bool
     quantized_modules: set[str]
     merged_modules: int
+    vocab_size: int | None = None  # grown by trainable token rows (model.add_tokens)
 
 
 def meta_model(base_dir: Path):
@@ -156,6 +165,8 @@ def plan_merge(adapter, base_tensors, model, dtype, round_trip: bool, max_shard_
         if key not in sources or tuple(tensor.shape) != sources[key].shape:
             raise CheckpointError(f"{adapter.path}: adapter tensor {key} {tuple(tensor.shape)} does not fit the base "
                                   f"weight {sources[key].shape if key in sources else '(missing)'}")
+    grown = grown_embeddings(adapter, model, sources)  # after _untie: a tied head stays tied to the grown rows
+    replacements.update(grown)
 
     quantized = quantized_module_names(model) if round_trip else set()
     out = []
@@ -169,7 +180,8 @@ def plan_merge(adapter, base_tensors, model, dtype, round_trip: bool, max_shard_
             dtype=dtype if (dtype is not None and source.dtype.is_floating_point) else source.dtype,
             round_trip=param == "weight" and module in quantized,
         ))
-    return MergePlan(out, _shards(out, max_shard_bytes), untie, quantized, len(updates) + len(replacements))
+    vocab = max((t.shape[0] for t in grown.values()), default=None)
+    return MergePlan(out, _shards(out, max_shard_bytes), untie, quantized, len(updates) + len(replacements), vocab)
 
 
 def _check_shapes(adapter: Adapter, update: ModuleUpdate, stored: tuple, bias: StoredTensor | None) -> None:

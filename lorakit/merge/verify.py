@@ -12,6 +12,7 @@ from lorakit.adapters.files import Adapter
 from lorakit.errors import VerificationError
 from lorakit.merge.plan import round_trip_weight
 from lorakit.merge.plan import MergePlan
+from lorakit.models.tokens import grow_embeddings
 
 
 # Verification limits per output dtype: (max |Δlogit|, mean KL(adapter ‖ merged) in nats per token). In float32
@@ -41,6 +42,7 @@ def verify_merge(adapter: Adapter, base_dir: Path, merged_dir: Path, plan: Merge
         for name in plan.quantized_modules:  # the same NF4 round-trip the merge applied
             weight = model.get_submodule(name).weight
             weight.data = round_trip_weight(weight.data, adapter.record).to(device, torch.float32)
+        grow_embeddings(model, plan.vocab_size or 0)  # added tokens: the adapter's rows replace the new ones
         model = PeftModel.from_pretrained(model, adapter.path).eval()
         reference = [model(ids).logits.float().cpu() for ids in inputs]
         del model

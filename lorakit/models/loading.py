@@ -21,6 +21,7 @@ from lorakit.config.schema import ModelSection
 from lorakit.errors import SafetyError, UsageError, first_line
 from lorakit.models.checks import folder_problem
 from lorakit.paths import cache_dir, is_local
+from lorakit.models.tokens import add_new_tokens
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -141,6 +142,7 @@ def load_tokenizer(section: ModelSection, model_path: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(section))
     except (OSError, ValueError) as e:
         raise UsageError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {first_line(e)}") from None
+    add_new_tokens(tokenizer, section.add_tokens)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are masked explicitly, so pad == eos is safe
     tokenizer.padding_side = "right"

@@ -22,6 +22,7 @@ from lorakit.config.schema import ModelSection
 from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
+from lorakit.models.tokens import grow_embeddings, recorded_vocab
 
 BASE = "base"  # the adapter name that means "no adapter"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -97,6 +98,9 @@ def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, all
     model.config.use_cache = True  # load_base_model turns the KV cache off for training
     if section.quantization == "none":
         model = model.to(device)
+    grown = max(adapters.values(), key=recorded_vocab, default=None)
+    if grown is not None and grow_embeddings(model, recorded_vocab(grown)):
+        tokenizer = load_tokenizer(section.model_copy(update={"tokenizer": str(grown)}))  # it has the new tokens
     if any(is_bottleneck_dir(p) for p in adapters.values()):  # lorakit's own method: one adapter, no names
         return load_adapter(model, next(iter(adapters.values()))).eval(), tokenizer
     for i, (name, path) in enumerate(adapters.items()):

@@ -65,7 +65,8 @@ def final_metrics(metrics_path: Path) -> dict:
     return final
 
 
-def build_manifest(recipe: Recipe, root: Path, *, started: float, world_size: int) -> dict:
+def build_manifest(recipe: Recipe, root: Path, *, started: float, world_size: int,
+                   effective_settings: list[dict] | None = None) -> dict:
     finished = time.time()
     return {
         "lorakit_run": 1,
@@ -81,12 +82,15 @@ def build_manifest(recipe: Recipe, root: Path, *, started: float, world_size: in
         "devices": device_names(),
         "world_size": world_size,
         "final_metrics": final_metrics(root / "metrics.jsonl"),
+        "effective_settings": effective_settings or [],  # lorakit.training.effective: what each setting did
     }
 
 
-def write_run_manifest(root: str | Path, recipe: Recipe, *, started: float, world_size: int) -> Path:
+def write_run_manifest(root: str | Path, recipe: Recipe, *, started: float, world_size: int,
+                       effective_settings: list[dict] | None = None) -> Path:
     root = Path(root)
     path = root / "run.json"
-    manifest = build_manifest(recipe, root, started=started, world_size=world_size)
+    manifest = build_manifest(recipe, root, started=started, world_size=world_size,
+                              effective_settings=effective_settings)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

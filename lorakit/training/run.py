@@ -15,6 +15,7 @@ import torch
 
 from lorakit import __version__
 from lorakit.adapters.build import apply_adapter, build_model, counting_section
+from lorakit.adapters.inits import InitRecord, capture_initial, run_eva, save_converted
 from lorakit.checkpoint.format import TrainState
 from lorakit.checkpoint.read import select_checkpoint, set_aside_newer
 from lorakit.checkpoint.resume import check_resume, restore_adapter, restore_training_state, truncate_metrics
@@ -22,7 +23,7 @@ from lorakit.checkpoint.write import check_finite, check_free_space, checkpoint_
 from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe
 from lorakit.console import adopt_transformers_output, console, saved, stage
-from lorakit.data import StepSampler, load_datasets
+from lorakit.data import StepSampler, collate, load_datasets
 from lorakit.data.stop_tokens import write_generation_config
 from lorakit.distributed.fsdp import (
     build_accelerator, check_launch, gather_adapter, optimizer_state, prepare_fsdp,
@@ -37,8 +38,10 @@ from lorakit.models.meta import build_meta_model, load_model_config
 from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
 from lorakit.runlock import OutputLock
 from lorakit.training.context import FitContext, RunPaths
+from lorakit.training.effective import as_records, effective_settings, format_block
 from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
+from lorakit.training.loss import build_loss
 from lorakit.training.manifest import write_run_manifest
 from lorakit.training.metrics import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
@@ -166,7 +169,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         say(f"eval data: {data.eval_stats.summary()}")
 
     with stage(accelerator.is_main_process, "loading model"):
-        model = build_model(recipe, model_path, allow_pickle)
+        model = build_model(recipe, model_path, allow_pickle, tokenizer)
+        init = capture_initial(model, recipe.adapter)  # before a checkpoint's weights replace B₀, A₀
         batching = choose_batching(recipe, model, data.train, data.group_lengths)
         meter = StepMeter(ModelShape.of(model))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
@@ -184,15 +188,26 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         lengths=batching.lengths,
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
+    if init.name == "eva":  # a resumed run recomputes the same A from the same batches, then restores
+        with stage(accelerator.is_main_process, "EVA init on the first micro-batches"):
+            run_eva(model, [collate([data.train[i] for i in idx], tokenizer) for idx in sampler.micro_batches(0)],
+                    init, recipe.adapter)
     if checkpoint is not None:  # the weights before wrapping: FSDP shards what was restored
         restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say,
                         data_fingerprint=data.fingerprint, data_name=f"data.train ({recipe.data.train})",
                         allow_change=allow_recipe_change)
     checkpoint_size = checkpoint_bytes(model)  # whole parameters, before FSDP flattens and shards them
-    optimizer = build_optimizer(model, recipe.train)
+    optimizer = build_optimizer(model, recipe.train, recipe.adapter)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     prepare_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    effective = as_records(effective_settings(
+        recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+        init=init, data=data, total_steps=total_steps, world_size=accelerator.num_processes, batching=batching.note
+        or ("padding-free" if batching.padding_free else "padded"),
+        loss=build_loss(accelerator.unwrap_model(model), recipe.train.chunked_loss).describe().removeprefix("loss: "),
+    ))
+    say(format_block(effective))
 
     # Nothing is written into the run directory before this point: every refusal leaves it as it was.
     # From here a Ctrl-C outside the loop says what continues the run (inside it, GracefulStop decides).
@@ -216,13 +231,14 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         state_dict = gather_adapter(model)  # a collective under FSDP: every rank takes part
         if accelerator.is_main_process:
             check_finite(accelerator.unwrap_model(model), optimizer, total_steps, state_dict)
-            save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict)
+            save_adapter(accelerator.unwrap_model(model), tokenizer, recipe, paths.adapter, model_path, state_dict,
+                         init)
             saved(True)("adapter", paths.adapter)
         # Reporting comes only now, the adapter safe on disk: a failure in it is a warning, never a lost run.
         efficiency = best_effort(say, "the efficiency summary", meter.record, total_steps,
                                  recipe.train.gradient_checkpointing, resolve_dtype(recipe.model.dtype), accelerator)
         if accelerator.is_main_process:
-            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say)
+            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say, effective)
             if recipe.output.save in ("merged", "both"):
                 from lorakit.merge.merge import merge_adapter
 
@@ -246,7 +262,7 @@ def best_effort(say, what: str, fn, *args):
 
 
 def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency: dict | None, started: float,
-               world_size: int, say) -> None:
+               world_size: int, say, effective: list[dict] | None = None) -> None:
     """Rank 0, after the adapter is saved: the efficiency record, run.json and the loss plot, each best-effort."""
     report = saved(True)
     if efficiency is not None:
@@ -254,7 +270,8 @@ def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency:
         best_effort(say, "the efficiency line", lambda: say(describe(efficiency)))
     best_effort(say, "closing the metrics log", metrics.close)
     manifest = best_effort(say, "run.json", lambda: write_run_manifest(paths.root, recipe, started=started,
-                                                                        world_size=world_size))
+                                                                        world_size=world_size,
+                                                                        effective_settings=effective))
     if manifest is not None:
         report("run manifest", manifest)
     if (png := maybe_plot(paths.root, warn=say)) is not None:
@@ -273,13 +290,19 @@ def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency:
 # Saving
 
 
-def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, state_dict=None) -> None:
+def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, state_dict=None,
+                 init: InitRecord | None = None) -> None:
     """DIR/adapter: PEFT's own files (PeftModel.from_pretrained loads them), the tokenizer, generation_config.json
     (every stop token) and lorakit.json.
 
     ``state_dict``: the adapter gathered from FSDP shards (distributed.gather_adapter), None otherwise.
+    ``init``: a weight-rewriting init's record; its adapter is saved converted to a plain LoRA delta.
     """
-    save_adapter_weights(model, out, state_dict)
+    init = init or InitRecord()
+    if init.converted_at_save:
+        save_converted(model, out, init)  # FSDP refuses these inits (check_fsdp): the model is whole here
+    else:
+        save_adapter_weights(model, out, state_dict)
     tokenizer.save_pretrained(out)
     # Servers read the stop tokens from here: the template's end-of-turn as well as the base's EOS.
     write_generation_config(out, tokenizer, getattr(model, "generation_config", None) or model_path)
@@ -291,6 +314,9 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, s
         "double_quant": recipe.model.double_quant,
         "dtype": str(resolve_dtype(recipe.model.dtype)).removeprefix("torch."),  # resolved, not "auto"
         "method": recipe.adapter.method,
+        "init": init.summary(),
+        "vocab_size": len(tokenizer),  # with model.add_tokens: a smaller base grows to it (models.tokens)
+        "added_tokens": recipe.model.add_tokens,
         "lorakit_version": __version__,
     }
     (out / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")

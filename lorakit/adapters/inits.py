@@ -1,0 +1,112 @@
+"""LoRA initialisations that need a step beyond PEFT's config class (adapter.init_lora_weights).
+
+- Weight-rewriting inits (PiSSA, OLoRA) replace each target weight W by a residual W − s·B₀A₀. The adapter is
+  saved through PEFT's own conversion (save_pretrained's path_initial_model_for_weight_conversion) into a plain
+  LoRA delta on the original base, so every loader (vLLM, `lorakit merge`) gets the trained model.
+- Data-driven inits: EVA runs PEFT's initialize_lora_eva_weights on the run's first training micro-batches.
+Which inits are refused before loading: lorakit.config.inits.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit.config.inits import init_name, rewrites_base
+from lorakit.config.methods import is_lora_family
+from lorakit.errors import UsageError
+
+# The folder name of the initial adapter: PEFT loads it as a second adapter of that name while converting.
+INITIAL = "lorakit_initial"
+
+
+@dataclass
+class InitRecord:
+    """What the init did, for the effective-settings block and lorakit.json."""
+
+    name: str = "default"
+    rewritten_modules: int = 0
+    initial: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # B₀, A₀ as PEFT saves them
+    eva_batches: int = 0
+    eva_ranks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def converted_at_save(self) -> bool:
+        return bool(self.initial)
+
+    def summary(self) -> dict:
+        return {"init_lora_weights": self.name, "base_rewritten_modules": self.rewritten_modules,
+                "converted_at_save": self.converted_at_save, "eva_batches": self.eva_batches,
+                "eva_ranks": dict(self.eva_ranks)}
+
+
+def capture_initial(model, section) -> InitRecord:
+    """Right after the adapter is built (before training or restoring a checkpoint): for a rewriting init, a copy
+    of the initial B₀, A₀. A resumed run rebuilds the same decomposition from the same seed, so it captures the
+    same tensors, and its final adapter converts exactly as the uninterrupted run's."""
+    name = init_name(section.model_extra or {}) if is_lora_family(section.method) else "default"
+    record = InitRecord(name=name)
+    if not rewrites_base(name):
+        return record
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    record.initial = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    record.rewritten_modules = sum(isinstance(m, LoraLayer) for m in model.modules())
+    return record
+
+
+def save_converted(model, out: Path, record: InitRecord) -> None:
+    """PEFT's save_pretrained with path_initial_model_for_weight_conversion: the saved adapter is ΔW = BA − B₀A₀
+    as a rank-2r LoRA ([A; A₀], [B, −B₀]) on the original base, and its config says init_lora_weights: true,
+    so no loader re-runs the decomposition. PEFT writes the initial adapter's config itself."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="lorakit-init-") as tmp:
+        initial = Path(tmp) / INITIAL
+        initial.mkdir()
+        save_file(record.initial, str(initial / "adapter_model.safetensors"))
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data-driven inits
+
+
+def eva_components(section) -> int:
+    """The most singular vectors EVA computes for one layer: r·rho (PEFT's max_components)."""
+    rho = ((section.model_extra or {}).get("eva_config") or {}).get("rho", 2.0)
+    return round(section.r * rho)
+
+
+def run_eva(model, batches: list[dict], record: InitRecord, section) -> None:
+    """PEFT's initialize_lora_eva_weights on ``batches`` (this rank's first training micro-batches, padded).
+
+    Under DDP each rank passes its own micro-batches and PEFT gathers the layer inputs of all ranks for the SVD
+    (gather_distributed_inputs), so every rank computes the same A. PEFT cycles the batches until the singular
+    vectors converge; a batch with fewer usable tokens than components never counts, so too little data is
+    refused here rather than left to loop.
+    """
+    from peft import initialize_lora_eva_weights
+
+    batches = [dict(b) for b in batches]  # PEFT wants plain dicts, not the collator's BatchEncoding
+    eva = (section.model_extra or {}).get("eva_config") or {}
+    use_mask = eva.get("use_label_mask", True)
+    usable = [int((b["labels"] != -100).sum()) if use_mask else int(b["attention_mask"].sum()) for b in batches]
+    need = eva_components(section)
+    if max(usable, default=0) < need:
+        what = "supervised tokens" if use_mask else "tokens"
+        raise UsageError(
+            f"adapter.init_lora_weights: eva needs a first micro-batch with at least {need} {what} (r·rho) for its "
+            f"SVD, the largest has {max(usable, default=0)}; raise train.micro_batch_size, lower adapter.r, or set "
+            "adapter.eva_config: {use_label_mask: false}"
+        )
+    initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    record.eva_batches = len(batches)
+    from peft.tuners.lora import LoraLayer
+
+    record.eva_ranks = {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
+                        if isinstance(m, LoraLayer) and "default" in m.r}

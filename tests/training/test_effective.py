@@ -1,0 +1,65 @@
+"""The effective-settings block (`lorakit train` prints it, run.json records it, `lorakit explain RUN` prints it
+again): every recipe key has a line showing what it did, or a documented reason in NOT_OBSERVED."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.training.effective import NOT_OBSERVED
+from lorakit.config.load import parse_recipe
+from lorakit.config.schema import describe_keys
+from lorakit.training.run import run_training
+from run_helpers import cli, recipe_dict, write_data
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("effective")
+    data = write_data(root / "d.jsonl", 8)
+    out = {}
+    for name, adapter, model in [
+        ("pissa", {"init_lora_weights": "pissa", "loraplus_lr_ratio": 16}, {}),
+        ("dora-nf4", {"method": "dora"}, {"quantization": "nf4", "add_tokens": ["<tool>"]}),
+    ]:
+        recipe = recipe_dict(tiny_model_dir, data, root / name, max_steps=2, adapter=adapter)
+        recipe["model"].update(model)
+        out[name] = run_training(parse_recipe(recipe))
+    return out
+
+
+def settings(run) -> dict[str, dict]:
+    return {s["label"]: s for s in json.loads((run / "run.json").read_text())["effective_settings"]}
+
+
+def test_every_recipe_key_has_a_line_or_a_reason(runs):
+    covered = {k for run in runs.values() for s in settings(run).values() for k in s["keys"]}
+    missing = [key for key, _, _ in describe_keys() if key not in covered and key not in NOT_OBSERVED]
+    assert missing == [], f"keys with no effective-settings line and no reason in NOT_OBSERVED: {missing}"
+    assert not set(NOT_OBSERVED) & covered, "a key with a line needs no reason"
+    assert set(NOT_OBSERVED) <= {key for key, _, _ in describe_keys()}
+
+
+def test_lines_show_what_took_effect(runs):
+    pissa, dora = settings(runs["pissa"]), settings(runs["dora-nf4"])
+    assert pissa["init"]["value"].startswith("pissa: base rewritten in 4 modules, converted at save: yes")
+    assert pissa["optimizer"]["value"] == "AdamW, 2 groups: 4 tensors at lr 0.001; 4 tensors at lr 0.016"
+    assert dora["optimizer"]["value"].startswith("AdamW, 1 group: ")
+    assert dora["trainable tokens"]["value"] == "embed_tokens: 1 rows, lm_head: 1 rows"
+    assert "added <tool>" in dora["tokenizer"]["value"] and pissa["trainable tokens"]["value"] == "none"
+    assert pissa["modules adapted"]["value"] == "4: q_proj ×2, v_proj ×2"
+    assert pissa["rank / scale"]["value"] == "r [4], scale [2.0] (alpha/r)"
+    assert pissa["quantization"]["value"] == "none (0 quantized layers)"
+    assert dora["DoRA magnitude vectors"]["value"] == "4"
+    assert dora["quantization"]["value"].startswith("14 layers nf4, stored as float32, double quant on")
+    assert pissa["DoRA magnitude vectors"]["value"] == "0"
+
+
+def test_explain_prints_the_recorded_block(runs, tmp_path):
+    result = cli("explain", runs["pissa"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("effective settings:")
+    assert all(label in result.output for label in settings(runs["pissa"]))
+    missing = cli("explain", tmp_path)
+    assert missing.exit_code == 2 and "run.json not found" in missing.output
