@@ -94,10 +94,12 @@ def shape_problem(model_dir: Path, config) -> str | None:
     return None
 
 
-def vocab_problem(tokenizer, config) -> str | None:
-    """A tokenizer that can produce ids the model's embedding has no row for, or None."""
+def vocab_problem(tokenizer, config, added: list[str] = ()) -> str | None:
+    """A tokenizer that can produce ids the model's embedding has no row for, or None. The ``added`` tokens
+    (model.add_tokens) are exempt: the embedding grows to hold them (lorakit.models.tokens)."""
     vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if vocab and len(tokenizer) > vocab:
+    grows = sum(1 for i in tokenizer.convert_tokens_to_ids(list(added)) if vocab and i >= vocab)
+    if vocab and len(tokenizer) - grows > vocab:
         return (f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary is {vocab:,}: ids past it "
                 "have no embedding; use the model's own tokenizer")
     return None

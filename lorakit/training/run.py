@@ -84,7 +84,7 @@ def check_base_fits(recipe: Recipe, model_path: str, tokenizer) -> None:
     fit in memory; transformers or the allocator would fail minutes later, in many lines."""
     check_attention_package(recipe.model)
     config = load_model_config(model_path, recipe.model.trust_remote_code)
-    problem = vocab_problem(tokenizer, config)
+    problem = vocab_problem(tokenizer, config, recipe.model.add_tokens)
     if problem is None and Path(model_path).is_dir():
         problem = shape_problem(Path(model_path), config)
     if problem is not None:
