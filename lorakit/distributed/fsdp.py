@@ -22,15 +22,17 @@ from lorakit.errors import UsageError
 _MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
-def build_accelerator(cfg: TrainSection):
+def build_accelerator(cfg: TrainSection, log_with: list | None = None, project_dir: str | None = None):
     """The run's Accelerator: CPU processes talk over gloo, GPUs over NCCL; collectives time out after
-    train.ddp_timeout seconds so a dead or stuck rank ends the job instead of hanging it."""
+    train.ddp_timeout seconds so a dead or stuck rank ends the job instead of hanging it. ``log_with``: the
+    experiment trackers (lorakit.training.trackers), which accelerate runs on the main process only."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout], log_with=log_with or None,
+                       project_dir=project_dir)
 
 
 def check_launch(recipe: Recipe) -> None:

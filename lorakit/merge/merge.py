@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from lorakit.adapters.card import write_card
 from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
 from lorakit.atomic import fsync_files
 from lorakit.data.stop_tokens import GENERATION_CONFIG, write_generation_config
@@ -295,6 +296,7 @@ def _merge_locked(adapter, base_dir, out, out_dtype, max_bytes, base_precision, 
             report.max_abs_diff, report.kl = verify_merge(adapter, base_dir, tmp, plan, device)
             log(check_verification(report.max_abs_diff, report.kl, out_dtype or _main_dtype(base_tensors)))
         _write_provenance(report, adapter, tmp)
+        write_card(tmp, adapter.path, merged=True, merge_record=json.loads((tmp / PROVENANCE_FILE).read_text()))
         fsync_files(tmp)
         if (aside := publish_output(tmp, out, "merged model")) is not None:
             log(f"--overwrite: the earlier {out} was moved to {aside}")

@@ -1,4 +1,5 @@
-"""A training run: setup, the loop, optimizer and schedule, loss, metrics and the efficiency meter, interrupts.
+"""A training run: setup, the loop, optimizer and schedule, loss, metrics and the efficiency meter, interrupts,
+experiment trackers, and answer scoring (train.eval_generate; `lorakit eval` uses the same code).
 
 May import lorakit.checkpoint, distributed, adapters, data, models, config and the bottom layer.
 """

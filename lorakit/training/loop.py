@@ -27,6 +27,7 @@ from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.interrupt import GracefulStop
 from lorakit.training.loss import build_loss
 from lorakit.training.metrics import MetricsLog
+from lorakit.training.scoring import TrainingScorer
 
 
 def fit(ctx: FitContext) -> MetricsLog:
@@ -36,13 +37,14 @@ def fit(ctx: FitContext) -> MetricsLog:
     optimizer, scheduler, data, sampler, paths = ctx.optimizer, ctx.scheduler, ctx.data, ctx.sampler, ctx.paths
     total_steps, start, meter, padding_free = ctx.total_steps, ctx.start, ctx.meter, ctx.padding_free
     cfg = recipe.train
-    metrics = MetricsLog(paths.metrics, accelerator.is_main_process, tensorboard=recipe.output.tensorboard)
+    metrics = MetricsLog(paths.metrics, accelerator.is_main_process, accelerator.log if accelerator.trackers else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
     last_checkpoint = start.checkpoint
     compute_loss = build_loss(accelerator.unwrap_model(model), cfg.chunked_loss)
     console(accelerator.is_main_process)(compute_loss.describe())
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
+    scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None
     model.train()
     with progress_bar(accelerator.is_main_process, total_steps) as bar, GracefulStop(ctx.resume_command) as stop:
         for step in range(start.step, total_steps):
@@ -52,7 +54,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                                                   step, tokens_seen, data.fingerprint)
             if cfg.eval_every and step and step % cfg.eval_every == 0 and data.eval:
                 eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
-                metrics.write({"step": step, "eval_loss": eval_loss})
+                metrics.write({"step": step, "eval_loss": eval_loss, **eval_scores(scorer, accelerator, model)})
 
             fault(step)
             meter.start()
@@ -115,7 +117,7 @@ def fit(ctx: FitContext) -> MetricsLog:
 
     if data.eval:
         eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
-        metrics.write({"step": total_steps, "eval_loss": eval_loss})
+        metrics.write({"step": total_steps, "eval_loss": eval_loss, **eval_scores(scorer, accelerator, model)})
     return metrics
 
 
@@ -138,6 +140,11 @@ def any_rank(accelerator, flag: bool) -> bool:
 def checkpoint_due(cfg: TrainSection, sampler, step: int) -> bool:
     every = bool(cfg.save_every) and step % cfg.save_every == 0
     return every or (cfg.save_each_epoch and step % sampler.steps_per_epoch == 0)
+
+
+def eval_scores(scorer: TrainingScorer | None, accelerator, model) -> dict:
+    """train.eval_generate's {"eval_score": ...} (main process only; {} elsewhere or when off)."""
+    return scorer(accelerator.unwrap_model(model)) if scorer is not None else {}
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ def final_metrics(metrics_path: Path) -> dict:
 
 
 def build_manifest(recipe: Recipe, root: Path, *, started: float, world_size: int,
-                   effective_settings: list[dict] | None = None) -> dict:
+                   effective_settings: list[dict] | None = None, data_stats: dict | None = None) -> dict:
     finished = time.time()
     return {
         "lorakit_run": 1,
@@ -78,6 +78,7 @@ def build_manifest(recipe: Recipe, root: Path, *, started: float, world_size: in
         "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
         "base_model": recipe.model.name_or_path,
         "data": data_fingerprints(recipe.data),
+        "data_stats": data_stats or {},  # per split: rows read, kept, truncated, dropped, supervised tokens
         "seed": recipe.train.seed,
         "devices": device_names(),
         "world_size": world_size,
@@ -87,10 +88,10 @@ def build_manifest(recipe: Recipe, root: Path, *, started: float, world_size: in
 
 
 def write_run_manifest(root: str | Path, recipe: Recipe, *, started: float, world_size: int,
-                       effective_settings: list[dict] | None = None) -> Path:
+                       effective_settings: list[dict] | None = None, data_stats: dict | None = None) -> Path:
     root = Path(root)
     path = root / "run.json"
     manifest = build_manifest(recipe, root, started=started, world_size=world_size,
-                              effective_settings=effective_settings)
+                              effective_settings=effective_settings, data_stats=data_stats)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

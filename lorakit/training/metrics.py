@@ -1,6 +1,6 @@
-"""Training metrics: DIR/metrics.jsonl (always), TensorBoard scalars (output.tensorboard), and reading them back.
+"""Training metrics: DIR/metrics.jsonl (always), mirrored to the experiment trackers, and reading them back.
 
-metrics.jsonl is the record of a run; TensorBoard and `lorakit plot` are views of the same records.
+metrics.jsonl is the record of a run; the trackers (output.report_to) and `lorakit plot` are views of the same records.
 """
 
 from __future__ import annotations
@@ -10,53 +10,24 @@ from pathlib import Path
 
 from lorakit.console import show_metrics
 from lorakit.errors import UsageError
+from lorakit.training.trackers import tracker_values
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0 only): one JSON object per log step or evaluation, mirrored to TensorBoard."""
+    """metrics.jsonl (rank 0 only): one JSON object per log step or evaluation, mirrored to the experiment
+    trackers (output.report_to) through ``log`` (accelerator.log), which also runs on the main process only."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: bool = False):
-        self.path, self.enabled = Path(path), enabled
-        self.tensorboard = TensorBoardLog(self.path.parent / "tensorboard") if enabled and tensorboard else None
+    def __init__(self, path: Path, enabled: bool, log=None):
+        self.path, self.enabled, self.log = Path(path), enabled, log
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            self.tensorboard.write(record)
+        if self.log is not None:
+            self.log(tracker_values(record), step=record.get("step"))
         show_metrics(record)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-class TensorBoardLog:
-    """Each numeric metric as a scalar: eval_* under eval/, the rest under train/, against the step."""
-
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UsageError(
-                "output.tensorboard: true needs the tensorboard package; pip install 'lorakit[tensorboard]' "
-                "or set output.tensorboard: false"
-            ) from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def write(self, record: dict) -> None:
-        step = record.get("step")
-        for key, value in record.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""`lorakit plot`: train/eval loss and learning rate against step, drawn from DIR/metrics.jsonl (matplotlib).
+"""`lorakit plot`: train/eval loss (and eval score) and learning rate against step, from DIR/metrics.jsonl.
 
 matplotlib is an optional extra (`pip install 'lorakit[plot]'`); a Figure with the Agg canvas is used
 directly, so no GUI backend and no pyplot global state are involved.
@@ -45,7 +45,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     loss_ax.set_ylabel("loss")
     loss_ax.set_title(run_dir.resolve().name)
     loss_ax.grid(alpha=0.3)
-    loss_ax.legend()
+    loss_ax.legend(loc="upper left")
+    score_steps, scores = series(records, "eval_score")
+    if score_steps:  # train.eval_generate: the answer score on its own 0..1 axis
+        score_ax = loss_ax.twinx()
+        score_ax.plot(score_steps, scores, label="eval score", color="tab:red", marker="s")
+        score_ax.set_ylim(0, 1.05)
+        score_ax.set_ylabel("eval score")
+        score_ax.legend(loc="upper right")
     if lr_steps:
         lr_ax.plot(lr_steps, lr, color="tab:green")
     lr_ax.set_ylabel("learning rate")

@@ -16,6 +16,7 @@ import torch
 from lorakit import __version__
 from lorakit.adapters.build import apply_adapter, build_model, counting_section
 from lorakit.adapters.inits import InitRecord, capture_initial, run_eva, save_converted
+from lorakit.adapters.card import write_card
 from lorakit.checkpoint.format import TrainState
 from lorakit.checkpoint.read import select_checkpoint, set_aside_newer
 from lorakit.checkpoint.resume import check_resume, restore_adapter, restore_training_state, truncate_metrics
@@ -47,6 +48,7 @@ from lorakit.training.metrics import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
+from lorakit.training.trackers import build_trackers, check_tracker_packages, finish_trackers, start_trackers
 
 
 # An adapter's fp32 weight, gradient and two AdamW moments (lorakit.memory.lines.ADAPTER_BYTES = 4 each).
@@ -147,8 +149,12 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
 
     started = time.time()
     check_launch(recipe)  # from the launcher's environment, before the Accelerator exists
-    accelerator = build_accelerator(recipe.train)
+    check_tracker_packages(recipe.output)  # a missing tracker package is exit 2 before anything loads
+    accelerator = build_accelerator(recipe.train, build_trackers(recipe.output, paths.root), str(paths.root))
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and recipe.train.eval_generate:  # generation on rank 0 alone would stall FSDP's sharded forward
+        raise UsageError("train.eval_generate: not available with FSDP; set it to 0 and score the adapter "
+                         "afterwards with `lorakit eval RUN --data EVAL_FILE`")
     set_seed(recipe.train.seed)
     say = console(accelerator.is_main_process)
     # A bad checkpoint or a changed recipe is exit 4 before anything heavy loads.
@@ -221,13 +227,18 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
             paths.root.mkdir(parents=True, exist_ok=True)
             if read_marker(paths.root) is None:
                 write_marker(paths.root, "run")
+            start_trackers(accelerator, recipe, paths.root)  # one that cannot start: exit 2, no recipe.yaml yet
             paths.recipe.write_text(dump_recipe(recipe))
             check_free_space(paths.root, checkpoint_size, recipe.train.keep_last)
         accelerator.wait_for_everyone()
 
-        metrics = fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler,
-                                 total_steps, paths, meter, start, resume_command,
-                                 padding_free=batching.padding_free))
+        try:
+            metrics = fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler,
+                                     total_steps, paths, meter, start, resume_command,
+                                     padding_free=batching.padding_free))
+        except BaseException:  # an interrupted or failed run still closes its tracker runs
+            finish_trackers(accelerator)
+            raise
         state_dict = gather_adapter(model)  # a collective under FSDP: every rank takes part
         if accelerator.is_main_process:
             check_finite(accelerator.unwrap_model(model), optimizer, total_steps, state_dict)
@@ -238,7 +249,10 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         efficiency = best_effort(say, "the efficiency summary", meter.record, total_steps,
                                  recipe.train.gradient_checkpointing, resolve_dtype(recipe.model.dtype), accelerator)
         if accelerator.is_main_process:
-            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say, effective)
+            stats = {"train": data.train_stats.to_json(),
+                     "eval": data.eval_stats.to_json() if data.eval_stats else None}
+            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say, effective, stats)
+        finish_trackers(accelerator)  # after the end-of-run records have reached them
             if recipe.output.save in ("merged", "both"):
                 from lorakit.merge.merge import merge_adapter
 
@@ -262,18 +276,22 @@ def best_effort(say, what: str, fn, *args):
 
 
 def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency: dict | None, started: float,
-               world_size: int, say, effective: list[dict] | None = None) -> None:
-    """Rank 0, after the adapter is saved: the efficiency record, run.json and the loss plot, each best-effort."""
+               world_size: int, say, effective: list[dict] | None = None,
+               data_stats: dict | None = None) -> None:
+    """Rank 0, after the adapter is saved: the efficiency record, run.json, the model card and the loss plot,
+    each best-effort."""
     report = saved(True)
     if efficiency is not None:
         best_effort(say, "the efficiency record", metrics.write, efficiency)
         best_effort(say, "the efficiency line", lambda: say(describe(efficiency)))
-    best_effort(say, "closing the metrics log", metrics.close)
     manifest = best_effort(say, "run.json", lambda: write_run_manifest(paths.root, recipe, started=started,
                                                                         world_size=world_size,
-                                                                        effective_settings=effective))
+                                                                        effective_settings=effective,
+                                                                        data_stats=data_stats))
     if manifest is not None:
         report("run manifest", manifest)
+    # After run.json: the card reports what it records.
+    best_effort(say, "the model card", write_card, paths.adapter, paths.adapter)
     if (png := maybe_plot(paths.root, warn=say)) is not None:
         report("loss plot", png)
 

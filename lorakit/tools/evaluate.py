@@ -1,0 +1,229 @@
+"""`lorakit eval TARGET --data FILE`: is the tuned model better than the base on my task?
+
+TARGET is a run directory, an adapter or a merged model. Each row's prompt is rendered as the run's training
+rendered it (lorakit.scoring), answered greedily and scored; ``--base-too`` scores the base in the same process
+(the adapter switched off, as `lorakit generate` does). Also the token-weighted loss on the answers, and
+eval.json with every output, score and setting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoTokenizer
+
+from lorakit.adapters.files import RECORD_FILE, find_adapter_dir
+from lorakit.config.load import parse_recipe, read_yaml
+from lorakit.config.schema import DataSection, ModelSection, Recipe
+from lorakit.data.formats import resolve_chat_template
+from lorakit.data.sources import read_rows
+from lorakit.errors import CheckpointError, DataError, UsageError
+from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
+from lorakit.models.loading import load_tokenizer, resolve_model_path
+from lorakit.tools.generate import load_for_generation
+from lorakit.training.loop import evaluate
+from lorakit.training.loss import plain_loss
+from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
+FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "completion": "completion", "text": "text"}
+EXAMPLES_SHOWN = 3
+
+
+@dataclass
+class Target:
+    kind: str  # "adapter" (a run directory's or a bare one) or "merged"
+    path: Path  # the adapter or merged-model directory
+    model: ModelSection  # what loads first: the base (adapter targets) or the merged model
+    base: ModelSection | None  # merged targets: the base the adapter was merged into, for --base-too
+    recipe: Recipe | None  # the run's recipe.yaml when the target sits in (or is) a run directory
+
+
+def resolve_target(path: Path) -> Target:
+    """A run directory (its adapter), an adapter directory, or a merged model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not found; give a run directory, an adapter directory or a merged model")
+    recipe = _run_recipe(path)
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        merge = json.loads((path / MERGE_RECORD).read_text()) if (path / MERGE_RECORD).is_file() else {}
+        dtype = recipe.model.dtype if recipe else "auto"
+        base = ModelSection(name_or_path=merge["base"], dtype=dtype) if merge.get("base") else None
+        return Target("merged", path, ModelSection(name_or_path=str(path), dtype=dtype), base, recipe)
+    adapter = find_adapter_dir(path, "lorakit eval")
+    record = json.loads((adapter / RECORD_FILE).read_text()) if (adapter / RECORD_FILE).is_file() else {}
+    base_path = record.get("base_model_path") or record.get("base_model")
+    if recipe is not None:
+        model = recipe.model.model_copy(update={"name_or_path": base_path or recipe.model.name_or_path})
+    elif base_path:
+        model = ModelSection(name_or_path=base_path, quantization=record.get("quantization", "none"),
+                             dtype=record.get("dtype", "auto"))
+    else:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        if not config.get("base_model_name_or_path"):
+            raise CheckpointError(f"{adapter}: records no base model (no lorakit.json or base_model_name_or_path)")
+        model = ModelSection(name_or_path=config["base_model_name_or_path"])
+    return Target("adapter", adapter, model, None, recipe)
+
+
+def _run_recipe(path: Path) -> Recipe | None:
+    """The recipe.yaml of the run ``path`` is (or whose adapter/ or merged/ it is), if any."""
+    for directory in (path, path.parent):
+        if (directory / "recipe.yaml").is_file():
+            return parse_recipe(read_yaml(directory / "recipe.yaml"), str(directory / "recipe.yaml"))
+    return None
+
+
+def data_section(target: Target, data_file: Path, rows, keep_template: bool = False) -> DataSection:
+    """The run's data section (format, fields, length rule) for ``data_file``; without a recipe, the format is
+    read off the first row's keys. The chat template is the one training saved with the artifact's tokenizer
+    (``keep_template``: the recipe's, for an artifact saved without a tokenizer)."""
+    if target.recipe is not None:
+        template = target.recipe.data.chat_template if keep_template else None
+        return target.recipe.data.model_copy(update={"train": str(data_file), "eval": None, "eval_split": None,
+                                                     "chat_template": template, "skip_bad_rows": False})
+    keys = rows[0].data.keys()
+    fmt = next((f for key, f in FORMAT_KEYS.items() if key in keys), None)
+    if fmt is None:
+        raise DataError(f"{rows[0].where}: cannot tell the row format from its fields ({', '.join(keys)}); "
+                        "expected messages, instruction/output, prompt/completion or text")
+    return DataSection(train=str(data_file), format=fmt, max_seq_len=1 << 20)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running
+
+
+def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_too: bool = False,
+             batch_size: int = 8, max_new_tokens: int = 64, allow_pickle: bool = False,
+             device: str | None = None, say=print) -> dict:
+    """Score the target (and with ``base_too`` its base) on ``data_file``; returns what eval.json holds."""
+    if metric not in METRICS:
+        raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
+    target = resolve_target(target_path)
+    if base_too and target.kind == "merged" and target.base is None:
+        raise UsageError(f"--base-too: {target.path} records no base model ({MERGE_RECORD} missing); drop --base-too")
+    if not Path(data_file).is_file():
+        raise DataError(f"--data {data_file}: not found")
+    rows = read_rows(str(data_file)).rows
+    if not rows:
+        raise DataError(f"--data {data_file}: no rows")
+    tokenizer, own = _tokenizer(target)
+    section = data_section(target, data_file, rows, keep_template=not own)
+    resolve_chat_template(section, tokenizer)
+    items, skipped = eval_items(rows, section, tokenizer)
+    if not items:
+        raise DataError(f"--data {data_file}: no row left to evaluate ({skipped[0]})")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.time()
+    adapters = {"tuned": target.path} if target.kind == "adapter" else {}
+    model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device)
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "metric": metric}
+    results = {"tuned": _score_model(model, tokenizer, items, nullcontext(), **settings)}
+    if base_too and target.kind == "adapter":
+        results["base"] = _score_model(model, tokenizer, items, model.disable_adapter(), **settings)
+    elif base_too:
+        del model
+        base, _ = load_for_generation(target.base, {}, allow_pickle=allow_pickle, device=device)
+        results["base"] = _score_model(base, tokenizer, items, nullcontext(), **settings)
+    report = _report(target, data_file, section, items, skipped, results, settings, time.time() - started)
+    for line in skipped:
+        say(f"skipped {line}")
+    return report
+
+
+def _tokenizer(target: Target):
+    """(tokenizer, whether it is the artifact's own): training saves the tokenizer, its pad token and chat
+    template with the adapter (and merge copies it), so prompts render as in training; else the base's."""
+    if (target.path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(target.path), True
+    return load_tokenizer(target.model, resolve_model_path(target.model)), False
+
+
+def _score_model(model, tokenizer, items: list[EvalItem], context, *, metric: str, batch_size: int,
+                 max_new_tokens: int) -> dict:
+    """Outputs, scores and the answer loss of one model (``context``: the adapter switched off, or nothing)."""
+    accelerator = Accelerator(cpu=model.device.type == "cpu")
+    with context:
+        outputs, scores = score_items(model, tokenizer, items, metric, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
+        # train.evaluate reads only the micro-batch size of the train section.
+        loss = evaluate(model, tokenizer, [i.example for i in items], SimpleNamespace(micro_batch_size=batch_size),
+                        accelerator, plain_loss)
+    model.eval()  # evaluate() hands the model back in train mode
+    return {"score": round(sum(scores) / len(scores), 6) if scores else None, "loss": loss,
+            "perplexity": round(math.exp(min(loss, 50)), 4), "outputs": outputs, "scores": scores}
+
+
+def _report(target: Target, data_file: Path, section: DataSection, items, skipped, results, settings,
+            seconds: float) -> dict:
+    scored = [item for item in items if item.answer is not None]
+    per_row = []
+    for k, item in enumerate(scored):
+        row = {"where": item.where, "answer": item.answer}
+        for name, result in results.items():
+            row[name] = {"output": result["outputs"][k], "score": result["scores"][k]}
+        per_row.append(row)
+    totals = {name: {key: r[key] for key in ("score", "loss", "perplexity")} for name, r in results.items()}
+    return {
+        "target": str(target.path), "kind": target.kind, "data": str(data_file), "format": section.format,
+        "settings": {**settings, "greedy": True, "loss": "token-weighted mean over answer tokens"},
+        "rows": len(items) + len(skipped), "scored_rows": len(scored), "loss_rows": len(items),
+        "skipped": skipped, "totals": totals, "per_row": per_row, "seconds": round(seconds, 2),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+
+
+def write_report(report: dict, path: Path) -> Path | None:
+    """eval.json; an earlier one is moved aside to eval.json.replaced-TIMESTAMP, never overwritten.
+    Returns where the earlier one went (or None)."""
+    aside = None
+    if path.exists():
+        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        path.rename(aside)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return aside
+
+
+def default_output(target_path: Path) -> Path:
+    """RUN/eval.json for a run directory (or its adapter/merged folder); ./eval.json for anything else."""
+    target_path = Path(target_path)
+    for directory in (target_path, target_path.parent):
+        if (directory / "recipe.yaml").is_file():
+            return directory / "eval.json"
+    return Path("eval.json")
+
+
+def format_summary(report: dict) -> str:
+    """The side-by-side table (base | tuned) and, with a base, a few rows where the two differ."""
+    names = [n for n in ("base", "tuned") if n in report["totals"]]
+    metric = report["settings"]["metric"]
+    lines = [f"{report['scored_rows']} scored rows of {report['data']} ({metric}); loss over {report['loss_rows']}"]
+    lines.append(f"{'':<12}" + "".join(f"{n:>12}" for n in names))
+    for key in ("score", "loss", "perplexity"):
+        values = [report["totals"][n][key] for n in names]
+        lines.append(f"{key:<12}" + "".join(f"{'-' if v is None else format(v, '.4g'):>12}" for v in values))
+    if len(names) == 2:
+        differ = [r for r in report["per_row"] if r["base"]["score"] != r["tuned"]["score"]]
+        for row in differ[:EXAMPLES_SHOWN]:
+            lines.append(f"\n{row['where']}  answer: {_short(row['answer'])}")
+            for n in names:
+                lines.append(f"  {n:>5} ({row[n]['score']:.2g}): {_short(row[n]['output'])}")
+    return "\n".join(lines)
+
+
+def _short(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,222 @@
+"""`lorakit eval`: prompts rendered as training renders them, batched greedy == one-by-one `lorakit generate`,
+the answer loss equals plain PEFT's, base-too == the adapter switched off, merged == adapter, exit codes."""
+
+import json
+
+import pytest
+from run_helpers import cli, recipe_dict, write_recipe
+from transformers import AutoTokenizer
+
+from lorakit.config.schema import DataSection, ModelSection
+from lorakit.data.formats import tokenize_row
+from lorakit.data.sources import Row, read_rows
+from lorakit.testing import adapter_loss_gain, write_memorisation_data
+from lorakit.tools.generate import Request, generate_one, load_for_generation
+from lorakit.training.scoring import eval_items, generate_greedy, rouge_l, score
+
+CHAT_ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "And of Italy?"},
+                  {"role": "assistant", "content": "Rome"}]},
+    {"messages": [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "blue"}]},
+    {"messages": [{"role": "user", "content": "Opposite of hot, in one word please?"},
+                  {"role": "assistant", "content": "cold"}, {"role": "user", "content": "thanks"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    """A 4-step alpaca run on the tiny model (adapter, tokenizer, recipe.yaml)."""
+    root = tmp_path_factory.mktemp("eval-run")
+    data = write_memorisation_data(root / "train.jsonl")
+    recipe = recipe_dict(tiny_model_dir, data, root / "run", adapter={"lora_dropout": 0.0}, max_steps=4,
+                         learning_rate=1e-2)
+    result = cli("train", write_recipe(root / "recipe.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_metrics():
+    assert score("  Paris\n", "paris", "exact") == 1.0
+    assert score("Paris, France", "Paris", "exact") == 0.0
+    assert score("It is  PARIS, France", "paris", "contains") == 1.0
+    assert score("built in 1873.", r"18\d\d", "regex") == 1.0
+    precision, recall = 5 / 6, 1.0  # LCS "the cat on the mat": 5 of the output's 6 words, all 5 of the answer's
+    assert score("the cat sat on the mat", "the cat on the mat", "rouge-l") == pytest.approx(
+        2 * precision * recall / (precision + recall))
+    assert rouge_l([], []) == 1.0 and rouge_l(["a"], ["b"]) == 0.0
+
+
+def test_prompt_is_what_training_renders(tiny_model_dir, tmp_path):
+    """Every format: the prompt is the training example's tokens before its last response, and for chat the
+    generation-prompt rendering of the turns before the last assistant turn (later user turns dropped)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    alpaca = read_rows(str(write_memorisation_data(tmp_path / "a.jsonl"))).rows
+    section = DataSection(train="x")
+    items, skipped = eval_items(alpaca, section, tokenizer)
+    assert not skipped and [i.answer for i in items][:2] == ["Paris", "Rome"]
+    for item, row in zip(items, alpaca):
+        trained = tokenize_row(row, section, tokenizer)
+        assert item.prompt_ids == trained.input_ids[: trained.prompt_len]
+        assert item.example.input_ids == trained.input_ids  # the loss sees the very training example
+
+    chat = DataSection(train="x", format="chat")
+    rows = [Row(f"r{i}", r) for i, r in enumerate(CHAT_ROWS)]
+    items, _ = eval_items(rows, chat, tokenizer)
+    assert [i.answer for i in items] == ["Rome", "blue", "cold"]
+    for item, row in zip(items, CHAT_ROWS):
+        last = max(k for k, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        text = tokenizer.apply_chat_template(row["messages"][:last], tokenize=False, add_generation_prompt=True)
+        assert item.prompt_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    completion = DataSection(train="x", format="completion")
+    items, _ = eval_items([Row("c", {"prompt": "1 2 3", "completion": " 4"})], completion, tokenizer)
+    assert items[0].answer == " 4" and items[0].prompt_ids == tokenizer("1 2 3")["input_ids"]
+    text = DataSection(train="x", format="text")
+    items, _ = eval_items([Row("t", {"text": "just text"})], text, tokenizer)
+    assert items[0].answer is None and items[0].prompt_ids is None  # loss only
+
+
+def test_batched_left_padded_generation_equals_one_by_one_generate(tiny_model_dir):
+    """Prompts of different lengths batched with left padding give what `lorakit generate --chat` gives alone."""
+    model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir)), {}, allow_pickle=False,
+                                           device="cpu")
+    rows = [Row(f"r{i}", r) for i, r in enumerate(CHAT_ROWS)]
+    items, _ = eval_items(rows, DataSection(train="x", format="chat"), tokenizer)
+    assert len({len(i.prompt_ids) for i in items}) == 3  # really padded
+    batched = generate_greedy(model, tokenizer, [i.prompt_ids for i in items], max_new_tokens=6, batch_size=3)
+    alone = [generate_one(model, tokenizer, Request("base", messages=r["messages"][:k]), chat=True, max_new_tokens=6,
+                          temperature=0.0, top_p=1.0, seed=0)
+             for r, k in zip(CHAT_ROWS, (4, 1, 1))]
+    assert batched == alone
+    assert any(batched)
+
+
+def test_eval_run_base_too(run_dir, tiny_model_dir):
+    data = run_dir.parent / "train.jsonl"
+    result = cli("eval", run_dir, "--data", data, "--base-too", "--max-new-tokens", "4", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert set(report["totals"]) == {"base", "tuned"} and report["scored_rows"] == 8
+    assert "base" in result.output and "tuned" in result.output and "perplexity" in result.output
+    # The answer loss is the token-weighted loss plain PEFT computes on the same rows, for both models.
+    base_loss, tuned_loss = adapter_loss_gain(tiny_model_dir, run_dir / "adapter", data)
+    assert report["totals"]["tuned"]["loss"] == pytest.approx(tuned_loss, abs=1e-4)
+    assert report["totals"]["base"]["loss"] == pytest.approx(base_loss, abs=1e-4)
+    assert report["totals"]["tuned"]["loss"] < report["totals"]["base"]["loss"]
+    row = report["per_row"][0]
+    assert row["answer"] == "Paris" and {"output", "score"} <= set(row["tuned"])
+    # A second eval moves the first report aside.
+    assert cli("eval", run_dir / "adapter", "--data", data, "--max-new-tokens", "2").exit_code == 0
+    assert len(list(run_dir.glob("eval.json.replaced-*"))) == 1
+
+
+def test_eval_merged_model_matches_adapter(run_dir, tmp_path):
+    data = run_dir.parent / "train.jsonl"
+    merged = tmp_path / "merged"
+    assert cli("merge", run_dir, "-o", merged).exit_code == 0
+    out = tmp_path / "m.json"
+    result = cli("eval", merged, "--data", data, "--base-too", "--max-new-tokens", "4", "-o", out)
+    assert result.exit_code == 0, result.output
+    merged_report = json.loads(out.read_text())
+    adapter_out = tmp_path / "a.json"
+    assert cli("eval", run_dir / "adapter", "--data", data, "--base-too", "--max-new-tokens", "4",
+               "-o", adapter_out).exit_code == 0
+    adapter_report = json.loads(adapter_out.read_text())
+    assert merged_report["kind"] == "merged"
+    for name in ("base", "tuned"):
+        assert merged_report["totals"][name]["loss"] == pytest.approx(adapter_report["totals"][name]["loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("case, code", [("no-target", 4), ("no-data", 3), ("metric", 2), ("regex", 3), ("fields", 3)])
+def test_eval_mistakes_exit_with_one_line(run_dir, tmp_path, case, code):
+    data = run_dir.parent / "train.jsonl"
+    args = {"no-target": [tmp_path / "nothing", "--data", data],
+            "no-data": [run_dir, "--data", tmp_path / "missing.jsonl"],
+            "metric": [run_dir, "--data", data, "--metric", "bleu"],
+            "regex": [run_dir, "--data", data, "--metric", "regex"],
+            "fields": [run_dir, "--data", tmp_path / "chat.jsonl"]}[case]
+    (tmp_path / "chat.jsonl").write_text(json.dumps(CHAT_ROWS[1]) + "\n")  # chat rows for an alpaca run
+    if case == "regex":
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "x", "input": "", "output": "(["}) + "\n")
+        args[2] = tmp_path / "bad.jsonl"
+    result = cli("eval", *args, "--max-new-tokens", "2", "-o", tmp_path / "e.json")
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_generate_during_training_scores_as_lorakit_eval_does(tiny_model_dir, tmp_path):
+    """train.eval_generate scores N held-out rows at every evaluation with the code `lorakit eval` runs: the final
+    eval_score equals `lorakit eval` of the finished adapter on those rows; it reaches the trackers and the card."""
+    from lorakit.config.load import load_recipe
+    from lorakit.data.pipeline import split_eval
+    from lorakit.training.scoring import TrainingScorer
+
+    data = write_memorisation_data(tmp_path / "train.jsonl")
+    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", adapter={"lora_dropout": 0.0}, max_steps=4,
+                         learning_rate=1e-2, eval_every=2, eval_generate=3, eval_metric="rouge-l")
+    recipe["data"]["eval_split"] = 0.5
+    recipe["output"]["report_to"] = ["tensorboard"]
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    result = cli("train", path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval_score" in r]
+    assert [r["step"] for r in scored] == [2, 4] and all("eval_loss" in r for r in scored)
+
+    held_out = split_eval(read_rows(str(data)).rows, 0.5, 7)[1][:3]
+    rows = tmp_path / "held_out.jsonl"
+    rows.write_text("".join(json.dumps(r.data) + "\n" for r in held_out))
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    max_new = TrainingScorer(load_recipe(path), tokenizer).max_new_tokens
+    assert cli("eval", run, "--data", rows, "--metric", "rouge-l", "--max-new-tokens", max_new).exit_code == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["totals"]["tuned"]["score"] == pytest.approx(scored[-1]["eval_score"], abs=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("eval/score")] == [2, 4]
+    assert "| eval_score |" in (run / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("train, data, message", [
+    ({"eval_generate": 2}, {}, "train.eval_generate: needs eval rows"),
+    ({"eval_generate": 2}, {"format": "text", "eval_split": 0.2}, "data.format text rows have no answer"),
+    ({"eval_metric": "contains"}, {}, "train.eval_metric: has no effect without train.eval_generate"),
+])
+def test_eval_generate_recipe_mistakes(tiny_model_dir, tmp_path, train, data, message):
+    recipe = recipe_dict(tiny_model_dir, "d.jsonl", tmp_path / "run", **train)
+    recipe["data"].update(data)
+    result = cli("validate", write_recipe(tmp_path / "recipe.yaml", recipe))
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_demo_questions_are_held_out_chat_rows_with_answers(tiny_model_dir):
+    """data/demo/questions.jsonl (make demo's `lorakit eval`): reworded questions, none seen in training."""
+    from pathlib import Path
+
+    demo = Path(__file__).parents[2] / "data" / "demo"
+    rows = read_rows(str(demo / "questions.jsonl")).rows
+    items, skipped = eval_items(rows, DataSection(train="x", format="chat"),
+                                AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert len(items) == len(rows) == 8 and not skipped and all(i.answer for i in items)
+    trained = {r.data["messages"][0]["content"] for r in read_rows(str(demo / "train.jsonl")).rows}
+    assert not trained & {r.data["messages"][0]["content"] for r in rows}
+    answers = " ".join(r.data["messages"][-1]["content"] for r in read_rows(str(demo / "train.jsonl")).rows)
+    assert all(i.answer in answers for i in items)  # each answer is a fact the training rows teach
+
+
+def test_plot_draws_eval_score(tmp_path):
+    from lorakit.training.plot import plot_run
+
+    records = [{"step": s, "loss": 3.0 / s, "lr": 1e-3} for s in (1, 2, 3, 4)] + [{"step": 4, "eval_loss": 1.0}]
+    pngs = []
+    for name, extra in (("without", []), ("with", [{"step": 2, "eval_score": 0.25}, {"step": 4, "eval_score": 0.75}])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + extra))
+        pngs.append(plot_run(run, tmp_path / f"{name}.png").read_bytes())
+    assert pngs[0] != pngs[1]
