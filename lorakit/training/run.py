@@ -253,6 +253,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
                      "eval": data.eval_stats.to_json() if data.eval_stats else None}
             report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say, effective, stats)
         finish_trackers(accelerator)  # after the end-of-run records have reached them
+        if accelerator.is_main_process:
             if recipe.output.save in ("merged", "both"):
                 from lorakit.merge.merge import merge_adapter
 
