@@ -9,7 +9,7 @@ from run_helpers import cli, recipe_dict, write_recipe
 from lorakit.testing import write_memorisation_data
 
 
-def test_adapter_and_merged_model_cards(tiny_model_dir, tmp_path):
+def test_adapter_and_merged_model_cards(tiny_model_dir, tmp_path, tmp_path_factory):
     data = write_memorisation_data(tmp_path / "train.jsonl")
     recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=3)
     recipe["data"]["eval_split"] = 0.25
@@ -40,8 +40,10 @@ def test_adapter_and_merged_model_cards(tiny_model_dir, tmp_path):
     assert "merge base precision" in merged.text and "AutoModelForCausalLM" in merged.text
 
     # `lorakit merge` of a bare adapter (no run around it) still writes a card from the adapter's records.
-    bare = tmp_path / "bare"
+    elsewhere = tmp_path_factory.mktemp("bare")  # apart from the run: merge refuses an output inside it
+    bare = elsewhere / "bare"
     (run / "adapter").rename(bare)
-    assert cli("merge", bare, "-o", tmp_path / "m2").exit_code == 0
-    front = yaml.safe_load((tmp_path / "m2" / "README.md").read_text().split("---")[1])
+    result = cli("merge", bare, "-o", elsewhere / "m2")
+    assert result.exit_code == 0, result.output
+    front = yaml.safe_load((elsewhere / "m2" / "README.md").read_text().split("---")[1])
     assert front["base_model"] == str(tiny_model_dir) and front["tags"] == ["lorakit", "lora", "merged"]
