@@ -117,30 +117,30 @@ class Batching:
     """How micro-batches are laid out (data.padding_free), decided once before the loop."""
 
     padding_free: bool
-    lengths: list[int] | None  # StepSampler(lengths=...): group by length
+    lengths: list[int] | None  # StepSampler(lengths=...): grouped by length (data.group_by_length only)
     note: str = ""
 
 
 # Attention kernels that attend only inside each flattened example (varlen / block-sparse). Mask-based ones
 # (sdpa, eager) compute the whole (Σ len)² square of a flattened row: B× the B·len² of a padded batch of
-# similar lengths, for a handful of pad tokens saved; there, length-grouped padded batches cost less.
+# similar lengths, for a handful of pad tokens saved.
 VARLEN_ATTENTION = ("flash", "flex_attention")
 
 
 def choose_batching(recipe, model, examples, group_lengths: list[int] | None) -> Batching:
-    """data.padding_free: flattened micro-batches where the attention is varlen, length-grouped padded ones
-    otherwise (or where the probe sees flattened examples mix). Packed rows (data.packing) are always flattened."""
+    """data.padding_free: flattened micro-batches where the attention is varlen, padded ones otherwise (or where
+    the probe sees flattened examples mix). Packed rows (data.packing) are always flattened. The order is the
+    seeded permutation unless data.group_by_length (``group_lengths``): grouping by length biases each step
+    wherever length correlates with the target, so it is never chosen for speed alone."""
     data = recipe.data
     if not data.padding_free or data.packing:
         return Batching(False, group_lengths)
-    grouped = Batching(False, group_lengths or [len(e) for e in examples])
+    order = "grouped by length" if group_lengths else "random order"
     attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if not any(kind in attention for kind in VARLEN_ATTENTION):
-        grouped.note = f"padded, grouped by length ({attention} attention would span whole flattened rows)"
-        return grouped
+        return Batching(False, group_lengths, f"padded, {order} ({attention} attention would span whole flattened rows)")
     if not padding_free_supported(model):
-        grouped.note = "padded, grouped by length (the model mixes flattened examples)"
-        return grouped
+        return Batching(False, group_lengths, f"padded, {order} (the model mixes flattened examples)")
     return Batching(True, group_lengths, f"padding-free: each micro-batch flattened into one row ({attention})")
 
 

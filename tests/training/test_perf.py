@@ -104,7 +104,7 @@ def test_padding_free_detection():
 
 
 def test_batching_choice():
-    """Flattened micro-batches with varlen attention only; length-grouped padded ones with sdpa/eager."""
+    """Random order unless data.group_by_length asks for grouping, whatever the attention and layout."""
     from lorakit.data import Example
     from lorakit.training.perf import choose_batching
     from lorakit.config.load import parse_recipe
@@ -114,11 +114,14 @@ def test_batching_choice():
                              "train": {"max_steps": 1, "micro_batch_size": 4, "grad_accum": 1}})
 
     examples = [Example([1] * n, [-100] + [1] * (n - 1)) for n in (4, 40, 8, 30, 12, 6)]
-    model = _lora_llama(layers=1, attn="sdpa")
-    chosen = choose_batching(recipe(), model, examples, None)
-    assert not chosen.padding_free and chosen.lengths == [4, 40, 8, 30, 12, 6] and "sdpa" in chosen.note
-    assert choose_batching(recipe(padding_free=False), model, examples, None).lengths is None
-    assert choose_batching(recipe(packing=True), model, examples, [1, 2]).lengths == [1, 2]
+    lengths = [len(e) for e in examples]
+    for attn in ("sdpa", "eager"):
+        model = _lora_llama(layers=1, attn=attn)
+        chosen = choose_batching(recipe(), model, examples, None)
+        assert chosen.lengths is None and "random order" in chosen.note
+        assert choose_batching(recipe(group_by_length=True), model, examples, lengths).lengths == lengths
+        assert choose_batching(recipe(padding_free=False), model, examples, None).lengths is None
+    assert choose_batching(recipe(packing=True), model, examples, None).lengths is None
 
 
 def test_liger_knob_needs_a_gpu():
