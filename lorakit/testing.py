@@ -105,14 +105,16 @@ def build_tiny_llama(
     seed: int = 0,
     max_shard_size: str | None = None,
     tokenizer_style: str = "chatml",
+    architecture: str = "llama",
 ) -> Path:
-    """Write a random Llama-architecture model and its tokenizer (see build_tokenizer) to ``out_dir``."""
+    """Write a random Llama-architecture model (or with ``architecture="qwen2"`` a Qwen2 one: biased q/k/v)
+    and its tokenizer (see build_tokenizer) to ``out_dir``."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size, tokenizer_style)
-    config = LlamaConfig(
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[architecture](
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -126,7 +128,7 @@ def build_tiny_llama(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

@@ -240,7 +240,7 @@ def first_steps(recipe: dict):
     tokenizer = load_tokenizer(parsed.model, resolve_model_path(parsed.model))
     examples = load_datasets(parsed.data, tokenizer, parsed.train.seed).train
     model = build_model(parsed)
-    batching = choose_batching(parsed, model, examples, None)
+    batching = choose_batching(parsed, model, None)
     t = parsed.train
 
     def first(lengths):

@@ -234,11 +234,10 @@ class DataSection(Section):
     )
     padding_free: bool = Field(
         True,
-        description="Spend no FLOPs on padding. With a varlen attention kernel (flash_attention_2/3, "
-        "flex_attention) each micro-batch is flattened into one row, position ids restarting per example "
-        "(checked once at start by a two-sequence probe); with sdpa/eager, which would attend over the whole "
-        "flattened row, micro-batches are padded. Unlike data.packing, a step holds the same examples, in the "
-        "same order, either way.",
+        description="Spend no FLOPs on padding: each micro-batch is flattened into one row, position ids "
+        "restarting per example, and attention stays inside each example at Σ len² cost (flash_attention_2/3 "
+        "and flex_attention by their own varlen kernels, sdpa and eager by lorakit's per-example attention; a "
+        "probe checks at start). Unlike data.packing, a step holds the same examples, in the same order.",
     )
     train_on_inputs: bool = Field(
         False, description="Also supervise prompt tokens. Default: only the response (and its end token) is learned."

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lorakit.data.formats import num_targets
+from lorakit.models.attention import varlen_name
 from lorakit.errors import UsageError
 from lorakit.training.loss import prompt_learning_method
 
@@ -77,11 +78,11 @@ def apply_liger(model) -> None:
 def padding_free_supported(model) -> bool:
     """Does the model keep flattened examples apart? (data.padding_free, with a varlen attention kernel)
 
-    transformers builds a block-diagonal mask (sdpa/eager/flex) or runs varlen flash attention from
-    restarting position_ids, without a KV cache or 2D mask. Prompt/prefix tuning prepends virtual tokens
-    and PEFT drops the position ids: never. Otherwise the probe below, where the kernel can run: weights
-    still on the CPU (they reach the GPU at accelerator.prepare, after this decision) cannot run flash
-    kernels, and there transformers' varlen contract is trusted.
+    transformers runs varlen flash attention (or a block mask for flex) from restarting position_ids,
+    without a KV cache or 2D mask. Prompt/prefix tuning prepends virtual tokens and PEFT drops the position
+    ids: never. Otherwise the probe below, where the kernel can run: weights still on the CPU (they reach the
+    GPU at accelerator.prepare, after this decision) cannot run flash kernels, and there transformers'
+    varlen contract is trusted.
     """
     if prompt_learning_method(model):
         return False
@@ -91,57 +92,70 @@ def padding_free_supported(model) -> bool:
 
 
 @torch.no_grad()
-def flattening_probe(model) -> bool:
+def flattening_probe(model, flattened_attention: str | None = None) -> bool:
     """In a row [a, b] with positions restarting at b, b's logits must be those of b alone; without the
-    restart they differ, and that difference is the scale of a wrong answer. Eval mode: no dropout."""
+    restart they differ, and that difference is the scale of a wrong answer. With ``flattened_attention``
+    the row runs through that implementation and b alone through the model's own (left switched when the
+    probe passes): the kernel is checked, not only the layout. Eval mode: no dropout."""
     embeddings = model.get_input_embeddings().weight
     vocab, device = embeddings.shape[0], embeddings.device
     a = (torch.arange(5, device=device) * 7919 + 3) % vocab
     b = (torch.arange(4, device=device) * 104729 + 11) % vocab
     row, restart = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
+    base, own = model.get_base_model() if hasattr(model, "get_base_model") else model, model.config._attn_implementation
     was_training = model.training
     model.eval()
     try:
         alone = model(input_ids=b[None]).logits[0].float()
+        if flattened_attention:
+            base.set_attn_implementation(flattened_attention)
         flat = model(input_ids=row, position_ids=restart).logits[0, 5:].float()
         mixed = model(input_ids=row).logits[0, 5:].float()
+        kept = bool((flat - alone).abs().max() <= 0.1 * (mixed - alone).abs().max())
     except (TypeError, ValueError):  # a forward that takes no position_ids cannot be flattened
-        return False
+        kept = False
     finally:
         model.train(was_training)
-    return bool((flat - alone).abs().max() <= 0.1 * (mixed - alone).abs().max())
+        if flattened_attention and not kept:
+            base.set_attn_implementation(own)
+    return kept
 
 
 @dataclass
 class Batching:
-    """How micro-batches are laid out (data.padding_free), decided once before the loop."""
+    """How micro-batches are laid out (data.padding_free, data.packing), decided once before the loop."""
 
     padding_free: bool
     lengths: list[int] | None  # StepSampler(lengths=...): grouped by length (data.group_by_length only)
     note: str = ""
 
 
-# Attention kernels that attend only inside each flattened example (varlen / block-sparse). Mask-based ones
-# (sdpa, eager) compute the whole (Σ len)² square of a flattened row: B× the B·len² of a padded batch of
-# similar lengths, for a handful of pad tokens saved.
+# Attention kernels of transformers that attend only inside each flattened example (varlen / block-sparse).
 VARLEN_ATTENTION = ("flash", "flex_attention")
 
 
-def choose_batching(recipe, model, examples, group_lengths: list[int] | None) -> Batching:
-    """data.padding_free: flattened micro-batches where the attention is varlen, padded ones otherwise (or where
-    the probe sees flattened examples mix). Packed rows (data.packing) are always flattened. The order is the
-    seeded permutation unless data.group_by_length (``group_lengths``): grouping by length biases each step
-    wherever length correlates with the target, so it is never chosen for speed alone."""
+def choose_batching(recipe, model, group_lengths: list[int] | None) -> Batching:
+    """Flattened micro-batches (data.padding_free; packed rows always) where the attention keeps examples apart
+    at Σ Lᵢ² cost: flash/flex by their own varlen paths, sdpa/eager switched to lorakit.models.attention's per-example
+    variant (checked by the probe). Padded otherwise. The order is the seeded permutation unless
+    data.group_by_length (``group_lengths``): grouping by length biases each step wherever length correlates
+    with the target, so it is never chosen for speed alone."""
     data = recipe.data
-    if not data.padding_free or data.packing:
-        return Batching(False, group_lengths)
     order = "grouped by length" if group_lengths else "random order"
+    if not (data.padding_free or data.packing):
+        return Batching(False, group_lengths, f"padded, {order} (data.padding_free: false)")
     attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if not any(kind in attention for kind in VARLEN_ATTENTION):
-        return Batching(False, group_lengths, f"padded, {order} ({attention} attention would span whole flattened rows)")
-    if not padding_free_supported(model):
-        return Batching(False, group_lengths, f"padded, {order} (the model mixes flattened examples)")
-    return Batching(True, group_lengths, f"padding-free: each micro-batch flattened into one row ({attention})")
+    layout = "packed rows" if data.packing else "each micro-batch"
+    varlen = varlen_name(attention)
+    if varlen and not prompt_learning_method(model) and flattening_probe(model, varlen):
+        return Batching(True, group_lengths,
+                        f"padding-free, {order}: {layout} flattened into one row (per-example {attention} attention)")
+    if varlen is None and any(kind in attention for kind in VARLEN_ATTENTION) and padding_free_supported(model):
+        return Batching(True, group_lengths, f"padding-free, {order}: {layout} flattened into one row ({attention})")
+    if data.packing:
+        return Batching(True, group_lengths,
+                        f"packed rows flattened, {order} ({attention} attention over whole rows, block-diagonal mask)")
+    return Batching(False, group_lengths, f"padded, {order} (the model mixes flattened examples)")
 
 
 # ----------------------------------------------------------------------------------------------------------

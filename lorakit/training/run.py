@@ -177,12 +177,11 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     with stage(accelerator.is_main_process, "loading model"):
         model = build_model(recipe, model_path, allow_pickle, tokenizer)
         init = capture_initial(model, recipe.adapter)  # before a checkpoint's weights replace B₀, A₀
-        batching = choose_batching(recipe, model, data.train, data.group_lengths)
+        batching = choose_batching(recipe, model, data.group_lengths)
         meter = StepMeter(ModelShape.of(model))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
     say(trainable_summary(model))
-    if batching.note:
-        say(f"batches: {batching.note}")
+    say(f"batches: {batching.note}")
 
     sampler = StepSampler(
         num_examples=len(data.train),

@@ -104,24 +104,33 @@ def test_padding_free_detection():
 
 
 def test_batching_choice():
-    """Random order unless data.group_by_length asks for grouping, whatever the attention and layout."""
-    from lorakit.data import Example
-    from lorakit.training.perf import choose_batching
+    """Random order unless data.group_by_length asks for grouping; flattened rows with per-example attention on
+    sdpa and eager, padded ones only with data.padding_free: false or where flattened examples would mix."""
+    from peft import PromptTuningConfig, get_peft_model
+
     from lorakit.config.load import parse_recipe
+    from lorakit.training.perf import choose_batching
 
     def recipe(**data):
         return parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", **data},
                              "train": {"max_steps": 1, "micro_batch_size": 4, "grad_accum": 1}})
 
-    examples = [Example([1] * n, [-100] + [1] * (n - 1)) for n in (4, 40, 8, 30, 12, 6)]
-    lengths = [len(e) for e in examples]
+    lengths = [4, 40, 8, 30, 12, 6]
     for attn in ("sdpa", "eager"):
         model = _lora_llama(layers=1, attn=attn)
-        chosen = choose_batching(recipe(), model, examples, None)
-        assert chosen.lengths is None and "random order" in chosen.note
-        assert choose_batching(recipe(group_by_length=True), model, examples, lengths).lengths == lengths
-        assert choose_batching(recipe(padding_free=False), model, examples, None).lengths is None
-    assert choose_batching(recipe(packing=True), model, examples, None).lengths is None
+        chosen = choose_batching(recipe(), model, None)
+        assert chosen.padding_free and chosen.lengths is None
+        assert chosen.note == ("padding-free, random order: each micro-batch flattened into one row "
+                               f"(per-example {attn} attention)")
+        assert model.config._attn_implementation == f"lorakit_varlen_{attn}"
+        assert choose_batching(recipe(group_by_length=True), model, lengths).lengths == lengths
+        padded = choose_batching(recipe(padding_free=False), _lora_llama(layers=1, attn=attn), None)
+        assert not padded.padding_free and padded.lengths is None
+    assert choose_batching(recipe(packing=True), _lora_llama(layers=1), None).padding_free
+    prompt = get_peft_model(_lora_llama(layers=1).get_base_model(),
+                            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    mixed = choose_batching(recipe(), prompt, None)
+    assert not mixed.padding_free and "mixes" in mixed.note and prompt.config._attn_implementation == "eager"
 
 
 def test_liger_knob_needs_a_gpu():
