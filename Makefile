@@ -29,6 +29,7 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_cli.py
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_quality.py
 
 clean:
 	rm -rf $(VENV) runs/demo runs/smoke

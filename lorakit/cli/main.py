@@ -602,6 +602,9 @@ def estimate_memory(
 
 def run() -> None:
     """Console-script entry point."""
+    from lorakit.training.threads import passive_openmp_waits
+
+    passive_openmp_waits()  # before anything imports torch: OpenMP reads its wait policy once, at load
     app()
 
 

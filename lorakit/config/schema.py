@@ -305,6 +305,14 @@ class TrainSection(Section):
         description="Apply Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) to the model. Needs a GPU and "
         "pip install liger-kernel.",
     )
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads of torch's intra-op pool. Default: OMP_NUM_THREADS if set, else the CPUs this "
+        "process may use (its affinity mask and cgroup quota, not the machine's core count), divided among the "
+        "processes launched on the machine. Fewer threads than cores leave room for other jobs; more than usable "
+        "makes every step wait.",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")

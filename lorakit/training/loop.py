@@ -5,6 +5,7 @@ One loop for every method, precision and world size; it takes one FitContext bui
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
@@ -27,7 +28,18 @@ from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.interrupt import GracefulStop
 from lorakit.training.loss import build_loss
 from lorakit.training.metrics import MetricsLog
+from lorakit.training.prefetch import Prefetch
 from lorakit.training.scoring import TrainingScorer
+
+
+def step_batches(ctx: FitContext, step: int):
+    """This rank's micro-batches of ``step``: their example indices and collated tensors."""
+    micro_batches = ctx.sampler.micro_batches(step)
+    train, tokenizer, padding_free = ctx.data.train, ctx.tokenizer, ctx.padding_free
+    batches = [collate([train[i] for i in idx], tokenizer, padding_free) for idx in micro_batches]
+    # A rank left without data by the last, partial step of an epoch still runs one forward/backward that adds
+    # nothing, so the gradient all-reduce of the other ranks does not wait for it.
+    return micro_batches, batches or [collate([idle_batch(train[0])], tokenizer, padding_free)]
 
 
 def fit(ctx: FitContext) -> MetricsLog:
@@ -35,7 +47,7 @@ def fit(ctx: FitContext) -> MetricsLog:
     Returns the metrics log, still open for the end-of-run records (written once the adapter is saved)."""
     recipe, accelerator, model, tokenizer = ctx.recipe, ctx.accelerator, ctx.model, ctx.tokenizer
     optimizer, scheduler, data, sampler, paths = ctx.optimizer, ctx.scheduler, ctx.data, ctx.sampler, ctx.paths
-    total_steps, start, meter, padding_free = ctx.total_steps, ctx.start, ctx.meter, ctx.padding_free
+    total_steps, start, meter = ctx.total_steps, ctx.start, ctx.meter
     cfg = recipe.train
     metrics = MetricsLog(paths.metrics, accelerator.is_main_process, accelerator.log if accelerator.trackers else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -46,7 +58,8 @@ def fit(ctx: FitContext) -> MetricsLog:
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None
     model.train()
-    with progress_bar(accelerator.is_main_process, total_steps) as bar, GracefulStop(ctx.resume_command) as stop:
+    with progress_bar(accelerator.is_main_process, total_steps) as bar, GracefulStop(ctx.resume_command) as stop, \
+            Prefetch(functools.partial(step_batches, ctx), total_steps) as ahead:
         for step in range(start.step, total_steps):
             # Checkpoint before evaluating: a run resumed from here repeats the evaluation, not logs it twice.
             if step > start.step and checkpoint_due(cfg, sampler, step):
@@ -58,11 +71,7 @@ def fit(ctx: FitContext) -> MetricsLog:
 
             fault(step)
             meter.start()
-            micro_batches = sampler.micro_batches(step)
-            batches = [collate([data.train[i] for i in idx], tokenizer, padding_free) for idx in micro_batches]
-            # A rank left without data by the last, partial step of an epoch still runs one forward/backward
-            # that adds nothing, so the gradient all-reduce of the other ranks does not wait for it.
-            batches = batches or [collate([idle_batch(data.train[0])], tokenizer, padding_free)]
+            micro_batches, batches = ahead.get(step)  # collated while the previous step computed
             # Normalise by the supervised tokens of the whole window on all ranks, so every token weighs the
             # same whatever the micro-batch, accumulation or world size. DDP averages gradients over ranks,
             # hence the world-size factor inside num_items.

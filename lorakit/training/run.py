@@ -48,6 +48,7 @@ from lorakit.training.metrics import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
+from lorakit.training.threads import set_threads
 from lorakit.training.trackers import build_trackers, check_tracker_packages, finish_trackers, start_trackers
 
 
@@ -156,6 +157,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         raise UsageError("train.eval_generate: not available with FSDP; set it to 0 and score the adapter "
                          "afterwards with `lorakit eval RUN --data EVAL_FILE`")
     set_seed(recipe.train.seed)
+    set_threads(recipe.train.threads)
     say = console(accelerator.is_main_process)
     # A bad checkpoint or a changed recipe is exit 4 before anything heavy loads.
     checkpoint, changed = None, False

@@ -1,0 +1,89 @@
+"""CPU threads (lorakit.training.threads) and micro-batches built ahead (lorakit.training.prefetch)."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from lorakit.training.prefetch import Prefetch
+from lorakit.training.threads import cgroup_quota, choose_threads, usable_cpus
+
+
+def test_threads_follow_the_usable_cpus(monkeypatch, tmp_path):
+    assert usable_cpus() == min(len(os.sched_getaffinity(0)), cgroup_quota() or 10**6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(None) == usable_cpus() and choose_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert choose_threads(None) == 5 and choose_threads(3) == 3  # the user's setting, then the recipe's
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * usable_cpus()))
+    assert choose_threads(None) == 1  # never 0, however many processes share the machine
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    assert cgroup_quota(quota) == 2
+    quota.write_text("max 100000\n")
+    assert cgroup_quota(quota) is None
+
+
+def test_train_threads_sets_torch_threads(tiny_model_dir, tmp_path):
+    import json
+
+    import torch
+
+    from run_helpers import cli, recipe_dict, write_data, write_recipe
+
+    recipe = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 8), tmp_path / "run", max_steps=1,
+                         threads=1)
+    before = torch.get_num_threads()
+    try:
+        result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "1 CPU threads" in records[-1]["peak_flops_source"]
+
+
+def test_cli_makes_openmp_threads_wait_passively():
+    """The entry point sets OMP_WAIT_POLICY before torch loads OpenMP (spinning threads stall under load),
+    and keeps a value the user chose."""
+    probe = ("import os, sys; sys.argv = ['lorakit', '--version']\n"
+             "from lorakit.cli import run\n"
+             "try:\n    run()\nexcept SystemExit:\n    pass\n"
+             "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout
+    assert out.split()[-2:] == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout
+    assert out.split()[-2] == "ACTIVE"
+
+
+def test_the_next_step_is_collated_while_this_one_computes():
+    started = {s: threading.Event() for s in range(4)}
+    made = []
+
+    def make(step):
+        made.append((step, threading.current_thread().name))
+        started[step].set()
+        return f"batches of step {step}"
+
+    with Prefetch(make, stop=3) as ahead:
+        assert ahead.get(0) == "batches of step 0"
+        # Step 1 is being built before the loop asks for it: while step 0 "computes".
+        assert started[1].wait(timeout=10)
+        assert ahead.get(1) == "batches of step 1" and ahead.get(2) == "batches of step 2"
+    assert [s for s, _ in made] == [0, 1, 2] and not started[3].is_set()  # nothing past the last step
+    assert all(name.startswith("lorakit-collate") for _, name in made)
+
+
+def test_prefetch_reraises_in_the_loop():
+    def make(step):
+        raise ValueError(f"bad row in step {step}")
+
+    with Prefetch(make, stop=2) as ahead, pytest.raises(ValueError, match="step 0"):
+        ahead.get(0)
