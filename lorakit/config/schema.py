@@ -229,8 +229,9 @@ class DataSection(Section):
         False,
         description="Without packing: put examples of similar length in the same micro-batch (less padding); "
         "the order of steps stays seeded and random. Off by default, as in transformers: wherever length "
-        "correlates with the target, each step sees a biased slice and the model learns worse (measured: "
-        "greedy exact match 9/40 and 6/40 grouped, 23/40 and 22/40 in random order; docs/performance.md).",
+        "correlates with the target, each step sees a biased slice and the model learns worse (measured on "
+        "SmolLM2-135M: greedy exact match 19/40 grouped against 25/40 in random order, mean of 3 seeds; "
+        "docs/performance.md#learning-parity).",
     )
     padding_free: bool = Field(
         True,
