@@ -91,7 +91,7 @@ def test_base_gguf_plus_gguf_lora_equals_the_merged_model(tmp_path):
     adapter = build_random_adapter(base, tmp_path / "run" / "adapter", LoraConfig(
         r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True, init_lora_weights=False))
     export_gguf(base, tmp_path / "base.gguf", quant="f16", **QUIET)
-    export_gguf_lora(adapter, tmp_path / "adapter.gguf", quant="f32", **QUIET)
+    export_gguf_lora(adapter, tmp_path / "adapter.gguf", quant="f32", log=QUIET["log"])
     export_gguf(adapter, tmp_path / "merged.gguf", quant="f16", **QUIET)
     ids = list(range(3, 40))
     with_lora, merged = load_gguf(tmp_path / "base.gguf", lora=tmp_path / "adapter.gguf"), load_gguf(
@@ -117,20 +117,35 @@ def _demo_model() -> Path:
     return demo.MODEL_DIR
 
 
-def test_demo_model_q8_0_gives_the_same_first_answer(tmp_path):
-    import demo
+def disagreement_margins(model, llm, ids: list[int], n: int) -> list[float]:
+    """llama.cpp's greedy tokens, teacher-forced through transformers: at each step where they differ, how far
+    (in logits) llama.cpp's token lies below transformers' top token. [] when every token agrees."""
+    seq, margins = list(ids), []
+    for token in llama_cpp_greedy(llm, ids, n):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1]
+        best = int(logits.argmax())
+        if token != best:
+            margins.append(float(logits[best] - logits[token]))
+        seq.append(token)
+    return margins
+
+
+def test_demo_model_in_llama_cpp_answers_as_transformers(tmp_path):
+    """Every token llama.cpp picks greedily is transformers' top token, or within a near-tie of it (the base demo
+    model's answers are hallucinations with near-tied continuations, where any rounding may flip a token:
+    measured: f16 differs only where transformers' top two are within 0.004 logits, q8_0 within 0.064)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = _demo_model()
-    out = tmp_path / "demo-q8_0.gguf"
-    report = export_gguf(model_dir, out, quant="q8_0", verify=True, **QUIET)  # also read back by transformers
+    model_dir = _demo_model()  # puts scripts/ on the path
+    import demo
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    llm = load_gguf(out)
-    for question in demo.QUESTIONS:
-        ids = chat_ids(tokenizer, question)
-        expected = tokenizer.decode(transformers_greedy(model, ids, 40), skip_special_tokens=True)
-        got = tokenizer.decode(llama_cpp_greedy(llm, ids, 40), skip_special_tokens=True)
-        first = expected.split(".")[0]
-        assert got.startswith(first), (question, expected, got)
-    (tmp_path / "report.json").write_text(json.dumps({"kl": report.kl, "max_abs": report.max_abs_diff}))
+    for quant, tie in (("f16", 0.05), ("q8_0", 0.25)):
+        out = tmp_path / f"demo-{quant}.gguf"
+        export_gguf(model_dir, out, quant=quant, verify=quant == "q8_0", **QUIET)
+        llm = load_gguf(out)
+        for question in demo.QUESTIONS:
+            margins = disagreement_margins(model, llm, chat_ids(tokenizer, question), 40)
+            assert all(m < tie for m in margins), (quant, question, margins)
