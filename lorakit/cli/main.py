@@ -256,7 +256,8 @@ def _resume_command(recipe: Path, set_: Optional[List[str]], output_dir: Optiona
 def init(
     template: str = typer.Argument("lora", help="Template name (see --list)."),
     output: Path = typer.Option(Path("recipe.yaml"), "--output", "-o", help="Where to write it ('-' for stdout)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = typer.Option(
+        False, "--force", help="Move an existing file aside (FILE.replaced-TIME) and write a new one."),
     list_: bool = typer.Option(False, "--list", help="List the templates and exit."),
 ) -> None:
     from lorakit.console import console, saved
@@ -385,7 +386,9 @@ def export(
     format_: str = typer.Option("gguf", "--format", help="gguf (the whole model) or gguf-lora (the adapter only)."),
     quant: str = typer.Option("f16", "--quant", help="f16, bf16, q8_0 or q4_0 (gguf-lora: f16, bf16 or q8_0)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="FILE.gguf to write.", show_default=False),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Move an existing FILE.gguf (and Modelfile) aside as FILE.gguf.replaced-TIME and write a new one."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Move an existing FILE.gguf (and Modelfile) aside as FILE.gguf.replaced-TIME and write "
+        "a new one."),
     verify: bool = typer.Option(
         False, "--verify", help="Read the GGUF back with transformers' GGUF loader and compare tokens and logits "
         "with the model's; exit 1 over the limit, writing nothing."),

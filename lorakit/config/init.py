@@ -7,6 +7,7 @@ the starter documents itself without a second copy of the key docs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 from lorakit.config.load import parse_recipe
 from lorakit.config.schema import Recipe, _did_you_mean, describe_keys
 from lorakit.errors import SafetyError, UsageError
-from lorakit.publish import check_file_output
+from lorakit.publish import check_file_output, publish_file_output
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,16 @@ def render(name: str, path: str = "recipe.yaml") -> str:
 
 
 def write_template(name: str, out: Path, force: bool = False) -> Path:
-    """Write the starter recipe; an existing file is kept unless ``force`` (exit 5, like a run dir)."""
+    """Write the starter recipe; an existing file is refused (exit 5, like a run dir), or with ``force`` moved
+    aside (FILE.replaced-TIME), never overwritten."""
     text = render(name, str(out))
     parse_recipe(yaml.safe_load(text), source=f"template {name}")  # a template that does not validate is a bug
     check_file_output("init -o", out)
     if out.exists() and not force:
-        raise SafetyError(f"init: {out} already exists; choose another file with -o or pass --force to overwrite it")
+        raise SafetyError(f"init: {out} already exists; choose another file with -o or pass --force to move it "
+                          "aside and write a new one")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    tmp = out.with_name(f".{out.name}.lorakit-tmp-{os.getpid()}")
+    tmp.write_text(text)
+    publish_file_output(tmp, out)
     return out

@@ -77,6 +77,8 @@ def test_init_never_overwrites_without_force(tmp_path):
     result = runner.invoke(app, ["init", "qlora", "-o", str(out), "--force"])
     assert result.exit_code == 0
     assert parse_recipe(read_yaml(out)).model.quantization == "nf4"
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("recipe.yaml.replaced-")]
+    assert len(aside) == 1 and aside[0].read_text() == "mine\n"  # --force moves the user's file aside
 
 
 def test_init_list_and_unknown_template(tmp_path):
