@@ -74,6 +74,11 @@ def tree_hash(root: Path) -> dict:
     return out
 
 
+def adapter_hash(adapter_dir: Path) -> dict:
+    """tree_hash of a saved adapter without its model card (README.md records the run's wall time and date)."""
+    return {k: v for k, v in tree_hash(adapter_dir).items() if k != "README.md"}
+
+
 def training_records(metrics: Path) -> list[dict]:
     """metrics.jsonl without the timing-dependent fields: what must match between an interrupted and a clean run."""
     records = []

@@ -20,7 +20,7 @@ from lorakit.adapters.build import build_model
 from lorakit.models.loading import load_base_model
 from lorakit.config.load import parse_recipe
 from lorakit.training.run import run_training, save_adapter
-from run_helpers import cli, recipe_dict, tree_hash, write_data
+from run_helpers import adapter_hash, cli, recipe_dict, write_data
 from test_methods import batch, logits, make_recipe, train_steps
 
 REWRITING = ["pissa", "pissa_niter_2", "olora"]
@@ -83,10 +83,10 @@ def test_pissa_run_resumes_bitwise_and_merges(tiny_model_dir, tmp_path):
                        save_every=2, adapter={"init_lora_weights": "pissa_niter_2"})
     data["output"]["save"] = "both"  # the run's own merge verifies the converted adapter
     run = run_training(parse_recipe(data))
-    first = tree_hash(run / "adapter")
+    first = adapter_hash(run / "adapter")
     shutil.rmtree(run / "merged")  # the resumed run merges again
     run_training(parse_recipe(data), resume=True, resume_from=run / "checkpoints" / "step-000002")
-    assert tree_hash(run / "adapter") == first
+    assert adapter_hash(run / "adapter") == first
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
     # a checkpoint keeps the unconverted adapter (resume needs it): merge says so instead of failing verification
     result = cli("merge", run / "checkpoints" / "step-000002" / "adapter", "--output", tmp_path / "m")
@@ -152,11 +152,11 @@ def test_eva_run_is_deterministic_and_resumes_bitwise(tiny_model_dir, tmp_path):
     data = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 16), tmp_path / "run", max_steps=4,
                        save_every=2, micro_batch_size=4, adapter={**EVA, "lora_dropout": 0.1})
     run = run_training(parse_recipe(data))
-    first = tree_hash(run / "adapter")
+    first = adapter_hash(run / "adapter")
     record = json.loads((run / "adapter" / "lorakit.json").read_text())["init"]
     assert record["init_lora_weights"] == "eva" and record["eva_batches"] == 2
     run_training(parse_recipe(data), resume=True, resume_from=run / "checkpoints" / "step-000002")
-    assert tree_hash(run / "adapter") == first
+    assert adapter_hash(run / "adapter") == first
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_eva_under_ddp_gathers_every_rank_and_is_deterministic(tiny_model_dir, t
                                 env=subprocess_env(), timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "EVA init" in result.stdout + result.stderr
-        hashes.append(tree_hash(tmp_path / name / "adapter"))
+        hashes.append(adapter_hash(tmp_path / name / "adapter"))
         assert json.loads((tmp_path / name / "adapter" / "lorakit.json").read_text())["init"]["eva_batches"] == 2
     assert {k: v for k, v in hashes[0].items() if k != "lorakit.json"} == \
         {k: v for k, v in hashes[1].items() if k != "lorakit.json"}
