@@ -28,6 +28,10 @@ NOT_OBSERVED = {
     "output.save": "DIR/adapter and DIR/merged after the run",
     "output.tensorboard": "DIR/tensorboard after the run",
     "data.cache": "the '(tokenized data from the cache)' note of the data line on a second run",
+    "train.eval_generate": "the eval_score records in metrics.jsonl (and the trackers and the plot)",
+    "train.eval_metric": "the metric the eval_score records of metrics.jsonl were scored with",
+    "output.report_to": "the tracker runs themselves (one per run, named after the run directory)",
+    "output.project": "the experiment or project the tracker runs are filed under",
 }
 
 
@@ -104,6 +108,8 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
 
 def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world_size: int, loss: str,
                     batching: str) -> list[Setting]:
+    import torch
+
     cfg = recipe.train
     inner = getattr(optimizer, "optimizer", optimizer)
     group = inner.param_groups[0]
@@ -128,6 +134,7 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
         Setting("speed knobs", f"torch.compile {'on' if compiled else 'off'}, liger {'on' if cfg.liger else 'off'}",
                 ("train.compile", "train.liger")),
         Setting("seed", str(cfg.seed), ("train.seed",)),
+        Setting("CPU threads", f"{torch.get_num_threads()} (torch intra-op)", ("train.threads",)),
     ]
 
 
