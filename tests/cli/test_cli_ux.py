@@ -1,15 +1,14 @@
-"""init, schema, plot, doctor and the global --quiet / --json-logs modes: through CliRunner and as subprocesses."""
+"""init, schema, plot, doctor and the global --quiet / --json-logs modes, through CliRunner (the same commands as
+real processes: tests/e2e/test_cli_commands.py)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from run_helpers import png_size
+from run_helpers import png_size, write_metrics
 from typer.testing import CliRunner
 
 from lorakit.cli.main import app
@@ -18,7 +17,6 @@ from lorakit.config.init import TEMPLATES
 from lorakit.config.schema import describe_keys
 from lorakit.config.load import parse_recipe, read_yaml
 
-ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
@@ -26,23 +24,6 @@ runner = CliRunner()
 def _normal_output_after():
     yield
     configure()  # --quiet/--json-logs are process-wide: leave the next test in normal mode
-
-
-def lorakit(*args, cwd=None, timeout=120):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
-
-
-def write_metrics(run_dir: Path, steps=20, every=5) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for step in range(every, steps + 1, every):
-        lines.append({"step": step, "loss": 3.0 / step, "lr": 1e-3 * (1 - step / steps), "grad_norm": 0.5})
-        if step % 10 == 0:
-            lines.append({"step": step, "eval_loss": 3.5 / step})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,23 +236,3 @@ def test_known_library_noise_shows_only_with_debug(debug):
     err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stderr
     assert ("kernels-community" in err) == debug
     assert "warning (bitsandbytes): something a user should see" in err
-
-# ----------------------------------------------------------------------------------------------------------
-# The same commands as real subprocesses
-
-
-def test_commands_as_subprocesses(tmp_path):
-    r = lorakit("init", "cpu-demo", "-o", "recipe.yaml", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    r = lorakit("--json-logs", "validate", "recipe.yaml", cwd=tmp_path)
-    assert r.returncode == 0 and json.loads(r.stdout)["event"] == "log"
-    r = lorakit("init", "cpu-demo", "-o", "recipe.yaml", cwd=tmp_path)
-    assert r.returncode == 5 and r.stderr.startswith("error:")
-    r = lorakit("schema", cwd=tmp_path)
-    assert r.returncode == 0 and "properties" in json.loads(r.stdout)
-    write_metrics(tmp_path / "run")
-    r = lorakit("-q", "plot", "run", cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.strip() == "plot saved to run/loss.png"
-    assert png_size(tmp_path / "run" / "loss.png") == (1000, 700)
-    r = lorakit("doctor", cwd=tmp_path)
-    assert r.returncode == 0 and "offline" in r.stdout and "problem" in r.stdout
