@@ -228,7 +228,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
             paths.root.mkdir(parents=True, exist_ok=True)
             if read_marker(paths.root) is None:
                 write_marker(paths.root, "run")
-            start_trackers(accelerator, recipe, paths.root)  # one that cannot start: exit 2, no recipe.yaml yet
+            start_trackers(accelerator, recipe, paths.root, resuming=checkpoint is not None)  # exit 2 if one cannot
             paths.recipe.write_text(dump_recipe(recipe))
             check_free_space(paths.root, checkpoint_size, recipe.train.keep_last)
         accelerator.wait_for_everyone()

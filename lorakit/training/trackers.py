@@ -3,7 +3,8 @@
 accelerate owns the integrations (``Accelerator(log_with=...)``, ``init_trackers``, ``log``, ``end_training``,
 all on the main process only); lorakit picks the names, checks the packages before anything heavy loads, names
 the run after the run directory and the experiment after output.project, and logs the resolved recipe
-(flattened) as the run's parameters.
+(flattened) as the run's parameters. A resumed run continues the same tracker runs (MLflow run id, W&B run id,
+kept in DIR/trackers.json) instead of starting new ones beside them.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+from lorakit.atomic import publish_file
 from lorakit.config.schema import OutputSection, Recipe
 from lorakit.errors import UsageError
+
+TRACKER_IDS = "trackers.json"  # in the run directory: {"mlflow": RUN_ID, "wandb": RUN_ID}
+
 
 def tracker_names(output: OutputSection) -> list[str]:
     """output.report_to, plus tensorboard for the deprecated output.tensorboard: true."""
@@ -40,19 +45,52 @@ def build_trackers(output: OutputSection, run_dir: Path) -> list:
     return [TensorBoardTracker("tensorboard", str(run_dir)) if n == "tensorboard" else n for n in names]
 
 
-def start_trackers(accelerator, recipe: Recipe, run_dir: Path) -> None:
-    """One tracker run named after the run directory in the experiment output.project, the recipe as its params."""
+def start_trackers(accelerator, recipe: Recipe, run_dir: Path, resuming: bool = False) -> None:
+    """One tracker run named after the run directory in the experiment output.project, the recipe as its params.
+
+    Resuming, the runs recorded in DIR/trackers.json are continued (their params are already logged, and MLflow
+    refuses a changed value, as --allow-recipe-change may bring); trackers without a recorded run start one."""
     if not accelerator.log_with:
         return
-    run_name = Path(run_dir).resolve().name
+    run_dir = Path(run_dir)
+    run_name = run_dir.resolve().name
+    known = read_tracker_ids(run_dir) if resuming else {}
     init_kwargs = {"mlflow": {"run_name": run_name}, "wandb": {"name": run_name, "dir": str(run_dir)},
                    "trackio": {"name": run_name}}
+    if "mlflow" in known:
+        init_kwargs["mlflow"]["run_id"] = known["mlflow"]
+    if "wandb" in known:
+        init_kwargs["wandb"].update(id=known["wandb"], resume="allow")
     try:
-        accelerator.init_trackers(recipe.output.project, config=flat_recipe(recipe), init_kwargs=init_kwargs)
+        accelerator.init_trackers(recipe.output.project, config=None if known else flat_recipe(recipe),
+                                  init_kwargs=init_kwargs)
     except Exception as e:  # a tracker's own settings (an unreachable server, a refused store): one line, exit 2
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"output.report_to: a tracker could not start: {reason}; check its settings "
                          "(MLFLOW_TRACKING_URI, WANDB_MODE, ...) or remove it from output.report_to") from None
+    write_tracker_ids(accelerator, run_dir)
+
+
+def read_tracker_ids(run_dir: Path) -> dict:
+    try:
+        ids = json.loads((run_dir / TRACKER_IDS).read_text())
+    except (OSError, ValueError):  # none recorded (a run from before this file, or no resumable tracker)
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+
+def write_tracker_ids(accelerator, run_dir: Path) -> None:
+    """Record the MLflow and W&B run ids, so that a resumed run logs into the same runs."""
+    ids = {}
+    for tracker in accelerator.trackers:
+        if tracker.name == "mlflow" and getattr(tracker, "active_run", None) is not None:
+            ids["mlflow"] = tracker.active_run.info.run_id
+        elif tracker.name == "wandb" and getattr(tracker, "run", None) is not None:
+            ids["wandb"] = tracker.run.id
+    if ids:
+        tmp = run_dir / f".{TRACKER_IDS}.tmp"
+        tmp.write_text(json.dumps(ids, indent=1) + "\n")
+        publish_file(tmp, run_dir / TRACKER_IDS)
 
 
 def finish_trackers(accelerator) -> None:

@@ -151,3 +151,26 @@ def test_wandb_offline_run_holds_recipe_config_and_loss_history(tiny_model_dir, 
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx(losses)
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tiny_model_dir, tmp_path, monkeypatch):
+    """--resume logs into the MLflow run the interrupted run started (one run, not two), params logged once."""
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    data = write_data(tmp_path / "train.jsonl", n=12)
+    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=4, log_every=1, save_every=2)
+    recipe["output"]["report_to"] = ["mlflow"]
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    assert cli("train", path).exit_code == 0
+    first = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    result = cli("train", path, "--resume", tmp_path / "run" / "checkpoints" / "step-000002")
+    assert result.exit_code == 0, result.output
+
+    client = mlflow.MlflowClient(tracking_uri=store.as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
+    assert run.info.run_id == first and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 3, 4]
+    assert run.data.params["train.max_steps"] == "4"
