@@ -34,24 +34,34 @@ class Method:
     # the others, as PEFT's IA3Config/PrefixTuningConfig/PromptTuningConfig reject a rank: the key would do nothing.
     key_defaults: dict[str, Any]
     config_class: str  # its options are checked against and built into peft.<config_class> (or BottleneckConfig)
-    mergeable: bool  # the update folds into the base weights (output.save: merged, `lorakit merge`)
+    peft_type: str  # what its saved config records as peft_type (how `lorakit merge` recognises a saved adapter)
+    # Why its update cannot fold into the base weights (`lorakit merge`, output.save: merged refuse it with this
+    # reason); empty: it merges.
+    not_mergeable: str = ""
     layout: tuple[str, str] = PEFT_LAYOUT  # saved as (config file, weights file); loaded by the config file's name
     why_unused: str = ""  # why the other own keys mean nothing to it (the refusal's reason)
     required: tuple[str, ...] = ()  # pass-through keys it cannot do without (PEFT has no usable default)
 
+    @property
+    def mergeable(self) -> bool:
+        return not self.not_mergeable
+
 
 _LORA_KEYS = {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"}
 REGISTRY: dict[str, Method] = {
-    "lora": Method(_LORA_KEYS, "LoraConfig", mergeable=True),
-    "dora": Method(dict(_LORA_KEYS), "LoraConfig", mergeable=True),
+    "lora": Method(_LORA_KEYS, "LoraConfig", "LORA"),
+    "dora": Method(dict(_LORA_KEYS), "LoraConfig", "LORA"),
     # target_modules None: PEFT's per-architecture IA3 targets and feedforward modules
-    "ia3": Method({"target_modules": None}, "IA3Config", mergeable=True,
+    "ia3": Method({"target_modules": None}, "IA3Config", "IA3",
                   why_unused="IA3 learns scaling vectors: no rank, alpha or dropout"),
-    "prefix": Method({}, "PrefixTuningConfig", mergeable=False, required=("num_virtual_tokens",),
+    "prefix": Method({}, "PrefixTuningConfig", "PREFIX_TUNING", required=("num_virtual_tokens",),
+                     not_mergeable="prefix tuning adds learned key/value prefixes to every attention layer",
                      why_unused="prefix tuning learns key/value prefixes and targets no modules"),
-    "prompt": Method({}, "PromptTuningConfig", mergeable=False, required=("num_virtual_tokens",),
+    "prompt": Method({}, "PromptTuningConfig", "PROMPT_TUNING", required=("num_virtual_tokens",),
+                     not_mergeable="prompt tuning prepends learned virtual-token embeddings to the input",
                      why_unused="prompt tuning learns virtual input tokens and targets no modules"),
-    "bottleneck": Method({"r": 16}, "BottleneckConfig", mergeable=False, layout=BOTTLENECK_LAYOUT,
+    "bottleneck": Method({"r": 16}, "BottleneckConfig", "BOTTLENECK", layout=BOTTLENECK_LAYOUT,
+                         not_mergeable="bottleneck adapters add small nonlinear MLP blocks after the sublayers",
                          why_unused="bottleneck adapters sit on attention/MLP outputs (adapter.placement) and use "
                          "adapter.dropout and adapter.scaling"),
 }
@@ -63,6 +73,12 @@ _WHY_UNUSED = {name: m.why_unused for name, m in REGISTRY.items() if m.why_unuse
 MERGEABLE_METHODS = tuple(name for name, m in REGISTRY.items() if m.mergeable)
 _REQUIRED = {name: m.required for name, m in REGISTRY.items() if m.required}
 ADAPTER_LAYOUTS = tuple(dict.fromkeys(m.layout for m in REGISTRY.values()))
+
+
+def saved_method(peft_type: str | None) -> Method | None:
+    """The registry entry a saved adapter's recorded peft_type belongs to (lora and dora share LORA, and
+    merge alike); None for an adapter type lorakit does not train."""
+    return next((m for m in REGISTRY.values() if m.peft_type == peft_type), None)
 
 
 def is_lora_family(method: str) -> bool:

@@ -23,6 +23,7 @@ import torch
 from lorakit.adapters.card import write_card
 from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
 from lorakit.atomic import fsync_files
+from lorakit.config.methods import saved_method
 from lorakit.data.stop_tokens import GENERATION_CONFIG, write_generation_config
 from lorakit.errors import CheckpointError, UsageError
 from lorakit.merge.plan import MergePlan, OutTensor, meta_model, plan_merge
@@ -42,15 +43,6 @@ BASE_PRECISIONS = ("original", "dequantized")
 VERIFY_MAX_PARAMS = 2_000_000_000  # --verify is on by default below this size (it loads the model twice)
 PROVENANCE_FILE = "lorakit_merge.json"
 
-# Methods that change activations rather than weights: there is nothing to fold into a weight.
-NOT_MERGEABLE = {
-    "BOTTLENECK": "bottleneck adapters add small nonlinear MLP blocks after the sublayers",
-    "PREFIX_TUNING": "prefix tuning adds learned key/value prefixes to every attention layer",
-    "PROMPT_TUNING": "prompt tuning prepends learned virtual-token embeddings to the input",
-    "P_TUNING": "p-tuning prepends learned virtual-token embeddings to the input",
-    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning prepends learned virtual-token embeddings to the input",
-    "ADAPTION_PROMPT": "adaption prompts add learned prompts inside the attention layers",
-}
 # LoRA options whose forward is not W + s·B·A (or that train weights outside lora_A/B): merged output would differ.
 UNSUPPORTED_LORA_OPTIONS = (
     "use_qalora", "use_bdlora", "arrow_config", "velora_config", "kasa_config", "monteclora_config", "mica",
@@ -82,9 +74,10 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
     path = find_adapter_dir(adapter_dir, "merge")
     config = read_config(path)
     peft_type = config.get("peft_type")
-    if peft_type in NOT_MERGEABLE:
-        raise UsageError(_not_mergeable(path, NOT_MERGEABLE[peft_type]))
-    if peft_type not in ("LORA", "IA3"):
+    method = saved_method(peft_type)
+    if method is not None and not method.mergeable:
+        raise UsageError(_not_mergeable(path, method.not_mergeable))
+    if method is None:
         raise UsageError(f"{path}: peft_type {peft_type} is not mergeable by lorakit (it merges LoRA, DoRA, rsLoRA "
                          f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
     init = str(config.get("init_lora_weights", True)).lower()
