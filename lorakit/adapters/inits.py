@@ -2,7 +2,8 @@
 
 - Weight-rewriting inits (PiSSA, OLoRA) replace each target weight W by a residual W − s·B₀A₀. The adapter is
   saved through PEFT's own conversion (save_pretrained's path_initial_model_for_weight_conversion) into a plain
-  LoRA delta on the original base, so every loader (vLLM, `lorakit merge`) gets the trained model.
+  LoRA delta on the original base, so every loader (vLLM, `lorakit merge`) gets the trained model: DIR/adapter,
+  and each checkpoint's adapter/ (the trained B, A for resume go beside it: lorakit.checkpoint.format).
 - Data-driven inits: EVA runs PEFT's initialize_lora_eva_weights on the run's first training micro-batches.
 Which inits are refused before loading: lorakit.config.inits.
 """
@@ -21,6 +22,8 @@ from lorakit.errors import UsageError
 
 # The folder name of the initial adapter: PEFT loads it as a second adapter of that name while converting.
 INITIAL = "lorakit_initial"
+# A checkpoint's folder of the unconverted B, A (resume continues from them; its adapter/ is converted).
+RESIDUAL_ADAPTER = "residual_adapter"
 
 
 @dataclass
@@ -62,14 +65,23 @@ def capture_initial(model, section) -> InitRecord:
 def save_converted(model, out: Path, record: InitRecord) -> None:
     """PEFT's save_pretrained with path_initial_model_for_weight_conversion: the saved adapter is ΔW = BA − B₀A₀
     as a rank-2r LoRA ([A; A₀], [B, −B₀]) on the original base, and its config says init_lora_weights: true,
-    so no loader re-runs the decomposition. PEFT writes the initial adapter's config itself."""
+    so no loader re-runs the decomposition. PEFT writes the initial adapter's config itself.
+
+    Used at every checkpoint as well as at the end, so it must leave a training run as it found it: PEFT attaches
+    B₀, A₀ as a second adapter for the conversion (drawing random numbers for its fresh layers and switching the
+    model to eval mode) and deletes it again; the RNG and each module's mode are restored here.
+    """
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory(prefix="lorakit-init-") as tmp:
+    modes = [(module, module.training) for module in model.modules()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with tempfile.TemporaryDirectory(prefix="lorakit-init-") as tmp, torch.random.fork_rng(devices=devices):
         initial = Path(tmp) / INITIAL
         initial.mkdir()
         save_file(record.initial, str(initial / "adapter_model.safetensors"))
         model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+    for module, training in modes:
+        module.training = training
 
 
 # ----------------------------------------------------------------------------------------------------------

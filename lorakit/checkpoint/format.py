@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit.adapters import inits
 from lorakit.errors import CheckpointError
 
 
@@ -29,6 +30,12 @@ MANIFEST = "manifest.json"
 
 
 ADAPTER = "adapter"
+
+
+# A weight-rewriting init (PiSSA, OLoRA): ADAPTER/ holds the converted plain-LoRA delta on the original base, the
+# adapter any tool or loader can use, and RESIDUAL_ADAPTER/ the trained B, A on the residual base W − s·B₀A₀,
+# which is what training continues from. The name lives with the inits (merge names it in its refusal).
+RESIDUAL_ADAPTER = inits.RESIDUAL_ADAPTER
 
 
 STATE = "trainer_state.json"

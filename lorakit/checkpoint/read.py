@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lorakit.checkpoint.format import _NAME, ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, RECIPE, REQUIRED, STATE
-from lorakit.config.methods import ADAPTER_LAYOUTS  # ADAPTER/ holds one registered method's (config, weights)
+from lorakit.checkpoint.format import (
+    _NAME, ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, RECIPE, REQUIRED, RESIDUAL_ADAPTER, STATE,
+)
+from lorakit.config.methods import ADAPTER_LAYOUTS, PEFT_LAYOUT  # ADAPTER/ holds one registered method's layout
 from lorakit.errors import CheckpointError
 
 
@@ -82,6 +84,13 @@ def adapter_files(names) -> tuple[str, str]:
         if f"{ADAPTER}/{config}" in names:
             return f"{ADAPTER}/{config}", f"{ADAPTER}/{weights}"
     return f"{ADAPTER}/{ADAPTER_LAYOUTS[0][0]}", f"{ADAPTER}/{ADAPTER_LAYOUTS[0][1]}"
+
+
+def resume_weights(names) -> str:
+    """The adapter weights training continues from: RESIDUAL_ADAPTER's for a weight-rewriting init (ADAPTER/ then
+    holds the converted delta), ADAPTER/'s otherwise (and in checkpoints written before the conversion existed)."""
+    residual = f"{RESIDUAL_ADAPTER}/{PEFT_LAYOUT[1]}"
+    return residual if residual in names else adapter_files(names)[1]
 
 
 def latest_checkpoint(root: Path, say: Callable[[str], None]) -> Checkpoint | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from lorakit.adapters import bottleneck
 from lorakit.checkpoint.format import ADAPTER, COSMETIC_KEYS, PROMPT_ENCODER, TrainState, _read_piece, restore_rng
-from lorakit.checkpoint.read import Checkpoint, adapter_files
+from lorakit.checkpoint.read import Checkpoint, resume_weights
 from lorakit.distributed import fsdp as distributed
 from lorakit.errors import CheckpointError, first_line
 
@@ -174,7 +174,7 @@ def _check_same_content(ckpt: Checkpoint, state: dict, current: str, data_name: 
 def _load_adapter(ckpt: Checkpoint, model) -> None:
     from safetensors.torch import load_file
 
-    _, weights_file = adapter_files(ckpt.manifest["files"])
+    weights_file = resume_weights(ckpt.manifest["files"])
     encoder = f"{ADAPTER}/{PROMPT_ENCODER}"
     try:
         if encoder in ckpt.manifest["files"]:  # a projected prefix: its encoder's own weights

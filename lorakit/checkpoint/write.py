@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.inits import InitRecord, save_converted
 from lorakit.atomic import fsync_files, replace_dir
 from lorakit.checkpoint.format import (
-    ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, PROMPT_ENCODER, RECIPE, STATE, _write_piece, checkpoint_name,
+    ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, PROMPT_ENCODER, RECIPE, RESIDUAL_ADAPTER, STATE, _write_piece,
+    checkpoint_name,
 )
 from lorakit.checkpoint.read import list_checkpoints
 from lorakit.distributed import fsdp as distributed
@@ -71,12 +73,14 @@ def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Pat
 def write_checkpoint(
     root: Path, step: int, *, model, optimizer, scheduler, scaler, rng_states: list[dict], state: dict,
     recipe_text: str, keep_last: int, adapter_state: dict | None = None, optimizer_state: dict | None = None,
+    init: InitRecord | None = None,
 ) -> Path:
     """Write DIR/checkpoints/step-NNNNNN atomically, then drop the oldest beyond keep_last; returns its path.
 
     The caller gathers what every rank must take part in (train.save_checkpoint) and passes it: under FSDP
     ``adapter_state`` (distributed.gather_adapter), and ``optimizer_state`` (distributed.optimizer_state);
-    without them both are read from ``model`` and ``optimizer`` (one process).
+    without them both are read from ``model`` and ``optimizer`` (one process). ``init``: the run's LoRA init;
+    a weight-rewriting one's checkpoint holds the converted adapter in adapter/ and the trained one beside it.
     """
     optimizer_state = distributed.optimizer_state(model, optimizer) if optimizer_state is None else optimizer_state
     check_finite(model, optimizer, step, adapter_state, optimizer_state)
@@ -86,7 +90,11 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         checkpoint_fault("adapter", step)
-        distributed.save_adapter_weights(model, tmp / ADAPTER, adapter_state)
+        if init is not None and init.converted_at_save:  # FSDP refuses these inits: the model is whole here
+            distributed.save_adapter_weights(model, tmp / RESIDUAL_ADAPTER, adapter_state)  # resume reads this
+            save_converted(model, tmp / ADAPTER, init)  # every tool reads this, as DIR/adapter
+        else:
+            distributed.save_adapter_weights(model, tmp / ADAPTER, adapter_state)
         if _projected_prefix(model):
             _write_prompt_encoder(model, tmp / ADAPTER / PROMPT_ENCODER, adapter_state)
         checkpoint_fault("optimizer", step)
@@ -190,10 +198,11 @@ def rotate(root: Path, keep_last: int, newest: Path) -> None:
             shutil.rmtree(old)
 
 
-def checkpoint_bytes(model) -> int:
-    """Rough size of one checkpoint: the trainable weights plus AdamW's two moments, and room for the rest."""
+def checkpoint_bytes(model, converted: bool = False) -> int:
+    """Rough size of one checkpoint: the trainable weights plus AdamW's two moments, and room for the rest;
+    ``converted``: a weight-rewriting init's checkpoint also holds the converted adapter, of twice the rank."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return 3 * trainable + (1 << 20)
+    return (5 if converted else 3) * trainable + (1 << 20)
 
 
 def check_free_space(path: Path, per_checkpoint: int, keep_last: int) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from lorakit.adapters.card import write_card
 from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
+from lorakit.adapters.inits import RESIDUAL_ADAPTER
 from lorakit.atomic import fsync_files
 from lorakit.config.methods import saved_method
 from lorakit.data.stop_tokens import GENERATION_CONFIG, write_generation_config
@@ -82,10 +83,11 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
                          f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(("pissa", "olora", "corda", "lora_ga")):
-        raise UsageError(f"{path}: an unconverted {init} adapter (a checkpoint's, or saved without PEFT's "
+        raise UsageError(f"{path}: an unconverted {init} adapter (a checkpoint's {RESIDUAL_ADAPTER}/, one written "
+                         "before checkpoints carried the converted adapter, or saved without PEFT's "
                          "path_initial_model_for_weight_conversion): its B·A belongs on a residual base only PEFT "
-                         "rebuilds at load, not on the base weights; merge the run's DIR/adapter, which lorakit "
-                         "saves converted")
+                         "rebuilds at load, not on the base weights; merge the run's DIR/adapter or a checkpoint "
+                         "(CHECKPOINT/adapter), which lorakit saves converted")
     options = [k for k in UNSUPPORTED_LORA_OPTIONS if config.get(k)]
     if options:
         raise UsageError(f"{path}/adapter_config.json: {', '.join(options)} is set; that LoRA variant is not a "

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lorakit.adapters.inits import InitRecord
 from lorakit.checkpoint.format import TrainState
 from lorakit.config.schema import Recipe
 from lorakit.data import Datasets, StepSampler
@@ -58,3 +59,4 @@ class FitContext:
     start: TrainState = field(default_factory=TrainState)  # a resumed run's step, tokens and checkpoint
     resume_command: str = "lorakit train RECIPE --resume"  # what Ctrl-C tells the user to run
     padding_free: bool = False  # micro-batches as one flattened row (choose_batching)
+    init: InitRecord = field(default_factory=InitRecord)  # what the LoRA init did (checkpoints convert PiSSA/OLoRA)

@@ -203,7 +203,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say,
                         data_fingerprint=data.fingerprint, data_name=f"data.train ({recipe.data.train})",
                         allow_change=allow_recipe_change)
-    checkpoint_size = checkpoint_bytes(model)  # whole parameters, before FSDP flattens and shards them
+    # whole parameters, before FSDP flattens and shards them
+    checkpoint_size = checkpoint_bytes(model, init.converted_at_save)
     optimizer = build_optimizer(model, recipe.train, recipe.adapter)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     prepare_fsdp(accelerator, model)
@@ -236,7 +237,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         try:
             metrics = fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler,
                                      total_steps, paths, meter, start, resume_command,
-                                     padding_free=batching.padding_free))
+                                     padding_free=batching.padding_free, init=init))
         except BaseException:  # an interrupted or failed run still closes its tracker runs
             finish_trackers(accelerator)
             raise

@@ -8,7 +8,6 @@ model's logits to 1e-5 (only summation order differs: ΔW = BA − B₀A₀ is a
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -78,19 +77,50 @@ def test_without_conversion_the_saved_adapter_misses_the_trained_model(tiny_mode
 
 
 @pytest.mark.slow
-def test_pissa_run_resumes_bitwise_and_merges(tiny_model_dir, tmp_path):
-    data = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 16), tmp_path / "run", max_steps=4,
-                       save_every=2, adapter={"init_lora_weights": "pissa_niter_2"})
-    data["output"]["save"] = "both"  # the run's own merge verifies the converted adapter
-    run = run_training(parse_recipe(data))
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_checkpoint_of_a_rewriting_init_is_a_plain_lora_and_resumes_bitwise(init, tiny_model_dir, tmp_path):
+    """A mid-run checkpoint serves every tool as the final adapter does: adapter/ is the converted delta on the
+    original base; residual_adapter/ holds the trained B, A that resume continues from."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.checkpoint.resume import load_adapter_weights
+
+    recipe = parse_recipe(recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 16), tmp_path / "run",
+                                      max_steps=4, save_every=2, adapter={"init_lora_weights": init}))
+    run = run_training(recipe)
+    checkpoint = run / "checkpoints" / "step-000002"
+    converted = json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())
+    residual = json.loads((checkpoint / "residual_adapter" / "adapter_config.json").read_text())
+    assert residual["init_lora_weights"] == init and residual["r"] == 4
+    assert converted["init_lora_weights"] is True and converted["r"] == 8  # loaders re-run no decomposition
+
+    # The trained model at step 2, as resume rebuilds it: the residual base, the checkpoint's B, A.
+    trained_model = build_model(recipe)
+    load_adapter_weights(trained_model, load_file(checkpoint / "residual_adapter" / "adapter_model.safetensors"))
+    trained = logits(trained_model)
+    plain = PeftModel.from_pretrained(load_base_model(recipe.model, str(tiny_model_dir)), checkpoint / "adapter")
+    torch.testing.assert_close(logits(plain), trained, atol=1e-5, rtol=0)
+
+    result = cli("merge", checkpoint, "--output", tmp_path / "merged", "--verify")  # the checkpoint as it is given
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=0)
+    result = cli("export", checkpoint, "--check", "vllm")
+    assert result.exit_code == 0 and "can serve this adapter (LoRA rank 8" in " ".join(result.output.split())
+    result = cli("generate", "--model", tiny_model_dir, "--adapter", checkpoint, "--prompt", "hi",
+                 "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+
+    # The conversion at each checkpoint changes nothing in the run: resumed == uninterrupted, bitwise.
     first = adapter_hash(run / "adapter")
-    shutil.rmtree(run / "merged")  # the resumed run merges again
-    run_training(parse_recipe(data), resume=True, resume_from=run / "checkpoints" / "step-000002")
+    run_training(recipe, resume=True, resume_from=checkpoint)
     assert adapter_hash(run / "adapter") == first
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
-    # a checkpoint keeps the unconverted adapter (resume needs it): merge says so instead of failing verification
-    result = cli("merge", run / "checkpoints" / "step-000002" / "adapter", "--output", tmp_path / "m")
-    assert result.exit_code == 2 and "unconverted pissa_niter_2 adapter" in result.output
+    # An unconverted adapter (residual_adapter/, or a checkpoint written before the conversion) is refused, not
+    # merged into a model its own verification would reject.
+    result = cli("merge", checkpoint / "residual_adapter", "--output", tmp_path / "m")
+    assert result.exit_code == 2 and f"unconverted {init} adapter" in " ".join(result.output.split()), result.output
 
 
 # ----------------------------------------------------------------------------------------------------------
