@@ -371,3 +371,12 @@ def test_copy_of_checkpoint_resumes_elsewhere(run, tmp_path):
     shutil.copytree(out / "checkpoints" / "step-000002", copy)
     result = cli("train", recipe, "--output-dir", tmp_path / "run2", "--resume", copy)
     assert result.exit_code == 0, result.output
+
+
+def test_resume_reads_the_residual_adapter_when_there_is_one():
+    """A PiSSA/OLoRA checkpoint's adapter/ is converted (for tools); resume continues from residual_adapter/. One
+    written before the conversion existed has adapter/ alone, unconverted, and still resumes from it."""
+    plain = {"adapter/adapter_config.json": {}, "adapter/adapter_model.safetensors": {}}
+    rewriting = {**plain, "residual_adapter/adapter_config.json": {}, "residual_adapter/adapter_model.safetensors": {}}
+    assert read.resume_weights(plain) == "adapter/adapter_model.safetensors"
+    assert read.resume_weights(rewriting) == "residual_adapter/adapter_model.safetensors"
