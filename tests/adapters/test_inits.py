@@ -244,6 +244,43 @@ def test_eva_under_ddp_gathers_every_rank_and_is_deterministic(tiny_model_dir, t
         {k: v for k, v in hashes[1].items() if k != "lorakit.json"}
 
 
+@pytest.mark.slow
+def test_pissa_checkpoints_under_ddp_are_converted_and_resume_bitwise(tiny_model_dir, tmp_path):
+    """Rank 0 converts at each checkpoint while the other rank waits; the run goes on as if it had not."""
+    import sys
+    from pathlib import Path
+
+    from run_helpers import subprocess_env, write_recipe
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    config = Path(__file__).parents[2] / "recipes" / "accelerate" / "ddp.yaml"
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 16), run,
+                                                           max_steps=4, save_every=2,
+                                                           adapter={"init_lora_weights": "pissa"}))
+
+    def train(*extra: str) -> None:
+        result = subprocess.run([accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "-m",
+                                 "lorakit", "train", str(recipe), *extra], capture_output=True, text=True,
+                                env=subprocess_env(), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train()
+    checkpoint = run / "checkpoints" / "step-000002"
+    assert json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    first = saved_state(run / "adapter")
+    train("--resume", str(checkpoint))
+    assert saved_state(run / "adapter") == first
+
+
+def saved_state(adapter) -> tuple[str, dict]:
+    """The weights, bitwise, and the config; PEFT writes target_modules (a set) in the order of the process's
+    string hashes, which differ between two launches."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    return adapter_hash(adapter)["adapter_model.safetensors"], config
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora", "eva"])
 def test_fsdp_refuses_inits_that_need_the_whole_adapter(init, tiny_model_dir, monkeypatch):
     from lorakit.distributed.fsdp import check_fsdp
