@@ -99,7 +99,8 @@ def generate(
 @command(help="Merge an adapter into its base model, shard by shard in bounded memory, into a plain Hugging Face "
          "model directory (loads without PEFT). Verifies merged logits against the adapter's on small models.")
 def merge(
-    adapter_dir: Path = typer.Argument(..., help="Adapter directory (RUN/adapter) or run dir.", show_default=False),
+    adapter_dir: Path = typer.Argument(
+        ..., help="Adapter directory (RUN/adapter), run dir or checkpoint (RUN/checkpoints/step-N).", show_default=False),
     output: str = typer.Option(..., "--output", "-o", help="Output model directory.", show_default=False),
     base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one the adapter records)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the base's)."),
