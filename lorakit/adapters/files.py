@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.bottleneck import is_bottleneck_dir
+from lorakit.atomic import publish_file
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem
@@ -21,6 +22,21 @@ from lorakit.paths import is_local
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"
+
+
+def stable_config(adapter_dir: Path) -> None:
+    """Write PEFT's set-valued config fields (target_modules, exclude_modules, IA³'s feedforward_modules) sorted. PEFT saves a set in the
+    iteration order of the process's string hashes, so two identical runs would write different bytes."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    fields = [k for k in ("target_modules", "exclude_modules", "feedforward_modules") if isinstance(config.get(k), list)]
+    if not fields:
+        return
+    for key in fields:
+        config[key] = sorted(config[key])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    publish_file(tmp, path)
 
 
 def find_adapter_dir(path: str | Path, what: str) -> Path:

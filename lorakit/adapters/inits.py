@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.files import stable_config
 from lorakit.config.inits import init_name, rewrites_base
 from lorakit.config.methods import is_lora_family
 from lorakit.errors import UsageError
@@ -80,6 +81,7 @@ def save_converted(model, out: Path, record: InitRecord) -> None:
         initial.mkdir()
         save_file(record.initial, str(initial / "adapter_model.safetensors"))
         model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+    stable_config(Path(out))
     for module, training in modes:
         module.training = training
 

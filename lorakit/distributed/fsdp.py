@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
+from lorakit.adapters.files import stable_config
 from lorakit.compat import save_gathered_peft_adapter
 from lorakit.config.inits import init_name, rewrites_base
 from lorakit.config.schema import Recipe, TrainSection
@@ -201,10 +203,14 @@ def save_adapter_weights(model, out, state_dict: dict | None = None) -> None:
     """
     from lorakit.adapters import bottleneck
 
-    if state_dict is None or isinstance(model, bottleneck.BottleneckModel):
-        model.save_pretrained(out, state_dict=state_dict, **embedding_kwargs(model))
+    if isinstance(model, bottleneck.BottleneckModel):
+        model.save_pretrained(out, state_dict=state_dict)
         return
-    save_gathered_peft_adapter(model, out, state_dict, **embedding_kwargs(model))
+    if state_dict is None:
+        model.save_pretrained(out, **embedding_kwargs(model))
+    else:
+        save_gathered_peft_adapter(model, out, state_dict, **embedding_kwargs(model))
+    stable_config(Path(out))
 
 
 def embedding_kwargs(model) -> dict:

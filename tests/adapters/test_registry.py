@@ -4,6 +4,7 @@ a clear refusal. A method added to the registry without a line in ADAPTERS below
 
 from __future__ import annotations
 
+import json
 from typing import get_args
 
 import pytest
@@ -99,3 +100,23 @@ def test_checkpoint_resume_and_merge(name, tiny_model_dir, tmp_path):
         assert result.exit_code == EXIT_USAGE and "Traceback" not in result.output
         assert "no weight update to merge" in result.output, result.output
         assert not (tmp_path / "merged").exists()
+
+
+def test_saved_adapter_configs_list_target_modules_sorted(tiny_model_dir, tmp_path):
+    """PEFT keeps target_modules as a set and saves it in string-hash order, which changes per process; lorakit's
+    saves write it sorted, so two identical runs write identical bytes."""
+    import torch
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.distributed.fsdp import save_adapter_weights
+
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, config in {"lora": LoraConfig(r=2, target_modules=modules),
+                         "ia3": IA3Config(target_modules=modules, feedforward_modules=["up_proj", "down_proj"])}.items():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), config)
+        save_adapter_weights(model, tmp_path / name)
+        saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert saved["target_modules"] == sorted(modules), name
+        if name == "ia3":
+            assert saved["feedforward_modules"] == ["down_proj", "up_proj"]
