@@ -198,9 +198,12 @@ def write_report(report: dict, path: Path) -> Path | None:
 
 
 def default_output(target_path: Path) -> Path:
-    """RUN/eval.json for a run directory (or its adapter/merged folder); ./eval.json for anything else."""
+    """RUN/eval.json for a run directory (or its adapter/merged folder); RUN/eval-step-NNNNNN.json for one of its
+    checkpoints (not inside it: checkpoint rotation deletes whole folders); ./eval.json for anything else."""
     target_path = Path(target_path)
     for directory in (target_path, target_path.parent):
+        if directory.parent.name == "checkpoints" and (directory.parent.parent / "recipe.yaml").is_file():
+            return directory.parent.parent / f"eval-{directory.name}.json"
         if (directory / "recipe.yaml").is_file():
             return directory / "eval.json"
     return Path("eval.json")

@@ -2,6 +2,7 @@
 the answer loss equals plain PEFT's, base-too == the adapter switched off, merged == adapter, exit codes."""
 
 import json
+from pathlib import Path
 
 import pytest
 from run_helpers import cli, recipe_dict, write_recipe
@@ -220,3 +221,17 @@ def test_plot_draws_eval_score(tmp_path):
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + extra))
         pngs.append(plot_run(run, tmp_path / f"{name}.png").read_bytes())
     assert pngs[0] != pngs[1]
+
+
+def test_default_report_path_of_a_checkpoint_is_beside_the_run_not_inside_the_checkpoint(tmp_path):
+    """Checkpoint rotation deletes whole step folders: the report of a checkpoint goes into the run directory."""
+    from lorakit.tools.evaluate import default_output
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000004"
+    (step / "adapter").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("x")
+    (step / "recipe.yaml").write_text("x")
+    assert default_output(step) == default_output(step / "adapter") == run / "eval-step-000004.json"
+    assert default_output(run) == default_output(run / "adapter") == run / "eval.json"
+    assert default_output(tmp_path / "elsewhere") == Path("eval.json")
