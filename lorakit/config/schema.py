@@ -31,6 +31,19 @@ SCHEDULERS = (
     "warmup_stable_decay",
     "greedy",
 )
+# Training objectives (train.objective): supervised fine-tuning, or a preference loss over chosen/rejected pairs.
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+# The preference keys of train each objective uses, with their defaults (None: no default, the key is optional).
+# DPO/IPO β 0.1 as in the DPO paper and TRL; SimPO β 2.0 and γ 0.5 as in the SimPO paper; ORPO λ 0.1 as in TRL.
+OBJECTIVE_KEYS = {
+    "sft": {},
+    "dpo": {"beta": 0.1, "label_smoothing": 0.0, "reference": "base"},
+    "ipo": {"beta": 0.1, "reference": "base"},
+    "orpo": {"orpo_lambda": 0.1},
+    "simpo": {"beta": 2.0, "simpo_gamma": 0.5},
+}
+REFERENCES = ("base", "precomputed", "init_from")
 # Schedules transformers' get_scheduler builds without num_warmup_steps: a warmup given with them is ignored.
 NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
 
@@ -159,6 +172,25 @@ class AdapterSection(Section):
         description="LoRA+ only: learning rate of LoRA layers on embedding modules. Default: PEFT's 1e-6.",
     )
 
+    init_from: str | None = Field(
+        None,
+        description="lora/dora: a saved adapter directory (e.g. runs/sft/adapter) whose weights this adapter starts "
+        "from, to continue training it (a DPO stage after SFT). Its rank, alpha, method and target modules must be "
+        "the recipe's (checked: exit 4). With train.reference: init_from it is also DPO/IPO's reference.",
+    )
+
+    @model_validator(mode="after")
+    def _init_from(self) -> "AdapterSection":
+        if self.init_from is None:
+            return self
+        if not is_lora_family(self.method):
+            raise ValueError(f"adapter.init_from: continuing a saved adapter is available for lora/dora; method "
+                             f"{self.method}: remove it")
+        if "init_lora_weights" in (self.model_extra or {}):
+            raise ValueError("adapter.init_from / adapter.init_lora_weights: the weights come from adapter.init_from; "
+                             "remove adapter.init_lora_weights")
+        return self
+
     @model_validator(mode="after")
     def _loraplus(self) -> "AdapterSection":
         if self.loraplus_lr_ratio is not None and not is_lora_family(self.method):
@@ -200,10 +232,12 @@ class DataSection(Section):
     eval_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training rows held out for evaluation (seeded by train.seed)."
     )
-    format: Literal["alpaca", "chat", "text", "completion"] = Field(
+    format: Literal["alpaca", "chat", "text", "completion", "preference"] = Field(
         "alpaca",
         description="Row format: alpaca (instruction/input/output), chat (messages: [{role, content}]), "
-        "text (raw text) or completion (prompt/completion).",
+        "text (raw text), completion (prompt/completion) or preference (prompt or messages, then chosen and "
+        "rejected answers: strings or assistant messages; for train.objective dpo, ipo, orpo, simpo; "
+        "docs/preference.md).",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -211,9 +245,9 @@ class DataSection(Section):
     )
     chat_template: str | None = Field(
         None,
-        description="chat format: a template shipped with lorakit (chatml, gemma, llama3, mistral, phi3, zephyr) "
-        "or a .jinja file. Replaces the tokenizer's own template (and is saved with the adapter); required when "
-        "the tokenizer has none.",
+        description="chat and preference formats: a template shipped with lorakit (chatml, gemma, llama3, mistral, "
+        "phi3, zephyr) or a .jinja file. Replaces the tokenizer's own template (and is saved with the adapter); "
+        "required by chat rows when the tokenizer has none (preference rows then use plain prompts).",
     )
     max_seq_len: int = Field(2048, gt=0, description="Longest tokenized example, in tokens.")
     truncation: Literal["drop", "truncate_prompt", "truncate"] = Field(
@@ -254,6 +288,16 @@ class DataSection(Section):
     def _one_eval_source(self) -> "DataSection":
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("data.eval / data.eval_split: set only one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _pairs_are_not_packed(self) -> "DataSection":
+        if self.format == "preference" and self.packing:
+            raise ValueError("data.packing: a preference pair must stay whole in one micro-batch; set data.packing: "
+                             "false (data.padding_free already spends nothing on padding)")
+        if self.format == "preference" and self.train_on_inputs:
+            raise ValueError("data.train_on_inputs: a preference loss compares the answers only (the prompt is the "
+                             "same in both); remove it")
         return self
 
     @model_validator(mode="after")
@@ -314,6 +358,37 @@ class TrainSection(Section):
         "processes launched on the machine. Fewer threads than cores leave room for other jobs; more than usable "
         "makes every step wait.",
     )
+    objective: Literal[OBJECTIVES] = Field(
+        "sft",
+        description="What is learned: sft (cross-entropy on the answers), or a preference loss over chosen/rejected "
+        "pairs (data.format: preference): dpo (Rafailov et al. 2023), ipo (Azar et al. 2023, length-normalised "
+        "log-probs), orpo (Hong et al. 2024: the chosen answer's NLL plus an odds-ratio term, no reference) or "
+        "simpo (Meng et al. 2024: length-normalised log-probs and a margin, no reference). docs/preference.md.",
+    )
+    beta: float | None = Field(
+        None, gt=0,
+        description="dpo/ipo/simpo: the preference loss's β (how far the policy may move from the reference; "
+        "SimPO: the reward scale). Default 0.1 (dpo, ipo), 2.0 (simpo).",
+    )
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=0.5,
+        description="dpo only: the probability that a pair's labels are flipped (conservative DPO); default 0.",
+    )
+    simpo_gamma: float | None = Field(
+        None, ge=0, description="simpo only: the target reward margin γ; default 0.5."
+    )
+    orpo_lambda: float | None = Field(
+        None, gt=0, description="orpo only: the weight λ of the odds-ratio term beside the chosen answer's NLL; "
+        "default 0.1.",
+    )
+    reference: Literal[REFERENCES] | None = Field(
+        None,
+        description="dpo/ipo: the reference model's log-probabilities. base (default): the same model with the "
+        "adapter switched off, one extra forward without gradients per micro-batch, no second copy of the "
+        "weights. precomputed: the same, computed once before training in one pass and stored in the data cache "
+        "(no reference forward during training). init_from: the adapter named by adapter.init_from, as it is "
+        "loaded (the model this stage starts from), its log-probs precomputed the same way.",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
@@ -351,6 +426,21 @@ class TrainSection(Section):
     def _one_warmup(self) -> "TrainSection":
         if self.warmup_ratio is not None and self.warmup_steps > 0:
             raise ValueError("train.warmup_steps / train.warmup_ratio: set only one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_keys(self) -> "TrainSection":
+        used = OBJECTIVE_KEYS[self.objective]
+        given = [k for k in ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "reference")
+                 if k not in used and getattr(self, k) is not None]
+        if given:
+            users = {k: [o for o, keys in OBJECTIVE_KEYS.items() if k in keys] for k in given}
+            keys = "; ".join(f"train.{k} is for {'/'.join(users[k])}" for k in given)
+            raise ValueError(f"{keys}: not used by train.objective {self.objective}; remove "
+                             f"{'it' if len(given) == 1 else 'them'}")
+        for key, default in used.items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
         return self
 
     @field_validator("lr_scheduler")
@@ -408,6 +498,27 @@ class Recipe(Section):
         # Not "was it set": a resolved recipe (DIR/recipe.yaml) spells out every default.
         if self.train.eval_metric != TrainSection.model_fields["eval_metric"].default and not self.train.eval_generate:
             raise ValueError("train.eval_metric: has no effect without train.eval_generate: N")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_matches_data(self) -> "Recipe":
+        pairs, preference = self.data.format == "preference", self.train.objective in PREFERENCE_OBJECTIVES
+        if preference and not pairs:
+            raise ValueError(f"train.objective: {self.train.objective} learns from chosen/rejected pairs; set "
+                             f"data.format: preference (data.format is {self.data.format})")
+        if pairs and not preference:
+            raise ValueError("data.format: preference rows need a preference objective; set train.objective to "
+                             f"one of {', '.join(PREFERENCE_OBJECTIVES)}")
+        if self.train.reference == "init_from" and self.adapter.init_from is None:
+            raise ValueError("train.reference: init_from needs adapter.init_from (the adapter this stage starts from, "
+                             "e.g. runs/sft/adapter); or use base")
+        if pairs and self.train.eval_generate:
+            raise ValueError("train.eval_generate: not available with preference data (eval reports the "
+                             "preference accuracy, rewards/accuracy); set it to 0")
+        if pairs and self.adapter.method in ("prefix", "prompt"):
+            raise ValueError(f"train.objective: {self.train.objective} needs an adapter that can be switched off "
+                             f"for the reference and a per-token head; adapter.method {self.adapter.method} adds "
+                             "virtual tokens: use lora, dora, ia3 or bottleneck")
         return self
 
     @model_validator(mode="after")

@@ -78,7 +78,19 @@ def collate(examples: list[Example], tokenizer, padding_free: bool = False):
     unpacked one. There is deliberately no attention_mask: from restarting position_ids transformers
     builds a block-diagonal causal mask (sdpa, eager, flex) or runs varlen flash attention, but only
     without a KV cache (load_base_model sets use_cache=False) and without a 2D attention_mask.
+
+    Preference pairs become 2n sequences, the n chosen then the n rejected (one padded row each, or all flattened
+    into one row); with precomputed reference log-probs, ``ref_logps`` holds theirs in the same order.
     """
+    if examples and examples[0].rejected is not None:
+        batch = collate([Example(e.input_ids, e.labels, e.prompt_len) for e in examples] +
+                        [e.rejected for e in examples], tokenizer, padding_free)
+        if all(e.ref_logps is not None for e in examples):
+            import torch
+
+            batch["ref_logps"] = torch.tensor([e.ref_logps[0] for e in examples] + [e.ref_logps[1] for e in examples],
+                                              dtype=torch.float32)
+        return batch
     if padding_free or any(e.seq_lens is not None for e in examples):
         from transformers import DataCollatorWithFlattening
 

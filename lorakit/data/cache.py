@@ -63,29 +63,42 @@ def cache_root() -> Path:
     return cache_dir() / "data"
 
 
-def _save_examples(path: Path, examples: list[Example]) -> None:
+def _arrays(examples: list[Example], prefix: str = "") -> dict:
     import numpy as np
-    from safetensors.numpy import save_file
 
     lengths = np.array([len(e) for e in examples], dtype=np.int64)
-    arrays = {
-        "input_ids": np.array([t for e in examples for t in e.input_ids], dtype=np.int32),
-        "labels": np.array([t for e in examples for t in e.labels], dtype=np.int32),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "prompt_len": np.array([e.prompt_len for e in examples], dtype=np.int64),
+    return {
+        f"{prefix}input_ids": np.array([t for e in examples for t in e.input_ids], dtype=np.int32),
+        f"{prefix}labels": np.array([t for e in examples for t in e.labels], dtype=np.int32),
+        f"{prefix}offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        f"{prefix}prompt_len": np.array([e.prompt_len for e in examples], dtype=np.int64),
     }
+
+
+def _save_examples(path: Path, examples: list[Example]) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = _arrays(examples)
+    if examples and examples[0].rejected is not None:  # preference pairs: the rejected sequences alongside
+        arrays.update(_arrays([e.rejected for e in examples], "rejected_"))
     save_file(arrays, str(path))
+
+
+def _examples(arrays: dict, prefix: str = "") -> list[Example]:
+    ids, labels = arrays[f"{prefix}input_ids"].tolist(), arrays[f"{prefix}labels"].tolist()
+    offsets, prompt_lens = arrays[f"{prefix}offsets"].tolist(), arrays[f"{prefix}prompt_len"].tolist()
+    return [Example(ids[a:b], labels[a:b], p) for a, b, p in zip(offsets[:-1], offsets[1:], prompt_lens)]
 
 
 def _load_examples(path: Path) -> list[Example]:
     from safetensors.numpy import load_file
 
     arrays = load_file(str(path))
-    ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
-    prompt_lens = arrays["prompt_len"].tolist()
-    return [
-        Example(ids[a:b], labels[a:b], p) for a, b, p in zip(offsets[:-1], offsets[1:], prompt_lens)
-    ]
+    examples = _examples(arrays)
+    if "rejected_input_ids" in arrays:
+        for example, rejected in zip(examples, _examples(arrays, "rejected_"), strict=True):
+            example.rejected = rejected
+    return examples
 
 
 def load(key: str) -> dict | None:
@@ -112,3 +125,31 @@ def save(key: str, splits: dict) -> None:
         publish_dir(tmp, entry)
     except OSError:  # a cache that cannot be written is not an error: the data is tokenized again next time
         pass
+
+
+def load_reference(key: str, model_key: str) -> dict | None:
+    """{split: [(chosen, rejected), ...]}: reference log-probs stored beside the tokenized pairs (train.reference:
+    precomputed), or None."""
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(cache_root() / key / f"reference-{model_key}.safetensors"))
+    except Exception:  # missing or unreadable: computed again
+        return None
+    return {split: [tuple(row) for row in values.tolist()] for split, values in arrays.items()}
+
+
+def save_reference(key: str, model_key: str, splits: dict) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    entry = cache_root() / key
+    if not entry.is_dir():
+        return
+    arrays = {split: np.array(pairs, dtype=np.float32).reshape(-1, 2) for split, pairs in splits.items()}
+    tmp = entry / f".reference-{model_key}.tmp{os.getpid()}"
+    try:
+        save_file(arrays, str(tmp))
+        os.replace(tmp, entry / f"reference-{model_key}.safetensors")
+    except OSError:
+        tmp.unlink(missing_ok=True)

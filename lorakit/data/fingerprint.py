@@ -16,9 +16,9 @@ from lorakit.data.formats import Example
 def fingerprint(examples: list[Example]) -> str:
     """sha256 over every example's token ids and labels, in order (the order is seeded and part of the data)."""
     digest = hashlib.sha256()
-    for example in examples:
-        ids = array("q", example.input_ids)
+    for sequence in (s for example in examples for s in example.sequences):  # a pair: chosen, then rejected
+        ids = array("q", sequence.input_ids)
         digest.update(len(ids).to_bytes(8, "little"))
         digest.update(ids.tobytes())
-        digest.update(array("q", example.labels).tobytes())
+        digest.update(array("q", sequence.labels).tobytes())
     return digest.hexdigest()

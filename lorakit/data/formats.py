@@ -1,4 +1,4 @@
-"""Row formats (alpaca, chat, text, completion) rendered to token ids with labels.
+"""Row formats (alpaca, chat, text, completion, preference) rendered to token ids with labels.
 
 Labels are -100 wherever the loss must not look: prompt tokens (unless data.train_on_inputs) and padding.
 The end of every response (EOS, or the chat template's end-of-turn) is supervised.
@@ -33,6 +33,7 @@ FORMAT_FIELDS = {
     "chat": ("messages",),
     "text": ("text",),
     "completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),  # or messages (a chat prompt) in place of prompt
 }
 OPTIONAL_FIELDS = {"input"}
 TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
@@ -44,9 +45,23 @@ class Example:
     labels: list[int]
     prompt_len: int = 0  # tokens before the first response token: what truncate_prompt may cut
     seq_lens: list[int] | None = None  # a packed row: the lengths of the examples packed into it
+    # A preference pair: this example is prompt + chosen answer, ``rejected`` is prompt + rejected answer (the same
+    # prompt tokens); ``ref_logps`` the reference model's summed log-probs of the two answers (train.reference:
+    # precomputed).
+    rejected: "Example | None" = None
+    ref_logps: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens a forward runs on: both sequences of a pair."""
+        return len(self.input_ids) + (len(self.rejected) if self.rejected is not None else 0)
+
+    @property
+    def sequences(self) -> list["Example"]:
+        return [self] if self.rejected is None else [self, self.rejected]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,13 +78,15 @@ def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
     A template named by the recipe replaces the tokenizer's own and is set on the tokenizer, so the
     tokenizer saved with the adapter formats prompts at inference exactly as in training.
     """
-    if section.format != "chat":
+    if section.format not in ("chat", "preference"):
         return None
     name = section.chat_template
     if name is None:
         template = tokenizer.chat_template
         if isinstance(template, dict):  # several named templates: the default one renders conversations
             template = template.get("default")
+        if not template and section.format == "preference":
+            return None  # plain-text prompts: prompt + answer + EOS, as completion rows (messages are refused)
         if not template:
             raise UsageError(
                 f"data.chat_template: the tokenizer ({tokenizer.name_or_path}) has no chat template; set "
@@ -208,6 +225,8 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
 def tokenize_row(row: Row, section: DataSection, tokenizer) -> Example:
     """One row as token ids and labels; a malformed row raises BadRowError naming its place and field."""
     fmt = section.format
+    if fmt == "preference":
+        return tokenize_pair(row, section, tokenizer)
     if fmt == "chat":
         column = section.fields.get("messages", "messages")
         messages = _field(row, "messages", section, list)
@@ -226,6 +245,68 @@ def tokenize_row(row: Row, section: DataSection, tokenizer) -> Example:
     response_ids = _with_eos(_ids(tokenizer, response, False), tokenizer)
     prompt_labels = list(prompt_ids) if section.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
     return Example(prompt_ids + response_ids, prompt_labels + response_ids, len(prompt_ids))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preference pairs
+
+
+def tokenize_pair(row: Row, section: DataSection, tokenizer) -> Example:
+    """A preference row as prompt + chosen (the Example) and prompt + rejected (its ``rejected``).
+
+    The prompt is rendered once (with the chat template where there is one: a plain ``prompt`` becomes one user
+    turn, ``messages`` are used as they are) and its tokens are shared by both answers. Each answer is what the
+    template renders after the prompt's generation prompt, end-of-turn included; without a template it is the
+    answer text and EOS. Only answer tokens are supervised.
+    """
+    column = section.fields.get("messages", "messages")
+    chat_prompt = row.data.get(column) is not None
+    template = bool(tokenizer.chat_template)
+    if chat_prompt and not template:
+        raise UsageError(f"data.chat_template: {row.where} gives its prompt as {column!r} (chat messages) and the "
+                         f"tokenizer has no chat template; set data.chat_template to one of "
+                         f"{', '.join(named_chat_templates())}")
+    if chat_prompt:
+        messages = _field(row, "messages", section, list)
+        _check_messages(messages, row.where, column)
+    else:
+        messages = [{"role": "user", "content": _field(row, "prompt", section)}]
+    answers = [_answer(row, name, section, template) for name in ("chosen", "rejected")]
+    if template:
+        prompt_text = _render(tokenizer, messages, row.where, generation_prompt=True)
+        prompt_ids = _ids(tokenizer, prompt_text, False)
+        answer_ids = [_ids(tokenizer, _rendered_answer(tokenizer, messages, prompt_text, a, row.where), False)
+                      for a in answers]
+    else:
+        prompt_ids = _ids(tokenizer, messages[0]["content"], True)
+        answer_ids = [_with_eos(_ids(tokenizer, a, False), tokenizer) for a in answers]
+    chosen, rejected = (Example(prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids, len(prompt_ids))
+                        for ids in answer_ids)
+    chosen.rejected = rejected
+    return chosen
+
+
+def _answer(row: Row, name: str, section: DataSection, template: bool):
+    """chosen/rejected: a string, or a list of assistant messages (rendered by the chat template)."""
+    value = row.data.get(section.fields.get(name, name))
+    if isinstance(value, list) and template:
+        column = section.fields.get(name, name)
+        _check_messages(value, row.where, column)
+        if any(m["role"] != "assistant" for m in value):
+            raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer)")
+        return value
+    return _field(row, name, section)
+
+
+def _rendered_answer(tokenizer, messages: list[dict], prompt_text: str, answer, where: str) -> str:
+    turns = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+    full = _render(tokenizer, messages + turns, where)
+    if not full.startswith(prompt_text):
+        raise UsageError(
+            f"data.chat_template: the template renders the prompt at {where} differently once an answer follows, so "
+            f"the answer cannot be located; choose one of {', '.join(named_chat_templates())} with data.chat_template"
+        )
+    return full[len(prompt_text):]
 
 
 def num_targets(labels) -> int:
@@ -257,6 +338,9 @@ def answer_of(row: Row, section: DataSection) -> str | None:
     """The response a row teaches: alpaca output, completion, the last assistant turn; None for text rows."""
     if section.format == "text":
         return None
+    if section.format == "preference":
+        chosen = _answer(row, "chosen", section, True)
+        return chosen if isinstance(chosen, str) else chosen[-1]["content"]
     if section.format == "chat":
         return _field(row, "messages", section, list)[-1]["content"]
     return _field(row, "output" if section.format == "alpaca" else "completion", section)

@@ -27,6 +27,7 @@ class DataStats:
     rows: int = 0  # rows read, malformed ones included
     kept: int = 0
     truncated: int = 0  # kept, but shortened by data.truncation
+    answers_cut: int = 0  # preference pairs among the truncated whose answers were cut too (the prompt was not enough)
     too_long: int = 0  # dropped: longer than data.max_seq_len under data.truncation
     unsupervised: int = 0  # dropped: no token left for the loss
     bad: int = 0  # malformed rows skipped (data.skip_bad_rows)
@@ -49,7 +50,8 @@ class DataStats:
 
     def summary(self) -> str:
         """One line of counts and the token-length distribution, then one line per warning."""
-        parts = [f"rows {self.rows}: kept {self.kept} ({self.truncated} truncated)"]
+        cut = f", {self.answers_cut} of them in the answers" if self.answers_cut else ""
+        parts = [f"rows {self.rows}: kept {self.kept} ({self.truncated} truncated{cut})"]
         if self.too_long:
             parts.append(f"dropped {self.too_long} longer than data.max_seq_len {self.max_seq_len}")
         if self.unsupervised:
@@ -99,6 +101,7 @@ class Datasets:
     eval_stats: DataStats | None
     group_lengths: list[int] | None = None  # for StepSampler(lengths=...) when data.group_by_length
     fingerprint: str = ""  # of the train examples before packing (data.fingerprint), checked on resume
+    cache_key: str | None = None  # their entry in the data cache (train.reference: precomputed stores there too)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,6 +110,8 @@ class Datasets:
 
 def fit_length(example: Example, section: DataSection, bos_token_id: int | None = None):
     """Apply data.truncation; returns (the example, or None when dropped; whether it was truncated)."""
+    if example.rejected is not None:
+        return fit_pair(example, section, bos_token_id)
     ids, labels, limit = example.input_ids, example.labels, section.max_seq_len
     if len(ids) <= limit:
         return example, False
@@ -121,6 +126,29 @@ def fit_length(example: Example, section: DataSection, bos_token_id: int | None 
         return None, False  # the response alone is longer than max_seq_len
     cut = lambda seq: seq[:keep] + seq[keep + excess :]  # noqa: E731
     return Example(cut(ids), cut(labels), example.prompt_len - excess), True
+
+
+def fit_pair(pair: Example, section: DataSection, bos_token_id: int | None = None):
+    """data.truncation for a preference pair, both sequences together: the longer must fit max_seq_len.
+
+    The shared prompt is trimmed first (its oldest tokens, after a leading BOS), by the same tokens in both;
+    truncate_prompt drops the pair when that is not enough, truncate then cuts the ends of the answers.
+    Returns (the pair or None; False, "prompt" or "answers": what was cut).
+    """
+    limit, longest = section.max_seq_len, max(len(pair), len(pair.rejected))
+    if longest <= limit:
+        return pair, False
+    if section.truncation == "drop":
+        return None, False
+    keep = 1 if bos_token_id is not None and pair.input_ids[0] == bos_token_id and pair.prompt_len > 1 else 0
+    excess = longest - limit
+    if excess > pair.prompt_len - keep and section.truncation == "truncate_prompt":
+        return None, False  # the answers alone are longer than max_seq_len
+    trim = min(excess, pair.prompt_len - keep)
+    cut = lambda seq: (seq[:keep] + seq[keep + trim:])[:limit]  # noqa: E731
+    chosen, rejected = (Example(cut(e.input_ids), cut(e.labels), e.prompt_len - trim) for e in pair.sequences)
+    chosen.rejected = rejected
+    return chosen, "answers" if trim < excess else "prompt"
 
 
 def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats: DataStats | None = None,
@@ -144,15 +172,18 @@ def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats
         if example is None:
             stats.note("too_long", row.where)
             continue
-        targets = num_targets(example.labels)
-        if targets == 0:
+        targets = [num_targets(e.labels) for e in example.sequences]
+        if min(targets) == 0:  # a pair needs both answers
             stats.note("unsupervised", row.where)
             continue
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in example.labels[1:]:
+        if tokenizer.eos_token_id is not None and any(tokenizer.eos_token_id not in e.labels[1:]
+                                                      for e in example.sequences):
             stats.note("no_eos", row.where)
         stats.kept += 1
-        stats.truncated += truncated
-        stats.lengths.append(len(example))
+        stats.truncated += bool(truncated)
+        stats.answers_cut += truncated == "answers"
+        targets = sum(targets)
+        stats.lengths.append(example.num_tokens)
         stats.supervised_tokens += targets
         examples.append(example)
     return examples, stats
@@ -233,17 +264,17 @@ def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:
             cache.save(key, {name: (examples, stats.to_json()) for name, (examples, stats) in splits.items()})
     train, train_stats = splits["train"]
     evals, eval_stats = splits.get("eval", ([], None))
-    group_lengths = [len(e) for e in train] if section.group_by_length and not section.packing else None
+    group_lengths = [e.num_tokens for e in train] if section.group_by_length and not section.packing else None
     content = fingerprint(train)
     if section.packing:
         train = pack_examples(train, section.max_seq_len, seed)
         train_stats.packed_rows = len(train)
-    return Datasets(train, evals, train_stats, eval_stats, group_lengths, content)
+    return Datasets(train, evals, train_stats, eval_stats, group_lengths, content, key)
 
 
 def _stats_from(raw: dict, examples: list[Example]) -> DataStats:
     stats = DataStats(**{k: v for k, v in raw.items() if k in DataStats.__dataclass_fields__})
-    stats.lengths, stats.cached = [len(e) for e in examples], True
+    stats.lengths, stats.cached = [e.num_tokens for e in examples], True
     return stats
 
 

@@ -15,7 +15,8 @@ def idle_batch(example):
     this instead: its forward/backward still take part in DDP's all-reduce and FSDP's all-gathers, which
     would otherwise wait for it until train.ddp_timeout.
     """
-    return dataclasses.replace(example, labels=[IGNORE_INDEX] * len(example.labels))
+    rejected = idle_batch(example.rejected) if example.rejected is not None else None  # a pair: both sequences
+    return dataclasses.replace(example, labels=[IGNORE_INDEX] * len(example.labels), rejected=rejected)
 
 
 def eval_shards(num_examples: int, micro_batch_size: int, world_size: int, rank: int) -> list[list[int]]:

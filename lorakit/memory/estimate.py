@@ -9,6 +9,7 @@ tensors autograd keeps for backward; scripts/bench_memory.py measures them again
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from lorakit.errors import UsageError
 from lorakit.memory.activations import _tokens, act_bytes, activations, loss_path
@@ -209,26 +210,54 @@ def optimizer_step_line(p: ModelProfile, s: Settings) -> Line:
     ))
 
 
+def reference_line(p: ModelProfile, s: Settings) -> Line:
+    """DPO/IPO's reference forward (the adapter switched off, no gradients), before the policy's: it keeps no
+    activations, so its peak is one layer's temporaries and the head's log-probs. ``s``: the sequences it runs."""
+    if s.objective not in ("dpo", "ipo") or s.reference == "precomputed":
+        why = "precomputed before training" if s.reference == "precomputed" else f"{s.objective} has no reference"
+        return Line("reference_forward", "reference forward", 0, f"none: {why}")
+    from lorakit.training.loss import CHUNK_ELEMENTS
+
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    layer = T * (3 * g.intermediate + 2 * g.hidden) * e
+    if loss_path(p, s) == "chunked":
+        rows = max(16, CHUNK_ELEMENTS // g.vocab)
+        head, how = min(rows, T) * g.vocab * 8 + T * g.hidden * e, f"one chunk of ≤ {rows:,} rows × V × 8 B"
+    else:
+        head, how = T * g.vocab * 8, "T·V × 8 B (fp32 logits and log-softmax)"
+    return Line("reference_forward", "reference forward", layer + head, (
+        f"no gradients, before the policy's forward: one layer's temporaries T·(3·{g.intermediate} + 2·{g.hidden})"
+        f"·{e} (gate, up, their product; the residual and its norm) + the head's log-probs over {how} "
+        f"+ T·h·{e} (the decoder's output); T = {T:,} tokens"
+    ))
+
+
 def estimate(p: ModelProfile, s: Settings) -> Estimate:
     """Every breakdown line for ``p`` under ``s``, the single-device peak and the per-device peak."""
     if s.method == "full" and s.quantization != "none":
         raise UsageError("full fine-tuning cannot train a quantized base: use --method lora/qlora or no quantization")
     weights, adapter, grads, opt = weights_line(p, s), adapter_line(p, s), gradients_line(p, s), optimizer_line(p, s)
-    act, recompute = activations(p, s)
-    logits, bwd, step = logits_line(p, s), backward_line(p, s, recompute), optimizer_step_line(p, s)
+    # A preference micro-batch of b pairs runs 2b sequences (chosen and rejected) through the model.
+    runs = replace(s, batch_size=2 * s.batch_size) if s.objective != "sft" else s
+    act, recompute = activations(p, runs)
+    logits, bwd, step = logits_line(p, runs), backward_line(p, runs, recompute), optimizer_step_line(p, s)
+    reference = reference_line(p, runs)
     overhead = Line(
         "framework_overhead", "framework overhead", OVERHEAD_BYTES if s.device == "cuda" else 0,
         "constant 1 GiB: CUDA context (~0.5 GiB with lazy module loading), cuBLAS workspaces and caching-allocator "
         "slack; torch.cuda.max_memory_allocated does not see it, nvidia-smi does",
     )
     lines = [weights, adapter, grads, opt, act, logits, bwd, step, overhead]
+    if reference.bytes:
+        lines.insert(-1, reference)
     static = weights.bytes + adapter.bytes + grads.bytes + opt.bytes
-    training = act.bytes + max(logits.bytes, bwd.bytes)
+    training = max(act.bytes + max(logits.bytes, bwd.bytes), reference.bytes)
     total = static + max(training, step.bytes) + overhead.bytes
     peak_formula = (
         "weights + adapter + gradients + optimizer + max(activations + max(logits_and_loss, backward_transient), "
-        "optimizer_step) + overhead (gradients coexist with activations under gradient accumulation; the loss "
-        "buffers are freed before the first layer runs backward; the optimizer steps after the activations are gone)"
+        f"{'reference_forward, ' if reference.bytes else ''}optimizer_step) + overhead (gradients coexist with "
+        "activations under gradient accumulation; the loss buffers are freed before the first layer runs backward; "
+        "the optimizer steps after the activations are gone)"
     )
     per_device, per_device_formula = _per_device(p, s, static, training, step.bytes, weights, grads)
     per_device += overhead.bytes

@@ -50,6 +50,8 @@ class Settings:
     gpus: int = 1
     strategy: str = "ddp"  # ddp | fsdp
     device: str = "cuda"  # cuda | cpu: on CPU dropout keeps a full noise tensor, no CUDA context (benchmarks only)
+    objective: str = _schema(TrainSection, "objective")  # sft | dpo | ipo | orpo | simpo: pairs run 2 sequences
+    reference: str | None = None  # dpo/ipo: base (a forward without gradients per micro-batch) | precomputed
 
 
 @dataclass

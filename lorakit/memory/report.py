@@ -50,6 +50,7 @@ class Flags:
     gpus: int = 1
     strategy: str = "ddp"
     overrides: list = field(default_factory=list)  # --set KEY=VALUE, applied before the flags
+    objective: str | None = None  # sft | dpo | ipo | orpo | simpo
 
 
 def resolve_recipe(recipe_path: Path | None, flags: Flags):
@@ -78,9 +79,20 @@ def resolve_recipe(recipe_path: Path | None, flags: Flags):
         ("train", "gradient_checkpointing", flags.gradient_checkpointing),
         ("model", "dtype", flags.dtype),
         ("model", "attn_implementation", flags.attn),
+        ("train", "objective", flags.objective),
     ):
         if value is not None:
             sections[section][key] = value
+    if flags.objective is not None:  # the recipe's own objective keys go unless this one uses them; data follows
+        from lorakit.config.schema import OBJECTIVE_KEYS
+
+        for key in ("beta", "label_smoothing", "reference", "simpo_gamma", "orpo_lambda"):
+            if key not in OBJECTIVE_KEYS.get(flags.objective, {}):  # an unknown objective: the schema says so
+                sections["train"].pop(key, None)
+        if flags.objective != "sft":
+            sections["data"]["format"] = "preference"
+        elif sections["data"].get("format") == "preference":
+            del sections["data"]["format"]
     if flags.method in ("lora", "full"):
         sections["model"]["quantization"] = "none"
     elif flags.method == "qlora" and sections["model"].get("quantization") not in ("nf4", "fp4"):
@@ -111,6 +123,8 @@ def settings_from(recipe, flags: Flags) -> Settings:
         chunked_loss=recipe.train.chunked_loss,
         gpus=flags.gpus,
         strategy=flags.strategy,
+        objective=recipe.train.objective,
+        reference=recipe.train.reference,
     )
 
 
@@ -212,8 +226,13 @@ def describe(est: Estimate) -> str:
         what = f"{p.adapter_method} r={rank} on {', '.join(names)}" if ranks else f"{p.adapter_method} adapter"
         what += f" over a {base} base"
     gc = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
+    batch = f"micro-batch {s.batch_size}"
+    if s.objective != "sft":
+        reference = f", reference {s.reference}" if s.reference else ""
+        batch = (f"{s.objective}{reference}; micro-batch {s.batch_size} pairs ({2 * s.batch_size} sequences: chosen "
+                 "and rejected)")
     return (
-        f"{what}; micro-batch {s.batch_size} × {s.seq_len:,} tokens, {attn_implementation(p, s)} attention, "
+        f"{what}; {batch} × {s.seq_len:,} tokens, {attn_implementation(p, s)} attention, "
         f"{loss_path(p, s)} loss, {s.optimizer}, {gc}"
     )
 

@@ -30,7 +30,7 @@ from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
 from lorakit.models.loading import load_tokenizer, resolve_model_path
 from lorakit.tools.generate import load_for_generation
 from lorakit.training.loop import evaluate
-from lorakit.training.loss import plain_loss
+from lorakit.training.loss import Loss, plain_loss
 from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
 FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "completion": "completion", "text": "text"}
 EXAMPLES_SHOWN = 3
@@ -155,7 +155,7 @@ def _score_model(model, tokenizer, items: list[EvalItem], context, *, metric: st
                                       batch_size=batch_size)
         # train.evaluate reads only the micro-batch size of the train section.
         loss = evaluate(model, tokenizer, [i.example for i in items], SimpleNamespace(micro_batch_size=batch_size),
-                        accelerator, plain_loss)
+                        accelerator, Loss(plain_loss, "plain"))["eval_loss"]
     model.eval()  # evaluate() hands the model back in train mode
     return {"score": round(sum(scores) / len(scores), 6) if scores else None, "loss": loss,
             "perplexity": round(math.exp(min(loss, 50)), 4), "outputs": outputs, "scores": scores}

@@ -48,11 +48,13 @@ def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
         if example is None:
             out.append(PreviewRow(row.where, f"dropped: longer than data.max_seq_len {section.max_seq_len}"))
             continue
-        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example, num_targets(example.labels))
-        if shown.targets == 0:
+        targets = [num_targets(e.labels) for e in example.sequences]  # a pair: chosen and rejected
+        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example, sum(targets))
+        if min(targets) == 0:
             shown.status = "dropped: no supervised tokens"
             shown.warnings.append("no supervised tokens: this row teaches nothing")
-        elif tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in example.labels[1:]:
+        elif tokenizer.eos_token_id is not None and any(tokenizer.eos_token_id not in e.labels[1:]
+                                                        for e in example.sequences):
             shown.warnings.append(f"no supervised EOS ({tokenizer.eos_token}): the model may not learn to stop")
         out.append(shown)
     return out
@@ -76,13 +78,20 @@ def spans(example: Example, tokenizer) -> list[tuple[str, bool]]:
 def header(index: int, row: PreviewRow) -> str:
     if row.example is None:
         return f"example {index}  {row.where}  {row.status}"
-    return f"example {index}  {row.where}  {len(row.example)} tokens, {row.targets} supervised  {row.status}"
+    return f"example {index}  {row.where}  {row.example.num_tokens} tokens, {row.targets} supervised  {row.status}"
+
+
+def views(example: Example) -> list[tuple[str, Example]]:
+    """What to show of an example: itself, or a preference pair's chosen and rejected sequences, each labelled."""
+    if example.rejected is None:
+        return [("", example)]
+    return [("chosen: ", example), ("rejected: ", example.rejected)]
 
 
 def render_plain(index: int, row: PreviewRow, tokenizer) -> str:
     lines = [header(index, row)]
-    if row.example is not None:
-        lines.append("".join(f"{PLAIN_OPEN}{t}{PLAIN_CLOSE}" if s else t for t, s in spans(row.example, tokenizer)))
+    for label, example in views(row.example) if row.example is not None else []:
+        lines.append(label + "".join(f"{PLAIN_OPEN}{t}{PLAIN_CLOSE}" if s else t for t, s in spans(example, tokenizer)))
     lines += [f"  warning: {w}" for w in row.warnings]
     return "\n".join(lines)
 
@@ -92,9 +101,9 @@ def render_rich(index: int, row: PreviewRow, tokenizer):
     from rich.text import Text
 
     parts = [Text(header(index, row), style="bold")]
-    if row.example is not None:
-        body = Text()
-        for text, supervised in spans(row.example, tokenizer):
+    for label, example in views(row.example) if row.example is not None else []:
+        body = Text(label, style="bold")
+        for text, supervised in spans(example, tokenizer):
             body.append(text, style=SUPERVISED_STYLE if supervised else MASKED_STYLE)
         parts.append(body)
     parts += [Text(f"  warning: {w}", style="yellow") for w in row.warnings]
@@ -111,9 +120,11 @@ def preview_data(recipe: Recipe, n: int, stats: bool = True) -> None:
     console = get_console()
     if is_json():
         for i, row in enumerate(rows, 1):
-            emit("preview", index=i, where=row.where, status=row.status, tokens=len(row.example or []),
-                 supervised=row.targets, warnings=row.warnings,
-                 spans=[[t, s] for t, s in spans(row.example, tokenizer)] if row.example else [])
+            shown = views(row.example) if row.example is not None else []
+            extra = {"rejected_spans": [[t, s] for t, s in spans(shown[1][1], tokenizer)]} if len(shown) == 2 else {}
+            emit("preview", index=i, where=row.where, status=row.status,
+                 tokens=row.example.num_tokens if row.example else 0, supervised=row.targets, warnings=row.warnings,
+                 spans=[[t, s] for t, s in spans(shown[0][1], tokenizer)] if shown else [], **extra)
     elif console.is_terminal:
         console.print(legend(), soft_wrap=False)
         for i, row in enumerate(rows, 1):

@@ -32,6 +32,7 @@ NOT_OBSERVED = {
     "train.eval_metric": "the metric the eval_score records of metrics.jsonl were scored with",
     "output.report_to": "the tracker runs themselves (one per run, named after the run directory)",
     "output.project": "the experiment or project the tracker runs are filed under",
+    "adapter.init_from": "the 'adapter: starting from DIR' line before training",
 }
 
 
@@ -130,6 +131,8 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
                 f"process{'es' if world_size > 1 else ''} per step; {batching}",
                 ("train.micro_batch_size", "train.grad_accum", "data.padding_free", "data.group_by_length")),
         Setting("loss", loss, ("train.chunked_loss",)),
+        Setting("objective", _objective(cfg), ("train.objective", "train.beta", "train.label_smoothing",
+                                               "train.simpo_gamma", "train.orpo_lambda", "train.reference")),
         Setting("activation checkpointing", "on" if checkpointing else "off", ("train.gradient_checkpointing",)),
         Setting("speed knobs", f"torch.compile {'on' if compiled else 'off'}, liger {'on' if cfg.liger else 'off'}",
                 ("train.compile", "train.liger")),
@@ -141,7 +144,9 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
 def _data_lines(recipe, tokenizer, data) -> list[Setting]:
     section, stats = recipe.data, data.train_stats
     template = "none (not a chat format)"
-    if section.format == "chat":
+    if section.format == "preference" and not tokenizer.chat_template:
+        template = "none (plain prompts: the tokenizer has no chat template)"
+    elif section.format in ("chat", "preference"):
         source = section.chat_template or f"the tokenizer's ({tokenizer.name_or_path})"
         template = f"{source}, end of turn {stats.eos_token!r}"
     sources = section.train if isinstance(section.train, list) else [section.train]
@@ -165,6 +170,13 @@ def effective_settings(recipe, *, model, tokenizer, optimizer, scheduler, init, 
     return (_model_lines(recipe, model, tokenizer) + _adapter_lines(recipe, model, init)
             + _training_lines(recipe, model, optimizer, scheduler, total_steps, world_size, loss, batching)
             + _data_lines(recipe, tokenizer, data))
+
+
+def _objective(cfg) -> str:
+    names = {"beta": "β", "label_smoothing": "label smoothing", "simpo_gamma": "γ", "orpo_lambda": "λ",
+             "reference": "reference"}
+    keys = [f"{label} {getattr(cfg, key)}" for key, label in names.items() if getattr(cfg, key) is not None]
+    return cfg.objective + (": " + ", ".join(keys) if keys else "")
 
 
 def format_block(settings: list[dict] | list[Setting]) -> str:

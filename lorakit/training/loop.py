@@ -27,8 +27,8 @@ from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError
 from lorakit.faults import fault_injector
 from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.interrupt import GracefulStop
-from lorakit.training.loss import build_loss
 from lorakit.training.metrics import MetricsLog
+from lorakit.training.preference import build_training_loss
 from lorakit.training.prefetch import Prefetch
 from lorakit.training.scoring import TrainingScorer
 
@@ -54,7 +54,7 @@ def fit(ctx: FitContext) -> MetricsLog:
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
     last_checkpoint = start.checkpoint
-    compute_loss = build_loss(accelerator.unwrap_model(model), cfg.chunked_loss)
+    compute_loss = build_training_loss(accelerator.unwrap_model(model), cfg)
     console(accelerator.is_main_process)(compute_loss.describe())
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None
@@ -67,17 +67,19 @@ def fit(ctx: FitContext) -> MetricsLog:
                 last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler,
                                                   step, tokens_seen, data.fingerprint, ctx.init)
             if cfg.eval_every and step and step % cfg.eval_every == 0 and data.eval:
-                eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
-                metrics.write({"step": step, "eval_loss": eval_loss, **eval_scores(scorer, accelerator, model)})
+                evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
+                metrics.write({"step": step, **evaluated, **eval_scores(scorer, accelerator, model)})
 
             fault(step)
             meter.start()
             micro_batches, batches = ahead.get(step)  # collated while the previous step computed
-            # Normalise by the supervised tokens of the whole window on all ranks, so every token weighs the
-            # same whatever the micro-batch, accumulation or world size. DDP averages gradients over ranks,
-            # hence the world-size factor inside num_items.
-            window_tokens = reduce_sum(accelerator, sum(num_targets(b["labels"]) for b in batches))
-            num_items = window_tokens / accelerator.num_processes
+            # Normalise by the items of the whole window on all ranks (supervised tokens; pairs for a preference
+            # objective), so each weighs the same whatever the micro-batch, accumulation or world size. DDP
+            # averages gradients over ranks, hence the world-size factor inside num_items.
+            window_items, window_tokens = reduce_sum(accelerator, [sum(compute_loss.items(b) for b in batches),
+                                                                   sum(num_targets(b["labels"]) for b in batches)])
+            num_items = window_items / accelerator.num_processes
+            compute_loss.tally.clear()  # the rewards logged are the logged step's, as its loss is
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
                 # Dropout masks follow (seed, step, global micro-batch index), not the rank: 2 ranks × k
@@ -117,6 +119,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                         "grad_norm": round(grad_norm, 6),
                         "tokens": tokens_seen,
                         "tokens_per_s": round(tps, 2),
+                        **compute_loss.tally.means(accelerator),
                     }
                 )
             bar.update(step + 1, loss=step_loss, lr=lr, tps=tokens_seen / max(bar.elapsed, 1e-9))
@@ -126,8 +129,8 @@ def fit(ctx: FitContext) -> MetricsLog:
                 raise stop.stopped(step + 1, path)
 
     if data.eval:
-        eval_loss = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
-        metrics.write({"step": total_steps, "eval_loss": eval_loss, **eval_scores(scorer, accelerator, model)})
+        evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
+        metrics.write({"step": total_steps, **evaluated, **eval_scores(scorer, accelerator, model)})
     return metrics
 
 
@@ -135,11 +138,13 @@ def micro_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + index
 
 
-def reduce_sum(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return float(value)
-    t = torch.tensor(float(value), device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(t, reduction="sum"))
+def reduce_sum(accelerator, value):
+    """The sum over ranks of a number, or of each number of a list (one collective)."""
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+    if accelerator.num_processes > 1:
+        t = torch.tensor(values, device=accelerator.device, dtype=torch.float64)
+        values = accelerator.reduce(t, reduction="sum").tolist()
+    return values if isinstance(value, (list, tuple)) else values[0]
 
 
 def any_rank(accelerator, flag: bool) -> bool:
@@ -158,8 +163,9 @@ def eval_scores(scorer: TrainingScorer | None, accelerator, model) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute_loss) -> float:
-    """Token-weighted mean loss over the eval set, each rank taking every world_size-th example.
+def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute_loss) -> dict:
+    """{"eval_loss": the mean loss per item (supervised token, or pair) over the eval set, and the loss's tallied
+    metrics as eval_*}, each rank taking every world_size-th example.
 
     Every rank runs the same number of batches (idle ones where it has run out), as FSDP's forward is a
     collective.
@@ -167,14 +173,17 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
     model.eval()
     shards = eval_shards(len(examples), cfg.micro_batch_size, accelerator.num_processes, accelerator.process_index)
     total, count = 0.0, 0
+    training_tally, compute_loss.tally = compute_loss.tally, type(compute_loss.tally)(compute_loss.tally.names)
     for idx in shards:
         batch = collate([examples[i] for i in idx] or [idle_batch(examples[0])], tokenizer)
-        n = num_targets(batch["labels"])
+        n = compute_loss.items(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total += float(compute_loss(model, batch, 1))  # num_items=1: the summed loss
         count += n
     model.train()
-    return round(reduce_sum(accelerator, total) / max(reduce_sum(accelerator, count), 1), 6)
+    eval_tally, compute_loss.tally = compute_loss.tally, training_tally
+    total, count = reduce_sum(accelerator, [total, count])
+    return {"eval_loss": round(total / max(count, 1), 6), **eval_tally.means(accelerator, "eval_")}
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, paths: RunPaths, sampler, step: int,

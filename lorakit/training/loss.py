@@ -13,13 +13,13 @@ returns the sum of per-token losses / num_items, as transformers' ForCausalLMLos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from lorakit.data.formats import IGNORE_INDEX
+from lorakit.data.formats import IGNORE_INDEX, num_targets
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 256 rows at a 32k vocabulary, 55 at 152k
 
@@ -30,16 +30,48 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 LossFn = Callable[[torch.nn.Module, dict, float], torch.Tensor]
 
 
+class Tally:
+    """Metrics a loss reports beside its value (the preference rewards), summed per example over a window of
+    micro-batches; ``means`` averages them over every rank's examples (a collective when it has any names)."""
+
+    def __init__(self, names: tuple[str, ...] = ()):
+        self.names, self.sums = names, None
+
+    def clear(self) -> None:
+        self.sums = None
+
+    def add(self, sums: torch.Tensor, count: torch.Tensor) -> None:
+        """``sums``: one summed value per name over this micro-batch's ``count`` examples."""
+        row = torch.cat([sums.detach().float(), count.detach().float().reshape(1)])
+        self.sums = row if self.sums is None else self.sums + row
+
+    def means(self, accelerator, prefix: str = "") -> dict:
+        if not self.names:
+            return {}
+        sums = self.sums if self.sums is not None else torch.zeros(len(self.names) + 1, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum")
+        count = max(float(sums[-1]), 1.0)
+        return {f"{prefix}{name}": round(float(v) / count, 6) for name, v in zip(self.names, sums[:-1].tolist())}
+
+
 @dataclass
 class Loss:
-    """The loss the loop calls, and which path it takes (printed at the start of a run)."""
+    """The loss the loop calls, and which path it takes (printed at the start of a run).
+
+    ``items(batch)`` is what the loss is normalised by (supervised tokens here; pairs for a preference loss), and
+    ``tally`` what it reports beside its value (nothing here)."""
 
     fn: LossFn
     kind: str  # "chunked", "liger" or "plain"
     reason: str = ""
+    tally: Tally = field(default_factory=Tally)
 
     def __call__(self, model, batch: dict, num_items: float) -> torch.Tensor:
         return self.fn(model, batch, num_items)
+
+    def items(self, batch: dict) -> int:
+        return num_targets(batch["labels"])
 
     def describe(self) -> str:
         return f"loss: {self.kind}" + (f" ({self.reason})" if self.reason else "")
@@ -174,6 +206,47 @@ def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | No
     for s in range(0, hidden.shape[0], rows):
         total += _chunk_loss(hidden[s : s + rows], weight, bias, targets[s : s + rows])[0]
     return total
+
+
+def linear_token_logps(hidden, weight, bias, targets, chunk_rows: int | None = None) -> torch.Tensor:
+    """log p(targets_i | hidden_i) under the head, per row ([n], fp32), one chunk of logits at a time.
+
+    The head must be frozen (a preference loss falls back to the model's own logits otherwise): only the hidden
+    states get a gradient, kept per row as in _LinearCrossEntropy and scaled by each row's incoming gradient."""
+    rows = chunk_rows or max(16, CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _TokenLogps.apply(hidden, weight, bias, targets, rows)
+    out = [_chunk_token_logps(hidden[s : s + rows], weight, bias, targets[s : s + rows])[0]
+           for s in range(0, hidden.shape[0], rows)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _chunk_token_logps(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(1, targets[:, None]).squeeze(1) - lse, logits, lse
+
+
+class _TokenLogps(torch.autograd.Function):
+    """d logp_i / d hidden_i = (onehot - softmax) @ W, computed per chunk in the forward; never [n, vocab] kept."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        grad_h = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], rows):
+            t = targets[s : s + rows]
+            out[s : s + rows], logits, lse = _chunk_token_logps(hidden[s : s + rows], weight, bias, t)
+            grad_logits = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place of the logits
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1
+            grad_h[s : s + rows] = grad_logits.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype)[:, None], None, None, None, None
 
 
 def _chunk_loss(hidden, weight, bias, targets):

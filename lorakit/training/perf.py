@@ -171,7 +171,7 @@ class Work:
     attention_pairs: int = 0
 
     def add(self, examples) -> None:
-        for e in examples:
+        for e in (s for example in examples for s in example.sequences):  # a preference pair: both sequences
             start = 0
             for n in getattr(e, "seq_lens", None) or [len(e.input_ids)]:  # a packed row: each example in it
                 self.tokens += n

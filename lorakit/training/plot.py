@@ -1,4 +1,4 @@
-"""`lorakit plot`: train/eval loss (and eval score) and learning rate against step, from DIR/metrics.jsonl.
+"""`lorakit plot`: train/eval loss (and eval score, preference accuracy) and learning rate against step, from DIR/metrics.jsonl.
 
 matplotlib is an optional extra (`pip install 'lorakit[plot]'`); a Figure with the Agg canvas is used
 directly, so no GUI backend and no pyplot global state are involved.
@@ -15,6 +15,12 @@ from lorakit.publish import check_file_output
 from lorakit.training.metrics import read_metrics, series
 
 DPI = 100
+# metrics.jsonl keys drawn as fractions (0..1): (key, label, colour, marker)
+FRACTIONS = (
+    ("eval_score", "eval score", "tab:red", "s"),
+    ("rewards/accuracy", "preference accuracy", "tab:purple", None),
+    ("eval_rewards/accuracy", "eval preference accuracy", "tab:brown", "^"),
+)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int = 1000, height: int = 700) -> Path:
@@ -46,12 +52,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     loss_ax.set_title(run_dir.resolve().name)
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(loc="upper left")
-    score_steps, scores = series(records, "eval_score")
-    if score_steps:  # train.eval_generate: the answer score on its own 0..1 axis
+    # Fractions on their own 0..1 axis: train.eval_generate's answer score, a preference run's accuracy.
+    fractions = [(series(records, key), label, color, marker) for key, label, color, marker in FRACTIONS]
+    fractions = [f for f in fractions if f[0][0]]
+    if fractions:
         score_ax = loss_ax.twinx()
-        score_ax.plot(score_steps, scores, label="eval score", color="tab:red", marker="s")
+        for (steps, values), label, color, marker in fractions:
+            score_ax.plot(steps, values, label=label, color=color, marker=marker)
         score_ax.set_ylim(0, 1.05)
-        score_ax.set_ylabel("eval score")
+        score_ax.set_ylabel(" / ".join(label for _, label, _, _ in fractions))
         score_ax.legend(loc="upper right")
     if lr_steps:
         lr_ax.plot(lr_steps, lr, color="tab:green")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lorakit import __version__
-from lorakit.adapters.build import apply_adapter, build_model, counting_section
+from lorakit.adapters.build import apply_adapter, build_model, continue_from, counting_section
 from lorakit.adapters.inits import InitRecord, capture_initial, run_eva, save_converted
 from lorakit.adapters.card import write_card
 from lorakit.checkpoint.format import TrainState
@@ -42,12 +42,12 @@ from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.effective import as_records, effective_settings, format_block
 from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
-from lorakit.training.loss import build_loss
 from lorakit.training.manifest import write_run_manifest
 from lorakit.training.metrics import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
+from lorakit.training.preference import attach_reference, build_training_loss
 from lorakit.training.threads import set_threads
 from lorakit.training.trackers import build_trackers, check_tracker_packages, finish_trackers, start_trackers
 
@@ -77,6 +77,7 @@ def run_inputs(recipe: Recipe, recipe_file: Path | None, resume: bool) -> dict[s
         "data.train data": train}
     inputs.update({"data.eval data": recipe.data.eval, "chat template": recipe.data.chat_template,
                    "base model": recipe.model.name_or_path, "tokenizer": recipe.model.tokenizer,
+                   "adapter.init_from adapter": recipe.adapter.init_from,
                    "recipe": None if resume or recipe_file is None else str(recipe_file)})
     return inputs
 
@@ -153,6 +154,9 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     check_tracker_packages(recipe.output)  # a missing tracker package is exit 2 before anything loads
     accelerator = build_accelerator(recipe.train, build_trackers(recipe.output, paths.root), str(paths.root))
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and recipe.train.objective != "sft":  # the reference forward runs outside the sharded wrapper
+        raise UsageError(f"train.objective: {recipe.train.objective} is not available with FSDP yet; use DDP "
+                         "(lorakit train --nproc N) or one process")
     if fsdp and recipe.train.eval_generate:  # generation on rank 0 alone would stall FSDP's sharded forward
         raise UsageError("train.eval_generate: not available with FSDP; set it to 0 and score the adapter "
                          "afterwards with `lorakit eval RUN --data EVAL_FILE`")
@@ -178,6 +182,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
 
     with stage(accelerator.is_main_process, "loading model"):
         model = build_model(recipe, model_path, allow_pickle, tokenizer)
+        if recipe.adapter.init_from:
+            say(f"adapter: starting from {continue_from(model, recipe.adapter, allow_pickle)}")
         init = capture_initial(model, recipe.adapter)  # before a checkpoint's weights replace B₀, A₀
         batching = choose_batching(recipe, model, data.group_lengths)
         meter = StepMeter(ModelShape.of(model))
@@ -199,6 +205,10 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         with stage(accelerator.is_main_process, "EVA init on the first micro-batches"):
             run_eva(model, [collate([data.train[i] for i in idx], tokenizer) for idx in sampler.micro_batches(0)],
                     init, recipe.adapter)
+    if recipe.train.reference in ("precomputed", "init_from"):  # init_from: the adapter as loaded, before a resume
+        with stage(accelerator.is_main_process, "reference log-probs"), accelerator.main_process_first():
+            attach_reference(recipe, build_training_loss(model, recipe.train), data, tokenizer, say,
+                             accelerator.device)
     if checkpoint is not None:  # the weights before wrapping: FSDP shards what was restored
         restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say,
                         data_fingerprint=data.fingerprint, data_name=f"data.train ({recipe.data.train})",
@@ -213,7 +223,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
         init=init, data=data, total_steps=total_steps, world_size=accelerator.num_processes, batching=batching.note
         or ("padding-free" if batching.padding_free else "padded"),
-        loss=build_loss(accelerator.unwrap_model(model), recipe.train.chunked_loss).describe().removeprefix("loss: "),
+        loss=build_training_loss(accelerator.unwrap_model(model), recipe.train).describe().removeprefix("loss: "),
     ))
     say(format_block(effective))
 

@@ -1,0 +1,200 @@
+"""data.format preference: rows to prompt + chosen / prompt + rejected sequences, truncated together, cached, and
+collated as 2n sequences (padded or flattened); bad rows exit 3 naming file:line; the recipe keys per objective."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit.config.load import parse_recipe
+from lorakit.data import IGNORE_INDEX, collate, load_datasets, tokenize_rows
+from lorakit.data.sources import BadRowError, Row
+from lorakit.data.pipeline import fit_length
+from lorakit.data.shards import idle_batch
+from lorakit.errors import RecipeError
+from lorakit.models.loading import load_tokenizer
+from run_helpers import write_pairs
+
+
+def recipe(data, objective="dpo", train=None, **section):
+    return parse_recipe({"model": {"name_or_path": "m"},
+                         "data": {"train": str(data), "format": "preference", **section},
+                         "train": {"max_steps": 1, "objective": objective, **(train or {})}})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(parse_recipe({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": "d"},
+                                        "train": {"max_steps": 1}}).model, str(tiny_model_dir))
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def answer(tokenizer, example):
+    return decode(tokenizer, [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe keys
+
+
+@pytest.mark.parametrize("objective, defaults", [
+    ("dpo", {"beta": 0.1, "label_smoothing": 0.0, "reference": "base"}),
+    ("ipo", {"beta": 0.1, "reference": "base"}),
+    ("simpo", {"beta": 2.0, "simpo_gamma": 0.5}),
+    ("orpo", {"orpo_lambda": 0.1}),
+])
+def test_each_objective_gets_its_defaults(tmp_path, objective, defaults):
+    train = recipe(tmp_path / "d.jsonl", objective).train
+    assert {k: getattr(train, k) for k in defaults} == defaults
+    unused = {"beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "reference"} - set(defaults)
+    assert all(getattr(train, k) is None for k in unused)
+
+
+@pytest.mark.parametrize("objective, key, value, message", [
+    ("orpo", "beta", 0.2, "train.beta is for dpo/ipo/simpo: not used by train.objective orpo"),
+    ("ipo", "label_smoothing", 0.1, "train.label_smoothing is for dpo"),
+    ("dpo", "simpo_gamma", 1.0, "train.simpo_gamma is for simpo"),
+    ("simpo", "reference", "precomputed", "train.reference is for dpo/ipo"),
+    ("dpo", "orpo_lambda", 0.5, "train.orpo_lambda is for orpo"),
+])
+def test_a_key_the_objective_does_not_use_is_refused(tmp_path, objective, key, value, message):
+    with pytest.raises(RecipeError, match=message) as e:
+        recipe(tmp_path / "d.jsonl", objective, {key: value})
+    assert e.value.exit_code == 2
+
+
+def test_objective_and_format_must_match(tmp_path):
+    with pytest.raises(RecipeError, match="set data.format: preference"):
+        parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d"},
+                      "train": {"max_steps": 1, "objective": "dpo"}})
+    with pytest.raises(RecipeError, match="need a preference objective"):
+        recipe(tmp_path / "d.jsonl", "sft")
+    with pytest.raises(RecipeError, match="data.packing"):
+        recipe(tmp_path / "d.jsonl", packing=True)
+    with pytest.raises(RecipeError, match="data.train_on_inputs"):
+        recipe(tmp_path / "d.jsonl", train_on_inputs=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows to pairs
+
+
+def test_a_plain_prompt_is_rendered_once_with_the_chat_template(tmp_path, tokenizer):
+    data = write_pairs(tmp_path / "d.jsonl", 3)
+    (pair,), _ = tokenize_rows([json.loads(data.read_text().splitlines()[2])], recipe(data).data, tokenizer)
+    rejected = pair.rejected
+    prompt = "<|im_start|>user\nCount to 3<|im_end|>\n<|im_start|>assistant\n"
+    assert decode(tokenizer, pair.input_ids[: pair.prompt_len]) == prompt
+    assert pair.input_ids[: pair.prompt_len] == rejected.input_ids[: rejected.prompt_len]  # the same prompt tokens
+    assert answer(tokenizer, pair) == "0 1 2<|im_end|>\n"  # only the answer, its end-of-turn included
+    assert answer(tokenizer, rejected).startswith("the quick brown fox") and answer(tokenizer, rejected).endswith(
+        "<|im_end|>\n")
+
+
+def test_chat_messages_and_assistant_message_answers(tmp_path, tokenizer):
+    data = write_pairs(tmp_path / "d.jsonl", 2, chat=True)
+    pairs, stats = tokenize_rows([json.loads(line) for line in data.read_text().splitlines()], recipe(data).data,
+                                 tokenizer)
+    assert stats.kept == 2
+    assert decode(tokenizer, pairs[1].input_ids[: pairs[1].prompt_len]).startswith("<|im_start|>system\nAnswer")
+    assert answer(tokenizer, pairs[1]) == "0 1<|im_end|>\n"
+
+
+def test_without_a_chat_template_a_plain_prompt_is_a_completion(tmp_path, tokenizer):
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    data = write_pairs(tmp_path / "d.jsonl", 2)
+    section = recipe(data).data
+    (pair, _), _ = tokenize_rows([json.loads(line) for line in data.read_text().splitlines()], section, plain)
+    assert decode(plain, pair.input_ids[: pair.prompt_len]) == "Count to 1"
+    assert answer(plain, pair) == "0<|im_end|>"
+    chat = write_pairs(tmp_path / "c.jsonl", 1, chat=True)
+    with pytest.raises(Exception, match="has no chat template") as e:
+        tokenize_rows([json.loads(chat.read_text())], recipe(chat).data, plain)
+    assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "assistant messages only"),
+    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+])
+def test_a_bad_row_names_its_file_and_line(tmp_path, tokenizer, row, message):
+    path = tmp_path / "bad.jsonl"
+    data = recipe(path).data
+    with pytest.raises(BadRowError, match=message) as e:
+        tokenize_rows([Row(f"{path}:7", row)], data, tokenizer)
+    assert f"{path}:7" in str(e.value) and e.value.exit_code == 3
+
+
+def test_pairs_are_truncated_together_prompt_first(tmp_path, tokenizer):
+    rows = [{"prompt": "Count to ten: " + "one two three " * 6, "chosen": "0 1", "rejected": "the quick brown fox " * 3}]
+    base = tokenize_rows(rows, recipe(tmp_path / "d", max_seq_len=512).data, tokenizer)[0][0]
+    longest = max(len(base), len(base.rejected))
+    # Just enough trimming of the prompt: both sequences lose the same prompt tokens, answers intact.
+    section = recipe(tmp_path / "d", max_seq_len=longest - 5).data
+    pair, how = fit_length(base, section)
+    assert how == "prompt" and max(len(pair), len(pair.rejected)) == longest - 5
+    assert pair.input_ids[: pair.prompt_len] == pair.rejected.input_ids[: pair.rejected.prompt_len]
+    assert answer(tokenizer, pair) == answer(tokenizer, base) and answer(tokenizer, pair.rejected) == answer(
+        tokenizer, base.rejected)
+    # Longer than the prompt can give: truncate_prompt drops, truncate cuts the answers' ends too; counted.
+    short = recipe(tmp_path / "d", max_seq_len=len(base.rejected) - base.prompt_len - 2).data
+    assert fit_length(base, short) == (None, False)
+    cut = recipe(tmp_path / "d", max_seq_len=len(base.rejected) - base.prompt_len - 2, truncation="truncate").data
+    pair, how = fit_length(base, cut)
+    assert how == "answers" and len(pair.rejected) == cut.max_seq_len and pair.prompt_len == 0
+    _, stats = tokenize_rows(rows * 2, cut, tokenizer)
+    assert stats.truncated == 2 and stats.answers_cut == 2 and "2 truncated, 2 of them in the answers" in stats.summary()
+    _, stats = tokenize_rows(rows, short, tokenizer)
+    assert stats.too_long == 1
+
+
+def test_pairs_survive_the_cache(tmp_path, tokenizer):
+    data = write_pairs(tmp_path / "d.jsonl", 6)
+    section = recipe(data, eval_split=0.3).data
+    first = load_datasets(section, tokenizer, 0)
+    again = load_datasets(section, tokenizer, 0)
+    assert again.train_stats.cached and not first.train_stats.cached
+    assert [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in again.train] == \
+        [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in first.train]
+    assert again.fingerprint == first.fingerprint and again.cache_key == first.cache_key
+    assert first.train_stats.lengths == [e.num_tokens for e in first.train]
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_micro_batch_holds_the_chosen_then_the_rejected(tmp_path, tokenizer, padding_free):
+    data = write_pairs(tmp_path / "d.jsonl", 3)
+    pairs = load_datasets(recipe(data).data, tokenizer, 0).train
+    batch = collate(pairs, tokenizer, padding_free)
+    sequences = [pairs[0], pairs[1], pairs[2], pairs[0].rejected, pairs[1].rejected, pairs[2].rejected]
+    if padding_free:
+        assert batch["input_ids"].shape == (1, sum(len(s) for s in sequences))
+        assert int((batch["position_ids"] == 0).sum()) == 6
+        assert batch["input_ids"][0].tolist() == [t for s in sequences for t in s.input_ids]
+    else:
+        assert batch["input_ids"].shape[0] == 6
+        assert [row[: len(s)].tolist() for row, s in zip(batch["input_ids"], sequences)] == [
+            s.input_ids for s in sequences]
+    assert "ref_logps" not in batch
+    for p, logps in zip(pairs, [(-1.0, -2.0), (-3.0, -4.0), (-5.0, -6.0)]):
+        p.ref_logps = logps
+    assert collate(pairs, tokenizer, padding_free)["ref_logps"].tolist() == [-1, -3, -5, -2, -4, -6]
+    idle = idle_batch(pairs[0])
+    assert set(idle.labels) == set(idle.rejected.labels) == {IGNORE_INDEX}
+    assert torch.equal(collate([idle], tokenizer)["input_ids"], collate([pairs[0]], tokenizer)["input_ids"])
+
+
+def test_preview_shows_a_pair(tmp_path, tokenizer):
+    from lorakit.tools.preview import preview_rows, render_plain
+
+    data = write_pairs(tmp_path / "d.jsonl", 2)
+    [row] = preview_rows(recipe(data).data, tokenizer, 1)
+    text = render_plain(1, row, tokenizer)
+    assert row.status == "kept" and row.warnings == []
+    assert "chosen: <|im_start|>user\nCount to 1<|im_end|>\n<|im_start|>assistant\n[[0<|im_end|>\n]]" in text
+    assert "\nrejected: <|im_start|>user\nCount to 1<|im_end|>\n<|im_start|>assistant\n[[the quick" in text
