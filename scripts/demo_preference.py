@@ -1,7 +1,8 @@
-"""The preference demo: DPO on SmolLM2-135M-Instruct (CPU) teaching concise answers over rambling ones.
+"""The preference demo on SmolLM2-135M-Instruct (CPU): direct, concise answers over rambling or evasive ones.
 
     python scripts/demo_preference.py --write-data   # data/demo/preference/{train,eval}.jsonl (deterministic)
-    python scripts/demo_preference.py                # train recipes/cpu-dpo.yaml, then measure and generate
+    python scripts/demo_preference.py                # train recipes/cpu-preference.yaml, measure, generate
+    python scripts/demo_preference.py --set train.objective=dpo --set train.beta=0.1   # overrides for the run
 
 Measured on the held-out pairs, base (the adapter switched off) against tuned: preference accuracy by the answers'
 summed log-probs and by their per-token mean, the DPO reward accuracy (how often the tuned model raised the chosen
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "cpu-dpo.yaml"
+RECIPE = ROOT / "recipes" / "cpu-preference.yaml"
 DATA = ROOT / "data" / "demo" / "preference"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import MODEL_DIR, prepare_model  # noqa: E402
@@ -61,6 +62,10 @@ AFTER = [
 ]
 
 
+EVASIVE = ["I am not sure about that, sorry.", "I would rather not answer that.", "That is hard to say.",
+           "I do not know, you could look it up.", "It depends on who you ask.", "Let us talk about something else."]
+
+
 def questions() -> list[tuple[str, str]]:
     """(question, concise answer) pairs from small fact tables and sums."""
     rows = [(f"What is the capital of {c}?", f"The capital of {c} is {k}.") for c, k in CAPITALS]
@@ -74,8 +79,12 @@ def questions() -> list[tuple[str, str]]:
 
 
 def write_data() -> None:
+    """Two thirds of the rejected answers ramble around the right sentence, a third evade the question; the base
+    model already prefers the short answer to a ramble, not to an evasion."""
     g = random.Random(1)
-    rows = [{"prompt": q, "chosen": a, "rejected": f"{g.choice(BEFORE)} {a} {g.choice(AFTER)}"} for q, a in questions()]
+    rows = [{"prompt": q, "chosen": a,
+             "rejected": g.choice(EVASIVE) if i % 3 == 2 else f"{g.choice(BEFORE)} {a} {g.choice(AFTER)}"}
+            for i, (q, a) in enumerate(questions())]
     g.shuffle(rows)
     held = len(rows) // 5
     DATA.mkdir(parents=True, exist_ok=True)
@@ -95,7 +104,7 @@ def held_out_scores(run_dir: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(run_dir / "recipe.yaml")  # as the run resolved it (overrides included)
     recipe.data.train, recipe.data.eval_split, recipe.data.eval = str(DATA / "eval.jsonl"), None, None
     tokenizer = load_tokenizer(recipe.model, str(MODEL_DIR))
     pairs = load_datasets(recipe.data, tokenizer, 0).train
@@ -123,6 +132,8 @@ def held_out_scores(run_dir: Path) -> dict:
         sums, counts = scores[name]["sums"], scores[name]["counts"]
         out[f"{name}_accuracy_sum"] = sum(c > r for c, r in sums) / n
         out[f"{name}_accuracy_mean"] = sum(c / nc > r / nr for (c, r), (nc, nr) in zip(sums, counts)) / n
+    for name in ("base", "tuned"):
+        out[f"{name}_mean_margin"] = round(sum(c - r for c, r in scores[name]["sums"]) / n, 2)
     out["reward_accuracy"] = sum((tc - bc) > (tr - br) for (tc, tr), (bc, br) in
                                  zip(scores["tuned"]["sums"], scores["base"]["sums"])) / n
     return out
@@ -143,6 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write-data", action="store_true")
     parser.add_argument("--run-dir", type=Path, help="measure an existing run instead of training")
+    parser.add_argument("--set", action="append", default=[], help="recipe override for the run (KEY=VALUE)")
     args = parser.parse_args()
     if args.write_data:
         write_data()
@@ -151,8 +163,9 @@ def main() -> None:
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("dpo-demo-%Y%m%d-%H%M%S")
     if args.run_dir is None:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lorakit", "train", str(RECIPE), "--output-dir", str(run_dir)],
-                       check=True, cwd=ROOT)
+        overrides = [arg for kv in args.set for arg in ("--set", kv)]
+        subprocess.run([sys.executable, "-m", "lorakit", "train", str(RECIPE), "--output-dir", str(run_dir),
+                        *overrides], check=True, cwd=ROOT)
         print(f"training took {time.perf_counter() - start:.0f} s")
     print(json.dumps(held_out_scores(run_dir), indent=2))
     answers = generations(run_dir)
