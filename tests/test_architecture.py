@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
 
 # Bottom layer: anyone may import these; they import only each other.
 BOTTOM = ("lorakit", "lorakit.errors", "lorakit.console", "lorakit.atomic", "lorakit.paths", "lorakit.compat",
-          "lorakit.faults", "lorakit.versions", "lorakit.text", "lorakit.publish", "lorakit.runlock")
+          "lorakit.faults", "lorakit.versions", "lorakit.text", "lorakit.publish", "lorakit.runlock",
+          "lorakit.cpus")
 # Units with the same rank may not import each other (no sideways imports).
 RANKS = {
     "config": 1,
