@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_cli.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_quality.py
+	$(PY) scripts/bench_data.py
 
 clean:
 	rm -rf $(VENV) runs/demo runs/smoke

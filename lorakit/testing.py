@@ -50,13 +50,13 @@ def build_tokenizer(vocab_size: int = 512, style: str = "chatml"):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     if llama3:
-        from lorakit.data.formats import TEMPLATE_DIR
+        from lorakit.data.formats import bundled_template
 
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<pad>",
             unk_token=None, additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         )
-        fast.chat_template = (TEMPLATE_DIR / "llama3.jinja").read_text()
+        fast.chat_template = bundled_template("llama3")
     else:
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok,
@@ -88,7 +88,9 @@ def build_sentencepiece_style_tokenizer(vocab_size: int = 600):
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
-    fast.chat_template = (Path(__file__).parent / "data" / "chat_templates" / "mistral.jinja").read_text()
+    from lorakit.data.formats import bundled_template
+
+    fast.chat_template = bundled_template("mistral")
     return fast
 
 

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
     sampler = StepSampler(num_examples=len(rows), micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
                           seed=args.seed)
-    order = sampler.epoch_order(0)
+    order = sampler.epoch_order(0).tolist()
 
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)

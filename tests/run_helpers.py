@@ -14,6 +14,21 @@ from pathlib import Path
 import yaml
 
 
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And two plus two?"},
+    {"role": "assistant", "content": "four"},
+]
+
+
+def write_jsonl(path: Path, rows) -> str:
+    """Rows (dicts, or strings written as they are) one per line; the path as a string."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
 def write_data(path: Path, n: int = 40) -> Path:
     """``n`` short alpaca rows (about 50 tokens each with the tiny tokenizer)."""
     with open(path, "w") as f:

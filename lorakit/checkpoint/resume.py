@@ -73,8 +73,8 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     return True
 
 
-def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, data_fingerprint: str = "",
-                    data_name: str = "the training data", allow_change: bool = False) -> None:
+def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, data_identity: dict | None = None,
+                    allow_change: bool = False) -> None:
     """Check the checkpoint fits this model and data, and load its adapter weights into ``model`` in place.
     ``allow_change``: --allow-recipe-change, which also accepts edited data when nothing else changed.
 
@@ -83,7 +83,7 @@ def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, dat
     state = ckpt.state
     _check_same_parameters(ckpt, state, model)
     _check_same_data(ckpt, state, sampler, changed, say)
-    _check_same_content(ckpt, state, data_fingerprint, data_name, changed or allow_change, say)
+    _check_same_content(ckpt, state, data_identity or {}, changed or allow_change, say)
     _load_adapter(ckpt, model)
 
 
@@ -158,13 +158,19 @@ def _check_same_data(ckpt: Checkpoint, state: dict, sampler, changed: bool, say)
         )
 
 
-def _check_same_content(ckpt: Checkpoint, state: dict, current: str, data_name: str, allowed: bool, say) -> None:
-    """Same number of examples is not the same data: compare the fingerprint of the tokenized examples
-    (checkpoints written before it was recorded have none, and are not checked)."""
-    recorded = state.get("data", {}).get("fingerprint")
-    if not recorded or not current or recorded == current:
+def _check_same_content(ckpt: Checkpoint, state: dict, current: dict, allowed: bool, say) -> None:
+    """Same number of examples is not the same data: compare the fingerprint of the tokenized examples, and name
+    the data.train sources whose own fingerprint changed (checkpoints written before a fingerprint was recorded
+    have none, and are not checked)."""
+    recorded = state.get("data", {})
+    if not recorded.get("fingerprint") or not current.get("fingerprint"):
         return
-    message = (f"{ckpt.path}: {data_name} changed since this checkpoint (same number of examples, other content: "
+    if recorded["fingerprint"] == current["fingerprint"]:
+        return
+    then, now = recorded.get("sources") or {}, current.get("sources") or {}
+    names = [name for name in {**then, **now} if then.get(name) != now.get(name)] if then else []
+    what = (f"data.train source {', '.join(names)}" if names else "data.train")
+    message = (f"{ckpt.path}: {what} changed since this checkpoint (same number of examples, other content: "
                "the tokenized examples' fingerprint differs)")
     if not allowed:
         raise CheckpointError(message + "; restore the data, or pass --allow-recipe-change to continue on it")

@@ -41,7 +41,7 @@ from lorakit.faults import checkpoint_fault
 
 
 def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Path, adapter_state=None,
-                  data_fingerprint: str = "") -> dict:
+                  data_identity: dict | None = None) -> dict:
     """Counters, data position and the adapter's parameter list, as stored in trainer_state.json.
 
     ``adapter_state``: the adapter gathered from FSDP shards (distributed.gather_adapter), whose names and
@@ -60,7 +60,9 @@ def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Pat
             "seed": sampler.seed, "epoch": epoch, "offset": offset, "steps_per_epoch": sampler.steps_per_epoch,
             "num_examples": sampler.num_examples, "micro_batch_size": sampler.micro_batch_size,
             "grad_accum": sampler.grad_accum,
-            "fingerprint": data_fingerprint,  # of the tokenized examples (lorakit.data.fingerprint)
+            # of the tokenized examples, and of each data.train source's (lorakit.data.fingerprint)
+            "fingerprint": (data_identity or {}).get("fingerprint", ""),
+            "sources": (data_identity or {}).get("sources", {}),
         },
         "world_size": sampler.world_size,
         "fsdp": adapter_state is not None,  # for the record: a checkpoint resumes with or without FSDP

@@ -30,6 +30,8 @@ def recipe_json_schema() -> dict:
 def _type_of(prop: dict) -> str:
     if "anyOf" in prop:
         return " or ".join(_type_of(p) for p in prop["anyOf"])
+    if "$ref" in prop:  # a nested section (data.train's sources): its keys are in the description
+        return "mapping"
     if "enum" in prop:
         return "one of " + ", ".join(f"`{v}`" for v in prop["enum"])
     kind = prop.get("type", "any")

@@ -223,16 +223,30 @@ class AdapterSection(Section):
         return self
 
 
+DATA_FORMATS = ("alpaca", "chat", "text", "completion", "preference")
+
+
+class TrainSource(Section):
+    path: str = Field(description="A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk directory or a hub "
+                      "dataset id.")
+    weight: float = Field(
+        1.0, gt=0, description="How much of this source an epoch takes: round(rows × weight) of its rows, in seeded "
+        "order (cycled above 1). 1 everywhere is one pass over every row.",
+    )
+    format: Literal[DATA_FORMATS] | None = Field(None, description="This source's row format (default: data.format).")
+    fields: dict[str, str] | None = Field(None, description="This source's column names (default: data.fields).")
+
+
 class DataSection(Section):
-    train: Union[str, list[str]] = Field(
+    train: Union[str, list[Union[str, TrainSource]]] = Field(
         description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk directory, "
-        "a hub dataset id, or a list of these to mix."
+        "a hub dataset id, or a list of these to mix; a list item may also be a mapping {path, weight, format, fields} (docs/data.md#sources)."
     )
     eval: str | None = Field(None, description="Evaluation data (same kinds as data.train).")
     eval_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training rows held out for evaluation (seeded by train.seed)."
     )
-    format: Literal["alpaca", "chat", "text", "completion", "preference"] = Field(
+    format: Literal[DATA_FORMATS] = Field(
         "alpaca",
         description="Row format: alpaca (instruction/input/output), chat (messages: [{role, content}]), "
         "text (raw text), completion (prompt/completion) or preference (prompt or messages, then chosen and "
@@ -283,6 +297,28 @@ class DataSection(Section):
         description="Reuse tokenized data from $LORAKIT_CACHE/data when the data files, tokenizer, chat template "
         "and this section are unchanged.",
     )
+
+    split: str = Field("train", description="The split read from a hub dataset id (data.train and data.eval).")
+    subset: str | None = Field(None, description="The configuration (subset) of a hub dataset id, where it has several.")
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize (fork, batched fast-tokenizer calls). Default: the CPUs this "
+        "process may use. The result does not depend on it.",
+    )
+
+    def sources(self) -> list[TrainSource]:
+        """data.train as a list of sources (a plain path is a source of weight 1)."""
+        items = [self.train] if isinstance(self.train, str) else self.train
+        return [TrainSource(path=item) if isinstance(item, str) else item for item in items]
+
+    def train_paths(self) -> list[str]:
+        return [source.path for source in self.sources()]
+
+    @model_validator(mode="after")
+    def _weights_without_packing(self) -> "DataSection":
+        if self.packing and any(source.weight != 1 for source in self.sources()):
+            raise ValueError("data.packing / data.train[].weight: packed rows mix sources, so weights cannot apply; "
+                             "set only one of them")
+        return self
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> "DataSection":

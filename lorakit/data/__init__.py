@@ -1,7 +1,8 @@
 """Training data: sources, formats, labels, the length policy, caching, packing and batching.
 
 Reading order: sources (rows from files, directories or the hub) → formats (a row to token ids and
-labels) → pipeline (split, length policy, accounting, cache, packing) → batching (collate, data order).
+labels) → stats (length policy, accounting) → encode (batched, parallel tokenizing) → store (memory-mapped token
+arrays) → pipeline (split, cache, packing) → batching (collate, data order) → fingerprint (checked on resume).
 May import lorakit.config and the bottom layer (lorakit.errors, console, atomic, paths, tokens).
 """
 
@@ -19,6 +20,7 @@ from lorakit.data.formats import (
 from lorakit.data.formats import num_targets
 from lorakit.data.pipeline import DataStats, Datasets, fit_length, load_datasets, split_eval, tokenize_rows
 from lorakit.data.sources import BadRowError, Row, read_rows
+from lorakit.data.store import PackedRows, TokenStore
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -28,6 +30,8 @@ __all__ = [
     "DataStats",
     "Datasets",
     "Example",
+    "PackedRows",
+    "TokenStore",
     "Row",
     "StepSampler",
     "collate",

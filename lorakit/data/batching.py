@@ -6,7 +6,10 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from lorakit.data.formats import IGNORE_INDEX, Example
+from lorakit.data.store import PackedRows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,26 +44,31 @@ def first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_examples(examples: list[Example], max_len: int, seed: int) -> list[Example]:
+def pack_rows(lengths, max_len: int, seed: int):
+    """Which examples each packed row holds: (members, bounds), row r being ``members[bounds[r]:bounds[r + 1]]``.
+
+    First-fit, longest rows first, ties in seeded order. Index arrays only: the tokens stay where they are.
+    """
+    lengths = [int(n) for n in lengths]
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    bins = first_fit([lengths[i] for i in order], max_len)
+    members = np.array([order[m] for members in bins for m in members], dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum([len(b) for b in bins])]).astype(np.int64)
+    return members, bounds
+
+
+def pack_examples(examples, max_len: int, seed: int):
     """Pack examples into rows of at most ``max_len`` tokens (first-fit, longest first, seeded ties).
 
     Each row remembers its examples' lengths (``seq_lens``); ``collate`` restarts position ids there and
-    keeps attention and loss inside each example.
+    keeps attention and loss inside each example. A list in, a list out; a token store in, a PackedRows
+    view over it out (no token is copied).
     """
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: -len(examples[i]))  # stable: equal lengths keep the seeded order
-    rows = []
-    for members in first_fit([len(examples[i]) for i in order], max_len):
-        parts = [examples[order[m]] for m in members]
-        rows.append(
-            Example(
-                [t for p in parts for t in p.input_ids],
-                [t for p in parts for t in p.labels],
-                seq_lens=[len(p) for p in parts],
-            )
-        )
-    return rows
+    lengths = examples.lengths if hasattr(examples, "lengths") else [len(e) for e in examples]
+    packed = PackedRows(examples, *pack_rows(lengths, max_len, seed))
+    return packed if hasattr(examples, "lengths") else list(packed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,16 +135,26 @@ class StepSampler:
     while the order of steps stays random.
     """
 
-    num_examples: int
+    num_examples: int  # rows of the data; with ``weights``, see ``epoch_size``
     micro_batch_size: int
     grad_accum: int
     seed: int
     world_size: int = 1
     rank: int = 0
     lengths: list[int] | None = None
+    sources: np.ndarray | None = None  # the source of each example (data.train's list), for ``weights``
+    weights: list[float] | None = None  # data.train[i].weight: each epoch takes round(rows × weight) of source i
     _orders: dict = field(default_factory=dict, repr=False, compare=False)
 
     MEGA_STEPS = 50
+
+    def __post_init__(self):
+        if self.weights is not None and all(w == 1 for w in self.weights):
+            self.weights = None  # every source as it is: the plain permutation of all rows
+        if self.weights is not None:
+            counts = np.bincount(np.asarray(self.sources), minlength=len(self.weights))
+            self.draws = [round(int(n) * w) for n, w in zip(counts, self.weights)]
+            self.num_examples = sum(self.draws)  # an epoch: what the weights draw, not the rows
 
     @property
     def global_batch(self) -> int:
@@ -146,16 +164,34 @@ class StepSampler:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_examples / self.global_batch)
 
-    def epoch_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int):
+        """The example indices of ``epoch`` in order (an int64 tensor: 8 bytes an example, never a Python list)."""
         import torch
 
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.weights is None:
+                order = torch.randperm(self.num_examples, generator=generator)
+            else:
+                order = self._weighted(generator)
             if self.lengths is not None:
-                order = self._group_by_length(order, generator)
+                order = torch.tensor(self._group_by_length(order.tolist(), generator), dtype=torch.int64)
             self._orders = {epoch: order}
         return self._orders[epoch]
+
+    def _weighted(self, generator):
+        """Each source's draw for the epoch (its rows in seeded order, cycled when the weight exceeds 1), then all
+        draws shuffled together. Deterministic from (seed, epoch): a resumed run draws the same."""
+        import torch
+
+        members = torch.from_numpy(np.asarray(self.sources, dtype=np.int64))
+        picked = []
+        for source, draw in enumerate(self.draws):
+            rows = torch.nonzero(members == source).flatten()
+            cycles = [rows[torch.randperm(len(rows), generator=generator)] for _ in range(-(-draw // max(len(rows), 1)))]
+            picked.append(torch.cat(cycles)[:draw] if cycles else rows[:0])
+        everything = torch.cat(picked)
+        return everything[torch.randperm(len(everything), generator=generator)]
 
     def _group_by_length(self, order: list[int], generator) -> list[int]:
         import torch
@@ -174,7 +210,7 @@ class StepSampler:
         """This rank's micro-batches (lists of example indices) for optimizer step ``step`` (0-based)."""
         epoch, offset = divmod(step, self.steps_per_epoch)
         order = self.epoch_order(epoch)
-        chunk = order[offset * self.global_batch : (offset + 1) * self.global_batch]
+        chunk = order[offset * self.global_batch : (offset + 1) * self.global_batch].tolist()
         micro = [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
         return micro[self.rank :: self.world_size]
 

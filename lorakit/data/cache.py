@@ -1,4 +1,5 @@
-"""The tokenized-data cache under $LORAKIT_CACHE/data/KEY/: safetensors arrays and JSON, never pickle.
+"""The tokenized-data cache under $LORAKIT_CACHE/data/KEY/: token stores (raw arrays, store.py) and JSON, never
+pickle.
 
 KEY hashes everything tokenization depends on: the data files' bytes, the tokenizer, the chat template
 text, the recipe's data section and the lorakit version. Any change makes a new key (a rebuild).
@@ -10,15 +11,18 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit.atomic import publish_dir
 from lorakit.config.schema import DataSection
-from lorakit.data.formats import Example
+from lorakit.data.store import TokenStore
 
-CACHE_FORMAT = 1
-# Keys that act after tokenization: changing them reuses the tokenized data.
-_UNKEYED = {"packing", "group_by_length", "padding_free", "cache"}
+CACHE_FORMAT = 2  # 2: memory-mapped token stores (store.py)
+# Keys that act after tokenization (or do not change its result): changing them reuses the tokenized data.
+_UNKEYED = {"packing", "group_by_length", "padding_free", "cache", "num_proc"}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -28,8 +32,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         digest.update(backend.to_str().encode())
     else:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             for file in sorted(Path(tmp).iterdir()):
@@ -51,10 +53,18 @@ def cache_key(section: DataSection, tokenizer, template: str | None, seed: int, 
         "sources": hashes,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": template,
-        "data": section.model_dump(mode="json", exclude=_UNKEYED & set(DataSection.model_fields)),
+        "data": _keyed(section),
         "seed": seed if section.eval_split else None,  # the seed only picks the eval rows
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _keyed(section: DataSection) -> dict:
+    data = section.model_dump(mode="json", exclude=_UNKEYED & set(DataSection.model_fields))
+    for source in data["train"] if isinstance(data["train"], list) else []:
+        if isinstance(source, dict):
+            source.pop("weight", None)  # weights choose rows per epoch; the tokens are the same
+    return data
 
 
 def cache_root() -> Path:
@@ -63,68 +73,70 @@ def cache_root() -> Path:
     return cache_dir() / "data"
 
 
-def _arrays(examples: list[Example], prefix: str = "") -> dict:
-    import numpy as np
-
-    lengths = np.array([len(e) for e in examples], dtype=np.int64)
-    return {
-        f"{prefix}input_ids": np.array([t for e in examples for t in e.input_ids], dtype=np.int32),
-        f"{prefix}labels": np.array([t for e in examples for t in e.labels], dtype=np.int32),
-        f"{prefix}offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        f"{prefix}prompt_len": np.array([e.prompt_len for e in examples], dtype=np.int64),
-    }
-
-
-def _save_examples(path: Path, examples: list[Example]) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = _arrays(examples)
-    if examples and examples[0].rejected is not None:  # preference pairs: the rejected sequences alongside
-        arrays.update(_arrays([e.rejected for e in examples], "rejected_"))
-    save_file(arrays, str(path))
-
-
-def _examples(arrays: dict, prefix: str = "") -> list[Example]:
-    ids, labels = arrays[f"{prefix}input_ids"].tolist(), arrays[f"{prefix}labels"].tolist()
-    offsets, prompt_lens = arrays[f"{prefix}offsets"].tolist(), arrays[f"{prefix}prompt_len"].tolist()
-    return [Example(ids[a:b], labels[a:b], p) for a, b, p in zip(offsets[:-1], offsets[1:], prompt_lens)]
-
-
-def _load_examples(path: Path) -> list[Example]:
-    from safetensors.numpy import load_file
-
-    arrays = load_file(str(path))
-    examples = _examples(arrays)
-    if "rejected_input_ids" in arrays:
-        for example, rejected in zip(examples, _examples(arrays, "rejected_"), strict=True):
-            example.rejected = rejected
-    return examples
-
-
-def load(key: str) -> dict | None:
-    """{split: (examples, stats dict)} from the cache, or None on a miss (or an unreadable entry)."""
-    entry = cache_root() / key
+def read_entry(entry: Path) -> dict | None:
+    """The meta of a complete, readable entry, else None (missing, partial, damaged or foreign: a miss)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        splits = meta["splits"].items()
-        return {split: (_load_examples(entry / f"{split}.safetensors"), stats) for split, stats in splits}
-    except Exception:  # a missing, partial or foreign entry is a miss: the data is tokenized again
+        for split in meta["splits"]:
+            TokenStore(entry / split)  # maps every column: a truncated file fails here
+        return meta
+    except Exception:  # whatever is wrong with an entry, the data is tokenized again
         return None
 
 
-def save(key: str, splits: dict) -> None:
-    """Write {split: (examples, stats dict)} atomically: a half-written entry is never read."""
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (flock: released by the kernel when the holder dies)."""
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_or_build(key: str, build):
+    """(folder, meta, cached, keep_alive) of the entry KEY, built by ``build(folder) -> meta`` when missing.
+
+    Two processes building the same entry (two runs, or the ranks of one) take turns on a lock: the second
+    finds the first one's entry. The entry is written under a temporary name and renamed into place whole, so
+    a reader never sees part of one, and where locks do not work (some network file systems) the first rename
+    wins and the other copy is dropped. A cache that cannot be written gives a private temporary store
+    (``keep_alive`` holds it until the data is no longer used).
+    """
     root = cache_root()
-    entry, tmp = root / key, root / f".{key}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, (examples, _) in splits.items():
-        _save_examples(tmp / f"{split}.safetensors", examples)
-    (tmp / "meta.json").write_text(json.dumps({"splits": {s: stats for s, (_, stats) in splits.items()}}))
+    entry = root / key
+    meta = read_entry(entry)
+    if meta is not None:
+        return entry, meta, True, None
     try:
-        publish_dir(tmp, entry)
-    except OSError:  # a cache that cannot be written is not an error: the data is tokenized again next time
-        pass
+        root.mkdir(parents=True, exist_ok=True)
+        lock = root / f".{key}.lock"
+        lock.touch()
+    except OSError:  # a cache that cannot be written is not an error: tokenize into a private store
+        keep_alive = tempfile.TemporaryDirectory(prefix="lorakit-data-")
+        return Path(keep_alive.name), build(Path(keep_alive.name)), False, keep_alive
+    with _locked(lock):
+        meta = read_entry(entry)
+        if meta is not None:  # built by another process while this one waited
+            return entry, meta, True, None
+        unique = f"{socket.gethostname()}-{os.getpid()}"
+        if entry.exists():  # damaged: set aside, not overwritten in place (a run may still map its files)
+            aside = root / f".{key}.damaged-{unique}"
+            entry.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        tmp = root / f".{key}.tmp-{unique}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            meta = build(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta))  # last: an entry without it is a miss
+            publish_dir(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry, meta, False, None
 
 
 def load_reference(key: str, model_key: str) -> dict | None:

@@ -7,6 +7,9 @@ The end of every response (EOS, or the chat template's end-of-turn) is supervise
 from __future__ import annotations
 
 import difflib
+import functools
+import re
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,10 @@ FORMAT_FIELDS = {
 }
 OPTIONAL_FIELDS = {"input"}
 TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
+# transformers' {% generation %} blocks: lorakit's own templates mark each assistant turn with them, so one rendering
+# locates every turn (render_jinja_template's generation indices). They are removed from the template stored on the
+# tokenizer, which renders the same text without them.
+GENERATION_TAG = re.compile(r"\{%\s*(?:end)?generation\s*%\}")
 
 
 @dataclass
@@ -70,6 +77,11 @@ class Example:
 
 def named_chat_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
+
+
+def bundled_template(name: str) -> str:
+    """A template shipped with lorakit as a tokenizer holds it: without its {% generation %} tags."""
+    return GENERATION_TAG.sub("", (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8"))
 
 
 def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
@@ -109,6 +121,8 @@ def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
         template = text.decode(path.read_bytes(), f"data.chat_template: {path}")
     except text.NotText as e:
         raise UsageError(str(e)) from None
+    if path.parent == TEMPLATE_DIR:
+        template = bundled_template(name)
     tokenizer.chat_template = _checked(template, f"data.chat_template: {path}")
     return tokenizer.chat_template
 
@@ -145,15 +159,50 @@ def _check_messages(messages, where: str, column: str) -> None:
             )
 
 
-def tokenize_chat(tokenizer, messages: list[dict], train_on_inputs: bool, where: str, column: str = "messages"):
-    """Render with the chat template; supervise every assistant turn, its end-of-turn marker included.
+@functools.lru_cache(maxsize=None)
+def _tracked_templates() -> dict[str, str]:
+    """{a bundled template as the tokenizer holds it: the same template with its {% generation %} blocks}."""
+    out = {}
+    for path in TEMPLATE_DIR.glob("*.jinja"):
+        tagged = path.read_text(encoding="utf-8")
+        if GENERATION_TAG.search(tagged):
+            out[GENERATION_TAG.sub("", tagged)] = tagged
+    return out
+
+
+def _tracked_spans(tokenizer, tagged: str, messages: list[dict], where: str):
+    """(full text, assistant spans) from ONE rendering: the character range of each {% generation %} block."""
+    from jinja2.exceptions import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:  # the special tokens as apply_chat_template passes them
+        rendered, indices = render_jinja_template(conversations=[messages], chat_template=tagged,
+                                                  return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    except TemplateError as e:
+        raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
+    spans = [tuple(span) for span in indices[0]]
+    if spans and messages[0]["role"] == "assistant":  # a first assistant turn starts at 0, as per-turn rendering has it
+        spans[0] = (0, spans[0][1])
+    return rendered[0], spans
+
+
+def chat_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant turn, its end-of-turn marker included.
 
     An assistant turn is the text between the rendering of the conversation before it (with the generation
     prompt) and the rendering up to and including it. This holds for any template that renders the
-    beginning of a conversation as a prefix of the whole (ChatML, Llama 3, Mistral, Zephyr, ...).
-    Tokens are assigned to turns by their character offsets, so BPE merges across turns do not matter.
+    beginning of a conversation as a prefix of the whole (ChatML, Llama 3, Mistral, Zephyr, ...). lorakit's
+    own templates mark their turns with {% generation %}, so one rendering finds them (the same spans:
+    tests/data/test_store.py); any other template is rendered once more per assistant turn.
     """
-    _check_messages(messages, where, column)
+    tagged = _tracked_templates().get(tokenizer.chat_template) if isinstance(tokenizer.chat_template, str) else None
+    if tagged is not None:
+        return _tracked_spans(tokenizer, tagged, messages, where)
+    return _per_turn_spans(tokenizer, messages, where)
+
+
+def _per_turn_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """chat_spans by definition: the conversation rendered once more before and through each assistant turn."""
     full = _render(tokenizer, messages, where)
     spans = []
     for i, message in enumerate(messages):
@@ -168,14 +217,35 @@ def tokenize_chat(tokenizer, messages: list[dict], train_on_inputs: bool, where:
                 f"{', '.join(named_chat_templates())} with data.chat_template"
             )
         spans.append((len(before), len(through)))
-    ids, starts = _tokenize_with_starts(tokenizer, full, [b for s in spans for b in s])
+    return full, spans
+
+
+def chat_example(ids: list[int], starts: list[int], spans: list[tuple[int, int]], train_on_inputs: bool) -> Example:
+    """Labels for a rendered conversation: a token is supervised when the character it starts at is in a span."""
+    ids = list(ids)
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * len(ids)
+    if all(a <= b for a, b in zip(starts, starts[1:])):  # offsets in order (always, for real tokenizers): bisect
+        for start, end in spans:
+            a, b = bisect_left(starts, start), bisect_left(starts, end)
+            labels[a:b] = ids[a:b]
+        prompt_len = bisect_left(starts, spans[0][0]) if spans else len(ids)
+        return Example(ids, labels, prompt_len)
     for start, end in spans:
         for k, char in enumerate(starts):
             if start <= char < end:
                 labels[k] = ids[k]
     prompt_len = next((k for k, char in enumerate(starts) if spans and char >= spans[0][0]), len(ids))
     return Example(ids, labels, prompt_len)
+
+
+def tokenize_chat(tokenizer, messages: list[dict], train_on_inputs: bool, where: str, column: str = "messages"):
+    """Render with the chat template; supervise every assistant turn, its end-of-turn marker included
+    (see chat_spans). Tokens are assigned to turns by their character offsets, so BPE merges across turns do not
+    matter."""
+    _check_messages(messages, where, column)
+    full, spans = chat_spans(tokenizer, messages, where)
+    ids, starts = _tokenize_with_starts(tokenizer, full, [b for s in spans for b in s])
+    return chat_example(ids, starts, spans, train_on_inputs)
 
 
 def _tokenize_with_starts(tokenizer, text: str, boundaries: list[int]) -> tuple[list[int], list[int]]:
@@ -217,34 +287,87 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def _with_eos(ids: list[int], tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _prompt_response(row: Row, section: DataSection) -> tuple[str | None, str]:
+    """The prompt (masked; None for text rows, whose text is tokenized with special tokens) and the response."""
+    fmt = section.format
+    if fmt == "text":
+        return None, _field(row, "text", section)
+    if fmt == "alpaca":
+        instruction, inp = _field(row, "instruction", section), _field(row, "input", section)
+        template = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
+        return template.format(instruction=instruction, input=inp), _field(row, "output", section)
+    return _field(row, "prompt", section), _field(row, "completion", section)  # completion
+
+
+def _pair_example(prompt_ids: list[int] | None, response_ids: list[int], section: DataSection, eos: int | None):
+    response_ids = _with_eos(list(response_ids), eos)
+    if prompt_ids is None:  # text: everything is learned
+        return Example(response_ids, list(response_ids), 0)
+    prompt_ids = list(prompt_ids)
+    prompt_labels = list(prompt_ids) if section.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
+    return Example(prompt_ids + response_ids, prompt_labels + response_ids, len(prompt_ids))
+
+
+def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Example | BadRowError]:
+    """Each row as token ids and labels, or the BadRowError naming its place and field.
+
+    One tokenizer call per column for the whole batch: a fast tokenizer encodes it in parallel in Rust, and the
+    ids are those of one call per row.
+    """
+    out: list = [None] * len(rows)
+    if section.format == "preference":  # pairs: one prompt rendering shared by both answers, row by row
+        for i, row in enumerate(rows):
+            try:
+                out[i] = tokenize_pair(row, section, tokenizer)
+            except BadRowError as e:
+                out[i] = e
+        return out
+    if section.format == "chat":
+        column = section.fields.get("messages", "messages")
+        rendered = []
+        for i, row in enumerate(rows):
+            try:
+                messages = _field(row, "messages", section, list)
+                _check_messages(messages, row.where, column)
+                rendered.append((i, *chat_spans(tokenizer, messages, row.where)))
+            except BadRowError as e:
+                out[i] = e
+        if getattr(tokenizer, "is_fast", False) and rendered:
+            enc = tokenizer([full for _, full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+            for (i, _, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+                out[i] = chat_example(ids, [a for a, _ in offsets], spans, section.train_on_inputs)
+        else:
+            for i, full, spans in rendered:
+                ids, starts = _tokenize_with_starts(tokenizer, full, [b for s in spans for b in s])
+                out[i] = chat_example(ids, starts, spans, section.train_on_inputs)
+        return out
+    pairs = []
+    for i, row in enumerate(rows):
+        try:
+            pairs.append((i, *_prompt_response(row, section)))
+        except BadRowError as e:
+            out[i] = e
+    if not pairs:
+        return out
+    text = section.format == "text"
+    responses = tokenizer([r for _, _, r in pairs], add_special_tokens=text)["input_ids"]
+    prompts = [None] * len(pairs) if text else tokenizer([p for _, p, _ in pairs], add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id  # once: a tokenizer attribute costs a lookup through transformers' __getattr__
+    for (i, _, _), prompt_ids, response_ids in zip(pairs, prompts, responses):
+        out[i] = _pair_example(prompt_ids, response_ids, section, eos)
+    return out
 
 
 def tokenize_row(row: Row, section: DataSection, tokenizer) -> Example:
     """One row as token ids and labels; a malformed row raises BadRowError naming its place and field."""
-    fmt = section.format
-    if fmt == "preference":
-        return tokenize_pair(row, section, tokenizer)
-    if fmt == "chat":
-        column = section.fields.get("messages", "messages")
-        messages = _field(row, "messages", section, list)
-        return tokenize_chat(tokenizer, messages, section.train_on_inputs, row.where, column)
-    if fmt == "text":
-        ids = _with_eos(_ids(tokenizer, _field(row, "text", section), True), tokenizer)
-        return Example(ids, list(ids), 0)
-    if fmt == "alpaca":
-        instruction, inp = _field(row, "instruction", section), _field(row, "input", section)
-        template = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
-        prompt = template.format(instruction=instruction, input=inp)
-        response = _field(row, "output", section)
-    else:  # completion
-        prompt, response = _field(row, "prompt", section), _field(row, "completion", section)
-    prompt_ids = _ids(tokenizer, prompt, True)
-    response_ids = _with_eos(_ids(tokenizer, response, False), tokenizer)
-    prompt_labels = list(prompt_ids) if section.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
-    return Example(prompt_ids + response_ids, prompt_labels + response_ids, len(prompt_ids))
+    (example,) = tokenize_batch([row], section, tokenizer)
+    if isinstance(example, BadRowError):
+        raise example
+    return example
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,7 +402,7 @@ def tokenize_pair(row: Row, section: DataSection, tokenizer) -> Example:
                       for a in answers]
     else:
         prompt_ids = _ids(tokenizer, messages[0]["content"], True)
-        answer_ids = [_with_eos(_ids(tokenizer, a, False), tokenizer) for a in answers]
+        answer_ids = [_with_eos(_ids(tokenizer, a, False), tokenizer.eos_token_id) for a in answers]
     chosen, rejected = (Example(prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids, len(prompt_ids))
                         for ids in answer_ids)
     chosen.rejected = rejected
@@ -314,7 +437,8 @@ def num_targets(labels) -> int:
     first label is never a target) that are not IGNORE_INDEX. One example's labels, or a [batch, seq] tensor."""
     if hasattr(labels, "ndim"):
         return int((labels[..., 1:] != IGNORE_INDEX).sum())
-    return sum(label != IGNORE_INDEX for label in labels[1:])
+    rest = labels[1:]
+    return len(rest) - rest.count(IGNORE_INDEX)  # list.count: C speed, the same count
 
 
 # ----------------------------------------------------------------------------------------------------------

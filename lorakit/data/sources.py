@@ -25,8 +25,11 @@ class BadRowError(DataError):
         self.reason = reason  # "file:line: what is wrong", without the remedy
         super().__init__(f"{reason}; {SKIP_HINT}")
 
+    def __reduce__(self):  # back from a tokenizing process with its reason, not its message
+        return type(self), (self.reason,)
 
-@dataclass
+
+@dataclass(slots=True)  # no __dict__ per row: rows are held by the million while they are tokenized
 class Row:
     where: str  # "file:line" (or "file[row i]" where lines do not exist)
     data: dict
@@ -38,11 +41,18 @@ class SourceRows:
     bad: list[str]  # why each row skipped while reading was skipped
 
 
-def read_rows(source: str, skip_bad_rows: bool = False) -> SourceRows:
-    """The rows of one data source. Malformed rows raise BadRowError unless skip_bad_rows."""
+def check_exists(source: str) -> Path:
+    """The source's path; exit 3 when it names a data file that is not there."""
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES and not path.is_file():
         raise DataError(f"data: file {source!r} not found")
+    return path
+
+
+def read_rows(source: str, skip_bad_rows: bool = False, split: str = "train", subset: str | None = None) -> SourceRows:
+    """The rows of one data source. Malformed rows raise BadRowError unless skip_bad_rows. ``split`` and ``subset``
+    (data.split, data.subset) choose what a hub dataset id gives."""
+    path = check_exists(source)
     if path.suffix == ".jsonl":
         return _read_jsonl(path, skip_bad_rows)
     if path.suffix == ".json":
@@ -54,7 +64,23 @@ def read_rows(source: str, skip_bad_rows: bool = False) -> SourceRows:
             f"data: {source!r} is neither a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, "
             "nor a hub dataset id (owner/name, or a canonical name such as imdb)"
         )
-    return _read_with_datasets(source, None, skip_bad_rows)
+    return _read_hub(source, split, subset)
+
+
+def _read_hub(source: str, split: str, subset: str | None) -> SourceRows:
+    """A hub dataset id through datasets.load_dataset (its own download cache; HF_DATASETS_OFFLINE=1 reads only
+    that cache)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, subset, split=split)
+    except Exception as e:  # datasets raises many types for unreachable ids, unknown splits and subsets
+        offline = getattr(datasets.config, "HF_DATASETS_OFFLINE", False) or getattr(datasets.config, "HF_HUB_OFFLINE", False)
+        offline = " (offline: only datasets already downloaded can be read)" if offline else ""
+        raise DataError(f"data: cannot load hub dataset {source!r} (split {split!r}"
+                        f"{f', subset {subset!r}' if subset else ''}){offline}: {type(e).__name__}: {first_line(e)}; "
+                        "check the id, data.split and data.subset, or give a local file") from None
+    return SourceRows([Row(f"{source}[row {i}]", row) for i, row in enumerate(ds)], [])
 
 
 def _check_object(value, where: str, bad: list[str], skip: bool) -> bool:
@@ -67,8 +93,27 @@ def _check_object(value, where: str, bad: list[str], skip: bool) -> bool:
     return False
 
 
+def iter_rows(source: str, skip_bad_rows: bool = False, split: str = "train", subset: str | None = None):
+    """The rows of one source as they are read (a Row, or the message of a skipped bad row): a .jsonl file is
+    read line by line, so its rows need not all be in memory at once; other sources are read whole."""
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl" and path.is_file():
+        yield from _jsonl(path, skip_bad_rows)
+        return
+    got = read_rows(source, skip_bad_rows, split, subset)
+    yield from got.bad
+    yield from got.rows
+
+
 def _read_jsonl(path: Path, skip: bool) -> SourceRows:
     rows, bad = [], []
+    for item in _jsonl(path, skip):
+        (rows if isinstance(item, Row) else bad).append(item)
+    return SourceRows(rows, bad)
+
+
+def _jsonl(path: Path, skip: bool):
+    bad: list[str] = []
     with path.open("rb") as f:
         try:
             text.sniff(f.read(8), str(path))  # compressed or UTF-16: no line of it is a row
@@ -90,12 +135,13 @@ def _read_jsonl(path: Path, skip: bool) -> SourceRows:
                 message = f"{where}: nested too deeply to be a data row"
             else:
                 if _check_object(value, where, bad, skip):
-                    rows.append(Row(where, value))
+                    yield Row(where, value)
+                else:
+                    yield bad.pop()
                 continue
             if not skip:
                 raise BadRowError(message) from None
-            bad.append(message)
-    return SourceRows(rows, bad)
+            yield message
 
 
 def _read_json(path: Path, skip: bool) -> SourceRows:
@@ -162,29 +208,27 @@ def _check_parquet(path: Path) -> None:
                         "format under a .parquet name")
 
 
-def _read_with_datasets(source: str, path: Path | None, skip: bool) -> SourceRows:
+def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     import datasets
 
-    if path is not None and path.suffix == ".parquet":
+    if path.suffix == ".parquet":
         _check_parquet(path)
 
     try:
-        if path is not None and path.is_dir():
+        if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if "train" not in ds:
                     raise DataError(f"data: {source!r} holds splits {', '.join(ds)} but no 'train' split")
                 ds = ds["train"]
-        elif path is not None:
-            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
         else:
-            ds = datasets.load_dataset(source, split="train")
+            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreachable ids and unreadable files
         raise DataError(f"data: cannot load {source!r}: {type(e).__name__}: {first_line(e)}") from None
     # CSV: row i is on line i + 2 (after the header) unless a quoted cell spans lines.
-    if path is not None and path.suffix == ".csv":
+    if path.suffix == ".csv":
         return SourceRows([Row(f"{source}:{i + 2}", row) for i, row in enumerate(ds)], [])
     return SourceRows([Row(f"{source}[row {i}]", row) for i, row in enumerate(ds)], [])
 

@@ -33,7 +33,7 @@ def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
     resolve_chat_template(section, tokenizer)
     rows = []
     for source in train_sources(section):
-        rows += read_rows(source, section.skip_bad_rows).rows
+        rows += read_rows(source, section.skip_bad_rows, section.split, section.subset).rows
         if len(rows) >= n:
             break
     out = []

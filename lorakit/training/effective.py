@@ -28,6 +28,7 @@ NOT_OBSERVED = {
     "output.save": "DIR/adapter and DIR/merged after the run",
     "output.tensorboard": "DIR/tensorboard after the run",
     "data.cache": "the '(tokenized data from the cache)' note of the data line on a second run",
+    "data.num_proc": "the time the first tokenization takes (the tokens are the same for any number of processes)",
     "train.eval_generate": "the eval_score records in metrics.jsonl (and the trackers and the plot)",
     "train.eval_metric": "the metric the eval_score records of metrics.jsonl were scored with",
     "output.report_to": "the tracker runs themselves (one per run, named after the run directory)",
@@ -149,14 +150,16 @@ def _data_lines(recipe, tokenizer, data) -> list[Setting]:
     elif section.format in ("chat", "preference"):
         source = section.chat_template or f"the tokenizer's ({tokenizer.name_or_path})"
         template = f"{source}, end of turn {stats.eos_token!r}"
-    sources = section.train if isinstance(section.train, list) else [section.train]
+    sources = [s.path if s.weight == 1 else f"{s.path} (weight {s.weight:g})" for s in section.sources()]
+    hub = "" if (section.split, section.subset) == ("train", None) else (
+        f" (hub ids: split {section.split}" + (f", subset {section.subset}" if section.subset else "") + ")")
     evaluation = f"{len(data.eval)} examples" + (f" held out ({section.eval_split})" if section.eval_split else
                                                    f" from {section.eval}" if section.eval else "")
     return [
-        Setting("data", f"{section.format} rows from {', '.join(map(str, sources))}"
+        Setting("data", f"{section.format} rows from {', '.join(map(str, sources))}{hub}"
                 + (f" (columns {section.fields})" if section.fields else "") + f": {stats.summary().splitlines()[0]}",
                 ("data.train", "data.format", "data.fields", "data.max_seq_len", "data.truncation",
-                 "data.skip_bad_rows", "data.packing")),
+                 "data.skip_bad_rows", "data.packing", "data.split", "data.subset")),
         Setting("supervised", f"{stats.supervised_tokens:,d} tokens, "
                 + ("prompt and response" if section.train_on_inputs else "responses only"), ("data.train_on_inputs",)),
         Setting("chat template", template, ("data.chat_template",)),

@@ -65,7 +65,7 @@ def fit(ctx: FitContext) -> MetricsLog:
             # Checkpoint before evaluating: a run resumed from here repeats the evaluation, not logs it twice.
             if step > start.step and checkpoint_due(cfg, sampler, step):
                 last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler,
-                                                  step, tokens_seen, data.fingerprint, ctx.init)
+                                                  step, tokens_seen, data.identity(), ctx.init)
             if cfg.eval_every and step and step % cfg.eval_every == 0 and data.eval:
                 evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
                 metrics.write({"step": step, **evaluated, **eval_scores(scorer, accelerator, model)})
@@ -125,7 +125,7 @@ def fit(ctx: FitContext) -> MetricsLog:
             bar.update(step + 1, loss=step_loss, lr=lr, tps=tokens_seen / max(bar.elapsed, 1e-9))
             if any_rank(accelerator, stop.signum is not None) and step + 1 < total_steps:
                 path = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler, step + 1,
-                                       tokens_seen, data.fingerprint, ctx.init)
+                                       tokens_seen, data.identity(), ctx.init)
                 raise stop.stopped(step + 1, path)
 
     if data.eval:
@@ -187,7 +187,7 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, paths: RunPaths, sampler, step: int,
-                    tokens_seen: int, data_fingerprint: str = "", init: InitRecord | None = None) -> Path:
+                    tokens_seen: int, data_identity: dict | None = None, init: InitRecord | None = None) -> Path:
     """Every rank hands over its RNG state (and under FSDP its shards of the adapter and optimizer state), rank 0
     writes (see checkpoint.py); a failure stops every rank. ``init``: a weight-rewriting init's record (its
     checkpoints carry the converted adapter too)."""
@@ -206,7 +206,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, pa
                 paths.checkpoints, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
                 scaler=accelerator.scaler, rng_states=rng_states,
                 state=trainer_state(step, tokens_seen, sampler, unwrapped, paths.metrics, adapter_state,
-                                    data_fingerprint),
+                                    data_identity),
                 recipe_text=dump_recipe(recipe), keep_last=recipe.train.keep_last,
                 adapter_state=adapter_state, optimizer_state=optim_state, init=init,
             )

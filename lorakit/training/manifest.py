@@ -38,7 +38,7 @@ def git_state(cwd: str | Path | None = None) -> dict | None:
 
 def data_fingerprints(section: DataSection) -> list[dict]:
     """sha256 of every local data source (a file: of its bytes); a hub dataset id is recorded by name only."""
-    sources = [("train", s) for s in ([section.train] if isinstance(section.train, str) else section.train)]
+    sources = [("train", s) for s in section.train_paths()]
     if section.eval:
         sources.append(("eval", section.eval))
     out = []

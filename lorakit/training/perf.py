@@ -141,7 +141,7 @@ def choose_batching(recipe, model, group_lengths: list[int] | None) -> Batching:
     data.group_by_length (``group_lengths``): grouping by length biases each step wherever length correlates
     with the target, so it is never chosen for speed alone."""
     data = recipe.data
-    order = "grouped by length" if group_lengths else "random order"
+    order = "grouped by length" if group_lengths is not None else "random order"
     if not (data.padding_free or data.packing):
         return Batching(False, group_lengths, f"padded, {order} (data.padding_free: false)")
     attention = getattr(model.config, "_attn_implementation", None) or "sdpa"

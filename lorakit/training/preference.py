@@ -14,6 +14,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -217,5 +218,8 @@ def attach_reference(recipe, loss: PreferenceLoss, data, tokenizer, say, device=
     else:
         say("reference log-probs: from the data cache")
     for name, examples in splits.items():
+        if hasattr(examples, "ref_logps"):  # a token store builds its examples on access: it holds the values
+            examples.ref_logps = np.asarray(stored[name], dtype=np.float32).reshape(-1, 2)
+            continue
         for example, logps in zip(examples, stored[name]):
             example.ref_logps = tuple(logps)

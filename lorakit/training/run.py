@@ -72,9 +72,9 @@ def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = Fals
 def run_inputs(recipe: Recipe, recipe_file: Path | None, resume: bool) -> dict[str, str | None]:
     """What a run directory must keep apart from (publish.check_inputs_apart). A resumed run's recipe may be
     its own DIR/recipe.yaml."""
-    train = recipe.data.train
-    inputs = {f"data.train[{i}] data": s for i, s in enumerate(train)} if isinstance(train, list) else {
-        "data.train data": train}
+    train = recipe.data.train_paths()
+    inputs = {f"data.train[{i}] data": s for i, s in enumerate(train)} if isinstance(recipe.data.train, list) else {
+        "data.train data": train[0]}
     inputs.update({"data.eval data": recipe.data.eval, "chat template": recipe.data.chat_template,
                    "base model": recipe.model.name_or_path, "tokenizer": recipe.model.tokenizer,
                    "adapter.init_from adapter": recipe.adapter.init_from,
@@ -199,6 +199,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
         lengths=batching.lengths,
+        sources=data.sources,
+        weights=data.weights,
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
     if init.name == "eva":  # a resumed run recomputes the same A from the same batches, then restores
@@ -211,7 +213,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
                              accelerator.device)
     if checkpoint is not None:  # the weights before wrapping: FSDP shards what was restored
         restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say,
-                        data_fingerprint=data.fingerprint, data_name=f"data.train ({recipe.data.train})",
+                        data_identity=data.identity(),
                         allow_change=allow_recipe_change)
     # whole parameters, before FSDP flattens and shards them
     checkpoint_size = checkpoint_bytes(model, init.converted_at_save)

@@ -146,9 +146,10 @@ class TrainingScorer:
     def __init__(self, recipe: Recipe, tokenizer):
         section, n = recipe.data, recipe.train.eval_generate
         if section.eval:
-            rows = read_rows(section.eval, section.skip_bad_rows).rows
+            rows = read_rows(section.eval, section.skip_bad_rows, section.split, section.subset).rows
         else:  # the rows data.eval_split held out: the same seeded split the pipeline made
-            rows = [r for source in train_sources(section) for r in read_rows(source, section.skip_bad_rows).rows]
+            rows = [r for source in train_sources(section)
+                    for r in read_rows(source, section.skip_bad_rows, section.split, section.subset).rows]
             rows = split_eval(rows, section.eval_split, recipe.train.seed)[1]
         self.items = [i for i in eval_items(rows, section, tokenizer)[0] if i.answer is not None][:n]
         self.tokenizer, self.metric = tokenizer, recipe.train.eval_metric

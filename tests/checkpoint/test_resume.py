@@ -210,3 +210,21 @@ def test_killed_while_checkpointing_resumes_bitwise_for_every_adapter_layout(tmp
     assert f"resuming from {ckpts / 'step-000002'} at step 2" in output.replace("\n", "")
     assert adapter_hash(out / "adapter") == adapter_hash(reference / "adapter")  # weights, config, tokenizer
     assert training_records(out / "metrics.jsonl") == training_records(reference / "metrics.jsonl")
+
+
+def test_resume_names_the_data_source_that_changed():
+    """Two sources, one edited with the same row count: exit 4 names that source only."""
+    from types import SimpleNamespace
+
+    from lorakit.checkpoint.resume import _check_same_content
+    from lorakit.errors import CheckpointError
+
+    state = {"data": {"fingerprint": "whole-1", "sources": {"a.jsonl": "x", "b.jsonl": "y"}}}
+    now = {"fingerprint": "whole-2", "sources": {"a.jsonl": "x", "b.jsonl": "z"}}
+    with pytest.raises(CheckpointError, match="data.train source b.jsonl changed since this checkpoint") as e:
+        _check_same_content(SimpleNamespace(path="step-2"), state, now, False, print)
+    assert e.value.exit_code == 4
+    said = []
+    _check_same_content(SimpleNamespace(path="step-2"), state, now, True, said.append)  # --allow-recipe-change
+    assert "continuing on the new data" in said[0]
+    _check_same_content(SimpleNamespace(path="step-2"), state, {**now, "fingerprint": "whole-1"}, False, print)

@@ -1,6 +1,5 @@
 """Data pipeline invariants: formats and labels, length policy, bad rows, sources, cache, packing, data order."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from lorakit.data import (
 )
 from lorakit.errors import EXIT_DATA, EXIT_USAGE, DataError, RecipeError, UsageError
 from lorakit.config.schema import DataSection, ModelSection
+from run_helpers import CHAT, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +58,6 @@ def masked_text(example: Example, tok) -> str:
     return tok.decode([t for t, lab in zip(example.input_ids, example.labels) if lab == IGNORE_INDEX])
 
 
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
-
-
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "And two plus two?"},
-    {"role": "assistant", "content": "four"},
-]
 
 # ----------------------------------------------------------------------------------------------------------
 # Formats and labels
@@ -309,7 +297,7 @@ def test_bad_row_through_the_cli(case, tmp_path, tiny_model_dir):
 def test_missing_file_and_unreachable_hub_id_are_exit_3(tmp_path, tok):
     with pytest.raises(DataError, match="file 'nope.jsonl' not found"):
         load_datasets(section(train="nope.jsonl"), tok, seed=0)
-    with pytest.raises(DataError, match="cannot load 'lorakit-tests/no-such-dataset'"):
+    with pytest.raises(DataError, match="cannot load hub dataset 'lorakit-tests/no-such-dataset'"):
         read_rows("lorakit-tests/no-such-dataset")  # offline in tests: datasets cannot reach the hub
 
 
@@ -391,7 +379,7 @@ def test_cache_hit_miss_and_invalidation(tmp_path, cache_root, tiny_model_dir):
     again = load_datasets(s, load_tok(), seed=0)  # a freshly loaded, identical tokenizer
     assert not first.train_stats.cached and again.train_stats.cached
     assert again.train == first.train and again.train_stats.summary().startswith(first.train_stats.summary())
-    assert {p.suffix for p in cache_root.rglob("*") if p.is_file()} == {".safetensors", ".json"}  # no pickle
+    assert {p.suffix for p in cache_root.rglob("*") if p.is_file()} == {".bin", ".json", ".lock"}  # no pickle
     assert load_datasets(section(train=str(path), format="chat", packing=True), load_tok(), 0).train_stats.cached
 
     def rebuilt(s, tokenizer) -> bool:

@@ -50,7 +50,7 @@ def test_resume_after_editing_one_row_is_exit_4_naming_the_data(tiny_model_dir, 
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000004"
     result = cli("train", recipe, "--resume", checkpoint)
     assert result.exit_code == 4, result.output
-    assert f"data.train ({data}) changed since this checkpoint" in " ".join(result.output.split())
+    assert f"data.train source {data} changed since this checkpoint" in " ".join(result.output.split())
     result = cli("train", recipe, "--resume", checkpoint, "--allow-recipe-change")
     assert result.exit_code == 0 and "continuing on the new data" in " ".join(result.output.split()), result.output
 

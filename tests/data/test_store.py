@@ -1,0 +1,248 @@
+"""Data at scale: the memory-mapped token store, its cache under concurrent builders, batched and parallel
+tokenization (the same result for any number of processes), content fingerprints, weighted mixtures, hub ids."""
+
+import gc
+import multiprocessing
+
+import numpy as np
+import pytest
+
+from lorakit.config.schema import DataSection, ModelSection, TrainSource
+from lorakit.data import Example, Row, StepSampler, TokenStore, load_datasets, tokenize_row, tokenize_rows
+from lorakit.data import encode, pipeline
+from lorakit.data.fingerprint import fingerprint, store_fingerprints
+from lorakit.data.formats import IGNORE_INDEX
+from lorakit.data.store import write_examples
+from lorakit.errors import DataError
+from lorakit.paths import is_local
+from run_helpers import CHAT, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from lorakit.models.loading import load_tokenizer
+
+    return load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+
+
+def alpaca(n: int, tag: str = "") -> list[dict]:
+    return [{"instruction": f"Count to {i}{tag}", "input": "" if i % 3 else f"start at {i % 7}",
+             "output": " ".join(str(k) for k in range(i % 17 + 1))} for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The store
+
+
+def test_store_round_trip_is_memory_mapped(tmp_path):
+    examples = [Example([1, 2, 3], [-100, 2, 3], 1), Example([4], [4], 0), Example([5, 6], [-100, -100], 2)]
+    write_examples(tmp_path / "s", examples)
+    store = TokenStore(tmp_path / "s")
+    assert list(store) == examples and store == examples and store[-1] == examples[-1] and store[1:] == examples[1:]
+    assert isinstance(store.columns["input_ids"], np.memmap) and isinstance(store.offsets, np.memmap)
+    assert store.lengths.tolist() == [3, 1, 2]
+    assert fingerprint(examples) == store_fingerprints(store, ["a"])[0]
+    write_examples(tmp_path / "empty", [])
+    assert len(TokenStore(tmp_path / "empty")) == 0
+
+
+def test_fingerprint_keeps_its_definition():
+    """Checkpoints written before the store recorded this exact digest: it must not change."""
+    import hashlib
+    from array import array
+
+    examples = [Example([1, 2, 300000], [-100, 2, 300000], 1), Example([7], [7], 0)]
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(len(e).to_bytes(8, "little") + array("q", e.input_ids).tobytes() + array("q", e.labels).tobytes())
+    assert fingerprint(examples) == digest.hexdigest()
+
+
+def test_loaded_data_equals_row_by_row_tokenization(tmp_path, tok):
+    rows = alpaca(40)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    s = DataSection(train=path, max_seq_len=40)
+    data = load_datasets(s, tok, seed=0)
+    expected, stats = tokenize_rows([Row(f"{path}:{i + 1}", r) for i, r in enumerate(rows)], s, tok)
+    assert isinstance(data.train, TokenStore) and data.train == expected
+    assert data.train_stats.summary().startswith(stats.summary())
+    assert data.fingerprint == fingerprint(expected)
+    assert load_datasets(s, tok, seed=0).train_stats.cached  # the published entry is reused
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat"])
+def test_any_number_of_processes_and_chunks_gives_the_same_store(tmp_path, tok, monkeypatch, fmt):
+    rows = alpaca(23) if fmt == "alpaca" else [{"messages": CHAT[: 3 + (i % 3)]} for i in range(23)]
+    rows[5] = {"nothing": "here"}  # a bad row, skipped and counted wherever it falls
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    s = DataSection(train=path, format=fmt, max_seq_len=30, skip_bad_rows=True, cache=False, num_proc=1)
+    one = load_datasets(s, tok, seed=0)
+    monkeypatch.setattr(encode, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(encode, "MIN_PARALLEL_ROWS", 0)
+    monkeypatch.setattr(pipeline, "WINDOW_ROWS", 7)  # rows read 7 at a time, as they are tokenized
+    two = load_datasets(s.model_copy(update={"num_proc": 2}), tok, seed=0)
+    assert two.train == one.train and two.fingerprint == one.fingerprint
+    assert two.train_stats.to_json() == one.train_stats.to_json() and one.train_stats.bad == 1
+
+
+def _build_in_child(args):
+    path, model_dir, cache_dir = args
+    import os
+
+    os.environ["LORAKIT_CACHE"] = cache_dir
+    from lorakit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSection(name_or_path=model_dir), model_dir)
+    data = load_datasets(DataSection(train=path, num_proc=1), tokenizer, seed=0)
+    return data.fingerprint, len(data.train)
+
+
+def test_two_builders_at_once_share_one_entry(tmp_path, tiny_model_dir, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca(300))
+    cache_dir = str(tmp_path / "cache")
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_build_in_child, [(path, str(tiny_model_dir), cache_dir)] * 2)
+    assert results[0] == results[1]
+    entries = [p for p in (tmp_path / "cache" / "data").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
+    assert not [p for p in (tmp_path / "cache" / "data").iterdir() if ".tmp-" in p.name]  # no temporary left
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path, tok, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca(10))
+    s = DataSection(train=path)
+    first = load_datasets(s, tok, seed=0)
+    ids = first.train.folder / "input_ids.bin"
+    expected = list(first.train)
+    del first
+    gc.collect()  # its memory maps closed before the file is cut
+    ids.write_bytes(ids.read_bytes()[:8])  # truncated by a crash or a full disk
+    again = load_datasets(s, tok, seed=0)
+    assert not again.train_stats.cached and list(again.train) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat: one rendering per conversation
+
+
+CONVERSATIONS = [
+    CHAT,
+    CHAT[1:3],
+    [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": "  spaced answer \n"}],
+    [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "ok"},
+     {"role": "assistant", "content": "done"}],
+    [{"role": "system", "content": "sys"}, {"role": "assistant", "content": "after system"}],
+    [{"role": "user", "content": f"question {i}"} if i % 2 == 0 else {"role": "assistant", "content": f"answer {i}"}
+     for i in range(16)],
+    [{"role": "user", "content": "no answer"}],
+]
+
+
+@pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "mistral", "phi3", "zephyr"])
+def test_one_rendering_finds_the_same_turns_as_rendering_per_turn(tiny_model_dir, name):
+    """Every bundled template: spans from its {% generation %} blocks equal the per-turn definition, and the
+    template stored on the tokenizer (tags removed) renders the same text."""
+    from lorakit.data import formats
+    from lorakit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+    formats.resolve_chat_template(DataSection(train="t.jsonl", format="chat", chat_template=name), tokenizer)
+    tagged = formats._tracked_templates()[tokenizer.chat_template]
+    assert "{% generation %}" in tagged and "{% generation %}" not in tokenizer.chat_template
+    for messages in CONVERSATIONS:
+        assert formats._tracked_spans(tokenizer, tagged, messages, "t:1") == formats._per_turn_spans(
+            tokenizer, messages, "t:1")
+
+
+def test_bundled_templates_render_each_conversation_once(tiny_model_dir, monkeypatch):
+    from lorakit.data import formats
+    from lorakit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+    s = DataSection(train="t.jsonl", format="chat", chat_template="chatml")
+    formats.resolve_chat_template(s, tokenizer)
+    calls = []
+    monkeypatch.setattr(formats, "_render", lambda *a, **k: calls.append(a))  # the per-turn path's renderer
+    rows = [Row(f"t:{n}", {"messages": CONVERSATIONS[5][:n]}) for n in (2, 8, 16)]
+    examples = formats.tokenize_batch(rows, s, tokenizer)
+    assert not calls and all(isinstance(e, Example) for e in examples)
+    supervised = [sum(label != IGNORE_INDEX for label in e.labels) for e in examples]
+    assert supervised[0] < supervised[1] < supervised[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixtures
+
+
+def test_sources_are_counted_and_fingerprinted_apart(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca(6))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "plain text " * k} for k in range(1, 5)] + [{"text": "x " * 999}])
+    s = DataSection(train=[a, TrainSource(path=b, format="text", weight=2)], max_seq_len=400, truncation="drop")
+    data = load_datasets(s, tok, seed=0)
+    counts = data.train_stats.to_json()["per_source"]
+    assert counts[a] == {"rows": 6, "kept": 6, "truncated": 0, "dropped": 0, "bad": 0}
+    assert counts[b] == {"rows": 5, "kept": 4, "truncated": 0, "dropped": 1, "bad": 0}
+    assert f"  {b}: rows 5, kept 4" in data.train_stats.summary()
+    assert data.sources.tolist() == [0] * 6 + [1] * 4 and set(data.source_fingerprints) == {a, b}
+    assert data.train[6].labels == data.train[6].input_ids  # source b is tokenized as text
+    cached = load_datasets(s, tok, seed=0)
+    assert cached.train_stats.cached and cached.train_stats.to_json()["per_source"] == counts
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "plain text " * k} for k in range(1, 5)] + [{"text": "edited"}])
+    edited = load_datasets(s, tok, seed=0)
+    assert edited.source_fingerprints[a] == data.source_fingerprints[a]
+    assert edited.source_fingerprints[b] != data.source_fingerprints[b]
+
+
+def test_weighted_epochs_draw_round_rows_times_weight_and_resume_exactly():
+    sources = np.array([0] * 10 + [1] * 4, dtype=np.int16)
+    sampler = StepSampler(14, micro_batch_size=2, grad_accum=1, seed=3, sources=sources, weights=[0.5, 2.5])
+    assert sampler.num_examples == 5 + 10 and sampler.steps_per_epoch == 8
+    epoch = sampler.epoch_order(0).tolist()
+    assert sum(i < 10 for i in epoch) == 5 and len(set(i for i in epoch if i < 10)) == 5
+    assert sorted(epoch.count(i) for i in range(10, 14)) == [2, 2, 3, 3]  # every row twice, then 2 rows again
+    again = StepSampler(14, micro_batch_size=2, grad_accum=1, seed=3, sources=sources, weights=[0.5, 2.5])
+    assert [again.micro_batches(s) for s in range(20)] == [sampler.micro_batches(s) for s in range(20)]
+    assert sampler.epoch_order(1).tolist() != epoch
+    plain = StepSampler(14, micro_batch_size=2, grad_accum=1, seed=3)
+    ones = StepSampler(14, micro_batch_size=2, grad_accum=1, seed=3, sources=sources, weights=[1, 1])
+    assert [ones.micro_batches(s) for s in range(9)] == [plain.micro_batches(s) for s in range(9)]
+
+
+def test_weights_with_packing_are_refused():
+    with pytest.raises(ValueError, match="data.packing / data.train"):
+        DataSection(train=[TrainSource(path="a.jsonl", weight=2)], packing=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hub ids
+
+
+def test_one_part_names_are_hub_ids_and_paths_are_local(tmp_path):
+    assert not is_local("imdb") and not is_local("stanfordnlp/imdb")
+    assert is_local("./imdb") and is_local("/data/x") and is_local("~/x")
+    (tmp_path / "imdb").mkdir()
+    assert is_local(str(tmp_path / "imdb"))
+
+
+def test_a_hub_id_offline_is_one_clear_exit_3(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lorakit.data import read_rows
+
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'imdb' \(split 'test', subset 'plain'\)") as e:
+        read_rows("imdb", split="test", subset="plain")
+    assert e.value.exit_code == 3 and "data.split and data.subset" in str(e.value)
+
+
+def test_a_hub_id_goes_to_load_dataset_with_split_and_subset(tmp_path, tok, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def hub(path, name=None, split=None, **kwargs):  # the hub boundary: what datasets would download
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(alpaca(3))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    data = load_datasets(DataSection(train="imdb", split="validation", subset="plain"), tok, seed=0)
+    assert calls == [("imdb", "plain", "validation")] and len(data.train) == 3 and not data.train_stats.cached
+    assert tokenize_row(Row("x", alpaca(3)[1]), DataSection(train="imdb"), tok) == data.train[1]
