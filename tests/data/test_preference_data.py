@@ -163,13 +163,13 @@ def test_pairs_survive_the_cache(tmp_path, tokenizer):
     assert [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in again.train] == \
         [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in first.train]
     assert again.fingerprint == first.fingerprint and again.cache_key == first.cache_key
-    assert first.train_stats.lengths == [e.num_tokens for e in first.train]
+    assert list(first.train_stats.lengths) == [e.num_tokens for e in first.train]  # an array (the store's index)
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_a_micro_batch_holds_the_chosen_then_the_rejected(tmp_path, tokenizer, padding_free):
     data = write_pairs(tmp_path / "d.jsonl", 3)
-    pairs = load_datasets(recipe(data).data, tokenizer, 0).train
+    pairs = list(load_datasets(recipe(data).data, tokenizer, 0).train)  # examples of their own: set ref_logps below
     batch = collate(pairs, tokenizer, padding_free)
     sequences = [pairs[0], pairs[1], pairs[2], pairs[0].rejected, pairs[1].rejected, pairs[2].rejected]
     if padding_free:
