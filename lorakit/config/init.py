@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from lorakit.config.load import parse_recipe
-from lorakit.config.schema import Recipe, _did_you_mean, describe_keys
+from lorakit.config.schema import Recipe, describe_keys
+from lorakit.config.schema_base import _did_you_mean
 from lorakit.errors import SafetyError, UsageError
 from lorakit.publish import check_file_output, publish_file_output
 

@@ -13,7 +13,8 @@ from lorakit import text
 from lorakit.config import safe_yaml
 from lorakit.config.inits import init_problems
 from lorakit.config.methods import _REQUIRED, _RESERVED, METHODS, peft_config_class
-from lorakit.config.schema import AdapterSection, Recipe, _did_you_mean
+from lorakit.config.schema import AdapterSection, Recipe
+from lorakit.config.schema_base import _did_you_mean
 from lorakit.config.tokens import token_problems
 from lorakit.errors import RecipeError, UsageError
 
