@@ -64,3 +64,10 @@ def publish_file(tmp: Path, final: Path) -> None:
         os.close(fd)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+def write_file(final: Path, text: str) -> None:
+    """Write ``text`` to ``final`` through a hidden sibling file and publish_file: readers never see a part."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    tmp.write_text(text)
+    publish_file(tmp, final)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.bottleneck import is_bottleneck_dir
-from lorakit.atomic import publish_file
+from lorakit.atomic import write_file
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem
@@ -34,9 +34,7 @@ def stable_config(adapter_dir: Path) -> None:
         return
     for key in fields:
         config[key] = sorted(config[key])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    publish_file(tmp, path)
+    write_file(path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def find_adapter_dir(path: str | Path, what: str) -> Path:

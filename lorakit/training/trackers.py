@@ -13,7 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from lorakit.atomic import publish_file
+from lorakit.atomic import write_file
 from lorakit.config.schema import OutputSection, Recipe
 from lorakit.errors import UsageError
 
@@ -88,9 +88,7 @@ def write_tracker_ids(accelerator, run_dir: Path) -> None:
         elif tracker.name == "wandb" and getattr(tracker, "run", None) is not None:
             ids["wandb"] = tracker.run.id
     if ids:
-        tmp = run_dir / f".{TRACKER_IDS}.tmp"
-        tmp.write_text(json.dumps(ids, indent=1) + "\n")
-        publish_file(tmp, run_dir / TRACKER_IDS)
+        write_file(run_dir / TRACKER_IDS, json.dumps(ids, indent=1) + "\n")
 
 
 def finish_trackers(accelerator) -> None:
