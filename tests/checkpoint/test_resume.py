@@ -30,11 +30,12 @@ TRAIN = dict(max_steps=24, save_every=3, keep_last=2, eval_every=4)
 
 
 def logged_steps(run: Path) -> list[int]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    try:  # not there yet, or just moved aside by --overwrite
+        text = (run / "metrics.jsonl").read_text()
+    except FileNotFoundError:
         return []
     steps = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
