@@ -8,6 +8,7 @@ so N processes use N cores; one process lets the fast tokenizer spread each batc
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from contextlib import contextmanager
@@ -70,8 +71,26 @@ def _flat(kept: list[tuple[Example, int]], stats: DataStats) -> Chunk:
                  np.fromiter((s for _, s in kept), np.int16, len(kept)), stats)
 
 
+@contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for a block that allocates many acyclic lists and tuples (token ids,
+    offsets): each collection would traverse all of them, about a quarter of chat tokenization's time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> Chunk:
     """Tokenize and fit ``rows`` (``sources``: each row's source index); every row lands in exactly one count."""
+    with gc_paused():
+        return _encode_chunk(rows, sources, section, tokenizer)
+
+
+def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> Chunk:
     stats = DataStats()
     stats.rows += len(rows)
     eos = tokenizer.eos_token_id
