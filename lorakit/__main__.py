@@ -1,3 +1,3 @@
-from lorakit.cli.main import run
+from lorakit.cli.main import main
 
-run()
+main()

@@ -72,6 +72,10 @@ def _read_hub(source: str, split: str, subset: str | None) -> SourceRows:
     that cache)."""
     import datasets
 
+    from lorakit.console import adopt_datasets_output
+
+    adopt_datasets_output()  # its stderr handler and progress bars, as lorakit shows them
+
     try:
         ds = datasets.load_dataset(source, subset, split=split)
     except Exception as e:  # datasets raises many types for unreachable ids, unknown splits and subsets
@@ -210,6 +214,10 @@ def _check_parquet(path: Path) -> None:
 
 def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     import datasets
+
+    from lorakit.console import adopt_datasets_output
+
+    adopt_datasets_output()  # its stderr handler and progress bars, as lorakit shows them
 
     if path.suffix == ".parquet":
         _check_parquet(path)

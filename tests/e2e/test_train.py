@@ -1,6 +1,7 @@
 """`lorakit train` end to end on a tiny random model: the real CLI in a subprocess, and the same code in-process."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,20 @@ def test_save_both_writes_merged_model_equal_to_adapter(tmp_path, tiny_model_dir
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-4)
+
+
+def test_the_process_exits_early_with_everything_written_and_cleaned(tmp_path, tiny_model_dir):
+    """main() ends the process without the interpreter's teardown: the output is complete, atexit work (the
+    private token store of data.cache: false) is done, and a .jsonl run never imports datasets."""
+    data = write_memorisation_data(tmp_path / "train.jsonl")
+    recipe = recipe_file(tmp_path, tiny_model_dir, data, max_steps=2, log_every=1)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "lorakit", "train", str(recipe),
+                             "--set", "data.cache=false"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip().splitlines()[-1].startswith("loss plot saved to"), result.stdout[-500:]
+    assert list(temp.iterdir()) == []  # the private store's temporary directory was removed
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "datasets" not in imported
