@@ -67,7 +67,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                 last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, paths, sampler,
                                                   step, tokens_seen, data.identity(), ctx.init)
             if cfg.eval_every and step and step % cfg.eval_every == 0 and data.eval:
-                evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
+                evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss, ctx.padding_free)
                 metrics.write({"step": step, **evaluated, **eval_scores(scorer, accelerator, model)})
 
             fault(step)
@@ -129,7 +129,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                 raise stop.stopped(step + 1, path)
 
     if data.eval:
-        evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss)
+        evaluated = evaluate(model, tokenizer, data.eval, cfg, accelerator, compute_loss, ctx.padding_free)
         metrics.write({"step": total_steps, **evaluated, **eval_scores(scorer, accelerator, model)})
     return metrics
 
@@ -163,9 +163,11 @@ def eval_scores(scorer: TrainingScorer | None, accelerator, model) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute_loss) -> dict:
+def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute_loss,
+             padding_free: bool = False) -> dict:
     """{"eval_loss": the mean loss per item (supervised token, or pair) over the eval set, and the loss's tallied
-    metrics as eval_*}, each rank taking every world_size-th example.
+    metrics as eval_*}, each rank taking every world_size-th example. ``padding_free``: batches flattened as in
+    training (the run's choose_batching), so evaluation spends nothing on padding either.
 
     Every rank runs the same number of batches (idle ones where it has run out), as FSDP's forward is a
     collective.
@@ -175,7 +177,7 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
     total, count = 0.0, 0
     training_tally, compute_loss.tally = compute_loss.tally, type(compute_loss.tally)(compute_loss.tally.names)
     for idx in shards:
-        batch = collate([examples[i] for i in idx] or [idle_batch(examples[0])], tokenizer)
+        batch = collate([examples[i] for i in idx] or [idle_batch(examples[0])], tokenizer, padding_free)
         n = compute_loss.items(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total += float(compute_loss(model, batch, 1))  # num_items=1: the summed loss

@@ -168,3 +168,37 @@ def test_train_ends_with_an_efficiency_record(tiny_model_dir, tmp_path):
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2
     assert last["tokens_per_s"] > 0 and last["flops_per_token"] > 0 and 0 < last["mfu"] < 1
+
+
+def test_evaluation_is_padding_free_like_training():
+    """evaluate() flattens its batches when training does (one row per micro-batch, no pad tokens) and gets the
+    padded evaluation's loss."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lorakit.data.formats import Example
+    from lorakit.testing import build_tokenizer
+    from lorakit.training.loop import evaluate
+    from lorakit.training.perf import choose_batching
+    from lorakit.config.load import parse_recipe
+
+    model, tokenizer = _lora_llama(layers=2, attn="sdpa"), build_tokenizer()
+    recipe = parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"max_steps": 1}})
+    assert choose_batching(recipe, model, None).padding_free  # registers the per-example attention
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 17, 9, 30, 12):
+        ids = torch.randint(3, 1000, (n,), generator=g).tolist()
+        examples.append(Example(ids, [-100] * 2 + ids[2:], 2))
+    cfg, loss = SimpleNamespace(micro_batch_size=2), build_loss(model, True)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    flat = evaluate(model, tokenizer, examples, cfg, Accelerator(cpu=True), loss, padding_free=True)
+    assert [r[0] for r in rows] == [1, 1, 1] and sum(r[1] for r in rows) == sum(len(e) for e in examples)
+    rows.clear()
+    padded = evaluate(model, tokenizer, examples, cfg, Accelerator(cpu=True), loss)
+    hook.remove()
+    assert [r[0] for r in rows] == [2, 2, 1]
+    assert flat["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
