@@ -176,6 +176,7 @@ class AdapterSection(Section):
 
 
 DATA_FORMATS = ("alpaca", "chat", "text", "completion", "preference")
+CHAT_FORMATS = ("chat", "preference")  # the formats rendered with a chat template
 
 
 class TrainSource(Section):
@@ -187,12 +188,17 @@ class TrainSource(Section):
     )
     format: Literal[DATA_FORMATS] | None = Field(None, description="This source's row format (default: data.format).")
     fields: dict[str, str] | None = Field(None, description="This source's column names (default: data.fields).")
+    chat_template: str | None = Field(
+        None, description="chat and preference sources: the chat template this source's rows render with, as "
+        "data.chat_template takes it (default: data.chat_template, else the tokenizer's). The adapter's tokenizer "
+        "keeps data.chat_template.",
+    )
 
 
 class DataSection(Section):
     train: Union[str, list[Union[str, TrainSource]]] = Field(
         description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk directory, "
-        "a hub dataset id, or a list of these to mix; a list item may also be a mapping {path, weight, format, fields} (docs/data.md#sources)."
+        "a hub dataset id, or a list of these to mix; a list item may also be a mapping {path, weight, format, fields, chat_template} (docs/data.md#sources)."
     )
     eval: str | None = Field(None, description="Evaluation data (same kinds as data.train).")
     eval_split: float | None = Field(
@@ -213,7 +219,8 @@ class DataSection(Section):
         None,
         description="chat and preference formats: a template shipped with lorakit (chatml, gemma, llama3, mistral, "
         "phi3, zephyr) or a .jinja file. Replaces the tokenizer's own template (and is saved with the adapter); "
-        "required by chat rows when the tokenizer has none (preference rows then use plain prompts).",
+        "required by chat rows when the tokenizer has none (preference rows then use plain prompts). A data.train source "
+        "may set its own (docs/data.md#sources).",
     )
     max_seq_len: int = Field(2048, gt=0, description="Longest tokenized example, in tokens.")
     truncation: Literal["drop", "truncate_prompt", "truncate"] = Field(
@@ -270,6 +277,20 @@ class DataSection(Section):
         if self.packing and any(source.weight != 1 for source in self.sources()):
             raise ValueError("data.packing / data.train[].weight: packed rows mix sources, so weights cannot apply; "
                              "set only one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _templates_need_chat_rows(self) -> "DataSection":
+        formats = [source.format or self.format for source in self.sources()]
+        for i, (source, fmt) in enumerate(zip(self.sources(), formats)):
+            if source.chat_template is not None and fmt not in CHAT_FORMATS:
+                raise ValueError(f"data.train[{i}].chat_template: {source.path} has format {fmt}, which renders no "
+                                 "chat template; remove it or set the source's format to chat or preference")
+        if self.eval is not None:
+            formats.append(self.format)  # data.eval's rows
+        if self.chat_template is not None and not any(fmt in CHAT_FORMATS for fmt in formats):
+            raise ValueError(f"data.chat_template: no data.train source is chat or preference (data.format is "
+                             f"{self.format}), so no row renders with it; remove it or set data.format: chat")
         return self
 
     @model_validator(mode="after")

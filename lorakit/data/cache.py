@@ -1,8 +1,8 @@
 """The tokenized-data cache under $LORAKIT_CACHE/data/KEY/: token stores (raw arrays, store.py) and JSON, never
 pickle.
 
-KEY hashes everything tokenization depends on: the data files' bytes, the tokenizer, the chat template
-text, the recipe's data section and the lorakit version. Any change makes a new key (a rebuild).
+KEY hashes everything tokenization depends on: the data files' bytes, the tokenizer, each source's chat
+template text, the recipe's data section and the lorakit version. Any change makes a new key (a rebuild).
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(section: DataSection, tokenizer, template: str | None, seed: int, hashes: list[str | None]) -> str | None:
-    """The cache key, or None when a source's content cannot be hashed (a hub dataset id)."""
+def cache_key(section: DataSection, tokenizer, templates: list[str | None], seed: int,
+              hashes: list[str | None]) -> str | None:
+    """The cache key, or None when a source's content cannot be hashed (a hub dataset id). ``templates``: the chat
+    template text each source renders with (the train sources', then data.eval's)."""
     from lorakit import __version__
 
     if any(h is None for h in hashes):
@@ -52,7 +54,7 @@ def cache_key(section: DataSection, tokenizer, template: str | None, seed: int, 
         "lorakit": __version__,
         "sources": hashes,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "chat_template": template,
+        "chat_template": templates,
         "data": _keyed(section),
         "seed": seed if section.eval_split else None,  # the seed only picks the eval rows
     }

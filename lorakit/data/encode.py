@@ -14,13 +14,23 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
 from lorakit.config.schema import DataSection
-from lorakit.data.formats import IGNORE_INDEX, Example, tokenize_batch
+from lorakit.data.formats import IGNORE_INDEX, Example, rendering_with, tokenize_batch
 from lorakit.data.sources import BadRowError, Row
 from lorakit.data.stats import DataStats, fit_length
+
+
+class SourceSection(NamedTuple):
+    """How one source's rows are tokenized: its data section (format, fields) and the chat template text its chat
+    and preference rows render with (None: the tokenizer's as it is)."""
+
+    section: DataSection
+    template: str | None = None
+
 
 CHUNK_ROWS = 1000  # rows per batched tokenizer call
 MIN_PARALLEL_ROWS = 8 * CHUNK_ROWS  # fewer rows are tokenized in this process: starting workers would cost more
@@ -84,9 +94,10 @@ def gc_paused():
             gc.enable()
 
 
-def encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> Chunk:
-    """Tokenize and fit ``rows`` (``sources``: each row's source index); every row lands in exactly one count."""
-    with gc_paused():
+def encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer, template: str | None = None) -> Chunk:
+    """Tokenize and fit ``rows`` (``sources``: each row's source index) with chat ``template`` (None: the
+    tokenizer's); every row lands in exactly one count."""
+    with gc_paused(), rendering_with(tokenizer, template):
         return _encode_chunk(rows, sources, section, tokenizer)
 
 
@@ -134,7 +145,8 @@ _JOB: tuple | None = None  # (rows, sources, sections, tokenizer), inherited by 
 def _run(bounds: tuple[int, int]) -> Chunk:
     rows, sources, sections, tokenizer = _JOB
     a, b = bounds
-    return encode_chunk(rows[a:b], sources[a:b], sections[int(sources[a])], tokenizer)
+    section, template = sections[int(sources[a])]
+    return encode_chunk(rows[a:b], sources[a:b], section, tokenizer, template)
 
 
 def chunk_bounds(sources: np.ndarray) -> list[tuple[int, int]]:
@@ -143,7 +155,7 @@ def chunk_bounds(sources: np.ndarray) -> list[tuple[int, int]]:
     return [(a, min(a + CHUNK_ROWS, end)) for start, end in zip(cuts, cuts[1:]) for a in range(start, end, CHUNK_ROWS)]
 
 
-def encode_rows(rows: list[Row], sources: np.ndarray, sections: list[DataSection], tokenizer, num_proc: int):
+def encode_rows(rows: list[Row], sources: np.ndarray, sections: list[SourceSection], tokenizer, num_proc: int):
     """Chunks of ``rows`` tokenized in order (row i with ``sections[sources[i]]``), on ``num_proc`` forked
     processes when there are enough rows."""
     global _JOB
@@ -151,7 +163,8 @@ def encode_rows(rows: list[Row], sources: np.ndarray, sections: list[DataSection
     workers = min(num_proc, len(bounds))
     if workers < 2 or len(rows) < MIN_PARALLEL_ROWS or "fork" not in multiprocessing.get_all_start_methods():
         for a, b in bounds:
-            yield encode_chunk(rows[a:b], sources[a:b], sections[int(sources[a])], tokenizer)
+            section, template = sections[int(sources[a])]
+            yield encode_chunk(rows[a:b], sources[a:b], section, tokenizer, template)
         return
     _JOB = (rows, sources, sections, tokenizer)
     try:

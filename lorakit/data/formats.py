@@ -10,11 +10,12 @@ import difflib
 import functools
 import re
 from bisect import bisect_left
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit import text
-from lorakit.config.schema import DataSection
+from lorakit.config.schema import CHAT_FORMATS, DataSection
 from lorakit.data.sources import BadRowError, Row
 from lorakit.errors import UsageError
 
@@ -85,46 +86,70 @@ def bundled_template(name: str) -> str:
 
 
 def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
-    """The template text the chat format renders with (None for other formats).
+    """The template text the chat format renders with (None for other formats). A template named by the recipe
+    replaces the tokenizer's own and is set on it, so the tokenizer saved with the adapter formats prompts at
+    inference exactly as in training."""
+    template = chat_template_text(section.format, section.chat_template, tokenizer)
+    if section.chat_template is not None and template is not None:
+        tokenizer.chat_template = template
+    return template
 
-    A template named by the recipe replaces the tokenizer's own and is set on the tokenizer, so the
-    tokenizer saved with the adapter formats prompts at inference exactly as in training.
-    """
-    if section.format not in ("chat", "preference"):
+
+def chat_template_text(fmt: str, name: str | None, tokenizer, key: str = "data.chat_template") -> str | None:
+    """The template text rows of format ``fmt`` render with: the template ``name`` (a bundled name or a .jinja
+    file, which the recipe sets as ``key``), else the tokenizer's own. None for a format that renders no chat
+    template, or preference rows when the tokenizer has none. Reads the tokenizer, never changes it."""
+    if fmt not in CHAT_FORMATS:
         return None
-    name = section.chat_template
-    if name is None:
-        template = tokenizer.chat_template
-        if isinstance(template, dict):  # several named templates: the default one renders conversations
-            template = template.get("default")
-        if not template and section.format == "preference":
-            return None  # plain-text prompts: prompt + answer + EOS, as completion rows (messages are refused)
-        if not template:
-            raise UsageError(
-                f"data.chat_template: the tokenizer ({tokenizer.name_or_path}) has no chat template; set "
-                f"data.chat_template to one of {', '.join(named_chat_templates())} or a .jinja file"
-            )
-        return _checked(template, f"the tokenizer's chat template ({tokenizer.name_or_path})")
+    if name is not None:
+        return load_template(name, key)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one renders conversations
+        template = template.get("default")
+    if not template and fmt == "preference":
+        return None  # plain-text prompts: prompt + answer + EOS, as completion rows (messages are refused)
+    if not template:
+        raise UsageError(
+            f"data.chat_template: the tokenizer ({tokenizer.name_or_path}) has no chat template; set "
+            f"data.chat_template to one of {', '.join(named_chat_templates())} or a .jinja file"
+        )
+    return _checked(template, f"the tokenizer's chat template ({tokenizer.name_or_path})")
+
+
+def load_template(name: str, key: str) -> str:
+    """The text of template ``name`` (bundled, as the tokenizer holds it, or a .jinja file), parsed by Jinja; a
+    mistake is exit 2 naming the recipe ``key``."""
     path = TEMPLATE_DIR / f"{name}.jinja"
     if name.endswith(".jinja"):
         path = Path(name).expanduser()
         if not path.is_file():
-            raise UsageError(f"data.chat_template: template file {name!r} not found")
+            raise UsageError(f"{key}: template file {name!r} not found")
     elif not path.is_file():
         close = difflib.get_close_matches(name, named_chat_templates(), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        raise UsageError(
-            f"data.chat_template: unknown template {name!r}{hint}; choose one of "
-            f"{', '.join(named_chat_templates())} or give a .jinja file"
-        )
+        raise UsageError(f"{key}: unknown template {name!r}{hint}; choose one of "
+                         f"{', '.join(named_chat_templates())} or give a .jinja file")
     try:
-        template = text.decode(path.read_bytes(), f"data.chat_template: {path}")
+        template = text.decode(path.read_bytes(), f"{key}: {path}")
     except text.NotText as e:
         raise UsageError(str(e)) from None
     if path.parent == TEMPLATE_DIR:
         template = bundled_template(name)
-    tokenizer.chat_template = _checked(template, f"data.chat_template: {path}")
-    return tokenizer.chat_template
+    return _checked(template, f"{key}: {path}")
+
+
+@contextmanager
+def rendering_with(tokenizer, template: str | None):
+    """``tokenizer`` renders conversations with ``template`` inside the block (None: with its own), and holds its
+    own template again after it: a data.train source with its own chat template borrows the shared tokenizer.
+    Setting the attribute (rather than passing chat_template= to each call) keeps chat_spans' one-rendering path,
+    which recognizes a bundled template by the tokenizer's text."""
+    before = tokenizer.chat_template
+    tokenizer.chat_template = before if template is None else template
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.chat_template = before
 
 
 def _checked(template: str, source: str) -> str:

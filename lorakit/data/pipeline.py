@@ -14,19 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.config.schema import DataSection
+from lorakit.config.schema import CHAT_FORMATS, DataSection
 from lorakit.cpus import usable_cpus
 from lorakit.data import cache
 from lorakit.data.batching import pack_examples
-from lorakit.data.encode import encode_chunk, encode_rows
+from lorakit.data.encode import SourceSection, encode_chunk, encode_rows
 from lorakit.data.fingerprint import Fingerprints
-from lorakit.data.formats import Example, resolve_chat_template
+from lorakit.data.formats import Example, chat_template_text, resolve_chat_template
 from lorakit.data.sources import Row, check_exists, content_hash, iter_rows
 from lorakit.data.stats import DataStats, fit_length
 from lorakit.data.store import StoreWriter, TokenStore
 from lorakit.errors import DataError, UsageError
 
-__all__ = ["DataStats", "Datasets", "fit_length", "load_datasets", "split_eval", "tokenize_rows", "train_sources"]
+__all__ = ["DataStats", "Datasets", "fit_length", "load_datasets", "source_sections", "split_eval", "tokenize_rows",
+           "train_sources"]
 
 PROGRESS_MIN_ROWS = 2000  # a progress bar for tokenizing at least this many rows (on a terminal)
 WINDOW_ROWS = 65_536  # rows read ahead of tokenizing: what a first run holds of a .jsonl file at once
@@ -119,23 +120,37 @@ def split_eval(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _sections(section: DataSection) -> list[DataSection]:
-    """The data section each train source is tokenized with (its own format and fields where it sets them)."""
-    return [section.model_copy(update={"format": s.format or section.format,
-                                       "fields": section.fields if s.fields is None else s.fields})
-            for s in section.sources()]
+def source_sections(section: DataSection, tokenizer) -> list[SourceSection]:
+    """How each train source is tokenized: the data section with its own format and fields where it sets them, and
+    the chat template its chat/preference rows render with (its own chat_template, else data.chat_template or the
+    tokenizer's). data.chat_template is set on the tokenizer (the template saved with the adapter); a source's own
+    template is only read (encode.encode_chunk lends it to the tokenizer for that source's rows)."""
+    out, shared = [], False
+    for i, source in enumerate(section.sources()):
+        own = section.model_copy(update={"format": source.format or section.format,
+                                         "fields": section.fields if source.fields is None else source.fields})
+        if source.chat_template is None:
+            out.append(SourceSection(own, resolve_chat_template(own, tokenizer)))
+            shared = shared or own.format in CHAT_FORMATS
+        else:
+            key = f"data.train[{i}].chat_template"
+            out.append(SourceSection(own, chat_template_text(own.format, source.chat_template, tokenizer, key)))
+    if section.chat_template is not None and not shared:  # every chat source has its own template
+        resolve_chat_template(section.model_copy(update={"format": "chat"}), tokenizer)  # still the adapter's
+    return out
 
 
-def _read_splits(section: DataSection, seed: int) -> dict:
+def _read_splits(section: DataSection, sections: list[SourceSection], eval_template: str | None, seed: int) -> dict:
     """{split: (windows of (rows, each row's source), sections by source, stats)}: what to tokenize, in order."""
     names = train_sources(section)
     train_stats = DataStats(sources=names)
     if not section.eval_split:
-        splits = {"train": (_stream(names, section, train_stats, WINDOW_ROWS), _sections(section), train_stats)}
+        splits = {"train": (_stream(names, section, train_stats, WINDOW_ROWS), sections, train_stats)}
         if section.eval:
             check_exists(section.eval)  # before the training rows are tokenized
             eval_stats = DataStats(sources=[section.eval])
-            splits["eval"] = (_stream([section.eval], section, eval_stats, WINDOW_ROWS), [section], eval_stats)
+            splits["eval"] = (_stream([section.eval], section, eval_stats, WINDOW_ROWS),
+                              [SourceSection(section, eval_template)], eval_stats)
         return splits
     # The held-out rows depend on how many rows there are: everything is read first.
     ((rows, owner),) = _stream(names, section, train_stats)
@@ -145,13 +160,14 @@ def _read_splits(section: DataSection, seed: int) -> dict:
                          "leaving none to train on; use a smaller fraction (e.g. 0.1) or a separate data.eval")
     keep = np.array([i not in held for i in range(len(rows))], dtype=bool)
     eval_stats = DataStats(sources=names)
-    return {"train": ([([r for r, k in zip(rows, keep) if k], owner[keep])], _sections(section), train_stats),
-            "eval": ([([r for r, k in zip(rows, keep) if not k], owner[~keep])], _sections(section), eval_stats)}
+    return {"train": ([([r for r, k in zip(rows, keep) if k], owner[keep])], sections, train_stats),
+            "eval": ([([r for r, k in zip(rows, keep) if not k], owner[~keep])], sections, eval_stats)}
 
 
-def _build(folder: Path, section: DataSection, tokenizer, seed: int) -> dict:
+def _build(folder: Path, section: DataSection, tokenizer, seed: int, sections: list[SourceSection],
+           eval_template: str | None) -> dict:
     """Tokenize every split into ``folder``/SPLIT stores; returns the entry's meta (stats, fingerprints)."""
-    splits = _read_splits(section, seed)
+    splits = _read_splits(section, sections, eval_template, seed)
     num_proc = section.num_proc or usable_cpus()
     meta = {"splits": {}}
     total = None if not section.eval_split else sum(len(w[0][0]) for w, *_ in splits.values())
@@ -159,7 +175,7 @@ def _build(folder: Path, section: DataSection, tokenizer, seed: int) -> dict:
     with _progress(total) as advance:
         for name, (windows, sections, stats) in splits.items():
             stats.max_seq_len, stats.eos_token = section.max_seq_len, tokenizer.eos_token
-            writer = StoreWriter(folder / name, pairs=any(s.format == "preference" for s in sections))
+            writer = StoreWriter(folder / name, pairs=any(s.format == "preference" for s, _ in sections))
             for rows, owner in windows:
                 for chunk in encode_rows(rows, owner, sections, tokenizer, num_proc):
                     writer.add(chunk.lengths, chunk.columns())
@@ -187,18 +203,19 @@ def _check_not_empty(key: str, names: list[str], rows: int, stats: DataStats) ->
 def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:
     """Tokenized train/eval examples, memory-mapped from the store (cached); exit 3 when nothing is left to train
     or evaluate on."""
-    template = None
-    for source_section in _sections(section):  # one chat template for every chat source
-        template = template or resolve_chat_template(source_section, tokenizer)
+    sections = source_sections(section, tokenizer)
+    eval_template = resolve_chat_template(section, tokenizer) if section.eval else None
     sources = train_sources(section) + ([section.eval] if section.eval else [])
     hashes = [content_hash(s) for s in sources] if section.cache else [None]
-    key = cache.cache_key(section, tokenizer, template, seed, hashes)
+    templates = [t for _, t in sections] + ([eval_template] if section.eval else [])
+    key = cache.cache_key(section, tokenizer, templates, seed, hashes)
+    build = lambda folder: _build(folder, section, tokenizer, seed, sections, eval_template)  # noqa: E731
     if key:
-        folder, meta, cached, keep_alive = cache.open_or_build(key, lambda tmp: _build(tmp, section, tokenizer, seed))
+        folder, meta, cached, keep_alive = cache.open_or_build(key, build)
     else:  # not cacheable: a private store, deleted once the run no longer holds it
         keep_alive = tempfile.TemporaryDirectory(prefix="lorakit-data-")
         folder, cached = Path(keep_alive.name), False
-        meta = _build(folder, section, tokenizer, seed)
+        meta = build(folder)
     data = _open(folder, meta, section, seed, cached, keep_alive)
     data.cache_key = key
     return data

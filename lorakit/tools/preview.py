@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorakit.config.schema import DataSection, Recipe
-from lorakit.data.formats import IGNORE_INDEX, Example, resolve_chat_template, tokenize_row
-from lorakit.data.formats import num_targets
-from lorakit.data.pipeline import train_sources, fit_length, load_datasets
+from lorakit.data.formats import IGNORE_INDEX, Example, num_targets, rendering_with, tokenize_row
+from lorakit.data.pipeline import fit_length, load_datasets, source_sections, train_sources
 from lorakit.data.sources import BadRowError, read_rows
 
 SUPERVISED_STYLE, MASKED_STYLE = "bold green", "dim"
@@ -29,17 +28,19 @@ class PreviewRow:
 
 
 def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
-    """The first ``n`` training rows, tokenized and fitted as in training, dropped ones included."""
-    resolve_chat_template(section, tokenizer)
+    """The first ``n`` training rows, tokenized and fitted as in training (each with its source's format, fields
+    and chat template), dropped ones included."""
     rows = []
-    for source in train_sources(section):
-        rows += read_rows(source, section.skip_bad_rows, section.split, section.subset).rows
+    for source, own in zip(train_sources(section), source_sections(section, tokenizer)):
+        rows += [(row, own) for row in read_rows(source, section.skip_bad_rows, section.split, section.subset).rows]
         if len(rows) >= n:
             break
     out = []
-    for row in rows[:n]:
+    for row, (own, template) in rows[:n]:
         try:
-            example, truncated = fit_length(tokenize_row(row, section, tokenizer), section, tokenizer.bos_token_id)
+            with rendering_with(tokenizer, template):
+                example = tokenize_row(row, own, tokenizer)
+            example, truncated = fit_length(example, own, tokenizer.bos_token_id)
         except BadRowError as e:
             if not section.skip_bad_rows:
                 raise

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
 from lorakit.training.optim import describe_groups
 
@@ -144,12 +145,6 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
 
 def _data_lines(recipe, tokenizer, data) -> list[Setting]:
     section, stats = recipe.data, data.train_stats
-    template = "none (not a chat format)"
-    if section.format == "preference" and not tokenizer.chat_template:
-        template = "none (plain prompts: the tokenizer has no chat template)"
-    elif section.format in ("chat", "preference"):
-        source = section.chat_template or f"the tokenizer's ({tokenizer.name_or_path})"
-        template = f"{source}, end of turn {stats.eos_token!r}"
     sources = [s.path if s.weight == 1 else f"{s.path} (weight {s.weight:g})" for s in section.sources()]
     hub = "" if (section.split, section.subset) == ("train", None) else (
         f" (hub ids: split {section.split}" + (f", subset {section.subset}" if section.subset else "") + ")")
@@ -162,9 +157,28 @@ def _data_lines(recipe, tokenizer, data) -> list[Setting]:
                  "data.skip_bad_rows", "data.packing", "data.split", "data.subset")),
         Setting("supervised", f"{stats.supervised_tokens:,d} tokens, "
                 + ("prompt and response" if section.train_on_inputs else "responses only"), ("data.train_on_inputs",)),
-        Setting("chat template", template, ("data.chat_template",)),
+        Setting("chat template", _templates(section, tokenizer, stats.eos_token), ("data.chat_template",)),
         Setting("evaluation", evaluation if data.eval else "none", ("data.eval", "data.eval_split")),
     ]
+
+
+def _templates(section, tokenizer, eos: str | None) -> str:
+    """The chat template the chat and preference sources render with; each source's where they differ (the
+    tokenizer, saved with the adapter, holds data.chat_template or its own)."""
+    own = f"the tokenizer's ({tokenizer.name_or_path})"
+    used: dict[str, list[str]] = {}
+    for source in section.sources():
+        if (source.format or section.format) in CHAT_FORMATS:
+            name = source.chat_template or section.chat_template or (own if tokenizer.chat_template else None)
+            used.setdefault(name or "none (plain prompts: the tokenizer has no chat template)", []).append(source.path)
+    if not used:
+        return "none (not a chat format)"
+    if len(used) == 1:
+        (name,) = used
+    else:
+        kept = section.chat_template or (own if tokenizer.chat_template else "none")
+        name = "; ".join(f"{n} for {', '.join(paths)}" for n, paths in used.items()) + f" (the adapter keeps {kept})"
+    return name if name.startswith("none") else f"{name}, end of turn {eos!r}"
 
 
 def effective_settings(recipe, *, model, tokenizer, optimizer, scheduler, init, data, total_steps: int,

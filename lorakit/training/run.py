@@ -79,6 +79,8 @@ def run_inputs(recipe: Recipe, recipe_file: Path | None, resume: bool) -> dict[s
                    "base model": recipe.model.name_or_path, "tokenizer": recipe.model.tokenizer,
                    "adapter.init_from adapter": recipe.adapter.init_from,
                    "recipe": None if resume or recipe_file is None else str(recipe_file)})
+    inputs.update({f"data.train[{i}] chat template": s.chat_template
+                   for i, s in enumerate(recipe.data.sources()) if s.chat_template})
     return inputs
 
 

@@ -63,3 +63,18 @@ def test_explain_prints_the_recorded_block(runs, tmp_path):
     assert all(label in result.output for label in settings(runs["pissa"]))
     missing = cli("explain", tmp_path)
     assert missing.exit_code == 2 and "run.json not found" in missing.output
+
+
+def test_chat_template_line_names_each_sources_template_where_they_differ(tiny_model_dir):
+    from lorakit.config.schema import DataSection, ModelSection, TrainSource
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.training.effective import _templates
+
+    tok = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+    assert _templates(DataSection(train="a.jsonl"), tok, "<e>") == "none (not a chat format)"
+    assert _templates(DataSection(train="a.jsonl", format="chat", chat_template="llama3"), tok, "<e>") == (
+        "llama3, end of turn '<e>'")
+    mixed = DataSection(train=["a.jsonl", TrainSource(path="b.jsonl", format="chat", chat_template="zephyr"),
+                               TrainSource(path="c.jsonl", format="chat")])
+    assert _templates(mixed, tok, "<e>") == (f"zephyr for b.jsonl; the tokenizer's ({tok.name_or_path}) for c.jsonl "
+                                             f"(the adapter keeps the tokenizer's ({tok.name_or_path})), end of turn '<e>'")
