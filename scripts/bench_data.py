@@ -97,7 +97,8 @@ def child_lorakit(args: dict) -> dict:
 
 def child_reference(args: dict) -> dict:
     """datasets.map(batched=True) tokenizing the same rows: alpaca prompt and response, or the chat rendered once
-    (no turn spans: less work than lorakit's labels)."""
+    (no turn spans: less work than lorakit's labels), or with ``masks`` the labels of the assistant turns from
+    apply_chat_template(return_assistant_tokens_mask=True) as TRL's assistant_only_loss makes them."""
     import datasets
     import torch  # noqa: F401
 
@@ -122,6 +123,17 @@ def child_reference(args: dict) -> dict:
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in batch["messages"]]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, "labels": ids}
+
+    def chat_masks(batch):  # the same job as lorakit's: labels on the assistant turns (TRL's assistant_only_loss)
+        enc = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return {"input_ids": enc["input_ids"],
+                "labels": [[t if m else -100 for t, m in zip(ids, mask)]
+                           for ids, mask in zip(enc["input_ids"], enc["assistant_masks"])]}
+
+    if args.get("masks"):  # the chatml template with its {% generation %} tags, as transformers needs them
+        tokenizer.chat_template = (Path(__file__).parents[1] / "lorakit/data/chat_templates/chatml.jinja").read_text()
+        chat = chat_masks
 
     base, t0 = rss_mb(), time.perf_counter()
     ds = datasets.load_dataset("json", data_files=args["data"], split="train", cache_dir=args["hf_cache"])
@@ -232,6 +244,9 @@ def bench_case(name: str, kind: str, rows: int, model: str, work: Path, num_proc
     if reference:
         result.update(ref_first=run_child("reference", args), ref_cached=run_child("reference", {**args, "cached": 1}),
                       row_by_row=run_child("row_by_row", {**args, "sample": min(rows, 20_000)}))
+        if kind == "chat":  # beside the render-only reference: one that finds the assistant turns too
+            masks = {**args, "masks": 1, "hf_cache": str(hf_cache) + "-masks", "arrow": str(work / f"{name}-arrow-m")}
+            result.update(masks_first=run_child("reference", masks), masks_cached=run_child("reference", {**masks, "cached": 1}))
     return result
 
 
@@ -240,7 +255,9 @@ def table(results: list[dict], extras: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         for label, first, cached in (("lorakit", r["first"], r["cached"]),
-                                     ("datasets.map", r.get("ref_first"), r.get("ref_cached"))):
+                                     ("datasets.map" + (" (rendered once, no turn labels)" if "masks_first" in r else ""),
+                                      r.get("ref_first"), r.get("ref_cached")),
+                                     ("datasets.map (assistant masks, as TRL)", r.get("masks_first"), r.get("masks_cached"))):
             if first is None:
                 continue
             tokens = first["tokens"] or r["first"]["tokens"]

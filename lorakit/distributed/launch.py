@@ -69,7 +69,7 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> None:
     try:
         run(launch)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = cause_of(e)
         code = failure.exitcode
         how = f"was killed by {failure.signal_name()}" if code < 0 else f"exited with code {code}"
         raise DistributedError(
@@ -79,3 +79,19 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> None:
         ) from None
     except SignalException as e:
         raise DistributedError(f"the launcher received {e.sigval.name}; all ranks were stopped") from None
+
+
+def cause_of(error) -> tuple:
+    """(rank, ProcessFailure) of the rank that ended the job. A rank killed by a signal (SIGKILL: the OOM killer,
+    a user) is the cause; then one that exited with an error of its own; last, ranks the launcher stopped with
+    SIGTERM. A rank that died takes the others down with it (their collective fails, exit 1, or the launcher
+    stops them), and which of them the launcher noticed first is a race."""
+    import signal
+
+    def order(rank):
+        f = error.failures[rank]
+        kind = 0 if f.exitcode < 0 and f.exitcode != -signal.SIGTERM else 1 if f.exitcode > 0 else 2
+        return kind, f.timestamp, rank
+
+    rank = min(error.failures, key=order)
+    return rank, error.failures[rank]

@@ -11,6 +11,7 @@ step; the FSDP + 4-bit storage check before loading.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -416,3 +417,20 @@ def test_fsdp_with_a_4bit_storage_fsdp_would_cast_is_refused_before_loading(setu
     assert result.returncode == 2, result.stderr[-2000:]
     assert "mixed_precision bf16" in result.stderr and "model.dtype=bfloat16" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_failure_reported_is_the_rank_that_ended_the_job():
+    """A killed rank is named whether the launcher saw it first or saw the collective failure of another rank (exit
+    1) or the ranks it stopped itself (SIGTERM) first; without a killed rank, one that exited with its own error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from lorakit.distributed.launch import cause_of
+
+    def job(**codes):
+        return ChildFailedError("lorakit", {int(r[1:]): ProcessFailure(int(r[1:]), 100 + int(r[1:]), code, "")
+                                            for r, code in codes.items()})
+
+    assert cause_of(job(r0=1, r1=-signal.SIGKILL))[0] == 1
+    assert cause_of(job(r0=-signal.SIGTERM, r1=-signal.SIGKILL))[0] == 1
+    assert cause_of(job(r0=-signal.SIGTERM, r1=3))[0] == 1
+    assert cause_of(job(r0=3, r1=3))[0] == 0

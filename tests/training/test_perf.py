@@ -175,8 +175,6 @@ def test_evaluation_is_padding_free_like_training():
     padded evaluation's loss."""
     from types import SimpleNamespace
 
-    from accelerate import Accelerator
-
     from lorakit.data.formats import Example
     from lorakit.testing import build_tokenizer
     from lorakit.training.loop import evaluate
@@ -192,13 +190,14 @@ def test_evaluation_is_padding_free_like_training():
         ids = torch.randint(3, 1000, (n,), generator=g).tolist()
         examples.append(Example(ids, [-100] * 2 + ids[2:], 2))
     cfg, loss = SimpleNamespace(micro_batch_size=2), build_loss(model, True)
+    one_process = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))  # no global state
     rows = []
     hook = model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(tuple(kw["input_ids"].shape)),
                                            with_kwargs=True)
-    flat = evaluate(model, tokenizer, examples, cfg, Accelerator(cpu=True), loss, padding_free=True)
+    flat = evaluate(model, tokenizer, examples, cfg, one_process, loss, padding_free=True)
     assert [r[0] for r in rows] == [1, 1, 1] and sum(r[1] for r in rows) == sum(len(e) for e in examples)
     rows.clear()
-    padded = evaluate(model, tokenizer, examples, cfg, Accelerator(cpu=True), loss)
+    padded = evaluate(model, tokenizer, examples, cfg, one_process, loss)
     hook.remove()
     assert [r[0] for r in rows] == [2, 2, 1]
     assert flat["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)

@@ -133,7 +133,7 @@ def test_loss_rewards_and_gradients_equal_the_published_formulas(tiny_model_dir,
     got = loss_fn.tally.means(Accelerator())
     assert got.keys() == want.keys()
     for key in want:
-        assert got[key] == pytest.approx(want[key], abs=2e-5), key
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=2e-5), key  # fp32: ulp(172) is 1.5e-5
 
 
 def test_dpo_loss_is_ln2_at_step_0(tiny_model_dir, tmp_path):
