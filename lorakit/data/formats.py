@@ -312,10 +312,6 @@ def _field(row: Row, name: str, section: DataSection, kind: type = str):
     return value
 
 
-def _ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
 def _with_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
@@ -348,12 +344,15 @@ def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Exa
     ids are those of one call per row.
     """
     out: list = [None] * len(rows)
-    if section.format == "preference":  # pairs: one prompt rendering shared by both answers, row by row
+    if section.format == "preference":  # pairs: one prompt rendering shared by both answers
+        texts = []
         for i, row in enumerate(rows):
             try:
-                out[i] = tokenize_pair(row, section, tokenizer)
+                texts.append((i, _pair_texts(row, section, tokenizer)))
             except BadRowError as e:
                 out[i] = e
+        for (i, _), example in zip(texts, _pair_examples([t for _, t in texts], tokenizer)):
+            out[i] = example
         return out
     if section.format == "chat":
         column = section.fields.get("messages", "messages")
@@ -411,6 +410,11 @@ def tokenize_pair(row: Row, section: DataSection, tokenizer) -> Example:
     template renders after the prompt's generation prompt, end-of-turn included; without a template it is the
     answer text and EOS. Only answer tokens are supervised.
     """
+    return _pair_examples([_pair_texts(row, section, tokenizer)], tokenizer)[0]
+
+
+def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[str], bool]:
+    """(prompt text, [chosen text, rejected text], whether the chat template rendered them) of a preference row."""
     column = section.fields.get("messages", "messages")
     chat_prompt = row.data.get(column) is not None
     template = bool(tokenizer.chat_template)
@@ -424,18 +428,34 @@ def tokenize_pair(row: Row, section: DataSection, tokenizer) -> Example:
     else:
         messages = [{"role": "user", "content": _field(row, "prompt", section)}]
     answers = [_answer(row, name, section, template) for name in ("chosen", "rejected")]
-    if template:
-        prompt_text = _render(tokenizer, messages, row.where, generation_prompt=True)
-        prompt_ids = _ids(tokenizer, prompt_text, False)
-        answer_ids = [_ids(tokenizer, _rendered_answer(tokenizer, messages, prompt_text, a, row.where), False)
-                      for a in answers]
-    else:
-        prompt_ids = _ids(tokenizer, messages[0]["content"], True)
-        answer_ids = [_with_eos(_ids(tokenizer, a, False), tokenizer.eos_token_id) for a in answers]
-    chosen, rejected = (Example(prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids, len(prompt_ids))
-                        for ids in answer_ids)
-    chosen.rejected = rejected
-    return chosen
+    if not template:
+        return messages[0]["content"], answers, False
+    prompt_text = _render(tokenizer, messages, row.where, generation_prompt=True)
+    return prompt_text, [_rendered_answer(tokenizer, messages, prompt_text, a, row.where) for a in answers], True
+
+
+def _pair_examples(texts: list[tuple[str, list[str], bool]], tokenizer) -> list[Example]:
+    """The Examples of _pair_texts results, in two batched tokenizer calls (prompts; chosen and rejected answers).
+
+    Rendered prompts carry the template's own special tokens; a plain prompt gets the tokenizer's (BOS), and a
+    plain answer ends with EOS."""
+    if not texts:
+        return []
+    template = texts[0][2]  # one tokenizer, one template for the whole batch
+    prompts = tokenizer([prompt for prompt, _, _ in texts], add_special_tokens=not template)["input_ids"]
+    answers = tokenizer([a for _, pair, _ in texts for a in pair], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = []
+    for k, prompt_ids in enumerate(prompts):
+        prompt_ids = list(prompt_ids)
+        pair = [list(answers[2 * k]), list(answers[2 * k + 1])]
+        if not template:
+            pair = [_with_eos(ids, eos) for ids in pair]
+        chosen, rejected = (Example(prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids, len(prompt_ids))
+                            for ids in pair)
+        chosen.rejected = rejected
+        out.append(chosen)
+    return out
 
 
 def _answer(row: Row, name: str, section: DataSection, template: bool):

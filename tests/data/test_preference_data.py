@@ -117,6 +117,24 @@ def test_without_a_chat_template_a_plain_prompt_is_a_completion(tmp_path, tokeni
     assert e.value.exit_code == 2
 
 
+def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
+    """tokenize_batch encodes prompts and answers in two batched calls: the same examples as row by row, and a
+    bad row in the middle stays an error at its place."""
+    from lorakit.data.formats import tokenize_batch, tokenize_pair
+
+    plain = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 3).read_text().splitlines()]
+    chat = [json.loads(line) for line in write_pairs(tmp_path / "c.jsonl", 2, chat=True).read_text().splitlines()]
+    rows = [Row(f"d.jsonl:{i + 1}", r) for i, r in enumerate([plain[0], chat[0], {"prompt": "p"}, plain[2], chat[1]])]
+    section = recipe(tmp_path / "d.jsonl").data
+    batch = tokenize_batch(rows, section, tokenizer)
+    assert isinstance(batch[2], BadRowError) and "d.jsonl:3" in str(batch[2])
+    for row, got in zip(rows, batch):
+        if row.where != "d.jsonl:3":
+            alone = tokenize_pair(row, section, tokenizer)
+            assert (got.input_ids, got.labels, got.prompt_len) == (alone.input_ids, alone.labels, alone.prompt_len)
+            assert (got.rejected.input_ids, got.rejected.labels) == (alone.rejected.input_ids, alone.rejected.labels)
+
+
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
     ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
