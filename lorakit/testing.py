@@ -50,7 +50,7 @@ def build_tokenizer(vocab_size: int = 512, style: str = "chatml"):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     if llama3:
-        from lorakit.data.formats import bundled_template
+        from lorakit.data.chat import bundled_template
 
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<pad>",
@@ -88,7 +88,7 @@ def build_sentencepiece_style_tokenizer(vocab_size: int = 600):
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
-    from lorakit.data.formats import bundled_template
+    from lorakit.data.chat import bundled_template
 
     fast.chat_template = bundled_template("mistral")
     return fast

@@ -106,7 +106,7 @@ def child_reference(args: dict) -> dict:
 
     tokenizer = smollm2_tokenizer(args["model"])
     if args["kind"] == "chat":
-        from lorakit.data.formats import bundled_template
+        from lorakit.data.chat import bundled_template
 
         tokenizer.chat_template = bundled_template("chatml")
     eos = tokenizer.eos_token_id
@@ -161,7 +161,7 @@ def child_row_by_row(args: dict) -> dict:
     section = DataSection(train=args["data"], format=args["kind"],
                           chat_template="chatml" if args["kind"] == "chat" else None)
     if args["kind"] == "chat":
-        from lorakit.data.formats import resolve_chat_template
+        from lorakit.data.chat import resolve_chat_template
 
         resolve_chat_template(section, tokenizer)
     rows = read_rows(args["data"]).rows[: args["sample"]]
@@ -198,7 +198,8 @@ def child_turns(args: dict) -> dict:
     against one rendering per assistant turn (the same template as the tokenizer's own, not recognised)."""
     from lorakit.config.schema import DataSection
     from lorakit.data import Row
-    from lorakit.data.formats import bundled_template, tokenize_batch
+    from lorakit.data.chat import bundled_template
+    from lorakit.data.formats import tokenize_batch
 
     tokenizer = smollm2_tokenizer(args["model"])
     rng, out = random.Random(0), {}

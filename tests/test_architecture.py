@@ -108,3 +108,9 @@ def test_packages_say_what_they_own():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and "import" in doc, f"{init.parent.name}/__init__.py: say what it owns and what it may import"
+
+
+def test_every_module_is_under_500_lines():
+    """Issue 17: a module past 500 lines holds more than one concept; split it where the concepts part."""
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) >= 500}
+    assert not long, f"modules of 500 lines or more: {long}"

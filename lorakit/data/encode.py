@@ -19,7 +19,8 @@ from typing import NamedTuple
 import numpy as np
 
 from lorakit.config.schema import DataSection
-from lorakit.data.formats import IGNORE_INDEX, Example, rendering_with, tokenize_batch
+from lorakit.data.chat import rendering_with
+from lorakit.data.formats import IGNORE_INDEX, Example, tokenize_batch
 from lorakit.data.sources import BadRowError, Row
 from lorakit.data.stats import DataStats, fit_length
 

@@ -6,16 +6,11 @@ The end of every response (EOS, or the chat template's end-of-turn) is supervise
 
 from __future__ import annotations
 
-import difflib
-import functools
-import re
 from bisect import bisect_left
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-from lorakit import text
-from lorakit.config.schema import CHAT_FORMATS, DataSection
+from lorakit.config.schema import DataSection
+from lorakit.data.chat import chat_spans, check_messages, named_chat_templates, render
 from lorakit.data.sources import BadRowError, Row
 from lorakit.errors import UsageError
 
@@ -40,11 +35,6 @@ FORMAT_FIELDS = {
     "preference": ("prompt", "chosen", "rejected"),  # or messages (a chat prompt) in place of prompt
 }
 OPTIONAL_FIELDS = {"input"}
-TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
-# transformers' {% generation %} blocks: lorakit's own templates mark each assistant turn with them, so one rendering
-# locates every turn (render_jinja_template's generation indices). They are removed from the template stored on the
-# tokenizer, which renders the same text without them.
-GENERATION_TAG = re.compile(r"\{%\s*(?:end)?generation\s*%\}")
 
 
 @dataclass
@@ -73,180 +63,7 @@ class Example:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chat templates
-
-
-def named_chat_templates() -> list[str]:
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
-
-
-def bundled_template(name: str) -> str:
-    """A template shipped with lorakit as a tokenizer holds it: without its {% generation %} tags."""
-    return GENERATION_TAG.sub("", (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8"))
-
-
-def resolve_chat_template(section: DataSection, tokenizer) -> str | None:
-    """The template text the chat format renders with (None for other formats). A template named by the recipe
-    replaces the tokenizer's own and is set on it, so the tokenizer saved with the adapter formats prompts at
-    inference exactly as in training."""
-    template = chat_template_text(section.format, section.chat_template, tokenizer)
-    if section.chat_template is not None and template is not None:
-        tokenizer.chat_template = template
-    return template
-
-
-def chat_template_text(fmt: str, name: str | None, tokenizer, key: str = "data.chat_template") -> str | None:
-    """The template text rows of format ``fmt`` render with: the template ``name`` (a bundled name or a .jinja
-    file, which the recipe sets as ``key``), else the tokenizer's own. None for a format that renders no chat
-    template, or preference rows when the tokenizer has none. Reads the tokenizer, never changes it."""
-    if fmt not in CHAT_FORMATS:
-        return None
-    if name is not None:
-        return load_template(name, key)
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # several named templates: the default one renders conversations
-        template = template.get("default")
-    if not template and fmt == "preference":
-        return None  # plain-text prompts: prompt + answer + EOS, as completion rows (messages are refused)
-    if not template:
-        raise UsageError(
-            f"data.chat_template: the tokenizer ({tokenizer.name_or_path}) has no chat template; set "
-            f"data.chat_template to one of {', '.join(named_chat_templates())} or a .jinja file"
-        )
-    return _checked(template, f"the tokenizer's chat template ({tokenizer.name_or_path})")
-
-
-def load_template(name: str, key: str) -> str:
-    """The text of template ``name`` (bundled, as the tokenizer holds it, or a .jinja file), parsed by Jinja; a
-    mistake is exit 2 naming the recipe ``key``."""
-    path = TEMPLATE_DIR / f"{name}.jinja"
-    if name.endswith(".jinja"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise UsageError(f"{key}: template file {name!r} not found")
-    elif not path.is_file():
-        close = difflib.get_close_matches(name, named_chat_templates(), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise UsageError(f"{key}: unknown template {name!r}{hint}; choose one of "
-                         f"{', '.join(named_chat_templates())} or give a .jinja file")
-    try:
-        template = text.decode(path.read_bytes(), f"{key}: {path}")
-    except text.NotText as e:
-        raise UsageError(str(e)) from None
-    if path.parent == TEMPLATE_DIR:
-        template = bundled_template(name)
-    return _checked(template, f"{key}: {path}")
-
-
-@contextmanager
-def rendering_with(tokenizer, template: str | None):
-    """``tokenizer`` renders conversations with ``template`` inside the block (None: with its own), and holds its
-    own template again after it: a data.train source with its own chat template borrows the shared tokenizer.
-    Setting the attribute (rather than passing chat_template= to each call) keeps chat_spans' one-rendering path,
-    which recognizes a bundled template by the tokenizer's text."""
-    before = tokenizer.chat_template
-    tokenizer.chat_template = before if template is None else template
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.chat_template = before
-
-
-def _checked(template: str, source: str) -> str:
-    """``template`` once Jinja has parsed it: a syntax error is the template's fault, not a data row's."""
-    from jinja2 import Environment
-    from jinja2.exceptions import TemplateSyntaxError
-
-    try:
-        Environment().parse(template)
-    except TemplateSyntaxError as e:
-        raise UsageError(f"{source}: Jinja syntax error on line {e.lineno} of the template ({e.message}); fix the "
-                         "template or choose one of " + ", ".join(named_chat_templates())) from None
-    return template
-
-
-def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateError as e:  # raise_exception() in a template: this conversation does not fit it
-        raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
-
-
-def _check_messages(messages, where: str, column: str) -> None:
-    if not messages:
-        raise BadRowError(f"{where}: field {column!r} is an empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRowError(
-                f"{where}: field {column!r}[{i}] must be an object with string 'role' and 'content', got {m!r:.60}"
-            )
-
-
-@functools.lru_cache(maxsize=None)
-def _tracked_templates() -> dict[str, str]:
-    """{a bundled template as the tokenizer holds it: the same template with its {% generation %} blocks}."""
-    out = {}
-    for path in TEMPLATE_DIR.glob("*.jinja"):
-        tagged = path.read_text(encoding="utf-8")
-        if GENERATION_TAG.search(tagged):
-            out[GENERATION_TAG.sub("", tagged)] = tagged
-    return out
-
-
-def _tracked_spans(tokenizer, tagged: str, messages: list[dict], where: str, special: dict | None = None):
-    """(full text, assistant spans) from ONE rendering: the character range of each {% generation %} block.
-
-    ``special``: tokenizer.special_tokens_map, which a caller rendering many rows computes once."""
-    from jinja2.exceptions import TemplateError
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    try:  # the special tokens as apply_chat_template passes them
-        rendered, indices = render_jinja_template(conversations=[messages], chat_template=tagged,
-                                                  return_assistant_tokens_mask=True,
-                                                  **(tokenizer.special_tokens_map if special is None else special))
-    except TemplateError as e:
-        raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
-    spans = [tuple(span) for span in indices[0]]
-    if spans and messages[0]["role"] == "assistant":  # a first assistant turn starts at 0, as per-turn rendering has it
-        spans[0] = (0, spans[0][1])
-    return rendered[0], spans
-
-
-def chat_spans(tokenizer, messages: list[dict], where: str,
-               special: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant turn, its end-of-turn marker included.
-
-    An assistant turn is the text between the rendering of the conversation before it (with the generation
-    prompt) and the rendering up to and including it. This holds for any template that renders the
-    beginning of a conversation as a prefix of the whole (ChatML, Llama 3, Mistral, Zephyr, ...). lorakit's
-    own templates mark their turns with {% generation %}, so one rendering finds them (the same spans:
-    tests/data/test_store.py); any other template is rendered once more per assistant turn.
-    """
-    tagged = _tracked_templates().get(tokenizer.chat_template) if isinstance(tokenizer.chat_template, str) else None
-    if tagged is not None:
-        return _tracked_spans(tokenizer, tagged, messages, where, special)
-    return _per_turn_spans(tokenizer, messages, where)
-
-
-def _per_turn_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """chat_spans by definition: the conversation rendered once more before and through each assistant turn."""
-    full = _render(tokenizer, messages, where)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], where, generation_prompt=True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], where)
-        if not (full.startswith(through) and through.startswith(before)):
-            raise UsageError(
-                f"data.chat_template: the template renders the start of the conversation at {where} differently "
-                "from the whole conversation, so assistant turns cannot be located; choose one of "
-                f"{', '.join(named_chat_templates())} with data.chat_template"
-            )
-        spans.append((len(before), len(through)))
-    return full, spans
+# Chat rows (templates and turn spans: lorakit.data.chat)
 
 
 def chat_example(ids: list[int], starts: list[int], spans: list[tuple[int, int]], train_on_inputs: bool) -> Example:
@@ -271,7 +88,7 @@ def tokenize_chat(tokenizer, messages: list[dict], train_on_inputs: bool, where:
     """Render with the chat template; supervise every assistant turn, its end-of-turn marker included
     (see chat_spans). Tokens are assigned to turns by their character offsets, so BPE merges across turns do not
     matter."""
-    _check_messages(messages, where, column)
+    check_messages(messages, where, column)
     full, spans = chat_spans(tokenizer, messages, where)
     ids, starts = _tokenize_with_starts(tokenizer, full, [b for s in spans for b in s])
     return chat_example(ids, starts, spans, train_on_inputs)
@@ -360,7 +177,7 @@ def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Exa
         for i, row in enumerate(rows):
             try:
                 messages = _field(row, "messages", section, list)
-                _check_messages(messages, row.where, column)
+                check_messages(messages, row.where, column)
                 rendered.append((i, *chat_spans(tokenizer, messages, row.where, special)))
             except BadRowError as e:
                 out[i] = e
@@ -424,13 +241,13 @@ def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[st
                          f"{', '.join(named_chat_templates())}")
     if chat_prompt:
         messages = _field(row, "messages", section, list)
-        _check_messages(messages, row.where, column)
+        check_messages(messages, row.where, column)
     else:
         messages = [{"role": "user", "content": _field(row, "prompt", section)}]
     answers = [_answer(row, name, section, template) for name in ("chosen", "rejected")]
     if not template:
         return messages[0]["content"], answers, False
-    prompt_text = _render(tokenizer, messages, row.where, generation_prompt=True)
+    prompt_text = render(tokenizer, messages, row.where, generation_prompt=True)
     return prompt_text, [_rendered_answer(tokenizer, messages, prompt_text, a, row.where) for a in answers], True
 
 
@@ -463,7 +280,7 @@ def _answer(row: Row, name: str, section: DataSection, template: bool):
     value = row.data.get(section.fields.get(name, name))
     if isinstance(value, list) and template:
         column = section.fields.get(name, name)
-        _check_messages(value, row.where, column)
+        check_messages(value, row.where, column)
         if any(m["role"] != "assistant" for m in value):
             raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer)")
         return value
@@ -472,7 +289,7 @@ def _answer(row: Row, name: str, section: DataSection, template: bool):
 
 def _rendered_answer(tokenizer, messages: list[dict], prompt_text: str, answer, where: str) -> str:
     turns = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
-    full = _render(tokenizer, messages + turns, where)
+    full = render(tokenizer, messages + turns, where)
     if not full.startswith(prompt_text):
         raise UsageError(
             f"data.chat_template: the template renders the prompt at {where} differently once an answer follows, so "

@@ -20,7 +20,8 @@ from lorakit.data import cache
 from lorakit.data.batching import pack_examples
 from lorakit.data.encode import SourceSection, encode_chunk, encode_rows
 from lorakit.data.fingerprint import Fingerprints
-from lorakit.data.formats import Example, chat_template_text, resolve_chat_template
+from lorakit.data.chat import chat_template_text, resolve_chat_template
+from lorakit.data.formats import Example
 from lorakit.data.sources import Row, check_exists, content_hash, iter_rows
 from lorakit.data.stats import DataStats, fit_length
 from lorakit.data.store import StoreWriter, TokenStore

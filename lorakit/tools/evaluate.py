@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from lorakit.adapters.files import RECORD_FILE, find_adapter_dir
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
-from lorakit.data.formats import resolve_chat_template
+from lorakit.data.chat import resolve_chat_template
 from lorakit.data.sources import read_rows
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorakit.config.schema import DataSection, Recipe
-from lorakit.data.formats import IGNORE_INDEX, Example, num_targets, rendering_with, tokenize_row
+from lorakit.data.chat import rendering_with
+from lorakit.data.formats import IGNORE_INDEX, Example, num_targets, tokenize_row
 from lorakit.data.pipeline import fit_length, load_datasets, source_sections, train_sources
 from lorakit.data.sources import BadRowError, read_rows
 

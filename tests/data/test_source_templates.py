@@ -9,8 +9,9 @@ import pytest
 
 from lorakit.config.load import parse_recipe
 from lorakit.config.schema import DataSection, ModelSection, TrainSource
-from lorakit.data import encode, formats, load_datasets
-from lorakit.data.formats import IGNORE_INDEX, bundled_template
+from lorakit.data import chat, encode, load_datasets
+from lorakit.data.chat import bundled_template
+from lorakit.data.formats import IGNORE_INDEX
 from lorakit.errors import EXIT_USAGE, RecipeError, UsageError
 from lorakit.tools.preview import preview_rows
 from run_helpers import CHAT, write_jsonl
@@ -44,7 +45,7 @@ def test_each_source_renders_with_its_own_template_as_if_trained_alone(tmp_path,
                                  TrainSource(path=paths[1], chat_template="llama3"), paths[2]],
                           format="chat", chat_template="mistral", max_seq_len=200, cache=False, num_proc=1)
     calls = []
-    monkeypatch.setattr(formats, "_per_turn_spans", lambda *a: calls.append(a))  # bundled: one rendering each
+    monkeypatch.setattr(chat, "_per_turn_spans", lambda *a: calls.append(a))  # bundled: one rendering each
     tok = load_tok()
     one = load_datasets(mixture, tok, seed=0)
     assert not calls

@@ -142,27 +142,27 @@ CONVERSATIONS = [
 def test_one_rendering_finds_the_same_turns_as_rendering_per_turn(tiny_model_dir, name):
     """Every bundled template: spans from its {% generation %} blocks equal the per-turn definition, and the
     template stored on the tokenizer (tags removed) renders the same text."""
-    from lorakit.data import formats
+    from lorakit.data import chat
     from lorakit.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
-    formats.resolve_chat_template(DataSection(train="t.jsonl", format="chat", chat_template=name), tokenizer)
-    tagged = formats._tracked_templates()[tokenizer.chat_template]
+    chat.resolve_chat_template(DataSection(train="t.jsonl", format="chat", chat_template=name), tokenizer)
+    tagged = chat._tracked_templates()[tokenizer.chat_template]
     assert "{% generation %}" in tagged and "{% generation %}" not in tokenizer.chat_template
     for messages in CONVERSATIONS:
-        assert formats._tracked_spans(tokenizer, tagged, messages, "t:1") == formats._per_turn_spans(
+        assert chat._tracked_spans(tokenizer, tagged, messages, "t:1") == chat._per_turn_spans(
             tokenizer, messages, "t:1")
 
 
 def test_bundled_templates_render_each_conversation_once(tiny_model_dir, monkeypatch):
-    from lorakit.data import formats
+    from lorakit.data import chat, formats
     from lorakit.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
     s = DataSection(train="t.jsonl", format="chat", chat_template="chatml")
-    formats.resolve_chat_template(s, tokenizer)
+    chat.resolve_chat_template(s, tokenizer)
     calls = []
-    monkeypatch.setattr(formats, "_render", lambda *a, **k: calls.append(a))  # the per-turn path's renderer
+    monkeypatch.setattr(chat, "render", lambda *a, **k: calls.append(a))  # the per-turn path's renderer
     rows = [Row(f"t:{n}", {"messages": CONVERSATIONS[5][:n]}) for n in (2, 8, 16)]
     examples = formats.tokenize_batch(rows, s, tokenizer)
     assert not calls and all(isinstance(e, Example) for e in examples)

@@ -13,7 +13,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config
 from transformers import Qwen2ForCausalLM
 
-from lorakit.data.formats import TEMPLATE_DIR
+from lorakit.data.chat import TEMPLATE_DIR
 from lorakit.export import gguf_model
 from lorakit.export.ollama import emulate, translate, _turns
 from lorakit.export.run import export_gguf
