@@ -23,11 +23,14 @@ _err_console = None
 _mode = {"quiet": False, "json": False, "debug": False}
 
 # Loggers whose records lorakit shows itself (de-duplicated); "py.warnings" carries the warnings module.
-LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "huggingface_hub", "py.warnings")
+LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "huggingface_hub", "kernels",
+                   "py.warnings")
 # Library warnings that tell a lorakit user nothing they can act on: shown only with --debug.
 KNOWN_NOISE = (
     # bitsandbytes 0.50 on CPU: an optional faster kernel package is not installed (its own kernels run).
     re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # ... and the kernels package, offline (HF_HUB_OFFLINE=1), says it skipped checking that package's publisher.
+    re.compile(r"Skipping publisher trust check for 'kernels-community/"),
     # PEFT 0.21 calls a transformers 5 API deprecated in favour of is_activation_checkpointing.
     re.compile(r"`is_gradient_checkpointing` is deprecated"),
     # torch 2.13 under FSDP1 saves (lorakit.distributed.fsdp): deprecation notes about the APIs it gathers with.
