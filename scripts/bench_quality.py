@@ -273,11 +273,12 @@ def main() -> int:
     if args.grouped:
         sides["lorakit, data.group_by_length: true"] = True
     results: dict = {name: {} for name in sides}
+    runs = out / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"  # each bench its own runs: a rerun never meets the last one's
     t0 = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name, grouped in sides.items():
             side = "reference" if grouped is None else "lorakit"
-            run_dir = out / f"{side}{'-grouped' if grouped else ''}-seed{seed}"
+            run_dir = runs / f"{side}{'-grouped' if grouped else ''}-seed{seed}"
             run = run_side(side, recipe(model, train, seed, args.steps, bool(grouped)), run_dir)
             run.update(score(model, run["adapter"], evals))
             run["adapter"] = str(run["adapter"])
