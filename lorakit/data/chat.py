@@ -132,6 +132,11 @@ def check_messages(messages, where: str, column: str) -> None:
             )
 
 
+def _normalized(messages: list[dict]) -> list[dict]:
+    """The messages as apply_chat_template hands them to the template: keys holding None dropped (JSON nulls)."""
+    return [{key: value for key, value in m.items() if value is not None} for m in messages]
+
+
 @functools.lru_cache(maxsize=None)
 def _tracked_templates() -> dict[str, str]:
     """{a bundled template as the tokenizer holds it: the same template with its {% generation %} blocks}."""
@@ -150,8 +155,8 @@ def _tracked_spans(tokenizer, tagged: str, messages: list[dict], where: str, spe
     from jinja2.exceptions import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    try:  # the special tokens as apply_chat_template passes them
-        rendered, indices = render_jinja_template(conversations=[messages], chat_template=tagged,
+    try:  # the messages and special tokens as apply_chat_template passes them
+        rendered, indices = render_jinja_template(conversations=[_normalized(messages)], chat_template=tagged,
                                                   return_assistant_tokens_mask=True,
                                                   **(tokenizer.special_tokens_map if special is None else special))
     except TemplateError as e:
@@ -175,18 +180,34 @@ def chat_spans(tokenizer, messages: list[dict], where: str,
     tagged = _tracked_templates().get(tokenizer.chat_template) if isinstance(tokenizer.chat_template, str) else None
     if tagged is not None:
         return _tracked_spans(tokenizer, tagged, messages, where, special)
-    return _per_turn_spans(tokenizer, messages, where)
+    return _per_turn_spans(tokenizer, messages, where, special)
 
 
-def _per_turn_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """chat_spans by definition: the conversation rendered once more before and through each assistant turn."""
-    full = render(tokenizer, messages, where)
+def _per_turn_spans(tokenizer, messages: list[dict], where: str,
+                    special: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """chat_spans by definition: the conversation rendered once more before and through each assistant turn.
+
+    The renderings are those of apply_chat_template, made in two calls (transformers renders a list of
+    conversations at once): the conversation and each prefix through an assistant turn, then each prefix before
+    one with the generation prompt. ``special``: tokenizer.special_tokens_map, computed once by a caller rendering many rows."""
+    from jinja2.exceptions import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = tokenizer.get_chat_template()
+    kwargs = tokenizer.special_tokens_map if special is None else special
+    chat = _normalized(messages)
+    turns = [i for i, message in enumerate(chat) if message["role"] == "assistant"]
+    try:
+        (full, *throughs), _ = render_jinja_template(conversations=[chat] + [chat[: i + 1] for i in turns],
+                                                     chat_template=template, **kwargs)
+        befores, _ = render_jinja_template(conversations=[chat[:i] for i in turns if i], chat_template=template,
+                                           add_generation_prompt=True, **kwargs)
+    except TemplateError as e:  # raise_exception() in a template: this conversation does not fit it
+        raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
+    befores = iter(befores)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], where, generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1], where)
+    for i, through in zip(turns, throughs):
+        before = next(befores) if i else ""
         if not (full.startswith(through) and through.startswith(before)):
             raise UsageError(
                 f"data.chat_template: the template renders the start of the conversation at {where} differently "

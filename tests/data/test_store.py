@@ -154,6 +154,25 @@ def test_one_rendering_finds_the_same_turns_as_rendering_per_turn(tiny_model_dir
             tokenizer, messages, "t:1")
 
 
+@pytest.mark.parametrize("name", ["chatml", "llama3", "mistral"])
+def test_per_turn_spans_are_those_of_one_apply_chat_template_call_per_prefix(tiny_model_dir, name):
+    """A template lorakit does not ship is rendered per assistant turn, in two batched calls: the spans are the
+    definition's, each end from apply_chat_template(messages[:i + 1]) and each start from
+    apply_chat_template(messages[:i], add_generation_prompt=True); JSON nulls are dropped as it drops them."""
+    from lorakit.data import chat
+    from lorakit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+    tokenizer.chat_template = "{# not bundled #}" + chat.bundled_template(name)
+    nulls = [{"role": "user", "content": "hi", "name": None}, {"role": "assistant", "content": "yo", "tool_calls": None}]
+    for messages in [*CONVERSATIONS[:-1], nulls]:
+        full, spans = chat.chat_spans(tokenizer, messages, "t:1")
+        render = lambda m, gen=False: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        assert full == render(messages)
+        assert spans == [(len(render(messages[:i], True)) if i else 0, len(render(messages[: i + 1]))) for i in turns]
+
+
 def test_bundled_templates_render_each_conversation_once(tiny_model_dir, monkeypatch):
     from lorakit.data import chat, formats
     from lorakit.models.loading import load_tokenizer
@@ -162,7 +181,7 @@ def test_bundled_templates_render_each_conversation_once(tiny_model_dir, monkeyp
     s = DataSection(train="t.jsonl", format="chat", chat_template="chatml")
     chat.resolve_chat_template(s, tokenizer)
     calls = []
-    monkeypatch.setattr(chat, "render", lambda *a, **k: calls.append(a))  # the per-turn path's renderer
+    monkeypatch.setattr(chat, "_per_turn_spans", lambda *a, **k: calls.append(a))  # the per-turn path
     rows = [Row(f"t:{n}", {"messages": CONVERSATIONS[5][:n]}) for n in (2, 8, 16)]
     examples = formats.tokenize_batch(rows, s, tokenizer)
     assert not calls and all(isinstance(e, Example) for e in examples)
