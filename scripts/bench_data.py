@@ -132,7 +132,9 @@ def child_reference(args: dict) -> dict:
                            for ids, mask in zip(enc["input_ids"], enc["assistant_masks"])]}
 
     if args.get("masks"):  # the chatml template with its {% generation %} tags, as transformers needs them
-        tokenizer.chat_template = (Path(__file__).parents[1] / "lorakit/data/chat_templates/chatml.jinja").read_text()
+        from lorakit.data.chat import TEMPLATE_DIR
+
+        tokenizer.chat_template = (TEMPLATE_DIR / "chatml.jinja").read_text()
         chat = chat_masks
 
     base, t0 = rss_mb(), time.perf_counter()

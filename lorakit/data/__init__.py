@@ -15,7 +15,6 @@ from lorakit.data.formats import (
     IGNORE_INDEX,
     Example,
     num_targets,
-    tokenize_chat,
     tokenize_row,
 )
 from lorakit.data.pipeline import DataStats, Datasets, fit_length, load_datasets, split_eval, tokenize_rows
@@ -44,7 +43,6 @@ __all__ = [
     "read_rows",
     "resolve_chat_template",
     "split_eval",
-    "tokenize_chat",
     "tokenize_row",
     "tokenize_rows",
 ]

@@ -113,13 +113,20 @@ def _checked(template: str, source: str) -> str:
     return template
 
 
-def render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
+@contextmanager
+def _rejected_rows(where: str):
+    """A template's raise_exception() (this conversation does not fit it) as the row's BadRowError."""
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateError as e:  # raise_exception() in a template: this conversation does not fit it
+        yield
+    except TemplateError as e:
         raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
+
+
+def render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
+    with _rejected_rows(where):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def check_messages(messages, where: str, column: str) -> None:
@@ -148,19 +155,13 @@ def _tracked_templates() -> dict[str, str]:
     return out
 
 
-def _tracked_spans(tokenizer, tagged: str, messages: list[dict], where: str, special: dict | None = None):
-    """(full text, assistant spans) from ONE rendering: the character range of each {% generation %} block.
-
-    ``special``: tokenizer.special_tokens_map, which a caller rendering many rows computes once."""
-    from jinja2.exceptions import TemplateError
+def _tracked_spans(tagged: str, messages: list[dict], where: str, special: dict):
+    """(full text, assistant spans) from ONE rendering: the character range of each {% generation %} block."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    try:  # the messages and special tokens as apply_chat_template passes them
+    with _rejected_rows(where):  # the messages and special tokens as apply_chat_template passes them
         rendered, indices = render_jinja_template(conversations=[_normalized(messages)], chat_template=tagged,
-                                                  return_assistant_tokens_mask=True,
-                                                  **(tokenizer.special_tokens_map if special is None else special))
-    except TemplateError as e:
-        raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
+                                                  return_assistant_tokens_mask=True, **special)
     spans = [tuple(span) for span in indices[0]]
     if spans and messages[0]["role"] == "assistant":  # a first assistant turn starts at 0, as per-turn rendering has it
         spans[0] = (0, spans[0][1])
@@ -177,33 +178,29 @@ def chat_spans(tokenizer, messages: list[dict], where: str,
     own templates mark their turns with {% generation %}, so one rendering finds them (the same spans:
     tests/data/test_store.py); any other template is rendered once more per assistant turn.
     """
+    special = tokenizer.special_tokens_map if special is None else special
     tagged = _tracked_templates().get(tokenizer.chat_template) if isinstance(tokenizer.chat_template, str) else None
     if tagged is not None:
-        return _tracked_spans(tokenizer, tagged, messages, where, special)
-    return _per_turn_spans(tokenizer, messages, where, special)
+        return _tracked_spans(tagged, messages, where, special)
+    return _per_turn_spans(tokenizer.get_chat_template(), messages, where, special)
 
 
-def _per_turn_spans(tokenizer, messages: list[dict], where: str,
-                    special: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
+def _per_turn_spans(template: str, messages: list[dict], where: str,
+                    special: dict) -> tuple[str, list[tuple[int, int]]]:
     """chat_spans by definition: the conversation rendered once more before and through each assistant turn.
 
     The renderings are those of apply_chat_template, made in two calls (transformers renders a list of
     conversations at once): the conversation and each prefix through an assistant turn, then each prefix before
-    one with the generation prompt. ``special``: tokenizer.special_tokens_map, computed once by a caller rendering many rows."""
-    from jinja2.exceptions import TemplateError
+    one with the generation prompt."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    template = tokenizer.get_chat_template()
-    kwargs = tokenizer.special_tokens_map if special is None else special
     chat = _normalized(messages)
     turns = [i for i, message in enumerate(chat) if message["role"] == "assistant"]
-    try:
+    with _rejected_rows(where):
         (full, *throughs), _ = render_jinja_template(conversations=[chat] + [chat[: i + 1] for i in turns],
-                                                     chat_template=template, **kwargs)
+                                                     chat_template=template, **special)
         befores, _ = render_jinja_template(conversations=[chat[:i] for i in turns if i], chat_template=template,
-                                           add_generation_prompt=True, **kwargs)
-    except TemplateError as e:  # raise_exception() in a template: this conversation does not fit it
-        raise BadRowError(f"{where}: the chat template rejects this conversation ({e})") from None
+                                           add_generation_prompt=True, **special)
     befores = iter(befores)
     spans = []
     for i, through in zip(turns, throughs):

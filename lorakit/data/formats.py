@@ -84,22 +84,10 @@ def chat_example(ids: list[int], starts: list[int], spans: list[tuple[int, int]]
     return Example(ids, labels, prompt_len)
 
 
-def tokenize_chat(tokenizer, messages: list[dict], train_on_inputs: bool, where: str, column: str = "messages"):
-    """Render with the chat template; supervise every assistant turn, its end-of-turn marker included
-    (see chat_spans). Tokens are assigned to turns by their character offsets, so BPE merges across turns do not
-    matter."""
-    check_messages(messages, where, column)
-    full, spans = chat_spans(tokenizer, messages, where)
-    ids, starts = _tokenize_with_starts(tokenizer, full, [b for s in spans for b in s])
-    return chat_example(ids, starts, spans, train_on_inputs)
-
-
 def _tokenize_with_starts(tokenizer, text: str, boundaries: list[int]) -> tuple[list[int], list[int]]:
-    """Token ids of ``text`` and the character each token starts at (turn boundaries, without offsets)."""
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
-    # A tokenizer without offsets: a token starts at the last boundary whose prefix it follows.
+    """Token ids of ``text`` and the character each token starts at, for a tokenizer without offsets (a fast
+    one gives them in tokenize_batch's one call): a token starts at the last turn boundary whose prefix it
+    follows."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     cuts = [(len(tokenizer(text[:b], add_special_tokens=False)["input_ids"]), b) for b in sorted(set(boundaries))]
     return list(ids), [max((b for n, b in cuts if n <= k), default=0) for k in range(len(ids))]

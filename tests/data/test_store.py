@@ -149,9 +149,10 @@ def test_one_rendering_finds_the_same_turns_as_rendering_per_turn(tiny_model_dir
     chat.resolve_chat_template(DataSection(train="t.jsonl", format="chat", chat_template=name), tokenizer)
     tagged = chat._tracked_templates()[tokenizer.chat_template]
     assert "{% generation %}" in tagged and "{% generation %}" not in tokenizer.chat_template
+    special = tokenizer.special_tokens_map
     for messages in CONVERSATIONS:
-        assert chat._tracked_spans(tokenizer, tagged, messages, "t:1") == chat._per_turn_spans(
-            tokenizer, messages, "t:1")
+        assert chat._tracked_spans(tagged, messages, "t:1", special) == chat._per_turn_spans(
+            tokenizer.chat_template, messages, "t:1", special)
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3", "mistral"])
