@@ -84,6 +84,38 @@ def chat_example(ids: list[int], starts: list[int], spans: list[tuple[int, int]]
     return Example(ids, labels, prompt_len)
 
 
+def _backend(tokenizer):
+    """A fast tokenizer's Rust backend where calling it directly gives the ids ``tokenizer(texts)`` gives (no
+    truncation or padding set on it, special tokens in the text matched as the tokenizer's call matches them), else
+    None. Called directly, it skips the per-text dicts transformers builds (and offsets where none are asked for)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None
+    return backend
+
+
+def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """The token ids of each text, as ``tokenizer(texts, add_special_tokens=...)["input_ids"]``."""
+    if not texts:
+        return []
+    backend = _backend(tokenizer)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+
+def _ids_and_starts(tokenizer, texts: list[str]):
+    """(token ids, the character each token starts at) of each text, without special tokens added, for a fast
+    tokenizer (offsets as ``return_offsets_mapping`` gives them)."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [(ids, [a for a, _ in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+    return [(e.ids, [a for a, _ in e.offsets]) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def _tokenize_with_starts(tokenizer, text: str, boundaries: list[int]) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and the character each token starts at, for a tokenizer without offsets (a fast
     one gives them in tokenize_batch's one call): a token starts at the last turn boundary whose prefix it
@@ -170,9 +202,9 @@ def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Exa
             except BadRowError as e:
                 out[i] = e
         if getattr(tokenizer, "is_fast", False) and rendered:
-            enc = tokenizer([full for _, full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-            for (i, _, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
-                out[i] = chat_example(ids, [a for a, _ in offsets], spans, section.train_on_inputs)
+            encoded = _ids_and_starts(tokenizer, [full for _, full, _ in rendered])
+            for (i, _, spans), (ids, starts) in zip(rendered, encoded):
+                out[i] = chat_example(ids, starts, spans, section.train_on_inputs)
         else:
             for i, full, spans in rendered:
                 ids, starts = _tokenize_with_starts(tokenizer, full, [b for s in spans for b in s])
@@ -187,8 +219,8 @@ def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Exa
     if not pairs:
         return out
     text = section.format == "text"
-    responses = tokenizer([r for _, _, r in pairs], add_special_tokens=text)["input_ids"]
-    prompts = [None] * len(pairs) if text else tokenizer([p for _, p, _ in pairs], add_special_tokens=True)["input_ids"]
+    responses = token_ids(tokenizer, [r for _, _, r in pairs], add_special_tokens=text)
+    prompts = [None] * len(pairs) if text else token_ids(tokenizer, [p for _, p, _ in pairs], add_special_tokens=True)
     eos = tokenizer.eos_token_id  # once: a tokenizer attribute costs a lookup through transformers' __getattr__
     for (i, _, _), prompt_ids, response_ids in zip(pairs, prompts, responses):
         out[i] = _pair_example(prompt_ids, response_ids, section, eos)
@@ -247,8 +279,8 @@ def _pair_examples(texts: list[tuple[str, list[str], bool]], tokenizer) -> list[
     if not texts:
         return []
     template = texts[0][2]  # one tokenizer, one template for the whole batch
-    prompts = tokenizer([prompt for prompt, _, _ in texts], add_special_tokens=not template)["input_ids"]
-    answers = tokenizer([a for _, pair, _ in texts for a in pair], add_special_tokens=False)["input_ids"]
+    prompts = token_ids(tokenizer, [prompt for prompt, _, _ in texts], add_special_tokens=not template)
+    answers = token_ids(tokenizer, [a for _, pair, _ in texts for a in pair], add_special_tokens=False)
     eos = tokenizer.eos_token_id
     out = []
     for k, prompt_ids in enumerate(prompts):

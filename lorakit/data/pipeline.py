@@ -86,12 +86,14 @@ def train_sources(section: DataSection) -> list[str]:
 
 def _stream(sources: list[str], section: DataSection, stats: DataStats, window: int = 0):
     """Windows of (rows, each row's source index) in order, ``window`` rows each (0: one window of all rows).
-    .jsonl files are read as they are tokenized, so a first run holds one window of rows, not all of them."""
+    .jsonl files are read as they are tokenized, so a first run holds one window of rows, not all of them; their
+    lines are parsed by the processes tokenizing them (sources.JsonLine), except for a single window (eval_split
+    counts the rows that parse)."""
     for source in sources:
         check_exists(source)  # a missing file is exit 3 before anything is tokenized
     rows, owner = [], []
     for index, source in enumerate(sources):
-        for item in iter_rows(source, section.skip_bad_rows, section.split, section.subset):
+        for item in iter_rows(source, section.skip_bad_rows, section.split, section.subset, lazy=window > 0):
             if isinstance(item, str):  # a malformed row skipped while reading
                 stats.note("bad", item, index)
                 stats.count(index, "rows")

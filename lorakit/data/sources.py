@@ -97,12 +97,14 @@ def _check_object(value, where: str, bad: list[str], skip: bool) -> bool:
     return False
 
 
-def iter_rows(source: str, skip_bad_rows: bool = False, split: str = "train", subset: str | None = None):
+def iter_rows(source: str, skip_bad_rows: bool = False, split: str = "train", subset: str | None = None,
+              lazy: bool = False):
     """The rows of one source as they are read (a Row, or the message of a skipped bad row): a .jsonl file is
-    read line by line, so its rows need not all be in memory at once; other sources are read whole."""
+    read line by line, so its rows need not all be in memory at once; other sources are read whole. ``lazy``: a
+    .jsonl file's rows as JsonLine, parsed when their data is first read (by the process tokenizing them)."""
     path = Path(source).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
-        yield from _jsonl(path, skip_bad_rows)
+        yield from _jsonl(path, skip_bad_rows, lazy)
         return
     got = read_rows(source, skip_bad_rows, split, subset)
     yield from got.bad
@@ -116,8 +118,8 @@ def _read_jsonl(path: Path, skip: bool) -> SourceRows:
     return SourceRows(rows, bad)
 
 
-def _jsonl(path: Path, skip: bool):
-    bad: list[str] = []
+def _jsonl(path: Path, skip: bool, lazy: bool = False):
+    """The rows of a .jsonl file as they are read; ``lazy``: as JsonLine rows, parsed where they are tokenized."""
     with path.open("rb") as f:
         try:
             text.sniff(f.read(8), str(path))  # compressed or UTF-16: no line of it is a row
@@ -126,26 +128,59 @@ def _jsonl(path: Path, skip: bool):
         f.seek(0)
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            try:
-                line = text.decode(raw, where, lineno)
-                if not line.strip():
-                    continue
-                value = json.loads(line)
-            except text.NotText as e:
-                message = str(e)
-            except json.JSONDecodeError as e:
-                message = f"{where}: invalid JSON ({e.msg} at column {e.colno})"
-            except RecursionError:
-                message = f"{where}: nested too deeply to be a data row"
-            else:
-                if _check_object(value, where, bad, skip):
-                    yield Row(where, value)
-                else:
-                    yield bad.pop()
+            if lazy and raw.lstrip()[:1] == b"{":  # an object's first byte: neither blank nor a byte-order mark
+                yield JsonLine(where, raw, lineno)
                 continue
-            if not skip:
-                raise BadRowError(message) from None
-            yield message
+            try:
+                value = _line_data(raw, where, lineno)
+            except BadRowError as e:
+                if not skip:
+                    raise
+                yield e.reason
+                continue
+            if value is not None:
+                yield Row(where, value)
+
+
+def _line_data(raw: bytes, where: str, lineno: int) -> dict | None:
+    """One JSON Lines row as its object (None for a blank line); BadRowError saying why it is not one."""
+    try:
+        line = text.decode(raw, where, lineno)
+    except text.NotText as e:
+        raise BadRowError(str(e)) from None
+    if not line.strip():
+        return None
+    return _parsed(line, where)
+
+
+def _parsed(line: str, where: str) -> dict:
+    """One JSON Lines row as its object; BadRowError saying why it is not one."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRowError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadRowError(f"{where}: nested too deeply to be a data row") from None
+    if not isinstance(value, dict):
+        raise BadRowError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+class JsonLine:
+    """A .jsonl row kept as its bytes until its fields are read: a tokenizing worker parses it, not the process
+    reading a large file for many workers. ``data`` parses it once; a malformed line raises the BadRowError that
+    reading it eagerly would have (data.skip_bad_rows counts it as the tokenizer's bad rows are counted)."""
+
+    __slots__ = ("where", "raw", "lineno", "_data")
+
+    def __init__(self, where: str, raw: bytes, lineno: int):
+        self.where, self.raw, self.lineno, self._data = where, raw, lineno, None
+
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            self._data = _line_data(self.raw, self.where, self.lineno)  # not None: the line starts with {
+        return self._data
 
 
 def _read_json(path: Path, skip: bool) -> SourceRows:

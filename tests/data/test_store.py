@@ -73,7 +73,9 @@ def test_loaded_data_equals_row_by_row_tokenization(tmp_path, tok):
 @pytest.mark.parametrize("fmt", ["alpaca", "chat"])
 def test_any_number_of_processes_and_chunks_gives_the_same_store(tmp_path, tok, monkeypatch, fmt):
     rows = alpaca(23) if fmt == "alpaca" else [{"messages": CHAT[: 3 + (i % 3)]} for i in range(23)]
-    rows[5] = {"nothing": "here"}  # a bad row, skipped and counted wherever it falls
+    rows[5] = {"nothing": "here"}  # bad rows, skipped and counted wherever they fall
+    rows[9] = '{"cut": '  # invalid JSON: parsed (and found bad) by the process that tokenizes it
+    rows[12] = "  "  # a blank line: not a row
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     s = DataSection(train=path, format=fmt, max_seq_len=30, skip_bad_rows=True, cache=False, num_proc=1)
     one = load_datasets(s, tok, seed=0)
@@ -82,7 +84,37 @@ def test_any_number_of_processes_and_chunks_gives_the_same_store(tmp_path, tok, 
     monkeypatch.setattr(pipeline, "WINDOW_ROWS", 7)  # rows read 7 at a time, as they are tokenized
     two = load_datasets(s.model_copy(update={"num_proc": 2}), tok, seed=0)
     assert two.train == one.train and two.fingerprint == one.fingerprint
-    assert two.train_stats.to_json() == one.train_stats.to_json() and one.train_stats.bad == 1
+    assert two.train_stats.to_json() == one.train_stats.to_json() and one.train_stats.bad == 2
+    assert one.train_stats.rows == 22
+    strict = s.model_copy(update={"num_proc": 2, "skip_bad_rows": False})
+    with pytest.raises(DataError, match=r"d.jsonl:6: missing field") as e:  # the first bad row, from a worker
+        load_datasets(strict, tok, seed=0)
+    assert e.value.exit_code == 3
+    rows[5] = rows[4]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl:10: invalid JSON \(Expecting value"):
+        load_datasets(strict, tok, seed=0)
+
+
+def test_lines_parsed_by_workers_read_as_lines_parsed_at_once(tmp_path):
+    """sources.JsonLine (a .jsonl line parsed where it is tokenized) gives the rows and errors of eager reading."""
+    from lorakit.data.sources import BadRowError, iter_rows
+
+    lines = ['{"a": 1}', "", '  {"b": [1, 2]}', "[1]", '{"bad": ', "\u00a0", '{"c": "\u00e9"}', "7"]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    def read(lazy):
+        out = []
+        for item in iter_rows(str(path), skip_bad_rows=True, lazy=lazy):
+            try:
+                out.append(item if isinstance(item, str) else (item.where, item.data))
+            except BadRowError as e:
+                out.append(e.reason)
+        return out
+
+    assert read(lazy=True) == read(lazy=False)
+    assert read(lazy=False)[:2] == [(f"{path}:1", {"a": 1}), (f"{path}:3", {"b": [1, 2]})]
 
 
 def _build_in_child(args):
@@ -266,3 +298,25 @@ def test_a_hub_id_goes_to_load_dataset_with_split_and_subset(tmp_path, tok, monk
     data = load_datasets(DataSection(train="imdb", split="validation", subset="plain"), tok, seed=0)
     assert calls == [("imdb", "plain", "validation")] and len(data.train) == 3 and not data.train_stats.cached
     assert tokenize_row(Row("x", alpaca(3)[1]), DataSection(train="imdb"), tok) == data.train[1]
+
+
+def test_the_backend_called_directly_gives_the_tokenizers_ids(tok):
+    """formats.token_ids and _ids_and_starts call the Rust backend directly (no per-text dicts, no offsets unless
+    asked): the same ids and offsets as the tokenizer's own call, special tokens in the text included, and the
+    tokenizer's own call whenever the backend has truncation or padding set."""
+    from lorakit.data import formats
+
+    texts = ["Count to 3", "", f"hi{tok.eos_token} there {tok.bos_token or ''}x", "über naïve  spaces\n\nend"]
+    for special in (True, False):
+        assert formats.token_ids(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    expected = [(ids, [a for a, _ in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+    assert formats._ids_and_starts(tok, texts) == expected
+    assert formats._backend(tok) is not None
+    backend = tok.backend_tokenizer
+    backend.enable_truncation(max_length=3)
+    try:
+        assert formats._backend(tok) is None
+        assert formats.token_ids(tok, texts, True) == tok(texts, add_special_tokens=True)["input_ids"]
+    finally:
+        backend.no_truncation()
