@@ -196,8 +196,10 @@ def child_random_reads(args: dict) -> dict:
 
 
 def child_turns(args: dict) -> dict:
-    """Seconds per turn of chat tokenization at several conversation lengths: one rendering (lorakit's chatml)
-    against one rendering per assistant turn (the same template as the tokenizer's own, not recognised)."""
+    """Microseconds per turn of chat tokenization at several conversation lengths, by how the assistant turns are
+    found: lorakit's chatml ({% generation %} blocks), the model's own template (SmolLM2's: one rendering by
+    lorakit.data.turns' rules), and chatml behind a ``messages | length`` test those rules exclude (one rendering
+    per assistant turn)."""
     from lorakit.config.schema import DataSection
     from lorakit.data import Row
     from lorakit.data.chat import bundled_template
@@ -207,12 +209,14 @@ def child_turns(args: dict) -> dict:
     rng, out = random.Random(0), {}
     section = DataSection(train="x.jsonl", format="chat")
     chatml = bundled_template("chatml")
+    templates = {"bundled": chatml, "own": tokenizer.chat_template,
+                 "per_turn": "{% if messages | length < 0 %}{% endif %}" + chatml}
     for turns in (4, 16, 64):
         rows = [Row(f"r{i}", {"messages": [{"role": "user" if t % 2 == 0 else "assistant",
                                             "content": sentence(rng, 4, 25)} for t in range(turns)]})
                 for i in range(args["rows"])]
-        for name, template in (("one_render", chatml), ("per_turn", "{# not bundled #}" + chatml)):
-            tokenizer.chat_template = template  # with the comment it is not a bundled template: rendered per turn
+        for name, template in templates.items():
+            tokenizer.chat_template = template
             tokenize_batch(rows[:5], section, tokenizer)  # compiles the template before the clock starts
             t0 = time.perf_counter()
             tokenize_batch(rows, section, tokenizer)
@@ -236,20 +240,36 @@ def run_child(name: str, args: dict, env: dict | None = None) -> dict:
 # The cases
 
 
-def bench_case(name: str, kind: str, rows: int, model: str, work: Path, num_proc: int, reference: bool) -> dict:
+def bench_case(name: str, kind: str, rows: int, model: str, work: Path, num_proc: int, reference: bool,
+               repeat: int = 1) -> dict:
+    """Each side's first run ``repeat`` times, the sides alternating in a rotating order (the median is reported,
+    every time kept), then each side's cached start."""
     data = work / f"{name}.jsonl"
     write_rows(data, kind, rows)
-    cache, hf_cache = work / f"{name}-lorakit-cache", work / f"{name}-hf-cache"
-    args = {"data": str(data), "kind": kind, "model": model, "num_proc": num_proc, "hf_cache": str(hf_cache),
-            "arrow": str(work / f"{name}-arrow")}
-    env = {"LORAKIT_CACHE": str(cache)}
-    result = {"case": name, "rows": rows, "first": run_child("lorakit", args, env), "cached": run_child("lorakit", args, env)}
+    args = {"data": str(data), "kind": kind, "model": model, "num_proc": num_proc}
+    sides = {"first": ("lorakit", args)}
     if reference:
-        result.update(ref_first=run_child("reference", args), ref_cached=run_child("reference", {**args, "cached": 1}),
-                      row_by_row=run_child("row_by_row", {**args, "sample": min(rows, 20_000)}))
+        sides["ref_first"] = ("reference", args)
         if kind == "chat":  # beside the render-only reference: one that finds the assistant turns too
-            masks = {**args, "masks": 1, "hf_cache": str(hf_cache) + "-masks", "arrow": str(work / f"{name}-arrow-m")}
-            result.update(masks_first=run_child("reference", masks), masks_cached=run_child("reference", {**masks, "cached": 1}))
+            sides["masks_first"] = ("reference", {**args, "masks": 1})
+    runs: dict[str, list] = {side: [] for side in sides}
+    for k in range(repeat):
+        order = list(sides)[k % len(sides):] + list(sides)[: k % len(sides)]
+        for side in order:
+            child, child_args = sides[side]
+            folder = work / f"{name}-{side}-{k}"
+            child_args = {**child_args, "hf_cache": str(folder / "hf"), "arrow": str(folder / "arrow")}
+            runs[side].append((run_child(child, child_args, {"LORAKIT_CACHE": str(folder / "lorakit")}), folder))
+    result = {"case": name, "rows": rows}
+    for side, got in runs.items():
+        ordered = sorted(got, key=lambda run: run[0]["load_s"])
+        first, folder = ordered[(len(ordered) - 1) // 2]
+        result[side] = {**first, "all_load_s": [round(run["load_s"], 2) for run, _ in got]}
+        child, child_args = sides[side]
+        cached = {**child_args, "hf_cache": str(folder / "hf"), "arrow": str(folder / "arrow"), "cached": 1}
+        result[side.replace("first", "cached")] = run_child(child, cached, {"LORAKIT_CACHE": str(folder / "lorakit")})
+    if reference:
+        result["row_by_row"] = run_child("row_by_row", {**args, "sample": min(rows, 20_000)})
     return result
 
 
@@ -264,7 +284,8 @@ def table(results: list[dict], extras: dict) -> str:
             if first is None:
                 continue
             tokens = first["tokens"] or r["first"]["tokens"]
-            lines.append(f"| {r['case']} {label} | {first['rows'] / first['load_s']:,.0f} | "
+            every = "" if len(first["all_load_s"]) < 2 else f" (median; runs {', '.join(map(str, first['all_load_s']))} s)"
+            lines.append(f"| {r['case']} {label}{every} | {first['rows'] / first['load_s']:,.0f} | "
                          f"{tokens / first['load_s']:,.0f} | {first['data_rss_mb']:,.0f} "
                          f"(workers {first['workers_peak_mb']:,.0f}) | {cached['first_step_s']:.2f} | "
                          f"{cached['data_rss_mb']:,.0f} |")
@@ -280,9 +301,9 @@ def table(results: list[dict], extras: dict) -> str:
                       f"(+{reads['arrow_rss_mb']:.0f} MB RSS)"]
     turns = extras.get("turns")
     if turns:
-        lines += ["", "chat tokenization, µs per turn: " + ", ".join(
-            f"{t} turns: one rendering {turns[f'one_render_{t}']:.0f}, per turn {turns[f'per_turn_{t}']:.0f}"
-            for t in (4, 16, 64))]
+        lines += ["", "chat tokenization, µs per turn: " + "; ".join(
+            f"{t} turns: bundled chatml {turns[f'bundled_{t}']:.0f}, the model's own {turns[f'own_{t}']:.0f}, "
+            f"per turn {turns[f'per_turn_{t}']:.0f}" for t in (4, 16, 64))]
     return "\n".join(lines)
 
 
@@ -293,6 +314,7 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     parser.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: usable CPUs)")
     parser.add_argument("--no-reference", action="store_true", help="lorakit alone (no datasets.map, row by row)")
+    parser.add_argument("--repeat", type=int, default=1, help="first runs of each side, alternating (median shown)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
@@ -309,11 +331,12 @@ def main() -> int:
         for name in args.cases.split(","):
             kind, rows = CASES[name]
             results.append(bench_case(name, kind, max(100, int(rows * args.scale)), model, work, num_proc,
-                                      not args.no_reference))
+                                      not args.no_reference, args.repeat))
             print(json.dumps(results[-1]), flush=True)
             if kind == "alpaca" and "random_reads" not in extras and not args.no_reference:  # both hold the same tokenized rows
-                extras["random_reads"] = run_child("random_reads", {"cache": str(work / f"{name}-lorakit-cache"),
-                                                                    "arrow": str(work / f"{name}-arrow")})
+                ours, theirs = work / f"{name}-first-0", work / f"{name}-ref_first-0"
+                extras["random_reads"] = run_child("random_reads", {"cache": str(ours / "lorakit"),
+                                                                    "arrow": str(theirs / "arrow")})
         if not args.no_reference:
             extras["turns"] = run_child("turns", {"model": model, "rows": max(20, int(2000 * args.scale))})
     print(f"\n{num_proc} tokenizing processes, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit import text
+from lorakit.data import turns
 from lorakit.config.schema import CHAT_FORMATS, DataSection
 from lorakit.data.sources import BadRowError
 from lorakit.errors import UsageError
@@ -176,13 +177,33 @@ def chat_spans(tokenizer, messages: list[dict], where: str,
     prompt) and the rendering up to and including it. This holds for any template that renders the
     beginning of a conversation as a prefix of the whole (ChatML, Llama 3, Mistral, Zephyr, ...). lorakit's
     own templates mark their turns with {% generation %}, so one rendering finds them (the same spans:
-    tests/data/test_store.py); any other template is rendered once more per assistant turn.
+    tests/data/test_store.py); so does any template whose output for a message depends only on the messages up to
+    it (lorakit.data.turns decides that on the template's syntax); any other is rendered once more per assistant
+    turn.
     """
     special = tokenizer.special_tokens_map if special is None else special
     tagged = _tracked_templates().get(tokenizer.chat_template) if isinstance(tokenizer.chat_template, str) else None
     if tagged is not None:
         return _tracked_spans(tagged, messages, where, special)
-    return _per_turn_spans(tokenizer.get_chat_template(), messages, where, special)
+    template = tokenizer.get_chat_template()
+    marked = turns.tracked_template(template)
+    if marked is not None:
+        found = turns.tracked_turns(marked, messages, lambda t: _rendered_with_indices(t, messages, where, special))
+        if found is not None:
+            return found
+    return _per_turn_spans(template, messages, where, special)
+
+
+def _rendered_with_indices(template: str, messages: list[dict], where: str, special: dict):
+    """(text, generation indices) of the conversation rendered with the generation prompt, as apply_chat_template
+    renders it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    with _rejected_rows(where):
+        rendered, indices = render_jinja_template(conversations=[_normalized(messages)], chat_template=template,
+                                                  add_generation_prompt=True, return_assistant_tokens_mask=True,
+                                                  **special)
+    return rendered[0], [tuple(span) for span in indices[0]]
 
 
 def _per_turn_spans(template: str, messages: list[dict], where: str,
