@@ -25,6 +25,18 @@ TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
 GENERATION_TAG = re.compile(r"\{%\s*(?:end)?generation\s*%\}")
 
 
+class TemplateUnfit(UsageError):
+    """A row the chat template cannot render as lorakit defines turns (exit 2). The recipe key that chose the template
+    (data.chat_template, or a source's data.train[I].chat_template) is set by whoever knows which it was."""
+
+    def __init__(self, reason: str, key: str = "data.chat_template"):
+        self.reason, self.key = reason, key
+        super().__init__(f"{key}: {reason}")
+
+    def __reduce__(self):  # back from a tokenizing process with its parts
+        return type(self), (self.reason, self.key)
+
+
 def named_chat_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
 
@@ -88,15 +100,20 @@ def load_template(name: str, key: str) -> str:
 
 
 @contextmanager
-def rendering_with(tokenizer, template: str | None):
+def rendering_with(tokenizer, template: str | None, key: str = "data.chat_template"):
     """``tokenizer`` renders conversations with ``template`` inside the block (None: with its own), and holds its
     own template again after it: a data.train source with its own chat template borrows the shared tokenizer.
     Setting the attribute (rather than passing chat_template= to each call) keeps chat_spans' one-rendering path,
-    which recognizes a bundled template by the tokenizer's text."""
+    which recognizes a bundled template by the tokenizer's text. A row the template cannot split is reported
+    under ``key``, the recipe key that chose the template."""
     before = tokenizer.chat_template
     tokenizer.chat_template = before if template is None else template
     try:
         yield tokenizer
+    except TemplateUnfit as e:
+        if e.key == key:
+            raise
+        raise TemplateUnfit(e.reason, key) from None
     finally:
         tokenizer.chat_template = before
 
@@ -227,10 +244,10 @@ def _per_turn_spans(template: str, messages: list[dict], where: str,
     for i, through in zip(turns, throughs):
         before = next(befores) if i else ""
         if not (full.startswith(through) and through.startswith(before)):
-            raise UsageError(
-                f"data.chat_template: the template renders the start of the conversation at {where} differently "
-                "from the whole conversation, so assistant turns cannot be located; choose one of "
-                f"{', '.join(named_chat_templates())} with data.chat_template"
+            raise TemplateUnfit(
+                f"the template renders the start of the conversation at {where} differently from the whole "
+                "conversation, so assistant turns cannot be located; choose one of "
+                f"{', '.join(named_chat_templates())} instead"
             )
         spans.append((len(before), len(through)))
     return full, spans

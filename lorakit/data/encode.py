@@ -26,11 +26,12 @@ from lorakit.data.stats import DataStats, fit_length
 
 
 class SourceSection(NamedTuple):
-    """How one source's rows are tokenized: its data section (format, fields) and the chat template text its chat
-    and preference rows render with (None: the tokenizer's as it is)."""
+    """How one source's rows are tokenized: its data section (format, fields), the chat template text its chat
+    and preference rows render with (None: the tokenizer's as it is) and the recipe key that chose it."""
 
     section: DataSection
     template: str | None = None
+    key: str = "data.chat_template"
 
 
 CHUNK_ROWS = 1000  # rows per batched tokenizer call
@@ -95,10 +96,11 @@ def gc_paused():
             gc.enable()
 
 
-def encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer, template: str | None = None) -> Chunk:
+def encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer, template: str | None = None,
+                 key: str = "data.chat_template") -> Chunk:
     """Tokenize and fit ``rows`` (``sources``: each row's source index) with chat ``template`` (None: the
-    tokenizer's); every row lands in exactly one count."""
-    with gc_paused(), rendering_with(tokenizer, template):
+    tokenizer's), which recipe ``key`` chose; every row lands in exactly one count."""
+    with gc_paused(), rendering_with(tokenizer, template, key):
         return _encode_chunk(rows, sources, section, tokenizer)
 
 
@@ -146,8 +148,13 @@ _JOB: tuple | None = None  # (rows, sources, sections, tokenizer), inherited by 
 def _run(bounds: tuple[int, int]) -> Chunk:
     rows, sources, sections, tokenizer = _JOB
     a, b = bounds
-    section, template = sections[int(sources[a])]
-    return encode_chunk(rows[a:b], sources[a:b], section, tokenizer, template)
+    return _encode_rows(rows, sources, a, b, sections, tokenizer)
+
+
+def _encode_rows(rows, sources, a: int, b: int, sections: list[SourceSection], tokenizer) -> Chunk:
+    """Rows a..b (one source's) tokenized as their source says."""
+    section, template, key = sections[int(sources[a])]
+    return encode_chunk(rows[a:b], sources[a:b], section, tokenizer, template, key)
 
 
 def chunk_bounds(sources: np.ndarray) -> list[tuple[int, int]]:
@@ -164,8 +171,7 @@ def encode_rows(rows: list[Row], sources: np.ndarray, sections: list[SourceSecti
     workers = min(num_proc, len(bounds))
     if workers < 2 or len(rows) < MIN_PARALLEL_ROWS or "fork" not in multiprocessing.get_all_start_methods():
         for a, b in bounds:
-            section, template = sections[int(sources[a])]
-            yield encode_chunk(rows[a:b], sources[a:b], section, tokenizer, template)
+            yield _encode_rows(rows, sources, a, b, sections, tokenizer)
         return
     _JOB = (rows, sources, sections, tokenizer)
     try:

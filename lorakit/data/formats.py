@@ -10,7 +10,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 
 from lorakit.config.schema import DataSection
-from lorakit.data.chat import chat_spans, check_messages, named_chat_templates, render
+from lorakit.data.chat import TemplateUnfit, chat_spans, check_messages, named_chat_templates, render
 from lorakit.data.sources import BadRowError, Row
 from lorakit.errors import UsageError
 
@@ -311,10 +311,8 @@ def _rendered_answer(tokenizer, messages: list[dict], prompt_text: str, answer, 
     turns = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
     full = render(tokenizer, messages + turns, where)
     if not full.startswith(prompt_text):
-        raise UsageError(
-            f"data.chat_template: the template renders the prompt at {where} differently once an answer follows, so "
-            f"the answer cannot be located; choose one of {', '.join(named_chat_templates())} with data.chat_template"
-        )
+        raise TemplateUnfit(f"the template renders the prompt at {where} differently once an answer follows, so "
+                            f"the answer cannot be located; choose one of {', '.join(named_chat_templates())} instead")
     return full[len(prompt_text):]
 
 

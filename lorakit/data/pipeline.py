@@ -137,7 +137,7 @@ def source_sections(section: DataSection, tokenizer) -> list[SourceSection]:
             shared = shared or own.format in CHAT_FORMATS
         else:
             key = f"data.train[{i}].chat_template"
-            out.append(SourceSection(own, chat_template_text(own.format, source.chat_template, tokenizer, key)))
+            out.append(SourceSection(own, chat_template_text(own.format, source.chat_template, tokenizer, key), key))
     if section.chat_template is not None and not shared:  # every chat source has its own template
         resolve_chat_template(section.model_copy(update={"format": "chat"}), tokenizer)  # still the adapter's
     return out
@@ -178,7 +178,7 @@ def _build(folder: Path, section: DataSection, tokenizer, seed: int, sections: l
     with _progress(total) as advance:
         for name, (windows, sections, stats) in splits.items():
             stats.max_seq_len, stats.eos_token = section.max_seq_len, tokenizer.eos_token
-            writer = StoreWriter(folder / name, pairs=any(s.format == "preference" for s, _ in sections))
+            writer = StoreWriter(folder / name, pairs=any(s.section.format == "preference" for s in sections))
             for rows, owner in windows:
                 for chunk in encode_rows(rows, owner, sections, tokenizer, num_proc):
                     writer.add(chunk.lengths, chunk.columns())
@@ -210,7 +210,7 @@ def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:
     eval_template = resolve_chat_template(section, tokenizer) if section.eval else None
     sources = train_sources(section) + ([section.eval] if section.eval else [])
     hashes = [content_hash(s) for s in sources] if section.cache else [None]
-    templates = [t for _, t in sections] + ([eval_template] if section.eval else [])
+    templates = [s.template for s in sections] + ([eval_template] if section.eval else [])
     key = cache.cache_key(section, tokenizer, templates, seed, hashes)
     build = lambda folder: _build(folder, section, tokenizer, seed, sections, eval_template)  # noqa: E731
     if key:

@@ -37,9 +37,9 @@ def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
         if len(rows) >= n:
             break
     out = []
-    for row, (own, template) in rows[:n]:
+    for row, (own, template, key) in rows[:n]:
         try:
-            with rendering_with(tokenizer, template):
+            with rendering_with(tokenizer, template, key):
                 example = tokenize_row(row, own, tokenizer)
             example, truncated = fit_length(example, own, tokenizer.bos_token_id)
         except BadRowError as e:

@@ -116,6 +116,24 @@ def test_a_bad_source_template_is_exit_2_naming_its_key(tmp_path, load_tok):
         assert str(e.value).startswith(message) and e.value.exit_code == EXIT_USAGE
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_row_a_source_template_cannot_split_names_that_sources_key(tmp_path, load_tok, monkeypatch, num_proc):
+    """Found while tokenizing (in a forked worker with num_proc 2): the key is the source's, not data.chat_template."""
+    path = chats(tmp_path, "a", 4)
+    odd = tmp_path / "odd.jinja"  # the last message is written differently: no turn can be split off
+    odd.write_text("{% for m in messages %}{{ m['content'] }}{% if loop.last %}.{% endif %}{% endfor %}")
+    monkeypatch.setattr(encode, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(encode, "MIN_PARALLEL_ROWS", 0)
+    s = DataSection(train=[path, TrainSource(path=path, chat_template=str(odd))], format="chat", num_proc=num_proc,
+                    cache=False)
+    with pytest.raises(UsageError) as e:
+        load_datasets(s, load_tok(), seed=0)
+    assert str(e.value).startswith(f"data.train[1].chat_template: the template renders the start of the "
+                                   f"conversation at {path}:1 differently") and e.value.exit_code == EXIT_USAGE
+    with pytest.raises(UsageError, match=r"^data.chat_template: the template renders the start"):
+        load_datasets(DataSection(train=path, format="chat", chat_template=str(odd), cache=False), load_tok(), seed=0)
+
+
 def test_a_changed_source_template_rebuilds_the_cache(tmp_path, load_tok):
     path = chats(tmp_path, "a", 2)
     mine = tmp_path / "mine.jinja"
