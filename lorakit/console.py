@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from lorakit import interrupts
-
 _console = None
 _err_console = None
 _mode = {"quiet": False, "json": False, "debug": False}
@@ -177,14 +175,7 @@ def show_error(code: int, message: str) -> None:
 
 @contextmanager
 def stage(enabled: bool, description: str):
-    """A named setup stage (loading the model, tokenizing, merging): a spinner, then its duration. A Ctrl-C during
-    it ends it with KeyboardInterrupt even if a library swallowed the one Python raised (lorakit.interrupts)."""
-    with _shown(enabled, description), interrupts.delivered():
-        yield
-
-
-@contextmanager
-def _shown(enabled: bool, description: str):
+    """A named setup stage (loading the model, tokenizing, merging): a spinner, then its duration."""
     start = time.perf_counter()
     if not enabled or _mode["quiet"]:
         yield

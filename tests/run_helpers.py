@@ -66,6 +66,15 @@ def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def sigint_as_from_a_terminal() -> None:
+    """Popen's preexec_fn: Ctrl-C (SIGINT) reaches the child's default handler, as it does from a terminal. A shell
+    starts a background command (`make test &`, a CI step that backgrounds) with SIGINT ignored, and children
+    inherit that: Python then never raises KeyboardInterrupt and a Ctrl-C test sees the run go on."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env

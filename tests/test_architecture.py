@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
 # Bottom layer: anyone may import these; they import only each other.
 BOTTOM = ("lorakit", "lorakit.errors", "lorakit.console", "lorakit.atomic", "lorakit.paths", "lorakit.compat",
           "lorakit.faults", "lorakit.versions", "lorakit.text", "lorakit.publish", "lorakit.runlock",
-          "lorakit.cpus", "lorakit.interrupts")
+          "lorakit.cpus")
 # Units with the same rank may not import each other (no sideways imports).
 RANKS = {
     "config": 1,

@@ -19,11 +19,9 @@ __all__ = ["app", "main", "run"]
 
 def run() -> None:
     """Run the command in sys.argv (ends with SystemExit, as Typer does); usable in-process."""
-    from lorakit import interrupts
     from lorakit.training.threads import passive_openmp_waits
 
     passive_openmp_waits()  # before anything imports torch: OpenMP reads its wait policy once, at load
-    interrupts.install()  # a Ctrl-C while setting up is never swallowed by a library
     app()
 
 

@@ -78,6 +78,9 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
     method = saved_method(peft_type)
     if method is not None and not method.mergeable:
         raise UsageError(_not_mergeable(path, method.not_mergeable))
+    if method is None and _prompt_learning(peft_type):
+        raise UsageError(_not_mergeable(path, f"a {peft_type} adapter learns virtual tokens (or key/value prefixes) "
+                                              "fed to the model, not weights"))
     if method is None:
         raise UsageError(f"{path}: peft_type {peft_type} is not mergeable by lorakit (it merges LoRA, DoRA, rsLoRA "
                          f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
@@ -94,6 +97,15 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
                          "plain weight update, so lorakit cannot merge it; serve it with "
                          f"`lorakit generate --adapter {path}`")
     return read_adapter(path, allow_pickle)
+
+
+def _prompt_learning(peft_type) -> bool:
+    """Whether PEFT files ``peft_type`` under prompt learning (P-tuning, prefix and prompt tuning, CPT, ...)."""
+    from peft.config import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) if isinstance(peft_type, str) else None
+    return config_class is not None and issubclass(config_class, PromptLearningConfig)
 
 
 def _not_mergeable(path: Path, why: str) -> str:

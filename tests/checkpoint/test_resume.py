@@ -21,7 +21,8 @@ import pytest
 
 from lorakit.faults import CHECKPOINT_FAULT_ENV
 from lorakit.checkpoint.read import list_checkpoints
-from run_helpers import adapter_hash, recipe_dict, subprocess_env, training_records, tree_hash, write_data, write_recipe
+from run_helpers import (adapter_hash, recipe_dict, sigint_as_from_a_terminal, subprocess_env, training_records,
+                         tree_hash, write_data, write_recipe)
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def train(recipe: Path, *args, when=None, send=signal.SIGKILL, twice=False, faul
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lorakit", "train", str(recipe), *map(str, args)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=sigint_as_from_a_terminal,
         )
         deadline = time.monotonic() + 600
         while proc.poll() is None:

@@ -110,7 +110,8 @@ def test_an_assistant_turn_not_opened_by_the_prompt_falls_back_to_the_definition
     refused, calls, definition = per_turn(tok, template, odd), [], chat._per_turn_spans
     assert "renders the start of the conversation at row 1 differently" in refused
     monkeypatch.setattr(chat, "_per_turn_spans", lambda *a: calls.append(a) or definition(*a))
-    assert spans(tok, template, odd) == refused and len(calls) == 1  # one rendering found the turn not opened by the prompt; the definition decided
+    # one rendering found the turn not opened by the prompt; the definition decided
+    assert spans(tok, template, odd) == refused and len(calls) == 1
 
 
 def test_templates_with_their_own_generation_blocks_or_nested_loops_over_messages_are_left_alone():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from peft import IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
@@ -198,13 +198,16 @@ def other_model_dir(tmp_path_factory):
 def test_non_mergeable_methods_exit_2_and_point_to_generate(tiny_model_dir, adapters, tmp_path):
     prompt = build_random_adapter(tiny_model_dir, tmp_path / "prompt",
                                   PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    p_tuning = build_random_adapter(tiny_model_dir, tmp_path / "p_tuning",  # a method lorakit does not train
+                                    PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     bottleneck = tmp_path / "bottleneck"
     bottleneck.mkdir()
     (bottleneck / "bottleneck_config.json").write_text("{}")
-    for adapter in (prompt, bottleneck):
+    for adapter in (prompt, p_tuning, bottleneck):
         result = invoke("merge", adapter, "--output", tmp_path / "out")
         assert result.exit_code == 2, result.output
         assert "lorakit generate" in result.output and "no weight update" in result.output
+        assert "merge_and_unload" not in result.output  # PEFT cannot merge these either
     assert not (tmp_path / "out").exists()
 
 
