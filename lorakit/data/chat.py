@@ -173,17 +173,25 @@ def _tracked_templates() -> dict[str, str]:
     return out
 
 
-def _tracked_spans(tagged: str, messages: list[dict], where: str, special: dict):
-    """(full text, assistant spans) from ONE rendering: the character range of each {% generation %} block."""
+def _rendered_with_indices(template: str, messages: list[dict], where: str, special: dict,
+                           generation_prompt: bool = False):
+    """(text, generation indices) of the conversation rendered once, the messages and special tokens as
+    apply_chat_template passes them; a template's raise_exception() is the row's BadRowError."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    with _rejected_rows(where):  # the messages and special tokens as apply_chat_template passes them
-        rendered, indices = render_jinja_template(conversations=[_normalized(messages)], chat_template=tagged,
+    with _rejected_rows(where):
+        rendered, indices = render_jinja_template(conversations=[_normalized(messages)], chat_template=template,
+                                                  add_generation_prompt=generation_prompt,
                                                   return_assistant_tokens_mask=True, **special)
-    spans = [tuple(span) for span in indices[0]]
+    return rendered[0], [tuple(span) for span in indices[0]]
+
+
+def _tracked_spans(tagged: str, messages: list[dict], where: str, special: dict):
+    """(full text, assistant spans) from ONE rendering: the character range of each {% generation %} block."""
+    text, spans = _rendered_with_indices(tagged, messages, where, special)
     if spans and messages[0]["role"] == "assistant":  # a first assistant turn starts at 0, as per-turn rendering has it
         spans[0] = (0, spans[0][1])
-    return rendered[0], spans
+    return text, spans
 
 
 def chat_spans(tokenizer, messages: list[dict], where: str,
@@ -205,22 +213,11 @@ def chat_spans(tokenizer, messages: list[dict], where: str,
     template = tokenizer.get_chat_template()
     marked = turns.tracked_template(template)
     if marked is not None:
-        found = turns.tracked_turns(marked, messages, lambda t: _rendered_with_indices(t, messages, where, special))
+        found = turns.tracked_turns(marked, messages,
+                                   lambda t: _rendered_with_indices(t, messages, where, special, True))
         if found is not None:
             return found
     return _per_turn_spans(template, messages, where, special)
-
-
-def _rendered_with_indices(template: str, messages: list[dict], where: str, special: dict):
-    """(text, generation indices) of the conversation rendered with the generation prompt, as apply_chat_template
-    renders it."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    with _rejected_rows(where):
-        rendered, indices = render_jinja_template(conversations=[_normalized(messages)], chat_template=template,
-                                                  add_generation_prompt=True, return_assistant_tokens_mask=True,
-                                                  **special)
-    return rendered[0], [tuple(span) for span in indices[0]]
 
 
 def _per_turn_spans(template: str, messages: list[dict], where: str,

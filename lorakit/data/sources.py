@@ -150,19 +150,13 @@ def _line_data(raw: bytes, where: str, lineno: int) -> dict | None:
         raise BadRowError(str(e)) from None
     if not line.strip():
         return None
-    return _parsed(line, where)
-
-
-def _parsed(line: str, where: str) -> dict:
-    """One JSON Lines row as its object; BadRowError saying why it is not one."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadRowError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise BadRowError(f"{where}: nested too deeply to be a data row") from None
-    if not isinstance(value, dict):
-        raise BadRowError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    _check_object(value, where, [], skip=False)  # not an object: raises
     return value
 
 

@@ -87,8 +87,7 @@ def tracked_turns(tagged: str, messages: list[dict], render) -> tuple[str, list[
 
 
 def _message_loop(tree, nodes):
-    loops = [n for n in tree.body if isinstance(n, nodes.For)]
-    loop = next((n for n in loops if _is_message_loop(n, nodes)), None)
+    loop = next((n for n in tree.body if isinstance(n, nodes.For) and _is_message_loop(n, nodes)), None)
     if loop is None or sum(_is_message_loop(n, nodes) for n in tree.find_all(nodes.For)) != 1:
         return None
     if loop.test is not None or loop.recursive or loop.else_ or not isinstance(loop.target, nodes.Name):
