@@ -257,9 +257,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-quality"))
     parser.add_argument("--reference", metavar="DIR", help=argparse.SUPPRESS)  # child mode: one reference run
     args = parser.parse_args()
-    from lorakit.training.threads import passive_openmp_waits
+    from lorakit.training.threads import choose_openmp_waits
 
-    passive_openmp_waits()  # this process and both sides' children (lorakit's CLI sets the same)
+    choose_openmp_waits()  # this process and both sides' children (lorakit's CLI sets the same)
     if args.reference:
         out = Path(args.reference)
         losses = reference(json.loads((out / "recipe.yaml").read_text()), out)

@@ -138,9 +138,9 @@ def recipe_for(model: Path, data: Path, eval_data: Path, cfg: dict, steps: int) 
 def child(kind: str, result: Path, track: bool, argv: list[str]) -> int:
     """Run one side in this process; write its peak memory to ``result``."""
     if kind == "lorakit":
-        from lorakit.training.threads import passive_openmp_waits
+        from lorakit.training.threads import choose_openmp_waits
 
-        passive_openmp_waits()  # as lorakit's entry point does before torch loads; the reference runs as it is
+        choose_openmp_waits()  # as lorakit's entry point does before torch loads; the reference runs as it is
     import torch
 
     from lorakit.training.perf import TensorMemoryTracker

@@ -19,9 +19,10 @@ __all__ = ["app", "main", "run"]
 
 def run() -> None:
     """Run the command in sys.argv (ends with SystemExit, as Typer does); usable in-process."""
-    from lorakit.training.threads import passive_openmp_waits
+    from lorakit.training.threads import choose_openmp_waits
 
-    passive_openmp_waits()  # before anything imports torch: OpenMP reads its wait policy once, at load
+    if "torch" not in sys.modules:
+        choose_openmp_waits()  # before anything imports torch: OpenMP reads its wait settings once, at load
     app()
 
 

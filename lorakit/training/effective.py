@@ -15,6 +15,7 @@ from pathlib import Path
 from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
 from lorakit.training.optim import describe_groups
+from lorakit.training.threads import openmp_waits
 
 # Keys whose effect shows later or elsewhere than in the built objects, and where to see it.
 NOT_OBSERVED = {
@@ -139,7 +140,8 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
         Setting("speed knobs", f"torch.compile {'on' if compiled else 'off'}, liger {'on' if cfg.liger else 'off'}",
                 ("train.compile", "train.liger")),
         Setting("seed", str(cfg.seed), ("train.seed",)),
-        Setting("CPU threads", f"{torch.get_num_threads()} (torch intra-op)", ("train.threads",)),
+        Setting("CPU threads", f"{torch.get_num_threads()} (torch intra-op); OpenMP waits: {openmp_waits()}",
+                ("train.threads",)),
     ]
 
 

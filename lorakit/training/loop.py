@@ -54,7 +54,7 @@ def fit(ctx: FitContext) -> MetricsLog:
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
     last_checkpoint = start.checkpoint
-    compute_loss = build_training_loss(accelerator.unwrap_model(model), cfg)
+    compute_loss = ctx.loss or build_training_loss(accelerator.unwrap_model(model), cfg)
     console(accelerator.is_main_process)(compute_loss.describe())
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None

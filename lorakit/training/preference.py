@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lorakit.config.schema import TrainSection
 from lorakit.data.formats import IGNORE_INDEX
 from lorakit.training.loss import (
-    Tally, _decoder, build_loss, forward_hidden, head_unusable, linear_token_logps, shifted_targets,
+    Tally, _decoder, build_loss, fewest_logits, forward_hidden, head_unusable, linear_token_logps, shifted_targets,
 )
 
 # Objectives that compare length-normalised log-probs (the mean over an answer's tokens): IPO as TRL computes it,
@@ -92,6 +92,7 @@ class PreferenceLoss:
             why = "the output layer trains"
         self.kind, self.reason = ("plain", why) if why else ("chunked", "")
         self.head, self.decoder = head, _decoder(model)
+        self.keep = fewest_logits(model, self.decoder) if self.kind == "chunked" else 1
         self.tally = Tally(METRICS)
 
     def describe(self) -> str:
@@ -111,7 +112,7 @@ class PreferenceLoss:
         index, count = sequence_index(batch)
         index, targets = index.reshape(-1)[keep], targets[keep]
         if self.kind == "chunked":  # the head over supervised positions only, a chunk of logits at a time
-            hidden, _ = forward_hidden(model, self.decoder, inputs, logits_to_keep=1)
+            hidden, _ = forward_hidden(model, self.decoder, inputs, logits_to_keep=self.keep)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
             logps = linear_token_logps(hidden, self.head.weight, self.head.bias, targets)
         else:

@@ -223,11 +223,12 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     prepare_fsdp(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    compute_loss = build_training_loss(accelerator.unwrap_model(model), recipe.train)  # the loop's, as reported
     effective = as_records(effective_settings(
         recipe, model=accelerator.unwrap_model(model), tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
         init=init, data=data, total_steps=total_steps, world_size=accelerator.num_processes, batching=batching.note
         or ("padding-free" if batching.padding_free else "padded"),
-        loss=build_training_loss(accelerator.unwrap_model(model), recipe.train).describe().removeprefix("loss: "),
+        loss=compute_loss.describe().removeprefix("loss: "),
     ))
     say(format_block(effective))
 
@@ -251,7 +252,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         try:
             metrics = fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler,
                                      total_steps, paths, meter, start, resume_command,
-                                     padding_free=batching.padding_free, init=init))
+                                     padding_free=batching.padding_free, init=init, loss=compute_loss))
         except BaseException:  # an interrupted or failed run still closes its tracker runs
             finish_trackers(accelerator)
             raise

@@ -1,10 +1,16 @@
 """CPU threads: how many torch may use, and how its OpenMP threads wait.
 
-torch's OpenMP threads spin at every barrier by default (libgomp's active wait). Where another process
-shares the cores, a spinning thread burns the slice the thread it waits for needs: measured on 2 cores at
-load ≈ 13, a LoRA step of SmolLM2-135M took 45 s with 2 spinning threads, 3.2 s with 1 thread and 3.4 s
-with 2 passive ones (docs/performance.md). The wait policy is read once, when torch loads OpenMP, so
-`passive_openmp_waits` runs before torch is imported (the CLI's entry point); a value the user set is kept.
+torch's OpenMP threads spin at every barrier for a while before they sleep (libgomp: 300,000 spins, a few
+ms). Where another process shares the cores, a spinning thread burns the slice the thread it waits for
+needs: measured on 2 cores at load ≈ 13, a LoRA step of SmolLM2-135M took 45 s with 2 spinning threads,
+3.2 s with 1 thread and 3.4 s with 2 passive ones. On idle cores it is the other way round: a LoRA step is
+thousands of small ops, each a parallel region, and a passive thread must be woken for every one (the bench
+run: 730 supervised tokens/s passive, 890–1,140 with a short spin; docs/performance.md). So
+`choose_openmp_waits`, run before torch is imported (the CLI's entry point), looks at the machine once: no
+other task runnable → a short bounded spin (GOMP_SPINCOUNT 10,000, ≈ 0.1 ms: beside a load that appears
+later it costs far less than a long one); any → passive waits (OMP_WAIT_POLICY=PASSIVE). Either is
+read once, when torch loads OpenMP; a value the user set is kept. The wait policy changes no result, only
+how threads wait.
 The thread count (train.threads) defaults to OMP_NUM_THREADS where set, else to the CPUs this process may
 actually use (affinity and the cgroup quota) shared among the processes of one machine, where torch would
 count the machine's cores.
@@ -14,14 +20,59 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 from lorakit.cpus import cgroup_quota, usable_cpus  # noqa: F401  (re-exported: callers import them from here)
 
 
-def passive_openmp_waits() -> None:
-    """OpenMP threads sleep instead of spinning while they wait (unless OMP_WAIT_POLICY is already set)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+SPIN_COUNT = 10_000  # GOMP_SPINCOUNT on idle cores: ≈ 0.1 ms by libgomp's estimate (its default: 300,000)
+USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+LOADAVG = Path("/proc/loadavg")
+
+
+def choose_openmp_waits(others: int | None = None) -> str:
+    """Set how OpenMP threads wait, before torch loads; returns what was chosen, for the run's settings.
+
+    ``others``: tasks runnable besides this one (None: looked up in /proc/loadavg). A wait setting already in
+    the environment is kept."""
+    if any(k in os.environ for k in USER_KEYS):
+        chosen = ", ".join(f"{k}={os.environ[k]}" for k in USER_KEYS if k in os.environ)
+        # A parent lorakit process's choice, inherited, keeps its description.
+        return os.environ.setdefault("LORAKIT_OPENMP_WAITS", f"{chosen} (from the environment)")
+    others = other_runnable_tasks() if others is None else others
+    if others == 0:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        os.environ["KMP_BLOCKTIME"] = "1"  # the same for Intel's OpenMP, where torch is built with it (ms)
+        choice = f"spin up to {SPIN_COUNT:,} (no other task was runnable at start)"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        what = "unknown load" if others is None or others < 0 else f"{others} other runnable task(s) at start"
+        choice = f"passive ({what})"
+    os.environ["LORAKIT_OPENMP_WAITS"] = choice  # read back by the effective settings, in this process and ranks
+    return choice
+
+
+def other_runnable_tasks(samples: int = 5, interval: float = 0.002) -> int:
+    """Tasks runnable on the machine besides this one, the least of a few samples of /proc/loadavg's
+    "running/total" (a momentary count, so one sample can catch a passing process); -1 where unreadable."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(LOADAVG.read_text().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return -1
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(counts) - 1)  # this process's own thread is running while it reads
+
+
+def openmp_waits() -> str:
+    """How this process's OpenMP threads wait, as choose_openmp_waits decided (or the environment says)."""
+    if "LORAKIT_OPENMP_WAITS" in os.environ:
+        return os.environ["LORAKIT_OPENMP_WAITS"]
+    set_here = [f"{k}={os.environ[k]}" for k in USER_KEYS if k in os.environ]
+    return ", ".join(set_here) if set_here else "OpenMP's default"
 
 
 def choose_threads(requested: int | None) -> int:

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.training.loss import _decoder, _head_reproduces_logits, build_loss, linear_cross_entropy_sum, plain_loss
+from lorakit.training.loss import (
+    _decoder, _head_reproduces_logits, build_loss, fewest_logits, linear_cross_entropy_sum, plain_loss,
+)
 from lorakit.training.perf import TensorMemoryTracker
 
 
@@ -58,6 +60,35 @@ def test_chunked_loss_and_lora_gradients_equal_plain():
         torch.testing.assert_close(chunked_grads[name], plain_grads[name], rtol=1e-5, atol=1e-5, msg=name)
     with torch.no_grad():  # evaluation: no gradients kept
         torch.testing.assert_close(loss(model, batch, 1), plain_loss(model, batch, 1), rtol=1e-5, atol=1e-4)
+
+
+def test_the_models_own_head_computes_no_logits_in_the_chunked_loss():
+    """The model's forward is asked for no logit position at all (an empty logits_to_keep), so its head costs
+    nothing; a model whose forward cannot take that keeps the last position only."""
+    model = _lora(_llama(), target_modules="all-linear")
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[-2]))
+    try:
+        build_loss(model, chunked=True)(model, _batch(), 1.0).backward()
+    finally:
+        handle.remove()
+    assert rows and rows[-1] == 0
+
+    class LastOnly(torch.nn.Module):  # a forward that takes an int logits_to_keep only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, logits_to_keep=0):
+            if not isinstance(logits_to_keep, int):
+                raise TypeError("logits_to_keep must be an int")
+            return self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep)
+
+    plain = _llama()
+    assert fewest_logits(LastOnly(plain), plain.model) == 1
 
 
 def test_flattened_batch_chunked_loss_equals_padded_plain_loss(tiny_model_dir):

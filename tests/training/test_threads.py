@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from lorakit.training.prefetch import Prefetch
-from lorakit.training.threads import cgroup_quota, choose_threads, usable_cpus
+from lorakit.training import threads
+from lorakit.training.threads import cgroup_quota, choose_openmp_waits, choose_threads, usable_cpus
 
 
 def test_threads_follow_the_usable_cpus(monkeypatch, tmp_path):
@@ -42,24 +43,69 @@ def test_train_threads_sets_torch_threads(tiny_model_dir, tmp_path):
         result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
         assert result.exit_code == 0, result.output
         assert torch.get_num_threads() == 1
+        assert "1 (torch intra-op); OpenMP waits: " in result.output  # how the threads wait, in the settings
     finally:
         torch.set_num_threads(before)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "1 CPU threads" in records[-1]["peak_flops_source"]
 
 
-def test_cli_makes_openmp_threads_wait_passively():
-    """The entry point sets OMP_WAIT_POLICY before torch loads OpenMP (spinning threads stall under load),
-    and keeps a value the user chose."""
+@pytest.fixture
+def no_wait_settings(monkeypatch):
+    for key in (*threads.USER_KEYS, "LORAKIT_OPENMP_WAITS"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_openmp_threads_spin_briefly_on_idle_cpus_and_sleep_beside_other_tasks(no_wait_settings):
+    """Idle machine: a bounded spin (a passive thread must be woken for each of a step's thousands of small
+    parallel regions); another runnable task, or no way to tell: passive waits (a spinning thread burns the
+    slice its partner needs). The choice is what the run's settings report."""
+    assert choose_openmp_waits(others=0).startswith("spin up to 10,000")
+    assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
+    assert threads.openmp_waits() == os.environ["LORAKIT_OPENMP_WAITS"]
+    for key in (*threads.USER_KEYS, "LORAKIT_OPENMP_WAITS"):
+        os.environ.pop(key, None)
+    assert choose_openmp_waits(others=2) == "passive (2 other runnable task(s) at start)"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    os.environ.pop("OMP_WAIT_POLICY")
+    os.environ.pop("LORAKIT_OPENMP_WAITS")
+    assert choose_openmp_waits(others=-1) == "passive (unknown load)"
+
+
+def test_a_wait_setting_the_user_made_is_kept(no_wait_settings, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert choose_openmp_waits(others=0) == "OMP_WAIT_POLICY=ACTIVE (from the environment)"
+    assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_other_runnable_tasks_is_the_least_of_its_samples(tmp_path, monkeypatch):
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(threads, "LOADAVG", loadavg)
+    loadavg.write_text("0.31 0.96 1.10 3/111 19204\n")
+    assert threads.other_runnable_tasks(samples=1) == 2  # this process's running thread is one of the 3
+    loadavg.write_text("0.31 0.96 1.10 1/111 19204\n")
+    assert threads.other_runnable_tasks(samples=2, interval=0) == 0
+    loadavg.unlink()
+    assert threads.other_runnable_tasks() == -1
+
+
+def test_cli_chooses_waits_before_torch_loads(no_wait_settings):
+    """The entry point decides before torch loads OpenMP: beside two busy processes, passive waits; a value
+    the user chose is kept."""
     probe = ("import os, sys; sys.argv = ['lorakit', '--version']\n"
              "from lorakit.cli import run\n"
              "try:\n    run()\nexcept SystemExit:\n    pass\n"
-             "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout
-    assert out.split()[-2:] == ["PASSIVE", "False"]
+             "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ).stdout
+        assert out.split()[-2:] == ["PASSIVE", "False"]
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout
+                         env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}).stdout
     assert out.split()[-2] == "ACTIVE"
 
 
