@@ -6,10 +6,10 @@ needs: measured on 2 cores at load ≈ 13, a LoRA step of SmolLM2-135M took 45 s
 3.2 s with 1 thread and 3.4 s with 2 passive ones. On idle cores it is the other way round: a LoRA step is
 thousands of small ops, each a parallel region, and a passive thread must be woken for every one (the bench
 run: 730 supervised tokens/s passive, 890–1,140 with a short spin; docs/performance.md). So
-`choose_openmp_waits`, run before torch is imported (the CLI's entry point), looks at the machine once: no
-other task runnable → a short bounded spin (GOMP_SPINCOUNT 10,000, ≈ 0.1 ms: beside a load that appears
-later it costs far less than a long one); any → passive waits (OMP_WAIT_POLICY=PASSIVE). Either is
-read once, when torch loads OpenMP; a value the user set is kept. The wait policy changes no result, only
+`choose_openmp_waits`, run before torch is imported (the CLI's entry point), looks at the machine once:
+no other task runnable at this priority or above → a short bounded spin (GOMP_SPINCOUNT 10,000, ≈ 0.1 ms:
+beside a load that appears later it costs far less than a long one); any → passive waits
+(OMP_WAIT_POLICY=PASSIVE). Either is read once, when torch loads OpenMP; a value the user set is kept. The wait policy changes no result, only
 how threads wait.
 The thread count (train.threads) defaults to OMP_NUM_THREADS where set, else to the CPUs this process may
 actually use (affinity and the cgroup quota) shared among the processes of one machine, where torch would
@@ -28,43 +28,64 @@ from lorakit.cpus import cgroup_quota, usable_cpus  # noqa: F401  (re-exported: 
 
 SPIN_COUNT = 10_000  # GOMP_SPINCOUNT on idle cores: ≈ 0.1 ms by libgomp's estimate (its default: 300,000)
 USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-LOADAVG = Path("/proc/loadavg")
+PROC = Path("/proc")
 
 
 def choose_openmp_waits(others: int | None = None) -> str:
     """Set how OpenMP threads wait, before torch loads; returns what was chosen, for the run's settings.
 
-    ``others``: tasks runnable besides this one (None: looked up in /proc/loadavg). A wait setting already in
-    the environment is kept."""
+    ``others``: tasks that compete for this process's CPU time (None: competing_tasks()). A wait setting
+    already in the environment is kept."""
     if any(k in os.environ for k in USER_KEYS):
         chosen = ", ".join(f"{k}={os.environ[k]}" for k in USER_KEYS if k in os.environ)
         # A parent lorakit process's choice, inherited, keeps its description.
         return os.environ.setdefault("LORAKIT_OPENMP_WAITS", f"{chosen} (from the environment)")
-    others = other_runnable_tasks() if others is None else others
+    others = competing_tasks() if others is None else others
     if others == 0:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
         os.environ["KMP_BLOCKTIME"] = "1"  # the same for Intel's OpenMP, where torch is built with it (ms)
-        choice = f"spin up to {SPIN_COUNT:,} (no other task was runnable at start)"
+        choice = f"spin up to {SPIN_COUNT:,} (no task at this priority or above was runnable at start)"
     else:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        what = "unknown load" if others is None or others < 0 else f"{others} other runnable task(s) at start"
+        what = "unknown load" if others < 0 else f"{others} other runnable task(s) at start"
         choice = f"passive ({what})"
     os.environ["LORAKIT_OPENMP_WAITS"] = choice  # read back by the effective settings, in this process and ranks
     return choice
 
 
-def other_runnable_tasks(samples: int = 5, interval: float = 0.002) -> int:
-    """Tasks runnable on the machine besides this one, the least of a few samples of /proc/loadavg's
-    "running/total" (a momentary count, so one sample can catch a passing process); -1 where unreadable."""
+def competing_tasks(samples: int = 5, interval: float = 0.002, proc: Path = PROC) -> int:
+    """Runnable tasks besides this process's own that would take CPU time from it; -1 where /proc cannot tell.
+
+    /proc/loadavg's "running/total" first, the least of a few samples (a momentary count: one sample can catch
+    a passing process). Where it shows others, the tasks themselves: one that runs at a lower priority (a
+    `nice`d background job) gets a small share of a core beside this process (1/9 at nice 10) and is not
+    counted — beside one, a short spin measured faster than passive waits (docs/performance.md)."""
     counts = []
     for i in range(samples):
         try:
-            counts.append(int(LOADAVG.read_text().split()[3].split("/")[0]))
+            counts.append(int((proc / "loadavg").read_text().split()[3].split("/")[0]))
         except (OSError, IndexError, ValueError):
             return -1
         if i + 1 < samples:
             time.sleep(interval)
-    return max(0, min(counts) - 1)  # this process's own thread is running while it reads
+    if min(counts) <= 1:  # this process's own thread is running while it reads
+        return 0
+    return min(_runnable_at_priority(proc) for _ in range(2))
+
+
+def _runnable_at_priority(proc: Path) -> int:
+    """Tasks (threads) of other processes in state R whose nice value is this process's or lower."""
+    own, mine = os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)
+    count = 0
+    for stat in proc.glob("[0-9]*/task/*/stat"):
+        try:
+            if int(stat.parts[-4]) == own:
+                continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state is first, nice 17th
+            count += fields[0] == "R" and int(fields[16]) <= mine
+        except (OSError, IndexError, ValueError):
+            continue  # the task ended while being read
+    return count
 
 
 def openmp_waits() -> str:

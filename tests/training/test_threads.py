@@ -78,15 +78,32 @@ def test_a_wait_setting_the_user_made_is_kept(no_wait_settings, monkeypatch):
     assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_other_runnable_tasks_is_the_least_of_its_samples(tmp_path, monkeypatch):
-    loadavg = tmp_path / "loadavg"
-    monkeypatch.setattr(threads, "LOADAVG", loadavg)
-    loadavg.write_text("0.31 0.96 1.10 3/111 19204\n")
-    assert threads.other_runnable_tasks(samples=1) == 2  # this process's running thread is one of the 3
-    loadavg.write_text("0.31 0.96 1.10 1/111 19204\n")
-    assert threads.other_runnable_tasks(samples=2, interval=0) == 0
-    loadavg.unlink()
-    assert threads.other_runnable_tasks() == -1
+def _task(proc, pid, tid, state, nice, comm="python (busy) x"):
+    stat = proc / str(pid) / "task" / str(tid) / "stat"
+    stat.parent.mkdir(parents=True, exist_ok=True)
+    fields = [state, "1", "1", "1", "0", "-1", "0", "0", "0", "0", "0", "5", "5", "0", "0", "20", str(nice), "1"]
+    stat.write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
+
+
+def test_competing_tasks_counts_runnable_tasks_at_this_priority_only(tmp_path):
+    """The least of the /proc/loadavg samples; where it shows others, only runnable tasks not niced below this
+    process compete (a nice 10 job gets a ninth of a core beside it); unreadable /proc: -1 (passive)."""
+    proc = tmp_path
+    (proc / "loadavg").write_text("0.31 0.96 1.10 1/111 19204\n")
+    assert threads.competing_tasks(samples=2, interval=0, proc=proc) == 0  # only this process's own thread
+    (proc / "loadavg").write_text("2.00 1.96 1.10 4/111 19204\n")
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    _task(proc, 100, 100, "R", mine + 10)  # a niced busy loop
+    _task(proc, 101, 101, "S", mine)  # asleep
+    _task(proc, 102, 102, "R", mine)  # a busy process at this priority ...
+    _task(proc, 102, 103, "R", mine)  # ... with a second busy thread
+    _task(proc, os.getpid(), os.getpid(), "R", mine)  # this process itself
+    assert threads.competing_tasks(samples=1, proc=proc) == 2
+    for tid in (102, 103):
+        (proc / "102" / "task" / str(tid) / "stat").unlink()
+    assert threads.competing_tasks(samples=1, proc=proc) == 0  # the niced job alone does not count
+    (proc / "loadavg").unlink()
+    assert threads.competing_tasks(proc=proc) == -1
 
 
 def test_cli_chooses_waits_before_torch_loads(no_wait_settings):
