@@ -3,9 +3,9 @@
 `build_loss` decides once, before the loop, how `compute_loss(model, batch, num_items)` runs; every path
 returns the sum of per-token losses / num_items, as transformers' ForCausalLMLoss does with num_items_in_batch.
 - chunked (train.chunked_loss): a forward hook on the decoder catches its output (the last hidden state,
-  after the final norm) while the model computes logits for no position (fewest_logits); the head and the loss run over
-  supervised positions only, in chunks, so full-vocabulary logits never exist for the whole batch (and, unlike
-  output_hidden_states=True, no layer's output is kept beyond what the backward needs);
+  after the final norm) while the model computes logits for no position (fewest_logits); the head and the
+  loss run over supervised positions only, in chunks, so full-vocabulary logits never exist for the whole
+  batch (and, unlike output_hidden_states=True, no layer's output is kept beyond what the backward needs);
 - Liger's fused linear cross-entropy instead of our chunks, when liger-kernel is installed and the model is on a GPU;
 - plain: the model's own loss, where the head cannot be applied outside the model (an adapter on the head,
   prompt/prefix tuning, a sharded head, logit scaling or soft-capping) or when train.chunked_loss is false.

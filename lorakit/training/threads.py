@@ -9,8 +9,8 @@ run: 730 supervised tokens/s passive, 890–1,140 with a short spin; docs/perfor
 `choose_openmp_waits`, run before torch is imported (the CLI's entry point), looks at the machine once:
 no other task runnable at this priority or above → a short bounded spin (GOMP_SPINCOUNT 10,000, ≈ 0.1 ms:
 beside a load that appears later it costs far less than a long one); any → passive waits
-(OMP_WAIT_POLICY=PASSIVE). Either is read once, when torch loads OpenMP; a value the user set is kept. The wait policy changes no result, only
-how threads wait.
+(OMP_WAIT_POLICY=PASSIVE). Either is read once, when torch loads OpenMP; a value the user set is kept. The
+wait policy changes no result, only how threads wait.
 The thread count (train.threads) defaults to OMP_NUM_THREADS where set, else to the CPUs this process may
 actually use (affinity and the cgroup quota) shared among the processes of one machine, where torch would
 count the machine's cores.
