@@ -30,7 +30,7 @@ from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
 from lorakit.models.loading import load_tokenizer, resolve_model_path
 from lorakit.tools.generate import load_for_generation
 from lorakit.training.loop import evaluate
-from lorakit.training.loss import Loss, plain_loss
+from lorakit.training.loss import build_loss
 from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
 FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "completion": "completion", "text": "text"}
 EXAMPLES_SHOWN = 3
@@ -153,12 +153,16 @@ def _score_model(model, tokenizer, items: list[EvalItem], context, *, metric: st
     with context:
         outputs, scores = score_items(model, tokenizer, items, metric, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size)
+        # Training's loss: the head over answer tokens only, a chunk of logits at a time, so a batch of long rows
+        # never holds [batch, length, vocab] logits (20 GB in fp32 at 8 × 4,096 tokens and a 152k vocabulary).
+        loss_fn = build_loss(model, chunked=True)
         # train.evaluate reads only the micro-batch size of the train section.
         loss = evaluate(model, tokenizer, [i.example for i in items], SimpleNamespace(micro_batch_size=batch_size),
-                        accelerator, Loss(plain_loss, "plain"))["eval_loss"]
+                        accelerator, loss_fn)["eval_loss"]
     model.eval()  # evaluate() hands the model back in train mode
     return {"score": round(sum(scores) / len(scores), 6) if scores else None, "loss": loss,
-            "perplexity": round(math.exp(min(loss, 50)), 4), "outputs": outputs, "scores": scores}
+            "perplexity": round(math.exp(min(loss, 50)), 4), "outputs": outputs, "scores": scores,
+            "loss_path": loss_fn.describe().removeprefix("loss: ")}
 
 
 def _report(target: Target, data_file: Path, section: DataSection, items, skipped, results, settings,
@@ -173,7 +177,8 @@ def _report(target: Target, data_file: Path, section: DataSection, items, skippe
     totals = {name: {key: r[key] for key in ("score", "loss", "perplexity")} for name, r in results.items()}
     return {
         "target": str(target.path), "kind": target.kind, "data": str(data_file), "format": section.format,
-        "settings": {**settings, "greedy": True, "loss": "token-weighted mean over answer tokens"},
+        "settings": {**settings, "greedy": True, "loss": "token-weighted mean over answer tokens",
+                     "loss_path": {name: r["loss_path"] for name, r in results.items()}},
         "rows": len(items) + len(skipped), "scored_rows": len(scored), "loss_rows": len(items),
         "skipped": skipped, "totals": totals, "per_row": per_row, "seconds": round(seconds, 2),
     }

@@ -105,6 +105,8 @@ def test_eval_run_base_too(run_dir, tiny_model_dir):
     assert report["totals"]["tuned"]["loss"] == pytest.approx(tuned_loss, abs=1e-4)
     assert report["totals"]["base"]["loss"] == pytest.approx(base_loss, abs=1e-4)
     assert report["totals"]["tuned"]["loss"] < report["totals"]["base"]["loss"]
+    # ... computed as training computes it: the head over answer tokens, a chunk of logits at a time.
+    assert report["settings"]["loss_path"] == {"tuned": "chunked", "base": "chunked"}
     row = report["per_row"][0]
     assert row["answer"] == "Paris" and {"output", "score"} <= set(row["tuned"])
     # A second eval moves the first report aside.
