@@ -170,14 +170,16 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
     training (the run's choose_batching), so evaluation spends nothing on padding either.
 
     Every rank runs the same number of batches (idle ones where it has run out), as FSDP's forward is a
-    collective.
+    collective. Padded batches take the examples in order of length: the loss is a sum, so the order changes
+    nothing but how much of each batch is padding.
     """
     model.eval()
     shards = eval_shards(len(examples), cfg.micro_batch_size, accelerator.num_processes, accelerator.process_index)
+    order = range(len(examples)) if padding_free else sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total, count = 0.0, 0
     training_tally, compute_loss.tally = compute_loss.tally, type(compute_loss.tally)(compute_loss.tally.names)
     for idx in shards:
-        batch = collate([examples[i] for i in idx] or [idle_batch(examples[0])], tokenizer, padding_free)
+        batch = collate([examples[order[i]] for i in idx] or [idle_batch(examples[0])], tokenizer, padding_free)
         n = compute_loss.items(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         total += float(compute_loss(model, batch, 1))  # num_items=1: the summed loss

@@ -200,4 +200,7 @@ def test_evaluation_is_padding_free_like_training():
     padded = evaluate(model, tokenizer, examples, cfg, one_process, loss)
     hook.remove()
     assert [r[0] for r in rows] == [2, 2, 1]
+    # Padded batches take the examples in order of length (5, 9 | 12, 17 | 30): widths 9, 17, 30, 82 positions
+    # in all, against 17, 30, 12 (106) in data order.
+    assert [r[1] for r in rows] == [9, 17, 30]
     assert flat["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
