@@ -187,9 +187,10 @@ class ModelShape:
     trainable: int
     layers: int
     attention_width: int  # heads × head_dim: the width of QKᵀ and AV
+    reference_forward: bool = False  # DPO/IPO's live reference: one more forward of the base per step, no backward
 
     @classmethod
-    def of(cls, model) -> "ModelShape":
+    def of(cls, model, reference_forward: bool = False) -> "ModelShape":
         trainable, total = model.get_nb_trainable_parameters()
         embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         head_count = head.shape[0] * head.shape[1]
@@ -197,14 +198,17 @@ class ModelShape:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(body, head_count, trainable, config.num_hidden_layers, heads * head_dim)
+        return cls(body, head_count, trainable, config.num_hidden_layers, heads * head_dim, reference_forward)
 
     def flops(self, work: Work, checkpointing: bool) -> float:
         forward = 2 * self.body * work.tokens + 2 * self.head * work.targets
         attention = 4 * self.attention_width * self.layers * work.attention_pairs
         backward = 2 * self.body * work.tokens + 2 * self.trainable * work.tokens + 2 * self.head * work.targets
         recompute = 2 * self.body * work.tokens + attention if checkpointing else 0
-        return float(forward + attention + backward + 2 * attention + recompute)
+        # The reference is the model with its adapter switched off: the body without the adapter's matmuls.
+        reference = (2 * (self.body - self.trainable) * work.tokens + 2 * self.head * work.targets + attention
+                     if self.reference_forward else 0)
+        return float(forward + attention + backward + 2 * attention + recompute + reference)
 
 
 class StepMeter:

@@ -28,7 +28,14 @@ from lorakit.training.loss import (
 # ORPO and SimPO as their papers define them. DPO uses the sum.
 NORMALISED = {"dpo": False, "ipo": True, "orpo": True, "simpo": True}
 NEEDS_REFERENCE = ("dpo", "ipo")
+
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
+
+
+def live_reference(cfg: TrainSection) -> bool:
+    """Whether every micro-batch runs the reference's forward (DPO/IPO with train.reference base), rather than
+    reading log-probs computed before training (precomputed, init_from) or needing none (SFT, ORPO, SimPO)."""
+    return cfg.objective in NEEDS_REFERENCE and cfg.reference not in ("precomputed", "init_from")
 
 
 def build_training_loss(model, cfg: TrainSection):

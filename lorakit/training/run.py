@@ -47,7 +47,7 @@ from lorakit.training.metrics import MetricsLog
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
-from lorakit.training.preference import attach_reference, build_training_loss
+from lorakit.training.preference import attach_reference, build_training_loss, live_reference
 from lorakit.training.threads import set_threads
 from lorakit.training.trackers import build_trackers, check_tracker_packages, finish_trackers, start_trackers
 
@@ -188,7 +188,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
             say(f"adapter: starting from {continue_from(model, recipe.adapter, allow_pickle)}")
         init = capture_initial(model, recipe.adapter)  # before a checkpoint's weights replace B₀, A₀
         batching = choose_batching(recipe, model, data.group_lengths)
-        meter = StepMeter(ModelShape.of(model))
+        meter = StepMeter(ModelShape.of(model, reference_forward=live_reference(recipe.train)))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
     say(trainable_summary(model))
     say(f"batches: {batching.note}")

@@ -196,3 +196,30 @@ def test_an_idle_pair_adds_nothing_but_reaches_every_adapter_weight(tiny_model_d
     assert loss.item() == 0.0
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+
+
+def test_efficiency_counts_the_live_reference_forward(tiny_model_dir, tmp_path):
+    """DPO with train.reference base runs one more forward per micro-batch (the adapter off, no backward): the
+    FLOPs formula adds it, by the ratio torch's counter sees against a reference-free objective on the same pairs;
+    precomputed log-probs and ORPO/SimPO add nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.training.perf import ModelShape, Work
+    from lorakit.training.preference import live_reference
+
+    counted = {}
+    for objective in ("dpo", "simpo"):
+        (tmp_path / objective).mkdir()
+        recipe, model, tokenizer, pairs = setup(tiny_model_dir, tmp_path / objective, objective)
+        model.train()
+        loss_fn = build_training_loss(model, recipe.train)
+        with FlopCounterMode(display=False) as counter:
+            loss_fn(model, collate(pairs, tokenizer), len(pairs)).backward()
+        counted[objective] = counter.get_total_flops()
+        assert live_reference(recipe.train) == (objective == "dpo")
+    work = Work()
+    work.add(pairs)
+    with_reference = ModelShape.of(model, reference_forward=True).flops(work, False)
+    assert with_reference / ModelShape.of(model).flops(work, False) == pytest.approx(
+        counted["dpo"] / counted["simpo"], rel=0.05)
+    assert not live_reference(recipe.train.model_copy(update={"objective": "dpo", "reference": "precomputed"}))
