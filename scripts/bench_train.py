@@ -16,8 +16,9 @@ the repeats and the ratios lorakit/reference are reported for:
 - loss: of the last 3 training steps, and on 32 held-out rows after training (token-weighted, the same rows
   for both sides). Both sides draw micro-batches from the same seeded permutation, so the two agree to
   fp32 noise (unless a knob turns on data.group_by_length).
-Then each speed knob's effect on lorakit alone (one run each), and one run per side beside a background
-load (a niced matmul loop on every usable CPU; --no-load skips it). Results go to OUT/bench_train.json.
+Then each speed knob's effect on lorakit alone (one run each), and one run per side beside each of two
+background loads (a matmul loop on every usable CPU, niced and at the same priority; --no-load skips
+them). Results go to OUT/bench_train.json.
 
 CPU setup (no GPU): a random Llama with 32,768-token vocabulary, hidden 256, 4 layers (≈20M parameters,
 two thirds of them embeddings and head, as in small real models), float32, and a synthetic alpaca dataset
@@ -479,26 +480,45 @@ LOAD = ("import torch\nfrom lorakit.training.threads import usable_cpus\ntorch.s
         "a = torch.randn(768, 768)\nwhile True:\n    a @ a")
 
 
+# Background loads: a second user's job, niced and at the run's own priority (beside that one lorakit waits
+# passively; beside the niced one it keeps its short spin).
+LOADS = {
+    "nice 10 matmul loop on every usable CPU": ["nice", "-n", "10", sys.executable, "-c", LOAD],
+    "the same matmul loop at the same priority": [sys.executable, "-c", LOAD],
+}
+
+
 def beside_load(recipe: dict, runs_dir: Path, quiet: dict) -> dict:
-    """One run per side while a niced background job keeps every usable CPU busy (as a second user's job
-    would): how much each side slows down against its own quiet median."""
-    load = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", LOAD], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(2)  # the load is running before the first side starts
-        runs = {kind: run_side(kind, runs_dir / f"{kind}-beside-load", recipe, []) for kind in ("lorakit", "reference")}
-    finally:
-        load.kill()
-        load.wait()
-    print("\nbeside a background load (nice 10 matmul loop on every usable CPU), one run per side:")
+    """One run per side beside each background load (as a second user's job would run): how much each side
+    slows down against its own quiet median."""
     out = {}
-    for kind, run in runs.items():
-        tps, calm = run.get("supervised_tokens_per_s"), median(quiet[kind], "supervised_tokens_per_s")
-        out[kind] = {"supervised_tokens_per_s": tps, "slowdown": calm / tps if tps and calm else None}
-        print(f"  {kind:9s}: {_fmt(tps)} supervised tokens/s, {_fmt(out[kind]['slowdown'])}× slower than quiet")
-    ratio = (out["lorakit"]["supervised_tokens_per_s"] or 0) / (out["reference"]["supervised_tokens_per_s"] or 1)
-    print(f"  lorakit / reference beside the load: {ratio:.2f}×")
-    return {**out, "ratio": ratio}
+    for name, command in LOADS.items():
+        load = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(2)  # the load is running before the first side starts
+            slug = "beside-load" if name.startswith("nice") else "beside-busy"
+            runs = {kind: run_side(kind, runs_dir / f"{kind}-{slug}", recipe, []) for kind in ("lorakit", "reference")}
+        finally:
+            load.kill()
+            load.wait()
+        print(f"\nbeside a background load ({name}), one run per side:")
+        result = {}
+        for kind, run in runs.items():
+            tps, calm = run.get("supervised_tokens_per_s"), median(quiet[kind], "supervised_tokens_per_s")
+            result[kind] = {"supervised_tokens_per_s": tps, "slowdown": calm / tps if tps and calm else None}
+            print(f"  {kind:9s}: {_fmt(tps)} supervised tokens/s, {_fmt(result[kind]['slowdown'])}× slower than quiet")
+        waits = _openmp_waits(runs_dir / f"lorakit-{slug}" / "log.txt")
+        ratio = (result["lorakit"]["supervised_tokens_per_s"] or 0) / (result["reference"]["supervised_tokens_per_s"] or 1)
+        print(f"  lorakit / reference beside the load: {ratio:.2f}× (lorakit's OpenMP waits: {waits})")
+        out[name] = {**result, "ratio": ratio, "lorakit_openmp_waits": waits}
+    return out
+
+
+def _openmp_waits(log: Path) -> str:
+    """What the lorakit run's settings said about its OpenMP waits."""
+    text = log.read_text() if log.is_file() else ""
+    return next((line.split("OpenMP waits:", 1)[1].strip() for line in text.splitlines() if "OpenMP waits:" in line),
+                "-")
 
 
 def _fmt(value) -> str:
