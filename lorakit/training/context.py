@@ -60,4 +60,4 @@ class FitContext:
     resume_command: str = "lorakit train RECIPE --resume"  # what Ctrl-C tells the user to run
     padding_free: bool = False  # micro-batches as one flattened row (choose_batching)
     init: InitRecord = field(default_factory=InitRecord)  # what the LoRA init did (checkpoints convert PiSSA/OLoRA)
-    loss: Any = None  # the training loss (build_training_loss) the run reported; None: the loop builds it
+    loss: Any = field(kw_only=True)  # the training loss (build_training_loss), as the run's settings reported it

@@ -28,7 +28,6 @@ from lorakit.faults import fault_injector
 from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.interrupt import GracefulStop
 from lorakit.training.metrics import MetricsLog
-from lorakit.training.preference import build_training_loss
 from lorakit.training.prefetch import Prefetch
 from lorakit.training.scoring import TrainingScorer
 
@@ -54,7 +53,7 @@ def fit(ctx: FitContext) -> MetricsLog:
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
     last_checkpoint = start.checkpoint
-    compute_loss = ctx.loss or build_training_loss(accelerator.unwrap_model(model), cfg)
+    compute_loss = ctx.loss
     console(accelerator.is_main_process)(compute_loss.describe())
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None

@@ -13,6 +13,7 @@ returns the sum of per-token losses / num_items, as transformers' ForCausalLMLos
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -149,12 +150,8 @@ def _head_reproduces_logits(model, head, decoder) -> bool:
     """One 8-token forward: do head(the decoder's output) and the model's logits agree? (eval mode: no dropout)."""
     embeddings = model.get_input_embeddings().weight
     ids = (torch.arange(8, device=embeddings.device) * 7919 + 13) % embeddings.shape[0]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         hidden, out = forward_hidden(model, decoder, {"input_ids": ids[None]})
-    finally:
-        model.train(was_training)
     mine, theirs = head(hidden.to(head.weight.dtype)).float(), out.logits.float()
     if mine.shape != theirs.shape:
         return False
@@ -170,16 +167,24 @@ def fewest_logits(model, decoder) -> int | torch.Tensor:
     embeddings = model.get_input_embeddings().weight
     none = torch.zeros(0, dtype=torch.long, device=embeddings.device)
     ids = torch.ones(1, 2, dtype=torch.long, device=embeddings.device)
-    was_training = model.training
-    model.eval()
     try:
-        _, out = forward_hidden(model, decoder, {"input_ids": ids}, logits_to_keep=none)
+        with eval_mode(model):
+            _, out = forward_hidden(model, decoder, {"input_ids": ids}, logits_to_keep=none)
         empty = out.logits.shape[-2] == 0
     except Exception:  # noqa: BLE001  (a forward that cannot take it keeps the last position)
         empty = False
+    return none if empty else 1
+
+
+@contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) inside the block, back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
     finally:
         model.train(was_training)
-    return none if empty else 1
 
 
 def liger_available() -> bool:

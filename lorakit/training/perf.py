@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from lorakit.data.formats import num_targets
 from lorakit.models.attention import varlen_name
 from lorakit.errors import UsageError
-from lorakit.training.loss import prompt_learning_method
+from lorakit.training.loss import eval_mode, prompt_learning_method
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s; matched by substring of the
 # device name, first match wins (so "H100 PCIe" precedes "H100").
@@ -103,19 +103,18 @@ def flattening_probe(model, flattened_attention: str | None = None) -> bool:
     b = (torch.arange(4, device=device) * 104729 + 11) % vocab
     row, restart = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(4)]).to(device)[None]
     base, own = model.get_base_model() if hasattr(model, "get_base_model") else model, model.config._attn_implementation
-    was_training = model.training
-    model.eval()
+    kept = False
     try:
-        alone = model(input_ids=b[None]).logits[0].float()
-        if flattened_attention:
-            base.set_attn_implementation(flattened_attention)
-        flat = model(input_ids=row, position_ids=restart).logits[0, 5:].float()
-        mixed = model(input_ids=row).logits[0, 5:].float()
+        with eval_mode(model):
+            alone = model(input_ids=b[None]).logits[0].float()
+            if flattened_attention:
+                base.set_attn_implementation(flattened_attention)
+            flat = model(input_ids=row, position_ids=restart).logits[0, 5:].float()
+            mixed = model(input_ids=row).logits[0, 5:].float()
         kept = bool((flat - alone).abs().max() <= 0.1 * (mixed - alone).abs().max())
     except (TypeError, ValueError):  # a forward that takes no position_ids cannot be flattened
         kept = False
     finally:
-        model.train(was_training)
         if flattened_attention and not kept:
             base.set_attn_implementation(own)
     return kept

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from lorakit.config.schema import TrainSection
 from lorakit.data.formats import IGNORE_INDEX
 from lorakit.training.loss import (
-    Tally, _decoder, build_loss, fewest_logits, forward_hidden, head_unusable, linear_token_logps, shifted_targets,
+    Tally, _decoder, build_loss, eval_mode, fewest_logits, forward_hidden, head_unusable, linear_token_logps,
+    shifted_targets,
 )
 
 # Objectives that compare length-normalised log-probs (the mean over an answer's tokens): IPO as TRL computes it,
@@ -176,18 +177,15 @@ def compute_reference(loss: PreferenceLoss, examples: list, tokenizer, micro_bat
     from lorakit.data.batching import collate
 
     model = loss.model
-    device, was_training = model.get_input_embeddings().weight.device, model.training
-    model.eval()
+    device = model.get_input_embeddings().weight.device
     out = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(examples), micro_batch_size):
             # without stored log-probs, so the reference is computed, not read back
             chunk = [dataclasses.replace(e, ref_logps=None) for e in examples[start : start + micro_batch_size]]
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer).items()}
             logps = loss.reference_logps(batch, adapter_on).tolist()
             out += list(zip(logps[: len(chunk)], logps[len(chunk):]))
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -36,9 +36,8 @@ def choose_openmp_waits(others: int | None = None) -> str:
 
     ``others``: tasks that compete for this process's CPU time (None: competing_tasks()). A wait setting
     already in the environment is kept."""
-    if any(k in os.environ for k in USER_KEYS):
-        chosen = ", ".join(f"{k}={os.environ[k]}" for k in USER_KEYS if k in os.environ)
-        # A parent lorakit process's choice, inherited, keeps its description.
+    chosen = _set_in_environment()
+    if chosen:  # a parent lorakit process's choice, inherited, keeps its description
         return os.environ.setdefault("LORAKIT_OPENMP_WAITS", f"{chosen} (from the environment)")
     others = competing_tasks() if others is None else others
     if others == 0:
@@ -60,16 +59,15 @@ def competing_tasks(samples: int = 5, interval: float = 0.002, proc: Path = PROC
     a passing process). Where it shows others, the tasks themselves: one that runs at a lower priority (a
     `nice`d background job) gets a small share of a core beside this process (1/9 at nice 10) and is not
     counted — beside one, a short spin measured faster than passive waits (docs/performance.md)."""
-    counts = []
     for i in range(samples):
         try:
-            counts.append(int((proc / "loadavg").read_text().split()[3].split("/")[0]))
+            running = int((proc / "loadavg").read_text().split()[3].split("/")[0])
         except (OSError, IndexError, ValueError):
             return -1
+        if running <= 1:  # this process's own thread is running while it reads: the least is found
+            return 0
         if i + 1 < samples:
             time.sleep(interval)
-    if min(counts) <= 1:  # this process's own thread is running while it reads
-        return 0
     return min(_runnable_at_priority(proc) for _ in range(2))
 
 
@@ -92,8 +90,12 @@ def openmp_waits() -> str:
     """How this process's OpenMP threads wait, as choose_openmp_waits decided (or the environment says)."""
     if "LORAKIT_OPENMP_WAITS" in os.environ:
         return os.environ["LORAKIT_OPENMP_WAITS"]
-    set_here = [f"{k}={os.environ[k]}" for k in USER_KEYS if k in os.environ]
-    return ", ".join(set_here) if set_here else "OpenMP's default"
+    return _set_in_environment() or "OpenMP's default"
+
+
+def _set_in_environment() -> str:
+    """The OpenMP wait settings in the environment, as KEY=VALUE, ... ('' when none is)."""
+    return ", ".join(f"{k}={os.environ[k]}" for k in USER_KEYS if k in os.environ)
 
 
 def choose_threads(requested: int | None) -> int:
