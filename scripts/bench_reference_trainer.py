@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                       target_modules="all-linear")
     model = get_peft_model(model, lora)
 
-    collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    counts = Counts()
     training_args = TrainingArguments(
         output_dir=args.output_dir or str(out.with_suffix("")) + "-trainer",
         per_device_train_batch_size=args.micro_batch,
@@ -103,19 +104,20 @@ def main(argv=None) -> int:
     )
     clock = LoopClock()
     trainer = SameOrderTrainer(
-        order=order, model=model, args=training_args, train_dataset=ListDataset(rows), data_collator=collator,
-        callbacks=[clock],
+        order=order, counts=counts, model=model, args=training_args, train_dataset=ListDataset(rows),
+        data_collator=collator, callbacks=[clock],
     )
     trainer.train()
+    trainer.save_model()  # the adapter, as any fine-tune ends (lorakit's side writes its adapter too)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_loss = None
     if args.eval:
         held_out = load_datasets(section.model_copy(update={"train": args.eval}), tokenizer, args.seed).train
-        eval_loss = evaluate(model, collator.inner, held_out, args.micro_batch)
+        eval_loss = evaluate(model, collator, held_out, args.micro_batch)
     result = {
-        "supervised_tokens": collator.supervised,
-        "tokens": collator.tokens,
-        "padded_tokens": collator.padded,
+        "supervised_tokens": counts.supervised,
+        "tokens": counts.tokens,
+        "padded_tokens": counts.padded,
         "train_seconds": clock.seconds,
         "train_cpu_seconds": clock.cpu_seconds,
         "losses": losses,
@@ -139,19 +141,18 @@ def evaluate(model, collator, examples, batch_size: int) -> float:
     return total / count
 
 
-class CountingCollator:
-    """The padded collator, counting what each micro-batch holds: supervised targets, real and padded tokens."""
+class Counts:
+    """What the micro-batches trained on hold: supervised targets, real and padded tokens. Counted as each is
+    trained on (SameOrderTrainer.training_step), not as it is collated: accelerate's data loader collates one
+    batch ahead, so a collator would count one micro-batch more than the run trains on."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self):
         self.supervised = self.tokens = self.padded = 0
 
-    def __call__(self, features):
-        batch = self.inner(features)
+    def add(self, batch) -> None:
         self.supervised += int((batch["labels"][:, 1:] != -100).sum())
         self.tokens += int(batch["attention_mask"].sum())
         self.padded += batch["input_ids"].numel()
-        return batch
 
 
 class ListDataset:
@@ -166,14 +167,19 @@ class ListDataset:
 
 
 class SameOrderTrainer(Trainer):
-    """Trainer unchanged except for the order of examples: lorakit's, so both sides see the same batches."""
+    """Trainer unchanged except for the order of examples (lorakit's, so both sides see the same batches) and a
+    count of what each training micro-batch holds."""
 
-    def __init__(self, *args, order, **kwargs):
+    def __init__(self, *args, order, counts, **kwargs):
         super().__init__(*args, **kwargs)
-        self.order = order
+        self.order, self.counts = order, counts
 
     def _get_train_sampler(self, train_dataset=None):
         return self.order
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.counts.add(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
 
 
 class LoopClock(TrainerCallback):

@@ -147,11 +147,24 @@ def _chunk_peak(chunks: list, vocab: int, hidden: int, e: int, device: str, head
     return max(peaks)
 
 
+def _blocked_peak(n: int, rows: int, block: int, hidden: int, e: int) -> int:
+    """Most bytes alive at once in lorakit.training.loss._blocked_logps (a frozen head on a CPU) over ``n`` rows in
+    chunks of ``rows``, the vocabulary ``block`` columns at a time."""
+    r, cast = min(rows, n), (e if e != 4 else 0)
+    # a block: its fp32 logits (and the model-dtype product or cast beside them), the fp32 accumulator of
+    # softmax @ W and the block's product with W; the end: the accumulator, W[target] in fp32 and their difference
+    peak = max(r * block * (4 + cast) + r * hidden * (4 + e), 12 * r * hidden)
+    peak += 48 * r  # per-row vectors: running max and sum, target logits, their indices
+    return peak + (r * hidden * e + 4 * r if n > rows else 0)  # the previous chunk's result, until rebound
+
+
 def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
-    from lorakit.training.loss import CHUNK_ELEMENTS
+    from lorakit.training.loss import CHUNK_ELEMENTS, CPU_ROWS, CPU_VOCAB_BLOCK
 
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
     n = T - s.batch_size  # supervised positions at most: the last token of a sequence has no target
+    if s.device == "cpu" and s.method != "full":
+        return _cpu_chunked_loss_line(p, s, n, CPU_ROWS, min(CPU_VOCAB_BLOCK, g.vocab))
     rows = max(16, CHUNK_ELEMENTS // g.vocab)
     chunks = [min(rows, n - start) for start in range(0, min(n, 3 * rows), rows)]  # the first three: O(1) whatever n
     head = g.vocab * g.hidden if s.method == "full" else 0  # a trainable head: its gradient is made here too
@@ -172,6 +185,20 @@ def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
         f"checkpointing, two hidden states the previous micro-step's graph still holds) "
         f"+ b·V·{e} (the last position's logits) + 24 B × T (targets)"
         + (" + V·h·4 (the trainable head's fp32 gradient, accumulated over the chunks)" if head else "")
+    ))
+
+
+def _cpu_chunked_loss_line(p: ModelProfile, s: Settings, n: int, rows: int, block: int) -> Line:
+    g, T, e = p.geometry, _tokens(s), act_bytes(s)
+    peak = _blocked_peak(n, rows, block, g.hidden, e) if n > 0 else 0
+    extra = 2 if s.gradient_checkpointing else 0
+    total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T
+    return Line("logits_and_loss", "logits and loss", total, (
+        f"chunked loss on a CPU (lorakit.training.loss): chunks of ≤ {rows:,} rows, the vocabulary {block:,} "
+        f"columns at a time, at most {gib(peak)} alive at once (a block's fp32 logits, the fp32 sum of "
+        f"softmax @ W per row); + 2 × n·h·{e} (selected hidden states, their gradient; n = T − b = {n:,} "
+        f"supervised positions at most) + {extra} × T·h·{e} (under checkpointing, two hidden states the previous "
+        f"micro-step's graph still holds) + b·V·{e} (the last position's logits) + 24 B × T (targets)"
     ))
 
 
@@ -220,7 +247,13 @@ def reference_line(p: ModelProfile, s: Settings) -> Line:
 
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
     layer = T * (3 * g.intermediate + 2 * g.hidden) * e
-    if loss_path(p, s) == "chunked":
+    if loss_path(p, s) == "chunked" and s.device == "cpu":
+        from lorakit.training.loss import CPU_ROWS, CPU_VOCAB_BLOCK
+
+        block = min(CPU_VOCAB_BLOCK, g.vocab)
+        head = min(CPU_ROWS, T) * block * 8 + T * g.hidden * e
+        how = f"chunks of ≤ {CPU_ROWS:,} rows × {block:,} vocabulary columns × 8 B"
+    elif loss_path(p, s) == "chunked":
         rows = max(16, CHUNK_ELEMENTS // g.vocab)
         head, how = min(rows, T) * g.vocab * 8 + T * g.hidden * e, f"one chunk of ≤ {rows:,} rows × V × 8 B"
     else:

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from lorakit.data.formats import IGNORE_INDEX, num_targets
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 256 rows at a 32k vocabulary, 55 at 152k
+# On a CPU a frozen head's chunk is cut along the vocabulary too (_blocked_logps): ROWS × VOCAB_BLOCK fp32 logits
+# (4 MiB) stay in cache from their GEMM through the softmax into the gradient's GEMM.
+CPU_ROWS, CPU_VOCAB_BLOCK = 1024, 1024
 
 # Config keys of models that scale or soft-cap their logits after the head (Gemma 2/3, Cohere, Granite);
 # the probe in _head_reproduces_logits catches the ones not listed.
@@ -225,66 +228,113 @@ def _liger_sum(hidden, weight, bias, targets) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) when a version returns the z-loss too
 
 
-def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None) -> torch.Tensor:
-    """sum_i CE(hidden_i @ weight.T + bias, targets_i) without holding more than one chunk of logits."""
-    rows = chunk_rows or max(16, CHUNK_ELEMENTS // weight.shape[0])
+def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int | None = None,
+                             vocab_block: int | None = None) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight.T + bias, targets_i) without holding more than one chunk of logits.
+
+    ``chunk_rows`` / ``vocab_block``: the chunk's shape (default: _chunking)."""
+    rows, block = _chunking(hidden, weight, chunk_rows, vocab_block)
     if torch.is_grad_enabled():
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, block)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], rows):
-        total -= _chunk_logps(hidden[s : s + rows], weight, bias, targets[s : s + rows])[0].sum()
+        total -= _blocked_logps(hidden[s : s + rows], weight, bias, targets[s : s + rows], block)[0].sum()
     return total
 
 
-def linear_token_logps(hidden, weight, bias, targets, chunk_rows: int | None = None) -> torch.Tensor:
+def linear_token_logps(hidden, weight, bias, targets, chunk_rows: int | None = None,
+                       vocab_block: int | None = None) -> torch.Tensor:
     """log p(targets_i | hidden_i) under the head, per row ([n], fp32), one chunk of logits at a time.
 
     The head must be frozen (a preference loss falls back to the model's own logits otherwise): only the hidden
     states get a gradient, kept per row as in _LinearCrossEntropy and scaled by each row's incoming gradient."""
-    rows = chunk_rows or max(16, CHUNK_ELEMENTS // weight.shape[0])
+    rows, block = _chunking(hidden, weight, chunk_rows, vocab_block)
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _TokenLogps.apply(hidden, weight, bias, targets, rows)
-    out = [_chunk_logps(hidden[s : s + rows], weight, bias, targets[s : s + rows])[0]
+        return _TokenLogps.apply(hidden, weight, bias, targets, rows, block)
+    out = [_blocked_logps(hidden[s : s + rows], weight, bias, targets[s : s + rows], block)[0]
            for s in range(0, hidden.shape[0], rows)]
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _chunk_logps(hidden, weight, bias, targets, softmax: bool = False):
-    """(log p(target_i), fp32; the softmax over the vocabulary if asked, else None) of one chunk of rows.
+def _chunking(hidden, weight, chunk_rows, vocab_block) -> tuple[int, int]:
+    """(rows per chunk, vocabulary columns per block). A GPU takes the whole vocabulary at once, 256 rows at 32k
+    (CHUNK_ELEMENTS); a CPU, whose caches are what a step waits on, CPU_ROWS × CPU_VOCAB_BLOCK."""
+    vocab = weight.shape[0]
+    if hidden.device.type == "cpu":
+        rows, block = CPU_ROWS, CPU_VOCAB_BLOCK
+    else:
+        rows, block = max(16, CHUNK_ELEMENTS // vocab), vocab
+    return chunk_rows or rows, min(vocab_block or block, vocab)
+
+
+def _blocked_logps(hidden, weight, bias, targets, block: int, grad: bool = False):
+    """(log p(target_i) [n] fp32; if ``grad``, d log p_i / d hidden_i [n, hidden] in hidden's dtype, else None)
+    for one chunk of rows, with the head frozen.
+
+    The vocabulary is taken ``block`` columns at a time with a running max and sum per row (the online softmax
+    of flash attention): a block's logits (upcast from the model dtype, as transformers does) become exp(x - max)
+    in place and go straight into the gradient's GEMM, so the head's weight is read once for both products and
+    no [rows, vocab] tensor is made when ``block`` is smaller than the vocabulary. The gradient is
+    W[target] - softmax @ W = W[target] - (sum over blocks of exp(x - max) @ W_block) / sum, each block's share
+    rescaled as the running max grows."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    top = hidden.new_full((n, 1), float("-inf"), dtype=torch.float32)
+    total = hidden.new_zeros((n, 1), dtype=torch.float32)
+    target_logits = hidden.new_zeros(n, dtype=torch.float32)
+    acc = hidden.new_zeros(hidden.shape, dtype=torch.float32) if grad else None
+    for v in range(0, vocab, block):
+        w = weight[v : v + block]
+        logits = F.linear(hidden, w, None if bias is None else bias[v : v + block]).float()
+        index = targets - v
+        here = (index >= 0) & (index < w.shape[0])  # no nonzero(): a GPU would wait for it
+        picked = logits.gather(1, index.clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
+        target_logits = torch.where(here, picked, target_logits)
+        new_top = torch.maximum(top, logits.amax(dim=1, keepdim=True))
+        probs = logits.sub_(new_top).exp_()  # unnormalised: exp(x - running max)
+        rescale = (top - new_top).exp_()
+        total.mul_(rescale).add_(probs.sum(dim=1, keepdim=True))
+        if grad:
+            acc.mul_(rescale).add_(probs.to(w.dtype) @ w)
+        top = new_top
+        del logits, probs  # before the next block's product: one block alive at a time, its memory reused warm
+    logps = target_logits - (total.log() + top).squeeze(1)
+    if not grad:
+        return logps, None
+    return logps, (weight.index_select(0, targets).float() - acc.div_(total)).to(hidden.dtype)
+
+
+def _chunk_logps(hidden, weight, bias, targets):
+    """(log p(target_i), fp32; the softmax over the whole vocabulary) of one chunk of rows, for a trainable head.
 
     The logits (upcast from the model dtype, as transformers does) are turned into the softmax in place with
-    one exp pass: exp(x - max) summed gives the log-sum-exp, divided gives the probabilities. (torch.logsumexp
-    and then exp(x - lse) would take two exp passes and two [rows, vocab] temporaries: a fifth of a CPU step of
-    the bench model.)"""
+    one exp pass: exp(x - max) summed gives the log-sum-exp, divided gives the probabilities."""
     logits = F.linear(hidden, weight, bias).float()
     target_logits = logits.gather(1, targets[:, None]).squeeze(1)
     top = logits.amax(dim=1, keepdim=True)
     probs = logits.sub_(top).exp_()
     total = probs.sum(dim=1, keepdim=True)
     logps = target_logits - (total.log() + top).squeeze(1)
-    return logps, (probs.div_(total) if softmax else None)
+    return logps, probs.div_(total)
 
 
 class _TokenLogps(torch.autograd.Function):
-    """d logp_i / d hidden_i = (onehot - softmax) @ W, computed per chunk in the forward; never [n, vocab] kept."""
+    """d logp_i / d hidden_i = W[target_i] - softmax_i @ W, computed per chunk in the forward (_blocked_logps);
+    never [n, vocab] kept."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
+    def forward(ctx, hidden, weight, bias, targets, rows, block):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         grad_h = torch.empty_like(hidden)
         for s in range(0, hidden.shape[0], rows):
-            t = targets[s : s + rows]
-            out[s : s + rows], probs = _chunk_logps(hidden[s : s + rows], weight, bias, t, softmax=True)
-            grad_logits = probs.neg_()  # -softmax, in place of the logits
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1
-            grad_h[s : s + rows] = grad_logits.to(hidden.dtype) @ weight
+            out[s : s + rows], grad_h[s : s + rows] = _blocked_logps(hidden[s : s + rows], weight, bias,
+                                                                     targets[s : s + rows], block, grad=True)
         ctx.save_for_backward(grad_h)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype)[:, None], None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype)[:, None], None, None, None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -296,16 +346,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
+    def forward(ctx, hidden, weight, bias, targets, rows, block):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        if need_w or need_b:  # a trainable head needs each row's normalised softmax: whole-vocabulary chunks
+            rows = min(rows, max(16, CHUNK_ELEMENTS // weight.shape[0]))
         for s in range(0, hidden.shape[0], rows):
             h, t = hidden[s : s + rows], targets[s : s + rows]
-            logps, grad_logits = _chunk_logps(h, weight, bias, t, softmax=True)  # softmax, in place of the logits
+            if not (need_w or need_b):  # a frozen head: d(-log p)/dh = softmax @ W - W[target]
+                logps, grad = _blocked_logps(h, weight, bias, t, block, grad=need_h)
+                total -= logps.sum()
+                if need_h:
+                    grad_h[s : s + rows] = grad.neg_()
+                continue
+            logps, grad_logits = _chunk_logps(h, weight, bias, t)  # the softmax, in place of the logits
             total -= logps.sum()
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
             grad_logits = grad_logits.to(hidden.dtype)
@@ -326,6 +384,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
             None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
             None if grad_b is None else (grad_b * grad_out).to(ctx.weight_dtype),
+            None,
             None,
             None,
         )

@@ -238,7 +238,7 @@ class StepMeter:
         return {**record, "train_cpu_seconds": round(self.cpu_seconds, 3)}
 
 
-def matmul_probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+def matmul_probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.2) -> float:
     """Best FLOP/s of square matmuls at ``dtype`` on ``device`` over about ``seconds``."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)

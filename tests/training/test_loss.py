@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.training.loss import (
-    _decoder, _head_reproduces_logits, build_loss, fewest_logits, linear_cross_entropy_sum, plain_loss,
+    CPU_ROWS, CPU_VOCAB_BLOCK, _decoder, _head_reproduces_logits, build_loss, fewest_logits,
+    linear_cross_entropy_sum, linear_token_logps, plain_loss,
 )
 from lorakit.training.perf import TensorMemoryTracker
 
@@ -132,6 +133,55 @@ def test_linear_cross_entropy_gradients_over_several_chunks(bias):
     torch.testing.assert_close(got, expected)
     for e, g_ in zip(expected_grads, got_grads):
         torch.testing.assert_close(g_, e)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("block", [7, 50])
+def test_frozen_head_in_vocabulary_blocks_equals_the_whole_softmax(bias, block):
+    """A frozen head's loss and token log-probs taken a block of the vocabulary at a time (an online softmax; the
+    CPU path), over several row chunks, equal the whole-vocabulary computation in value and gradient, also
+    where the largest logit of a row turns up in a late block."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = 3 * torch.randn(50, 16, generator=g)  # large logits: the running max moves by tens between blocks
+    weight[-1] = 4 * hidden.detach()[:5].mean(0)  # rows whose top logit is the vocabulary's last
+    b = torch.randn(50, generator=g) if bias else None
+    targets = torch.randint(0, 50, (37,), generator=g)
+    scale = torch.rand(37, generator=g)
+
+    logits = F.linear(hidden, weight, b)
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    expected_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    got = linear_cross_entropy_sum(hidden, weight, b, targets, chunk_rows=8, vocab_block=block)
+    got_logps = linear_token_logps(hidden, weight, b, targets, chunk_rows=8, vocab_block=block)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_logps, expected_logps)
+    for e, g_ in ((expected, got), ((expected_logps * scale).sum(), (got_logps * scale).sum())):
+        # gradients of size ~3 (W[target] - softmax @ W): fp32 rounding of the two summation orders, ~1e-5
+        torch.testing.assert_close(torch.autograd.grad(g_, hidden)[0],
+                                   torch.autograd.grad(e, hidden, retain_graph=True)[0], rtol=1e-5, atol=5e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, b, targets, vocab_block=block), expected)
+        torch.testing.assert_close(linear_token_logps(hidden, weight, b, targets, vocab_block=block), expected_logps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [300, CPU_ROWS + 300])
+def test_cpu_loss_memory_is_what_estimate_memory_says(dtype, rows):
+    """On a CPU the loss holds one block of logits (CPU_ROWS × CPU_VOCAB_BLOCK), not rows × vocabulary: the peak of
+    its tensors is the estimate's figure (lorakit.memory.estimate._blocked_peak) to within a few per cent."""
+    from lorakit.memory.estimate import _blocked_peak
+
+    vocab, hidden = 32768, 64
+    e = torch.finfo(dtype).bits // 8
+    weight = (0.02 * torch.randn(vocab, hidden)).to(dtype)
+    h = torch.randn(rows, hidden, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    with TensorMemoryTracker() as tracker:
+        linear_cross_entropy_sum(h, weight, None, targets)
+    estimate = _blocked_peak(rows, CPU_ROWS, CPU_VOCAB_BLOCK, hidden, e) + rows * hidden * e  # + the gradient kept
+    assert tracker.peak <= estimate <= 1.1 * tracker.peak, (tracker.peak, estimate)
+    assert tracker.peak < min(rows, CPU_ROWS) * vocab * 4 / 4  # a quarter of one chunk of whole-vocabulary logits
 
 
 def test_chunked_loss_step_needs_less_memory_at_32k_vocabulary():
