@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -81,19 +82,39 @@ def _run_recipe(path: Path) -> Recipe | None:
 
 
 def data_section(target: Target, data_file: Path, rows, keep_template: bool = False) -> DataSection:
-    """The run's data section (format, fields, length rule) for ``data_file``; without a recipe, the format is
-    read off the first row's keys. The chat template is the one training saved with the artifact's tokenizer
-    (``keep_template``: the recipe's, for an artifact saved without a tokenizer)."""
+    """How ``data_file``'s rows render: as training rendered them. With the run's recipe: the format, fields and
+    chat template of the data.train source that is this file (a source's own chat_template included), else the
+    data section's (rows of another format are refused, row by row, as training would). Without a recipe, the
+    format is read off the first row's keys. The chat template is the one training saved with the artifact's
+    tokenizer (``keep_template``: the recipe's, for an artifact saved without a tokenizer), unless the source
+    has its own."""
     if target.recipe is not None:
-        template = target.recipe.data.chat_template if keep_template else None
-        return target.recipe.data.model_copy(update={"train": str(data_file), "eval": None, "eval_split": None,
-                                                     "chat_template": template, "skip_bad_rows": False})
-    keys = rows[0].data.keys()
-    fmt = next((f for key, f in FORMAT_KEYS.items() if key in keys), None)
-    if fmt is None:
-        raise DataError(f"{rows[0].where}: cannot tell the row format from its fields ({', '.join(keys)}); "
+        data = target.recipe.data
+        update = {"train": str(data_file), "eval": None, "eval_split": None, "skip_bad_rows": False,
+                  "chat_template": data.chat_template if keep_template else None}
+        source = _source_of(data, data_file)
+        if source is not None:
+            update["format"] = source.format or data.format
+            update["fields"] = data.fields if source.fields is None else source.fields
+            if source.chat_template is not None:
+                update["chat_template"] = source.chat_template
+        return data.model_copy(update=update)
+    keys_format = next((f for key, f in FORMAT_KEYS.items() if key in rows[0].data.keys()), None)
+    if keys_format is None:
+        raise DataError(f"{rows[0].where}: cannot tell the row format from its fields ({', '.join(rows[0].data)}); "
                         "expected messages, instruction/output, prompt/completion or text")
-    return DataSection(train=str(data_file), format=fmt, max_seq_len=1 << 20)
+    return DataSection(train=str(data_file), format=keys_format, max_seq_len=1 << 20)
+
+
+def _source_of(data: DataSection, data_file: Path):
+    """The data.train source that is ``data_file`` (the same file, however the recipe spelled its path), if any."""
+    for source in data.sources():
+        try:
+            if Path(source.path).exists() and os.path.samefile(source.path, data_file):
+                return source
+        except OSError:
+            continue
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

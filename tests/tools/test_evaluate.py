@@ -78,6 +78,42 @@ def test_prompt_is_what_training_renders(tiny_model_dir, tmp_path):
     assert items[0].answer is None and items[0].prompt_ids is None  # loss only
 
 
+def test_eval_data_renders_as_its_training_source(tiny_model_dir, tmp_path):
+    """--data that is one of the run's data.train sources takes that source's format and own chat template (the
+    recipe's data.format is alpaca here); a file that is no source takes the data section's."""
+    from lorakit.config.load import parse_recipe
+    from lorakit.data.chat import load_template, resolve_chat_template
+    from lorakit.tools.evaluate import Target, data_section
+
+    alpaca = write_memorisation_data(tmp_path / "a.jsonl")
+    chat, other = tmp_path / "c.jsonl", tmp_path / "other.jsonl"
+    for path in (chat, other):
+        path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    recipe = recipe_dict(tiny_model_dir, alpaca, tmp_path / "run")
+    spelled = str(tmp_path / "." / "c.jsonl")  # the recipe's spelling of the path differs from --data's
+    recipe["data"]["train"] = [str(alpaca), {"path": spelled, "format": "chat", "chat_template": "zephyr"}]
+    parsed = parse_recipe(recipe)
+    target = Target(kind="adapter", path=tmp_path, model=parsed.model, base=None, recipe=parsed)
+
+    rows = read_rows(str(chat)).rows
+    section = data_section(target, chat, rows)
+    assert (section.format, section.chat_template) == ("chat", "zephyr")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template != load_template("zephyr", "x")
+    resolve_chat_template(section, tokenizer)
+    items, skipped = eval_items(rows, section, tokenizer)
+    assert not skipped and [i.answer for i in items] == ["Rome", "blue", "cold"]
+    zephyr = load_template("zephyr", "x")
+    for item, row in zip(items, CHAT_ROWS):
+        last = max(k for k, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        text = tokenizer.apply_chat_template(row["messages"][:last], chat_template=zephyr, tokenize=False,
+                                             add_generation_prompt=True)
+        assert item.prompt_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert data_section(target, other, read_rows(str(other)).rows).format == "alpaca"  # refused row by row
+    assert data_section(target, alpaca, read_rows(str(alpaca)).rows).format == "alpaca"
+
+
 def test_batched_left_padded_generation_equals_one_by_one_generate(tiny_model_dir):
     """Prompts of different lengths batched with left padding give what `lorakit generate --chat` gives alone."""
     model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir)), {}, allow_pickle=False,
