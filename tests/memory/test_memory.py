@@ -172,6 +172,24 @@ def test_lines_lora_bf16_by_hand(tiny):
     assert estimate(tiny, Settings(batch_size=b, seq_len=s)).total_bytes == total
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpu_loss_line_by_hand(tiny, checkpointing):
+    """On a CPU a frozen head's loss holds one block of the vocabulary (lorakit.training.loss._blocked_logps), not
+    whole-vocabulary chunks: the line is that block's peak (measured against the loss in tests/training/test_loss.py)
+    plus the same terms as on a GPU."""
+    from lorakit.memory.estimate import _blocked_peak
+    from lorakit.training.loss import CPU_ROWS, CPU_VOCAB_BLOCK
+
+    b, s, e = 2, 16, 2
+    T, n = b * s, b * s - b
+    settings = Settings(batch_size=b, seq_len=s, dtype="bfloat16", device="cpu", gradient_checkpointing=checkpointing)
+    got = lines(estimate(tiny, settings))
+    block = _blocked_peak(n, CPU_ROWS, min(CPU_VOCAB_BLOCK, V), H, e)
+    assert block == n * V * (4 + e) + n * H * (4 + e) + 48 * n  # V < CPU_VOCAB_BLOCK: one block, one chunk
+    kept = 2 * T * H * e if checkpointing else 0
+    assert got["logits_and_loss"] == block + 2 * n * H * e + kept + b * V * e + 24 * T
+
+
 @pytest.mark.parametrize("upcast", [False, True])
 def test_lines_qlora_checkpointing_by_hand(tiny, upcast):
     b, s, r = 1, 32, 8
