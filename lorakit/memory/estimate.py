@@ -163,12 +163,19 @@ def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
 
     g, T, e = p.geometry, _tokens(s), act_bytes(s)
     n = T - s.batch_size  # supervised positions at most: the last token of a sequence has no target
-    if s.device == "cpu" and s.method != "full":
-        return _cpu_chunked_loss_line(p, s, n, CPU_ROWS, min(CPU_VOCAB_BLOCK, g.vocab))
-    rows = max(16, CHUNK_ELEMENTS // g.vocab)
-    chunks = [min(rows, n - start) for start in range(0, min(n, 3 * rows), rows)]  # the first three: O(1) whatever n
     head = g.vocab * g.hidden if s.method == "full" else 0  # a trainable head: its gradient is made here too
-    peak = _chunk_peak(chunks, g.vocab, g.hidden, e, s.device, head * (4 + (e if e != 4 else 0)))
+    if s.device == "cpu" and not head:  # a frozen head on a CPU: blocks of the vocabulary (loss._blocked_logps)
+        block = min(CPU_VOCAB_BLOCK, g.vocab)
+        peak = _blocked_peak(n, CPU_ROWS, block, g.hidden, e)
+        chunking = (f"chunks of ≤ {CPU_ROWS:,} rows, the vocabulary {block:,} columns at a time, at most "
+                    f"{gib(peak)} alive at once (a block's fp32 logits, the fp32 sum of softmax @ W per row)")
+    else:
+        rows = max(16, CHUNK_ELEMENTS // g.vocab)
+        chunks = [min(rows, n - start) for start in range(0, min(n, 3 * rows), rows)]  # the first three: O(1)
+        peak = _chunk_peak(chunks, g.vocab, g.hidden, e, s.device, head * (4 + (e if e != 4 else 0)))
+        chunking = (f"logits {len(chunks) if len(chunks) < 3 else '≥3'} chunk(s) of ≤ {rows:,} rows × {g.vocab:,}, "
+                    f"at most {gib(peak)} alive at once (two chunks' fp32 logits, or one and its rows of the "
+                    "hidden-state gradient)")
     # The decoder's output (caught by a hook) is freed once its supervised rows are selected, unless a trainable
     # head keeps it for its weight's gradient (full fine-tuning). Under checkpointing the loop holds the previous
     # micro-step's loss until this forward ends, and with it two hidden states checkpointing keeps (measured;
@@ -178,27 +185,11 @@ def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
         extra += 2
     total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T + 4 * head
     return Line("logits_and_loss", "logits and loss", total, (
-        f"chunked loss (lorakit.training.loss): logits {len(chunks) if len(chunks) < 3 else '≥3'} chunk(s) of ≤ {rows:,} "
-        f"rows × {g.vocab:,}, at most {gib(peak)} alive at once (two chunks' fp32 logits, or one and its rows of "
-        f"the hidden-state gradient); + 2 × n·h·{e} (selected hidden states, their gradient; n = T − b = {n:,} "
-        f"supervised positions at most) + {extra} × T·h·{e} (the decoder's output a trainable head keeps; under "
-        f"checkpointing, two hidden states the previous micro-step's graph still holds) "
+        f"chunked loss (lorakit.training.loss): {chunking}; + 2 × n·h·{e} (selected hidden states, their "
+        f"gradient; n = T − b = {n:,} supervised positions at most) + {extra} × T·h·{e} (the decoder's output a "
+        f"trainable head keeps; under checkpointing, two hidden states the previous micro-step's graph still holds) "
         f"+ b·V·{e} (the last position's logits) + 24 B × T (targets)"
         + (" + V·h·4 (the trainable head's fp32 gradient, accumulated over the chunks)" if head else "")
-    ))
-
-
-def _cpu_chunked_loss_line(p: ModelProfile, s: Settings, n: int, rows: int, block: int) -> Line:
-    g, T, e = p.geometry, _tokens(s), act_bytes(s)
-    peak = _blocked_peak(n, rows, block, g.hidden, e) if n > 0 else 0
-    extra = 2 if s.gradient_checkpointing else 0
-    total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T
-    return Line("logits_and_loss", "logits and loss", total, (
-        f"chunked loss on a CPU (lorakit.training.loss): chunks of ≤ {rows:,} rows, the vocabulary {block:,} "
-        f"columns at a time, at most {gib(peak)} alive at once (a block's fp32 logits, the fp32 sum of "
-        f"softmax @ W per row); + 2 × n·h·{e} (selected hidden states, their gradient; n = T − b = {n:,} "
-        f"supervised positions at most) + {extra} × T·h·{e} (under checkpointing, two hidden states the previous "
-        f"micro-step's graph still holds) + b·V·{e} (the last position's logits) + 24 B × T (targets)"
     ))
 
 

@@ -110,9 +110,9 @@ def _source_of(data: DataSection, data_file: Path):
     """The data.train source that is ``data_file`` (the same file, however the recipe spelled its path), if any."""
     for source in data.sources():
         try:
-            if Path(source.path).exists() and os.path.samefile(source.path, data_file):
+            if os.path.samefile(source.path, data_file):
                 return source
-        except OSError:
+        except OSError:  # a source that is no file here (a hub dataset id)
             continue
     return None
 

@@ -353,26 +353,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        if need_w or need_b:  # a trainable head needs each row's normalised softmax: whole-vocabulary chunks
-            rows = min(rows, max(16, CHUNK_ELEMENTS // weight.shape[0]))
-        for s in range(0, hidden.shape[0], rows):
-            h, t = hidden[s : s + rows], targets[s : s + rows]
-            if not (need_w or need_b):  # a frozen head: d(-log p)/dh = softmax @ W - W[target]
-                logps, grad = _blocked_logps(h, weight, bias, t, block, grad=need_h)
+        if not (need_w or need_b):  # a frozen head: d(-log p)/dh = softmax @ W - W[target], by vocabulary blocks
+            for s in range(0, hidden.shape[0], rows):
+                logps, grad = _blocked_logps(hidden[s : s + rows], weight, bias, targets[s : s + rows], block,
+                                             grad=need_h)
                 total -= logps.sum()
                 if need_h:
                     grad_h[s : s + rows] = grad.neg_()
-                continue
-            logps, grad_logits = _chunk_logps(h, weight, bias, t)  # the softmax, in place of the logits
-            total -= logps.sum()
-            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
-            grad_logits = grad_logits.to(hidden.dtype)
-            if need_h:
-                grad_h[s : s + rows] = grad_logits @ weight
-            if need_w:
-                grad_w += (grad_logits.T @ h).float()
-            if need_b:
-                grad_b += grad_logits.float().sum(0)
+        else:  # a trainable head needs each row's normalised softmax for its own gradient: whole-vocabulary chunks
+            rows = min(rows, max(16, CHUNK_ELEMENTS // weight.shape[0]))
+            for s in range(0, hidden.shape[0], rows):
+                h, t = hidden[s : s + rows], targets[s : s + rows]
+                logps, grad_logits = _chunk_logps(h, weight, bias, t)  # the softmax, in place of the logits
+                total -= logps.sum()
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_h:
+                    grad_h[s : s + rows] = grad_logits @ weight
+                if need_w:
+                    grad_w += (grad_logits.T @ h).float()
+                if need_b:
+                    grad_b += grad_logits.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         return total

@@ -112,8 +112,8 @@ def flattening_probe(model, flattened_attention: str | None = None) -> bool:
             flat = model(input_ids=row, position_ids=restart).logits[0, 5:].float()
             mixed = model(input_ids=row).logits[0, 5:].float()
         kept = bool((flat - alone).abs().max() <= 0.1 * (mixed - alone).abs().max())
-    except (TypeError, ValueError):  # a forward that takes no position_ids cannot be flattened
-        kept = False
+    except (TypeError, ValueError):  # a forward that takes no position_ids cannot be flattened: kept stays False
+        pass
     finally:
         if flattened_attention and not kept:
             base.set_attn_implementation(own)
