@@ -20,7 +20,6 @@ from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe, TrainSection
 from lorakit.console import console, progress_bar
 from lorakit.data.batching import collate
-from lorakit.data.formats import num_targets
 from lorakit.data.shards import eval_shards, idle_batch
 from lorakit.distributed.fsdp import gather_adapter, optimizer_state
 from lorakit.errors import CheckpointError, LorakitError, NonFiniteLossError
@@ -75,8 +74,8 @@ def fit(ctx: FitContext) -> MetricsLog:
             # Normalise by the items of the whole window on all ranks (supervised tokens; pairs for a preference
             # objective), so each weighs the same whatever the micro-batch, accumulation or world size. DDP
             # averages gradients over ranks, hence the world-size factor inside num_items.
-            window_items, window_tokens = reduce_sum(accelerator, [sum(compute_loss.items(b) for b in batches),
-                                                                   sum(num_targets(b["labels"]) for b in batches)])
+            counts = [compute_loss.counts(b) for b in batches]  # (items, supervised tokens): one count of each
+            window_items, window_tokens = reduce_sum(accelerator, [sum(c) for c in zip(*counts)])
             num_items = window_items / accelerator.num_processes
             compute_loss.tally.clear()  # the rewards logged are the logged step's, as its loss is
             step_loss = torch.zeros((), device=accelerator.device)

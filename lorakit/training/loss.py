@@ -63,8 +63,9 @@ class Tally:
 class Loss:
     """The loss the loop calls, and which path it takes (printed at the start of a run).
 
-    ``items(batch)`` is what the loss is normalised by (supervised tokens here; pairs for a preference loss), and
-    ``tally`` what it reports beside its value (nothing here)."""
+    ``items(batch)`` is what the loss is normalised by (supervised tokens here; pairs for a preference loss),
+    ``counts(batch)`` that and the batch's supervised tokens in one pass, and ``tally`` what it reports beside its
+    value (nothing here)."""
 
     fn: LossFn
     kind: str  # "chunked", "liger" or "plain"
@@ -76,6 +77,11 @@ class Loss:
 
     def items(self, batch: dict) -> int:
         return num_targets(batch["labels"])
+
+    def counts(self, batch: dict) -> tuple[int, int]:
+        """(items, supervised tokens) of ``batch``: one count here, taken once."""
+        n = self.items(batch)
+        return n, n
 
     def describe(self) -> str:
         return f"loss: {self.kind}" + (f" ({self.reason})" if self.reason else "")

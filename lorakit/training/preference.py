@@ -90,7 +90,8 @@ class PreferenceLoss:
     """The loss the loop calls for a preference objective: mean per-pair loss over the window's pairs.
 
     Same contract as lorakit.training.loss.Loss: ``fn(model, batch, num_items)`` returns the summed loss of the
-    micro-batch's pairs / num_items, ``items`` counts pairs, ``tally`` collects the rewards and log-probs."""
+    micro-batch's pairs / num_items, ``items`` counts pairs (``counts``: and supervised tokens), ``tally``
+    collects the rewards and log-probs."""
 
     def __init__(self, model, cfg: TrainSection):
         self.model, self.cfg = model, cfg  # model: unwrapped; the reference is it with the adapter off
@@ -108,9 +109,13 @@ class PreferenceLoss:
         return f"loss: {self.cfg.objective}{ref}, log-probs {self.kind}" + (f" ({self.reason})" if self.reason else "")
 
     def items(self, batch: dict) -> int:
+        return self.counts(batch)[0]
+
+    def counts(self, batch: dict) -> tuple[int, int]:
+        """(pairs with both answers supervised, supervised tokens of every sequence) of ``batch``, in one pass."""
         lengths = answer_lengths(batch)
         pairs = lengths.shape[0] // 2
-        return int(((lengths[:pairs] > 0) & (lengths[pairs:] > 0)).sum())
+        return int(((lengths[:pairs] > 0) & (lengths[pairs:] > 0)).sum()), int(lengths.sum())
 
     def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-prob of each sequence's supervised tokens, their count), fp32, from one forward."""

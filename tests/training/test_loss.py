@@ -253,3 +253,31 @@ def test_chunked_loss_keeps_no_layer_outputs_in_bfloat16():
     torch.testing.assert_close(losses["chunked"], losses["control"])
     saved = (layers - 1) * rows * length * hidden * 2
     assert peaks["chunked"] <= peaks["control"] - 0.9 * saved, (peaks, saved)
+
+
+def test_the_loop_counts_each_micro_batchs_supervised_tokens_once(tiny_model_dir, tmp_path, monkeypatch):
+    """The window's items and its supervised tokens (the logged "tokens") come from one count per micro-batch."""
+    import json
+
+    import lorakit.training.loop as loop
+    import lorakit.training.loss as loss
+    from lorakit.config.load import parse_recipe
+    from lorakit.data.formats import num_targets
+    from lorakit.training.run import run_training
+    from run_helpers import recipe_dict, write_data
+
+    counted = []
+
+    def counting(labels):
+        n = num_targets(labels)
+        if hasattr(labels, "ndim"):  # a collated micro-batch, not one example's list
+            counted.append(n)
+        return n
+
+    for module in (loop, loss):
+        monkeypatch.setattr(module, "num_targets", counting, raising=False)
+    data = write_data(tmp_path / "d.jsonl", 8)
+    run = run_training(parse_recipe(recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=2)))
+    assert len(counted) == 2 * 2  # 2 steps × 2 micro-batches, counted once each
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in logged if "loss" in r] == [sum(counted[:2]), sum(counted)]

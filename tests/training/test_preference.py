@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lorakit.adapters.build import build_model
 from lorakit.config.load import parse_recipe
-from lorakit.data import collate, load_datasets
+from lorakit.data import collate, load_datasets, num_targets
 from lorakit.models.loading import load_tokenizer
 from lorakit.training.perf import choose_batching
 from lorakit.training.preference import PreferenceLoss, build_training_loss
@@ -118,6 +118,7 @@ def test_loss_rewards_and_gradients_equal_the_published_formulas(tiny_model_dir,
 
     batch = collate(pairs, tokenizer)
     assert loss_fn.items(batch) == len(pairs)
+    assert loss_fn.counts(batch) == (len(pairs), num_targets(batch["labels"]))
     loss = loss_fn(model, batch, len(pairs))
     loss.backward()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
@@ -164,7 +165,9 @@ def test_flattened_pairs_equal_the_formulas(tiny_model_dir, tmp_path, adapter, q
     theirs = grads(model)
     assert choose_batching(recipe, model, None).padding_free
     loss_fn = build_training_loss(model, recipe.train)
-    loss = loss_fn(model, collate(pairs, tokenizer, padding_free=True), len(pairs))
+    flat = collate(pairs, tokenizer, padding_free=True)
+    assert loss_fn.counts(flat) == (len(pairs), num_targets(flat["labels"]))
+    loss = loss_fn(model, flat, len(pairs))
     loss.backward()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=atol)
     assert_same_grads(grads(model), theirs, atol)
