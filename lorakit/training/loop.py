@@ -53,6 +53,7 @@ def fit(ctx: FitContext) -> MetricsLog:
     tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
     last_checkpoint = start.checkpoint
     compute_loss = ctx.loss
+    tally = compute_loss.new_tally()  # what the loss reports beside its value (the preference rewards)
     console(accelerator.is_main_process)(compute_loss.describe())
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None
@@ -77,7 +78,7 @@ def fit(ctx: FitContext) -> MetricsLog:
             counts = [compute_loss.counts(b) for b in batches]  # (items, supervised tokens): one count of each
             window_items, window_tokens = reduce_sum(accelerator, [sum(c) for c in zip(*counts)])
             num_items = window_items / accelerator.num_processes
-            compute_loss.tally.clear()  # the rewards logged are the logged step's, as its loss is
+            tally.clear()  # the rewards logged are the logged step's, as its loss is
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
                 # Dropout masks follow (seed, step, global micro-batch index), not the rank: 2 ranks × k
@@ -86,7 +87,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = i == len(batches) - 1  # gradients are all-reduced on the last micro-step only
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    loss = compute_loss(model, batch, num_items)
+                    loss = compute_loss(model, batch, num_items, tally)
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             # Each rank's share is already divided by the window's tokens / world size: the mean over ranks
@@ -117,7 +118,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                         "grad_norm": round(grad_norm, 6),
                         "tokens": tokens_seen,
                         "tokens_per_s": round(tps, 2),
-                        **compute_loss.tally.means(accelerator),
+                        **tally.means(accelerator),
                     }
                 )
             bar.update(step + 1, loss=step_loss, lr=lr, tps=tokens_seen / max(bar.elapsed, 1e-9))
@@ -175,17 +176,16 @@ def evaluate(model, tokenizer, examples, cfg: TrainSection, accelerator, compute
     shards = eval_shards(len(examples), cfg.micro_batch_size, accelerator.num_processes, accelerator.process_index)
     order = range(len(examples)) if padding_free else sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total, count = 0.0, 0
-    training_tally, compute_loss.tally = compute_loss.tally, type(compute_loss.tally)(compute_loss.tally.names)
+    tally = compute_loss.new_tally()  # its own: a training window's rewards are not mixed with the eval set's
     for idx in shards:
         batch = collate([examples[order[i]] for i in idx] or [idle_batch(examples[0])], tokenizer, padding_free)
         n = compute_loss.items(batch)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total += float(compute_loss(model, batch, 1))  # num_items=1: the summed loss
+        total += float(compute_loss(model, batch, 1, tally))  # num_items=1: the summed loss
         count += n
     model.train()
-    eval_tally, compute_loss.tally = compute_loss.tally, training_tally
     total, count = reduce_sum(accelerator, [total, count])
-    return {"eval_loss": round(total / max(count, 1), 6), **eval_tally.means(accelerator, "eval_")}
+    return {"eval_loss": round(total / max(count, 1), 6), **tally.means(accelerator, "eval_")}
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: Recipe, paths: RunPaths, sampler, step: int,

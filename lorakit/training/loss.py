@@ -14,7 +14,7 @@ returns the sum of per-token losses / num_items, as transformers' ForCausalLMLos
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -64,16 +64,18 @@ class Loss:
     """The loss the loop calls, and which path it takes (printed at the start of a run).
 
     ``items(batch)`` is what the loss is normalised by (supervised tokens here; pairs for a preference loss),
-    ``counts(batch)`` that and the batch's supervised tokens in one pass, and ``tally`` what it reports beside its
-    value (nothing here)."""
+    ``counts(batch)`` that and the batch's supervised tokens in one pass. What a loss reports beside its value goes
+    into the ``tally`` its caller passes (from ``new_tally()``; nothing here)."""
 
     fn: LossFn
     kind: str  # "chunked", "liger" or "plain"
     reason: str = ""
-    tally: Tally = field(default_factory=Tally)
 
-    def __call__(self, model, batch: dict, num_items: float) -> torch.Tensor:
+    def __call__(self, model, batch: dict, num_items: float, tally: Tally | None = None) -> torch.Tensor:
         return self.fn(model, batch, num_items)
+
+    def new_tally(self) -> Tally:
+        return Tally()
 
     def items(self, batch: dict) -> int:
         return num_targets(batch["labels"])

@@ -90,8 +90,8 @@ class PreferenceLoss:
     """The loss the loop calls for a preference objective: mean per-pair loss over the window's pairs.
 
     Same contract as lorakit.training.loss.Loss: ``fn(model, batch, num_items)`` returns the summed loss of the
-    micro-batch's pairs / num_items, ``items`` counts pairs (``counts``: and supervised tokens), ``tally``
-    collects the rewards and log-probs."""
+    micro-batch's pairs / num_items, ``items`` counts pairs (``counts``: and supervised tokens), a ``tally``
+    passed to the call (from ``new_tally()``) collects the rewards and log-probs."""
 
     def __init__(self, model, cfg: TrainSection):
         self.model, self.cfg = model, cfg  # model: unwrapped; the reference is it with the adapter off
@@ -102,7 +102,9 @@ class PreferenceLoss:
         self.kind, self.reason = ("plain", why) if why else ("chunked", "")
         self.head, self.decoder = head, _decoder(model)
         self.keep = fewest_logits(model, self.decoder) if self.kind == "chunked" else 1
-        self.tally = Tally(METRICS)
+
+    def new_tally(self) -> Tally:
+        return Tally(METRICS)
 
     def describe(self) -> str:
         ref = f", reference {self.cfg.reference}" if self.cfg.objective in NEEDS_REFERENCE else ""
@@ -146,7 +148,8 @@ class PreferenceLoss:
         with nullcontext() if adapter_on else self.model.disable_adapter():
             return self.sequence_logps(self.model, batch)[0]
 
-    def __call__(self, model, batch: dict, num_items: float) -> torch.Tensor:
+    def __call__(self, model, batch: dict, num_items: float, tally: Tally | None = None) -> torch.Tensor:
+        """The micro-batch's summed pair losses / num_items; its rewards and log-probs added to ``tally`` if given."""
         # The reference first: its forward keeps nothing, so it never overlaps the policy's saved activations.
         reference = self.reference_logps(batch) if self.cfg.objective in NEEDS_REFERENCE else None
         sums, counts = self.sequence_logps(model, batch)
@@ -163,10 +166,10 @@ class PreferenceLoss:
             ref = [reference[:pairs], reference[pairs:]]
         chosen, rejected = policy[:pairs], policy[pairs:]
         losses, chosen_rewards, rejected_rewards = pair_losses(self.cfg, chosen, rejected, *ref)
-        self.tally.add(torch.stack([
-            t[valid].sum() for t in (chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
-                                     (chosen_rewards > rejected_rewards).float(), chosen.detach(), rejected.detach())
-        ]), valid.sum())
+        if tally is not None:
+            reported = (chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
+                        (chosen_rewards > rejected_rewards).float(), chosen.detach(), rejected.detach())
+            tally.add(torch.stack([t[valid].sum() for t in reported]), valid.sum())
         return torch.where(valid, losses, torch.zeros_like(losses)).sum() / num_items
 
 

@@ -119,7 +119,8 @@ def test_loss_rewards_and_gradients_equal_the_published_formulas(tiny_model_dir,
     batch = collate(pairs, tokenizer)
     assert loss_fn.items(batch) == len(pairs)
     assert loss_fn.counts(batch) == (len(pairs), num_targets(batch["labels"]))
-    loss = loss_fn(model, batch, len(pairs))
+    tally = loss_fn.new_tally()
+    loss = loss_fn(model, batch, len(pairs), tally)
     loss.backward()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
     assert_same_grads(grads(model), theirs)
@@ -131,7 +132,7 @@ def test_loss_rewards_and_gradients_equal_the_published_formulas(tiny_model_dir,
             "rewards/accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
             "logps/chosen": sum(float(c.detach()) for c, _ in logps) / n,
             "logps/rejected": sum(float(r.detach()) for _, r in logps) / n}
-    got = loss_fn.tally.means(Accelerator())
+    got = tally.means(Accelerator())
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=2e-5), key  # fp32: ulp(172) is 1.5e-5
@@ -143,11 +144,12 @@ def test_dpo_loss_is_ln2_at_step_0(tiny_model_dir, tmp_path):
                                             perturb=False)
     model.train()
     loss_fn = build_training_loss(model, recipe.train)
+    tally = loss_fn.new_tally()
     for pair in pairs:
-        assert loss_fn(model, collate([pair], tokenizer), 1).item() == torch.tensor(math.log(2)).item()
-    four = loss_fn(model, collate(pairs[:4], tokenizer, padding_free=True), 4)
+        assert loss_fn(model, collate([pair], tokenizer), 1, tally).item() == torch.tensor(math.log(2)).item()
+    four = loss_fn(model, collate(pairs[:4], tokenizer, padding_free=True), 4, tally)
     assert four.item() == pytest.approx(math.log(2), abs=1e-7)
-    means = loss_fn.tally.means(Accelerator())
+    means = tally.means(Accelerator())
     assert means["rewards/chosen"] == means["rewards/rejected"] == means["rewards/accuracy"] == 0
 
 
