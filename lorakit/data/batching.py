@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lorakit.data.formats import IGNORE_INDEX, Example
-from lorakit.data.store import PackedRows
+from lorakit.data.store import PackedRows, example_lengths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,16 +60,15 @@ def pack_rows(lengths, max_len: int, seed: int):
     return members, bounds
 
 
-def pack_examples(examples, max_len: int, seed: int):
-    """Pack examples into rows of at most ``max_len`` tokens (first-fit, longest first, seeded ties).
+def pack_examples(examples: Sequence[Example], max_len: int, seed: int) -> PackedRows:
+    """Pack examples (a token store or a list) into rows of at most ``max_len`` tokens (first-fit, longest first,
+    seeded ties).
 
-    Each row remembers its examples' lengths (``seq_lens``); ``collate`` restarts position ids there and
-    keeps attention and loss inside each example. A list in, a list out; a token store in, a PackedRows
-    view over it out (no token is copied).
+    Always a PackedRows view over ``examples``: no token is copied, row r becomes an Example when indexed. Each
+    row remembers its examples' lengths (``seq_lens``); ``collate`` restarts position ids there and keeps
+    attention and loss inside each example.
     """
-    lengths = examples.lengths if hasattr(examples, "lengths") else [len(e) for e in examples]
-    packed = PackedRows(examples, *pack_rows(lengths, max_len, seed))
-    return packed if hasattr(examples, "lengths") else list(packed)
+    return PackedRows(examples, *pack_rows(example_lengths(examples), max_len, seed))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -140,6 +140,13 @@ class TokenStore(_Rows):
         return self.row_columns["source"]
 
 
+def example_lengths(examples: Sequence) -> np.ndarray:
+    """Tokens per example: a store's offsets index, or each example's length where ``examples`` is a list."""
+    if hasattr(examples, "lengths"):
+        return np.asarray(examples.lengths)
+    return np.array([len(e) for e in examples], dtype=np.int64)
+
+
 class PackedRows(_Rows):
     """Packed rows over a store without copying tokens: row r holds the examples ``members[bounds[r]:bounds[r+1]]``."""
 
@@ -156,5 +163,5 @@ class PackedRows(_Rows):
 
     @property
     def lengths(self) -> np.ndarray:
-        sizes = np.asarray(self.store.lengths)[self.members]
+        sizes = example_lengths(self.store)[self.members]
         return np.add.reduceat(sizes, self.bounds[:-1]) if len(self) else np.zeros(0, np.int64)

@@ -11,8 +11,10 @@ from lorakit.data import (
     IGNORE_INDEX,
     BadRowError,
     Example,
+    PackedRows,
     Row,
     StepSampler,
+    TokenStore,
     collate,
     first_fit,
     fit_length,
@@ -418,6 +420,7 @@ def test_packed_rows_keep_every_example_and_collate_to_a_padding_free_row():
     assert all(len(r) <= 12 and sum(r.seq_lens) == len(r) for r in packed)
     assert sorted(t for r in packed for t in r.input_ids) == sorted(t for e in examples for t in e.input_ids)
     assert pack_examples(examples, 12, seed=0) == packed
+    assert isinstance(packed, PackedRows) and packed.lengths.tolist() == [len(r) for r in packed]
     batch = collate(packed[:2], tokenizer=None)
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: see collate()
     starts = [0]
@@ -428,6 +431,17 @@ def test_packed_rows_keep_every_example_and_collate_to_a_padding_free_row():
     assert all(labels[i] == IGNORE_INDEX for i in starts[:-1])  # no example is the target of the one before
     everything = collate(packed, tokenizer=None)
     assert int((everything["labels"][:, 1:] != IGNORE_INDEX).sum()) == sum(num_targets(e.labels) for e in examples)
+
+
+def test_pack_examples_returns_the_same_view_over_a_list_and_a_store(tmp_path):
+    from lorakit.data.store import write_examples
+
+    examples = [Example(list(range(n)), [-100] + list(range(1, n))) for n in [5, 9, 3, 7, 4, 8]]
+    write_examples(tmp_path / "store", examples)
+    from_list = pack_examples(examples, 12, seed=3)
+    from_store = pack_examples(TokenStore(tmp_path / "store"), 12, seed=3)
+    assert type(from_list) is type(from_store) is PackedRows
+    assert from_list == from_store and from_list.lengths.tolist() == from_store.lengths.tolist()
 
 
 def test_unpacked_collate_pads_to_the_longest_of_the_micro_batch(tok):
