@@ -104,7 +104,7 @@ def iter_rows(source: str, skip_bad_rows: bool = False, split: str = "train", su
     .jsonl file's rows as JsonLine, parsed when their data is first read (by the process tokenizing them)."""
     path = Path(source).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
-        yield from _jsonl(path, skip_bad_rows, lazy)
+        yield from jsonl_rows(path, skip_bad_rows, lazy)
         return
     got = read_rows(source, skip_bad_rows, split, subset)
     yield from got.bad
@@ -113,13 +113,15 @@ def iter_rows(source: str, skip_bad_rows: bool = False, split: str = "train", su
 
 def _read_jsonl(path: Path, skip: bool) -> SourceRows:
     rows, bad = [], []
-    for item in _jsonl(path, skip):
+    for item in jsonl_rows(path, skip):
         (rows if isinstance(item, Row) else bad).append(item)
     return SourceRows(rows, bad)
 
 
-def _jsonl(path: Path, skip: bool, lazy: bool = False):
-    """The rows of a .jsonl file as they are read; ``lazy``: as JsonLine rows, parsed where they are tokenized."""
+def jsonl_rows(path: Path, skip: bool = False, lazy: bool = False):
+    """The rows of a JSON Lines file as they are read (whatever its name): a bad line raises BadRowError, or with
+    ``skip`` is yielded as its reason; ``lazy``: rows as JsonLine, parsed where they are tokenized. `lorakit
+    generate` reads its prompt files here too, so a bad line gets the same message there as in training data."""
     with path.open("rb") as f:
         try:
             text.sniff(f.read(8), str(path))  # compressed or UTF-16: no line of it is a row

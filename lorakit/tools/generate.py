@@ -7,7 +7,6 @@ one copy of the base weights in memory, a few megabytes per task adapter.
 
 from __future__ import annotations
 
-import json
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lorakit import text
 from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import find_adapter_dir, read_config
 from lorakit.config.schema import ModelSection
+from lorakit.data.sources import BadRowError, jsonl_rows
 from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
@@ -56,31 +55,23 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 
 def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
-    """Rows of ``{"prompt": TEXT}`` or ``{"messages": [...]}``, each with an optional ``"adapter": NAME``."""
+    """Rows of ``{"prompt": TEXT}`` or ``{"messages": [...]}``, each with an optional ``"adapter": NAME``, read
+    as training data's JSON Lines are (lorakit.data.sources.jsonl_rows)."""
     if not path.is_file():
         raise DataError(f"--file {path}: not found")
-    try:
-        content = text.decode(path.read_bytes(), f"--file {path}")
-    except text.NotText as e:
-        raise DataError(str(e)) from None
     requests = []
-    for line_no, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{where}: nested too deeply to be a prompt row") from None
-        ok = isinstance(row, dict) and (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
-        if not ok:
-            raise DataError(f'{where}: expected {{"prompt": TEXT}} or {{"messages": [...]}}, optionally with "adapter"')
-        adapter = row.get("adapter", default)
-        if adapter not in known:
-            raise DataError(f"{where}: adapter {adapter!r} is not loaded; loaded: {', '.join(sorted(known))}")
-        requests.append(Request(adapter, row.get("prompt"), row.get("messages")))
+    try:
+        for row in jsonl_rows(path):
+            where, data = row.where, row.data
+            if not (isinstance(data.get("prompt"), str) or isinstance(data.get("messages"), list)):
+                raise DataError(f'{where}: expected {{"prompt": TEXT}} or {{"messages": [...]}}, optionally with '
+                                '"adapter"')
+            adapter = data.get("adapter", default)
+            if adapter not in known:
+                raise DataError(f"{where}: adapter {adapter!r} is not loaded; loaded: {', '.join(sorted(known))}")
+            requests.append(Request(adapter, data.get("prompt"), data.get("messages")))
+    except BadRowError as e:
+        raise DataError(e.reason) from None  # its remedy, data.skip_bad_rows, means nothing to generate
     if not requests:
         raise DataError(f"--file {path}: no prompts")
     return requests

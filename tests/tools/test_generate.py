@@ -106,3 +106,19 @@ def test_bottleneck_adapter_is_served_and_disabled_for_base(tiny_model_dir, tmp_
         with model.disable_adapter():
             without = model(ids).logits
     assert (with_adapter - without).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("line", [b'{"prompt": ', b'["a", "b"]', b'{"prompt": "caf\xe9"}', b"[" * 100_000],
+                         ids=["invalid-json", "not-an-object", "not-utf8", "too-deep"])
+def test_a_bad_prompt_line_reads_as_a_bad_training_row(tiny_model_dir, tmp_path, line):
+    """generate reads its --file with the data layer's JSON Lines reader: the same message, naming file and line."""
+    from lorakit.data.sources import BadRowError, read_rows
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n' + line + b"\n")
+    with pytest.raises(BadRowError) as training:
+        read_rows(str(path))
+    assert training.value.reason.startswith(f"{path}:2")
+    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_model_dir), "--file", str(path)])
+    assert result.exit_code == 3
+    assert training.value.reason in " ".join(result.output.split())
