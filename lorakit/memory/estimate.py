@@ -179,16 +179,18 @@ def _chunked_loss_line(p: ModelProfile, s: Settings) -> Line:
     # The decoder's output (caught by a hook) is freed once its supervised rows are selected, unless a trainable
     # head keeps it for its weight's gradient (full fine-tuning). Under checkpointing the loop holds the previous
     # micro-step's loss until this forward ends, and with it two hidden states checkpointing keeps (measured;
-    # none when the embeddings train too).
+    # none when the embeddings train too). The model's own head computes no logits: it is asked for no position
+    # (loss.fewest_logits, an empty logits_to_keep).
     extra = 1 if s.method == "full" else 0
     if s.gradient_checkpointing and s.method != "full":
         extra += 2
-    total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + s.batch_size * g.vocab * e + 24 * T + 4 * head
+    total = peak + 2 * n * g.hidden * e + extra * T * g.hidden * e + 24 * T + 4 * head
     return Line("logits_and_loss", "logits and loss", total, (
-        f"chunked loss (lorakit.training.loss): {chunking}; + 2 × n·h·{e} (selected hidden states, their "
+        f"chunked loss (lorakit.training.loss): {chunking}, none from the model's own head (asked for no "
+        f"position); + 2 × n·h·{e} (selected hidden states, their "
         f"gradient; n = T − b = {n:,} supervised positions at most) + {extra} × T·h·{e} (the decoder's output a "
         f"trainable head keeps; under checkpointing, two hidden states the previous micro-step's graph still holds) "
-        f"+ b·V·{e} (the last position's logits) + 24 B × T (targets)"
+        "+ 24 B × T (targets)"
         + (" + V·h·4 (the trainable head's fp32 gradient, accumulated over the chunks)" if head else "")
     ))
 

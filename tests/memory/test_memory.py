@@ -159,8 +159,9 @@ def test_lines_lora_bf16_by_hand(tiny):
     # chunked loss (the default): one chunk of n = T - b rows; on a GPU logsumexp adds an fp32 temporary
     n = T - b
     chunk = max(n * V * 8, n * V * (4 + e) + n * H * e)
-    # the decoder's output, caught by a hook, is freed once the supervised rows are selected: no T·h term
-    assert got["logits_and_loss"] == chunk + 2 * n * H * e + b * V * e + 24 * T
+    # the decoder's output, caught by a hook, is freed once the supervised rows are selected: no T·h term; the
+    # model's own head computes no logits (an empty logits_to_keep): no b·V term
+    assert got["logits_and_loss"] == chunk + 2 * n * H * e + 24 * T
     plain = lines(estimate(tiny, Settings(batch_size=b, seq_len=s, dtype="bfloat16", chunked_loss=False)))
     assert plain["logits_and_loss"] == 12 * T * V + 16 * T
     assert got["backward_transient"] == T * (I + 2 * H) * e
@@ -187,7 +188,7 @@ def test_cpu_loss_line_by_hand(tiny, checkpointing):
     block = _blocked_peak(n, CPU_ROWS, min(CPU_VOCAB_BLOCK, V), H, e)
     assert block == n * V * (4 + e) + n * H * (4 + e) + 48 * n  # V < CPU_VOCAB_BLOCK: one block, one chunk
     kept = 2 * T * H * e if checkpointing else 0
-    assert got["logits_and_loss"] == block + 2 * n * H * e + kept + b * V * e + 24 * T
+    assert got["logits_and_loss"] == block + 2 * n * H * e + kept + 24 * T
 
 
 @pytest.mark.parametrize("upcast", [False, True])
