@@ -55,7 +55,12 @@ class TrainSection(Section):
     lr_scheduler: str = Field(
         "cosine", description="Learning-rate schedule: any transformers scheduler name (" + ", ".join(SCHEDULERS) + ")."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (or train.warmup_ratio).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup steps (or train.warmup_ratio). As in transformers' schedules the "
+        "learning rate climbs from 0: optimizer step k (from 1) runs at (k - 1) / warmup_steps of "
+        "train.learning_rate, so step 1 changes no weight. Refused with a schedule that has no warmup (constant, "
+        "reduce_lr_on_plateau, greedy).",
+    )
     warmup_ratio: float | None = Field(
         None, ge=0, lt=1, description="Warmup as a fraction of the total steps (instead of train.warmup_steps)."
     )
@@ -163,6 +168,10 @@ class TrainSection(Section):
     def _one_warmup(self) -> "TrainSection":
         if self.warmup_ratio is not None and self.warmup_steps > 0:
             raise ValueError("train.warmup_steps / train.warmup_ratio: set only one of them")
+        if (self.warmup_steps or self.warmup_ratio) and self.lr_scheduler in NO_WARMUP_SCHEDULERS:
+            key = "train.warmup_steps" if self.warmup_steps else "train.warmup_ratio"
+            raise ValueError(f"{key}: the {self.lr_scheduler} schedule has no warmup; use train.lr_scheduler: "
+                             f"constant_with_warmup (or another schedule with one), or remove {key}")
         return self
 
     @model_validator(mode="after")

@@ -127,8 +127,8 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
         Setting("optimizer hyperparameters", f"betas {tuple(group['betas'])}, eps {group['eps']}, weight decay "
                 f"{sorted({g['weight_decay'] for g in inner.param_groups if g['params']})}",
                 ("train.adam_beta1", "train.adam_beta2", "train.adam_epsilon", "train.weight_decay")),
-        Setting("schedule", f"{type(scheduler).__name__} ({cfg.lr_scheduler}), warmup {warmup} steps, "
-                f"{total_steps} steps", ("train.lr_scheduler", "train.warmup_steps", "train.warmup_ratio",
+        Setting("schedule", f"{type(scheduler).__name__} ({cfg.lr_scheduler}), warmup {warmup} steps"
+                f"{' from LR 0 at step 1' if cfg.warmup_steps or cfg.warmup_ratio else ''}, {total_steps} steps", ("train.lr_scheduler", "train.warmup_steps", "train.warmup_ratio",
                                          "train.max_steps", "train.epochs")),
         Setting("batch", f"{cfg.micro_batch_size} examples × {cfg.grad_accum} micro-steps × {world_size} "
                 f"process{'es' if world_size > 1 else ''} per step; {batching}",

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from lorakit.config.schema import NO_WARMUP_SCHEDULERS, AdapterSection, TrainSection
+from lorakit.config.schema import AdapterSection, TrainSection
 
 
 def build_optimizer(model, cfg: TrainSection, adapter: AdapterSection | None = None) -> torch.optim.Optimizer:
@@ -74,10 +74,4 @@ def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
     from transformers import get_scheduler
 
     warmup = cfg.warmup_steps if cfg.warmup_ratio is None else math.ceil(cfg.warmup_ratio * total_steps)
-    if warmup and cfg.lr_scheduler in NO_WARMUP_SCHEDULERS:
-        import warnings
-
-        key = "train.warmup_steps" if cfg.warmup_ratio is None else "train.warmup_ratio"
-        warnings.warn(f"{key}: the {cfg.lr_scheduler} schedule has no warmup, so it is ignored; use "
-                      "constant_with_warmup (or another schedule) to warm up")
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -19,12 +19,13 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("effective")
     data = write_data(root / "d.jsonl", 8)
     out = {}
-    for name, adapter, model in [
-        ("pissa", {"init_lora_weights": "pissa", "loraplus_lr_ratio": 16}, {}),
-        ("dora-nf4", {"method": "dora"}, {"quantization": "nf4", "add_tokens": ["<tool>"]}),
+    for name, adapter, model, train in [
+        ("pissa", {"init_lora_weights": "pissa", "loraplus_lr_ratio": 16}, {}, {}),
+        ("dora-nf4", {"method": "dora"}, {"quantization": "nf4", "add_tokens": ["<tool>"]}, {"warmup_steps": 1}),
     ]:
         recipe = recipe_dict(tiny_model_dir, data, root / name, max_steps=2, adapter=adapter)
         recipe["model"].update(model)
+        recipe["train"].update(train)
         out[name] = run_training(parse_recipe(recipe))
     return out
 
@@ -54,6 +55,10 @@ def test_lines_show_what_took_effect(runs):
     assert dora["DoRA magnitude vectors"]["value"] == "4"
     assert dora["quantization"]["value"].startswith("14 layers nf4, stored as float32, double quant on")
     assert pissa["DoRA magnitude vectors"]["value"] == "0"
+    assert pissa["schedule"]["value"] == "LambdaLR (cosine), warmup 0 steps, 2 steps"
+    assert dora["schedule"]["value"] == "LambdaLR (cosine), warmup 1 steps from LR 0 at step 1, 2 steps"
+    lrs = [json.loads(line).get("lr") for line in (runs["dora-nf4"] / "metrics.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None][0] == 0  # as the line says: transformers' warmup starts at 0
 
 
 def test_explain_prints_the_recorded_block(runs, tmp_path):

@@ -56,15 +56,21 @@ def test_resume_after_editing_one_row_is_exit_4_naming_the_data(tiny_model_dir, 
 
 
 @pytest.mark.parametrize("scheduler", ["constant", "reduce_lr_on_plateau", "greedy"])
-def test_warmup_with_a_schedule_that_has_none_is_a_warning(scheduler):
-    import torch
+@pytest.mark.parametrize("key,value", [("warmup_steps", 5), ("warmup_ratio", 0.1)])
+def test_warmup_with_a_schedule_that_has_none_is_refused(scheduler, key, value, tiny_model_dir, tmp_path):
+    """A warmup the schedule would ignore is refused (every key takes an effect or is refused), naming the fix."""
+    import pydantic
 
     from lorakit.config.schema import TrainSection
-    from lorakit.training.optim import build_scheduler
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.warns(UserWarning, match=f"train.warmup_steps: the {scheduler} schedule has no warmup"):
-        build_scheduler(optimizer, TrainSection(max_steps=3, lr_scheduler=scheduler, warmup_steps=5), 3)
+    with pytest.raises(pydantic.ValidationError, match=f"train.{key}: the {scheduler} schedule has no warmup"):
+        TrainSection(max_steps=3, lr_scheduler=scheduler, **{key: value})
+    TrainSection(max_steps=3, lr_scheduler="constant_with_warmup", **{key: value})  # the fix it names
+    data = write_data(tmp_path / "d.jsonl", 8)
+    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=3)
+    recipe["train"].update(lr_scheduler=scheduler, **{key: value})
+    result = cli("validate", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 2 and "constant_with_warmup" in result.output, result.output
 
 
 def test_lorakit_cache_pointing_at_a_file_is_exit_2(tiny_model_dir, tmp_path, monkeypatch):
