@@ -40,7 +40,7 @@ OBJECTIVE_KEYS = {
     "simpo": {"beta": 2.0, "simpo_gamma": 0.5},
 }
 REFERENCES = ("base", "precomputed", "init_from")
-# Schedules transformers' get_scheduler builds without num_warmup_steps: a warmup given with them is ignored.
+# Schedules transformers' get_scheduler builds without num_warmup_steps: a warmup given with them is refused.
 NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
 
 
