@@ -10,7 +10,7 @@ import typer
 
 from lorakit.cli.app import RecipeArg, SetOpt, command
 
-@command(help="Write a commented starter recipe. Templates: lora, qlora, dora, cpu-demo, multi-gpu (--list).")
+@command(help="Write a commented starter recipe from a template (lorakit init --list names them).")
 def init(
     template: str = typer.Argument("lora", help="Template name (see --list)."),
     output: Path = typer.Option(Path("recipe.yaml"), "--output", "-o", help="Where to write it ('-' for stdout)."),
