@@ -138,7 +138,9 @@ def head_unusable(model) -> str:
     if is_sharded(model):
         return "the model is sharded (FSDP): its head's weight is whole only inside the forward"
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or isinstance(head, BaseTunerLayer):
+    if isinstance(head, BaseTunerLayer):  # PEFT's lora.Linear etc.: its type name alone reads "Linear"
+        return "the output layer carries an adapter (adapter.target_modules matches the LM head)"
+    if not isinstance(head, torch.nn.Linear):
         return f"the output layer is a {type(head).__name__}, not a plain Linear"
     if type(head.weight) is not torch.nn.Parameter:
         return f"the output layer's weight is a {type(head.weight).__name__} (sharded or quantized)"

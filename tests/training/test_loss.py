@@ -203,7 +203,8 @@ def test_plain_loss_where_the_head_cannot_run_apart():
     from peft import PromptTuningConfig, get_peft_model
 
     on_head = _lora(_llama(), target_modules=["q_proj", "lm_head"])
-    assert build_loss(on_head, chunked=True).kind == "plain"
+    loss = build_loss(on_head, chunked=True)
+    assert loss.kind == "plain" and "carries an adapter" in loss.reason  # not "a Linear, not a plain Linear"
     prompt = get_peft_model(_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert build_loss(prompt, chunked=True).kind == "plain"
     assert build_loss(_lora(_llama(), target_modules=["q_proj"]), chunked=False).kind == "plain"
