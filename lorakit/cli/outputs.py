@@ -133,7 +133,7 @@ def merge(
 def export(
     target: Path = typer.Argument(..., help="Run directory, adapter directory or merged model.", show_default=False),
     format_: str = typer.Option("gguf", "--format", help="gguf (the whole model) or gguf-lora (the adapter only)."),
-    quant: str = typer.Option("f16", "--quant", help="f16, bf16, q8_0 or q4_0 (gguf-lora: f16, bf16 or q8_0)."),
+    quant: str = typer.Option("f16", "--quant", help="f16, bf16, q8_0 or q4_0 (gguf-lora: f32, f16, bf16 or q8_0)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="FILE.gguf to write.", show_default=False),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Move an existing FILE.gguf (and Modelfile) aside as FILE.gguf.replaced-TIME and write "

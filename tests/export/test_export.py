@@ -306,3 +306,14 @@ def test_export_guards_its_output_like_every_other_command(llama3_dir, tmp_path)
     with OutputLock(held, lambda _: None, "-o"):
         busy = cli("export", llama3_dir, "-o", held)
     assert busy.exit_code == 5 and not held.exists()
+
+
+def test_export_help_names_every_quant_type():
+    """--quant's help is written by hand (the export modules import gguf, too heavy for --help): it must name
+    every type each format takes."""
+    from lorakit.export.gguf_lora import LORA_QUANTS
+
+    help_text = " ".join(cli("export", "--help").output.split())
+    named = help_text.split("--quant", 1)[1].split("[default", 1)[0]
+    whole, lora = named.split("gguf-lora:")
+    assert all(q in whole for q in gguf_model.QUANTS) and all(q in lora for q in LORA_QUANTS), named
