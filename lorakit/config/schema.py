@@ -320,7 +320,8 @@ class DataSection(Section):
 class OutputSection(Section):
     dir: str = Field("runs/lorakit", description="Run directory: adapter/, checkpoints/, metrics.jsonl, recipe.yaml.")
     save: Literal["adapter", "merged", "both"] = Field(
-        "adapter", description="What to write at the end: the adapter, the merged model (DIR/merged/), or both."
+        "adapter", description="What to write at the end: adapter (DIR/adapter/), or merged / both (the same: "
+        "DIR/adapter/ and the model merged from it, DIR/merged/; the adapter stays, it is the merge's input)."
     )
     report_to: list[Literal[TRACKERS]] = Field(
         default_factory=list,
