@@ -16,7 +16,7 @@ from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DE
 from lorakit.config.schema_base import Section
 from lorakit.config.schema_train import (  # noqa: F401  (re-exported: the schema's public names)
     EVAL_METRICS, NO_WARMUP_SCHEDULERS, OBJECTIVE_KEYS, OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCES, SCHEDULERS,
-    TrainSection,
+    UNSUPPORTED_SCHEDULERS, USABLE_SCHEDULERS, TrainSection,
 )
 
 # Experiment trackers accelerate integrates (output.report_to); each name is also the module its package provides.

@@ -40,8 +40,20 @@ OBJECTIVE_KEYS = {
     "simpo": {"beta": 2.0, "simpo_gamma": 0.5},
 }
 REFERENCES = ("base", "precomputed", "init_from")
+# Schedules get_scheduler cannot build from the step count alone: they step on a metric, or need arguments a
+# recipe has no key for. Refused when the recipe is read, not with exit 1 once the model has loaded.
+_STEPS_ON_A_METRIC = "it steps on a metric (an eval loss after every step), not on the step count"
+_NEEDS_MIN_LR = "it needs min_lr or min_lr_rate, which a recipe has no key for"
+UNSUPPORTED_SCHEDULERS = {
+    "reduce_lr_on_plateau": _STEPS_ON_A_METRIC,
+    "greedy": _STEPS_ON_A_METRIC,
+    "cosine_with_min_lr": _NEEDS_MIN_LR,
+    "cosine_warmup_with_min_lr": _NEEDS_MIN_LR,
+    "warmup_stable_decay": "it needs num_decay_steps, which a recipe has no key for",
+}
+USABLE_SCHEDULERS = tuple(name for name in SCHEDULERS if name not in UNSUPPORTED_SCHEDULERS)
 # Schedules transformers' get_scheduler builds without num_warmup_steps: a warmup given with them is refused.
-NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
+NO_WARMUP_SCHEDULERS = ("constant",)
 
 
 class TrainSection(Section):
@@ -53,13 +65,13 @@ class TrainSection(Section):
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field(
-        "cosine", description="Learning-rate schedule: any transformers scheduler name (" + ", ".join(SCHEDULERS) + ")."
+        "cosine", description="Learning-rate schedule: a transformers scheduler that runs on the step count ("
+        + ", ".join(USABLE_SCHEDULERS) + ")."
     )
     warmup_steps: int = Field(
         0, ge=0, description="Linear warmup steps (or train.warmup_ratio). As in transformers' schedules the "
         "learning rate climbs from 0: optimizer step k (from 1) runs at (k - 1) / warmup_steps of "
-        "train.learning_rate, so step 1 changes no weight. Refused with a schedule that has no warmup (constant, "
-        "reduce_lr_on_plateau, greedy).",
+        "train.learning_rate, so step 1 changes no weight. Refused with the constant schedule, which has no warmup.",
     )
     warmup_ratio: float | None = Field(
         None, ge=0, lt=1, description="Warmup as a fraction of the total steps (instead of train.warmup_steps)."
@@ -192,9 +204,12 @@ class TrainSection(Section):
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, name: str) -> str:
+        if name in UNSUPPORTED_SCHEDULERS:
+            raise ValueError(f"train.lr_scheduler: {name!r} cannot run from a recipe: {UNSUPPORTED_SCHEDULERS[name]}; "
+                             f"choose one of {', '.join(USABLE_SCHEDULERS)}")
         if name not in SCHEDULERS:
             raise ValueError(
-                f"train.lr_scheduler: unknown scheduler {name!r}{_did_you_mean(name, SCHEDULERS)}"
-                f"; choose one of {', '.join(SCHEDULERS)}"
+                f"train.lr_scheduler: unknown scheduler {name!r}{_did_you_mean(name, USABLE_SCHEDULERS)}"
+                f"; choose one of {', '.join(USABLE_SCHEDULERS)}"
             )
         return name

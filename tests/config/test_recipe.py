@@ -4,7 +4,9 @@ import pytest
 import yaml
 
 from lorakit.errors import RecipeError, UsageError
-from lorakit.config.schema import SCHEDULERS, Recipe
+from lorakit.config.schema import (
+    NO_WARMUP_SCHEDULERS, SCHEDULERS, UNSUPPORTED_SCHEDULERS, USABLE_SCHEDULERS, Recipe,
+)
 from lorakit.config.load import apply_overrides, dump_recipe, load_recipe, parse_recipe
 
 MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"max_steps": 10}}
@@ -62,6 +64,29 @@ def test_schedulers_match_transformers():
     from transformers.trainer_utils import SchedulerType
 
     assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("name", USABLE_SCHEDULERS)
+def test_every_offered_scheduler_runs_on_the_step_count(name):
+    """What the recipe accepts, the run can build and step (a warmup where the schedule takes one)."""
+    import torch
+
+    from lorakit.training.optim import build_scheduler
+
+    warmup = 0 if name in NO_WARMUP_SCHEDULERS else 2
+    recipe = parse_recipe({**MINIMAL, "train": {"max_steps": 10, "lr_scheduler": name, "warmup_steps": warmup}})
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=recipe.train.learning_rate)
+    scheduler = build_scheduler(optimizer, recipe.train, total_steps=10)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED_SCHEDULERS))
+def test_schedulers_a_recipe_cannot_drive_are_refused_when_read(name):
+    found = problems({**MINIMAL, "train": {"max_steps": 10, "lr_scheduler": name}})
+    assert found == [f"train.lr_scheduler: {name!r} cannot run from a recipe: {UNSUPPORTED_SCHEDULERS[name]}; "
+                     f"choose one of {', '.join(USABLE_SCHEDULERS)}"]
 
 
 def test_all_problems_reported_at_once():
