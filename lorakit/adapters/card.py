@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from lorakit.paths import is_local
+
 CARD = "README.md"
 ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "init_lora_weights",
                 "num_virtual_tokens", "bias")
@@ -27,6 +29,13 @@ def _read_json(path: Path) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+
+
+def _is_hub_id(base: str, record: dict) -> bool:
+    """Whether ``base`` may stand as the card's base_model: the hub refuses an upload whose card names a local
+    path there (its metadata check), so a base trained from disk is named in the text only. A run records the
+    resolved path beside the name; the two differ exactly when the base was local."""
+    return base != "unknown" and record.get("base_model_path", base) == base and not is_local(base)
 
 
 def method_tag(config: dict, record: dict) -> str:
@@ -48,8 +57,10 @@ def build_card(adapter_dir: Path, *, merged: bool = False, merge_record: dict | 
     base = record.get("base_model") or config.get("base_model_name_or_path") or "unknown"
     method = method_tag(config, record)
     hub_data = [d["source"] for d in run.get("data", []) if d.get("kind") == "hub"]
-    front = {"base_model": base, "library_name": "transformers" if merged else "peft",
+    front = {"library_name": "transformers" if merged else "peft",
              "pipeline_tag": "text-generation", "tags": ["lorakit", method] + (["merged"] if merged else [])}
+    if _is_hub_id(base, record):
+        front = {"base_model": base, **front}
     if hub_data:
         front["datasets"] = hub_data
     title = f"{base} + {method}" + (" (merged)" if merged else " adapter")

@@ -20,7 +20,9 @@ def test_adapter_and_merged_model_cards(tiny_model_dir, tmp_path, tmp_path_facto
     text = (run / "adapter" / "README.md").read_text()
     assert "More Information Needed" not in text  # PEFT's placeholder is gone
     card = ModelCard.load(run / "adapter" / "README.md")  # the hub's own parser reads the front matter
-    assert card.data.base_model == str(tiny_model_dir) and card.data.library_name == "peft"
+    # A base on disk is no hub id: the hub refuses a card whose base_model is a path, so it is left out.
+    assert card.data.base_model is None and card.data.library_name == "peft"
+    assert f"from `{tiny_model_dir}`" in text
     assert card.data.pipeline_tag == "text-generation" and card.data.tags == ["lorakit", "lora"]
     assert hashlib.sha256(data.read_bytes()).hexdigest() in text  # data provenance
     assert "train: 6 rows, 6 kept" in text and "| steps | 3 |" in text and "| eval loss |" in text
@@ -46,4 +48,17 @@ def test_adapter_and_merged_model_cards(tiny_model_dir, tmp_path, tmp_path_facto
     result = cli("merge", bare, "-o", elsewhere / "m2")
     assert result.exit_code == 0, result.output
     front = yaml.safe_load((elsewhere / "m2" / "README.md").read_text().split("---")[1])
-    assert front["base_model"] == str(tiny_model_dir) and front["tags"] == ["lorakit", "lora", "merged"]
+    assert "base_model" not in front and front["tags"] == ["lorakit", "lora", "merged"]
+
+
+def test_a_hub_base_is_the_cards_base_model(tmp_path):
+    """A base given as a hub id (recorded unresolved: nothing local by that name) is the hub's base_model link."""
+    from lorakit.adapters.card import build_card
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (adapter / "lorakit.json").write_text('{"base_model": "mistralai/Mistral-7B-v0.1", '
+                                          '"base_model_path": "mistralai/Mistral-7B-v0.1", "quantization": "nf4"}')
+    front = yaml.safe_load(build_card(adapter).split("---")[1])
+    assert front["base_model"] == "mistralai/Mistral-7B-v0.1" and front["tags"] == ["lorakit", "qlora"]
