@@ -2,7 +2,7 @@
 
 A Hugging Face card: YAML front matter the hub reads (base_model, library_name, pipeline_tag, tags, datasets),
 then the method, data, training results and how to load the artifact, all taken from what the run left on disk
-(run.json, recipe.yaml, lorakit.json, adapter_config.json), so `huggingface-cli upload` of either folder makes
+(run.json, recipe.yaml, lorakit.json, adapter_config.json), so `hf upload` of either folder makes
 a complete hub repository.
 """
 
@@ -135,7 +135,7 @@ def _usage(base: str, merged: bool) -> list[str]:
         cli = f'lorakit generate --model {base} --adapter tuned=THIS_DIR_OR_REPO --chat --prompt "..."'
     return ["", "## Use it", "", "```python", *code, "```", "", "```bash", cli,
             "lorakit eval THIS_DIR --data questions.jsonl --base-too   # is it better than the base?", "```", "",
-            "Publish this folder as a hub repository: `huggingface-cli upload USER/REPO THIS_DIR`."]
+            "Publish this folder as a hub repository: `hf upload USER/REPO THIS_DIR` (huggingface_hub's CLI)."]
 
 
 def _reproduce(run: dict) -> list[str]:

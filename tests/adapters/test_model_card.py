@@ -27,7 +27,7 @@ def test_adapter_and_merged_model_cards(tiny_model_dir, tmp_path, tmp_path_facto
     assert hashlib.sha256(data.read_bytes()).hexdigest() in text  # data provenance
     assert "train: 6 rows, 6 kept" in text and "| steps | 3 |" in text and "| eval loss |" in text
     assert "| r | `4` |" in text and "AutoPeftModelForCausalLM" in text and "lorakit generate" in text
-    assert "huggingface-cli upload" in text
+    assert "hf upload USER/REPO" in text  # the locked huggingface_hub has `hf`, no huggingface-cli
 
     # The card's loading code runs as written, for the adapter and for the merged model.
     for folder in ("adapter", "merged"):
