@@ -29,7 +29,7 @@ from lorakit.data.sources import read_rows
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
 from lorakit.models.loading import load_tokenizer, resolve_model_path
-from lorakit.tools.generate import load_for_generation
+from lorakit.tools.generate import load_for_generation, refuse_prefix_generation
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
 from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
@@ -58,6 +58,7 @@ def resolve_target(path: Path) -> Target:
         base = ModelSection(name_or_path=merge["base"], dtype=dtype) if merge.get("base") else None
         return Target("merged", path, ModelSection(name_or_path=str(path), dtype=dtype), base, recipe)
     adapter = find_adapter_dir(path, "lorakit eval")
+    refuse_prefix_generation(adapter, f"lorakit eval {adapter}")
     record = json.loads((adapter / RECORD_FILE).read_text()) if (adapter / RECORD_FILE).is_file() else {}
     base_path = record.get("base_model_path") or record.get("base_model")
     if recipe is not None:

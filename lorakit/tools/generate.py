@@ -16,6 +16,7 @@ import torch
 
 from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import find_adapter_dir, read_config
+from lorakit.compat import PREFIX_GENERATION_BROKEN, prompt_learning_generate_kwargs
 from lorakit.config.schema import ModelSection
 from lorakit.data.sources import BadRowError, jsonl_rows
 from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
@@ -47,11 +48,20 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
             raise UsageError(f"--adapter {spec}: names are letters, digits, '_', '.', '-', unique and not {BASE!r}; "
                              "write NAME=DIR")
         adapters[name] = find_adapter_dir(directory, f"--adapter {spec}")
+    for name, path in adapters.items():
+        refuse_prefix_generation(path, f"--adapter {name}={path}")
     methods = {read_config(p).get("peft_type") for p in adapters.values()}
     if len(methods) > 1 or ("BOTTLENECK" in methods and len(adapters) > 1):
         raise UsageError(f"--adapter: adapters of different methods ({', '.join(sorted(methods))}), or several "
                          "bottleneck adapters, cannot share one base; run generate once per method")
     return adapters
+
+
+def refuse_prefix_generation(adapter_dir: Path, what: str) -> None:
+    """Exit 2 before any model is loaded when ``adapter_dir`` holds a prefix-tuning adapter (compat)."""
+    if read_config(adapter_dir).get("peft_type") == "PREFIX_TUNING":
+        raise UsageError(f"{what}: a prefix-tuning adapter cannot generate here: {PREFIX_GENERATION_BROKEN}; "
+                         "train with adapter.method prompt or lora to generate")
 
 
 def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
@@ -133,7 +143,7 @@ def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_toke
     torch.manual_seed(seed)  # per request, so a prompt's sample does not depend on the prompts before it
     with context, torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=stop_ids, **sampling)
+                                eos_token_id=stop_ids, **sampling, **prompt_learning_generate_kwargs(model))
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

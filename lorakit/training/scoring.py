@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lorakit.compat import prompt_learning_generate_kwargs
 from lorakit.config.schema import EVAL_METRICS as METRICS
 from lorakit.config.schema import DataSection, Recipe
 from lorakit.data.formats import IGNORE_INDEX, Example, answer_of, num_targets, through_last_answer, tokenize_row
@@ -66,9 +67,13 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
     import torch
     from transformers import GenerationConfig
 
+    uncached = prompt_learning_generate_kwargs(model)
+    if uncached:  # virtual tokens sit before the left padding: a padded row would see them at another distance
+        batch_size = 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                              eos_token_id=model.generation_config.eos_token_id, use_cache=True)
+                              eos_token_id=model.generation_config.eos_token_id,
+                              **{"use_cache": True, **uncached})
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device

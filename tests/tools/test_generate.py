@@ -122,3 +122,80 @@ def test_a_bad_prompt_line_reads_as_a_bad_training_row(tiny_model_dir, tmp_path,
     result = CliRunner().invoke(app, ["generate", "--model", str(tiny_model_dir), "--file", str(path)])
     assert result.exit_code == 3
     assert training.value.reason in " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def prompt_learning_adapters(tiny_model_dir, tmp_path_factory):
+    """A prefix- and a prompt-tuning adapter with PEFT's random (N(0, 1)) virtual tokens: far from neutral."""
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    root = tmp_path_factory.mktemp("prompt-learning")
+    return {
+        "prefix": build_random_adapter(tiny_model_dir, root / "prefix", PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4), seed=3),
+        "prompt": build_random_adapter(tiny_model_dir, root / "prompt", PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4), seed=4),
+    }
+
+
+def _forward_greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
+    """Greedy tokens from whole-sequence forwards (what training computes), no cache; a prompt-tuning model's
+    logits start with its virtual positions, so the last position is read."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0].tolist()
+
+
+def test_peft_prompt_learning_generation_still_broken(tiny_model_dir, prompt_learning_adapters):
+    """The sentinel of lorakit.compat.prompt_learning_generate_kwargs and PREFIX_GENERATION_BROKEN: PEFT's cached
+    generate() with a prefix adapter gives the base model's first-token logits, and with a prompt adapter drifts
+    from the forward after the first token. Fails once PEFT fixes both: remove the workaround and the refusals."""
+    section = ModelSection(name_or_path=str(tiny_model_dir), dtype="float32")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    broken = []
+    for name, path in prompt_learning_adapters.items():
+        model, _ = load_for_generation(section, {"a": path}, allow_pickle=False, device="cpu")
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True)
+            with model.disable_adapter():
+                base_first = model(input_ids=ids).logits[0, -1]
+            forced = model(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)).logits[0]
+        if name == "prefix":
+            broken.append(torch.allclose(out.scores[0][0], base_first, atol=1e-5))
+        else:
+            last = forced.shape[0] - out.sequences.shape[1] + ids.shape[1] - 1
+            drift = max((out.scores[i][0] - forced[last + i]).abs().max().item() for i in range(6))
+            broken.append(drift > 1e-3)
+    assert broken == [True, True]
+
+
+def test_prompt_tuning_generates_what_its_forward_computes(tiny_model_dir, prompt_learning_adapters):
+    """`lorakit generate` and eval's batched greedy generation with a prompt-tuning adapter give the tokens of
+    whole-sequence forwards (training's computation), batched rows as alone."""
+    from lorakit.training.scoring import generate_greedy
+
+    model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir), dtype="float32"),
+                                           {"a": prompt_learning_adapters["prompt"]}, allow_pickle=False, device="cpu")
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = [tokenizer.decode(_forward_greedy(model, torch.tensor([p]), 12)[len(p):], skip_special_tokens=True)
+                for p in prompts]
+    settings = {**SETTINGS, "max_new_tokens": 12}
+    assert [generate_one(model, tokenizer, Request("a", prompt=p), **settings, stop_ids=[-1]) for p in PROMPTS] \
+        == expected
+    model.generation_config.eos_token_id = -1
+    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=12, batch_size=2) == expected
+
+
+def test_prefix_tuning_generation_is_refused_before_loading(tiny_model_dir, prompt_learning_adapters, tmp_path):
+    prefix = prompt_learning_adapters["prefix"]
+    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_model_dir), "--adapter", f"x={prefix}",
+                                      "--prompt", "x"])
+    assert result.exit_code == 2 and "prefix-tuning adapter cannot generate" in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    result = CliRunner().invoke(app, ["eval", str(prefix), "--data", str(data)])
+    assert result.exit_code == 2 and "prefix-tuning adapter cannot generate" in result.output, result.output
