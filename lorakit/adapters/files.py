@@ -14,6 +14,7 @@ import torch
 
 from lorakit.adapters.bottleneck import is_bottleneck_dir
 from lorakit.atomic import write_file
+from lorakit.config.methods import REGISTRY
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem
@@ -42,16 +43,17 @@ def find_adapter_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{what}: adapter directory {str(path)!r} not found")
-    if not _has_config(path) and _has_config(path / "adapter"):
+    if not is_adapter_dir(path) and is_adapter_dir(path / "adapter"):
         path = path / "adapter"
-    if not _has_config(path):
+    if not is_adapter_dir(path):
         raise CheckpointError(f"{what}: {path} has no adapter_config.json; give an adapter directory (RUN/adapter)")
     if problem := folder_problem(path, ("adapter_config.json", RECORD_FILE)):
         raise CheckpointError(f"{what}: {problem}; the adapter is damaged: copy or train it again")
     return path
 
 
-def _has_config(path: Path) -> bool:
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` holds a saved adapter's config (PEFT's adapter_config.json or lorakit's bottleneck one)."""
     return (path / "adapter_config.json").is_file() or is_bottleneck_dir(path)
 
 
@@ -71,10 +73,17 @@ class Adapter:
 
     @property
     def method(self) -> str:
-        if self.config.get("peft_type") == "IA3":
-            return "ia3"
-        name = "dora" if self.config.get("use_dora") else "lora"
-        return name + ("+rslora" if self.config.get("use_rslora") else "")
+        return method_name(self.config)
+
+
+def method_name(config: dict) -> str:
+    """The adapter.method a saved adapter config belongs to (lora+rslora, dora, ia3, prefix, ...), or its peft_type
+    when lorakit does not train that type."""
+    if config.get("peft_type") == "LORA":
+        name = "dora" if config.get("use_dora") else "lora"
+        return name + ("+rslora" if config.get("use_rslora") else "")
+    names = [name for name, m in REGISTRY.items() if m.peft_type == config.get("peft_type")]
+    return names[0] if names else str(config.get("peft_type"))
 
 
 def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:

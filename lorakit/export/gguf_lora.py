@@ -19,7 +19,7 @@ from lorakit.errors import UsageError, VerificationError
 from lorakit.export.gguf_model import Hyper, permute_for_rope
 from lorakit.export.run import ExportReport, check_apart, check_output, temporary_file
 from lorakit.publish import publish_file_output
-from lorakit.export.target import display_name, resolve_target
+from lorakit.export.target import display_name, plain_lora_only, resolve_target
 from lorakit.merge.weights_io import list_tensors
 
 LORA_QUANTS = ("f32", "f16", "bf16", "q8_0")
@@ -31,9 +31,8 @@ def lora_tensors(adapter, base_dir: Path, arch: str, hp: Hyper, quant: str) -> l
 
     from lorakit.merge.plan import collect_updates
 
-    if adapter.config.get("peft_type") != "LORA" or adapter.config.get("use_dora"):
-        raise UsageError(f"{adapter.path}: a {adapter.method} adapter; llama.cpp's LoRA files hold plain LoRA only. "
-                         f"Export the merged model instead: lorakit export {adapter.path} --format gguf -o FILE.gguf")
+    if why := plain_lora_only(adapter.path, adapter.config):
+        raise UsageError(why)
     updates, replacements = collect_updates(adapter, {t.key for t in list_tensors(base_dir)})
     if replacements:
         raise UsageError(f"{adapter.path}: the adapter trains whole tensors ({', '.join(sorted(replacements)[:3])}: "

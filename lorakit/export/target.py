@@ -38,7 +38,24 @@ def _is_model(path: Path) -> bool:
 
 
 def _is_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+    from lorakit.adapters.files import is_adapter_dir
+
+    return is_adapter_dir(path)
+
+
+def plain_lora_only(path: Path, config: dict) -> str:
+    """Why a GGUF LoRA file cannot hold this adapter ('' when it is plain LoRA), with what to do instead."""
+    from lorakit.adapters.files import method_name
+    from lorakit.config.methods import saved_method
+
+    if config.get("peft_type") == "LORA" and not config.get("use_dora"):
+        return ""
+    method = saved_method(config.get("peft_type"))
+    why = f"{path}: a {method_name(config)} adapter; llama.cpp's LoRA files hold plain LoRA only"
+    if method is not None and not method.mergeable:
+        return (f"{why}, and {method.not_mergeable}, so no GGUF can hold it: serve it with "
+                f"`lorakit generate --model BASE --adapter {path}`")
+    return f"{why}. Export the merged model instead: lorakit export {path} --format gguf -o FILE.gguf"
 
 
 def resolve_target(target: str | Path, *, want: str = "model", base: str | None = None,
@@ -57,9 +74,11 @@ def resolve_target(target: str | Path, *, want: str = "model", base: str | None 
         elif _is_adapter(adapter):
             path = adapter
     if path.is_dir() and _is_adapter(path):
-        from lorakit.adapters.files import read_adapter, resolve_base
+        from lorakit.adapters.files import read_adapter, read_config, resolve_base
         from lorakit.merge.merge import read_mergeable_adapter
 
+        if want == "adapter" and (why := plain_lora_only(path, read_config(path))):
+            raise UsageError(why)
         # Merging it refuses adapters with no weight delta (prompt tuning, bottleneck, ...) here, before any work.
         adapter = read_mergeable_adapter(path, allow_pickle) if want == "model" else read_adapter(path, allow_pickle)
         base_dir = resolve_base(adapter, base)

@@ -251,6 +251,35 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path)
     assert not list(tmp_path.glob("*.gguf"))
 
 
+def test_every_method_without_a_gguf_lora_form_is_refused_by_name(tiny_model_dir, tmp_path):
+    """gguf-lora names the method and what to do (a merged GGUF for mergeable methods, lorakit generate for the
+    others, which no GGUF can hold); a bottleneck run or adapter is recognised as one, not as a missing adapter,
+    for both formats; every refusal is exit 2 before any file is written."""
+    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.adapters.bottleneck import BottleneckModel
+    from lorakit.config.methods import BottleneckConfig
+
+    configs = {"ia3": IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj"], feedforward_modules=[]),
+               "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+               "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)}
+    adapters = {name: build_random_adapter(tiny_model_dir, tmp_path / name, c) for name, c in configs.items()}
+    run = tmp_path / "bn-run"
+    BottleneckModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), BottleneckConfig(r=4)).save_pretrained(
+        run / "adapter")
+    adapters["bottleneck"] = run
+    for name, path in adapters.items():
+        result = cli("export", path, "--format", "gguf-lora", "-o", tmp_path / f"{name}.gguf")
+        assert result.exit_code == 2 and f"a {name} adapter" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        expected = "--format gguf -o" if name == "ia3" else "no GGUF can hold it"
+        assert expected in result.output, result.output
+    result = cli("export", run, "--format", "gguf", "-o", tmp_path / "bn.gguf")
+    assert result.exit_code == 2 and "bottleneck adapters add" in result.output, result.output
+    assert not list(tmp_path.glob("*.gguf"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # vLLM
 
