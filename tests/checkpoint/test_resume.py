@@ -5,7 +5,7 @@ metrics log from each resume point on is the same.
 Real processes on the tiny fp32 model with lora_dropout > 0. Kill points are chosen by watching
 metrics.jsonl and the checkpoint directory, or by the test-only fault hook inside write_checkpoint
 (LORAKIT_TEST_CHECKPOINT_FAULT, see docs/checkpoints.md). 10 SIGKILLs, one SIGTERM, one double SIGINT; and one
-SIGKILL of a bottleneck run, whose checkpoints hold lorakit's own adapter files instead of PEFT's.
+SIGKILL per other adapter method (bottleneck, prompt, prefix, DoRA, IA3) and of a LoRA run on an NF4 base.
 """
 
 from __future__ import annotations
@@ -186,14 +186,27 @@ NON_PEFT_LAYOUT_ADAPTERS = {
 }
 
 
-@pytest.mark.parametrize("method", NON_PEFT_LAYOUT_ADAPTERS)
+# The other methods and a 4-bit base: PEFT's layout, but state the LoRA run above does not have (DoRA magnitudes,
+# IA3 vectors, bitsandbytes' NF4 weights that a resumed run reloads and must quantize identically).
+OTHER_ADAPTERS = {
+    "dora": {"method": "dora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "ia3": {"method": "ia3", "r": None, "target_modules": ["k_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"]},
+    "lora-nf4": {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "quantization": "nf4"},
+}
+
+
+@pytest.mark.parametrize("method", {**NON_PEFT_LAYOUT_ADAPTERS, **OTHER_ADAPTERS})
 def test_killed_while_checkpointing_resumes_bitwise_for_every_adapter_layout(tmp_path, tiny_model_dir, method):
     data = write_data(tmp_path / "train.jsonl", 16)
-    adapter = {"lora_dropout": None, "target_modules": None, **NON_PEFT_LAYOUT_ADAPTERS[method]}
+    adapter = {"lora_dropout": None, "target_modules": None, **NON_PEFT_LAYOUT_ADAPTERS.get(method, {}),
+               **OTHER_ADAPTERS.get(method, {})}
+    quantization = adapter.pop("quantization", "none")
 
     def recipe_for(name: str) -> tuple[Path, Path]:
         out = tmp_path / name
         recipe = recipe_dict(tiny_model_dir, data, out, adapter, max_steps=6, save_every=2)
+        recipe["model"]["quantization"] = quantization
         return write_recipe(tmp_path / f"{name}.yaml", recipe), out
 
     reference_recipe, reference = recipe_for("reference")
