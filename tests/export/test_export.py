@@ -252,7 +252,7 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path)
 
 
 def test_every_method_without_a_gguf_lora_form_is_refused_by_name(tiny_model_dir, tmp_path):
-    """gguf-lora names the method and what to do (a merged GGUF for mergeable methods, lorakit generate for the
+    """gguf-lora (and the vLLM check, exit 4) refuse every method but LoRA. gguf-lora names the method and what to do (a merged GGUF for mergeable methods, lorakit generate for the
     others, which no GGUF can hold); a bottleneck run or adapter is recognised as one, not as a missing adapter,
     for both formats; every refusal is exit 2 before any file is written."""
     from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
@@ -275,6 +275,8 @@ def test_every_method_without_a_gguf_lora_form_is_refused_by_name(tiny_model_dir
         assert len(result.output.strip().splitlines()) == 1
         expected = "--format gguf -o" if name == "ia3" else "no GGUF can hold it"
         assert expected in result.output, result.output
+        result = cli("export", path, "--check", "vllm")
+        assert result.exit_code == 4 and "vLLM serves LoRA adapters only" in result.output, result.output
     result = cli("export", run, "--format", "gguf", "-o", tmp_path / "bn.gguf")
     assert result.exit_code == 2 and "bottleneck adapters add" in result.output, result.output
     assert not list(tmp_path.glob("*.gguf"))
