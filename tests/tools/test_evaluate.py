@@ -273,3 +273,39 @@ def test_default_report_path_of_a_checkpoint_is_beside_the_run_not_inside_the_ch
     assert default_output(step) == default_output(step / "adapter") == run / "eval-step-000004.json"
     assert default_output(run) == default_output(run / "adapter") == run / "eval.json"
     assert default_output(tmp_path / "elsewhere") == Path("eval.json")
+
+
+EVAL_METHODS = {
+    "dora": {"method": "dora"},
+    "ia3": {"method": "ia3", "r": None, "lora_dropout": None, "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"]},
+    "prompt": {"method": "prompt", "num_virtual_tokens": 4, "r": None, "lora_dropout": None, "target_modules": None},
+    "bottleneck": {"method": "bottleneck", "lora_dropout": None, "target_modules": None},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", EVAL_METHODS)
+def test_eval_scores_every_method_with_its_adapter(method, tiny_model_dir, tmp_path):
+    """Each method's run is scored with its adapter on (its loss is not the base's; for PEFT methods, the loss
+    plain PEFT computes) and its outputs are what `lorakit generate` gives with the adapter, row by row."""
+    data = write_memorisation_data(tmp_path / "train.jsonl")
+    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", adapter=EVAL_METHODS[method], max_steps=3,
+                         learning_rate=3e-2)
+    assert cli("train", write_recipe(tmp_path / "recipe.yaml", recipe)).exit_code == 0
+    result = cli("eval", tmp_path / "run", "--data", data, "--base-too", "--max-new-tokens", "4", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    tuned, base = report["totals"]["tuned"]["loss"], report["totals"]["base"]["loss"]
+    assert abs(tuned - base) > 1e-4
+    if method != "bottleneck":
+        assert (base, tuned) == pytest.approx(adapter_loss_gain(tiny_model_dir, tmp_path / "run" / "adapter", data),
+                                              abs=1e-4)
+    model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir), dtype="float32"),
+                                           {"tuned": tmp_path / "run" / "adapter"}, allow_pickle=False, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter")
+    rows = read_rows(str(data)).rows
+    items, _ = eval_items(rows, DataSection(train=str(data), max_seq_len=128), tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    alone = generate_greedy(model, tokenizer, [i.prompt_ids for i in items], max_new_tokens=4, batch_size=1)
+    assert [r["tuned"]["output"] for r in report["per_row"]] == alone
