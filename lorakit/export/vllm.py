@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from lorakit.config.methods import REGISTRY
 from lorakit.errors import CheckpointError
 from lorakit.export.target import display_name
 
@@ -97,14 +98,10 @@ def _lora_modules(path: Path) -> set[str]:
     return {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys}
 
 
-# What `lorakit train` knows at start: the recipe's adapter section, before PEFT resolves its targets.
-_PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING",
-               "bottleneck": "BOTTLENECK"}
-
-
 def warn_if_not_servable(section, say: Callable[[str], None]) -> None:
-    """`lorakit train`: one warning at start when the recipe's adapter will not load in vLLM as saved."""
-    config = {**(section.model_extra or {}), "peft_type": _PEFT_TYPES[section.method],
+    """`lorakit train`: one warning at start when the recipe's adapter will not load in vLLM as saved (known from
+    the recipe's adapter section, before PEFT resolves its targets)."""
+    config = {**(section.model_extra or {}), "peft_type": REGISTRY[section.method].peft_type,
               "use_dora": section.method == "dora", "r": section.r or 0}
     targets = section.target_modules
     modules = {t.rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else None  # regex: unknown yet
