@@ -45,7 +45,7 @@ def _is_adapter(path: Path) -> bool:
 
 def plain_lora_only(path: Path, config: dict) -> str:
     """Why a GGUF LoRA file cannot hold this adapter ('' when it is plain LoRA), with what to do instead."""
-    from lorakit.adapters.files import method_name
+    from lorakit.adapters.files import method_name, serving_remedy
     from lorakit.config.methods import saved_method
 
     if config.get("peft_type") == "LORA" and not config.get("use_dora"):
@@ -53,8 +53,7 @@ def plain_lora_only(path: Path, config: dict) -> str:
     method = saved_method(config.get("peft_type"))
     why = f"{path}: a {method_name(config)} adapter; llama.cpp's LoRA files hold plain LoRA only"
     if method is not None and not method.mergeable:
-        return (f"{why}, and {method.not_mergeable}, so no GGUF can hold it: serve it with "
-                f"`lorakit generate --model BASE --adapter {path}`")
+        return f"{why}, and {method.not_mergeable}, so no GGUF can hold it; {serving_remedy(path, config)}"
     return f"{why}. Export the merged model instead: lorakit export {path} --format gguf -o FILE.gguf"
 
 

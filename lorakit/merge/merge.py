@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from lorakit.adapters.card import write_card
-from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base
+from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base, serving_remedy
 from lorakit.adapters.inits import RESIDUAL_ADAPTER
 from lorakit.atomic import fsync_files
 from lorakit.config.methods import saved_method
@@ -77,10 +77,10 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
     peft_type = config.get("peft_type")
     method = saved_method(peft_type)
     if method is not None and not method.mergeable:
-        raise UsageError(_not_mergeable(path, method.not_mergeable))
+        raise UsageError(_not_mergeable(path, method.not_mergeable, config))
     if method is None and _prompt_learning(peft_type):
         raise UsageError(_not_mergeable(path, f"a {peft_type} adapter learns virtual tokens (or key/value prefixes) "
-                                              "fed to the model, not weights"))
+                                              "fed to the model, not weights", config))
     if method is None:
         raise UsageError(f"{path}: peft_type {peft_type} is not mergeable by lorakit (it merges LoRA, DoRA, rsLoRA "
                          f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
@@ -108,9 +108,8 @@ def _prompt_learning(peft_type) -> bool:
     return config_class is not None and issubclass(config_class, PromptLearningConfig)
 
 
-def _not_mergeable(path: Path, why: str) -> str:
-    return (f"{path}: {why}, so there is no weight update to merge into the base; "
-            f"load it next to the base instead: `lorakit generate --model BASE --adapter {path}`")
+def _not_mergeable(path: Path, why: str, config: dict) -> str:
+    return f"{path}: {why}, so there is no weight update to merge into the base; {serving_remedy(path, config)}"
 
 
 # ----------------------------------------------------------------------------------------------------------

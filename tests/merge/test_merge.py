@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
+from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
@@ -208,6 +208,12 @@ def test_non_mergeable_methods_exit_2_and_point_to_generate(tiny_model_dir, adap
         assert result.exit_code == 2, result.output
         assert "lorakit generate" in result.output and "no weight update" in result.output
         assert "merge_and_unload" not in result.output  # PEFT cannot merge these either
+    # ... except prefix tuning, which lorakit cannot generate with either (tests/tools/test_generate.py)
+    prefix = build_random_adapter(tiny_model_dir, tmp_path / "prefix",
+                                  PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    result = invoke("merge", prefix, "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "no weight update" in result.output, result.output
+    assert "lorakit generate" not in result.output and "adapter.method prompt or lora" in result.output
     assert not (tmp_path / "out").exists()
 
 
