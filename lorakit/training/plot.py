@@ -10,7 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Callable
 
-from lorakit.errors import UsageError
+from lorakit.atomic import publish_file
+from lorakit.errors import SafetyError, UsageError
 from lorakit.publish import check_file_output
 from lorakit.training.metrics import read_metrics, series
 
@@ -28,7 +29,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory; give a run directory (the output.dir of a run)")
-    check_file_output("plot -o", out if out is not None else run_dir / "loss.png")
+    out = Path(out) if out is not None else run_dir / "loss.png"
+    target = check_file_output("plot -o", out)  # symlinks resolved: a link to an earlier plot stays a link
+    if target.exists() and not _is_plot(target):  # an earlier plot is replaced, nothing else
+        raise SafetyError(f"plot -o {out}: the file exists and is not a plot lorakit drew; choose another file")
     records = read_metrics(run_dir / "metrics.jsonl")
     train_steps, train_loss = series(records, "loss")
     eval_steps, eval_loss = series(records, "eval_loss")
@@ -70,10 +74,24 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     lr_ax.grid(alpha=0.3)
     fig.tight_layout()
 
-    out = Path(out) if out is not None else run_dir / "loss.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=DPI)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.lorakit-tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        publish_file(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _is_plot(path: Path) -> bool:
+    """A PNG that matplotlib wrote (its Software text chunk comes right after the image header)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
 
 
 def maybe_plot(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:

@@ -132,6 +132,23 @@ def test_plot_tolerates_a_torn_last_line_and_repeated_steps(tmp_path):
     assert png_size(run / "loss.png") == (1000, 700)
 
 
+def test_plot_replaces_only_an_earlier_plot(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    result = runner.invoke(app, ["plot", str(run), "-o", str(data)])
+    assert result.exit_code == 5 and "not a plot lorakit drew" in result.stderr, result.output
+    assert data.read_text() == '{"instruction": "x", "output": "y"}\n'
+    out = tmp_path / "pics" / "loss.png"
+    for _ in range(2):  # a plot it drew is replaced, through a symbolic link too
+        assert runner.invoke(app, ["plot", str(run), "-o", str(out)]).exit_code == 0
+    link = tmp_path / "link.png"
+    link.symlink_to(out)
+    assert runner.invoke(app, ["plot", str(run), "-o", str(link), "--width", "640"]).exit_code == 0
+    assert link.is_symlink() and png_size(out) == (640, 700)
+
+
 def test_plot_errors_are_one_line_usage_errors(tmp_path):
     result = runner.invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "metrics" in result.stderr and len(result.stderr.strip().splitlines()) == 1
