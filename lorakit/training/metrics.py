@@ -6,6 +6,7 @@ metrics.jsonl is the record of a run; the trackers (output.report_to) and `lorak
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from lorakit.console import show_metrics
@@ -31,15 +32,16 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    """The records of a metrics.jsonl file; a line that is no record (a torn last line from a killed run, bytes a
+    disk or an editor damaged) is skipped."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no metrics file; is this a lorakit run directory?")
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             records.append(record)
@@ -50,7 +52,12 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric, sorted by step; a step logged twice (a resumed run) keeps its last value."""
     by_step: dict[int, float] = {}
     for record in records:
-        if key in record and "step" in record and isinstance(record[key], (int, float)):
-            by_step[int(record["step"])] = float(record[key])
+        step, value = record.get("step"), record.get(key)
+        if _is_step(step) and isinstance(value, (int, float)):  # a damaged record may hold anything
+            by_step[int(step)] = float(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0

@@ -149,6 +149,17 @@ def test_plot_replaces_only_an_earlier_plot(tmp_path):
     assert link.is_symlink() and png_size(out) == (640, 700)
 
 
+def test_plot_skips_damaged_metrics_records(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run)
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b'\xff\xfe{"step": 3}\n{"step": "x", "loss": 1}\n{"step": 1e400, "loss": 1}\n{"step": true, "loss": 1}\n')
+        f.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    assert png_size(run / "loss.png") == (1000, 700)
+
+
 def test_plot_errors_are_one_line_usage_errors(tmp_path):
     result = runner.invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "metrics" in result.stderr and len(result.stderr.strip().splitlines()) == 1
