@@ -59,11 +59,14 @@ def schema(
     from lorakit.errors import SafetyError
     from lorakit.publish import check_file_output
 
-    check_file_output("schema -o", output)
-    if output.exists() and _json_title(output) != "lorakit recipe":  # an earlier schema is replaced, nothing else
+    from lorakit.atomic import write_file
+
+    target = check_file_output("schema -o", output)  # symlinks resolved
+    if target.exists() and _json_title(target) != "lorakit recipe":  # an earlier schema is replaced, nothing else
         raise SafetyError(f"schema -o {output}: the file exists and is not a lorakit recipe schema; choose another "
                           "file")
-    output.write_text(text)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_file(target, text)
     saved(True)("schema", output)
 
 

@@ -95,6 +95,17 @@ def test_schema_is_json_with_every_key_description(tmp_path):
     assert json.loads(out.read_text()) == schema
 
 
+def test_schema_output_in_a_new_folder_and_through_a_link(tmp_path):
+    out = tmp_path / "new folder" / "é" / "recipe.schema.json"
+    result = runner.invoke(app, ["schema", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["title"] == "lorakit recipe"
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    assert runner.invoke(app, ["schema", "-o", str(link)]).exit_code == 0
+    assert link.is_symlink() and json.loads(out.read_text())["title"] == "lorakit recipe"
+
+
 def test_schema_rejects_what_validate_rejects():
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(runner.invoke(app, ["schema"]).stdout)
