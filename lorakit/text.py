@@ -5,6 +5,9 @@ Other encodings and compressed files are named for what they are, with the fix, 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class NotText(ValueError):
     """Why the bytes are not UTF-8 text; ``line`` (1-based) where that is known."""
@@ -34,3 +37,14 @@ def decode(data: bytes, what: str, first_line: int = 1) -> str:
         line = first_line + data[: e.start].count(b"\n")
         raise NotText(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8 "
                       "(e.g. iconv -f latin1 -t utf-8)", line) from None
+
+
+def json_object_problem(path: Path) -> str | None:
+    """Why ``path`` is not a JSON object, or None."""
+    try:
+        value = json.loads(decode(path.read_bytes(), str(path)))
+    except NotText as e:
+        return str(e)
+    except (ValueError, RecursionError) as e:
+        return f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})"
+    return None if isinstance(value, dict) else f"{path} holds a JSON {type(value).__name__}, not an object"

@@ -12,7 +12,7 @@ import json
 import struct
 from pathlib import Path
 
-from lorakit import text
+from lorakit.text import json_object_problem
 from lorakit.models.meta import build_meta_model
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -45,17 +45,6 @@ def safetensors_problem(path: Path) -> str | None:
         if offsets[1] > data:
             return f"{path} is truncated: tensor {key} ends at byte {offsets[1]:,} of the data, the file holds {data:,}"
     return None
-
-
-def json_object_problem(path: Path) -> str | None:
-    """Why ``path`` is not a JSON object, or None."""
-    try:
-        value = json.loads(text.decode(path.read_bytes(), str(path)))
-    except text.NotText as e:
-        return str(e)
-    except (ValueError, RecursionError) as e:
-        return f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})"
-    return None if isinstance(value, dict) else f"{path} holds a JSON {type(value).__name__}, not an object"
 
 
 def folder_problem(folder: Path, json_names: tuple[str, ...]) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
+from lorakit.text import json_object_problem
 from lorakit.training.optim import describe_groups
 from lorakit.training.threads import openmp_waits
 
@@ -213,8 +214,14 @@ def explain(run_dir: str | Path) -> str:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise UsageError(f"explain: {path} not found; give the directory of a finished `lorakit train` run")
+    if problem := json_object_problem(path):
+        raise UsageError(f"explain: {problem}; the run's record is damaged: rerun the training to write it again")
     settings = json.loads(path.read_text()).get("effective_settings")
     if not settings:
         raise UsageError(f"explain: {path} has no effective settings (written by an older lorakit); rerun the "
                          "training to record them")
+    if not (isinstance(settings, list) and all(isinstance(s, dict) and isinstance(s.get("label"), str) and "value" in s
+                                               for s in settings)):
+        raise UsageError(f"explain: {path}: effective_settings is not a list of {{label, value}} records; the run's "
+                         "record is damaged: rerun the training to write it again")
     return format_block(settings)

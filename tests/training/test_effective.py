@@ -83,3 +83,18 @@ def test_chat_template_line_names_each_sources_template_where_they_differ(tiny_m
                                TrainSource(path="c.jsonl", format="chat")])
     assert _templates(mixed, tok, "<e>") == (f"zephyr for b.jsonl; the tokenizer's ({tok.name_or_path}) for c.jsonl "
                                              f"(the adapter keeps the tokenizer's ({tok.name_or_path})), end of turn '<e>'")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"{", "is not valid JSON"),
+    (b"[]", "holds a JSON list"),
+    (b"\xff\xfe{}", "UTF-16"),
+    (b'{"effective_settings": "x"}', "not a list of {label, value} records"),
+    (b'{"effective_settings": [{"label": 1, "value": 2}]}', "not a list of {label, value} records"),
+])
+def test_explain_names_a_damaged_run_json_in_one_line(tmp_path, content, needle):
+    (tmp_path / "run.json").write_bytes(content)
+    result = cli("explain", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and "rerun the training" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
