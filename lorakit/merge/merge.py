@@ -33,7 +33,7 @@ from lorakit.merge.verify import check_verification, verify_merge
 from lorakit.merge.weights_io import (
     SafetensorsStreamWriter, StoredTensor, TensorReader, list_tensors, nbytes, shard_names, write_index,
 )
-from lorakit.models.loading import check_weights_safe
+from lorakit.models.loading import check_weights_safe, resolve_device
 from lorakit.publish import (
     check_inputs_apart, check_replaceable, check_writable, publish_output, read_marker, resolve_output,
 )
@@ -254,6 +254,7 @@ def merge_adapter(
     from lorakit.console import console
 
     log = log or console(True)
+    device = resolve_device(device, "cpu")
     out_dtype = _parse_choice("--dtype", dtype, OUTPUT_DTYPES)
     out_dtype = getattr(torch, out_dtype) if out_dtype else None
     try:

@@ -34,6 +34,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_device(name: str | None, default: str) -> str:
+    """--device (eval, generate, merge): cpu, cuda or cuda:N, or ``default`` when not given; exit 2 for another
+    name or a GPU torch cannot see here, before any model loads."""
+    if name is None:
+        return default
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
+        raise UsageError(f"--device {name}: choose cpu or cuda (cuda:N for one GPU of several)")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+        if colon and int(index) >= count:
+            raise UsageError(f"--device {name}: torch sees {count} GPU(s) here, cuda:0 to cuda:{count - 1}")
+    return name
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Where the weights come from
 

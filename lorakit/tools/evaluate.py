@@ -28,7 +28,7 @@ from lorakit.data.chat import resolve_chat_template
 from lorakit.data.sources import read_rows
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
-from lorakit.models.loading import load_tokenizer, resolve_model_path
+from lorakit.models.loading import load_tokenizer, resolve_device, resolve_model_path
 from lorakit.tools.generate import load_for_generation, refuse_prefix_generation
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
@@ -128,6 +128,7 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     """Score the target (and with ``base_too`` its base) on ``data_file``; returns what eval.json holds."""
     if metric not in METRICS:
         raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
+    device = resolve_device(device, "cuda" if torch.cuda.is_available() else "cpu")
     target = resolve_target(target_path)
     if base_too and target.kind == "merged" and target.base is None:
         raise UsageError(f"--base-too: {target.path} records no base model ({MERGE_RECORD} missing); drop --base-too")
@@ -142,7 +143,6 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     items, skipped = eval_items(rows, section, tokenizer)
     if not items:
         raise DataError(f"--data {data_file}: no row left to evaluate ({skipped[0]})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     adapters = {"tuned": target.path} if target.kind == "adapter" else {}
     model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device)

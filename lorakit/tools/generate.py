@@ -21,7 +21,7 @@ from lorakit.config.schema import ModelSection
 from lorakit.data.sources import BadRowError, jsonl_rows
 from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
 from lorakit.errors import CheckpointError, DataError, UsageError
-from lorakit.models.loading import load_base_model, load_tokenizer, resolve_model_path
+from lorakit.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from lorakit.models.tokens import grow_embeddings, recorded_vocab
 
 BASE = "base"  # the adapter name that means "no adapter"
@@ -153,13 +153,13 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     """Yield (request, completion) for --prompt or every row of --file, loading the model once."""
     if (prompt is None) == (file is None):
         raise UsageError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    device = resolve_device(device, "cuda" if torch.cuda.is_available() else "cpu")
     adapters = parse_adapter_specs(adapter_specs)
     known = {BASE, *adapters}
     default = use or next(iter(adapters), BASE)
     if default not in known:
         raise UsageError(f"--use {default}: no adapter of that name; loaded: {', '.join(sorted(known))}")
     requests = [Request(default, prompt=prompt)] if prompt is not None else read_requests(file, default, known)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_generation(section, adapters, allow_pickle=allow_pickle, device=device)
     stop_ids = generation_stop_ids(model, tokenizer, adapters.values())
     for request in requests:

@@ -398,6 +398,12 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("'--batch-size'",)),
     ("missing-argument", 2, lambda c: ["merge"], ("Missing argument", "--help")),
     ("unknown-command", 2, lambda c: ["trian"], ("No such command",)),
+    ("device-unknown-eval", 2, lambda c: ["eval", c.run, "--data", c.data, "--device", "tpu"],
+     ("--device tpu", "choose cpu or cuda")),
+    ("device-absent-generate", 2, lambda c: ["generate", "--model", c.model, "--prompt", "hi", "--device", "cuda:99"],
+     ("--device cuda:99", "torch sees")),
+    ("device-unknown-merge", 2, lambda c: ["merge", c.run / "adapter", "-o", c.out, "--device", "cpu:0"],
+     ("--device cpu:0", "choose cpu or cuda")),
     # --- outputs that cannot be written, refused before anything loads: exit 2 -----------------------------
     ("output-dangling-symlink", 2, lambda c: ["train", c.recipe(), "--output-dir", _dangling(c)],
      ("dangling symbolic link",)),
