@@ -60,7 +60,9 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
     if model is not None:
         data.setdefault("model", {})["name_or_path"] = model
     adapter = data.setdefault("adapter", {})
-    if method is not None and method != adapter.get("method", "lora"):
+    if method is not None and method not in METHOD_KEY_DEFAULTS:  # the schema names the methods
+        adapter["method"] = method
+    elif method is not None and method != adapter.get("method", "lora"):
         data["adapter"] = adapter = _keys_for_method(adapter, method)
     if r is not None:
         adapter["r"] = r

@@ -115,3 +115,10 @@ def test_parse_targets():
     assert parse_targets("all-linear") == "all-linear"
     assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
     assert parse_targets(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+
+
+def test_inspect_cli_unknown_method_is_one_usage_line(tiny_model_dir):
+    result = cli("inspect", "--model", tiny_model_dir, "--method", "dorra")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "adapter.method" in result.stderr and "did you mean dora?" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
