@@ -159,7 +159,16 @@ def export(
 
         if check != "vllm":
             raise UsageError(f"--check {check}: the only check is vllm")
+        writing = [name for name, given in (("-o", output is not None), ("--format", format_ != "gguf"),
+                                            ("--quant", quant != "f16"), ("--overwrite", overwrite),
+                                            ("--verify", verify), ("--ollama", ollama), ("--allow-pickle", allow_pickle))
+                   if given]
+        if writing:
+            raise UsageError(f"--check vllm writes nothing and loads no weights, so {', '.join(writing)} would do "
+                             "nothing; drop them, or drop --check to write a GGUF file")
         return run_vllm_check(target, max_lora_rank, base=base, say=say)
+    if max_lora_rank is not None:
+        raise UsageError("--max-lora-rank applies only with --check vllm (a GGUF file has no rank limit)")
     if output is None:
         raise UsageError(f"-o FILE.gguf is required: lorakit export {target} --format {format_} -o FILE.gguf")
     from lorakit.export.run import check_output

@@ -349,3 +349,15 @@ def test_export_help_names_every_quant_type():
     named = help_text.split("--quant", 1)[1].split("[default", 1)[0]
     whole, lora = named.split("gguf-lora:")
     assert all(q in whole for q in gguf_model.QUANTS) and all(q in lora for q in LORA_QUANTS), named
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--check", "vllm", "-o", "x.gguf"], "-o would do nothing"),
+    (["--check", "vllm", "--quant", "q8_0", "--verify"], "--quant, --verify would do nothing"),
+    (["--max-lora-rank", "16", "-o", "x.gguf"], "--max-lora-rank applies only with --check vllm"),
+])
+def test_export_refuses_options_that_would_do_nothing(lora_adapter, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    result = cli("export", lora_adapter, *args)
+    assert result.exit_code == 2 and needle in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
