@@ -96,9 +96,13 @@ def method_name(config: dict) -> str:
 
 
 def read_adapter(path: Path, allow_pickle: bool = False) -> Adapter:
+    return Adapter(path, read_config(path), read_record(path), load_adapter_tensors(path, allow_pickle))
+
+
+def read_record(path: Path) -> dict:
+    """lorakit.json of the adapter at ``path`` (checked by find_adapter_dir), or {} for one lorakit did not train."""
     record_file = path / RECORD_FILE
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    return Adapter(path, read_config(path), record, load_adapter_tensors(path, allow_pickle))
+    return json.loads(record_file.read_text()) if record_file.is_file() else {}
 
 
 def load_adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -133,6 +137,24 @@ def resolve_base(adapter: Adapter, base: str | None) -> Path:
         return _local_model_dir(name, f"{adapter.path}: recorded base", adapter.record.get("revision"))
     raise UsageError(f"{adapter.path}: the recorded base ({', '.join(recorded) or 'none'}) is not on this machine; "
                      "pass --base PATH")
+
+
+def check_recorded_base(record: dict, base_dir: str | Path, option: str) -> None:
+    """Refuse (exit 4) a local base whose architecture differs from the one the adapter's lorakit.json
+    ``record`` names; ``option``: the flag that chose the base, for the message."""
+    recorded = record.get("base_model_path")
+    base_dir = Path(base_dir)
+    if not recorded or not (base_dir / "config.json").is_file() or not (Path(recorded) / "config.json").is_file():
+        return
+    if Path(recorded).resolve() == base_dir.resolve():
+        return
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    a, b = (json.loads((Path(d) / "config.json").read_text()) for d in (recorded, base_dir))
+    diff = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+    if diff:
+        raise CheckpointError(f"{option} {base_dir} is not the model the adapter was trained on ({recorded}): "
+                              f"{'; '.join(diff)}")
 
 
 def _local_model_dir(name: str, what: str, revision: str | None) -> Path:

@@ -61,15 +61,17 @@ def serving_rank(rank: int) -> int:
 
 def run_vllm_check(target: Path, max_lora_rank: int | None, *, base: str | None, say: Callable[[str], None]) -> None:
     """Print the verdict and the `vllm serve` command; exit 4 (adapter) when vLLM would refuse it."""
-    from lorakit.adapters.files import find_adapter_dir, read_config
+    from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record
 
     path = find_adapter_dir(target, "TARGET")
     config = read_config(path)
+    record = read_record(path)
+    if base is not None:
+        check_recorded_base(record, base, "--base")
     problems = vllm_problems(config, _lora_modules(path), max_lora_rank)
     dtypes = _saved_dtypes(path)
     if dtypes - {"F16", "BF16", "F32"}:
         problems.append(f"adapter weights stored as {', '.join(sorted(dtypes))}; vLLM loads float weights only")
-    record = json.loads((path / "lorakit.json").read_text()) if (path / "lorakit.json").is_file() else {}
     base_model = base or record.get("base_model") or config.get("base_model_name_or_path") or "BASE"
     if problems:
         raise CheckpointError(f"{path}: vLLM's LoRA loader would refuse this adapter: " + "; ".join(problems))

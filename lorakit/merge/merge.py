@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from lorakit.adapters.card import write_card
-from lorakit.adapters.files import Adapter, find_adapter_dir, read_adapter, read_config, resolve_base, serving_remedy
+from lorakit.adapters.files import (Adapter, check_recorded_base, find_adapter_dir, read_adapter, read_config,
+                                   resolve_base, serving_remedy)
 from lorakit.adapters.inits import RESIDUAL_ADAPTER
 from lorakit.atomic import fsync_files
 from lorakit.config.methods import saved_method
@@ -274,7 +275,7 @@ def merge_adapter(
 
 def _merge_locked(adapter, base_dir, out, out_dtype, max_bytes, base_precision, verify, device, log,
                   allow_pickle) -> MergeReport:
-    _check_recorded_base(adapter, base_dir)
+    check_recorded_base(adapter.record, base_dir, "--base")
     precision, why = _choose_base_precision(adapter, base_precision)
     base_tensors = list_base_tensors(base_dir, allow_pickle)
     config, model = meta_model(base_dir)
@@ -316,20 +317,6 @@ def _parse_choice(option: str, value: str | None, choices: tuple[str, ...]) -> s
     if value is not None and value not in choices:
         raise UsageError(f"{option} {value!r}: must be one of {', '.join(choices)}")
     return value
-
-
-def _check_recorded_base(adapter: Adapter, base_dir: Path) -> None:
-    """Refuse a base whose architecture differs from the one recorded at training time."""
-    recorded = adapter.record.get("base_model_path")
-    if not recorded or not (Path(recorded) / "config.json").is_file() or Path(recorded).resolve() == base_dir.resolve():
-        return
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "vocab_size")
-    a, b = (json.loads((Path(d) / "config.json").read_text()) for d in (recorded, base_dir))
-    diff = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
-    if diff:
-        raise CheckpointError(f"--base {base_dir} is not the model the adapter was trained on ({recorded}): "
-                              f"{'; '.join(diff)}")
 
 
 def _choose_base_precision(adapter: Adapter, choice: str | None) -> tuple[str, str]:

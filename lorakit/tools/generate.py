@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.build import load_adapter
-from lorakit.adapters.files import find_adapter_dir, read_config
+from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record
 from lorakit.compat import PREFIX_GENERATION_BROKEN, prompt_learning_generate_kwargs
 from lorakit.config.schema import ModelSection
 from lorakit.data.sources import BadRowError, jsonl_rows
@@ -105,14 +105,18 @@ def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, all
     if any(is_bottleneck_dir(p) for p in adapters.values()):  # lorakit's own method: one adapter, no names
         return load_adapter(model, next(iter(adapters.values()))).eval(), tokenizer
     for i, (name, path) in enumerate(adapters.items()):
+        check_recorded_base(read_record(path), model_path, f"--adapter {name}: --model")
         try:
             if i == 0:
                 model = PeftModel.from_pretrained(model, path, adapter_name=name)
             else:
                 model.load_adapter(path, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"--adapter {name}={path}: PEFT cannot attach it to {model_path}: "
-                                  f"{str(e).strip().splitlines()[0]}") from None
+            lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+            # load_state_dict's first line only names the model class; the first mismatch says what differs
+            why = next((line for line in lines if "mismatch" in line), lines[0])[:300]
+            raise CheckpointError(f"--adapter {name}={path}: PEFT cannot attach it to {model_path} ({why}); is "
+                                  "--model the base it was trained on?") from None
     return model.eval(), tokenizer
 
 

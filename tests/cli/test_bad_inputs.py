@@ -348,6 +348,16 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("adapter_model.bin", "--allow-pickle")),
     ("adapter-wrong-base-merge", 4, lambda c: ["merge", c.run / "adapter", "--base", c.other_model, "--output", c.out],
      ("is not the model the adapter was trained on", "hidden_size")),
+    ("adapter-wrong-base-generate", 4,
+     lambda c: ["generate", "--model", c.other_model, "--adapter", f"a={c.run / 'adapter'}", "--prompt", "hi"],
+     ("--adapter a: --model", "is not the model the adapter was trained on", "hidden_size")),
+    ("adapter-wrong-base-unrecorded-generate", 4,
+     lambda c: ["generate", "--model", c.other_model, "--adapter", "a=" + str(_damaged_adapter(
+         c, lambda a: (a / "lorakit.json").unlink())), "--prompt", "hi"],
+     ("PEFT cannot attach it", "size mismatch", "is --model the base it was trained on")),
+    ("adapter-wrong-base-vllm-check", 4,
+     lambda c: ["export", c.run / "adapter", "--check", "vllm", "--base", c.other_model],
+     ("--base", "is not the model the adapter was trained on")),
     # --- recipes the YAML reader refuses: exit 2 (issue 15: duplicate keys, alias bombs, encodings) ----------
     ("yaml-duplicate-section", 2, lambda c: ["train", c.recipe(text=c.recipe().read_text() + "train:\n  max_steps: 3\n")],
      ("key 'train' is given twice", "keep one")),
