@@ -61,8 +61,12 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Send prompts as a user message through the chat template."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed, reset for every prompt."),
+    top_p: Optional[float] = typer.Option(
+        None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature; default 1.0).",
+        show_default=False),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Sampling seed, reset for every prompt (with --temperature; default 0).",
+        show_default=False),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Base dtype (as model.dtype in a recipe)."),
     quantization: Optional[str] = typer.Option(None, "--quantization", help="nf4, fp4 or int8 to load the base "
                                                "quantized, as QLoRA adapters were trained (as model.quantization)."),
@@ -77,13 +81,18 @@ def generate(
     from lorakit.config.schema import ModelSection
 
     adopt_transformers_output()
+    if temperature == 0 and (top_p is not None or seed is not None):
+        given = [name for name, value in (("--top-p", top_p), ("--seed", seed)) if value is not None]
+        raise UsageError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling; "
+                         "decoding is greedy without --temperature above 0")
     fields = {"dtype": dtype, "quantization": quantization}
     try:
         section = ModelSection(name_or_path=model, **{k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic names the field and the allowed values
         raise UsageError(f"--dtype/--quantization: {e.errors()[0]['msg']}") from None
     results = run_generate(section, adapter or [], prompt=prompt, file=file, use=use, chat=chat,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=1.0 if top_p is None else top_p, seed=seed or 0,
                            allow_pickle=allow_pickle, device=device)
     for request, completion in results:
         if is_json():

@@ -77,6 +77,8 @@ def test_cli_file_routes_each_row_to_its_adapter(tiny_model_dir, two_adapters, t
     (["--prompt", "x", "--file", "p.jsonl"], 2),  # both inputs
     (["--adapter", "a=/nonexistent", "--prompt", "x"], 4),
     (["--prompt", "x", "--use", "missing"], 2),
+    (["--prompt", "x", "--top-p", "0.5"], 2),  # greedy: sampling options would do nothing
+    (["--prompt", "x", "--seed", "3"], 2),
 ])
 def test_cli_usage_errors(tiny_model_dir, two_adapters, args, code):
     args = [a.replace("DIR", str(two_adapters["math"])) for a in args]
