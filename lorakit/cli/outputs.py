@@ -29,15 +29,16 @@ def eval_(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
     from lorakit.console import adopt_transformers_output, console, emit, is_json, saved, stage
-    from lorakit.tools.evaluate import default_output, format_summary, run_eval, write_report
+    from lorakit.tools.evaluate import check_report_output, default_output, format_summary, run_eval, write_report
 
     adopt_transformers_output()
     say = console(True)
+    path = output or default_output(target)
+    resolved = check_report_output(path, data)
     with stage(True, "evaluating"):
         report = run_eval(target, data, metric=metric, base_too=base_too, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, allow_pickle=allow_pickle, device=device, say=say)
-    path = output or default_output(target)
-    aside = write_report(report, path)
+    aside = write_report(report, resolved)
     if aside is not None:
         say(f"the earlier {path.name} was moved to {aside}")
     if is_json():

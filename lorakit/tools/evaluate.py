@@ -29,6 +29,7 @@ from lorakit.data.sources import read_rows
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
 from lorakit.models.loading import load_tokenizer, resolve_device, resolve_model_path
+from lorakit.publish import check_file_output, check_inputs_apart, set_aside
 from lorakit.tools.generate import load_for_generation, refuse_prefix_generation
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
@@ -210,16 +211,19 @@ def _report(target: Target, data_file: Path, section: DataSection, items, skippe
 # Output
 
 
+def check_report_output(path: Path, data_file: Path) -> Path:
+    """Where eval.json goes (symlinks resolved), checked before any model loads: exit 2 where no file can be
+    written (a directory, a path under a file, a read-only folder), exit 5 for the --data file itself."""
+    out = check_file_output("eval -o", path)
+    check_inputs_apart("eval -o", out, {"--data rows": data_file})
+    return out
+
+
 def write_report(report: dict, path: Path) -> Path | None:
-    """eval.json; an earlier one is moved aside to eval.json.replaced-TIMESTAMP, never overwritten.
-    Returns where the earlier one went (or None)."""
-    aside = None
-    if path.exists():
-        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside, n = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
-        path.rename(aside)
+    """eval.json (``path`` from check_report_output); an earlier one is moved aside to eval.json.replaced-TIMESTAMP,
+    never overwritten. Returns where the earlier one went (or None)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = set_aside(path) if path.exists() else None
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return aside
 

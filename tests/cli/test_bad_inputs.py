@@ -485,6 +485,11 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("lies inside the adapter",)),
     ("merge-over-a-foreign-folder", 5, lambda c: ["merge", c.run / "adapter", "-o", _foreign_dir(c), "--overwrite"],
      ("lorakit did not write",)),
+    ("eval-output-is-the-data", 5, lambda c: ["eval", c.run, "--data", c.data, "-o", c.data],
+     ("is the --data rows", "choose")),
+    ("eval-output-is-a-dir", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.tmp], ("a directory", "name a file")),
+    ("eval-output-under-a-file", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.data / "e.json"],
+     ("is a file",)),
     ("train-into-the-base", 5, lambda c: ["train", c.recipe(), "--output-dir", c.model / "run"],
      ("lies inside the base model",)),
 ]

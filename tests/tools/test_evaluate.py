@@ -154,7 +154,7 @@ def test_eval_merged_model_matches_adapter(run_dir, tmp_path):
     data = run_dir.parent / "train.jsonl"
     merged = tmp_path / "merged"
     assert cli("merge", run_dir, "-o", merged).exit_code == 0
-    out = tmp_path / "m.json"
+    out = tmp_path / "new folder" / "m.json"  # created
     result = cli("eval", merged, "--data", data, "--base-too", "--max-new-tokens", "4", "-o", out)
     assert result.exit_code == 0, result.output
     merged_report = json.loads(out.read_text())
