@@ -66,12 +66,12 @@ def resolve_output(option: str, value: str | Path) -> Path:
     return out
 
 
-def check_file_output(option: str, value: str | Path) -> Path:
-    """An output file's path (init, plot, schema); exit 2 unless a file can be written there: see _writable_path,
-    and not a directory, in a writable directory."""
+def check_file_output(option: str, value: str | Path, example: str) -> Path:
+    """An output file's path (init, plot, schema, eval, export); exit 2 unless a file can be written there: see
+    _writable_path, and not a directory, in a writable directory. ``example``: a file name the message suggests."""
     out = _writable_path(option, value, "file")
     if out.is_dir():
-        raise UsageError(f"{option} {value}: a directory; name a file, e.g. {out / 'recipe.yaml'}")
+        raise UsageError(f"{option} {value}: a directory; name a file, e.g. {out / example}")
     check_writable(option, out.parent)
     return out
 

@@ -61,7 +61,7 @@ def schema(
 
     from lorakit.atomic import write_file
 
-    target = check_file_output("schema -o", output)  # symlinks resolved
+    target = check_file_output("schema -o", output, "recipe.schema.json")  # symlinks resolved
     if target.exists() and _json_title(target) != "lorakit recipe":  # an earlier schema is replaced, nothing else
         raise SafetyError(f"schema -o {output}: the file exists and is not a lorakit recipe schema; choose another "
                           "file")

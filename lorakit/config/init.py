@@ -147,7 +147,7 @@ def write_template(name: str, out: Path, force: bool = False) -> Path:
     aside (FILE.replaced-TIME), never overwritten."""
     text = render(name, str(out))
     parse_recipe(yaml.safe_load(text), source=f"template {name}")  # a template that does not validate is a bug
-    check_file_output("init -o", out)
+    check_file_output("init -o", out, "recipe.yaml")
     if out.exists() and not force:
         raise SafetyError(f"init: {out} already exists; choose another file with -o or pass --force to move it "
                           "aside and write a new one")

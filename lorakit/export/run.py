@@ -37,7 +37,7 @@ def check_output(output: Path, overwrite: bool, suffix: str = ".gguf") -> Path:
     """The resolved output path, refused before any work where it cannot be written (publish.check_file_output:
     empty, a dangling link, under a file, a directory, unwritable), or would replace a file without --overwrite
     (with it, the old file is moved aside at publish time, never replaced in place)."""
-    out = check_file_output("-o", output)
+    out = check_file_output("-o", output, "model.gguf")
     if out.suffix != suffix:
         raise UsageError(f"-o {output}: the output is a {suffix} file; name it {out.stem}{suffix}")
     if not out.parent.is_dir():

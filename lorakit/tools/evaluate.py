@@ -214,7 +214,7 @@ def _report(target: Target, data_file: Path, section: DataSection, items, skippe
 def check_report_output(path: Path, data_file: Path) -> Path:
     """Where eval.json goes (symlinks resolved), checked before any model loads: exit 2 where no file can be
     written (a directory, a path under a file, a read-only folder), exit 5 for the --data file itself."""
-    out = check_file_output("eval -o", path)
+    out = check_file_output("eval -o", path, "eval.json")
     check_inputs_apart("eval -o", out, {"--data rows": data_file})
     return out
 

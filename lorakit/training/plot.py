@@ -30,7 +30,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory; give a run directory (the output.dir of a run)")
     out = Path(out) if out is not None else run_dir / "loss.png"
-    target = check_file_output("plot -o", out)  # symlinks resolved: a link to an earlier plot stays a link
+    target = check_file_output("plot -o", out, "loss.png")  # symlinks resolved: a link to an earlier plot stays a link
     if target.exists() and not _is_plot(target):  # an earlier plot is replaced, nothing else
         raise SafetyError(f"plot -o {out}: the file exists and is not a plot lorakit drew; choose another file")
     records = read_metrics(run_dir / "metrics.jsonl")

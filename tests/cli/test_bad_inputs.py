@@ -425,9 +425,9 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("cannot write",)),
     ("init-output-is-a-dir", 2, lambda c: ["init", "-o", c.tmp, "--force"], ("a directory", "name a file")),
     ("init-output-dangling", 2, lambda c: ["init", "-o", _dangling(c), "--force"], ("dangling symbolic link",)),
-    ("schema-output-is-a-dir", 2, lambda c: ["schema", "-o", c.tmp], ("a directory",)),
+    ("schema-output-is-a-dir", 2, lambda c: ["schema", "-o", c.tmp], ("a directory", "/recipe.schema.json")),
     ("schema-over-a-user-file", 5, lambda c: ["schema", "-o", c.data], ("not a lorakit recipe schema",)),
-    ("plot-output-is-a-dir", 2, lambda c: ["plot", c.run, "-o", c.tmp], ("a directory",)),
+    ("plot-output-is-a-dir", 2, lambda c: ["plot", c.run, "-o", c.tmp], ("a directory", "e.g. ", "/loss.png")),
     ("plot-output-under-a-file", 2, lambda c: ["plot", c.run, "-o", c.data / "x.png"], ("is a file",)),
     # --- damaged or inconsistent base models: exit 2, before the weights load ------------------------------
     ("base-truncated-weights", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
@@ -487,7 +487,8 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("lorakit did not write",)),
     ("eval-output-is-the-data", 5, lambda c: ["eval", c.run, "--data", c.data, "-o", c.data],
      ("is the --data rows", "choose")),
-    ("eval-output-is-a-dir", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.tmp], ("a directory", "name a file")),
+    ("eval-output-is-a-dir", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.tmp],
+     ("a directory", "name a file", "/eval.json")),
     ("eval-output-under-a-file", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.data / "e.json"],
      ("is a file",)),
     ("train-into-the-base", 5, lambda c: ["train", c.recipe(), "--output-dir", c.model / "run"],
