@@ -82,6 +82,8 @@ def _literal_values(loc: tuple) -> list:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"recipe file {str(path)!r} is a directory; name the recipe's YAML file in it")
     if not path.is_file():
         raise UsageError(f"recipe file {str(path)!r} not found")
     try:

@@ -256,6 +256,7 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("set-unknown-key", 2, lambda c: ["train", c.recipe(), "--set", "train.lr=1e-4"], ("train.lr: unknown key",)),
     ("set-wrong-type", 2, lambda c: ["train", c.recipe(), "--set", "train.max_steps=abc"], ("train.max_steps", "'abc'")),
     ("missing-recipe", 2, lambda c: ["train", c.tmp / "nowhere.yaml"], ("nowhere.yaml", "not found")),
+    ("recipe-is-a-directory", 2, lambda c: ["validate", c.tmp], ("is a directory", "name the recipe's YAML file")),
     ("resume-and-overwrite", 2, lambda c: ["train", c.run_recipe, "--resume", "--overwrite"],
      ("--resume and --overwrite",)),
     ("checkpoint-without-resume", 2, lambda c: ["train", c.run_recipe, c.run / "checkpoints" / "step-000004"],
