@@ -128,13 +128,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
         parts = key.split(".")
+        if not sep or not all(part.strip() for part in parts):  # '=1', '.lr=1', 'train..lr=1'
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
         try:
             value: Any = safe_yaml.load(raw) if raw.strip() else None
         except (yaml.YAMLError, safe_yaml.YamlProblem) as e:
-            raise UsageError(f"--set {key}: cannot parse value {raw!r} ({e})".replace("\n", " ")) from None
+            why = e.problem if isinstance(e, yaml.MarkedYAMLError) and e.problem else " ".join(str(e).split())
+            raise UsageError(f"--set {key}: cannot parse value {raw!r} as YAML ({why})") from None
         if _keeps_raw_string(_annotation_at(parts), value):
             value = raw
         node = data

@@ -253,6 +253,10 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("recipe-empty", 2, lambda c: ["train", c.recipe(text="")], ("the recipe is empty", "lorakit init")),
     # --- command line: exit 2 --------------------------------------------------------------------------
     ("set-without-value", 2, lambda c: ["train", c.recipe(), "--set", "train.learning_rate"], ("--set", "KEY=VALUE")),
+    ("set-empty-key-part", 2, lambda c: ["train", c.recipe(), "--set", "train..max_steps=3"],
+     ("--set 'train..max_steps=3': expected KEY=VALUE",)),
+    ("set-unparsable-value", 2, lambda c: ["train", c.recipe(), "--set", "adapter.target_modules=[q_proj"],
+     ("--set adapter.target_modules: cannot parse value '[q_proj' as YAML (expected ',' or ']'",)),
     ("set-unknown-key", 2, lambda c: ["train", c.recipe(), "--set", "train.lr=1e-4"], ("train.lr: unknown key",)),
     ("set-wrong-type", 2, lambda c: ["train", c.recipe(), "--set", "train.max_steps=abc"], ("train.max_steps", "'abc'")),
     ("missing-recipe", 2, lambda c: ["train", c.tmp / "nowhere.yaml"], ("nowhere.yaml", "not found")),
