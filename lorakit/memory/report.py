@@ -107,6 +107,8 @@ def settings_from(recipe, flags: Flags) -> Settings:
         raise UsageError(f"--strategy: must be ddp or fsdp; got {flags.strategy!r}")
     if flags.gpus < 1:
         raise UsageError(f"--gpus: must be >= 1, got {flags.gpus}")
+    if flags.strategy == "fsdp" and flags.gpus == 1:  # one GPU holds everything: nothing to shard
+        raise UsageError("--strategy fsdp shards over several GPUs; add --gpus N (N above 1) or drop --strategy")
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"  # auto: bf16 on a GPU that has it
     return Settings(
         method="full" if flags.method == "full" else "lora",
