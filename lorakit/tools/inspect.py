@@ -69,7 +69,9 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
     if targets is not None:
         adapter["target_modules"] = parse_targets(targets)
     if recipe_path is None:  # inspect needs only model and adapter; placeholders satisfy the other sections
-        data.update(data={"train": "-"}, train={"max_steps": 1})
+        data.setdefault("data", {}).setdefault("train", "-")  # beside, not over, what --set gave them
+        if "epochs" not in data.setdefault("train", {}):
+            data["train"].setdefault("max_steps", 1)
     recipe = parse_recipe(data, source=str(recipe_path) if recipe_path else "inspect")
     return recipe.model, recipe.adapter
 

@@ -122,3 +122,10 @@ def test_inspect_cli_unknown_method_is_one_usage_line(tiny_model_dir):
     assert result.exit_code == EXIT_USAGE, result.output
     assert "adapter.method" in result.stderr and "did you mean dora?" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_cli_model_mode_checks_set_on_other_sections(tiny_model_dir):
+    """Without a recipe, data and train are placeholders beside what --set gives them, never silently over it."""
+    result = cli("inspect", "--model", tiny_model_dir, "--set", "train.max_steps=ten")
+    assert result.exit_code == EXIT_USAGE and "train.max_steps" in result.stderr, result.output
+    assert cli("inspect", "--model", tiny_model_dir, "--set", "train.epochs=2").exit_code == 0
