@@ -174,8 +174,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
     data = read_yaml(path)
     apply_overrides(data, list(overrides or []))
     if output_dir is not None:
-        data.setdefault("output", {})["dir"] = output_dir
+        section(data, "output", str(path))["dir"] = output_dir
     return parse_recipe(data, source=str(path))
+
+
+def section(data: dict, name: str, source: str) -> dict:
+    """The recipe's section ``name`` (created empty when missing), for a command to fill in a key from its flags
+    before validation; a section that is no mapping (``adapter: 5``) is a RecipeError, as validation would say."""
+    value = data.setdefault(name, {})
+    if value is None:
+        value = data[name] = {}
+    if not isinstance(value, dict):
+        raise RecipeError([f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}"], source=source)
+    return value
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -56,7 +56,7 @@ class Flags:
 def resolve_recipe(recipe_path: Path | None, flags: Flags):
     """The recipe (or a skeleton around --model) with the flags applied, validated by the recipe schema."""
     from lorakit.config.load import parse_targets
-    from lorakit.config.load import apply_overrides, parse_recipe, read_yaml
+    from lorakit.config.load import apply_overrides, parse_recipe, read_yaml, section as recipe_section
 
     if recipe_path is not None:
         data, source = read_yaml(recipe_path), str(recipe_path)
@@ -66,8 +66,7 @@ def resolve_recipe(recipe_path: Path | None, flags: Flags):
     else:
         raise UsageError("estimate-memory: give a RECIPE or --model (a preset, model dir, config.json or hub id)")
     apply_overrides(data, flags.overrides)
-    sections = {name: dict(data.get(name) or {}) for name in ("model", "adapter", "data", "train")}
-    data.update(sections)
+    sections = {name: recipe_section(data, name, source) for name in ("model", "adapter", "data", "train")}
     if flags.model:
         sections["model"]["name_or_path"] = flags.model
     for section, key, value in (

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml
+from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml, section
 from lorakit.config.methods import METHOD_KEY_DEFAULTS, peft_config_class
 from lorakit.config.schema import AdapterSection, ModelSection
 from lorakit.errors import UsageError
@@ -56,10 +56,11 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
     if recipe_path is None and model is None:
         raise UsageError("inspect: give a RECIPE or --model PATH")
     data = read_yaml(recipe_path) if recipe_path is not None else {}
+    source = str(recipe_path) if recipe_path else "inspect"
     apply_overrides(data, list(overrides or []))
     if model is not None:
-        data.setdefault("model", {})["name_or_path"] = model
-    adapter = data.setdefault("adapter", {})
+        section(data, "model", source)["name_or_path"] = model
+    adapter = section(data, "adapter", source)
     if method is not None and method not in METHOD_KEY_DEFAULTS:  # the schema names the methods
         adapter["method"] = method
     elif method is not None and method != adapter.get("method", "lora"):
@@ -69,10 +70,10 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
     if targets is not None:
         adapter["target_modules"] = parse_targets(targets)
     if recipe_path is None:  # inspect needs only model and adapter; placeholders satisfy the other sections
-        data.setdefault("data", {}).setdefault("train", "-")  # beside, not over, what --set gave them
-        if "epochs" not in data.setdefault("train", {}):
+        section(data, "data", source).setdefault("train", "-")  # beside, not over, what --set gave them
+        if "epochs" not in section(data, "train", source):
             data["train"].setdefault("max_steps", 1)
-    recipe = parse_recipe(data, source=str(recipe_path) if recipe_path else "inspect")
+    recipe = parse_recipe(data, source=source)
     return recipe.model, recipe.adapter
 
 
