@@ -18,6 +18,7 @@ from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record
 from lorakit.compat import PREFIX_GENERATION_BROKEN, prompt_learning_generate_kwargs
 from lorakit.config.schema import ModelSection
+from lorakit.data.chat import check_messages
 from lorakit.data.sources import BadRowError, jsonl_rows
 from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
 from lorakit.errors import CheckpointError, DataError, UsageError
@@ -76,6 +77,13 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
             if not (isinstance(data.get("prompt"), str) or isinstance(data.get("messages"), list)):
                 raise DataError(f'{where}: expected {{"prompt": TEXT}} or {{"messages": [...]}}, optionally with '
                                 '"adapter"')
+            if isinstance(data.get("messages"), list):
+                try:
+                    check_messages(data["messages"], where, "messages")
+                except BadRowError as e:  # its remedy names a recipe key; generate has no recipe
+                    raise DataError(f"{e.reason}; fix the row") from None
+            elif not data["prompt"]:
+                raise DataError(f"{where}: the prompt is empty; give the text to complete")
             adapter = data.get("adapter", default)
             if adapter not in known:
                 raise DataError(f"{where}: adapter {adapter!r} is not loaded; loaded: {', '.join(sorted(known))}")
@@ -157,6 +165,8 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     """Yield (request, completion) for --prompt or every row of --file, loading the model once."""
     if (prompt is None) == (file is None):
         raise UsageError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    if prompt == "":
+        raise UsageError("--prompt is empty; give the text to complete")
     device = resolve_device(device, "cuda" if torch.cuda.is_available() else "cpu")
     adapters = parse_adapter_specs(adapter_specs)
     known = {BASE, *adapters}

@@ -487,6 +487,11 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
         c, "t.parquet", b"PAR1" + bytes(100)))})], ("t.parquet: not a Parquet file",)),
     ("generate-file-latin1", 3, lambda c: ["generate", "--model", c.model, "--file", _bytes_file(c, "p.jsonl", b'{"prompt": "caf\xe9"}\n')],
      ("not UTF-8 text",)),
+    ("generate-file-message-without-content", 3, lambda c: ["generate", "--model", c.model, "--file", c.data_file(
+        ['{"messages": [{"role": "user"}]}'], name="p.jsonl")], ("p.jsonl:1", "'messages'[0]", "'content'", "fix the row")),
+    ("generate-file-empty-prompt", 3, lambda c: ["generate", "--model", c.model, "--file", c.data_file(
+        ['{"prompt": "a"}', '{"prompt": ""}'], name="p.jsonl")], ("p.jsonl:2", "the prompt is empty")),
+    ("generate-empty-prompt", 2, lambda c: ["generate", "--model", c.model, "--prompt", ""], ("--prompt is empty",)),
     # --- outputs over inputs: exit 5 (issue 15, item 1) ----------------------------------------------------
     ("merge-into-its-run", 5, lambda c: ["merge", c.run / "adapter", "-o", c.run, "--overwrite"],
      ("contains the adapter",)),
