@@ -49,6 +49,9 @@ def find_adapter_dir(path: str | Path, what: str) -> Path:
         raise CheckpointError(f"{what}: {path} has no adapter_config.json; give an adapter directory (RUN/adapter)")
     if problem := folder_problem(path, ("adapter_config.json", RECORD_FILE)):
         raise CheckpointError(f"{what}: {problem}; the adapter is damaged: copy or train it again")
+    if not isinstance(read_config(path).get("peft_type"), str):  # every PEFT config names its type
+        raise CheckpointError(f"{what}: {path}/adapter_config.json has no peft_type, so it is no PEFT adapter config; "
+                              "the adapter is damaged: copy or train it again")
     return path
 
 

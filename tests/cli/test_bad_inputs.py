@@ -464,6 +464,9 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("adapter_config.json is not valid JSON",)),
     ("adapter-config-not-object", 4, lambda c: ["merge", _damaged_adapter(
         c, lambda a: (a / "adapter_config.json").write_text('"lora"')), "-o", c.out], ("holds a JSON str",)),
+    ("adapter-config-without-peft-type", 4, lambda c: ["generate", "--model", c.model, "--adapter", "a=" + str(
+        _damaged_adapter(c, lambda a: (a / "adapter_config.json").write_text("{}"))), "--prompt", "hi"],
+     ("adapter_config.json has no peft_type", "copy or train it again")),
     ("adapter-truncated-weights", 4, lambda c: ["merge", _damaged_adapter(
         c, lambda a: _truncate(a / "adapter_model.safetensors", 100)), "-o", c.out],
      ("adapter_model.safetensors", "truncated")),
