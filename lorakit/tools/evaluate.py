@@ -133,6 +133,8 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     target = resolve_target(target_path)
     if base_too and target.kind == "merged" and target.base is None:
         raise UsageError(f"--base-too: {target.path} records no base model ({MERGE_RECORD} missing); drop --base-too")
+    if Path(data_file).is_dir():
+        raise DataError(f"--data {data_file}: a directory; give the file of rows (.jsonl, .json, .csv, .parquet)")
     if not Path(data_file).is_file():
         raise DataError(f"--data {data_file}: not found")
     rows = read_rows(str(data_file)).rows
@@ -215,7 +217,7 @@ def check_report_output(path: Path, data_file: Path) -> Path:
     """Where eval.json goes (symlinks resolved), checked before any model loads: exit 2 where no file can be
     written (a directory, a path under a file, a read-only folder), exit 5 for the --data file itself."""
     out = check_file_output("eval -o", path, "eval.json")
-    check_inputs_apart("eval -o", out, {"--data rows": data_file})
+    check_inputs_apart("eval -o", out, {"--data rows": data_file if Path(data_file).is_file() else None})
     return out
 
 

@@ -506,6 +506,8 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("lorakit did not write",)),
     ("eval-output-is-the-data", 5, lambda c: ["eval", c.run, "--data", c.data, "-o", c.data],
      ("is the --data rows", "choose")),
+    ("eval-data-is-a-dir", 3, lambda c: ["eval", c.run, "--data", c.tmp, "-o", c.tmp / "e.json"],
+     ("--data", "a directory; give the file of rows")),
     ("eval-output-is-a-dir", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.tmp],
      ("a directory", "name a file", "/eval.json")),
     ("eval-output-under-a-file", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", c.data / "e.json"],
