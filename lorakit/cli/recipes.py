@@ -12,7 +12,7 @@ from lorakit.cli.app import RecipeArg, SetOpt, command
 
 @command(help="Write a commented starter recipe from a template (lorakit init --list names them).")
 def init(
-    template: str = typer.Argument("lora", help="Template name (see --list)."),
+    template: Optional[str] = typer.Argument(None, help="Template name (see --list; default lora).", show_default=False),
     output: Path = typer.Option(Path("recipe.yaml"), "--output", "-o", help="Where to write it ('-' for stdout)."),
     force: bool = typer.Option(
         False, "--force", help="Move an existing file aside (FILE.replaced-TIME) and write a new one."),
@@ -20,7 +20,15 @@ def init(
 ) -> None:
     from lorakit.console import console, saved
     from lorakit.config.init import TEMPLATES, render, write_template
+    from lorakit.errors import UsageError
 
+    given = [name for name, on in ((f"the template {template}", template is not None),
+                                   ("-o", output != Path("recipe.yaml")), ("--force", force)) if on]
+    if list_ and given:
+        raise UsageError(f"init --list only lists the templates and writes nothing; drop {', '.join(given)}")
+    if str(output) == "-" and force:
+        raise UsageError("init -o - writes to stdout, where nothing is replaced; drop --force")
+    template = template or "lora"
     if list_:
         say = console(True)
         for name, tpl in TEMPLATES.items():

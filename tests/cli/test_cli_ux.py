@@ -71,6 +71,19 @@ def test_init_list_and_unknown_template(tmp_path):
     assert not (tmp_path / "x.yaml").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--list", "-o", "x.yaml"], "drop -o"),
+    (["qlora", "--list"], "drop the template qlora"),
+    (["--list", "--force"], "drop --force"),
+    (["-o", "-", "--force"], "writes to stdout, where nothing is replaced; drop --force"),
+])
+def test_init_refuses_options_that_would_do_nothing(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["init", *args])
+    assert result.exit_code == 2 and needle in result.stderr, result.output
+    assert result.stdout == "" and not list(tmp_path.iterdir())
+
+
 def test_init_to_stdout():
     result = runner.invoke(app, ["init", "dora", "-o", "-"])
     assert result.exit_code == 0
