@@ -73,7 +73,7 @@ def resolve_target(target: str | Path, *, want: str = "model", base: str | None 
         elif _is_adapter(adapter):
             path = adapter
     if path.is_dir() and _is_adapter(path):
-        from lorakit.adapters.files import read_adapter, read_config, resolve_base
+        from lorakit.adapters.files import check_recorded_base, read_adapter, read_config, resolve_base
         from lorakit.merge.merge import read_mergeable_adapter
 
         if want == "adapter" and (why := plain_lora_only(path, read_config(path))):
@@ -81,12 +81,15 @@ def resolve_target(target: str | Path, *, want: str = "model", base: str | None 
         # Merging it refuses adapters with no weight delta (prompt tuning, bottleneck, ...) here, before any work.
         adapter = read_mergeable_adapter(path, allow_pickle) if want == "model" else read_adapter(path, allow_pickle)
         base_dir = resolve_base(adapter, base)
+        check_recorded_base(adapter.record, base_dir, "--base")
         return Target(Path(target), "adapter", base_dir, path, _config(base_dir), _arch(base_dir))
     if want == "adapter":
         raise UsageError(f"TARGET {path}: not an adapter (no adapter_config.json); give RUN/adapter or a run directory")
     if not _is_model(path):
         raise UsageError(f"TARGET {path}: neither a run directory, an adapter (adapter_config.json) nor a model "
                          "directory (config.json and *.safetensors)")
+    if base is not None:
+        raise UsageError(f"--base {base}: TARGET {path} is a whole model, which needs no base; drop --base")
     return Target(Path(target), "model", path, None, _config(path), _arch(path))
 
 

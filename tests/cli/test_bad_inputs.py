@@ -369,6 +369,11 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("adapter-wrong-base-vllm-check", 4,
      lambda c: ["export", c.run / "adapter", "--check", "vllm", "--base", c.other_model],
      ("--base", "is not the model the adapter was trained on")),
+    ("adapter-wrong-base-gguf-lora", 4, lambda c: ["export", c.run / "adapter", "--format", "gguf-lora", "-o",
+                                                    c.tmp / "a.gguf", "--base", c.other_model],
+     ("--base", "is not the model the adapter was trained on")),
+    ("export-base-for-a-whole-model", 2, lambda c: ["export", c.model, "-o", c.tmp / "m.gguf", "--base", c.other_model],
+     ("is a whole model, which needs no base; drop --base",)),
     # --- recipes the YAML reader refuses: exit 2 (issue 15: duplicate keys, alias bombs, encodings) ----------
     ("yaml-duplicate-section", 2, lambda c: ["train", c.recipe(text=c.recipe().read_text() + "train:\n  max_steps: 3\n")],
      ("key 'train' is given twice", "keep one")),
