@@ -155,6 +155,8 @@ def load_tokenizer(section: ModelSection, model_path: str | None = None):
     from transformers import AutoTokenizer
 
     source = section.tokenizer or model_path or resolve_model_path(section)
+    if section.tokenizer and is_local(section.tokenizer) and not Path(section.tokenizer).expanduser().exists():
+        raise UsageError(f"model.tokenizer: {section.tokenizer!r} not found")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(section))
     except (OSError, ValueError) as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UsageError, first_line
+from lorakit.paths import is_local
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False):
@@ -14,6 +15,8 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = Path(name_or_path).expanduser()
+    if is_local(str(name_or_path)) and not path.exists():  # not a hub id: say so, not the hub's "Repo id must be"
+        raise UsageError(f"model.name_or_path: {str(name_or_path)!r} not found")
     try:
         if path.suffix == ".gguf":
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
