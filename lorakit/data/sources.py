@@ -155,7 +155,7 @@ def _line_data(raw: bytes, where: str, lineno: int) -> dict | None:
     try:
         value = json.loads(line)
     except json.JSONDecodeError as e:
-        raise BadRowError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise BadRowError(f"{where}: invalid JSON ({_json_problem(e)})") from None
     except RecursionError:
         raise BadRowError(f"{where}: nested too deeply to be a data row") from None
     _check_object(value, where, [], skip=False)  # not an object: raises
@@ -196,7 +196,7 @@ def _read_json(path: Path, skip: bool) -> SourceRows:
             items = [(None, i, item) for i, item in enumerate(data)]
     except json.JSONDecodeError as e:
         hint = "; if it holds one object per line, name it .jsonl" if e.msg == "Extra data" else ""
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)}){hint}") from None
     except RecursionError:
         raise DataError(f"{path}: nested too deeply to be data rows") from None
     rows, bad = [], []
@@ -205,6 +205,12 @@ def _read_json(path: Path, skip: bool) -> SourceRows:
         if _check_object(item, where, bad, skip):
             rows.append(Row(where, item))
     return SourceRows(rows, bad)
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """json's message and column: some messages end in "at" ("Unterminated string starting at"), made to read
+    "... starting at column 9", not "... at at column 9"."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _array_items(source: str) -> list[tuple[int, int, object]]:

@@ -297,6 +297,9 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
      ("bad.jsonl", "is empty")),
     ("data-bad-json-line", 3, lambda c: ["train", c.recipe({"data.train": str(c.data_file([ROWS_OK, ROWS_OK, "{oops"]))})],
      ("bad.jsonl:3", "invalid JSON", "fix")),
+    ("data-truncated-json-array", 3, lambda c: ["train", c.recipe({"data.train": str(_bytes_file(
+        c, "cut.json", b'[{"instruction": "a", "output": "b"}, {"instr'))})],
+     ("cut.json:1: invalid JSON (Unterminated string starting at column 40)",)),
     ("data-wrong-field-type", 3,
      lambda c: ["train", c.recipe({"data.train": str(c.data_file([ROWS_OK, '{"instruction": "x", "output": 123}']))})],
      ("bad.jsonl:2", "'output'", "must be a str")),
