@@ -258,6 +258,13 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
 
     if path.suffix == ".parquet":
         _check_parquet(path)
+    if path.suffix == ".csv":  # UTF-16, gzip, Latin-1: named here with the line, before datasets logs its own error
+        with path.open("rb") as f:
+            try:
+                for lineno, raw in enumerate(f, 1):
+                    text.decode(raw, str(path), lineno)
+            except text.NotText as e:
+                raise DataError(str(e)) from None
 
     try:
         if path.is_dir():
@@ -271,7 +278,9 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreachable ids and unreadable files
-        raise DataError(f"data: cannot load {source!r}: {type(e).__name__}: {first_line(e)}") from None
+        # DatasetGenerationError says only "An error occurred while generating the dataset"; its cause says what
+        why = e.__cause__ if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None else e
+        raise DataError(f"data: cannot load {source!r}: {type(why).__name__}: {first_line(why)}") from None
     # CSV: row i is on line i + 2 (after the header) unless a quoted cell spans lines.
     if path.suffix == ".csv":
         return SourceRows([Row(f"{source}:{i + 2}", row) for i, row in enumerate(ds)], [])

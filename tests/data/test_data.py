@@ -320,6 +320,17 @@ def test_csv_parquet_and_save_to_disk_sources(tmp_path):
     assert read_rows(str(tmp_path / "d.csv")).rows[1].where.endswith("d.csv:3")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"instruction,output\n\xff,b\n", r"bad.csv is not UTF-8 text \(byte 0xff on line 2\)"),
+    ("instruction,output\na,b\n".encode("utf-16"), "bad.csv is UTF-16"),
+    (b'instruction,output\n"a,b\n', "ParserError: Error tokenizing data. C error: EOF inside string"),
+])
+def test_unreadable_csv_names_why(tmp_path, content, message):
+    (tmp_path / "bad.csv").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_rows(str(tmp_path / "bad.csv"))
+
+
 def test_several_train_files_are_mixed(tmp_path, tok):
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "from a"}] * 3)
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "b", "output": "from b"}] * 5)
