@@ -25,7 +25,7 @@ from lorakit.adapters.files import RECORD_FILE, find_adapter_dir
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
 from lorakit.data.chat import resolve_chat_template
-from lorakit.data.sources import read_rows
+from lorakit.data.sources import BadRowError, read_rows
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
 from lorakit.models.loading import load_tokenizer, resolve_device, resolve_model_path
@@ -137,7 +137,10 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
         raise DataError(f"--data {data_file}: a directory; give the file of rows (.jsonl, .json, .csv, .parquet)")
     if not Path(data_file).is_file():
         raise DataError(f"--data {data_file}: not found")
-    rows = read_rows(str(data_file)).rows
+    try:
+        rows = read_rows(str(data_file)).rows
+    except BadRowError as e:  # its remedy names data.skip_bad_rows, a recipe key eval does not read
+        raise DataError(f"{e.reason}; fix the row") from None
     if not rows:
         raise DataError(f"--data {data_file}: no rows")
     tokenizer, own = _tokenizer(target)

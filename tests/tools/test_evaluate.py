@@ -184,6 +184,14 @@ def test_eval_mistakes_exit_with_one_line(run_dir, tmp_path, case, code):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_eval_bad_row_names_no_recipe_key(run_dir, tmp_path):
+    """eval reads no recipe, so its remedy for a row that is not JSON is not data.skip_bad_rows."""
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    result = cli("eval", run_dir, "--data", tmp_path / "bad.jsonl", "-o", tmp_path / "e.json")
+    assert result.exit_code == 3 and "bad.jsonl:1: invalid JSON" in result.stderr, result.output
+    assert "fix the row" in result.stderr and "skip_bad_rows" not in result.stderr
+
+
 def test_eval_generate_during_training_scores_as_lorakit_eval_does(tiny_model_dir, tmp_path):
     """train.eval_generate scores N held-out rows at every evaluation with the code `lorakit eval` runs: the final
     eval_score equals `lorakit eval` of the finished adapter on those rows; it reaches the trackers and the card."""
