@@ -54,6 +54,9 @@ def verify_checkpoint(path: Path) -> Checkpoint:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
+        held = list_checkpoints(path / "checkpoints") or list_checkpoints(path)  # a run, or its checkpoints/
+        if held:
+            raise bad(f"a folder of checkpoints, not one checkpoint; give one of them, e.g. {held[-1][1]}") from None
         raise bad(f"no {MANIFEST}: an interrupted write, or not a lorakit checkpoint") from None
     except (OSError, ValueError):
         raise bad(f"{MANIFEST} is not valid JSON: the checkpoint is corrupt") from None

@@ -55,9 +55,13 @@ def train(
     from lorakit.export.vllm import warn_if_not_servable
 
     warn_if_not_servable(loaded.adapter, console(os.environ.get("RANK", "0") == "0"))  # once, not per process
-    if nproc > 1:  # the recipe is checked once here, before N processes start
+    if nproc > 1:  # the recipe (and a checkpoint given) is checked once here, before N processes start
         from lorakit.distributed.launch import relaunch
 
+        if checkpoint is not None:
+            from lorakit.checkpoint.read import verify_checkpoint
+
+            verify_checkpoint(checkpoint)
         return relaunch(nproc)
     from lorakit.distributed.launch import collective_failures
     from lorakit.training.run import run_training  # heavy: torch, transformers
