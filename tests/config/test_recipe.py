@@ -123,6 +123,7 @@ def test_adapter_passthrough_validated_against_peft():
         ({}, "train.max_steps / train.epochs: set exactly one of them (neither is set)"),
         ({"max_steps": 5, "epochs": 1}, "train.max_steps / train.epochs: set exactly one of them (both are set)"),
         ({"max_steps": 5, "warmup_steps": 2, "warmup_ratio": 0.1}, "train.warmup_steps / train.warmup_ratio"),
+        ({"max_steps": 5, "eval_every": 2}, "train.eval_every: needs eval rows to evaluate"),  # was ignored
     ],
 )
 def test_cross_field_rules(train, message):
