@@ -23,10 +23,10 @@ _UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 def parse_size(text: str) -> int:
     """Bytes in '24GB', '80 GiB', '24576MB'. GB reads as GiB: a '24 GB' card holds 24 GiB."""
     match = _SIZE.match(text or "")
-    if not match:
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "g").lower()[0]]) if match else 0
+    if size <= 0:  # 0GB would also turn the fit advice off without a word
         raise UsageError(f"--gpu-memory: cannot read {text!r}; write it like 24GB, 80GiB or 24576MB")
-    unit = (match.group(2) or "g").lower()[0]
-    return int(float(match.group(1)) * _UNITS[unit])
+    return size
 
 
 # ----------------------------------------------------------------------------------------------------------

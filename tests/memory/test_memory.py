@@ -379,6 +379,7 @@ def test_cli_json_logs_mode_emits_one_event():
 @pytest.mark.parametrize("args, text", [
     (["--model", "acme/no-such-model"], "offline presets: "),
     (["--model", "mistral-7b", "--gpu-memory", "lots"], "--gpu-memory"),
+    (["--model", "mistral-7b", "--gpu-memory", "0GB"], "--gpu-memory: cannot read '0GB'"),  # no advice, no word
     (["--model", "mistral-7b", "--method", "bogus"], "--method"),
     (["--model", "mistral-7b", "--optimizer", "sgd"], "train.optimizer"),
     (["--model", "mistral-7b", "--targets", "qproj"], "q_proj"),
