@@ -235,9 +235,12 @@ def _field_names(method: str) -> set[str]:
 
 
 def parse_targets(text: str):
-    """--targets: 'all-linear', a comma-separated list of module names, or else a regex."""
+    """--targets: 'all-linear', a comma-separated list of module names (a stray comma is dropped), or else a
+    regex."""
     if text == "all-linear":
         return text
-    if re.fullmatch(r"[\w\-]+(\s*,\s*[\w\-]+)*", text.strip()):
-        return [t.strip() for t in text.split(",")]
+    if not text.strip(" ,"):
+        raise UsageError(f"--targets {text!r}: empty; give all-linear, module names (q_proj,v_proj) or a regex")
+    if re.fullmatch(r"[\w\-]+(\s*,[\s,]*[\w\-]+)*", text.strip(" ,")):
+        return [t.strip() for t in text.split(",") if t.strip()]
     return text

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from lorakit.errors import EXIT_USAGE
+from lorakit.errors import EXIT_USAGE, UsageError
 from lorakit.tools.inspect import RANKS, format_report, inspect_model, inspect_sections, lora_params, rank_table
 from lorakit.config.load import parse_targets
 from lorakit.adapters.build import build_model
@@ -115,6 +115,10 @@ def test_parse_targets():
     assert parse_targets("all-linear") == "all-linear"
     assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
     assert parse_targets(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    assert parse_targets("q_proj,,v_proj,") == ["q_proj", "v_proj"]  # a stray comma does not make it a regex
+    for empty in ("", " ", ","):
+        with pytest.raises(UsageError, match="--targets .*: empty"):
+            parse_targets(empty)
 
 
 def test_inspect_cli_unknown_method_is_one_usage_line(tiny_model_dir):
