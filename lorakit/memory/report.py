@@ -71,7 +71,7 @@ def resolve_recipe(recipe_path: Path | None, flags: Flags):
         sections["model"]["name_or_path"] = flags.model
     for section, key, value in (
         ("adapter", "r", flags.r),
-        ("adapter", "target_modules", parse_targets(flags.targets) if flags.targets else None),
+        ("adapter", "target_modules", parse_targets(flags.targets) if flags.targets is not None else None),
         ("train", "micro_batch_size", flags.batch_size),
         ("data", "max_seq_len", flags.seq_len),
         ("train", "optimizer", flags.optimizer),
