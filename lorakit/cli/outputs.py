@@ -90,7 +90,9 @@ def generate(
     try:
         section = ModelSection(name_or_path=model, **{k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic names the field and the allowed values
-        raise UsageError(f"--dtype/--quantization: {e.errors()[0]['msg']}") from None
+        error = e.errors()[0]
+        flag = {"dtype": "--dtype", "quantization": "--quantization"}.get(str(error["loc"][0]), "--model")
+        raise UsageError(f"{flag}: {error['msg']}") from None
     results = run_generate(section, adapter or [], prompt=prompt, file=file, use=use, chat=chat,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=1.0 if top_p is None else top_p, seed=seed or 0,

@@ -26,7 +26,7 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio", "aim", "comet_ml", "cle
 
 class ModelSection(Section):
     name_or_path: str = Field(
-        description="Base model: a hub id, a local Hugging Face model directory, or a .gguf file."
+        min_length=1, description="Base model: a hub id, a local Hugging Face model directory, or a .gguf file."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
