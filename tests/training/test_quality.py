@@ -38,9 +38,12 @@ def test_lorakit_defaults_learn_what_the_reference_loop_learns(bench, tiny_model
     assert "batches: padding-free, random order" in result.output
     records = [json.loads(line) for line in (tmp_path / "lorakit" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert losses == pytest.approx(reference_losses, rel=1e-5, abs=1e-6)  # metrics keep 6 decimals
+    # fp32 noise only: alone on the machine the two agree to the metrics' 6 decimals; beside busy processes they
+    # drifted 1.8e-5 relative by step 5 (measured; likely MKL's dynamic threading splitting a GEMM over fewer
+    # threads, so another summation order; not isolated). Another batch order or loss differs by far more than 1e-4.
+    assert losses == pytest.approx(reference_losses, rel=1e-4, abs=1e-6)
 
     ours = bench.score(tiny_model_dir, tmp_path / "lorakit" / "adapter", held_out)
     theirs = bench.score(tiny_model_dir, tmp_path / "reference" / "adapter", held_out)
-    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-4)
     assert ours["exact_match"] == theirs["exact_match"]
