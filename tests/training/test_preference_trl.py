@@ -38,7 +38,20 @@ PAIRS = 6
 
 
 def trl_args(config, tmp_path, **kwargs):
-    return config(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no", **kwargs)
+    # bf16=False: TRL's configs default to bf16, which would leave accelerate's process-wide state (a singleton) in
+    # bf16 mixed precision for every later Accelerator in this process, lorakit's included (see the fixture below).
+    return config(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no", bf16=False,
+                  **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_accelerate_state():
+    """TRL's trainers initialise accelerate's shared state; later tests in this process (lorakit runs in-process)
+    must start from none, as a `lorakit train` process does."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def build_trainer(kind, model_dir, tmp_path, rows=(ROW,), model=None, peft_config=None, **kwargs):
