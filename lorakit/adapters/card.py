@@ -38,14 +38,18 @@ def _is_hub_id(base: str, record: dict) -> bool:
     return base != "unknown" and record.get("base_model_path", base) == base and not is_local(base)
 
 
+def quantized_tag(method: str, quantized: bool) -> str:
+    """qlora, qdora for LoRA and DoRA over a quantized base; any other method keeps its name."""
+    return f"q{method}" if quantized and method in ("lora", "dora") else method
+
+
 def method_tag(config: dict, record: dict) -> str:
     """lora, qlora, dora, qdora, ia3, prefix, ... (q- when the base was quantized for training)."""
     peft_type = str(config.get("peft_type", record.get("method", "adapter"))).lower()
     name = {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(peft_type, peft_type)
     if name == "lora" and config.get("use_dora"):
         name = "dora"
-    quantized = record.get("quantization") not in (None, "none")
-    return f"q{name}" if quantized and name in ("lora", "dora") else name
+    return quantized_tag(name, record.get("quantization") not in (None, "none"))
 
 
 def build_card(adapter_dir: Path, *, merged: bool = False, merge_record: dict | None = None) -> str:

@@ -27,12 +27,15 @@ def inspect_(
 
 
 @command(name="estimate-memory", help="Estimate training memory: exact parameter counts (meta device, no weights "
-         "read), a per-line breakdown, full/LoRA/QLoRA comparison and fit advice. Flags override the recipe.")
+         "read), a per-line breakdown, a comparison of full fine-tuning with the recipe's adapter method (over a "
+         "model.dtype and a 4-bit base) and fit advice. Flags override the recipe.")
 def estimate_memory(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe to estimate (or use --model).", show_default=False),
     model: Optional[str] = typer.Option(
         None, "--model", help="Preset (mistral-7b, llama-3.1-405b, ...), model dir, config.json or hub id."),
-    method: Optional[str] = typer.Option(None, "--method", help="full | lora | qlora (4-bit base)."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="full | lora | qlora: full fine-tuning, or the recipe's adapter method (LoRA unless "
+        "it names another) over an unquantized base (lora) or a 4-bit one (qlora)."),
     r: Optional[int] = typer.Option(None, "--r", min=1, help="LoRA rank (as adapter.r)."),
     targets: Optional[str] = typer.Option(
         None, "--targets", help="all-linear, comma-separated module names (q_proj,v_proj) or a regex."),

@@ -1,4 +1,4 @@
-"""What `lorakit estimate-memory` reports: settings from a recipe and flags, the full/LoRA/QLoRA comparison,
+"""What `lorakit estimate-memory` reports: settings from a recipe and flags, the full/adapter/4-bit comparison,
 fit advice for a memory budget, and the text and JSON renderings of an estimate.
 """
 
@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lorakit.adapters.card import quantized_tag
 from lorakit.errors import UsageError
 from lorakit.memory.activations import attn_implementation, loss_path
 from lorakit.memory.activations import activation_formulas
@@ -134,13 +135,16 @@ def settings_from(recipe, flags: Flags) -> Settings:
 
 
 def compare_methods(p: ModelProfile, s: Settings) -> list[tuple[str, Estimate]]:
-    """Full fine-tuning (fp32 and bf16), LoRA and QLoRA for the same model, batch, sequence and optimizer."""
+    """Full fine-tuning (fp32 and bf16) and the recipe's adapter method over a model.dtype and a 4-bit base, for
+    the same model, batch, sequence and optimizer. The adapter rows are labelled with the method the profile
+    was built for (its trainable parameters are that method's): lora/qlora, dora/qdora, ia3, prefix, ..."""
     four_bit = s.quantization if s.quantization in ("nf4", "fp4") else "nf4"
+    method = p.adapter_method
     rows = [
         ("full (float32)", replace(s, method="full", quantization="none", dtype="float32")),
         ("full (bfloat16)", replace(s, method="full", quantization="none", dtype="bfloat16")),
-        (f"lora ({s.dtype})", replace(s, method="lora", quantization="none")),
-        (f"qlora ({four_bit})", replace(s, method="lora", quantization=four_bit)),
+        (f"{method} ({s.dtype})", replace(s, method="lora", quantization="none")),
+        (f"{quantized_tag(method, True)} ({four_bit})", replace(s, method="lora", quantization=four_bit)),
     ]
     return [(label, estimate(p, settings)) for label, settings in rows]
 
@@ -288,9 +292,10 @@ def comparison_table(rows: list[tuple[str, Estimate]]) -> list[str]:
         "  optimizer step's temporaries when larger. B/param: weights + train state per base parameter.",
         "  full (float32) with AdamW is 16 B/param (4 weight + 4 gradient + 8 moments): ~1.1 TB for a 70B model.",
         "  full (bfloat16): torch AdamW keeps its moments in bf16 (8 B/param); mixed precision with fp32 master",
-        "  weights is 16 B/param again. LoRA/QLoRA: adapters, their gradients and moments are fp32 (PEFT), and a",
-        "  4-bit base runs activations in model.dtype (in fp32 with model.upcast_unquantized, as PEFT's",
-        "  prepare_model_for_kbit_training upcasts embeddings, norms and head).",
+        "  weights is 16 B/param again. Adapter rows (the recipe's method, over a model.dtype and a 4-bit base):",
+        "  adapters, their gradients and moments are fp32 (PEFT), and a 4-bit base runs activations in model.dtype",
+        "  (in fp32 with model.upcast_unquantized, as PEFT's prepare_model_for_kbit_training upcasts embeddings,",
+        "  norms and head).",
     ]
     return out
 

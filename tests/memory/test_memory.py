@@ -295,6 +295,23 @@ def test_reference_points_of_the_seed():
     assert fit_advice(qlora, settings, parse_size("48GB")).fits
 
 
+@pytest.mark.parametrize("adapter, labels", [
+    (dict(r=8, target_modules=["q_proj"]), ("lora (bfloat16)", "qlora (nf4)")),
+    (dict(method="dora", r=8, target_modules=["q_proj"]), ("dora (bfloat16)", "qdora (nf4)")),
+    (dict(method="ia3"), ("ia3 (bfloat16)", "ia3 (nf4)")),
+    (dict(method="prompt", num_virtual_tokens=4), ("prompt (bfloat16)", "prompt (nf4)")),
+    (dict(method="prefix", num_virtual_tokens=4), ("prefix (bfloat16)", "prefix (nf4)")),
+    (dict(method="bottleneck", r=8), ("bottleneck (bfloat16)", "bottleneck (nf4)")),
+])
+def test_comparison_rows_name_the_recipes_method(adapter, labels):
+    """The adapter rows are the recipe's method (their trainable counts are its own), not always lora/qlora."""
+    profile = inspect_model(tiny_config(), AdapterSection(**adapter))
+    rows = dict(compare_methods(profile, Settings(dtype="bfloat16")))
+    assert list(rows) == ["full (float32)", "full (bfloat16)", *labels]
+    assert rows[labels[0]].trainable_params == rows[labels[1]].trainable_params == estimate(
+        profile, Settings()).trainable_params < rows["full (bfloat16)"].trainable_params
+
+
 def test_fit_advice_is_monotone(mistral):
     settings = Settings(batch_size=4, seq_len=2048)
     need = [estimate(mistral, Settings(batch_size=b, seq_len=2048)).per_device_bytes for b in range(1, 9)]
