@@ -152,9 +152,12 @@ def head_unusable(model) -> str:
 
 
 def prompt_learning_method(model) -> str:
-    """'prefix', 'prompt', ... when the PEFT method prepends virtual tokens in the forward; '' otherwise."""
+    """'prefix', 'prompt', ... when the PEFT method prepends virtual tokens in the forward; '' otherwise. The name
+    is PEFT's type without its '_tuning' (PREFIX_TUNING: 'prefix'), as messages say "prefix tuning"."""
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
-    return config.peft_type.value.lower() if config is not None and config.is_prompt_learning else ""
+    if config is None or not config.is_prompt_learning:
+        return ""
+    return config.peft_type.value.lower().removesuffix("_tuning").replace("_", " ")
 
 
 

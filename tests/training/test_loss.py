@@ -200,13 +200,17 @@ def test_chunked_loss_step_needs_less_memory_at_32k_vocabulary():
 
 
 def test_plain_loss_where_the_head_cannot_run_apart():
-    from peft import PromptTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     on_head = _lora(_llama(), target_modules=["q_proj", "lm_head"])
     loss = build_loss(on_head, chunked=True)
     assert loss.kind == "plain" and "carries an adapter" in loss.reason  # not "a Linear, not a plain Linear"
     prompt = get_peft_model(_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    assert build_loss(prompt, chunked=True).kind == "plain"
+    loss = build_loss(prompt, chunked=True)
+    assert loss.kind == "plain" and loss.reason == "prompt tuning adds virtual tokens inside the forward"
+    prefix = get_peft_model(_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert build_loss(prefix, chunked=True).describe() == (  # what eval.json records as loss_path
+        "loss: plain (prefix tuning adds virtual tokens inside the forward)")
     assert build_loss(_lora(_llama(), target_modules=["q_proj"]), chunked=False).kind == "plain"
 
 
