@@ -34,23 +34,31 @@ def lora_tensors(adapter, base_dir: Path, arch: str, hp: Hyper, quant: str) -> l
     if why := plain_lora_only(adapter.path, adapter.config):
         raise UsageError(why)
     updates, replacements = collect_updates(adapter, {t.key for t in list_tensors(base_dir)})
-    if replacements:
-        raise UsageError(f"{adapter.path}: the adapter trains whole tensors ({', '.join(sorted(replacements)[:3])}: "
-                         "modules_to_save or new tokens), which a GGUF LoRA cannot carry; export the merged model: "
-                         f"lorakit export {adapter.path} --format gguf -o FILE.gguf")
     gguf_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(gguf_arch, hp.n_layers)
+    merged = f"export the merged model: lorakit export {adapter.path} --format gguf -o FILE.gguf"
+    # Modules first: PEFT saves a targeted LM head or embedding whole beside its LoRA, so an adapter on the head
+    # also has a replacement, and "holds whole tensors" below would hide the cause.
+    gguf_names = {}
+    for module, update in sorted(updates.items()):
+        name = gguf_names[module] = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if name is None or "B_bias" in update.parts or name.startswith("token_embd."):
+            raise UsageError(f"{adapter.path}: LoRA on {module} has no llama.cpp equivalent; {merged}")
+        if name.startswith("output.") and hp.tied:
+            raise UsageError(f"{adapter.path}: LoRA on {module}, an LM head tied to the input embeddings "
+                             "(tie_word_embeddings): llama.cpp has no separate output weight to apply it to; "
+                             f"{merged}")
+    if replacements:
+        under_lora = any(key.removesuffix(".weight") in updates for key in replacements)
+        why = "modules_to_save, new tokens, or a LoRA on the LM head, which PEFT saves whole beside it" if (
+            under_lora) else "modules_to_save or new tokens"
+        raise UsageError(f"{adapter.path}: the adapter holds whole tensors ({', '.join(sorted(replacements)[:3])}: "
+                         f"{why}), which a GGUF LoRA cannot carry; {merged}")
     Q = gguf.GGMLQuantizationType
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
     out = []
     for module, update in sorted(updates.items()):
-        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
-        if name is None or "B_bias" in update.parts or name.startswith("token_embd."):
-            raise UsageError(f"{adapter.path}: LoRA on {module} has no llama.cpp equivalent; export the merged model: "
-                             f"lorakit export {adapter.path} --format gguf -o FILE.gguf")
-        if name.startswith("output.") and hp.tied:
-            raise UsageError(f"{adapter.path}: LoRA on {module} of a model with tied embeddings; llama.cpp has no "
-                             "separate output weight to apply it to; export the merged model with --format gguf")
+        name = gguf_names[module]
         a = update.parts["A"].to(torch.float32)
         b = update.parts["B"].to(torch.float32) * update.scaling
         if arch == "llama" and ".attn_q." in name:

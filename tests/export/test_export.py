@@ -251,6 +251,23 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path)
     assert not list(tmp_path.glob("*.gguf"))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_lora_on_the_lm_head_names_the_cause(tied, tmp_path):
+    """PEFT saves a LoRA-targeted LM head whole beside its A/B. On a tied head the refusal is the tying (llama.cpp
+    has no output weight apart from token_embd), not "modules_to_save or new tokens"; untied, it names the head."""
+    model = _small_model(Qwen2ForCausalLM, Qwen2Config, tmp_path / "m", build_tokenizer(), tie_word_embeddings=tied)
+    adapter = build_random_adapter(model, tmp_path / "a", LoraConfig(
+        r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    result = cli("export", adapter, "--format", "gguf-lora", "-o", tmp_path / "a.gguf")
+    assert result.exit_code == 2 and f"lorakit export {adapter} --format gguf -o FILE.gguf" in result.output
+    if tied:
+        assert "LoRA on lm_head, an LM head tied to the input embeddings" in result.output, result.output
+        assert "modules_to_save" not in result.output
+    else:
+        assert "a LoRA on the LM head, which PEFT saves whole" in result.output, result.output
+    assert not list(tmp_path.glob("*.gguf"))
+
+
 def test_every_method_without_a_gguf_lora_form_is_refused_by_name(tiny_model_dir, tmp_path):
     """gguf-lora (and the vLLM check, exit 4) refuse every method but LoRA. gguf-lora names the method and what to do (a merged GGUF for mergeable methods, lorakit generate for the
     others, which no GGUF can hold); a bottleneck run or adapter is recognised as one, not as a missing adapter,
