@@ -57,9 +57,11 @@ REQUIRED = ("optimizer.json", "scheduler.json", "rng.json", "rng.safetensors", S
 PROMPT_ENCODER = "prompt_encoder.safetensors"
 
 
-# Recipe keys that may differ on resume: they change what is written or shown, never the trained weights.
+# Recipe keys that may differ on resume: they change what is written or shown, never the trained weights. A
+# tracker added on resume starts its own run; output.project is not here, as the tracker runs a resume continues
+# (DIR/trackers.json) live in the old project (resume.WHY_FIXED).
 COSMETIC_KEYS = frozenset({
-    "output.dir", "output.save", "output.tensorboard",
+    "output.dir", "output.save", "output.tensorboard", "output.report_to",
     "train.log_every", "train.eval_every", "train.save_every", "train.save_each_epoch", "train.keep_last",
     "train.ddp_timeout",
 })

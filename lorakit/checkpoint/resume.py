@@ -24,6 +24,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# Why a key that does not change the trained weights still may not change on resume (said in the refusal).
+WHY_FIXED = {
+    "output.project": "output.project names the tracker project the run's tracker runs (trackers.json) live in; "
+    "a resume continues those runs, which another project does not hold",
+}
+
+
 def recipe_changes(old: dict, new: dict) -> list[str]:
     """``key: old → new`` for every recipe key that differs, cosmetic keys (COSMETIC_KEYS) aside."""
     flat_old, flat_new = _flatten(old), _flatten(new)
@@ -64,9 +71,11 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
         return False
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     if not allow_change:
+        why = "".join(f" ({reason})" for key, reason in WHY_FIXED.items()
+                      if any(change.startswith(f"{key}:") for change in changes))
         raise CheckpointError(
-            f"{ckpt.path}: cannot resume, the run changed since this checkpoint ({shown}); undo the change, or pass "
-            "--allow-recipe-change to continue under the new settings (the result then differs from an "
+            f"{ckpt.path}: cannot resume, the run changed since this checkpoint ({shown}){why}; undo the change, or "
+            "pass --allow-recipe-change to continue under the new settings (the result then differs from an "
             "uninterrupted run)"
         )
     say(f"resuming under changed settings (--allow-recipe-change): {shown}")

@@ -49,7 +49,8 @@ def start_trackers(accelerator, recipe: Recipe, run_dir: Path, resuming: bool = 
     """One tracker run named after the run directory in the experiment output.project, the recipe as its params.
 
     Resuming, the runs recorded in DIR/trackers.json are continued (their params are already logged, and MLflow
-    refuses a changed value, as --allow-recipe-change may bring); trackers without a recorded run start one."""
+    refuses a changed value, as --allow-recipe-change may bring); trackers without a recorded run (one added to
+    output.report_to since) start one, with the recipe as its params."""
     if not accelerator.log_with:
         return
     run_dir = Path(run_dir)
@@ -64,6 +65,9 @@ def start_trackers(accelerator, recipe: Recipe, run_dir: Path, resuming: bool = 
     try:
         accelerator.init_trackers(recipe.output.project, config=None if known else flat_recipe(recipe),
                                   init_kwargs=init_kwargs)
+        for tracker in accelerator.trackers if known else ():  # one added on resume (output.report_to) starts anew
+            if tracker.name not in known:
+                tracker.store_init_configuration(flat_recipe(recipe))
     except Exception as e:  # a tracker's own settings (an unreachable server, a refused store): one line, exit 2
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"output.report_to: a tracker could not start: {reason}; check its settings "

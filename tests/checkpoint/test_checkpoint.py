@@ -247,8 +247,8 @@ def test_free_space_is_checked(tmp_path):
 
 
 def test_recipe_changes_name_keys_and_skip_cosmetic():
-    old = {"train": {"learning_rate": 1e-3, "log_every": 1}, "output": {"dir": "a"}}
-    new = {"train": {"learning_rate": 2e-3, "log_every": 5}, "output": {"dir": "b"}}
+    old = {"train": {"learning_rate": 1e-3, "log_every": 1}, "output": {"dir": "a", "report_to": []}}
+    new = {"train": {"learning_rate": 2e-3, "log_every": 5}, "output": {"dir": "b", "report_to": ["mlflow"]}}
     assert resume.recipe_changes(old, new) == ["train.learning_rate: 0.001 → 0.002"]
 
 

@@ -153,9 +153,14 @@ def test_wandb_offline_run_holds_recipe_config_and_loss_history(tiny_model_dir, 
     assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx(losses)
 
 
-def test_a_resumed_run_continues_its_mlflow_run(tiny_model_dir, tmp_path, monkeypatch):
-    """--resume logs into the MLflow run the interrupted run started (one run, not two), params logged once."""
+def test_a_resumed_run_continues_its_mlflow_run_and_a_tracker_added_starts_one(tiny_model_dir, tmp_path, monkeypatch):
+    """--resume logs into the MLflow run the interrupted run started (one run, not two), params logged once.
+    output.report_to may change on resume (trackers change what is shown, not what is learned): the resumed adapter
+    is the uninterrupted run's, bit for bit, and a tracker added since starts its own run with the recipe as its
+    params. output.project may not: the recorded tracker runs live in the old project."""
     import mlflow
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     store = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
@@ -166,11 +171,23 @@ def test_a_resumed_run_continues_its_mlflow_run(tiny_model_dir, tmp_path, monkey
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     assert cli("train", path).exit_code == 0
     first = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
-    result = cli("train", path, "--resume", tmp_path / "run" / "checkpoints" / "step-000002")
+    reference = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    step_2 = tmp_path / "run" / "checkpoints" / "step-000002"
+    result = cli("train", path, "--resume", step_2, "--set", "output.project=elsewhere")
+    assert result.exit_code == 4 and "output.project: 'lorakit' → 'elsewhere'" in result.output, result.output
+    assert "tracker runs (trackers.json) live in" in result.output
+    result = cli("train", path, "--resume", step_2, "--set", "output.report_to=[mlflow, tensorboard]")
     assert result.exit_code == 0, result.output
+    assert "changed settings" not in result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == reference
 
     client = mlflow.MlflowClient(tracking_uri=store.as_uri())
     [run] = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
     assert run.info.run_id == first and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 3, 4]
     assert run.data.params["train.max_steps"] == "4"
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("train/loss")] == [3, 4]
+    [hparams] = (tmp_path / "run" / "tensorboard").glob("*/hparams.yml")
+    assert yaml.safe_load(hparams.read_text())["train.learning_rate"] == 1e-3
