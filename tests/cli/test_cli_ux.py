@@ -240,7 +240,7 @@ def test_json_logs_are_json_lines_including_errors(tmp_path):
     assert record["event"] == "log" and "ok" in record["message"]
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(recipe.read_text().replace("max_steps: 60", "max_steps: -1"))
+    bad.write_text(recipe.read_text().replace("max_steps: 30", "max_steps: -1"))
     result = runner.invoke(app, ["--json-logs", "validate", str(bad)])
     assert result.exit_code == 2
     [record] = [json.loads(line) for line in result.stdout.splitlines()]

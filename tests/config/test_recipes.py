@@ -64,6 +64,17 @@ def test_gallery_covers_the_methods_and_precisions():
     assert (RECIPES / "smoke.yaml").is_file() and (RECIPES / "cpu-demo.yaml").is_file()
 
 
+def test_init_cpu_demo_is_the_shipped_recipe():
+    """`lorakit init cpu-demo` writes recipes/cpu-demo.yaml (the recipe `make demo` runs and the docs' numbers
+    come from), comments and the schema's defaults aside: the template sets exactly the recipe's keys and values."""
+    from lorakit.config.init import TEMPLATES, render
+
+    shipped = read_yaml(RECIPES / "cpu-demo.yaml")
+    assert TEMPLATES["cpu-demo"].overrides == shipped
+    written = parse_recipe(yaml.safe_load(render("cpu-demo")))
+    assert written.model_dump() == parse_recipe(shipped).model_dump()
+
+
 def test_mistral_lora_is_the_seed_recipe():
     r = parse_recipe(read_yaml(RECIPES / "mistral-7b-lora.yaml"))
     assert r.model.name_or_path == "mistralai/Mistral-7B-v0.1"
