@@ -23,3 +23,50 @@ def is_local(name: str) -> bool:
     canonical id without an owner such as 'gpt2' or 'imdb')."""
     return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
             or Path(name).expanduser().exists())
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (from the environment, so a test's setenv counts too)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_unreachable(name: str, revision: str | None = None, filename: str = "config.json",
+                    timeout: float = 3.0) -> str | None:
+    """Why the hub id ``name`` cannot be fetched here, decided in seconds: None when ``filename`` of it is in the
+    Hugging Face cache or the hub's host accepts a connection; else "HF_HUB_OFFLINE is set" or "HOST is
+    unreachable". Without this check huggingface_hub retries an unreachable hub for about a minute."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+            return None
+    except ValueError:  # not a valid repo id: the hub's own message says how one is written
+        return None
+    if hub_offline():
+        return "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores socket timeouts: bound the wait
+    thread.start()
+    thread.join(timeout + 0.5)
+    return None if answered else f"is not in the Hugging Face cache and the hub ({url.hostname}) is unreachable"
+
+
+def require_hub(key: str, name: str, revision: str | None = None, filename: str = "config.json",
+                remedy: str = "give a local directory, or download it where the hub answers") -> None:
+    """Exit 2 at once, naming ``key``, when the hub id ``name`` is neither cached nor reachable (hub_unreachable)."""
+    reason = hub_unreachable(name, revision, filename)
+    if reason is not None:
+        raise UsageError(f"{key}: {name!r} is a hub id that {reason}; {remedy}")

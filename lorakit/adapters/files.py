@@ -19,7 +19,7 @@ from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem
 from lorakit.models.loading import resolve_model_path
-from lorakit.paths import is_local
+from lorakit.paths import is_local, require_hub
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"
@@ -163,7 +163,9 @@ def check_recorded_base(record: dict, base_dir: str | Path, option: str) -> None
 def _local_model_dir(name: str, what: str, revision: str | None) -> Path:
     if is_local(name) and not Path(name).expanduser().exists():
         raise UsageError(f"{what} {name}: not found")
-    local = resolve_model_path(ModelSection(name_or_path=name))
+    if not is_local(name):  # named by the flag or record that chose it, before the hub's minute of retries
+        require_hub(what, name, revision, remedy="give --base a local model directory")
+    local = resolve_model_path(ModelSection(name_or_path=name, revision=None if is_local(name) else revision))
     return Path(local) if Path(local).is_dir() else _hub_snapshot(local, revision)
 
 

@@ -20,7 +20,7 @@ from lorakit.compat import keep_bnb_4bit_layout
 from lorakit.config.schema import ModelSection
 from lorakit.errors import SafetyError, UsageError, first_line
 from lorakit.models.checks import folder_problem
-from lorakit.paths import cache_dir, is_local
+from lorakit.paths import cache_dir, is_local, require_hub
 from lorakit.models.tokens import add_new_tokens
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -113,6 +113,7 @@ def resolve_model_path(section: ModelSection) -> str:
         return str(path)
     if is_local(section.name_or_path):
         raise UsageError(f"model.name_or_path: {section.name_or_path!r} not found")
+    require_hub("model.name_or_path", section.name_or_path, section.revision)
     return section.name_or_path
 
 
@@ -155,12 +156,16 @@ def load_tokenizer(section: ModelSection, model_path: str | None = None):
     from transformers import AutoTokenizer
 
     source = section.tokenizer or model_path or resolve_model_path(section)
-    if section.tokenizer and is_local(section.tokenizer) and not Path(section.tokenizer).expanduser().exists():
-        raise UsageError(f"model.tokenizer: {section.tokenizer!r} not found")
+    key = "model.tokenizer" if section.tokenizer else "model.name_or_path"  # where the user named the source
+    if section.tokenizer and is_local(section.tokenizer):
+        if not Path(section.tokenizer).expanduser().exists():
+            raise UsageError(f"model.tokenizer: {section.tokenizer!r} not found")
+    elif section.tokenizer:
+        require_hub(key, section.tokenizer, section.revision, "tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(section))
     except (OSError, ValueError) as e:
-        raise UsageError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {first_line(e)}") from None
+        raise UsageError(f"{key}: cannot load a tokenizer from {source!r}: {first_line(e)}") from None
     add_new_tokens(tokenizer, section.add_tokens)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are masked explicitly, so pad == eos is safe

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UsageError, first_line
-from lorakit.paths import is_local
+from lorakit.paths import is_local, require_hub
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False):
@@ -17,6 +17,8 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     path = Path(name_or_path).expanduser()
     if is_local(str(name_or_path)) and not path.exists():  # not a hub id: say so, not the hub's "Repo id must be"
         raise UsageError(f"model.name_or_path: {str(name_or_path)!r} not found")
+    if not is_local(str(name_or_path)):
+        require_hub("model.name_or_path", str(name_or_path))
     try:
         if path.suffix == ".gguf":
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)

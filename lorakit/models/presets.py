@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.paths import is_local
+from lorakit.paths import is_local, require_hub
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -73,10 +73,6 @@ def load_model_config(model: str) -> tuple[object, str]:
 
 def _hub_config(model: str):
     """The hub's config.json: from the local cache, else from the hub when it answers within 3 s."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
     from transformers import AutoConfig
 
     from lorakit.models.meta import load_model_config as load_config
@@ -86,14 +82,7 @@ def _hub_config(model: str):
         return AutoConfig.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise UsageError(f"--model: {model!r} is not cached and HF_HUB_OFFLINE is set; {presets}")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        why = f"--model: {model!r} is not a local path or a preset and {host} is unreachable"
-        raise UsageError(f"{why}; {presets}") from None
+    require_hub("--model", model, remedy=presets)
     try:
         return load_config(model)
     except UsageError as e:
