@@ -8,6 +8,7 @@ so `lorakit --help` and `lorakit validate` start fast (tests/e2e/test_cli_start.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import sys
 import traceback
 from typing import Callable
@@ -142,3 +143,16 @@ RecipeArg = typer.Argument(..., help="Path of the YAML recipe.", show_default=Fa
 SetOpt = typer.Option(
     None, "--set", help="Override a recipe key, typed by the schema: --set train.learning_rate=1e-4 (repeatable)."
 )
+
+
+def path_value(text) -> Path:
+    """The parser of a file option (-o): an empty value is refused, where pathlib reads '' as '.', the current
+    directory, which no command means."""
+    if not str(text).strip():
+        raise typer.BadParameter("the path is empty; name a file")
+    return Path(text)
+
+
+def output_file_option(default, help: str, **kwargs):
+    """The --output/-o option of a command that writes one file: a path, never empty (path_value)."""
+    return typer.Option(default, "--output", "-o", parser=path_value, metavar="<path>", help=help, **kwargs)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from lorakit.cli.app import command
+from lorakit.cli.app import output_file_option, command
 
 @command(name="eval", help="Score a run, adapter or merged model on rows with answers: prompts rendered as in "
          "training, greedy batched generation, --metric per row, answer loss/perplexity; --base-too puts the base "
@@ -22,8 +22,8 @@ def eval_(
                                   "for a merged model, the base it records) and show both side by side."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated together (left-padded)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens generated per row."),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="eval.json path (default: RUN/eval.json for a run, else ./eval.json); an "
+    output: Optional[Path] = output_file_option(
+        None, "eval.json path (default: RUN/eval.json for a run, else ./eval.json); an "
         "existing file is moved aside, not overwritten."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
@@ -146,7 +146,7 @@ def export(
     target: Path = typer.Argument(..., help="Run directory, adapter directory or merged model.", show_default=False),
     format_: str = typer.Option("gguf", "--format", help="gguf (the whole model) or gguf-lora (the adapter only)."),
     quant: str = typer.Option("f16", "--quant", help="f16, bf16, q8_0 or q4_0 (gguf-lora: f32, f16, bf16 or q8_0)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="FILE.gguf to write.", show_default=False),
+    output: Optional[Path] = output_file_option(None, "FILE.gguf to write.", show_default=False),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Move an existing FILE.gguf (and Modelfile) aside as FILE.gguf.replaced-TIME and write "
         "a new one."),

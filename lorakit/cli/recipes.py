@@ -8,12 +8,12 @@ from typing import List, Optional
 
 import typer
 
-from lorakit.cli.app import RecipeArg, SetOpt, command
+from lorakit.cli.app import output_file_option, RecipeArg, SetOpt, command
 
 @command(help="Write a commented starter recipe from a template (lorakit init --list names them).")
 def init(
     template: Optional[str] = typer.Argument(None, help="Template name (see --list; default lora).", show_default=False),
-    output: Path = typer.Option(Path("recipe.yaml"), "--output", "-o", help="Where to write it ('-' for stdout)."),
+    output: Path = output_file_option(Path("recipe.yaml"), "Where to write it ('-' for stdout)."),
     force: bool = typer.Option(
         False, "--force", help="Move an existing file aside (FILE.replaced-TIME) and write a new one."),
     list_: bool = typer.Option(False, "--list", help="List the templates and exit."),
@@ -52,8 +52,8 @@ def validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> No
 
 @command(help="Print the recipe JSON Schema (for editors: lorakit schema > recipe.schema.json).")
 def schema(
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Write it to this file instead of stdout (replaces only an earlier schema)."),
+    output: Optional[Path] = output_file_option(
+        None, "Write it to this file instead of stdout (replaces only an earlier schema)."),
 ) -> None:
     import json
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from lorakit.cli.app import RecipeArg, SetOpt, exit_codes_epilog, recipe_keys_help, command
+from lorakit.cli.app import output_file_option, RecipeArg, SetOpt, exit_codes_epilog, recipe_keys_help, command
 
 @command(help="Fine-tune a model as the recipe says.", epilog=recipe_keys_help() + "\n\n" + exit_codes_epilog())
 def train(
@@ -95,7 +95,7 @@ def _resume_command(recipe: Path, set_: Optional[List[str]], output_dir: Optiona
 @command(help="Draw train/eval loss and learning rate against step from RUN_DIR/metrics.jsonl (a PNG).")
 def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (output.dir of a run).", show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default: RUN_DIR/loss.png)."),
+    output: Optional[Path] = output_file_option(None, "PNG path (default: RUN_DIR/loss.png)."),
     width: int = typer.Option(1000, min=200, max=10000, help="Width in pixels."),
     height: int = typer.Option(700, min=200, max=10000, help="Height in pixels."),
 ) -> None:

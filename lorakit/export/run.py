@@ -39,7 +39,8 @@ def check_output(output: Path, overwrite: bool, suffix: str = ".gguf") -> Path:
     (with it, the old file is moved aside at publish time, never replaced in place)."""
     out = check_file_output("-o", output, "model.gguf")
     if out.suffix != suffix:
-        raise UsageError(f"-o {output}: the output is a {suffix} file; name it {out.stem}{suffix}")
+        stem = out.stem if out.stem.lower() != suffix else "model"  # '-o .gguf' names the suffix alone
+        raise UsageError(f"-o {output}: the output is a {suffix} file; name it {stem}{suffix}")
     if not out.parent.is_dir():
         raise UsageError(f"-o {output}: directory {out.parent} does not exist")
     if out.exists() and not overwrite:

@@ -460,6 +460,13 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("schema-over-a-user-file", 5, lambda c: ["schema", "-o", c.data], ("not a lorakit recipe schema",)),
     ("plot-output-is-a-dir", 2, lambda c: ["plot", c.run, "-o", c.tmp], ("a directory", "e.g. ", "/loss.png")),
     ("plot-output-under-a-file", 2, lambda c: ["plot", c.run, "-o", c.data / "x.png"], ("is a file",)),
+    # pathlib reads '' as '.': an empty -o was taken for the current directory
+    ("init-output-empty", 2, lambda c: ["init", "-o", "", "--force"], ("'--output' / '-o'", "the path is empty")),
+    ("schema-output-empty", 2, lambda c: ["schema", "-o", ""], ("'-o'", "the path is empty")),
+    ("plot-output-empty", 2, lambda c: ["plot", c.run, "-o", ""], ("'-o'", "the path is empty")),
+    ("eval-output-empty", 2, lambda c: ["eval", c.run, "--data", c.data, "-o", ""], ("'-o'", "the path is empty")),
+    ("export-output-empty", 2, lambda c: ["export", c.run, "-o", " "], ("'-o'", "the path is empty")),
+    ("export-output-only-a-suffix", 2, lambda c: ["export", c.run, "-o", c.tmp / ".gguf"], ("name it model.gguf",)),
     # --- damaged or inconsistent base models: exit 2, before the weights load ------------------------------
     ("base-truncated-weights", 2, lambda c: ["train", c.recipe({"model.name_or_path": _damaged_base(
         c, lambda b: _truncate(_weights(b), 4096))})], ("model.safetensors", "truncated", "re-download")),
