@@ -199,7 +199,8 @@ class TrainSource(Section):
 class DataSection(Section):
     train: Union[str, list[Union[str, TrainSource]]] = Field(
         description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk directory, "
-        "a hub dataset id, or a list of these to mix; a list item may also be a mapping {path, weight, format, fields, chat_template} (docs/data.md#sources)."
+        "a hub dataset id, or a list of these to mix; a list item may also be a mapping {path, weight, format, fields, chat_template} (docs/data.md#sources). "
+        "A relative path is read from the current directory, not from the recipe's folder."
     )
     eval: str | None = Field(None, description="Evaluation data (same kinds as data.train).")
     eval_split: float | None = Field(

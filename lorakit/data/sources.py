@@ -45,7 +45,8 @@ def check_exists(source: str) -> Path:
     """The source's path; exit 3 when it names a data file that is not there."""
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES and not path.is_file():
-        raise DataError(f"data: file {source!r} not found")
+        why = "" if path.is_absolute() else "; relative paths are read from the current directory, not the recipe's"
+        raise DataError(f"data: file {source!r} not found at {path.absolute()}{why}")
     return path
 
 

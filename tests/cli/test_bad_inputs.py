@@ -296,6 +296,8 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     # --- data: exit 3 ----------------------------------------------------------------------------------
     ("data-missing-file", 3, lambda c: ["train", c.recipe({"data.train": str(c.tmp / "none.jsonl")})],
      ("none.jsonl", "not found")),
+    ("data-missing-relative-file", 3, lambda c: ["train", c.recipe({"data.train": "data/none.jsonl"})],
+     ("'data/none.jsonl' not found at /", "/data/none.jsonl; relative paths are read from the current directory")),
     ("data-empty-file", 3, lambda c: ["train", c.recipe({"data.train": str(c.data_file([]))})],
      ("bad.jsonl", "is empty")),
     ("data-bad-json-line", 3, lambda c: ["train", c.recipe({"data.train": str(c.data_file([ROWS_OK, ROWS_OK, "{oops"]))})],
