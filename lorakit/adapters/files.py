@@ -129,7 +129,10 @@ def load_adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tens
 
 def resolve_base(adapter: Adapter, base: str | None) -> Path:
     """The local base directory: ``base``, else the adapter's recorded base (lorakit.json, then adapter_config)."""
-    if base:
+    if base is not None:
+        if not base.strip():  # not "no --base": an empty value would silently take the recorded base
+            raise UsageError("--base: the value is empty; name the base model (a directory or hub id), or drop --base "
+                             "for the one the adapter records")
         return _local_model_dir(base, "--base", None)
     recorded = [adapter.record.get("base_model_path"), adapter.record.get("base_model"),
                 adapter.config.get("base_model_name_or_path")]

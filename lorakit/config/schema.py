@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, model_validator
 from lorakit.compat import PREFIX_GENERATION_BROKEN
 from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
 from lorakit.config.schema_base import Section
+from lorakit.paths import is_local
 from lorakit.config.schema_train import (  # noqa: F401  (re-exported: the schema's public names)
     EVAL_METRICS, NO_WARMUP_SCHEDULERS, OBJECTIVE_KEYS, OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCES, SCHEDULERS,
     UNSUPPORTED_SCHEDULERS, USABLE_SCHEDULERS, TrainSection,
@@ -50,7 +51,9 @@ class ModelSection(Section):
         description="Allow model code from the hub repository to run. For a hub id it requires model.revision "
         "pinned to a full commit hash (else exit 5).",
     )
-    revision: str | None = Field(None, description="Hub revision (commit hash, tag or branch) of the base model.")
+    revision: str | None = Field(
+        None, description="Hub revision (commit hash, tag or branch) of the base model (or of a hub model.tokenizer); "
+        "refused for a local model.")
     tokenizer: str | None = Field(
         None, description="Tokenizer to use when it is not stored with the model (hub id or local directory)."
     )
@@ -71,6 +74,15 @@ class ModelSection(Section):
             raise ValueError(
                 "model.upcast_unquantized: only for a quantized base (model.quantization nf4, fp4 or int8); remove it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _revision_needs_a_hub_id(self) -> "ModelSection":
+        # A revision picks a commit of a hub repository; transformers ignores it for a local directory.
+        if self.revision is not None and is_local(self.name_or_path) and (
+                self.tokenizer is None or is_local(self.tokenizer)):
+            raise ValueError(f"model.revision: {self.revision!r} has no effect: model.name_or_path "
+                             f"{self.name_or_path!r} is a local path, not a hub id; remove it")
         return self
 
 
