@@ -58,7 +58,12 @@ def estimate_memory(
     import json
 
     from lorakit.console import emit, is_json
+    from lorakit.errors import UsageError
     from lorakit.memory.report import Flags, report
+
+    if explain and (as_json or is_json()):  # the JSON document always carries every formula --explain prints
+        raise UsageError(f"--explain: {'--json' if as_json else '--json-logs'} already gives each line's formula "
+                         "(formulas, activation_formulas, peak_formula, per_device_formula); drop --explain")
 
     flags = Flags(model=model, method=method, r=r, targets=targets, batch_size=batch_size, seq_len=seq_len,
                   optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, dtype=dtype, attn=attn,

@@ -327,9 +327,11 @@ def to_json(est: Estimate, comparison: list | None, advice: FitAdvice | None) ->
         "bytes": {line.key: line.bytes for line in est.lines},
         "parts": {line.key: line.parts for line in est.lines if line.parts},
         "formulas": {line.key: line.formula for line in est.lines},
+        "activation_formulas": activation_formulas(p, s),
         "total_bytes": est.total_bytes,
         "per_device_bytes": est.per_device_bytes,
         "peak_formula": est.peak_formula,
+        "per_device_formula": est.per_device_formula,
         "notes": est.notes,
     }
     if comparison:

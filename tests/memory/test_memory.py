@@ -356,6 +356,15 @@ def test_cli_text_and_explain():
     assert "Comparison" in out and "full (float32)" in out and "does not fit" in out
 
 
+def test_cli_json_carries_every_formula_explain_prints():
+    text = runner.invoke(app, ["estimate-memory", "--model", "mistral-7b", "--gpus", "2", "--explain"]).stdout
+    result = runner.invoke(app, ["estimate-memory", "--model", "mistral-7b", "--gpus", "2", "--json"])
+    data = json.loads(result.stdout)
+    shown = [*data["formulas"].values(), *data["activation_formulas"], data["peak_formula"], data["per_device_formula"]]
+    explained = [line.strip().removeprefix("= ") for line in text.splitlines() if line.startswith("      ")]
+    assert explained and sorted(explained) == sorted(shown)
+
+
 def test_cli_json_shape_and_recipe_overrides(tiny_model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -403,6 +412,7 @@ def test_cli_json_logs_mode_emits_one_event():
     (["--model", "mistral-7b", "--targets", ""], "--targets '': empty"),  # was ignored
     (["--model", "mistral-7b", "--strategy", "fsdp"], "--strategy fsdp shards over several GPUs"),  # one GPU
     ([], "RECIPE or --model"),
+    (["--model", "mistral-7b", "--json", "--explain"], "--explain: --json already gives each line's formula"),
 ])
 def test_cli_errors_exit_2(args, text):
     result = runner.invoke(app, ["estimate-memory", *args])
