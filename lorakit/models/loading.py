@@ -113,6 +113,7 @@ def resolve_model_path(section: ModelSection) -> str:
         return str(path)
     if is_local(section.name_or_path):
         raise UsageError(f"model.name_or_path: {section.name_or_path!r} not found")
+    check_remote_code(section)  # a refusal for safety does not wait on the network
     require_hub("model.name_or_path", section.name_or_path, section.revision)
     return section.name_or_path
 
