@@ -20,10 +20,15 @@ def inspect_(
         None, "--targets", help="all-linear, comma-separated module names (q_proj,v_proj) or a regex."),
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
+    from lorakit.config.load import flags_named
     from lorakit.tools.inspect import format_report, inspect_model, inspect_sections
 
-    model_section, adapter_section = inspect_sections(recipe, model, method, r, targets, set_ or [])
-    typer.echo(format_report(inspect_model(model_section, adapter_section)))
+    given = {"model.name_or_path": ("--model", model), "adapter.method": ("--method", method),
+             "adapter.r": ("--r", r), "adapter.target_modules": ("--targets", targets)}
+    with flags_named({key: flag for key, (flag, value) in given.items() if value is not None}):
+        model_section, adapter_section = inspect_sections(recipe, model, method, r, targets, set_ or [])
+        report = inspect_model(model_section, adapter_section)
+    typer.echo(format_report(report))
 
 
 @command(name="estimate-memory", help="Estimate training memory: exact parameter counts (meta device, no weights "

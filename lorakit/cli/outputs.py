@@ -76,6 +76,7 @@ def generate(
 ) -> None:
     import json
 
+    from lorakit.config.load import flags_named
     from lorakit.console import adopt_transformers_output, emit, is_json
     from lorakit.errors import UsageError
     from lorakit.tools.generate import run_generate
@@ -97,15 +98,18 @@ def generate(
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=1.0 if top_p is None else top_p, seed=seed or 0,
                            allow_pickle=allow_pickle, device=device)
-    for request, completion in results:
-        if is_json():
-            emit("completion", adapter=request.adapter, prompt=request.prompt, messages=request.messages,
-                 completion=completion)
-        elif file is not None:
-            row = {"prompt": request.prompt} if request.messages is None else {"messages": request.messages}
-            typer.echo(json.dumps({**row, "adapter": request.adapter, "completion": completion}, ensure_ascii=False))
-        else:
-            typer.echo(completion)
+    flags = {"model.name_or_path": "--model", "model.dtype": "--dtype", "model.quantization": "--quantization"}
+    with flags_named(flags):  # generate has no recipe: its model keys are its flags (results come lazily)
+        for request, completion in results:
+            if is_json():
+                emit("completion", adapter=request.adapter, prompt=request.prompt, messages=request.messages,
+                     completion=completion)
+            elif file is not None:
+                row = {"prompt": request.prompt} if request.messages is None else {"messages": request.messages}
+                typer.echo(json.dumps({**row, "adapter": request.adapter, "completion": completion},
+                                      ensure_ascii=False))
+            else:
+                typer.echo(completion)
 
 
 @command(help="Merge an adapter into its base model, shard by shard in bounded memory, into a plain Hugging Face "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -187,6 +188,28 @@ def section(data: dict, name: str, source: str) -> dict:
     if not isinstance(value, dict):
         raise RecipeError([f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}"], source=source)
     return value
+
+
+def as_flag(problem: str, flags: dict[str, str]) -> str:
+    """A problem with a recipe key that the command set from one of its flags, told with the flag the user typed:
+    'adapter.r: not used by ...; remove it' becomes '--r: not used by ...; drop --r'. ``flags``: {key: flag} of
+    the flags given."""
+    key, sep, rest = problem.partition(": ")
+    flag = flags.get(key)
+    return f"{flag}: {rest.replace('remove it', f'drop {flag}')}" if sep and flag else problem
+
+
+@contextmanager
+def flags_named(flags: dict[str, str]):
+    """Recipe and usage errors raised inside name the flags (as_flag) that set the keys they are about."""
+    try:
+        yield
+    except RecipeError as e:
+        raise RecipeError([as_flag(p, flags) for p in e.problems], source=e.source) from None
+    except UsageError as e:
+        if type(e) is not UsageError:
+            raise
+        raise UsageError(as_flag(str(e), flags)) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorakit.adapters.card import quantized_tag
+from lorakit.config.load import flags_named
 from lorakit.errors import UsageError
 from lorakit.memory.activations import attn_implementation, loss_path
 from lorakit.memory.activations import activation_formulas
@@ -54,6 +55,18 @@ class Flags:
     objective: str | None = None  # sft | dpo | ipo | orpo | simpo
 
 
+# The recipe key each flag sets: flag --x-y is field x_y of Flags. A problem with such a key names the flag.
+FLAG_KEYS = {"model": "model.name_or_path", "r": "adapter.r", "targets": "adapter.target_modules",
+             "batch_size": "train.micro_batch_size", "seq_len": "data.max_seq_len", "optimizer": "train.optimizer",
+             "gradient_checkpointing": "train.gradient_checkpointing", "dtype": "model.dtype",
+             "attn": "model.attn_implementation", "objective": "train.objective"}
+
+
+def given_flags(flags: Flags) -> dict[str, str]:
+    """{recipe key: flag} for the flags given (config.load.flags_named)."""
+    return {key: "--" + attr.replace("_", "-") for attr, key in FLAG_KEYS.items() if getattr(flags, attr) is not None}
+
+
 def resolve_recipe(recipe_path: Path | None, flags: Flags):
     """The recipe (or a skeleton around --model) with the flags applied, validated by the recipe schema."""
     from lorakit.config.load import parse_targets
@@ -63,26 +76,16 @@ def resolve_recipe(recipe_path: Path | None, flags: Flags):
         data, source = read_yaml(recipe_path), str(recipe_path)
     elif flags.model:
         # Only model/adapter/train/data knobs matter here; data.train and train.max_steps are placeholders.
-        data, source = {"data": {"train": "(none)"}, "train": {"max_steps": 1}}, "--model"
+        data, source = {"data": {"train": "(none)"}, "train": {"max_steps": 1}}, "estimate-memory"
     else:
         raise UsageError("estimate-memory: give a RECIPE or --model (a preset, model dir, config.json or hub id)")
     apply_overrides(data, flags.overrides)
     sections = {name: recipe_section(data, name, source) for name in ("model", "adapter", "data", "train")}
-    if flags.model:
-        sections["model"]["name_or_path"] = flags.model
-    for section, key, value in (
-        ("adapter", "r", flags.r),
-        ("adapter", "target_modules", parse_targets(flags.targets) if flags.targets is not None else None),
-        ("train", "micro_batch_size", flags.batch_size),
-        ("data", "max_seq_len", flags.seq_len),
-        ("train", "optimizer", flags.optimizer),
-        ("train", "gradient_checkpointing", flags.gradient_checkpointing),
-        ("model", "dtype", flags.dtype),
-        ("model", "attn_implementation", flags.attn),
-        ("train", "objective", flags.objective),
-    ):
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(flags, attr)
         if value is not None:
-            sections[section][key] = value
+            section, name = key.split(".")
+            sections[section][name] = parse_targets(value) if attr == "targets" else value
     if flags.objective is not None:  # the recipe's own objective keys go unless this one uses them; data follows
         from lorakit.config.schema import OBJECTIVE_KEYS
 
@@ -355,10 +358,12 @@ def report(recipe_path: Path | None, flags: Flags, gpu_memory: str | None, expla
     from lorakit.models.presets import load_model_config
 
     budget = parse_size(gpu_memory) if gpu_memory else None
-    recipe = resolve_recipe(recipe_path, flags)
-    settings = settings_from(recipe, flags)
-    config, source = load_model_config(recipe.model.name_or_path)
-    profile = add_token_rows(config, inspect_model(config, recipe.adapter, recipe.model.name_or_path, source), recipe)
+    with flags_named(given_flags(flags)):
+        recipe = resolve_recipe(recipe_path, flags)
+        settings = settings_from(recipe, flags)
+        config, source = load_model_config(recipe.model.name_or_path)
+        profile = inspect_model(config, recipe.adapter, recipe.model.name_or_path, source)
+    profile = add_token_rows(config, profile, recipe)
     est = estimate(profile, settings)
     comparison = compare_methods(profile, settings)
     advice = fit_advice(profile, settings, budget) if budget else None

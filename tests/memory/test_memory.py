@@ -407,7 +407,7 @@ def test_cli_json_logs_mode_emits_one_event():
     (["--model", "mistral-7b", "--gpu-memory", "lots"], "--gpu-memory"),
     (["--model", "mistral-7b", "--gpu-memory", "0GB"], "--gpu-memory: cannot read '0GB'"),  # no advice, no word
     (["--model", "mistral-7b", "--method", "bogus"], "--method"),
-    (["--model", "mistral-7b", "--optimizer", "sgd"], "train.optimizer"),
+    (["--model", "mistral-7b", "--optimizer", "sgd"], "--optimizer: must be"),  # the flag, not train.optimizer
     (["--model", "mistral-7b", "--targets", "qproj"], "q_proj"),
     (["--model", "mistral-7b", "--targets", ""], "--targets '': empty"),  # was ignored
     (["--model", "mistral-7b", "--strategy", "fsdp"], "--strategy fsdp shards over several GPUs"),  # one GPU

@@ -124,7 +124,7 @@ def test_parse_targets():
 def test_inspect_cli_unknown_method_is_one_usage_line(tiny_model_dir):
     result = cli("inspect", "--model", tiny_model_dir, "--method", "dorra")
     assert result.exit_code == EXIT_USAGE, result.output
-    assert "adapter.method" in result.stderr and "did you mean dora?" in result.stderr
+    assert "--method: must be" in result.stderr and "did you mean dora?" in result.stderr  # the flag typed
     assert len(result.stderr.strip().splitlines()) == 1
 
 
