@@ -35,11 +35,11 @@ def hub_unreachable(name: str, revision: str | None = None, filename: str = "con
     """Why the hub id ``name`` cannot be fetched here, decided in seconds: None when ``filename`` of it is in the
     Hugging Face cache or the hub's host accepts a connection; else "HF_HUB_OFFLINE is set" or "HOST is
     unreachable". Without this check huggingface_hub retries an unreachable hub for about a minute."""
-    import socket
     import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
 
     try:
         if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
@@ -48,20 +48,23 @@ def hub_unreachable(name: str, revision: str | None = None, filename: str = "con
         return None
     if hub_offline():
         return "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     answered: list[bool] = []
 
     def probe() -> None:
+        # Through huggingface_hub's own HTTP session, so a proxy the hub would use (HTTPS_PROXY, ...) is used here
+        # too; any HTTP answer, even an error status, means the host is reachable.
         try:
-            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            get_session().head(endpoint, timeout=timeout)
             answered.append(True)
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001  (httpx's connect, timeout and proxy errors alike: unreachable)
             pass
 
     thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores socket timeouts: bound the wait
     thread.start()
     thread.join(timeout + 0.5)
-    return None if answered else f"is not in the Hugging Face cache and the hub ({url.hostname}) is unreachable"
+    host = urlparse(endpoint).hostname
+    return None if answered else f"is not in the Hugging Face cache and the hub ({host}) is unreachable"
 
 
 def require_hub(key: str, name: str, revision: str | None = None, filename: str = "config.json",

@@ -44,3 +44,52 @@ def test_a_tokenizer_error_names_the_key_the_source_came_from(tiny_model_dir, tm
     (tmp_path / "config.json").write_text("{}")  # a model dir without a tokenizer: model.tokenizer was not set
     with pytest.raises(UsageError, match=r"^model.name_or_path: cannot load a tokenizer"):
         load_tokenizer(ModelSection(name_or_path=str(tmp_path)), str(tmp_path))
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server answering every request (HEAD, GET, a proxy's absolute-URL request) with 404."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802  (http.server's naming)
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_hub_that_answers_through_the_proxy_the_hub_would_use_is_reachable(empty_hf_cache, monkeypatch,
+                                                                          http_server):
+    """The probe goes through huggingface_hub's HTTP session, so where only a proxy reaches the hub (no direct
+    connection: here the endpoint's host does not even resolve), the hub is not declared unreachable."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+
+    from lorakit.paths import hub_unreachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # the suite runs offline (conftest), and huggingface_hub's session reads that once, at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", http_server)
+    assert hub_unreachable("org/name") is None  # any HTTP answer, even 404, is a reachable host
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+    assert "unreachable" in hub_unreachable("org/name", timeout=1.0)
+    for proxy in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(proxy, http_server)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    close_session()  # the session reads the proxy variables when it is made: as a process started with them
+    try:
+        assert hub_unreachable("org/name", timeout=1.0) is None
+    finally:
+        close_session()  # later tests get a session made without this test's proxy
