@@ -50,4 +50,4 @@ def test_estimate_memory_objective_option(tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "micro-batch 2 pairs (4 sequences" in result.output and "reference forward" in result.output
     refused = cli("estimate-memory", "--model", tiny_model_dir, "--objective", "kto")
-    assert refused.exit_code == 2 and "train.objective" in refused.output
+    assert refused.exit_code == 2 and "--objective: must be sft" in refused.output
