@@ -33,8 +33,9 @@ def hub_offline() -> bool:
 def hub_unreachable(name: str, revision: str | None = None, filename: str = "config.json",
                     timeout: float = 3.0) -> str | None:
     """Why the hub id ``name`` cannot be fetched here, decided in seconds: None when ``filename`` of it is in the
-    Hugging Face cache or the hub's host accepts a connection; else "HF_HUB_OFFLINE is set" or "HOST is
-    unreachable". Without this check huggingface_hub retries an unreachable hub for about a minute."""
+    Hugging Face cache or the hub's endpoint answers an HTTP request (through the hub's own session and proxies);
+    else "HF_HUB_OFFLINE is set" or "HOST is unreachable". Without this check huggingface_hub retries an
+    unreachable hub for about a minute."""
     import threading
     from urllib.parse import urlparse
 

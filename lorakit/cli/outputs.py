@@ -87,18 +87,18 @@ def generate(
         given = [name for name, value in (("--top-p", top_p), ("--seed", seed)) if value is not None]
         raise UsageError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling; "
                          "decoding is greedy without --temperature above 0")
+    flags = {"model.name_or_path": "--model", "model.dtype": "--dtype", "model.quantization": "--quantization"}
     fields = {"dtype": dtype, "quantization": quantization}
     try:
         section = ModelSection(name_or_path=model, **{k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # pydantic names the field and the allowed values
         error = e.errors()[0]
-        flag = {"dtype": "--dtype", "quantization": "--quantization"}.get(str(error["loc"][0]), "--model")
+        flag = flags.get(f"model.{error['loc'][0]}" if error["loc"] else "", "--model")
         raise UsageError(f"{flag}: {error['msg']}") from None
     results = run_generate(section, adapter or [], prompt=prompt, file=file, use=use, chat=chat,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=1.0 if top_p is None else top_p, seed=seed or 0,
                            allow_pickle=allow_pickle, device=device)
-    flags = {"model.name_or_path": "--model", "model.dtype": "--dtype", "model.quantization": "--quantization"}
     with flags_named(flags):  # generate has no recipe: its model keys are its flags (results come lazily)
         for request, completion in results:
             if is_json():

@@ -367,15 +367,12 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _eval_every_needs_eval_rows(self) -> "Recipe":
-        if self.train.eval_every and not (self.data.eval or self.data.eval_split):
+    def _evaluation_keys(self) -> "Recipe":
+        eval_rows = bool(self.data.eval or self.data.eval_split)
+        if self.train.eval_every and not eval_rows:
             raise ValueError("train.eval_every: needs eval rows to evaluate; set data.eval or data.eval_split, or "
                              "remove it")
-        return self
-
-    @model_validator(mode="after")
-    def _eval_generate_needs_answers(self) -> "Recipe":
-        if self.train.eval_generate and not (self.data.eval or self.data.eval_split):
+        if self.train.eval_generate and not eval_rows:
             raise ValueError("train.eval_generate: needs eval rows; set data.eval or data.eval_split")
         if self.train.eval_generate and self.adapter.method == "prefix":
             raise ValueError(f"train.eval_generate: adapter.method prefix cannot generate ({PREFIX_GENERATION_BROKEN}); "

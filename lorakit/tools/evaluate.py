@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lorakit.adapters.files import RECORD_FILE, find_adapter_dir
+from lorakit.adapters.files import find_adapter_dir, read_record
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
 from lorakit.data.chat import resolve_chat_template
@@ -60,7 +60,7 @@ def resolve_target(path: Path) -> Target:
         return Target("merged", path, ModelSection(name_or_path=str(path), dtype=dtype), base, recipe)
     adapter = find_adapter_dir(path, "lorakit eval")
     refuse_prefix_generation(adapter, f"lorakit eval {adapter}")
-    record = json.loads((adapter / RECORD_FILE).read_text()) if (adapter / RECORD_FILE).is_file() else {}
+    record = read_record(adapter)
     base_path = record.get("base_model_path") or record.get("base_model")
     if recipe is not None:
         model = recipe.model.model_copy(update={"name_or_path": base_path or recipe.model.name_or_path})

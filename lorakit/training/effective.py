@@ -129,8 +129,8 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
                 f"{sorted({g['weight_decay'] for g in inner.param_groups if g['params']})}",
                 ("train.adam_beta1", "train.adam_beta2", "train.adam_epsilon", "train.weight_decay")),
         Setting("schedule", f"{type(scheduler).__name__} ({cfg.lr_scheduler}), warmup {warmup} steps"
-                f"{' from LR 0 at step 1' if cfg.warmup_steps or cfg.warmup_ratio else ''}, {total_steps} steps", ("train.lr_scheduler", "train.warmup_steps", "train.warmup_ratio",
-                                         "train.max_steps", "train.epochs")),
+                f"{' from LR 0 at step 1' if cfg.warmup_steps or cfg.warmup_ratio else ''}, {total_steps} steps",
+                ("train.lr_scheduler", "train.warmup_steps", "train.warmup_ratio", "train.max_steps", "train.epochs")),
         Setting("batch", f"{cfg.micro_batch_size} examples × {cfg.grad_accum} micro-steps × {world_size} "
                 f"process{'es' if world_size > 1 else ''} per step; {batching}",
                 ("train.micro_batch_size", "train.grad_accum", "data.padding_free", "data.group_by_length")),
