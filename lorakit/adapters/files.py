@@ -79,12 +79,8 @@ class Adapter:
         return method_name(self.config)
 
 
-def serving_remedy(path: Path, config: dict) -> str:
-    """What to do with an adapter no merged model or GGUF can hold: generate with it next to its base, except a
-    prefix-tuning adapter, which lorakit cannot generate with either (lorakit.compat.PREFIX_GENERATION_BROKEN)."""
-    if config.get("peft_type") == "PREFIX_TUNING":
-        return ("and lorakit cannot generate with a prefix-tuning adapter either (PEFT 0.21's generation ignores the "
-                "prefix under transformers 5): train with adapter.method prompt or lora to serve the result")
+def serving_remedy(path: Path) -> str:
+    """What to do with an adapter no merged model or GGUF can hold: generate with it next to its base."""
     return f"load it next to the base instead: `lorakit generate --model BASE --adapter {path}`"
 
 

@@ -12,7 +12,6 @@ from typing import Literal, Union
 import yaml
 from pydantic import ConfigDict, Field, model_validator
 
-from lorakit.compat import PREFIX_GENERATION_BROKEN
 from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
 from lorakit.config.schema_base import Section
 from lorakit.paths import is_local
@@ -374,9 +373,6 @@ class Recipe(Section):
                              "remove it")
         if self.train.eval_generate and not eval_rows:
             raise ValueError("train.eval_generate: needs eval rows; set data.eval or data.eval_split")
-        if self.train.eval_generate and self.adapter.method == "prefix":
-            raise ValueError(f"train.eval_generate: adapter.method prefix cannot generate ({PREFIX_GENERATION_BROKEN}); "
-                             "set it to 0 (eval_loss is still computed)")
         if self.train.eval_generate and self.data.format == "text":
             raise ValueError("train.eval_generate: data.format text rows have no answer to score; set it to 0 "
                              "(eval_loss is still computed)")

@@ -78,10 +78,10 @@ def read_mergeable_adapter(adapter_dir: str | Path, allow_pickle: bool = False) 
     peft_type = config.get("peft_type")
     method = saved_method(peft_type)
     if method is not None and not method.mergeable:
-        raise UsageError(_not_mergeable(path, method.not_mergeable, config))
+        raise UsageError(_not_mergeable(path, method.not_mergeable))
     if method is None and _prompt_learning(peft_type):
         raise UsageError(_not_mergeable(path, f"a {peft_type} adapter learns virtual tokens (or key/value prefixes) "
-                                              "fed to the model, not weights", config))
+                                              "fed to the model, not weights"))
     if method is None:
         raise UsageError(f"{path}: peft_type {peft_type} is not mergeable by lorakit (it merges LoRA, DoRA, rsLoRA "
                          f"and IA3); serve it with `lorakit generate --adapter {path}` or use PEFT's merge_and_unload")
@@ -109,8 +109,8 @@ def _prompt_learning(peft_type) -> bool:
     return config_class is not None and issubclass(config_class, PromptLearningConfig)
 
 
-def _not_mergeable(path: Path, why: str, config: dict) -> str:
-    return f"{path}: {why}, so there is no weight update to merge into the base; {serving_remedy(path, config)}"
+def _not_mergeable(path: Path, why: str) -> str:
+    return f"{path}: {why}, so there is no weight update to merge into the base; {serving_remedy(path)}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
 from lorakit.models.loading import load_tokenizer, resolve_device, resolve_model_path
 from lorakit.publish import check_file_output, check_inputs_apart, set_aside
-from lorakit.tools.generate import load_for_generation, refuse_prefix_generation
+from lorakit.tools.generate import load_for_generation
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
 from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
@@ -59,7 +59,6 @@ def resolve_target(path: Path) -> Target:
         base = ModelSection(name_or_path=merge["base"], dtype=dtype) if merge.get("base") else None
         return Target("merged", path, ModelSection(name_or_path=str(path), dtype=dtype), base, recipe)
     adapter = find_adapter_dir(path, "lorakit eval")
-    refuse_prefix_generation(adapter, f"lorakit eval {adapter}")
     record = read_record(adapter)
     base_path = record.get("base_model_path") or record.get("base_model")
     if recipe is not None:
@@ -153,13 +152,13 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     adapters = {"tuned": target.path} if target.kind == "adapter" else {}
     model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "metric": metric}
-    results = {"tuned": _score_model(model, tokenizer, items, nullcontext(), **settings)}
+    results = {"tuned": _score_model(model, tokenizer, items, **settings)}
     if base_too and target.kind == "adapter":
-        results["base"] = _score_model(model, tokenizer, items, model.disable_adapter(), **settings)
+        results["base"] = _score_model(model, tokenizer, items, adapter_off=True, **settings)
     elif base_too:
         del model
         base, _ = load_for_generation(target.base, {}, allow_pickle=allow_pickle, device=device)
-        results["base"] = _score_model(base, tokenizer, items, nullcontext(), **settings)
+        results["base"] = _score_model(base, tokenizer, items, **settings)
     report = _report(target, data_file, section, items, skipped, results, settings, time.time() - started)
     for line in skipped:
         say(f"skipped {line}")
@@ -174,13 +173,13 @@ def _tokenizer(target: Target):
     return load_tokenizer(target.model, resolve_model_path(target.model)), False
 
 
-def _score_model(model, tokenizer, items: list[EvalItem], context, *, metric: str, batch_size: int,
-                 max_new_tokens: int) -> dict:
-    """Outputs, scores and the answer loss of one model (``context``: the adapter switched off, or nothing)."""
+def _score_model(model, tokenizer, items: list[EvalItem], *, metric: str, batch_size: int, max_new_tokens: int,
+                 adapter_off: bool = False) -> dict:
+    """Outputs, scores and the answer loss of one model (``adapter_off``: its adapter switched off)."""
     accelerator = Accelerator(cpu=model.device.type == "cpu")
-    with context:
+    with model.disable_adapter() if adapter_off else nullcontext():
         outputs, scores = score_items(model, tokenizer, items, metric, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, adapter_on=not adapter_off)
         # Training's loss: the head over answer tokens only, a chunk of logits at a time, so a batch of long rows
         # never holds [batch, length, vocab] logits (20 GB in fp32 at 8 × 4,096 tokens and a 152k vocabulary).
         loss_fn = build_loss(model, chunked=True)

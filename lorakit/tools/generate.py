@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record
-from lorakit.compat import PREFIX_GENERATION_BROKEN, prompt_learning_generate_kwargs
+from lorakit.compat import adapter_generate
 from lorakit.config.schema import ModelSection
 from lorakit.data.chat import check_messages
 from lorakit.data.sources import BadRowError, jsonl_rows
@@ -49,20 +50,11 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
             raise UsageError(f"--adapter {spec}: names are letters, digits, '_', '.', '-', unique and not {BASE!r}; "
                              "write NAME=DIR")
         adapters[name] = find_adapter_dir(directory, f"--adapter {spec}")
-    for name, path in adapters.items():
-        refuse_prefix_generation(path, f"--adapter {name}={path}")
     methods = {read_config(p).get("peft_type") for p in adapters.values()}
     if len(methods) > 1 or ("BOTTLENECK" in methods and len(adapters) > 1):
         raise UsageError(f"--adapter: adapters of different methods ({', '.join(sorted(methods))}), or several "
                          "bottleneck adapters, cannot share one base; run generate once per method")
     return adapters
-
-
-def refuse_prefix_generation(adapter_dir: Path, what: str) -> None:
-    """Exit 2 before any model is loaded when ``adapter_dir`` holds a prefix-tuning adapter (compat)."""
-    if read_config(adapter_dir).get("peft_type") == "PREFIX_TUNING":
-        raise UsageError(f"{what}: a prefix-tuning adapter cannot generate here: {PREFIX_GENERATION_BROKEN}; "
-                         "train with adapter.method prompt or lora to generate")
 
 
 def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
@@ -145,17 +137,17 @@ def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_toke
 
     from lorakit.adapters.bottleneck import BottleneckModel
 
-    context = nullcontext()
+    context, generate = nullcontext(), partial(adapter_generate, model)
     if request.adapter == BASE and isinstance(model, (PeftModel, BottleneckModel)):
-        context = model.disable_adapter()
+        context, generate = model.disable_adapter(), model.generate
     elif isinstance(model, PeftModel):
         model.set_adapter(request.adapter)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False}
     torch.manual_seed(seed)  # per request, so a prompt's sample does not depend on the prompts before it
     with context, torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=stop_ids, **sampling, **prompt_learning_generate_kwargs(model))
+        output = generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=stop_ids, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
-from lorakit.compat import prompt_learning_generate_kwargs
+from lorakit.compat import adapter_generate, prompt_learning_generate_kwargs
 from lorakit.config.schema import EVAL_METRICS as METRICS
 from lorakit.config.schema import DataSection, Recipe
 from lorakit.data.formats import IGNORE_INDEX, Example, answer_of, num_targets, through_last_answer, tokenize_row
@@ -61,9 +62,12 @@ def last_response_start(labels: list[int]) -> int:
 # Generation
 
 
-def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+                    adapter_on: bool = True) -> list[str]:
     """Greedy completions of token-id prompts, ``batch_size`` at a time, left-padded so every row's new tokens
-    start at the same column. Prompts are batched in order of length (less padding) and returned in input order."""
+    start at the same column. Prompts are batched in order of length (less padding) and returned in input order.
+    ``adapter_on=False`` under the model's disable_adapter(): the base's own generate() (lorakit.compat's prefix
+    path would bring the prefix back)."""
     import torch
     from transformers import GenerationConfig
 
@@ -74,6 +78,7 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=model.generation_config.eos_token_id,
                               **{"use_cache": True, **uncached})
+    generate = partial(adapter_generate, model) if adapter_on else model.generate
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -83,8 +88,8 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
         ids = [[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk]
         mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk]
         with torch.no_grad():
-            generated = model.generate(input_ids=torch.tensor(ids, device=device),
-                                       attention_mask=torch.tensor(mask, device=device), generation_config=config)
+            generated = generate(input_ids=torch.tensor(ids, device=device),
+                                 attention_mask=torch.tensor(mask, device=device), generation_config=config)
         for i, row in zip(chunk, generated[:, width:].tolist()):
             out[i] = tokenizer.decode(row, skip_special_tokens=True)
     return out
@@ -133,11 +138,11 @@ def rouge_l(candidate: list[str], reference: list[str]) -> float:
 
 
 def score_items(model, tokenizer, items: list[EvalItem], metric: str, *, max_new_tokens: int,
-                batch_size: int) -> tuple[list[str], list[float]]:
-    """(outputs, scores) of the items that have an answer, in order."""
+                batch_size: int, adapter_on: bool = True) -> tuple[list[str], list[float]]:
+    """(outputs, scores) of the items that have an answer, in order (``adapter_on``: as generate_greedy's)."""
     scored = [item for item in items if item.answer is not None]
     outputs = generate_greedy(model, tokenizer, [item.prompt_ids for item in scored],
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, adapter_on=adapter_on)
     return outputs, [score(o, item.answer, metric, item.where) for o, item in zip(outputs, scored)]
 
 

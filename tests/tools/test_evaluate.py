@@ -25,6 +25,16 @@ CHAT_ROWS = [
 ]
 
 
+EVAL_METHODS = {
+    "dora": {"method": "dora"},
+    "ia3": {"method": "ia3", "r": None, "lora_dropout": None, "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"]},
+    "prompt": {"method": "prompt", "num_virtual_tokens": 4, "r": None, "lora_dropout": None, "target_modules": None},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 4, "r": None, "lora_dropout": None, "target_modules": None},
+    "bottleneck": {"method": "bottleneck", "lora_dropout": None, "target_modules": None},
+}
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     """A 4-step alpaca run on the tiny model (adapter, tokenizer, recipe.yaml)."""
@@ -192,15 +202,17 @@ def test_eval_bad_row_names_no_recipe_key(run_dir, tmp_path):
     assert "fix the row" in result.stderr and "skip_bad_rows" not in result.stderr
 
 
-def test_eval_generate_during_training_scores_as_lorakit_eval_does(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("adapter", [{"lora_dropout": 0.0}, EVAL_METHODS["prefix"]], ids=["lora", "prefix"])
+def test_eval_generate_during_training_scores_as_lorakit_eval_does(adapter, tiny_model_dir, tmp_path):
     """train.eval_generate scores N held-out rows at every evaluation with the code `lorakit eval` runs: the final
-    eval_score equals `lorakit eval` of the finished adapter on those rows; it reaches the trackers and the card."""
+    eval_score equals `lorakit eval` of the finished adapter on those rows; it reaches the trackers and the card.
+    With a prefix-tuning adapter too (its prefix built by the prompt encoder of the model in training)."""
     from lorakit.config.load import load_recipe
     from lorakit.data.pipeline import split_eval
     from lorakit.training.scoring import TrainingScorer
 
     data = write_memorisation_data(tmp_path / "train.jsonl")
-    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", adapter={"lora_dropout": 0.0}, max_steps=4,
+    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", adapter=adapter, max_steps=4,
                          learning_rate=1e-2, eval_every=2, eval_generate=3, eval_metric="rouge-l")
     recipe["data"]["eval_split"] = 0.5
     recipe["output"]["report_to"] = ["tensorboard"]
@@ -281,15 +293,6 @@ def test_default_report_path_of_a_checkpoint_is_beside_the_run_not_inside_the_ch
     assert default_output(step) == default_output(step / "adapter") == run / "eval-step-000004.json"
     assert default_output(run) == default_output(run / "adapter") == run / "eval.json"
     assert default_output(tmp_path / "elsewhere") == Path("eval.json")
-
-
-EVAL_METHODS = {
-    "dora": {"method": "dora"},
-    "ia3": {"method": "ia3", "r": None, "lora_dropout": None, "target_modules": ["k_proj", "v_proj", "down_proj"],
-            "feedforward_modules": ["down_proj"]},
-    "prompt": {"method": "prompt", "num_virtual_tokens": 4, "r": None, "lora_dropout": None, "target_modules": None},
-    "bottleneck": {"method": "bottleneck", "lora_dropout": None, "target_modules": None},
-}
 
 
 @pytest.mark.slow

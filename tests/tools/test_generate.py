@@ -140,20 +140,22 @@ def prompt_learning_adapters(tiny_model_dir, tmp_path_factory):
     }
 
 
-def _forward_greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
-    """Greedy tokens from whole-sequence forwards (what training computes), no cache; a prompt-tuning model's
-    logits start with its virtual positions, so the last position is read."""
+def _forward_greedy(model, ids: torch.Tensor, steps: int, stop=()) -> list[int]:
+    """Greedy tokens from whole-sequence forwards (what training computes), no cache, through the first of
+    ``stop``; a prompt-tuning model's logits start with its virtual positions, so the last position is read."""
     for _ in range(steps):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if ids[0, -1].item() in stop:
+            break
     return ids[0].tolist()
 
 
 def test_peft_prompt_learning_generation_still_broken(tiny_model_dir, prompt_learning_adapters):
-    """The sentinel of lorakit.compat.prompt_learning_generate_kwargs and PREFIX_GENERATION_BROKEN: PEFT's cached
+    """The sentinel of lorakit.compat's _generate_with_prefix and prompt_learning_generate_kwargs: PEFT's own cached
     generate() with a prefix adapter gives the base model's first-token logits, and with a prompt adapter drifts
-    from the forward after the first token. Fails once PEFT fixes both: remove the workaround and the refusals."""
+    from the forward after the first token. Fails once PEFT fixes either: remove that workaround."""
     section = ModelSection(name_or_path=str(tiny_model_dir), dtype="float32")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     broken = []
@@ -191,13 +193,107 @@ def test_prompt_tuning_generates_what_its_forward_computes(tiny_model_dir, promp
     assert generate_greedy(model, tokenizer, prompts, max_new_tokens=12, batch_size=2) == expected
 
 
-def test_prefix_tuning_generation_is_refused_before_loading(tiny_model_dir, prompt_learning_adapters, tmp_path):
+@pytest.fixture(scope="module")
+def prefix_adapters(tiny_model_dir, prompt_learning_adapters, tmp_path_factory):
+    """{architecture: (base dir, prefix adapter)}: the tiny Llama's and a tiny Qwen2's (biased q/k/v)."""
+    from peft import PrefixTuningConfig
+
+    from lorakit.testing import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("qwen2-prefix")
+    qwen = build_tiny_llama(root / "model", architecture="qwen2")
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    return {"llama": (tiny_model_dir, prompt_learning_adapters["prefix"]),
+            "qwen2": (qwen, build_random_adapter(qwen, root / "prefix", config, seed=5))}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefix_tuning_generates_what_its_forward_computes(arch, prefix_adapters):
+    """Cached generation with a prefix-tuning adapter (lorakit.compat.adapter_generate) gives the tokens of
+    whole-sequence forwards of the PeftModel (training's computation), rows batched with left padding as alone;
+    so do `lorakit generate` and eval's batched generation. They are not the base's, which `base` still gives."""
+    from lorakit.compat import adapter_generate
+    from lorakit.training.scoring import generate_greedy
+
+    base_dir, adapter = prefix_adapters[arch]
+    model, tokenizer = load_for_generation(ModelSection(name_or_path=str(base_dir), dtype="float32"),
+                                           {"a": adapter}, allow_pickle=False, device="cpu")
+    texts = [*PROMPTS, "Hi"]
+    prompts = [tokenizer(p)["input_ids"] for p in texts]
+    assert len({len(p) for p in prompts}) == 3  # the batch below is really padded
+    expected = [_forward_greedy(model, torch.tensor([p]), 12)[len(p):] for p in prompts]
+    width, pad = max(map(len, prompts)), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = adapter_generate(model, ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=pad,
+                               eos_token_id=-1)
+    assert out[:, width:].tolist() == expected
+
+    decoded = [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    settings = {**SETTINGS, "max_new_tokens": 12}
+    assert [generate_one(model, tokenizer, Request("a", prompt=p), **settings, stop_ids=[-1]) for p in texts] \
+        == decoded
+    base = [generate_one(model, tokenizer, Request(BASE, prompt=p), **SETTINGS) for p in PROMPTS]
+    assert base == completions(base_dir, {}, BASE)
+    model.generation_config.eos_token_id = -1
+    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=12, batch_size=3) == decoded
+    with model.disable_adapter():  # as `lorakit eval --base-too` scores the base
+        plain = generate_greedy(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, adapter_on=False)
+    assert plain != decoded  # the prefix changes the completions
+
+
+def test_cli_generate_and_eval_with_a_prefix_adapter(tiny_model_dir, prompt_learning_adapters, tmp_path):
+    """`lorakit generate` prints, and `lorakit eval` scores in batches (with --base-too, the plain base's), the
+    completions of whole-sequence forwards with the prefix, up to the first stop token."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config.schema import DataSection
+    from lorakit.data.sources import read_rows
+    from lorakit.data.stop_tokens import eos_ids
+    from lorakit.tools.generate import generation_stop_ids
+    from lorakit.training.scoring import eval_items
+
     prefix = prompt_learning_adapters["prefix"]
-    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_model_dir), "--adapter", f"x={prefix}",
-                                      "--prompt", "x"])
-    assert result.exit_code == 2 and "prefix-tuning adapter cannot generate" in result.output, result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir), dtype="float32"),
+                                           {"a": prefix}, allow_pickle=False, device="cpu")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    def reference(m, ids, steps, stop):
+        return tokenizer.decode(_forward_greedy(m, torch.tensor([ids]), steps, stop)[len(ids):],
+                                skip_special_tokens=True)
+
+    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_model_dir), "--adapter", f"a={prefix}",
+                                      "--prompt", PROMPTS[0], "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    stop = set(generation_stop_ids(model, tokenizer, [prefix]))
+    assert result.stdout == reference(model, tokenizer(PROMPTS[0])["input_ids"], 8, stop) + "\n"
+
     data = tmp_path / "rows.jsonl"
-    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    result = CliRunner().invoke(app, ["eval", str(prefix), "--data", str(data)])
-    assert result.exit_code == 2 and "prefix-tuning adapter cannot generate" in result.output, result.output
+    rows = [{"prompt": p, "completion": " x"} for p in [*PROMPTS, "Hi"]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(prefix), "--data", str(data), "--base-too", "--batch-size", "3",
+                                      "--max-new-tokens", "6", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    items, _ = eval_items(read_rows(str(data)).rows, DataSection(train=str(data), format="completion"), tokenizer)
+    assert len({len(i.prompt_ids) for i in items}) == 3
+    stop = set(eos_ids(base.generation_config.eos_token_id))  # eval stops where the model's config says
+    for name, m in (("tuned", model), ("base", base)):
+        assert [r[name]["output"] for r in report["per_row"]] == [reference(m, i.prompt_ids, 6, stop) for i in items]
+
+
+def test_prefix_adapters_hot_swapped_generate_as_each_alone(tiny_model_dir, prompt_learning_adapters, tmp_path):
+    """Two prefix-tuning adapters (of different lengths) on one base: each request generates with its own prefix."""
+    from peft import PrefixTuningConfig
+
+    adapters = {"four": prompt_learning_adapters["prefix"], "six": build_random_adapter(
+        tiny_model_dir, tmp_path / "six", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6), seed=6)}
+    model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir)), adapters,
+                                           allow_pickle=False, device="cpu")
+    served = {name: [generate_one(model, tokenizer, Request(name, prompt=p), **SETTINGS) for p in PROMPTS]
+              for name in (*adapters, BASE, "four")}  # "four" again, after the others: it keeps nothing of theirs
+    for name, path in adapters.items():
+        assert served[name] == completions(tiny_model_dir, {name: path}, name)
+    assert served[BASE] == completions(tiny_model_dir, {}, BASE) and served["four"] != served["six"]
