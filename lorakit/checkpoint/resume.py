@@ -50,15 +50,17 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.config.load import parse_recipe
+    from lorakit.config.load import parse_recipe, resolved
 
     old: Any = {}
     try:
         old = yaml.safe_load(ckpt.recipe_text) or {}
-        old = parse_recipe(old).model_dump(mode="json")  # fills keys added since the checkpoint with defaults
+        # Recorded: an older lorakit wrote keys where they have no effect (model.double_quant without a 4-bit
+        # base); resolved() leaves those out of both sides, so removing one from the recipe is no change.
+        old = resolved(parse_recipe(old, recorded=True))  # fills keys added since the checkpoint with defaults
     except (RecipeError, yaml.YAMLError, AttributeError):
         pass  # compare what is there; every difference is listed
-    changes = recipe_changes(old if isinstance(old, dict) else {}, recipe.model_dump(mode="json"))
+    changes = recipe_changes(old if isinstance(old, dict) else {}, resolved(recipe))
     if fsdp and ckpt.manifest.get("format_version", 1) < 2:
         raise CheckpointError(
             f"{ckpt.path}: written by an older lorakit, with the optimizer state keyed by index, which FSDP cannot "

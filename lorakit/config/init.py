@@ -2,7 +2,8 @@
 
 A template is a small dict of overrides over the schema's defaults. Every other key is written with its
 default, and every key carries a one-line comment taken from its schema description (describe_keys), so
-the starter documents itself without a second copy of the key docs.
+the starter documents itself without a second copy of the key docs. A key that has no effect in the template's
+recipe (lorakit.config.start) is written commented out, as it would be refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from lorakit.config.load import parse_recipe
 from lorakit.config.schema import Recipe, describe_keys
 from lorakit.config.schema_base import _did_you_mean
+from lorakit.config.start import inapplicable
 from lorakit.errors import SafetyError, UsageError
 from lorakit.publish import check_file_output, publish_file_output
 
@@ -131,6 +133,7 @@ def render(name: str, path: str = "recipe.yaml") -> str:
         "# Every key is listed with its comment; keys this template does not set show the schema's default.",
     ]
     sections = {name: f.description for name, f in Recipe.model_fields.items()}
+    unused = {c.key: c.why.split(";")[0] for c in inapplicable(Recipe.model_validate(tpl.overrides))}
     current = None
     for key, default, description in describe_keys():
         section, leaf = key.split(".", 1)
@@ -142,7 +145,10 @@ def render(name: str, path: str = "recipe.yaml") -> str:
         if value == "required":  # a required key the template leaves open
             value = '""'
         lines.append(f"  # {' '.join(description.split())}")  # one line, whatever the description's layout
-        lines.append(f"  {leaf}: {value}")
+        if key in unused and leaf not in overrides:
+            lines.append(f"  # {leaf}: {value}   # not used here: {unused[key]}")
+        else:
+            lines.append(f"  {leaf}: {value}")
     return "\n".join(lines) + "\n"
 
 

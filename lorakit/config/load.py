@@ -16,6 +16,7 @@ from lorakit.config.inits import init_problems
 from lorakit.config.methods import _REQUIRED, _RESERVED, METHODS, peft_config_class
 from lorakit.config.schema import AdapterSection, Recipe
 from lorakit.config.schema_base import _did_you_mean
+from lorakit.config.start import inapplicable, start_problems
 from lorakit.config.tokens import token_problems
 from lorakit.errors import RecipeError, UsageError
 
@@ -149,7 +150,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def parse_recipe(data: dict, source: str | None = None) -> Recipe:
+def parse_recipe(data: dict, source: str | None = None, recorded: bool = False) -> Recipe:
+    """The recipe ``data`` validated, every problem in one RecipeError. ``recorded``: the recipe.yaml a run or a
+    checkpoint recorded (read by `lorakit eval` and resume), which need not meet the rules for starting work
+    (lorakit.config.start: keys with no effect in context, an older lorakit may have written them)."""
     problems = []
     for name in data:
         if name not in Recipe.model_fields:
@@ -165,7 +169,7 @@ def parse_recipe(data: dict, source: str | None = None) -> Recipe:
     tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
     problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))
     if not problems:
-        problems.extend(init_problems(recipe) + token_problems(recipe))
+        problems.extend(init_problems(recipe) + token_problems(recipe) + ([] if recorded else start_problems(recipe)))
     if problems:
         raise RecipeError(problems, source=source)
     return recipe
@@ -212,8 +216,19 @@ def flags_named(flags: dict[str, str]):
         raise UsageError(as_flag(str(e), flags)) from None
 
 
+def resolved(recipe: Recipe) -> dict:
+    """Every key of ``recipe`` with its value, defaults included, except the keys that have no effect in it
+    (lorakit.config.start: written back into a recipe they would be refused, and their value changes nothing)."""
+    data = recipe.model_dump(mode="json")
+    for unused in inapplicable(recipe):
+        section_name, leaf = unused.key.split(".")
+        del data[section_name][leaf]
+    return data
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved recipe (DIR/recipe.yaml), which trains again as it is."""
+    return yaml.safe_dump(resolved(recipe), sort_keys=False, allow_unicode=True)
 
 
 def validate_adapter_extras(adapter: AdapterSection, tokenizer_path: str | None = None) -> list[str]:

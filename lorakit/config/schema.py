@@ -14,7 +14,6 @@ from pydantic import ConfigDict, Field, model_validator
 
 from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
 from lorakit.config.schema_base import Section
-from lorakit.paths import is_local
 from lorakit.config.schema_train import (  # noqa: F401  (re-exported: the schema's public names)
     EVAL_METRICS, NO_WARMUP_SCHEDULERS, OBJECTIVE_KEYS, OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCES, SCHEDULERS,
     UNSUPPORTED_SCHEDULERS, USABLE_SCHEDULERS, TrainSection,
@@ -37,11 +36,12 @@ class ModelSection(Section):
         "none", description="bitsandbytes quantization of the frozen base: none, nf4/fp4 (QLoRA, 4-bit) or int8."
     )
     double_quant: bool = Field(
-        True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight)."
+        True, description="4-bit only (refused with another model.quantization): also quantize the quantization "
+        "constants (saves ~0.4 bit per weight)."
     )
     upcast_unquantized: bool = Field(
         False,
-        description="Quantized base only: cast the weights bitsandbytes leaves unquantized (embeddings, norms, LM "
+        description="Quantized base only (refused without one): cast the weights bitsandbytes leaves unquantized (embeddings, norms, LM "
         "head) to float32, as PEFT's prepare_model_for_kbit_training does. Off: they stay in model.dtype as in "
         "LoRA, so the activations do too (half the activation memory in bf16). FSDP needs it off.",
     )
@@ -66,23 +66,6 @@ class ModelSection(Section):
         "added token must be listed there; it defaults to these); lora/dora only. The tokenizer is saved with the "
         "adapter and the merged model.",
     )
-
-    @model_validator(mode="after")
-    def _upcast_needs_a_quantized_base(self) -> "ModelSection":
-        if self.upcast_unquantized and self.quantization == "none":
-            raise ValueError(
-                "model.upcast_unquantized: only for a quantized base (model.quantization nf4, fp4 or int8); remove it"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _revision_needs_a_hub_id(self) -> "ModelSection":
-        # A revision picks a commit of a hub repository; transformers ignores it for a local directory.
-        if self.revision is not None and is_local(self.name_or_path) and (
-                self.tokenizer is None or is_local(self.tokenizer)):
-            raise ValueError(f"model.revision: {self.revision!r} has no effect: model.name_or_path "
-                             f"{self.name_or_path!r} is a local path, not a hub id; remove it")
-        return self
 
 
 class AdapterSection(Section):
@@ -258,10 +241,12 @@ class DataSection(Section):
         description="Spend no FLOPs on padding: each micro-batch is flattened into one row, position ids "
         "restarting per example, and attention stays inside each example at Σ len² cost (flash_attention_2/3 "
         "and flex_attention by their own varlen kernels, sdpa and eager by lorakit's per-example attention; a "
-        "probe checks at start). Unlike data.packing, a step holds the same examples, in the same order.",
+        "probe checks at start). Unlike data.packing, a step holds the same examples, in the same order. Refused "
+        "with data.packing, whose rows are always flattened.",
     )
     train_on_inputs: bool = Field(
-        False, description="Also supervise prompt tokens. Default: only the response (and its end token) is learned."
+        False, description="Also supervise prompt tokens. Default: only the response (and its end token) is learned. "
+        "Refused where every row is data.format text (no prompt: every token is learned)."
     )
     skip_bad_rows: bool = Field(False, description="Skip and count malformed rows instead of stopping with exit 3.")
     cache: bool = Field(
@@ -343,7 +328,10 @@ class OutputSection(Section):
         "clearml, dvclive, swanlab. Each needs its package (pip install 'lorakit[mlflow]', ...) and reads its own "
         "settings from the environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...). The run is named after output.dir.",
     )
-    project: str = Field("lorakit", min_length=1, description="Experiment (project) name in the trackers.")
+    project: str = Field(
+        "lorakit", min_length=1, description="Experiment (project) name in the trackers of output.report_to; "
+        "refused without one (tensorboard alone writes to DIR/tensorboard, unnamed).",
+    )
     tensorboard: bool = Field(
         False, description="Deprecated: the same as adding tensorboard to output.report_to.",
     )
@@ -376,9 +364,6 @@ class Recipe(Section):
         if self.train.eval_generate and self.data.format == "text":
             raise ValueError("train.eval_generate: data.format text rows have no answer to score; set it to 0 "
                              "(eval_loss is still computed)")
-        # Not "was it set": a resolved recipe (DIR/recipe.yaml) spells out every default.
-        if self.train.eval_metric != TrainSection.model_fields["eval_metric"].default and not self.train.eval_generate:
-            raise ValueError("train.eval_metric: has no effect without train.eval_generate: N")
         return self
 
     @model_validator(mode="after")

@@ -154,13 +154,16 @@ class TrainSection(Section):
     )
     eval_metric: Literal[EVAL_METRICS] = Field(
         "exact", description="How train.eval_generate scores an answer: exact, contains, regex (the answer is a "
-        "pattern) or rouge-l; whitespace normalised, case folded.",
+        "pattern) or rouge-l; whitespace normalised, case folded. Refused without train.eval_generate.",
     )
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N optimizer steps (0: never).")
     save_each_epoch: bool = Field(False, description="Also write a resumable checkpoint at the end of every epoch.")
     keep_last: int = Field(
-        2, gt=0, description="How many of the newest complete checkpoints to keep (older ones are deleted)."
+        2, gt=0, description="How many of the newest complete checkpoints to keep (older ones are deleted). Refused "
+        "when the run writes none (train.save_every 0 and train.save_each_epoch false).",
     )
+    # Kept in every recipe, though it matters only with several processes: a recipe runs on one GPU and on many
+    # (lorakit.config.start refuses keys by the recipe alone, never by the machine).
     ddp_timeout: int = Field(
         1800,
         gt=0,

@@ -96,8 +96,10 @@ def resolve_recipe(recipe_path: Path | None, flags: Flags):
             sections["data"]["format"] = "preference"
         elif sections["data"].get("format") == "preference":
             del sections["data"]["format"]
-    if flags.method in ("lora", "full"):
+    if flags.method in ("lora", "full"):  # the recipe's quantization keys go with its quantization
         sections["model"]["quantization"] = "none"
+        for key in ("double_quant", "upcast_unquantized"):
+            sections["model"].pop(key, None)
     elif flags.method == "qlora" and sections["model"].get("quantization") not in ("nf4", "fp4"):
         sections["model"]["quantization"] = "nf4"
     return parse_recipe(data, source=source)

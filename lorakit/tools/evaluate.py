@@ -78,7 +78,7 @@ def _run_recipe(path: Path) -> Recipe | None:
     """The recipe.yaml of the run ``path`` is (or whose adapter/ or merged/ it is), if any."""
     for directory in (path, path.parent):
         if (directory / "recipe.yaml").is_file():
-            return parse_recipe(read_yaml(directory / "recipe.yaml"), str(directory / "recipe.yaml"))
+            return parse_recipe(read_yaml(directory / "recipe.yaml"), str(directory / "recipe.yaml"), recorded=True)
     return None
 
 

@@ -391,6 +391,12 @@ def test_cli_json_shape_and_recipe_overrides(tiny_model_dir, tmp_path):
                                  "--no-gradient-checkpointing", "--model", str(tiny_model_dir / "config.json")])
     s = json.loads(result.stdout)["settings"]
     assert (s["quantization"], s["batch_size"], s["gradient_checkpointing"]) == ("none", 3, False)
+    # --method lora drops the recipe's 4-bit-only keys with its quantization (else refused: no effect there)
+    text = recipe.read_text()
+    recipe.write_text(text.replace("quantization: nf4", "quantization: nf4\n  double_quant: false\n  upcast_unquantized: true"))
+    result = runner.invoke(app, ["estimate-memory", str(recipe), "--json", "--method", "lora",
+                                 "--model", str(tiny_model_dir / "config.json")])
+    assert result.exit_code == 0 and json.loads(result.stdout)["settings"]["quantization"] == "none", result.output
 
 
 def test_cli_json_logs_mode_emits_one_event():

@@ -202,6 +202,28 @@ def test_eval_bad_row_names_no_recipe_key(run_dir, tmp_path):
     assert "fix the row" in result.stderr and "skip_bad_rows" not in result.stderr
 
 
+def test_eval_and_explain_read_a_recorded_recipe_with_keys_now_refused(run_dir, tmp_path):
+    """An older lorakit wrote every default into RUN/recipe.yaml, keys without effect in context among them, and
+    let model.revision through beside a local model: eval and explain of that run still work (lorakit.config.start
+    refuses those keys only when work starts)."""
+    import shutil
+
+    import yaml
+
+    old = shutil.copytree(run_dir, tmp_path / "old-run")
+    recorded = yaml.safe_load((old / "recipe.yaml").read_text())
+    recorded["model"].update(double_quant=True, upcast_unquantized=False, revision="main")
+    recorded["train"].update(keep_last=2, eval_metric="exact")
+    recorded["output"]["project"] = "lorakit"
+    (old / "recipe.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    data = write_memorisation_data(tmp_path / "rows.jsonl")
+    result = cli("eval", old, "--data", data, "--max-new-tokens", "2", "-o", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["totals"]["tuned"]["loss"] is not None
+    assert cli("explain", old).exit_code == 0
+    assert cli("validate", old / "recipe.yaml").exit_code == 2  # as a recipe to train again it is refused
+
+
 @pytest.mark.parametrize("adapter", [{"lora_dropout": 0.0}, EVAL_METHODS["prefix"]], ids=["lora", "prefix"])
 def test_eval_generate_during_training_scores_as_lorakit_eval_does(adapter, tiny_model_dir, tmp_path):
     """train.eval_generate scores N held-out rows at every evaluation with the code `lorakit eval` runs: the final
@@ -245,6 +267,7 @@ def test_eval_generate_during_training_scores_as_lorakit_eval_does(adapter, tiny
     ({"eval_generate": 2}, {}, "train.eval_generate: needs eval rows"),
     ({"eval_generate": 2}, {"format": "text", "eval_split": 0.2}, "data.format text rows have no answer"),
     ({"eval_metric": "contains"}, {}, "train.eval_metric: has no effect without train.eval_generate"),
+    ({"eval_metric": "exact"}, {}, "train.eval_metric: has no effect without train.eval_generate"),  # the default, set
 ])
 def test_eval_generate_recipe_mistakes(tiny_model_dir, tmp_path, train, data, message):
     recipe = recipe_dict(tiny_model_dir, "d.jsonl", tmp_path / "run", **train)

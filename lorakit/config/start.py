@@ -1,0 +1,86 @@
+"""Rules a recipe must meet to start work, which a recorded run's recipe need not: keys with no effect in context.
+
+train, validate, inspect, estimate-memory, preview-data and init refuse them (parse_recipe, exit 2). A run
+directory's recipe.yaml, and a checkpoint's, are records of what ran, possibly written by an older lorakit with
+such a key (with every default spelled out): `lorakit eval RUN` and resume read them with
+parse_recipe(..., recorded=True), which skips these rules. The resolved recipe a run writes (load.dump_recipe)
+leaves out the keys that have no effect in it, so it can be trained again as it is.
+
+Only the recipe decides here, never the machine: keys that matter on several GPUs alone (train.ddp_timeout,
+the accelerate config's FSDP options) or with a GPU alone (train.liger, train.compile) stay accepted everywhere,
+since one recipe runs on a laptop and on a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lorakit.paths import is_local
+
+
+@dataclass(frozen=True)
+class ContextKey:
+    """A recipe key that takes effect only where ``applies(recipe)``; set by the user anywhere else it is refused
+    with ``why`` (after 'KEY: '), and the resolved recipe leaves it out. Its default must be harmless there."""
+
+    key: str
+    applies: Callable
+    why: str
+
+
+def _writes_checkpoints(recipe) -> bool:
+    return recipe.train.save_every > 0 or recipe.train.save_each_epoch
+
+
+def _has_prompts(recipe) -> bool:
+    """Some rows have a prompt to supervise or mask (a text row is learned whole)."""
+    data = recipe.data
+    return data.format != "text" or any((source.format or data.format) != "text" for source in data.sources())
+
+
+def _names_a_project(recipe) -> bool:
+    # accelerate files every tracker but tensorboard (built here with its own folder, DIR/tensorboard) under it.
+    return any(name != "tensorboard" for name in recipe.output.report_to)
+
+
+CONTEXT_KEYS = (
+    ContextKey("model.double_quant", lambda r: r.model.quantization in ("nf4", "fp4"),
+               "only applies to a 4-bit base (model.quantization nf4/fp4); remove it"),
+    ContextKey("model.upcast_unquantized", lambda r: r.model.quantization != "none",
+               "only for a quantized base (model.quantization nf4, fp4 or int8); remove it"),
+    ContextKey("data.padding_free", lambda r: not r.data.packing,
+               "packed rows (data.packing: true) are always flattened without padding; remove it"),
+    ContextKey("data.train_on_inputs", _has_prompts,
+               "text rows have no prompt, every token is learned already; remove it"),
+    ContextKey("train.eval_metric", lambda r: r.train.eval_generate > 0,
+               "has no effect without train.eval_generate: N; set train.eval_generate or remove it"),
+    ContextKey("train.keep_last", _writes_checkpoints,
+               "the run writes no checkpoints to keep (train.save_every: 0, train.save_each_epoch: false); set "
+               "train.save_every or remove it"),
+    ContextKey("output.project", _names_a_project,
+               "names the project of the experiment trackers in output.report_to, and there is none (tensorboard "
+               "writes to DIR/tensorboard); add one or remove it"),
+)
+
+
+def _given(recipe, key: str) -> bool:
+    section, leaf = key.split(".")
+    return leaf in getattr(recipe, section).model_fields_set
+
+
+def inapplicable(recipe) -> list[ContextKey]:
+    """The CONTEXT_KEYS that have no effect in ``recipe``, given or not."""
+    return [c for c in CONTEXT_KEYS if not c.applies(recipe)]
+
+
+def start_problems(recipe) -> list[str]:
+    """Why ``recipe`` may not start work: each key the user set where it has no effect, one line with the fix."""
+    problems = [f"{c.key}: {c.why}" for c in inapplicable(recipe) if _given(recipe, c.key)]
+    model = recipe.model
+    # A revision picks a commit of a hub repository; transformers ignores it for a local directory.
+    if model.revision is not None and is_local(model.name_or_path) and (
+            model.tokenizer is None or is_local(model.tokenizer)):
+        problems.append(f"model.revision: {model.revision!r} has no effect: model.name_or_path "
+                        f"{model.name_or_path!r} is a local path, not a hub id; remove it")
+    return problems

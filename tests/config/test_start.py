@@ -1,0 +1,124 @@
+"""lorakit.config.start: keys with no effect in their recipe's context are refused when work starts (exit 2, one
+line naming the key and the fix), never when a run's recorded recipe is read back, and left out of the resolved
+recipe a run writes."""
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from run_helpers import cli, write_recipe
+
+from lorakit.config.load import dump_recipe, parse_recipe, resolved
+from lorakit.config.start import CONTEXT_KEYS
+from lorakit.errors import RecipeError
+
+MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "train": {"max_steps": 10}}
+
+
+def recipe(**sections) -> dict:
+    return {name: {**MINIMAL.get(name, {}), **sections.get(name, {})} for name in {*MINIMAL, *sections}}
+
+
+# (key, value where it has no effect, the recipe around it; the keys that make it take effect)
+NO_EFFECT = [
+    ("model.double_quant", True, {}, {"model": {"quantization": "nf4"}}),
+    ("model.double_quant", False, {"model": {"quantization": "int8"}}, {"model": {"quantization": "fp4"}}),
+    ("model.upcast_unquantized", False, {}, {"model": {"quantization": "int8"}}),
+    ("data.padding_free", True, {"data": {"packing": True}}, {"data": {"packing": False}}),
+    ("data.train_on_inputs", True, {"data": {"format": "text"}}, {"data": {"format": "completion"}}),
+    ("train.eval_metric", "contains", {}, {"train": {"eval_generate": 2}, "data": {"eval_split": 0.1}}),
+    ("train.keep_last", 3, {}, {"train": {"save_every": 5}}),
+    ("train.keep_last", 3, {"train": {"save_every": 0, "save_each_epoch": False}}, {"train": {"save_each_epoch": True}}),
+    ("output.project", "mine", {"output": {"report_to": ["tensorboard"]}}, {"output": {"report_to": ["mlflow"]}}),
+]
+
+
+def with_key(base: dict, key: str, value) -> dict:
+    data = recipe(**{name: dict(keys) for name, keys in base.items()})
+    section, leaf = key.split(".")
+    data.setdefault(section, {})[leaf] = value
+    return data
+
+
+def merged(data: dict, extra: dict) -> dict:
+    return {**data, **{name: {**data.get(name, {}), **keys} for name, keys in extra.items()}}
+
+
+@pytest.mark.parametrize("key, value, context, applies", NO_EFFECT, ids=[f"{c[0]}-{i}" for i, c in enumerate(NO_EFFECT)])
+def test_a_key_without_effect_is_refused_where_work_starts_only(key, value, context, applies):
+    data = with_key(context, key, value)
+    why = next(c.why for c in CONTEXT_KEYS if c.key == key)
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    assert info.value.problems == [f"{key}: {why}"]
+    parse_recipe(data, recorded=True)  # a run's recipe.yaml: what ran, read back
+    parse_recipe(recipe(**context))  # not set: its default is harmless
+    parse_recipe(merged(data, applies))  # where it takes effect
+
+
+def test_every_context_key_is_tested():
+    assert {key for key, *_ in NO_EFFECT} == {c.key for c in CONTEXT_KEYS}
+
+
+def test_revision_with_a_local_model_is_refused_to_start_not_to_read(tmp_path):
+    data = recipe(model={"name_or_path": str(tmp_path), "revision": "main"})
+    with pytest.raises(RecipeError, match=r"model.revision: 'main' has no effect: .* is a local path"):
+        parse_recipe(data)
+    assert parse_recipe(data, recorded=True).model.revision == "main"
+    parse_recipe(recipe(model={"name_or_path": str(tmp_path), "revision": "main", "tokenizer": "owner/tok"}))
+
+
+def test_the_resolved_recipe_leaves_out_keys_without_effect_and_trains_again():
+    """DIR/recipe.yaml spells out every default: were double_quant, keep_last, ... in it, it could not run again."""
+    plain = parse_recipe(MINIMAL)
+    text = dump_recipe(plain)
+    again = parse_recipe(yaml.safe_load(text))
+    assert again.model_dump() == plain.model_dump()
+    left_out = [f"{section}.{leaf}" for section, keys in plain.model_dump().items() for leaf in keys
+                if leaf not in yaml.safe_load(text)[section]]
+    assert left_out == ["model.double_quant", "model.upcast_unquantized", "train.eval_metric", "train.keep_last",
+                        "output.project"]
+    qlora = parse_recipe(recipe(model={"quantization": "nf4"}, train={"save_every": 5}))
+    dumped = yaml.safe_load(dump_recipe(qlora))
+    assert dumped["model"]["double_quant"] is True and dumped["train"]["keep_last"] == 2
+    parse_recipe(dumped)
+
+
+def _checkpoint(recipe_text: str):
+    return SimpleNamespace(path="runs/x/checkpoints/step-000004", recipe_text=recipe_text,
+                           manifest={"format_version": 2}, state={"world_size": 1})
+
+
+def test_resume_after_removing_a_refused_key_is_no_change():
+    """A checkpoint of an older lorakit recorded double_quant (set to false, without a 4-bit base) and lacks a key
+    added since; the user removes double_quant, now refused, from the recipe: the resume sees no change."""
+    from lorakit.checkpoint.resume import check_resume
+
+    old = {**resolved(parse_recipe(MINIMAL))}
+    old["model"] = {**old["model"], "double_quant": False}
+    old["train"] = {k: v for k, v in old["train"].items() if k != "ddp_timeout"}
+    assert check_resume(_checkpoint(yaml.safe_dump(old)), parse_recipe(MINIMAL), 1, False, print) is False
+    changed = parse_recipe(recipe(train={"learning_rate": 1e-3}))
+    with pytest.raises(Exception, match=r"train.learning_rate: 0.0002 → 0.001"):
+        check_resume(_checkpoint(yaml.safe_dump(old)), changed, 1, False, print)
+
+
+@pytest.mark.parametrize("key, value", [("model.double_quant", True), ("train.keep_last", 3),
+                                        ("train.eval_metric", "exact"), ("output.project", "p")])
+def test_validate_refuses_in_one_line(tmp_path, key, value):
+    result = cli("validate", write_recipe(tmp_path / "recipe.yaml", with_key({}, key, value)))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{key}: " in result.stderr and "remove it" in result.stderr
+
+
+def test_templates_write_keys_without_effect_commented_out():
+    from lorakit.config.init import TEMPLATES, render
+
+    for name in TEMPLATES:
+        text = render(name)
+        parse_recipe(yaml.safe_load(text))  # the rules of starting work included
+    cpu = render("cpu-demo")
+    assert "  # double_quant: true   # not used here: only applies to a 4-bit base" in cpu
+    assert "  # keep_last: 2   # not used here: the run writes no checkpoints to keep" in cpu
+    assert "\n  double_quant: true\n" in render("qlora")
