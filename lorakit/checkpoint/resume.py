@@ -31,13 +31,13 @@ WHY_FIXED = {
 }
 
 
-def recipe_changes(old: dict, new: dict) -> list[str]:
-    """``key: old → new`` for every recipe key that differs, cosmetic keys (COSMETIC_KEYS) aside."""
+def recipe_changes(old: dict, new: dict, ignore: set[str] = frozenset()) -> list[str]:
+    """``key: old → new`` for every recipe key that differs, cosmetic keys (COSMETIC_KEYS) and ``ignore`` aside."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(flat_old) | set(flat_new)):
         a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
-        if key not in COSMETIC_KEYS and a != b:
+        if key not in COSMETIC_KEYS and key not in ignore and a != b:
             changes.append(f"{key}: {a!r} → {b!r}")
     return changes
 
@@ -50,17 +50,21 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     import yaml
 
     from lorakit.errors import RecipeError
-    from lorakit.config.load import parse_recipe, resolved
+    from lorakit.config.load import parse_recipe
+    from lorakit.config.start import inapplicable
 
+    # A key without effect in either recipe changes nothing between them: an older lorakit recorded
+    # model.double_quant without a 4-bit base, which the recipe now may not set.
+    unused = {c.key for c in inapplicable(recipe)}
     old: Any = {}
     try:
         old = yaml.safe_load(ckpt.recipe_text) or {}
-        # Recorded: an older lorakit wrote keys where they have no effect (model.double_quant without a 4-bit
-        # base); resolved() leaves those out of both sides, so removing one from the recipe is no change.
-        old = resolved(parse_recipe(old, recorded=True))  # fills keys added since the checkpoint with defaults
+        old = parse_recipe(old, recorded=True)  # recorded: what ran, not refused for keys without effect
+        unused |= {c.key for c in inapplicable(old)}
+        old = old.model_dump(mode="json")  # fills keys added since the checkpoint with defaults
     except (RecipeError, yaml.YAMLError, AttributeError):
         pass  # compare what is there; every difference is listed
-    changes = recipe_changes(old if isinstance(old, dict) else {}, resolved(recipe))
+    changes = recipe_changes(old if isinstance(old, dict) else {}, recipe.model_dump(mode="json"), unused)
     if fsdp and ckpt.manifest.get("format_version", 1) < 2:
         raise CheckpointError(
             f"{ckpt.path}: written by an older lorakit, with the optimizer state keyed by index, which FSDP cannot "

@@ -48,7 +48,7 @@ def train(
         raise UsageError(f"{checkpoint}: a checkpoint is given with --resume: lorakit train {recipe} --resume {checkpoint}")
     if allow_recipe_change and not resume:
         raise UsageError("--allow-recipe-change applies only with --resume")
-    loaded = load_recipe(recipe, set_, output_dir=output_dir)
+    loaded = load_recipe(recipe, set_, output_dir=output_dir, resuming=resume)
     import os
 
     from lorakit.console import console

@@ -175,12 +175,20 @@ def parse_recipe(data: dict, source: str | None = None, recorded: bool = False) 
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None,
+                resuming: bool = False) -> Recipe:
+    """The recipe file ``path`` with --set ``overrides`` and --output-dir applied, validated. ``resuming``
+    (train --resume): the file may be the run's own DIR/recipe.yaml, a record of what ran (parse_recipe's
+    recorded), which an older lorakit may have written with keys now refused where they have no effect."""
     data = read_yaml(path)
     apply_overrides(data, list(overrides or []))
     if output_dir is not None:
         section(data, "output", str(path))["dir"] = output_dir
-    return parse_recipe(data, source=str(path))
+    recipe = parse_recipe(data, source=str(path), recorded=resuming)
+    if resuming and Path(path).resolve() != (Path(recipe.output.dir) / "recipe.yaml").resolve():
+        if problems := start_problems(recipe):
+            raise RecipeError(problems, source=str(path))
+    return recipe
 
 
 def section(data: dict, name: str, source: str) -> dict:

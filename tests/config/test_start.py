@@ -98,6 +98,9 @@ def test_resume_after_removing_a_refused_key_is_no_change():
     old["model"] = {**old["model"], "double_quant": False}
     old["train"] = {k: v for k, v in old["train"].items() if k != "ddp_timeout"}
     assert check_resume(_checkpoint(yaml.safe_dump(old)), parse_recipe(MINIMAL), 1, False, print) is False
+    # A tracker dropped on resume (output.report_to is cosmetic): its output.project, now without effect, goes too.
+    tracked = resolved(parse_recipe(recipe(output={"report_to": ["mlflow"], "project": "p"})))
+    assert check_resume(_checkpoint(yaml.safe_dump(tracked)), parse_recipe(MINIMAL), 1, False, print) is False
     changed = parse_recipe(recipe(train={"learning_rate": 1e-3}))
     with pytest.raises(Exception, match=r"train.learning_rate: 0.0002 → 0.001"):
         check_resume(_checkpoint(yaml.safe_dump(old)), changed, 1, False, print)
@@ -122,3 +125,30 @@ def test_templates_write_keys_without_effect_commented_out():
     assert "  # double_quant: true   # not used here: only applies to a 4-bit base" in cpu
     assert "  # keep_last: 2   # not used here: the run writes no checkpoints to keep" in cpu
     assert "\n  double_quant: true\n" in render("qlora")
+
+
+def test_resume_from_the_runs_own_recorded_recipe(tiny_model_dir, tmp_path):
+    """`lorakit train RUN/recipe.yaml --resume`: the run's own record, as an older lorakit wrote it (every default,
+    keys without effect among them), resumes bitwise; the same text in another file is a recipe, refused."""
+    import shutil
+
+    from run_helpers import recipe_dict, write_data
+
+    data = write_data(tmp_path / "train.jsonl", n=12)
+    run = tmp_path / "run"
+    assert cli("train", write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, data, run, max_steps=4,
+                                                                        save_every=2))).exit_code == 0
+    reference = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())
+    recorded["model"]["double_quant"] = True
+    recorded["train"]["eval_metric"] = "exact"
+    recorded["output"]["project"] = "lorakit"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    copy = shutil.copy(run / "recipe.yaml", tmp_path / "copy.yaml")
+    step_2 = run / "checkpoints" / "step-000002"
+    result = cli("train", copy, "--resume", step_2)
+    assert result.exit_code == 2 and "model.double_quant: only applies to a 4-bit base" in result.stderr, result.output
+    result = cli("train", run / "recipe.yaml", "--resume", step_2)
+    assert result.exit_code == 0 and "changed settings" not in result.output, result.output
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == reference
+    assert "double_quant" not in (run / "recipe.yaml").read_text()  # rewritten resolved: it trains again as it is
