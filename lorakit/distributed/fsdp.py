@@ -33,8 +33,39 @@ def build_accelerator(cfg: TrainSection, log_with: list | None = None, project_d
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout], log_with=log_with or None,
-                       project_dir=project_dir)
+    cpu, mixed_precision = not torch.cuda.is_available(), launcher_mixed_precision()
+    check_shared_state(mixed_precision, cpu)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[timeout],
+                       log_with=log_with or None, project_dir=project_dir)
+
+
+def launcher_mixed_precision() -> str:
+    """lorakit's mixed precision: 'no' (the recipe's model.dtype decides precision), unless a launcher asked for
+    one (accelerate launch exports its config's mixed_precision as ACCELERATE_MIXED_PRECISION; check_fsdp vets it)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def check_shared_state(mixed_precision: str, cpu: bool) -> None:
+    """accelerate keeps one AcceleratorState per process and never changes it once set: an Accelerator built
+    earlier in this process (a transformers/TRL Trainer's, say) would otherwise decide this run's mixed precision
+    or device. accelerate offers no public way to start over, so a conflict ends the run (exit 2) naming it."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return
+    state = AcceleratorState()
+    held = []
+    if state.mixed_precision != mixed_precision:
+        held.append(f"mixed_precision='{state.mixed_precision}' (lorakit trains with '{mixed_precision}')")
+    if not cpu and state.device.type == "cpu":
+        held.append("the CPU (lorakit trains on the GPU)")
+    if held:
+        raise UsageError(
+            f"accelerate: an earlier Accelerator in this Python process (a transformers or TRL Trainer's, say) set "
+            f"accelerate's process-wide state to {' and '.join(held)}, which accelerate cannot change within a "
+            "process; run lorakit in a process of its own (`lorakit train RECIPE`) or build the earlier "
+            f"Accelerator with mixed_precision='{mixed_precision}'" + ("" if cpu else " on the GPU")
+        )
 
 
 def check_launch(recipe: Recipe) -> None:
@@ -42,7 +73,7 @@ def check_launch(recipe: Recipe) -> None:
     ACCELERATE_* / FSDP_* variables, which the Accelerator then reads) that this recipe or machine cannot run."""
     if not fsdp_requested():
         return
-    check_fsdp(recipe, os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower())
+    check_fsdp(recipe, launcher_mixed_precision())
     import torch
 
     explicit_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")

@@ -39,7 +39,7 @@ PAIRS = 6
 
 def trl_args(config, tmp_path, **kwargs):
     # bf16=False: TRL's configs default to bf16, which would leave accelerate's process-wide state (a singleton) in
-    # bf16 mixed precision for every later Accelerator in this process, lorakit's included (see the fixture below).
+    # bf16 mixed precision for every later Accelerator in this process; lorakit's refuses it (see the fixture below).
     return config(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no", bf16=False,
                   **kwargs)
 

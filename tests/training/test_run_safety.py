@@ -98,3 +98,38 @@ def test_estimate_memory_is_constant_in_memory_whatever_the_numbers():
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr.decode()
     assert json.loads(stdout)["total_bytes"] > 0
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is process-wide: start and leave this test with none, as a `lorakit train` process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_an_earlier_bf16_accelerator_in_this_process_is_refused_not_inherited(tiny_model_dir, tmp_path,
+                                                                                fresh_accelerate_state):
+    """A library user's Trainer (bf16) ran first in this process: lorakit's run used to train silently under its
+    bf16 autocast (accelerate keeps one state per process). Now it names the conflict, exit 2, before training."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lorakit.config.load import parse_recipe
+    from lorakit.errors import UsageError
+
+    Accelerator(mixed_precision="bf16", cpu=True)
+    data = write_data(tmp_path / "d.jsonl", 8)
+    recipe = parse_recipe(recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=1))
+    with pytest.raises(UsageError) as caught:
+        lorakit.training.run.run_training(recipe)
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message
+    assert "mixed_precision='bf16' (lorakit trains with 'no')" in message and "lorakit train RECIPE" in message
+    assert not (tmp_path / "run" / "adapter").exists()
+    # From a clean state (a process of its own) the same run trains, under lorakit's own choice.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert lorakit.training.run.run_training(recipe) == tmp_path / "run"
+    assert AcceleratorState().mixed_precision == "no"
