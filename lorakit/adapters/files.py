@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapters.bottleneck import is_bottleneck_dir
+from lorakit.adapters.bottleneck import CONFIG_NAME as BOTTLENECK_CONFIG, is_bottleneck_dir
 from lorakit.atomic import write_file
 from lorakit.config.methods import REGISTRY
 from lorakit.config.schema import ModelSection
@@ -20,6 +20,7 @@ from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem
 from lorakit.models.loading import resolve_model_path
 from lorakit.paths import is_local, require_hub
+from lorakit.text import json_object_problem
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"
@@ -60,11 +61,21 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() or is_bottleneck_dir(path)
 
 
+def config_file(path: Path) -> Path:
+    """The adapter's config file: PEFT's adapter_config.json, or a bottleneck adapter's bottleneck_config.json."""
+    return path / (BOTTLENECK_CONFIG if is_bottleneck_dir(path) else "adapter_config.json")
+
+
 def read_config(path: Path) -> dict:
-    """adapter_config.json; a bottleneck adapter (lorakit's own method) reads as {"peft_type": "BOTTLENECK"}."""
-    if is_bottleneck_dir(path):
-        return {"peft_type": "BOTTLENECK"}
-    return json.loads((path / "adapter_config.json").read_text())
+    """adapter_config.json; a bottleneck adapter (lorakit's own method) reads as {"peft_type": "BOTTLENECK"} with
+    the base_model_name_or_path its bottleneck_config.json records. A file that is no JSON object is exit 4."""
+    bottleneck, file = is_bottleneck_dir(path), config_file(path)
+    if problem := json_object_problem(file):
+        raise CheckpointError(f"{problem}; the adapter is damaged: copy or train it again")
+    config = json.loads(file.read_text())
+    if bottleneck:
+        return {"peft_type": "BOTTLENECK", "base_model_name_or_path": config.get("base_model_name_or_path")}
+    return config
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lorakit.adapters.files import find_adapter_dir, read_record
+from lorakit.adapters.files import config_file, find_adapter_dir, read_config, read_record
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
 from lorakit.data.chat import resolve_chat_template
@@ -67,10 +67,12 @@ def resolve_target(path: Path) -> Target:
         model = ModelSection(name_or_path=base_path, quantization=record.get("quantization", "none"),
                              dtype=record.get("dtype", "auto"))
     else:
-        config = json.loads((adapter / "adapter_config.json").read_text())
-        if not config.get("base_model_name_or_path"):
-            raise CheckpointError(f"{adapter}: records no base model (no lorakit.json or base_model_name_or_path)")
-        model = ModelSection(name_or_path=config["base_model_name_or_path"])
+        base = read_config(adapter).get("base_model_name_or_path")
+        if not base or not isinstance(base, str):
+            raise CheckpointError(f"{config_file(adapter)}: records no base model (base_model_name_or_path is "
+                                  f"{base!r}, and there is no lorakit.json); set base_model_name_or_path there to "
+                                  "the base model the adapter was trained on")
+        model = ModelSection(name_or_path=base)
     return Target("adapter", adapter, model, None, recipe)
 
 

@@ -343,3 +343,41 @@ def test_eval_scores_every_method_with_its_adapter(method, tiny_model_dir, tmp_p
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     alone = generate_greedy(model, tokenizer, [i.prompt_ids for i in items], max_new_tokens=4, batch_size=1)
     assert [r["tuned"]["output"] for r in report["per_row"]] == alone
+
+
+def _bottleneck_dir(path: Path, config: str) -> Path:
+    """A bottleneck adapter directory without lorakit.json (copied out of its run, or saved by hand)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "bottleneck_config.json").write_text(config)
+    save_file({"adapters.0.attention.down.weight": torch.zeros(4, 64)}, path / "bottleneck_model.safetensors")
+    return path
+
+
+def test_a_bottleneck_adapter_without_lorakit_json_takes_the_base_its_config_records(tiny_model_dir, tmp_path):
+    from lorakit.tools.evaluate import resolve_target
+
+    adapter = _bottleneck_dir(tmp_path / "a", json.dumps({"r": 4, "base_model_name_or_path": str(tiny_model_dir)}))
+    target = resolve_target(adapter)
+    assert (target.kind, target.model.name_or_path) == ("adapter", str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("case", ["bottleneck-no-base", "bottleneck-damaged", "peft-damaged", "peft-base-not-text"])
+def test_eval_of_an_adapter_without_lorakit_json_that_names_no_base_or_is_damaged_is_exit_4(case, tmp_path):
+    """Was exit 1: the bottleneck's adapter_config.json (it has none) or a base that is no string read inline."""
+    if case.startswith("bottleneck"):
+        adapter = _bottleneck_dir(tmp_path / "a", '{"r": 4}' if case == "bottleneck-no-base" else '{"r": 4,')
+    else:
+        adapter = tmp_path / "a"
+        adapter.mkdir()
+        config = '{"peft_type": "LORA",' if case == "peft-damaged" else '{"peft_type": "LORA", "base_model_name_or_path": 7}'
+        (adapter / "adapter_config.json").write_text(config)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "input": "", "output": "y"}) + "\n")
+    result = cli("eval", adapter, "--data", tmp_path / "d.jsonl", "-o", tmp_path / "e.json")
+    assert result.exit_code == 4, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    name = "bottleneck_config.json" if case.startswith("bottleneck") else "adapter_config.json"
+    assert f"a/{name}" in result.output
+    assert ("not valid JSON" if case.endswith("damaged") else "records no base model") in result.output
