@@ -34,11 +34,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_device(name: str | None, default: str) -> str:
-    """--device (eval, generate, merge): cpu, cuda or cuda:N, or ``default`` when not given; exit 2 for another
-    name or a GPU torch cannot see here, before any model loads."""
+def resolve_device(name: str | None, default: str | None = None) -> str:
+    """--device (eval, generate, merge): cpu, cuda or cuda:N, or when not given ``default`` (None: cuda where torch
+    sees a GPU, else cpu); exit 2 for another name or a GPU torch cannot see here, before any model loads."""
     if name is None:
-        return default
+        return default or ("cuda" if torch.cuda.is_available() else "cpu")
     kind, colon, index = name.partition(":")
     if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
         raise UsageError(f"--device {name}: choose cpu or cuda (cuda:N for one GPU of several)")

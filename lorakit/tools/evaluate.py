@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
@@ -130,7 +129,7 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     """Score the target (and with ``base_too`` its base) on ``data_file``; returns what eval.json holds."""
     if metric not in METRICS:
         raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
-    device = resolve_device(device, "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     target = resolve_target(target_path)
     if base_too and target.kind == "merged" and target.base is None:
         raise UsageError(f"--base-too: {target.path} records no base model ({MERGE_RECORD} missing); drop --base-too")

@@ -159,7 +159,7 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
         raise UsageError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
     if prompt == "":
         raise UsageError("--prompt is empty; give the text to complete")
-    device = resolve_device(device, "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     adapters = parse_adapter_specs(adapter_specs)
     known = {BASE, *adapters}
     default = use or next(iter(adapters), BASE)

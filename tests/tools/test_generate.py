@@ -297,3 +297,11 @@ def test_prefix_adapters_hot_swapped_generate_as_each_alone(tiny_model_dir, prom
     for name, path in adapters.items():
         assert served[name] == completions(tiny_model_dir, {name: path}, name)
     assert served[BASE] == completions(tiny_model_dir, {}, BASE) and served["four"] != served["six"]
+
+
+def test_the_default_device_of_generate_and_eval_is_resolve_devices():
+    """One home for "cuda if torch sees a GPU, else cpu" (generate and eval spelled it inline); merge's is cpu."""
+    from lorakit.models.loading import resolve_device
+
+    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None, "cpu") == "cpu" and resolve_device("cpu") == "cpu"
