@@ -39,12 +39,27 @@ def decode(data: bytes, what: str, first_line: int = 1) -> str:
                       "(e.g. iconv -f latin1 -t utf-8)", line) from None
 
 
-def json_object_problem(path: Path) -> str | None:
-    """Why ``path`` is not a JSON object, or None."""
+class NotJsonObject(ValueError):
+    """Why a file is not a JSON object: its text is the one-line reason."""
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object ``path`` holds, read once; NotJsonObject with the reason when it holds none."""
     try:
         value = json.loads(decode(path.read_bytes(), str(path)))
     except NotText as e:
-        return str(e)
+        raise NotJsonObject(str(e)) from None
     except (ValueError, RecursionError) as e:
-        return f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})"
-    return None if isinstance(value, dict) else f"{path} holds a JSON {type(value).__name__}, not an object"
+        raise NotJsonObject(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(value, dict):
+        raise NotJsonObject(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def json_object_problem(path: Path) -> str | None:
+    """Why ``path`` is not a JSON object, or None."""
+    try:
+        read_json_object(path)
+    except NotJsonObject as e:
+        return str(e)
+    return None

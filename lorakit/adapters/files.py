@@ -20,7 +20,7 @@ from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem
 from lorakit.models.loading import resolve_model_path
 from lorakit.paths import is_local, require_hub
-from lorakit.text import json_object_problem
+from lorakit.text import NotJsonObject, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"
@@ -70,9 +70,10 @@ def read_config(path: Path) -> dict:
     """adapter_config.json; a bottleneck adapter (lorakit's own method) reads as {"peft_type": "BOTTLENECK"} with
     the base_model_name_or_path its bottleneck_config.json records. A file that is no JSON object is exit 4."""
     bottleneck, file = is_bottleneck_dir(path), config_file(path)
-    if problem := json_object_problem(file):
-        raise CheckpointError(f"{problem}; the adapter is damaged: copy or train it again")
-    config = json.loads(file.read_text())
+    try:
+        config = read_json_object(file)
+    except NotJsonObject as e:
+        raise CheckpointError(f"{e}; the adapter is damaged: copy or train it again") from None
     if bottleneck:
         return {"peft_type": "BOTTLENECK", "base_model_name_or_path": config.get("base_model_name_or_path")}
     return config

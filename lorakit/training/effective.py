@@ -7,14 +7,13 @@ reason in NOT_OBSERVED (tests/test_effective.py walks the schema for both).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
-from lorakit.text import json_object_problem
+from lorakit.text import NotJsonObject, read_json_object
 from lorakit.training.optim import describe_groups
 from lorakit.training.threads import openmp_waits
 
@@ -214,9 +213,10 @@ def explain(run_dir: str | Path) -> str:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise UsageError(f"explain: {path} not found; give the directory of a finished `lorakit train` run")
-    if problem := json_object_problem(path):
-        raise UsageError(f"explain: {problem}; the run's record is damaged: rerun the training to write it again")
-    settings = json.loads(path.read_text()).get("effective_settings")
+    try:
+        settings = read_json_object(path).get("effective_settings")
+    except NotJsonObject as e:
+        raise UsageError(f"explain: {e}; the run's record is damaged: rerun the training to write it again") from None
     if not settings:
         raise UsageError(f"explain: {path} has no effective settings (written by an older lorakit); rerun the "
                          "training to record them")
