@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -36,11 +37,9 @@ def hub_unreachable(name: str, revision: str | None = None, filename: str = "con
     Hugging Face cache or the hub's endpoint answers an HTTP request (through the hub's own session and proxies);
     else "HF_HUB_OFFLINE is set" or "HOST is unreachable". Without this check huggingface_hub retries an
     unreachable hub for about a minute."""
-    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.utils import get_session
 
     try:
         if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
@@ -50,6 +49,19 @@ def hub_unreachable(name: str, revision: str | None = None, filename: str = "con
     if hub_offline():
         return "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if endpoint_answers(endpoint, timeout):
+        return None
+    return f"is not in the Hugging Face cache and the hub ({urlparse(endpoint).hostname}) is unreachable"
+
+
+@functools.cache
+def endpoint_answers(endpoint: str, timeout: float) -> bool:
+    """Whether the hub's ``endpoint`` answers an HTTP request within ``timeout`` seconds, asked once per process:
+    a run resolves its model, tokenizer and base one after another, and each would wait on the same answer."""
+    import threading
+
+    from huggingface_hub.utils import get_session
+
     answered: list[bool] = []
 
     def probe() -> None:
@@ -64,8 +76,7 @@ def hub_unreachable(name: str, revision: str | None = None, filename: str = "con
     thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores socket timeouts: bound the wait
     thread.start()
     thread.join(timeout + 0.5)
-    host = urlparse(endpoint).hostname
-    return None if answered else f"is not in the Hugging Face cache and the hub ({host}) is unreachable"
+    return bool(answered)
 
 
 def require_hub(key: str, name: str, revision: str | None = None, filename: str = "config.json",

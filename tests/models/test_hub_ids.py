@@ -48,12 +48,14 @@ def test_a_tokenizer_error_names_the_key_the_source_came_from(tiny_model_dir, tm
 
 @pytest.fixture
 def http_server():
-    """A local HTTP server answering every request (HEAD, GET, a proxy's absolute-URL request) with 404."""
+    """A local HTTP server answering every request (HEAD, GET, a proxy's absolute-URL request) with 404; its
+    ``requests`` list holds each request's method."""
     import http.server
     import threading
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):  # noqa: N802  (http.server's naming)
+            server.requests.append(self.command)
             self.send_response(404)
             self.end_headers()
 
@@ -63,33 +65,49 @@ def http_server():
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    server.requests = []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
     server.shutdown()
 
 
-def test_a_hub_that_answers_through_the_proxy_the_hub_would_use_is_reachable(empty_hf_cache, monkeypatch,
-                                                                          http_server):
-    """The probe goes through huggingface_hub's HTTP session, so where only a proxy reaches the hub (no direct
-    connection: here the endpoint's host does not even resolve), the hub is not declared unreachable."""
+@pytest.fixture
+def online(monkeypatch):
     from huggingface_hub import constants
-    from huggingface_hub.utils import close_session
-
-    from lorakit.paths import hub_unreachable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     # the suite runs offline (conftest), and huggingface_hub's session reads that once, at import
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", http_server)
+
+
+def test_a_hub_that_answers_through_the_proxy_the_hub_would_use_is_reachable(empty_hf_cache, monkeypatch,
+                                                                          http_server, online):
+    """The probe goes through huggingface_hub's HTTP session, so where only a proxy reaches the hub (no direct
+    connection: here the endpoint's host does not even resolve), the hub is not declared unreachable."""
+    from huggingface_hub.utils import close_session
+
+    from lorakit.paths import endpoint_answers, hub_unreachable
+
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
     assert hub_unreachable("org/name") is None  # any HTTP answer, even 404, is a reachable host
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
     assert "unreachable" in hub_unreachable("org/name", timeout=1.0)
     for proxy in ("HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(proxy, http_server)
+        monkeypatch.setenv(proxy, http_server.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     close_session()  # the session reads the proxy variables when it is made: as a process started with them
+    endpoint_answers.cache_clear()  # and the answer is kept per process
     try:
         assert hub_unreachable("org/name", timeout=1.0) is None
     finally:
         close_session()  # later tests get a session made without this test's proxy
+
+
+def test_two_resolutions_of_an_uncached_hub_id_probe_the_hub_once(empty_hf_cache, monkeypatch, http_server, online):
+    """A run resolves its model, tokenizer and base one after another: the hub is asked once per process."""
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
+    assert resolve_model_path(ModelSection(name_or_path="org/name")) == "org/name"
+    assert resolve_model_path(ModelSection(name_or_path="org/other")) == "org/other"
+    assert http_server.requests == ["HEAD"]
