@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lorakit.config.load import parse_recipe
-from lorakit.config.docs import GENERATED_FILES, render_exit_codes, render_reference
+from lorakit.config.docs import GENERATED_FILES, README_MARKERS, render_exit_codes, render_readme, render_reference
 from lorakit.errors import EXIT_CODES
 from lorakit.config.schema import describe_keys
 
@@ -23,6 +23,16 @@ DOCS = ROOT / "docs"
 def test_committed_generated_docs_are_fresh(name):
     committed = (DOCS / name).read_text() if (DOCS / name).is_file() else ""
     assert committed == GENERATED_FILES[name](), f"docs/{name} is stale: run python -m lorakit.config.docs"
+
+
+def test_the_readme_exit_code_table_is_the_generated_one():
+    """README.md's table was a hand copy of docs/exit-codes.md's and had drifted from it (codes 1, 3 and 4)."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme == render_readme(readme), "README.md's exit codes are stale: run python -m lorakit.config.docs"
+    table = readme.split(README_MARKERS[0])[1].split(README_MARKERS[1])[0]
+    rows = dict(re.findall(r"^\| (\d+) \| (.*) \|$", table, re.M))
+    page = dict(re.findall(r"^\| (\d+) \| (.*) \| .* \|$", (DOCS / "exit-codes.md").read_text(), re.M))
+    assert rows == page == {str(code): meaning for code, meaning in EXIT_CODES.items()}
 
 
 def test_reference_lists_every_key_with_its_description():
@@ -52,6 +62,23 @@ def test_check_mode_reports_stale_docs(tmp_path):
     (tmp_path / "recipe-reference.md").write_text("edited by hand\n")
     result = check()
     assert result.returncode == 1 and "recipe-reference.md is stale" in result.stderr
+
+
+def test_check_mode_reports_a_hand_edited_readme_table(tmp_path):
+    """The README beside the docs directory is checked and rewritten too; its text around the table is kept."""
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "lorakit.config.docs", *flags, "--docs-dir", str(tmp_path / "docs")],
+                              capture_output=True, text=True, timeout=60)
+
+    start, end = README_MARKERS
+    (tmp_path / "README.md").write_text(f"# intro\n\n{start}\n| 3 | edited by hand |\n{end}\n\nafter\n")
+    assert run().returncode == 0
+    assert run("--check").returncode == 0
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# intro\n\n") and text.endswith(f"{end}\n\nafter\n") and "edited by hand" not in text
+    (tmp_path / "README.md").write_text(text.replace("| 2 | invalid", "| 2 | a hand-edited"))
+    result = run("--check")
+    assert result.returncode == 1 and "README.md is stale" in result.stderr
 
 
 # The least a recipe needs; a snippet showing one section is checked on top of it.
