@@ -13,7 +13,9 @@ from lorakit.cli.app import SetOpt, escape, command
          "module and in total, and the LoRA rank table. Builds the model on the meta device: no weights loaded.")
 def inspect_(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe to inspect (or use --model).", show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", help="Model dir, .gguf or hub id (overrides the recipe's)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Preset (mistral-7b, llama-3.1-405b, ...), model dir, .gguf or hub id (overrides the "
+        "recipe's)."),
     method: Optional[str] = typer.Option(None, "--method", help="Adapter method (as adapter.method)."),
     r: Optional[int] = typer.Option(None, "--r", min=1, help="Rank / bottleneck width (as adapter.r)."),
     targets: Optional[str] = typer.Option(

@@ -1,4 +1,5 @@
-"""Model configs for `lorakit estimate-memory`: offline presets, local model dirs, bare config.json files, hub ids.
+"""Model configs for `lorakit estimate-memory`: offline presets (`lorakit inspect` takes them too), local model dirs,
+bare config.json files, hub ids.
 
 Presets are the architecture keys of popular models' published config.json files (lorakit/models/presets/*.json), each
 with a ``_source`` naming the hub repository and its parameter count, so estimates work without a network.
@@ -32,6 +33,18 @@ def find_preset(name_or_hub_id: str) -> str | None:
     return None
 
 
+def preset_config(model: str) -> tuple[object, str] | None:
+    """(transformers config, "preset NAME (HUB ID)") when ``model`` names an offline preset or its hub id and is no
+    path here (a local directory called like a preset is that directory); else None."""
+    if Path(model).expanduser().exists():
+        return None
+    preset = find_preset(model)
+    if preset is None:
+        return None
+    data = read_preset(preset)
+    return config_from_dict(data, f"preset {preset}"), f"preset {preset} ({data['_source']['hub_id']})"
+
+
 def config_from_dict(data: dict, where: str):
     """A transformers config from a config.json mapping; unknown architectures exit 2."""
     from transformers import AutoConfig
@@ -62,10 +75,8 @@ def load_model_config(model: str) -> tuple[object, str]:
         return config_from_dict(data, str(path)), str(path)
     if path.exists():
         return load_config(str(path)), str(path)
-    preset = find_preset(model)
-    if preset is not None:
-        source = read_preset(preset)["_source"]
-        return config_from_dict(read_preset(preset), f"preset {preset}"), f"preset {preset} ({source['hub_id']})"
+    if (found := preset_config(model)) is not None:
+        return found
     if is_local(model):
         raise UsageError(f"--model: {model!r} not found")
     return _hub_config(model), f"hub {model}"

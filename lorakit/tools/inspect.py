@@ -96,8 +96,11 @@ def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Repor
     from lorakit.adapters.build import apply_adapter, counting_section  # heavy: torch, transformers
     from lorakit.models.loading import trainable_summary
     from lorakit.models.meta import build_meta_model
+    from lorakit.models.presets import preset_config
 
-    model = build_meta_model(model_section.name_or_path, model_section.trust_remote_code)
+    name = model_section.name_or_path
+    config, where = preset_config(name) or (name, name)  # a preset (or its hub id) as estimate-memory takes it: offline
+    model = build_meta_model(config, model_section.trust_remote_code)
     text_config = model.config.get_text_config()
     linear = linear_groups(model)
     shapes: dict[tuple[int, int], list[str]] = defaultdict(list)
@@ -111,7 +114,7 @@ def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Repor
                      "quantized base (memory: lorakit estimate-memory)")
     notes.append(trainable_summary(adapted))
     return Report(
-        model=model_section.name_or_path,
+        model=where,
         model_type=model.config.model_type,
         num_layers=text_config.num_hidden_layers,
         hidden_size=text_config.hidden_size,

@@ -133,3 +133,19 @@ def test_inspect_cli_model_mode_checks_set_on_other_sections(tiny_model_dir):
     result = cli("inspect", "--model", tiny_model_dir, "--set", "train.max_steps=ten")
     assert result.exit_code == EXIT_USAGE and "train.max_steps" in result.stderr, result.output
     assert cli("inspect", "--model", tiny_model_dir, "--set", "train.epochs=2").exit_code == 0
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B"])
+def test_inspect_takes_estimate_memorys_offline_presets(model):
+    """A preset, or the hub id it came from, offline (the suite runs with HF_HUB_OFFLINE=1): inspect refused both,
+    as hub ids neither cached nor reachable, while estimate-memory took them from the same presets."""
+    from lorakit.config.schema import AdapterSection, ModelSection
+    from lorakit.models.presets import read_preset
+
+    result = cli("inspect", "--model", model, "--r", "8", "--targets", "q_proj,v_proj")
+    assert result.exit_code == 0, result.output
+    assert "model: preset qwen2.5-0.5b (Qwen/Qwen2.5-0.5B) (qwen2, 24 layers, hidden 896;" in result.output
+    report = inspect_model(ModelSection(name_or_path=model), AdapterSection(r=8, target_modules=["q_proj", "v_proj"]))
+    # adapter: 24 layers × r·((896 + 896) + (896 + 128)) on q_proj, v_proj
+    assert report.trainable_params == 24 * 8 * (896 * 2 + 896 + 128)
+    assert report.all_params - report.trainable_params == read_preset("qwen2.5-0.5b")["_source"]["parameters"]
