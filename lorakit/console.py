@@ -102,6 +102,28 @@ def adopt_datasets_output() -> None:
         datasets.disable_progress_bars()
 
 
+@contextmanager
+def datasets_held_back():
+    """datasets' progress bars and log lines off for the block: around a local file's load, whose failure lorakit
+    reports in one line of its own (datasets would first draw its "Generating train split" bar and log the same
+    error). The settings before the block come back after it."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled
+    from datasets.utils import logging as datasets_logging
+
+    bars, verbosity = not are_progress_bars_disabled(), datasets_logging.get_verbosity()
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 keeps them on, saying so in a warning
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()
+    datasets_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def _adopt_logger(name: str) -> None:
     logger = logging.getLogger(name)
     for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:  # the library's default

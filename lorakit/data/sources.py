@@ -253,7 +253,7 @@ def _check_parquet(path: Path) -> None:
 def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     import datasets
 
-    from lorakit.console import adopt_datasets_output
+    from lorakit.console import adopt_datasets_output, datasets_held_back
 
     adopt_datasets_output()  # its stderr handler and progress bars, as lorakit shows them
 
@@ -268,14 +268,15 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
                 raise DataError(str(e)) from None
 
     try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"data: {source!r} holds splits {', '.join(ds)} but no 'train' split")
-                ds = ds["train"]
-        else:
-            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        with datasets_held_back():  # a parse error is lorakit's one line below, not datasets' bar and log first
+            if path.is_dir():
+                ds = datasets.load_from_disk(str(path))
+            else:
+                ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"data: {source!r} holds splits {', '.join(ds)} but no 'train' split")
+            ds = ds["train"]
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreachable ids and unreadable files

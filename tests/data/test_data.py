@@ -525,3 +525,31 @@ def test_step_sampler_groups_by_length_deterministically():
     assert [again.micro_batches(s) for s in range(5)] == [grouped.micro_batches(s) for s in range(5)]
     steps = [max(lengths[i] for mb in grouped.micro_batches(s) for i in mb) for s in range(grouped.steps_per_epoch)]
     assert steps != sorted(steps, reverse=True)  # steps are shuffled, not longest-first
+
+
+def test_a_csv_that_fails_to_parse_prints_only_lorakits_line(tmp_path, tiny_model_dir):
+    """datasets drew its "Generating train split" bar and logged the parse error itself before lorakit's line; a
+    real process, so the bar (tqdm) and the log handler write to the real stderr."""
+    import subprocess
+    import sys
+
+    from run_helpers import recipe_dict, subprocess_env, write_recipe
+
+    (tmp_path / "bad.csv").write_text("instruction,input,output\nx,,y\n1,2,3,4\n")
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, tmp_path / "bad.csv", tmp_path / "run"))
+    result = subprocess.run([sys.executable, "-m", "lorakit", "preview-data", str(recipe)], capture_output=True,
+                            text=True, timeout=120, env=subprocess_env(HF_DATASETS_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: data: cannot load '{tmp_path / 'bad.csv'}': ParserError: Error tokenizing data. C error: Expected 3 "
+        "fields in line 3, saw 4"], result.stderr
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    from lorakit.console import datasets_held_back
+
+    before = (datasets.utils.are_progress_bars_disabled(), datasets_logging.get_verbosity())
+    with pytest.raises(RuntimeError), datasets_held_back():
+        assert datasets.utils.are_progress_bars_disabled()
+        raise RuntimeError
+    assert (datasets.utils.are_progress_bars_disabled(), datasets_logging.get_verbosity()) == before
