@@ -16,6 +16,7 @@ from lorakit.console import configure
 from lorakit.config.init import TEMPLATES
 from lorakit.config.schema import describe_keys
 from lorakit.config.load import parse_recipe, read_yaml
+from lorakit.config.start import inapplicable
 
 runner = CliRunner()
 
@@ -37,11 +38,14 @@ def test_init_writes_every_key_with_its_schema_comment(tmp_path, name):
     assert result.exit_code == 0, result.output
     text = out.read_text()
     lines = text.splitlines()
+    recipe = parse_recipe(yaml.safe_load(text))
+    unused = {c.key for c in inapplicable(recipe)}  # written commented out: set, they would be refused
     for key, _, description in describe_keys():
         leaf = key.split(".", 1)[1]
-        line = next(i for i, l in enumerate(lines) if l.startswith(f"  {leaf}:") and i > lines.index(key.split(".")[0] + ":"))
+        start = lines.index(key.split(".")[0] + ":")
+        line = next(i for i, l in enumerate(lines) if i > start and l.startswith((f"  {leaf}:", f"  # {leaf}:")))
+        assert lines[line].startswith(f"  # {leaf}:") == (key in unused), key
         assert lines[line - 1] == f"  # {' '.join(description.split())}", key
-    recipe = parse_recipe(yaml.safe_load(text))
     dumped = recipe.model_dump(mode="json")
     for section, values in TEMPLATES[name].overrides.items():
         for key, value in values.items():
