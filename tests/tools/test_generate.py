@@ -152,10 +152,13 @@ def _forward_greedy(model, ids: torch.Tensor, steps: int, stop=()) -> list[int]:
     return ids[0].tolist()
 
 
-def test_peft_prompt_learning_generation_still_broken(tiny_model_dir, prompt_learning_adapters):
-    """The sentinel of lorakit.compat's _generate_with_prefix and prompt_learning_generate_kwargs: PEFT's own cached
-    generate() with a prefix adapter gives the base model's first-token logits, and with a prompt adapter drifts
-    from the forward after the first token. Fails once PEFT fixes either: remove that workaround."""
+def test_peft_prompt_learning_generation_broken_before_0_22(tiny_model_dir, prompt_learning_adapters):
+    """The sentinel of lorakit.compat's _generate_with_prefix and prompt_learning_generate_kwargs: before PEFT 0.22,
+    PEFT's own cached generate() with a prefix adapter gives the base model's first-token logits, and with a prompt
+    adapter drifts from the forward after the first token; from 0.22 on both follow the forward. Fails when the
+    installed PEFT behaves otherwise than compat.peft_generate_breaks_prompt_learning says."""
+    from lorakit.compat import peft_generate_breaks_prompt_learning
+
     section = ModelSection(name_or_path=str(tiny_model_dir), dtype="float32")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     broken = []
@@ -173,7 +176,42 @@ def test_peft_prompt_learning_generation_still_broken(tiny_model_dir, prompt_lea
             last = forced.shape[0] - out.sequences.shape[1] + ids.shape[1] - 1
             drift = max((out.scores[i][0] - forced[last + i]).abs().max().item() for i in range(6))
             broken.append(drift > 1e-3)
-    assert broken == [True, True]
+    needed = peft_generate_breaks_prompt_learning()
+    assert broken == [needed, needed]
+
+
+def test_the_prompt_learning_workarounds_apply_before_peft_0_22():
+    from lorakit.compat import peft_generate_breaks_prompt_learning
+
+    assert all(map(peft_generate_breaks_prompt_learning, ["0.17.0", "0.21.2", "0.22.0.dev0"]))
+    assert not any(map(peft_generate_breaks_prompt_learning, ["0.22.0", "0.22.1", "1.0.0"]))
+
+
+def test_the_prompt_learning_workarounds_generate_what_the_forward_computes_on_any_peft(
+        tiny_model_dir, prompt_learning_adapters):
+    """lorakit.compat's workaround paths (prefix: its own cached generation, left padding included; prompt: no cache)
+    stay right on a PEFT that no longer needs them, so the version rule may err towards using them."""
+    from lorakit.compat import _generate_with_prefix
+
+    section = ModelSection(name_or_path=str(tiny_model_dir), dtype="float32")
+    prefix, tokenizer = load_for_generation(section, {"a": prompt_learning_adapters["prefix"]}, allow_pickle=False,
+                                            device="cpu")
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    width, pad = max(map(len, prompts)), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = _generate_with_prefix(prefix, 4, ids, mask, max_new_tokens=8, do_sample=False, pad_token_id=pad,
+                                    eos_token_id=-1)
+    assert out[:, width:].tolist() == [_forward_greedy(prefix, torch.tensor([p]), 8)[len(p):] for p in prompts]
+
+    prompt, _ = load_for_generation(section, {"a": prompt_learning_adapters["prompt"]}, allow_pickle=False,
+                                    device="cpu")
+    for p in prompts:
+        with torch.no_grad():
+            out = prompt.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  max_new_tokens=8, do_sample=False, eos_token_id=-1, use_cache=False)
+        assert out[0].tolist() == _forward_greedy(prompt, torch.tensor([p]), 8)
 
 
 def test_prompt_tuning_generates_what_its_forward_computes(tiny_model_dir, prompt_learning_adapters):
