@@ -33,7 +33,9 @@ def save_gathered_peft_adapter(model, out, state_dict: dict, **save_kwargs) -> N
     entries by module name stripping only a leading ``_fsdp_wrapped_module.``: under FSDP1, which wraps each
     decoder layer, it writes an empty adapter. So the state dict is saved through the same PEFT model built on
     the meta device (no memory), its weights put in place: PEFT then selects and names the entries as for an
-    unsharded model. tests/distributed/fsdp_check.py fails once PEFT no longer needs this.
+    unsharded model. PEFT 0.22 strips FSDP's wrapper names at any depth and finds the entries itself; this path
+    gives the same files there, so it stays while pyproject allows an older PEFT.
+    tests/distributed/fsdp_check.py (check_peft_alone) fails when PEFT's behaviour on either side of 0.22 changes.
     """
     import copy
 

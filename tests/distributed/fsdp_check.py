@@ -104,21 +104,22 @@ def main(recipe_path: str, out: str, version: int = 1) -> None:
     sgd = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=1.0)
     run_steps(sharded, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0), mine, num_items, 1)
     gathered = gather_adapter(sharded)  # a collective: every rank takes part
+    peft_alone = None
     if version == 1 and hasattr(model, "peft_config") and not model.active_peft_config.is_prompt_learning:
-        # PEFT alone finds nothing in a state dict named by FSDP1's nested wrappers; when this fails, PEFT handles
-        # them itself and distributed.save_adapter_weights can hand it the gathered state dict directly.
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 
         cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
         with FSDP.state_dict_type(sharded, StateDictType.FULL_STATE_DICT, cfg):
             full = sharded.state_dict()  # a collective
-        assert rank or not get_peft_model_state_dict(model, state_dict=full), "PEFT now handles FSDP1 names"
+        peft_alone = get_peft_model_state_dict(model, state_dict=full)
     if rank == 0:
         save_adapter(model, tokenizer, recipe, Path(out) / "adapter", model_path, gathered)
         saved, expected = _load_adapter_file(Path(out) / "adapter"), adapter_weights(reference)
         diff, moved = max_diff(saved, expected), max_diff(expected, initial)
         say(f"fsdp-vs-single max|diff| {diff:.3g}; step moved the adapter by {moved:.3g}", flush=True)
         assert moved > 1e-4 and diff < 1e-5
+        if peft_alone is not None:
+            check_peft_alone(peft_alone, saved)
     dist.barrier()
 
     # 2. A resumable checkpoint at step 2 of 4, written sharded, or by an unsharded run (each rank the whole batch):
@@ -180,6 +181,20 @@ def main(recipe_path: str, out: str, version: int = 1) -> None:
             assert diff < 1e-6 and moments < 1e-6
     dist.barrier()
     dist.destroy_process_group()
+
+
+def check_peft_alone(found: dict, saved: dict) -> None:
+    """The sentinel of lorakit.compat.save_gathered_peft_adapter: PEFT before 0.22 finds nothing in a state dict
+    named by FSDP1's nested wrappers; from 0.22 on (peft.utils.integrations.remove_torch_wrapper_names) it finds the
+    adapter lorakit saved. Fails when PEFT behaves otherwise; once pyproject requires peft>=0.22,
+    distributed.save_adapter_weights can hand PEFT the gathered state dict directly."""
+    import peft
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version("0.22.0"):
+        assert not found, f"PEFT {peft.__version__} now handles FSDP1 names"
+    else:
+        assert max_diff(found, saved) == 0.0, f"PEFT {peft.__version__} saves another adapter from FSDP1's names"
 
 
 def _load_adapter_file(folder: Path) -> dict:
