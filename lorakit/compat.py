@@ -20,8 +20,8 @@ def keep_bnb_4bit_layout(model) -> None:
 
 
 def dora_int8_broken_on_cpu(model) -> bool:
-    """PEFT 0.21's DoRA re-wraps an int8 weight on CPU and drops its scales: the second forward fails, so
-    lorakit refuses the combination. tests/adapters/test_methods.py::test_peft_dora_int8_cpu_still_broken fails
+    """PEFT's DoRA (0.21 and 0.22) re-wraps an int8 weight on CPU and drops its scales: the second forward fails,
+    so lorakit refuses the combination. tests/adapters/test_methods.py::test_peft_dora_int8_cpu_still_broken fails
     once PEFT fixes it."""
     return getattr(model, "is_loaded_in_8bit", False) and model.device.type == "cpu"
 
