@@ -84,4 +84,8 @@ def require_hub(key: str, name: str, revision: str | None = None, filename: str 
     """Exit 2 at once, naming ``key``, when the hub id ``name`` is neither cached nor reachable (hub_unreachable)."""
     reason = hub_unreachable(name, revision, filename)
     if reason is not None:
+        owner = Path(name).parent
+        if str(owner) != "." and owner.is_dir():  # 'runs/tiny-model' beside a runs/ folder: most likely a path
+            raise UsageError(f"{key}: {name!r} is no local path ({owner}/ holds no {Path(name).name}) and, read as "
+                             f"a hub id, {reason}; give an existing directory, or download it where the hub answers")
         raise UsageError(f"{key}: {name!r} is a hub id that {reason}; {remedy}")

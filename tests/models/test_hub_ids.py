@@ -28,6 +28,19 @@ def test_offline_hub_id_is_refused_at_once_naming_the_key(empty_hf_cache, monkey
         load_model_config("org/name")  # inspect, estimate-memory with a recipe
 
 
+def test_a_missing_folder_under_an_existing_one_is_named_as_a_path(empty_hf_cache, monkeypatch, tmp_path):
+    """'runs/tiny-model' reads as a hub id (one '/', not on disk), but beside a runs/ folder the user most likely
+    meant a directory that is not there (yet): the message says so rather than only 'a hub id not cached'."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UsageError, match=r"^model.name_or_path: 'runs/tiny-model' is no local path \(runs/ holds no "
+                                         r"tiny-model\) and, read as a hub id, is not in the Hugging Face cache"):
+        resolve_model_path(ModelSection(name_or_path="runs/tiny-model"))
+    with pytest.raises(UsageError, match=r"^model.name_or_path: 'org/name' is a hub id "):  # no org/ folder here
+        resolve_model_path(ModelSection(name_or_path="org/name"))
+
+
 def test_unreachable_hub_is_one_line_in_seconds(empty_hf_cache, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
