@@ -69,6 +69,27 @@ def peft_generate_breaks_prompt_learning(peft_version: str | None = None) -> boo
     return Version(peft_version) < Version("0.22.0")
 
 
+def prefix_training_breaks(peft_version: str | None = None, transformers_version: str | None = None) -> bool:
+    """Whether a prefix-tuning adapter's prefix would never reach the model in training: PEFT before 0.22 hands it
+    to the forward as ``past_key_values``, an alias transformers 5 keeps for its renamed ``cache`` argument only
+    until 5.40 (``deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")`` on the models' forwards); after
+    that the forward would take it into **kwargs unread and the prefix would train against nothing. PEFT 0.22
+    passes it under transformers' own name. (Installed versions unless given; a 5.40 pre-release counts as 5.40.)
+    tests/adapters/test_methods.py::test_prefix_training_breaks_only_with_old_peft_on_new_transformers pins the
+    rule; the trained-prefix-moves test there would fail if it were wrong for the installed pair."""
+    from packaging.version import Version
+
+    if peft_version is None:
+        import peft
+
+        peft_version = peft.__version__
+    if transformers_version is None:
+        import transformers
+
+        transformers_version = transformers.__version__
+    return Version(peft_version) < Version("0.22.0") and Version(transformers_version) >= Version("5.40.0.dev0")
+
+
 def adapter_generate(model, input_ids, attention_mask=None, **kwargs):
     """``model.generate(input_ids=..., attention_mask=..., **kwargs)`` with the active adapter on (for the base alone,
     call model.generate under disable_adapter()), through the workarounds below for prompt-learning adapters on a

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.compat import dora_int8_broken_on_cpu
+from lorakit.compat import dora_int8_broken_on_cpu, prefix_training_breaks
 from lorakit.config.methods import build_peft_config, ia3_default_modules
 from lorakit.config.schema import AdapterSection, Recipe
 from lorakit.errors import CheckpointError, UsageError, first_line
@@ -64,6 +64,15 @@ def apply_adapter(model, section: AdapterSection, *, tokenizer_path: str | None 
         raise UsageError(
             "adapter.method: dora on an int8 base does not run on CPU (PEFT loses the int8 scales after the first "
             "step); use model.quantization: nf4, method lora, or a GPU"
+        )
+    if section.method == "prefix" and prefix_training_breaks():
+        import peft
+        import transformers
+
+        raise UsageError(
+            f"adapter.method: prefix tuning with peft {peft.__version__} under transformers "
+            f"{transformers.__version__}: PEFT before 0.22 hands the prefix to the model under a name transformers "
+            "5.40 no longer reads, so the model would never see it; pip install 'peft>=0.22'"
         )
     if (section.model_extra or {}).get("init_lora_weights") == "loftq" and not torch.cuda.is_available():
         raise UsageError(

@@ -411,6 +411,25 @@ def test_peft_dora_int8_cpu_still_broken(tiny_model_dir):
             model(**batch()).loss.backward()
 
 
+def test_prefix_training_breaks_only_with_old_peft_on_new_transformers(tiny_model_dir, monkeypatch):
+    """PEFT < 0.22 passes a prefix as past_key_values, an alias transformers keeps until 5.40: from then on prefix
+    training would train a prefix the model never sees, so lorakit refuses that pair (exit 2, naming the fix)."""
+    import peft
+    import transformers
+
+    from lorakit.compat import prefix_training_breaks
+
+    assert prefix_training_breaks("0.21.2", "5.40.0") and prefix_training_breaks("0.21.2", "5.40.0.dev0")
+    assert not prefix_training_breaks("0.21.2", "5.39.1") and not prefix_training_breaks("0.22.0", "5.40.0")
+    assert not prefix_training_breaks()  # the installed (locked) pair trains prefixes: see the prefix-moves test
+    recipe = make_recipe(tiny_model_dir, METHODS["prefix"])
+    monkeypatch.setattr(peft, "__version__", "0.21.2")  # a pair this machine cannot install yet
+    monkeypatch.setattr(transformers, "__version__", "5.40.0")
+    with pytest.raises(UsageError, match=r"^adapter.method: prefix tuning with peft 0.21.2 under transformers "
+                                         r"5.40.0: .*pip install 'peft>=0.22'$"):
+        build_model(recipe)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 8-bit optimizers
 
