@@ -92,7 +92,8 @@ class TrainSection(Section):
         description="Apply the LM head and cross-entropy in chunks over supervised positions only: no "
         "full-vocabulary logits for the whole batch (less memory, and no head FLOPs on prompt or pad tokens). "
         "Uses Liger's fused kernel when liger-kernel is installed and a GPU is present; falls back to the "
-        "model's own loss where the head cannot run apart (prompt/prefix tuning, an adapter on the head).",
+        "model's own loss where the head cannot run apart (an adapter on the head, a sharded head, logit "
+        "soft-capping). Refused with prompt/prefix tuning, which always runs the model's own loss.",
     )
     compile: bool = Field(
         False,

@@ -55,6 +55,9 @@ CONTEXT_KEYS = (
                "text rows have no prompt, every token is learned already; remove it"),
     ContextKey("train.eval_metric", lambda r: r.train.eval_generate > 0,
                "has no effect without train.eval_generate: N; set train.eval_generate or remove it"),
+    ContextKey("train.chunked_loss", lambda r: r.adapter.method not in ("prefix", "prompt"),
+               "prompt and prefix tuning add virtual tokens inside the forward, so the model's own loss runs (the "
+               "head cannot run apart); remove it"),
     ContextKey("train.keep_last", _writes_checkpoints,
                "the run writes no checkpoints to keep (train.save_every: 0, train.save_each_epoch: false); set "
                "train.save_every or remove it"),

@@ -19,6 +19,8 @@ def recipe(**sections) -> dict:
     return {name: {**MINIMAL.get(name, {}), **sections.get(name, {})} for name in {*MINIMAL, *sections}}
 
 
+DROP = object()  # in the "applies" column: a key the context sets that the other case must not have
+
 # (key, value where it has no effect, the recipe around it; the keys that make it take effect)
 NO_EFFECT = [
     ("model.double_quant", True, {}, {"model": {"quantization": "nf4"}}),
@@ -27,6 +29,10 @@ NO_EFFECT = [
     ("data.padding_free", True, {"data": {"packing": True}}, {"data": {"packing": False}}),
     ("data.train_on_inputs", True, {"data": {"format": "text"}}, {"data": {"format": "completion"}}),
     ("train.eval_metric", "contains", {}, {"train": {"eval_generate": 2}, "data": {"eval_split": 0.1}}),
+    ("train.chunked_loss", True, {"adapter": {"method": "prefix", "num_virtual_tokens": 4}},
+     {"adapter": {"method": "lora", "num_virtual_tokens": DROP}}),
+    ("train.chunked_loss", False, {"adapter": {"method": "prompt", "num_virtual_tokens": 4}},
+     {"adapter": {"method": "dora", "num_virtual_tokens": DROP}}),
     ("train.keep_last", 3, {}, {"train": {"save_every": 5}}),
     ("train.keep_last", 3, {"train": {"save_every": 0, "save_each_epoch": False}}, {"train": {"save_each_epoch": True}}),
     ("output.project", "mine", {"output": {"report_to": ["tensorboard"]}}, {"output": {"report_to": ["mlflow"]}}),
@@ -41,7 +47,9 @@ def with_key(base: dict, key: str, value) -> dict:
 
 
 def merged(data: dict, extra: dict) -> dict:
-    return {**data, **{name: {**data.get(name, {}), **keys} for name, keys in extra.items()}}
+    """``data`` with ``extra``'s keys set (DROP: removed)."""
+    out = {**data, **{name: {**data.get(name, {}), **keys} for name, keys in extra.items()}}
+    return {name: {k: v for k, v in keys.items() if v is not DROP} for name, keys in out.items()}
 
 
 @pytest.mark.parametrize("key, value, context, applies", NO_EFFECT, ids=[f"{c[0]}-{i}" for i, c in enumerate(NO_EFFECT)])
