@@ -149,3 +149,12 @@ def test_inspect_takes_estimate_memorys_offline_presets(model):
     # adapter: 24 layers × r·((896 + 896) + (896 + 128)) on q_proj, v_proj
     assert report.trainable_params == 24 * 8 * (896 * 2 + 896 + 128)
     assert report.all_params - report.trainable_params == read_preset("qwen2.5-0.5b")["_source"]["parameters"]
+
+
+def test_inspect_of_an_unreachable_hub_id_names_the_offline_presets():
+    """As estimate-memory's: a hub id neither cached nor reachable (the suite runs with HF_HUB_OFFLINE=1) ends in
+    one line listing the presets that work offline."""
+    result = cli("inspect", "--model", "org/unknown")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.stderr.startswith("error: --model: 'org/unknown' is a hub id that is not in the Hugging Face cache")
+    assert "offline presets: " in result.stderr and "qwen2.5-0.5b" in result.stderr
