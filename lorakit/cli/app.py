@@ -141,7 +141,8 @@ def recipe_keys_help() -> str:
 
 RecipeArg = typer.Argument(..., help="Path of the YAML recipe.", show_default=False)
 SetOpt = typer.Option(
-    None, "--set", help="Override a recipe key, typed by the schema: --set train.learning_rate=1e-4 (repeatable)."
+    None, "--set", help="Override a recipe key, typed by the schema: --set train.learning_rate=1e-4 (repeatable); "
+    "--set '~KEY' removes a key the recipe sets."
 )
 
 

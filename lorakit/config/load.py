@@ -126,8 +126,13 @@ def _keeps_raw_string(tp, value) -> bool:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``--set section.key=value`` overrides; values are YAML scalars typed by the schema."""
+    """Apply ``--set section.key=value`` overrides; values are YAML scalars typed by the schema. ``~section.key``
+    removes a key the recipe sets (its default applies), e.g. model.double_quant after --set model.quantization=none,
+    where the key would be refused as without effect."""
     for item in overrides:
+        if item.startswith("~"):
+            _remove_key(data, item)
+            continue
         key, sep, raw = item.partition("=")
         key = key.strip()
         parts = key.split(".")
@@ -148,6 +153,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _remove_key(data: dict, item: str) -> None:
+    """--set ~KEY: remove KEY from the recipe; refused where the recipe does not set it (it would change nothing)."""
+    parts = item[1:].strip().split(".")
+    if "=" in item or len(parts) < 2 or not all(part.strip() for part in parts):
+        raise UsageError(f"--set {item!r}: ~KEY removes a key the recipe sets, e.g. --set '~model.double_quant'")
+    node = data
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise UsageError(f"--set {item}: the recipe does not set {'.'.join(parts)}, so there is nothing to remove")
+    del node[parts[-1]]
 
 
 def parse_recipe(data: dict, source: str | None = None, recorded: bool = False) -> Recipe:

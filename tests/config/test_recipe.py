@@ -172,6 +172,22 @@ def test_bad_override_is_usage_error(tmp_path, bad):
         apply_overrides({"train": {"max_steps": 3}}, [bad])
 
 
+def test_tilde_override_removes_a_key_the_recipe_sets(tmp_path):
+    """A 4-bit recipe run unquantized: its model.double_quant would be refused as without effect, and --set
+    '~model.double_quant' removes it; removing a key the recipe does not set is refused (it would change nothing)."""
+    data = {**MINIMAL, "model": {**MINIMAL["model"], "quantization": "nf4", "double_quant": True}}
+    path = write(tmp_path, data)
+    with pytest.raises(RecipeError, match="model.double_quant: only applies to a 4-bit base"):
+        load_recipe(path, ["model.quantization=none"])
+    recipe = load_recipe(path, ["model.quantization=none", "~model.double_quant"])
+    assert recipe.model.quantization == "none" and "double_quant" not in recipe.model.model_fields_set
+    with pytest.raises(UsageError, match=r"--set ~train.keep_last: the recipe does not set train.keep_last"):
+        load_recipe(path, ["~train.keep_last"])
+    for bad in ("~model", "~model.double_quant=true", "~.x"):
+        with pytest.raises(UsageError, match="~KEY removes a key the recipe sets"):
+            apply_overrides(dict(data), [bad])
+
+
 def test_override_unknown_key_suggests(tmp_path):
     path = write(tmp_path, MINIMAL)
     with pytest.raises(RecipeError, match="train.learnig_rate: unknown key; did you mean learning_rate"):
