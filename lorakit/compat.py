@@ -62,11 +62,7 @@ def peft_generate_breaks_prompt_learning(peft_version: str | None = None) -> boo
     fails if PEFT's behaviour and this rule part; once pyproject requires peft>=0.22, remove the workarounds."""
     from packaging.version import Version
 
-    if peft_version is None:
-        import peft
-
-        peft_version = peft.__version__
-    return Version(peft_version) < Version("0.22.0")
+    return _version("peft", peft_version) < Version("0.22.0")
 
 
 def prefix_training_breaks(peft_version: str | None = None, transformers_version: str | None = None) -> bool:
@@ -79,15 +75,17 @@ def prefix_training_breaks(peft_version: str | None = None, transformers_version
     rule; the trained-prefix-moves test there would fail if it were wrong for the installed pair."""
     from packaging.version import Version
 
-    if peft_version is None:
-        import peft
+    return (_version("peft", peft_version) < Version("0.22.0")
+            and _version("transformers", transformers_version) >= Version("5.40.0.dev0"))
 
-        peft_version = peft.__version__
-    if transformers_version is None:
-        import transformers
 
-        transformers_version = transformers.__version__
-    return Version(peft_version) < Version("0.22.0") and Version(transformers_version) >= Version("5.40.0.dev0")
+def _version(package: str, given: str | None):
+    """``given`` as a packaging Version, or the installed ``package``'s version when None."""
+    import importlib
+
+    from packaging.version import Version
+
+    return Version(given if given is not None else importlib.import_module(package).__version__)
 
 
 def adapter_generate(model, input_ids, attention_mask=None, **kwargs):

@@ -100,10 +100,11 @@ def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Repor
     from lorakit.paths import is_local, require_hub
 
     name = model_section.name_or_path
-    config, where = preset_config(name) or (name, name)  # a preset (or its hub id) as estimate-memory takes it: offline
-    if config is name and not is_local(name):  # a hub id out of reach: name the presets, as estimate-memory does
+    preset = preset_config(name)  # a preset (or its hub id) as estimate-memory takes it: offline
+    if preset is None and not is_local(name):  # a hub id out of reach: name the presets, as estimate-memory does
         require_hub("model.name_or_path", name, model_section.revision,
                     remedy=f"offline presets: {', '.join(preset_names())}")
+    config, where = preset or (name, name)
     model = build_meta_model(config, model_section.trust_remote_code)
     text_config = model.config.get_text_config()
     linear = linear_groups(model)
