@@ -80,12 +80,14 @@ def endpoint_answers(endpoint: str, timeout: float) -> bool:
 
 
 def require_hub(key: str, name: str, revision: str | None = None, filename: str = "config.json",
-                remedy: str = "give a local directory, or download it where the hub answers") -> None:
-    """Exit 2 at once, naming ``key``, when the hub id ``name`` is neither cached nor reachable (hub_unreachable)."""
+                remedy: str | None = None) -> None:
+    """Exit 2 at once, naming ``key``, when the hub id ``name`` is neither cached nor reachable (hub_unreachable);
+    the message ends in ``remedy``, by default: give a local directory, or download it where the hub answers."""
     reason = hub_unreachable(name, revision, filename)
     if reason is not None:
         owner = Path(name).parent
         if str(owner) != "." and owner.is_dir():  # 'runs/tiny-model' beside a runs/ folder: most likely a path
             raise UsageError(f"{key}: {name!r} is no local path ({owner}/ holds no {Path(name).name}) and, read as "
                              f"a hub id, {reason}; give an existing directory, or download it where the hub answers")
+        remedy = remedy or "give a local directory, or download it where the hub answers"
         raise UsageError(f"{key}: {name!r} is a hub id that {reason}; {remedy}")

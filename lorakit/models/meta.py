@@ -10,23 +10,27 @@ from lorakit.errors import UsageError, first_line
 from lorakit.paths import is_local, require_hub
 
 
-def load_model_config(name_or_path: str, trust_remote_code: bool = False):
-    """The transformers config of a local dir, a .gguf file (its metadata only) or a hub id."""
+def load_model_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                      remedy: str | None = None):
+    """The transformers config of a local dir, a .gguf file (its metadata only) or a hub id (at ``revision``).
+    ``remedy`` ends the message of a hub id that cannot be read (require_hub's default otherwise)."""
     from transformers import AutoConfig
 
-    path = Path(name_or_path).expanduser()
-    if is_local(str(name_or_path)) and not path.exists():  # not a hub id: say so, not the hub's "Repo id must be"
-        raise UsageError(f"model.name_or_path: {str(name_or_path)!r} not found")
-    if not is_local(str(name_or_path)):
-        require_hub("model.name_or_path", str(name_or_path))
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    hub_id = not is_local(name)
+    if not hub_id and not path.exists():  # not a hub id: say so, not the hub's "Repo id must be"
+        raise UsageError(f"model.name_or_path: {name!r} not found")
+    if hub_id:
+        require_hub("model.name_or_path", name, revision, remedy=remedy)
     try:
         if path.suffix == ".gguf":
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UsageError(
-            f"model.name_or_path: cannot read a model config from {name_or_path!r}: {first_line(e)}"
-        ) from None
+        tail = f"; {remedy}" if remedy and hub_id else ""
+        raise UsageError(f"model.name_or_path: cannot read a model config from {name!r}: {first_line(e)}{tail}") \
+            from None
 
 
 def build_meta_model(config_or_path, trust_remote_code: bool = False):

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.paths import is_local, require_hub
+from lorakit.paths import is_local
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -93,8 +93,4 @@ def _hub_config(model: str):
         return AutoConfig.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError):
         pass
-    require_hub("--model", model, remedy=presets)
-    try:
-        return load_config(model)
-    except UsageError as e:
-        raise UsageError(f"{e}; {presets}") from None
+    return load_config(model, remedy=presets)

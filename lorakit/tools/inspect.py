@@ -95,16 +95,14 @@ def _keys_for_method(adapter: dict, method: str) -> dict:
 def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Report:
     from lorakit.adapters.build import apply_adapter, counting_section  # heavy: torch, transformers
     from lorakit.models.loading import trainable_summary
-    from lorakit.models.meta import build_meta_model
+    from lorakit.models.meta import build_meta_model, load_model_config
     from lorakit.models.presets import preset_config, preset_names
-    from lorakit.paths import is_local, require_hub
 
     name = model_section.name_or_path
-    preset = preset_config(name)  # a preset (or its hub id) as estimate-memory takes it: offline
-    if preset is None and not is_local(name):  # a hub id out of reach: name the presets, as estimate-memory does
-        require_hub("model.name_or_path", name, model_section.revision,
-                    remedy=f"offline presets: {', '.join(preset_names())}")
-    config, where = preset or (name, name)
+    # a preset (or its hub id) as estimate-memory takes it: offline; a hub id out of reach names the presets
+    config, where = preset_config(name) or (
+        load_model_config(name, model_section.trust_remote_code, model_section.revision,
+                          remedy=f"offline presets: {', '.join(preset_names())}"), name)
     model = build_meta_model(config, model_section.trust_remote_code)
     text_config = model.config.get_text_config()
     linear = linear_groups(model)
