@@ -55,7 +55,7 @@ def save_gathered_peft_adapter(model, out, state_dict: dict, **save_kwargs) -> N
 def peft_generate_breaks_prompt_learning(peft_version: str | None = None) -> bool:
     """Whether PEFT's own generate() with a prompt-learning adapter computes other tokens than its forward: true
     before PEFT 0.22 (the installed one unless ``peft_version`` is given), where _generate_with_prefix and
-    prompt_learning_generate_kwargs stand in. PEFT 0.22 passes the prefix under transformers' own name for the cache
+    prompt_learning_uncached stand in. PEFT 0.22 passes the prefix under transformers' own name for the cache
     (peft.import_utils.get_transformers_cache_name) and leaves a prompt-tuning model's positions to generate(), so
     its cached generate() gives the forward's tokens. A pre-release of 0.22 counts as before it (the workarounds are
     right on 0.22 as well). tests/tools/test_generate.py::test_peft_prompt_learning_generation_broken_before_0_22
@@ -99,8 +99,9 @@ def adapter_generate(model, input_ids, attention_mask=None, **kwargs):
     config = _active_config(model)
     if config is not None and config.peft_type == "PREFIX_TUNING" and peft_generate_breaks_prompt_learning():
         return _generate_with_prefix(model, config.num_virtual_tokens, input_ids, attention_mask, **kwargs)
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs,
-                          **prompt_learning_generate_kwargs(model))
+    if prompt_learning_uncached(model):
+        kwargs["use_cache"] = False
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def _generate_with_prefix(model, num_virtual_tokens: int, input_ids, attention_mask, **kwargs):
@@ -125,15 +126,16 @@ def _generate_with_prefix(model, num_virtual_tokens: int, input_ids, attention_m
     return base.generate(input_ids=input_ids, attention_mask=mask, **{name: prefix}, **kwargs)
 
 
-def prompt_learning_generate_kwargs(model) -> dict:
-    """generate() options that make a prompt-tuning (or p-tuning) model generate what its forward computes. With
-    the KV cache (PEFT 0.21, transformers 5) the positions of the tokens after the first drift from the forward's,
-    by up to 0.2 in the logits on the tiny test model; without it each step recomputes the whole sequence as
-    training does. (A prefix-tuning adapter generates through _generate_with_prefix, with the cache.) Empty from
-    PEFT 0.22 on: see peft_generate_breaks_prompt_learning."""
+def prompt_learning_uncached(model, peft_version: str | None = None) -> bool:
+    """Whether ``model``'s active prompt-tuning (or p-tuning) adapter must generate without the KV cache to generate
+    what its forward computes (adapter_generate then passes use_cache=False). With the cache (PEFT 0.21,
+    transformers 5) the positions of the tokens after the first drift from the forward's, by up to 0.2 in the
+    logits on the tiny test model; without it each step recomputes the whole sequence as training does. (A
+    prefix-tuning adapter generates through _generate_with_prefix, with the cache.) False from PEFT 0.22 on (the
+    installed one unless ``peft_version`` is given): see peft_generate_breaks_prompt_learning."""
     config = _active_config(model)
-    uncached = config is not None and config.is_prompt_learning and config.peft_type != "PREFIX_TUNING"
-    return {"use_cache": False} if uncached and peft_generate_breaks_prompt_learning() else {}
+    return (config is not None and config.is_prompt_learning and config.peft_type != "PREFIX_TUNING"
+            and peft_generate_breaks_prompt_learning(peft_version))
 
 
 def _active_config(model):

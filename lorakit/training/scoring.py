@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 
-from lorakit.compat import adapter_generate, prompt_learning_generate_kwargs
+from lorakit.compat import adapter_generate, prompt_learning_uncached
 from lorakit.config.schema import EVAL_METRICS as METRICS
 from lorakit.config.schema import DataSection, Recipe
 from lorakit.data.formats import IGNORE_INDEX, Example, answer_of, num_targets, through_last_answer, tokenize_row
@@ -71,13 +71,11 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
     import torch
     from transformers import GenerationConfig
 
-    uncached = prompt_learning_generate_kwargs(model)
-    if uncached:  # virtual tokens sit before the left padding: a padded row would see them at another distance
-        batch_size = 1
+    batch_size = generation_batch_size(model, batch_size, adapter_on)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # use_cache: load_base_model turns the model's off for training (adapter_generate may turn it off again)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                              eos_token_id=model.generation_config.eos_token_id,
-                              **{"use_cache": True, **uncached})
+                              eos_token_id=model.generation_config.eos_token_id, use_cache=True)
     generate = partial(adapter_generate, model) if adapter_on else model.generate
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
@@ -93,6 +91,13 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
         for i, row in zip(chunk, generated[:, width:].tolist()):
             out[i] = tokenizer.decode(row, skip_special_tokens=True)
     return out
+
+
+def generation_batch_size(model, batch_size: int, adapter_on: bool = True, peft_version: str | None = None) -> int:
+    """``batch_size``, or 1 where the adapter generates without the KV cache (compat.prompt_learning_uncached; PEFT
+    before 0.22): its virtual tokens sit before the left padding, so a padded row would see them at another
+    distance. The base under disable_adapter() (``adapter_on=False``) generates as any model, in batches."""
+    return 1 if adapter_on and prompt_learning_uncached(model, peft_version) else batch_size
 
 
 # ----------------------------------------------------------------------------------------------------------

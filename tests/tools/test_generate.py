@@ -153,7 +153,7 @@ def _forward_greedy(model, ids: torch.Tensor, steps: int, stop=()) -> list[int]:
 
 
 def test_peft_prompt_learning_generation_broken_before_0_22(tiny_model_dir, prompt_learning_adapters):
-    """The sentinel of lorakit.compat's _generate_with_prefix and prompt_learning_generate_kwargs: before PEFT 0.22,
+    """The sentinel of lorakit.compat's _generate_with_prefix and prompt_learning_uncached: before PEFT 0.22,
     PEFT's own cached generate() with a prefix adapter gives the base model's first-token logits, and with a prompt
     adapter drifts from the forward after the first token; from 0.22 on both follow the forward. Fails when the
     installed PEFT behaves otherwise than compat.peft_generate_breaks_prompt_learning says."""
@@ -185,6 +185,24 @@ def test_the_prompt_learning_workarounds_apply_before_peft_0_22():
 
     assert all(map(peft_generate_breaks_prompt_learning, ["0.17.0", "0.21.2", "0.22.0.dev0"]))
     assert not any(map(peft_generate_breaks_prompt_learning, ["0.22.0", "0.22.1", "1.0.0"]))
+
+
+def test_before_peft_0_22_only_a_prompt_tuning_adapter_generates_uncached_and_row_by_row(
+        tiny_model_dir, prompt_learning_adapters):
+    """One rule (compat.prompt_learning_uncached) decides both workarounds of a prompt-tuning adapter on an old PEFT;
+    the base under disable_adapter() (eval --base-too) needs neither, yet was generated uncached, one row at a time."""
+    from lorakit.compat import prompt_learning_uncached
+    from lorakit.training.scoring import generation_batch_size
+
+    section = ModelSection(name_or_path=str(tiny_model_dir), dtype="float32")
+    models = {name: load_for_generation(section, {"a": path}, allow_pickle=False, device="cpu")[0]
+              for name, path in prompt_learning_adapters.items()}
+    prompt, prefix = models["prompt"], models["prefix"]
+    assert prompt_learning_uncached(prompt, "0.21.2") and not prompt_learning_uncached(prompt, "0.22.0")
+    assert not prompt_learning_uncached(prefix, "0.21.2")  # its own cached path (_generate_with_prefix)
+    assert generation_batch_size(prompt, 3, adapter_on=True, peft_version="0.21.2") == 1
+    assert generation_batch_size(prompt, 3, adapter_on=False, peft_version="0.21.2") == 3
+    assert generation_batch_size(prompt, 3, adapter_on=True, peft_version="0.22.0") == 3
 
 
 def test_the_prompt_learning_workarounds_generate_what_the_forward_computes_on_any_peft(
