@@ -31,7 +31,8 @@ KNOWN_NOISE = (
     re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community"),
     # ... and the kernels package, offline (HF_HUB_OFFLINE=1), says it skipped checking that package's publisher.
     re.compile(r"Skipping publisher trust check for 'kernels-community/"),
-    # PEFT 0.21 calls a transformers 5 API deprecated in favour of is_activation_checkpointing.
+    # PEFT before 0.22 (pyproject allows 0.17 on) reads model.is_gradient_checkpointing in get_peft_model, which
+    # transformers 5 deprecated in favour of is_activation_checkpointing (PEFT 0.22 reads that first).
     re.compile(r"`is_gradient_checkpointing` is deprecated"),
     # torch 2.13 under FSDP1 saves (lorakit.distributed.fsdp): deprecation notes about the APIs it gathers with.
     re.compile(r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\) are being deprecated"),

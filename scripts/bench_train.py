@@ -237,6 +237,9 @@ def first_steps(recipe: dict):
     """(model, tokenizer, {side: (padding_free, loss, micro-batches of the first optimizer step)}), built in this
     process the way each side builds them: lorakit's batching decision and chunked loss, against padded
     micro-batches in plain random order and the model's own loss."""
+    from lorakit.console import configure
+
+    configure()  # library warnings as `lorakit train` shows them (console.KNOWN_NOISE hidden), before they import
     from lorakit.data import StepSampler, load_datasets
     from lorakit.training.loss import build_loss, plain_loss
     from lorakit.adapters.build import build_model
