@@ -22,19 +22,24 @@ fi
 tmp=$(mktemp -d)
 have_torch=$($venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
 if [ -n "${LORAKIT_TORCH:-}" ]; then
-  torch_spec=$LORAKIT_TORCH
-elif [ -n "$have_torch" ] && { [ -n "${LORAKIT_UNLOCKED:-}" ] || [ "torch==$have_torch" = "$torch_req" ]; }; then
-  torch_spec=""   # keep the torch already in the venv (its CPU or CUDA build)
+  torch_spec=$LORAKIT_TORCH why="LORAKIT_TORCH"
+elif [ -n "$have_torch" ] && [ -n "${LORAKIT_UNLOCKED:-}" ]; then
+  torch_spec="" why="unlocked: pip keeps any torch pyproject allows, newer ones not looked for; LORAKIT_TORCH=SPEC installs another"
+elif [ -n "$have_torch" ] && [ "torch==$have_torch" = "$torch_req" ]; then
+  torch_spec="" why="the lock's version"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  torch_spec="$torch_req"   # PyPI's default Linux build is the CUDA one
+  torch_spec="$torch_req" why="nvidia-smi sees a GPU: PyPI's default Linux build, the CUDA one"
 elif $pip download -q --no-deps --no-index -d "$tmp" "$torch_req" >/dev/null 2>&1 && ls "$tmp"/torch-*+cpu*.whl >/dev/null 2>&1; then
   torch_spec=$(ls "$tmp"/torch-*+cpu*.whl | head -n 1)   # a CPU wheel on local disk (find-links)
+  why="no NVIDIA GPU: the newest CPU build on local disk that $torch_req allows; none looked for online"
 else
-  torch_spec="$torch_req --index-url https://download.pytorch.org/whl/cpu"
+  torch_spec="$torch_req --index-url https://download.pytorch.org/whl/cpu" why="no NVIDIA GPU: the CPU build"
 fi
 if [ -n "$torch_spec" ]; then
-  echo "installing ${torch_spec##*/}"
+  echo "torch: installing ${torch_spec##*/} ($why)"
   $pip install -q $torch_spec
+else
+  echo "torch: keeping $have_torch, already in $venv ($why)"
 fi
 rm -rf "$tmp"
 $pip install -q ${constraints[@]+"${constraints[@]}"} -e "$root[dev]"
