@@ -176,8 +176,8 @@ def _local_model_dir(name: str, what: str, revision: str | None) -> Path:
         raise UsageError(f"{what} {name}: not found")
     if not is_local(name):  # named by the flag or record that chose it, before the hub's minute of retries
         require_hub(what, name, revision, remedy="give --base a local model directory")
-    local = resolve_model_path(ModelSection(name_or_path=name, revision=revision))  # a local path ignores revision
-    return Path(local) if Path(local).is_dir() else _hub_snapshot(local, revision)
+        return _hub_snapshot(name, revision)
+    return Path(resolve_model_path(ModelSection(name_or_path=name)))  # a model directory (a .gguf converted to one)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:

@@ -124,3 +124,17 @@ def test_two_resolutions_of_an_uncached_hub_id_probe_the_hub_once(empty_hf_cache
     assert resolve_model_path(ModelSection(name_or_path="org/name")) == "org/name"
     assert resolve_model_path(ModelSection(name_or_path="org/other")) == "org/other"
     assert http_server.requests == ["HEAD"]
+
+
+def test_a_hub_base_is_checked_once_and_fetched_at_the_recorded_revision(cached_hub_model, monkeypatch, tmp_path):
+    """merge/export's base named by a hub id: the hub was asked about it under the flag's name and then again as
+    model.name_or_path before the snapshot was taken."""
+    import lorakit.paths
+    from lorakit.adapters.files import Adapter, resolve_base
+
+    asked = []
+    probe = lorakit.paths.hub_unreachable
+    monkeypatch.setattr(lorakit.paths, "hub_unreachable", lambda *a, **k: asked.append(a) or probe(*a, **k))
+    adapter = Adapter(tmp_path, {}, {"base_model": cached_hub_model, "revision": "v3"}, {})
+    assert resolve_base(adapter, None).name == "b" * 40
+    assert len(asked) == 1
