@@ -89,7 +89,7 @@ def check_base_fits(recipe: Recipe, model_path: str, tokenizer) -> None:
     vocabulary (lorakit.models.checks), the attention kernel's package is missing, or the adapter alone cannot
     fit in memory; transformers or the allocator would fail minutes later, in many lines."""
     check_attention_package(recipe.model)
-    config = load_model_config(model_path, recipe.model.trust_remote_code)
+    config = load_model_config(model_path, recipe.model.trust_remote_code, recipe.model.revision)
     problem = vocab_problem(tokenizer, config, recipe.model.add_tokens)
     if problem is None and Path(model_path).is_dir():
         problem = shape_problem(Path(model_path), config)

@@ -138,3 +138,19 @@ def test_a_hub_base_is_checked_once_and_fetched_at_the_recorded_revision(cached_
     adapter = Adapter(tmp_path, {}, {"base_model": cached_hub_model, "revision": "v3"}, {})
     assert resolve_base(adapter, None).name == "b" * 40
     assert len(asked) == 1
+
+
+def test_a_runs_checks_read_the_hub_models_config_at_model_revision(cached_hub_model, tiny_model_dir, tmp_path):
+    """The checks before the weights load (the tokenizer's ids against the vocabulary, ...) read the config at the
+    default branch whatever model.revision said; revision 'v3' has an 8-token vocabulary."""
+    from run_helpers import recipe_dict
+
+    from lorakit.config.load import parse_recipe
+    from lorakit.training.run import check_base_fits
+
+    tokenizer = load_tokenizer(ModelSection(name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
+    data = recipe_dict(cached_hub_model, tmp_path / "train.jsonl", tmp_path / "run")
+    check_base_fits(parse_recipe(data), cached_hub_model, tokenizer)
+    data["model"]["revision"] = "v3"
+    with pytest.raises(UsageError, match=r"^model.name_or_path: the tokenizer has .* the model's vocabulary is 8:"):
+        check_base_fits(parse_recipe(data), cached_hub_model, tokenizer)
