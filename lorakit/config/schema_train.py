@@ -111,7 +111,7 @@ class TrainSection(Section):
         description="CPU threads of torch's intra-op pool. Default: OMP_NUM_THREADS if set, else the CPUs this "
         "process may use (its affinity mask and cgroup quota, not the machine's core count), divided among the "
         "processes launched on the machine. Fewer threads than cores leave room for other jobs; more than usable "
-        "makes every step wait.",
+        "makes every step wait; more than the machine's CPUs is refused.",
     )
     objective: Literal[OBJECTIVES] = Field(
         "sft",

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from lorakit.cpus import cgroup_quota, usable_cpus  # noqa: F401  (re-exported: callers import them from here)
+from lorakit.errors import UsageError
 
 
 SPIN_COUNT = 10_000  # GOMP_SPINCOUNT on idle cores: ≈ 0.1 ms by libgomp's estimate (its default: 300,000)
@@ -102,6 +103,10 @@ def choose_threads(requested: int | None) -> int:
     """train.threads, else OMP_NUM_THREADS where the user set it, else the usable CPUs divided among the
     processes launched on this machine."""
     if requested is not None:
+        cores = os.cpu_count() or 1
+        if requested > cores:  # OpenMP would start them all: thousands exhaust the process's threads (exit 1)
+            raise UsageError(f"train.threads: {requested} is more than the {cores} CPUs of this machine "
+                             f"({usable_cpus()} usable here); give at most {cores}, or leave it unset")
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])

@@ -16,9 +16,9 @@ def test_threads_follow_the_usable_cpus(monkeypatch, tmp_path):
     assert usable_cpus() == min(len(os.sched_getaffinity(0)), cgroup_quota() or 10**6)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert choose_threads(None) == usable_cpus() and choose_threads(3) == 3
+    assert choose_threads(None) == usable_cpus() and choose_threads(1) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert choose_threads(None) == 5 and choose_threads(3) == 3  # the user's setting, then the recipe's
+    assert choose_threads(None) == 5 and choose_threads(1) == 1  # the user's setting, then the recipe's
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * usable_cpus()))
     assert choose_threads(None) == 1  # never 0, however many processes share the machine
@@ -27,6 +27,16 @@ def test_threads_follow_the_usable_cpus(monkeypatch, tmp_path):
     assert cgroup_quota(quota) == 2
     quota.write_text("max 100000\n")
     assert cgroup_quota(quota) is None
+
+
+def test_train_threads_beyond_the_machine_is_refused():
+    # OpenMP starts every thread asked for: train.threads 100000 ended in "can't start new thread" (exit 1).
+    from lorakit.errors import UsageError
+
+    cores = os.cpu_count()
+    assert choose_threads(cores) == cores
+    with pytest.raises(UsageError, match=rf"train.threads: {cores + 1} is more than the {cores} CPUs.*at most {cores}"):
+        choose_threads(cores + 1)
 
 
 def test_train_threads_sets_torch_threads(tiny_model_dir, tmp_path):
