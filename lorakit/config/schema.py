@@ -172,6 +172,14 @@ class AdapterSection(Section):
 
 DATA_FORMATS = ("alpaca", "chat", "text", "completion", "preference")
 CHAT_FORMATS = ("chat", "preference")  # the formats rendered with a chat template
+# Fields each format reads; data.fields maps them to the dataset's column names.
+FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "text": ("text",),
+    "completion": ("prompt", "completion"),
+    "preference": ("prompt", "messages", "chosen", "rejected"),  # messages: a chat prompt in place of prompt
+}
 
 
 class TrainSource(Section):
@@ -209,7 +217,8 @@ class DataSection(Section):
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Maps the format's field names to the dataset's column names, e.g. {instruction: question}.",
+        description="Maps the format's field names to the dataset's column names, e.g. {instruction: question}. "
+        "A key that is no field of the format is refused.",
     )
     chat_template: str | None = Field(
         None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from lorakit.config.schema import FORMAT_FIELDS
 from lorakit.paths import is_local
 
 
@@ -86,4 +87,22 @@ def start_problems(recipe) -> list[str]:
             model.tokenizer is None or is_local(model.tokenizer)):
         problems.append(f"model.revision: {model.revision!r} has no effect: model.name_or_path "
                         f"{model.name_or_path!r} is a local path, not a hub id; remove it")
+    return problems + _unread_fields(recipe.data)
+
+
+def _unread_fields(data) -> list[str]:
+    """data.fields keys (and a data.train source's) that name no field of the formats they map: a key the
+    rows never read, as when the mapping is written the wrong way round ({question: instruction})."""
+    sources = data.sources()
+    keyed = [("data.fields", data.fields, {data.format, *(s.format or data.format for s in sources)})]
+    keyed += [(f"data.train[{i}].fields", s.fields, {s.format or data.format}) for i, s in enumerate(sources)
+              if s.fields]
+    problems = []
+    for key, fields, formats in keyed:
+        read = {name for fmt in formats for name in FORMAT_FIELDS[fmt]}
+        for name in sorted(set(fields) - read):
+            each = "; ".join(f"{fmt}: {', '.join(FORMAT_FIELDS[fmt])}" for fmt in sorted(formats))
+            field = fields[name] if fields[name] in read else FORMAT_FIELDS[min(formats)][0]  # swapped round?
+            problems.append(f"{key}: {name!r} is not a field of the format ({each}); keys are the format's "
+                            f"field names, values your column names, e.g. {{{field}: {name}}}")
     return problems

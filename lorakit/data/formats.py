@@ -26,14 +26,6 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# Fields each format reads; data.fields maps them to the dataset's column names.
-FORMAT_FIELDS = {
-    "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages",),
-    "text": ("text",),
-    "completion": ("prompt", "completion"),
-    "preference": ("prompt", "chosen", "rejected"),  # or messages (a chat prompt) in place of prompt
-}
 OPTIONAL_FIELDS = {"input"}
 
 

@@ -76,6 +76,24 @@ def test_revision_with_a_local_model_is_refused_to_start_not_to_read(tmp_path):
     parse_recipe(recipe(model={"name_or_path": str(tmp_path), "revision": "main", "tokenizer": "owner/tok"}))
 
 
+def test_a_field_mapping_no_format_reads_is_refused_to_start_not_to_read():
+    """data.fields {question: instruction} (written the wrong way round) was silently ignored."""
+    data = recipe(data={"fields": {"question": "instruction", "output": "answer"}})
+    with pytest.raises(RecipeError, match=r"data.fields: 'question' is not a field of the format \(alpaca: "
+                       r"instruction, input, output\); .* e.g. \{instruction: question\}$"):
+        parse_recipe(data)
+    assert parse_recipe(data, recorded=True).data.fields["question"] == "instruction"
+    source = {"path": "c.jsonl", "format": "chat", "fields": {"text": "body"}}
+    with pytest.raises(RecipeError, match=r"data.train\[1\].fields: 'text' is not a field of the format \(chat: "
+                       r"messages\)"):
+        parse_recipe(recipe(data={"train": ["t.jsonl", source]}))
+    # a key of any format in use is read: data.format's, a source's, preference's chat prompt
+    parse_recipe(recipe(data={"train": ["t.jsonl", {"path": "c.jsonl", "format": "chat"}],
+                              "fields": {"messages": "conversation", "instruction": "q"}}))
+    parse_recipe(recipe(data={"format": "preference", "fields": {"messages": "history", "chosen": "good"}},
+                        train={"objective": "dpo"}))
+
+
 def test_the_resolved_recipe_leaves_out_keys_without_effect_and_trains_again():
     """DIR/recipe.yaml spells out every default: were double_quant, keep_last, ... in it, it could not run again."""
     plain = parse_recipe(MINIMAL)
