@@ -24,24 +24,53 @@ from lorakit.errors import RecipeError, UsageError
 _TYPE_TAGS = {"str", "int", "float", "bool", "list[str]", "dict[str,str]", "function-after", "none", "literal"}
 
 
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation is or holds (a data.train item: str | TrainSource)."""
+    found, pending = [], [annotation]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            found.append(node)
+        else:
+            pending.extend(get_args(node))
+    return found
+
+
+def _annotations_at(path: tuple) -> list:
+    """The schema's annotations at pydantic's error location ``path`` (several where a union's members differ)."""
+    annotations: list = [Recipe]
+    for part in path:
+        if isinstance(part, int) or part in _TYPE_TAGS or "[" in part:
+            continue  # a list index, or the union member pydantic tried
+        models = [m for a in annotations for m in _models_in(a)]
+        tagged = [m for m in models if m.__name__ == part]
+        annotations = tagged or [m.model_fields[part].annotation for m in models if part in m.model_fields]
+    return annotations
+
+
 def _section_fields(path: tuple) -> list[str]:
     """Field names of the pydantic model at ``path`` (for suggestions)."""
-    model: Any = Recipe
-    for part in path:
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    return [name for a in _annotations_at(path) for m in _models_in(a) for name in m.model_fields]
+
+
+def _key(loc: tuple) -> str:
+    """A recipe key as messages spell it, data.train[1].weight, from pydantic's error location (its union member
+    tags, str or TrainSource, left out)."""
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif not (part in _TYPE_TAGS or "[" in part or part[:1].isupper()):
+            key += f".{part}" if key else part
+    return key
 
 
 def _format_error(err: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
-    key = ".".join(str(p) for p in loc)
+    loc = err["loc"]
+    key = _key(loc)
     kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
-        parent, name = loc[:-1], str(loc[-1])
-        return f"{key}: unknown key{_did_you_mean(name, _section_fields(parent))}"
+        return f"{key}: unknown key{_did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))}"
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind == "value_error":  # our own validators: the message already names the keys
@@ -54,7 +83,21 @@ def _format_error(err: dict) -> str:
         symbol, name = _BOUNDS[kind]
         bound = err["ctx"][name]
         return f"{key}: must be {symbol} {format(bound, 'g') if isinstance(bound, float) else bound}, got {value!r}"
-    return f"{key}: {msg[0].lower() + msg[1:]}, got {value!r}"
+    said = msg[0].lower() + msg[1:]  # "..., got a number with a fractional part" says what it got already
+    return f"{key}: {said} ({value!r})" if ", got " in said else f"{key}: {said}, got {value!r}"
+
+
+def _union_errors_left_out(messages: list[str]) -> list[str]:
+    """pydantic's errors with one per union member tried kept once per key, and a type mismatch left out where a
+    member matched further in (data.train: 'should be a valid string' beside data.train[1].weight's bound)."""
+    keys = [m.split(":")[0] for m in messages]
+    out = []
+    for key, message in zip(keys, messages):
+        deeper = any(k.startswith((f"{key}.", f"{key}[")) for k in keys)
+        if "valid" in message and (deeper or any(p.split(":")[0] == key and "valid" in p for p in out)):
+            continue
+        out.append(message)
+    return out
 
 
 # pydantic's bound errors carry the bound in err["ctx"] under these names (its messages are only read by people).
@@ -64,20 +107,12 @@ _BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "les
 
 def _literal_values(loc: tuple) -> list:
     """The choices of the Literal-typed schema field at ``loc`` (read from the annotation, not the message)."""
-    annotation: Any = Recipe
-    for part in loc:
-        if isinstance(part, int):
-            continue  # a list element: its choices are in the list's annotation
-        fields = getattr(annotation, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        annotation = fields[part].annotation
-    found, pending = [], [annotation]
+    found, pending = [], _annotations_at(loc)
     while pending:
         node = pending.pop()
         if get_origin(node) is Literal:
             found.extend(a for a in get_args(node) if a not in found)
-        else:
+        elif not (isinstance(node, type) and issubclass(node, BaseModel)):
             pending.extend(get_args(node))
     return found
 
@@ -179,10 +214,7 @@ def parse_recipe(data: dict, source: str | None = None, recorded: bool = False) 
     try:
         recipe = Recipe.model_validate({k: v for k, v in data.items() if k in Recipe.model_fields})
     except ValidationError as e:
-        for message in map(_format_error, e.errors()):
-            # A union field (str | list[str]) yields one error per member: report the key once.
-            if not any(p.split(":")[0] == message.split(":")[0] and "valid" in p for p in problems):
-                problems.append(message)
+        problems.extend(_union_errors_left_out([_format_error(err) for err in e.errors()]))
         raise RecipeError(problems, source=source) from None
     tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
     problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))

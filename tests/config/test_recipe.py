@@ -107,6 +107,22 @@ def test_all_problems_reported_at_once():
     assert len(found) == 6
 
 
+def test_errors_inside_a_list_of_sources_name_the_item_once():
+    """A typo in a data.train mapping was exit 1 (the suggestion walked into the union); a bad weight came with two
+    'should be a valid string' lines for the union members that did not apply, under data.train.1.TrainSource."""
+    def train(*items):
+        return problems({**MINIMAL, "data": {"train": ["t.jsonl", *items]}})
+
+    assert train({"path": "a.jsonl", "wieght": 2}) == ["data.train[1].wieght: unknown key; did you mean weight?"]
+    assert train({"path": "a.jsonl", "weight": -1}) == ["data.train[1].weight: must be > 0, got -1"]
+    assert train({"path": "a.jsonl", "format": "chatt"}) == [
+        "data.train[1].format: must be alpaca, chat, text, completion, preference; got 'chatt'; did you mean chat?"]
+    assert problems({**MINIMAL, "adapter": {"target_modules": ["q_proj", 3]}}) == [
+        "adapter.target_modules[1]: input should be a valid string, got 3"]
+    assert problems({**MINIMAL, "train": {"max_steps": 2.5}}) == [
+        "train.max_steps: input should be a valid integer, got a number with a fractional part (2.5)"]
+
+
 def test_adapter_typo_suggests_key():
     found = problems({**MINIMAL, "adapter": {"lora_alpah": 32}})
     assert found == ["adapter.lora_alpah: unknown key for method lora (LoraConfig); did you mean lora_alpha?"]
