@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal, Union
 
 import yaml
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
 from lorakit.config.schema_base import Section
@@ -125,6 +125,16 @@ class AdapterSection(Section):
         "from, to continue training it (a DPO stage after SFT). Its rank, alpha, method and target modules must be "
         "the recipe's (checked: exit 4). With train.reference: init_from it is also DPO/IPO's reference.",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_modules(cls, value):
+        names = [value] if isinstance(value, str) else value
+        if names is not None and (not names or not all(name.strip() for name in names)):
+            what = "names no module" if not any(name.strip() for name in names) else "holds an empty name"
+            raise ValueError(f"adapter.target_modules: {value!r} {what}; give module names (q_proj, v_proj), "
+                             "all-linear or a regular expression, or leave it out for the method's default")
+        return value
 
     @model_validator(mode="after")
     def _init_from(self) -> "AdapterSection":
@@ -270,6 +280,16 @@ class DataSection(Section):
         None, gt=0, description="Processes that tokenize (fork, batched fast-tokenizer calls). Default: the CPUs this "
         "process may use. The result does not depend on it.",
     )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _names_data(cls, value, info: ValidationInfo):
+        paths = [value] if isinstance(value, str) else [getattr(item, "path", item) for item in value or ()]
+        if value is not None and (not paths or not all(path.strip() for path in paths)):
+            what = "names no data" if not any(path.strip() for path in paths) else f"holds an empty path ({paths!r})"
+            raise ValueError(f"data.{info.field_name}: {what}; give a .jsonl/.json/.csv/.parquet "
+                             "file, a save_to_disk directory or a hub dataset id (or a list of them)")
+        return value
 
     def sources(self) -> list[TrainSource]:
         """data.train as a list of sources (a plain path is a source of weight 1)."""

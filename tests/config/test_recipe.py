@@ -123,6 +123,21 @@ def test_errors_inside_a_list_of_sources_name_the_item_once():
         "train.max_steps: input should be a valid integer, got a number with a fractional part (2.5)"]
 
 
+@pytest.mark.parametrize("section, key, value, message", [
+    ("adapter", "target_modules", [], "adapter.target_modules: [] names no module; give module names"),
+    ("adapter", "target_modules", "", "adapter.target_modules: '' names no module"),
+    ("adapter", "target_modules", ["q_proj", " "], "adapter.target_modules: ['q_proj', ' '] holds an empty name"),
+    ("data", "train", [], "data.train: names no data; give a .jsonl"),
+    ("data", "train", ["t.jsonl", {"path": ""}], "data.train: holds an empty path (['t.jsonl', ''])"),
+    ("data", "eval", "", "data.eval: names no data"),
+])
+def test_empty_names_are_refused_when_read(section, key, value, message):
+    """Were exit 2 only once loading: PEFT's 'No `target_modules` passed' under 'adapter:', or 'data.train:  is
+    empty' with no name; validate passed them."""
+    data = {**MINIMAL, section: {**MINIMAL.get(section, {}), key: value}}
+    assert [p for p in problems(data) if p.startswith(message)], problems(data)
+
+
 def test_adapter_typo_suggests_key():
     found = problems({**MINIMAL, "adapter": {"lora_alpah": 32}})
     assert found == ["adapter.lora_alpah: unknown key for method lora (LoraConfig); did you mean lora_alpha?"]
