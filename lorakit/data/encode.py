@@ -20,7 +20,7 @@ import numpy as np
 
 from lorakit.config.schema import DataSection
 from lorakit.data.chat import rendering_with
-from lorakit.data.formats import IGNORE_INDEX, Example, tokenize_batch
+from lorakit.data.formats import IGNORE_INDEX, Example, nothing_to_learn, tokenize_batch
 from lorakit.data.sources import BadRowError, Row
 from lorakit.data.stats import DataStats, fit_length
 
@@ -124,7 +124,7 @@ def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> 
         # formats.num_targets, inlined on lists; a pair needs both answers supervised
         targets = [len(s.labels) - 1 - s.labels[1:].count(IGNORE_INDEX) for s in example.sequences]
         if min(targets) <= 0:
-            stats.note("unsupervised", row.where, source)
+            stats.note("unsupervised", f"{row.where}{nothing_to_learn(row, section)}", source)
             continue
         if eos is not None and any(eos not in s.labels[1:] for s in example.sequences):
             stats.note("no_eos", row.where, source)

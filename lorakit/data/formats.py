@@ -219,6 +219,17 @@ def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Exa
     return out
 
 
+def nothing_to_learn(row: Row, section: DataSection) -> str:
+    """Why a row with no supervised token has none, where the row itself says: a chat row without an assistant
+    message (a role named bot, gpt or Assistant); '' otherwise."""
+    if section.format != "chat" or section.train_on_inputs:
+        return ""
+    roles = sorted({m["role"] for m in _field(row, "messages", section, list)})
+    if "assistant" in roles:
+        return ""
+    return f": no message has role 'assistant' (roles: {', '.join(roles)}); only assistant turns are learned"
+
+
 def tokenize_row(row: Row, section: DataSection, tokenizer) -> Example:
     """One row as token ids and labels; a malformed row raises BadRowError naming its place and field."""
     (example,) = tokenize_batch([row], section, tokenizer)

@@ -197,10 +197,13 @@ def _build(folder: Path, section: DataSection, tokenizer, seed: int, sections: l
 def _check_not_empty(key: str, names: list[str], rows: int, stats: DataStats) -> None:
     if rows:
         return
-    why = "is empty" if stats.rows == 0 else f"has no usable rows ({'; '.join(stats.summary().splitlines())})"
-    raise DataError(
-        f"data.{key}: {', '.join(names)} {why}; check data.format, data.fields, data.max_seq_len and data.truncation"
-    )
+    if stats.rows == 0:
+        raise DataError(f"data.{key}: {', '.join(names)} is empty: it holds no rows")
+    counts = "; ".join(line.strip() for line in stats.summary().splitlines() if not line.startswith("  warning: "))
+    # the no-supervised-token warning names its own checks; the others say what happened, not what to change
+    remedy = [] if stats.unsupervised else ["check data.format, data.fields, data.max_seq_len and data.truncation"]
+    raise DataError(f"data.{key}: {', '.join(names)} has no usable rows ({counts}); "
+                    f"{'; '.join([*stats.warnings(), *remedy])}")
 
 
 def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:

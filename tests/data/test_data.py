@@ -232,6 +232,21 @@ def test_empty_or_fully_dropped_data_is_exit_3(tmp_path, tok):
         load_datasets(section(train=long, max_seq_len=16, truncation="drop"), tok, seed=0)
 
 
+def test_chat_rows_without_an_assistant_message_say_so(tmp_path, tok):
+    """Roles named bot or Assistant left every row unsupervised, and the error named no cause; it also held the
+    summary's warning line inside its parenthesis, then a second remedy."""
+    rows = [{"messages": [{"role": "User", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 2
+    data = write_jsonl(tmp_path / "roles.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_datasets(section(train=data, format="chat", cache=False), tok, seed=0)
+    assert str(e.value) == (
+        f"data.train: {data} has no usable rows (rows 2: kept 0 (0 truncated), dropped 2 with no supervised tokens); "
+        f"2 row(s) had no supervised token and were left out (first: {data}:1: no message has role 'assistant' "
+        "(roles: User, bot); only assistant turns are learned); check data.format, data.chat_template and "
+        "data.max_seq_len")
+    load_datasets(section(train=data, format="chat", cache=False, train_on_inputs=True), tok, seed=0)  # all learned
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad rows: direct and through the real CLI
 
