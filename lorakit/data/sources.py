@@ -250,6 +250,16 @@ def _check_parquet(path: Path) -> None:
                         "format under a .parquet name")
 
 
+def _not_a_saved_dataset(source: str, path: Path) -> str:
+    files = sorted(str(Path(source) / p.name) for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES and p.is_file())
+    if not files:
+        return (f"data: {source!r} is a directory but not a datasets.save_to_disk folder, and holds no "
+                f"{'/'.join(LOCAL_SUFFIXES)} file; name the data file itself")
+    more = f", ... ({len(files)} files)" if len(files) > 3 else ""
+    return (f"data: {source!r} is a directory but not a datasets.save_to_disk folder; name its data files "
+            f"instead: {', '.join(files[:3])}{more} (data.train takes a list)")
+
+
 def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     import datasets
 
@@ -280,6 +290,8 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreachable ids and unreadable files
+        if path.is_dir() and isinstance(e, FileNotFoundError):  # load_from_disk found none of its own files
+            raise DataError(_not_a_saved_dataset(source, path)) from None
         # DatasetGenerationError says only "An error occurred while generating the dataset"; its cause says what
         why = e.__cause__ if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None else e
         raise DataError(f"data: cannot load {source!r}: {type(why).__name__}: {first_line(why)}") from None

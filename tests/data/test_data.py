@@ -335,6 +335,21 @@ def test_csv_parquet_and_save_to_disk_sources(tmp_path):
     assert read_rows(str(tmp_path / "d.csv")).rows[1].where.endswith("d.csv:3")
 
 
+def test_a_folder_of_data_files_names_them(tmp_path):
+    """A folder of .jsonl files given as data.train said only datasets' 'neither a `Dataset` directory nor a
+    `DatasetDict` directory'."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"'.*mine' is a directory but not a datasets.save_to_disk folder, and holds "
+                       r"no .jsonl/.json/.csv/.parquet file; name the data file itself$"):
+        read_rows(str(folder))
+    for name in ("b.jsonl", "a.csv", "notes.txt"):
+        (folder / name).write_text("x\n")
+    with pytest.raises(DataError, match=rf"name its data files instead: {folder}/a.csv, {folder}/b.jsonl "
+                       r"\(data.train takes a list\)$"):
+        read_rows(str(folder))
+
+
 @pytest.mark.parametrize("content, message", [
     (b"instruction,output\n\xff,b\n", r"bad.csv is not UTF-8 text \(byte 0xff on line 2\)"),
     ("instruction,output\na,b\n".encode("utf-16"), "bad.csv is UTF-16"),
