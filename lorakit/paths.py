@@ -18,6 +18,15 @@ def cache_dir() -> Path:
     return path
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # data files lorakit reads; never a hub dataset id
+
+
+def is_hub_dataset(name: str) -> bool:
+    """A data source read from the hub (data.split and data.subset choose what it gives), not a local file or
+    save_to_disk folder."""
+    return Path(name).suffix not in DATA_SUFFIXES and not is_local(name)
+
+
 def is_local(name: str) -> bool:
     """The one rule for models, datasets and adapter bases: a name is a local path when it exists, starts with
     '.', '/' or '~', has more than one '/' or ends in .gguf; anything else is a hub id ('owner/name', or a

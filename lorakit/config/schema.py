@@ -274,8 +274,10 @@ class DataSection(Section):
         "and this section are unchanged.",
     )
 
-    split: str = Field("train", description="The split read from a hub dataset id (data.train and data.eval).")
-    subset: str | None = Field(None, description="The configuration (subset) of a hub dataset id, where it has several.")
+    split: str = Field("train", description="The split read from a hub dataset id (data.train and data.eval); "
+                       "refused where they name none.")
+    subset: str | None = Field(None, description="The configuration (subset) of a hub dataset id, where it has "
+                               "several; refused where data.train and data.eval name none.")
     num_proc: int | None = Field(
         None, gt=0, description="Processes that tokenize (fork, batched fast-tokenizer calls). Default: the CPUs this "
         "process may use. The result does not depend on it.",

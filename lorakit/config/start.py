@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorakit.config.schema import FORMAT_FIELDS
-from lorakit.paths import is_local
+from lorakit.paths import is_hub_dataset, is_local
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ def _has_prompts(recipe) -> bool:
     return data.format != "text" or any((source.format or data.format) != "text" for source in data.sources())
 
 
+def _reads_a_hub_dataset(recipe) -> bool:
+    data = recipe.data
+    return any(is_hub_dataset(path) for path in [*data.train_paths(), *([data.eval] if data.eval else [])])
+
+
 def _names_a_project(recipe) -> bool:
     # accelerate files every tracker but tensorboard (built here with its own folder, DIR/tensorboard) under it.
     return any(name != "tensorboard" for name in recipe.output.report_to)
@@ -54,6 +59,11 @@ CONTEXT_KEYS = (
                "packed rows (data.packing: true) are always flattened without padding; remove it"),
     ContextKey("data.train_on_inputs", _has_prompts,
                "text rows have no prompt, every token is learned already; remove it"),
+    ContextKey("data.split", _reads_a_hub_dataset,
+               "chooses the split of a hub dataset id, and data.train and data.eval name none (a local file is read "
+               "whole, a save_to_disk folder gives its train split); remove it"),
+    ContextKey("data.subset", _reads_a_hub_dataset,
+               "chooses the subset of a hub dataset id, and data.train and data.eval name none; remove it"),
     ContextKey("train.eval_metric", lambda r: r.train.eval_generate > 0,
                "has no effect without train.eval_generate: N; set train.eval_generate or remove it"),
     ContextKey("train.chunked_loss", lambda r: r.adapter.method not in ("prefix", "prompt"),

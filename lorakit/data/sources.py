@@ -12,9 +12,8 @@ from pathlib import Path
 
 from lorakit import text
 from lorakit.errors import DataError, first_line
-from lorakit.paths import is_local
+from lorakit.paths import DATA_SUFFIXES, is_local
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SKIP_HINT = "fix the row or set data.skip_bad_rows: true to skip such rows"
 
 
@@ -44,7 +43,7 @@ class SourceRows:
 def check_exists(source: str) -> Path:
     """The source's path; exit 3 when it names a data file that is not there."""
     path = Path(source).expanduser()
-    if path.suffix in LOCAL_SUFFIXES and not path.is_file():
+    if path.suffix in DATA_SUFFIXES and not path.is_file():
         why = "" if path.is_absolute() else "; relative paths are read from the current directory, not the recipe's"
         raise DataError(f"data: file {source!r} not found at {path.absolute()}{why}")
     return path
@@ -251,10 +250,10 @@ def _check_parquet(path: Path) -> None:
 
 
 def _not_a_saved_dataset(source: str, path: Path) -> str:
-    files = sorted(str(Path(source) / p.name) for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES and p.is_file())
+    files = sorted(str(Path(source) / p.name) for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
     if not files:
         return (f"data: {source!r} is a directory but not a datasets.save_to_disk folder, and holds no "
-                f"{'/'.join(LOCAL_SUFFIXES)} file; name the data file itself")
+                f"{'/'.join(DATA_SUFFIXES)} file; name the data file itself")
     more = f", ... ({len(files)} files)" if len(files) > 3 else ""
     return (f"data: {source!r} is a directory but not a datasets.save_to_disk folder; name its data files "
             f"instead: {', '.join(files[:3])}{more} (data.train takes a list)")

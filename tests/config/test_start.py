@@ -28,6 +28,8 @@ NO_EFFECT = [
     ("model.upcast_unquantized", False, {}, {"model": {"quantization": "int8"}}),
     ("data.padding_free", True, {"data": {"packing": True}}, {"data": {"packing": False}}),
     ("data.train_on_inputs", True, {"data": {"format": "text"}}, {"data": {"format": "completion"}}),
+    ("data.split", "test", {}, {"data": {"train": ["t.jsonl", "owner/name"]}}),
+    ("data.subset", "en", {"data": {"train": "./saved_dir"}}, {"data": {"eval": "imdb"}}),
     ("train.eval_metric", "contains", {}, {"train": {"eval_generate": 2}, "data": {"eval_split": 0.1}}),
     ("train.chunked_loss", True, {"adapter": {"method": "prefix", "num_virtual_tokens": 4}},
      {"adapter": {"method": "lora", "num_virtual_tokens": DROP}}),
@@ -102,8 +104,8 @@ def test_the_resolved_recipe_leaves_out_keys_without_effect_and_trains_again():
     assert again.model_dump() == plain.model_dump()
     left_out = [f"{section}.{leaf}" for section, keys in plain.model_dump().items() for leaf in keys
                 if leaf not in yaml.safe_load(text)[section]]
-    assert left_out == ["model.double_quant", "model.upcast_unquantized", "train.eval_metric", "train.keep_last",
-                        "output.project"]
+    assert left_out == ["model.double_quant", "model.upcast_unquantized", "data.split", "data.subset",
+                        "train.eval_metric", "train.keep_last", "output.project"]
     qlora = parse_recipe(recipe(model={"quantization": "nf4"}, train={"save_every": 5}))
     dumped = yaml.safe_load(dump_recipe(qlora))
     assert dumped["model"]["double_quant"] is True and dumped["train"]["keep_last"] == 2
