@@ -92,3 +92,15 @@ def vocab_problem(tokenizer, config, added: list[str] = ()) -> str | None:
         return (f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary is {vocab:,}: ids past it "
                 "have no embedding; use the model's own tokenizer")
     return None
+
+
+def positions_problem(config, max_seq_len: int) -> str | None:
+    """data.max_seq_len beyond a table of positions the model indexes (GPT-2's and OPT's learned embeddings,
+    GPT-J's sin/cos table: an IndexError mid-run at the first longer row), or None. RoPE models, which carry
+    rope_parameters, compute any position, and models without max_position_embeddings (ALiBi) have no table."""
+    text = config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None)
+    if not isinstance(positions, int) or getattr(text, "rope_parameters", None) is not None or max_seq_len <= positions:
+        return None
+    return (f"data.max_seq_len: {max_seq_len} is more than the {positions} positions this {text.model_type} model "
+            f"has a position table for (max_position_embeddings); set data.max_seq_len: {positions} or less")

@@ -31,7 +31,7 @@ from lorakit.distributed.fsdp import (
     save_adapter_weights,
 )
 from lorakit.errors import SafetyError, UsageError
-from lorakit.models.checks import shape_problem, vocab_problem
+from lorakit.models.checks import positions_problem, shape_problem, vocab_problem
 from lorakit.models.loading import (
     check_attention_package, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary,
 )
@@ -95,6 +95,8 @@ def check_base_fits(recipe: Recipe, model_path: str, tokenizer) -> None:
         problem = shape_problem(Path(model_path), config)
     if problem is not None:
         raise UsageError(f"model.name_or_path: {problem}")
+    if problem := positions_problem(config, recipe.data.max_seq_len):
+        raise UsageError(problem)
     check_adapter_fits(recipe, config)
 
 
