@@ -32,9 +32,12 @@ def check_targets(model, target_modules, feedforward_modules=None) -> None:
         except re.error as e:
             raise UsageError(f"adapter.target_modules: {target_modules!r} is not a valid regex ({e})") from None
         if not matched:
+            parts = re.split(r"[,\s]+", target_modules.strip())
+            as_list = (f"; a list is written [{', '.join(parts)}] (--set 'adapter.target_modules=[{', '.join(parts)}]')"
+                       if len(parts) > 1 and set(parts) <= set(available) else "")
             raise UsageError(
                 f"adapter.target_modules: regex {target_modules!r} matches no module (it must match the full "
-                f"name, e.g. model.layers.0.self_attn.q_proj); linear modules are {', '.join(available)}"
+                f"name, e.g. model.layers.0.self_attn.q_proj); linear modules are {', '.join(available)}{as_list}"
             )
     for key, names in (("target_modules", target_modules), ("feedforward_modules", feedforward_modules)):
         if not isinstance(names, (list, tuple, set)):

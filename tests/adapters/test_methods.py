@@ -288,6 +288,10 @@ def test_non_mergeable_methods_cannot_save_merged(tiny_model_dir):
      r"adapter.target_modules: regex '.*\\.attn\\..*' matches no module"),
     ({"method": "ia3", "feedforward_modules": ["up_proj"]},
      "adapter.feedforward_modules: up_proj not in adapter.target_modules (k_proj, v_proj, down_proj)"),
+    ({"method": "lora", "target_modules": "q_proj,v_proj"},  # --set adapter.target_modules=q_proj,v_proj
+     "adapter.target_modules: regex 'q_proj,v_proj' matches no module (it must match the full name, e.g. "
+     "model.layers.0.self_attn.q_proj); linear modules are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+     "down_proj; a list is written [q_proj, v_proj] (--set 'adapter.target_modules=[q_proj, v_proj]')"),
 ])
 def test_target_errors_name_the_linear_modules(tiny_model_dir, adapter, message):
     with pytest.raises(UsageError) as info:
