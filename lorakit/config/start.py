@@ -28,6 +28,9 @@ class ContextKey:
     key: str
     applies: Callable
     why: str
+    # Let its default through where given: every recipe `lorakit init` wrote before the key became one of these
+    # spells it out (data.split: train).
+    default_passes: bool = False
 
 
 def _writes_checkpoints(recipe) -> bool:
@@ -61,9 +64,10 @@ CONTEXT_KEYS = (
                "text rows have no prompt, every token is learned already; remove it"),
     ContextKey("data.split", _reads_a_hub_dataset,
                "chooses the split of a hub dataset id, and data.train and data.eval name none (a local file is read "
-               "whole, a save_to_disk folder gives its train split); remove it"),
+               "whole, a save_to_disk folder gives its train split); remove it", default_passes=True),
     ContextKey("data.subset", _reads_a_hub_dataset,
-               "chooses the subset of a hub dataset id, and data.train and data.eval name none; remove it"),
+               "chooses the subset of a hub dataset id, and data.train and data.eval name none; remove it",
+               default_passes=True),
     ContextKey("train.eval_metric", lambda r: r.train.eval_generate > 0,
                "has no effect without train.eval_generate: N; set train.eval_generate or remove it"),
     ContextKey("train.chunked_loss", lambda r: r.adapter.method not in ("prefix", "prompt"),
@@ -78,9 +82,11 @@ CONTEXT_KEYS = (
 )
 
 
-def _given(recipe, key: str) -> bool:
+def _given(recipe, key: str, default_passes: bool = False) -> bool:
     section, leaf = key.split(".")
-    return leaf in getattr(recipe, section).model_fields_set
+    part = getattr(recipe, section)
+    given = leaf in part.model_fields_set
+    return given and not (default_passes and getattr(part, leaf) == type(part).model_fields[leaf].default)
 
 
 def inapplicable(recipe) -> list[ContextKey]:
@@ -90,7 +96,7 @@ def inapplicable(recipe) -> list[ContextKey]:
 
 def start_problems(recipe) -> list[str]:
     """Why ``recipe`` may not start work: each key the user set where it has no effect, one line with the fix."""
-    problems = [f"{c.key}: {c.why}" for c in inapplicable(recipe) if _given(recipe, c.key)]
+    problems = [f"{c.key}: {c.why}" for c in inapplicable(recipe) if _given(recipe, c.key, c.default_passes)]
     model = recipe.model
     # A revision picks a commit of a hub repository; transformers ignores it for a local directory.
     if model.revision is not None and is_local(model.name_or_path) and (

@@ -78,6 +78,12 @@ def test_revision_with_a_local_model_is_refused_to_start_not_to_read(tmp_path):
     parse_recipe(recipe(model={"name_or_path": str(tmp_path), "revision": "main", "tokenizer": "owner/tok"}))
 
 
+def test_split_and_subset_at_their_defaults_pass_on_local_data():
+    """Every recipe `lorakit init` wrote before data.split/data.subset joined the table spells out split: train and
+    subset: null; those still start."""
+    parse_recipe(recipe(data={"split": "train", "subset": None}))
+
+
 def test_a_field_mapping_no_format_reads_is_refused_to_start_not_to_read():
     """data.fields {question: instruction} (written the wrong way round) was silently ignored."""
     data = recipe(data={"fields": {"question": "instruction", "output": "answer"}})
