@@ -125,7 +125,8 @@ def check_replaceable(option: str, out: Path, overwrite: bool, what: str, also: 
     ways out the message offers for a lorakit output (train: "continue it with --resume, ")."""
     if out.exists() and not out.is_dir():
         raise SafetyError(f"{option} {out} is a file; {elsewhere}")
-    if not (out.is_dir() and any(out.iterdir())):
+    # A marker alone is a run that stopped before writing anything (a tracker that could not start): nothing to keep.
+    if not (out.is_dir() and any(p.name != MARKER for p in out.iterdir())):
         return
     record = read_marker(out)
     if record is None:

@@ -105,6 +105,11 @@ def test_a_tracker_that_cannot_start_is_one_line_exit_2(tiny_model_dir, tmp_path
     assert result.exit_code == 2, result.output
     assert "output.report_to: a tracker could not start: The filesystem tracking backend" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run" / "recipe.yaml").exists()
+    # What it left (the run's marker alone) is no run: the same command without the tracker may use the folder;
+    # it was refused as 'not empty (it holds a lorakit run ...)'.
+    from lorakit.training.run import check_output_dir
+
+    check_output_dir(tmp_path / "run")
 
 
 def _wandb_records(path):
