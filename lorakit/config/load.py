@@ -73,6 +73,8 @@ def _format_error(err: dict) -> str:
         return f"{key}: unknown key{_did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))}"
     if kind == "missing":
         return f"{key}: required key is missing"
+    if kind in ("model_type", "dict_type"):  # pydantic's "... or instance of TrainSection" names a class of ours
+        return _not_a_mapping(key, value)
     if kind == "value_error":  # our own validators: the message already names the keys
         return msg.removeprefix("Value error, ")
     if kind == "literal_error":
@@ -87,15 +89,15 @@ def _format_error(err: dict) -> str:
     return f"{key}: {said} ({value!r})" if ", got " in said else f"{key}: {said}, got {value!r}"
 
 
-def _union_errors_left_out(messages: list[str]) -> list[str]:
-    """pydantic's errors with one per union member tried kept once per key, and a type mismatch left out where a
-    member matched further in (data.train: 'should be a valid string' beside data.train[1].weight's bound)."""
-    keys = [m.split(":")[0] for m in messages]
-    out = []
-    for key, message in zip(keys, messages):
-        deeper = any(k.startswith((f"{key}.", f"{key}[")) for k in keys)
-        if "valid" in message and (deeper or any(p.split(":")[0] == key and "valid" in p for p in out)):
+def _union_errors_left_out(errors: list[dict]) -> list[str]:
+    """pydantic's errors, with the type mismatches of the union members that did not apply left out: one per key,
+    none where a member matched further in (data.train: 'should be a valid string' beside data.train[1].weight)."""
+    found = [(_key(err["loc"]), err["type"].endswith("_type"), _format_error(err)) for err in errors]
+    out, told = [], set()
+    for key, mismatch, message in found:
+        if mismatch and (key in told or any(k.startswith((f"{key}.", f"{key}[")) for k, _, _ in found)):
             continue
+        told.add(key)
         out.append(message)
     return out
 
@@ -211,10 +213,12 @@ def parse_recipe(data: dict, source: str | None = None, recorded: bool = False) 
     for name in data:
         if name not in Recipe.model_fields:
             problems.append(f"{name}: unknown section{_did_you_mean(name, Recipe.model_fields)}")
+    # A section whose keys are all commented out (`output:` alone) is YAML null: an empty section, as section() has it.
+    sections = {k: {} if v is None else v for k, v in data.items() if k in Recipe.model_fields}
     try:
-        recipe = Recipe.model_validate({k: v for k, v in data.items() if k in Recipe.model_fields})
+        recipe = Recipe.model_validate(sections)
     except ValidationError as e:
-        problems.extend(_union_errors_left_out([_format_error(err) for err in e.errors()]))
+        problems.extend(_union_errors_left_out(e.errors()))
         raise RecipeError(problems, source=source) from None
     tokenizer_path = recipe.model.tokenizer or recipe.model.name_or_path
     problems.extend(validate_adapter_extras(recipe.adapter, tokenizer_path))
@@ -248,8 +252,12 @@ def section(data: dict, name: str, source: str) -> dict:
     if value is None:
         value = data[name] = {}
     if not isinstance(value, dict):
-        raise RecipeError([f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}"], source=source)
+        raise RecipeError([_not_a_mapping(name, value)], source=source)
     return value
+
+
+def _not_a_mapping(key: str, value) -> str:
+    return f"{key}: must be a mapping of keys, got {type(value).__name__} {value!r}"
 
 
 def as_flag(problem: str, flags: dict[str, str]) -> str:

@@ -138,6 +138,14 @@ def test_empty_names_are_refused_when_read(section, key, value, message):
     assert [p for p in problems(data) if p.startswith(message)], problems(data)
 
 
+def test_a_section_with_every_key_commented_out_is_empty_and_a_scalar_is_not_a_mapping():
+    """`output:` alone (YAML null) said 'input should be a valid dictionary or instance of OutputSection'."""
+    assert parse_recipe({**MINIMAL, "output": None, "adapter": None}).output.save == "adapter"
+    assert problems({**MINIMAL, "train": 3}) == ["train: must be a mapping of keys, got int 3"]
+    assert problems({**MINIMAL, "data": {"train": "t.jsonl", "fields": [1]}}) == [
+        "data.fields: must be a mapping of keys, got list [1]"]
+
+
 def test_adapter_typo_suggests_key():
     found = problems({**MINIMAL, "adapter": {"lora_alpah": 32}})
     assert found == ["adapter.lora_alpah: unknown key for method lora (LoraConfig); did you mean lora_alpha?"]
