@@ -113,6 +113,9 @@ def select_checkpoint(root: Path, explicit: Path | None, say: Callable[[str], No
     if explicit is not None:
         return verify_checkpoint(Path(explicit))
     found = latest_checkpoint(root, say)
+    if found is None and not root.parent.exists():  # --overwrite would have nothing to replace
+        raise CheckpointError(f"{root.parent}: nothing to resume, the folder does not exist (no complete checkpoint); "
+                              "start the run without --resume, or give a checkpoint with --resume PATH")
     if found is None:
         raise CheckpointError(
             f"{root}: no complete checkpoint to resume from; start over without --resume (with --overwrite to "

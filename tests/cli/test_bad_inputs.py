@@ -359,7 +359,7 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("ckpt-not-found-multiprocess", 4, lambda c: c.resume(c.tmp / "no-such-checkpoint", "--nproc", "2"),
      ("no-such-checkpoint: not found",)),
     ("ckpt-nothing-to-resume", 4, lambda c: ["train", c.recipe(), "--resume"],
-     ("no complete checkpoint", "without --resume")),
+     ("the folder does not exist (no complete checkpoint)", "without --resume")),  # once: "--overwrite to replace"
     ("ckpt-recipe-changed", 4, lambda c: ["train", c.run_recipe, "--resume", "--set", "train.learning_rate=0.01"],
      ("train.learning_rate: 0.001 → 0.01", "--allow-recipe-change")),
     ("ckpt-world-size-changed", 4,
