@@ -292,7 +292,7 @@ FAMILIES = (
     ("attention", ("scaled_dot_product", "aten::_softmax")),
     ("loss: softmax/CE over the vocabulary", ("log_softmax", "nll_loss", "logsumexp", "aten::exp", "aten::gather",
                                               "aten::index_put", "aten::sub_")),
-    ("dropout", ("bernoulli",)),
+    ("dropout", ("bernoulli", "aten::random_")),
     ("copies, fills, indexing", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::index", "aten::scatter",
                                  "aten::cat", "aten::clone", "aten::contiguous")),
 )
@@ -303,12 +303,14 @@ def profile_step(recipe: dict, repeats: int = 2) -> dict:
     side (torch.profiler; the sides' first steps hold different examples when lorakit groups by length)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from lorakit.adapters.dropout import use_lora_dropout
     from lorakit.data import collate
     from lorakit.training.perf import Work
 
     model, tokenizer, sides = first_steps(recipe)
     out = {}
     for name, (padding_free, loss, micro) in sides.items():
+        use_lora_dropout(model, fast=name == "lorakit")  # one model for both sides: each side's own dropout
         batches = [collate(b, tokenizer, padding_free) for b in micro]
         work = Work()
         for b in micro:

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorakit.adapters.dropout import uses_lora_dropout
 from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
 from lorakit.text import NotJsonObject, read_json_object
@@ -93,7 +94,8 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
             Setting("rank / scale", f"r {ranks}, scale {scales}"
                     + (" (rsLoRA: alpha/√r)" if getattr(config, "use_rslora", False) else " (alpha/r)"),
                     ("adapter.r", "adapter.lora_alpha")),
-            Setting("dropout", f"p {dropout}", ("adapter.lora_dropout",)),
+            Setting("dropout", f"p {dropout}" + (", CPU masks from 16 random bits per element (LoraDropout)"
+                                                 if uses_lora_dropout(model) else ""), ("adapter.lora_dropout",)),
             Setting("DoRA magnitude vectors", str(magnitudes), ()),
         ]
     elif section.method == "bottleneck":

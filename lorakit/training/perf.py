@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorakit.adapters.dropout import use_lora_dropout
 from lorakit.data.formats import num_targets
 from lorakit.models.attention import varlen_name
 from lorakit.errors import UsageError
@@ -48,11 +49,14 @@ GPU_PEAK_BF16 = (
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Speed knobs (train.compile, train.liger); model.attn_implementation is applied when the model is loaded
+# Speed knobs (train.compile, train.liger) and LoRA's cheaper CPU dropout masks (always); model.attn_implementation is
+# applied when the model is loaded
 
 
 def apply_speed_knobs(model, compile: bool, liger: bool) -> None:
-    """Liger's kernels, then torch.compile, applied in place to the PEFT model (its identity and keys kept)."""
+    """LoRA dropout with 16-bit masks (lorakit.adapters.dropout), Liger's kernels, then torch.compile, applied in
+    place to the PEFT model (its identity and keys kept)."""
+    use_lora_dropout(model)
     if liger:
         apply_liger(model)
     if compile:

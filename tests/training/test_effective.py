@@ -51,6 +51,7 @@ def test_lines_show_what_took_effect(runs):
     assert "added <tool>" in dora["tokenizer"]["value"] and pissa["trainable tokens"]["value"] == "none"
     assert pissa["modules adapted"]["value"] == "4: q_proj ×2, v_proj ×2"
     assert pissa["rank / scale"]["value"] == "r [4], scale [2.0] (alpha/r)"
+    assert dora["dropout"]["value"] == "p [0.1], CPU masks from 16 random bits per element (LoraDropout)"
     assert pissa["quantization"]["value"] == "none (0 quantized layers)"
     assert dora["DoRA magnitude vectors"]["value"] == "4"
     assert dora["quantization"]["value"].startswith("14 layers nf4, stored as float32, double quant on")
