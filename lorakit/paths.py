@@ -100,3 +100,13 @@ def require_hub(key: str, name: str, revision: str | None = None, filename: str 
                              f"a hub id, {reason}; give an existing directory, or download it where the hub answers")
         remedy = remedy or "give a local directory, or download it where the hub answers"
         raise UsageError(f"{key}: {name!r} is a hub id that {reason}; {remedy}")
+
+
+def run_around(path: str | Path, marker: str) -> Path | None:
+    """The run directory ``path`` lies in, when ``path`` is one of its folders (RUN/adapter, RUN/merged,
+    RUN/checkpoints/step-N) and that run holds ``marker`` (run.json, metrics.jsonl); else None."""
+    path = Path(path)
+    for run in (path.parent, path.parent.parent):
+        if (run / marker).is_file() and (run / "recipe.yaml").is_file():
+            return run
+    return None

@@ -73,7 +73,7 @@ def build_card(adapter_dir: Path, *, merged: bool = False, merge_record: dict | 
     parts += _method(config, record, recipe, merge_record)
     parts += _data(run, recipe)
     parts += _training(run, recipe)
-    parts += _usage(base, merged)
+    parts += _usage(base, merged, (recipe.get("data") or {}).get("format", "alpaca") if recipe else None)
     parts += _reproduce(run)
     return "\n".join(parts) + "\n"
 
@@ -123,20 +123,34 @@ def _training(run: dict, recipe: dict) -> list[str]:
     return lines
 
 
-def _usage(base: str, merged: bool) -> list[str]:
+# How `lorakit generate` should be given a prompt for each data format: as training rendered it.
+PROMPT_HOW = {
+    "alpaca": "   # a prompt in the run's alpaca layout (### Instruction: ... ### Response:), not --chat: "
+              "training never used the chat template",
+    "completion": "   # the text to continue, as the run's prompts were given (not --chat)",
+    "text": "   # the text to continue (not --chat: the run trained on plain text)",
+}
+
+
+def _usage(base: str, merged: bool, data_format: str | None) -> list[str]:
+    """The loading snippets; ``data_format``: the run's data.format (None when no run is around the adapter)."""
+    chat = data_format not in PROMPT_HOW
+    tokenizer_note = "with the chat template trained on" if chat else "the run's tokenizer"
+    how = " --chat" if chat else ""
+    note = "" if chat else PROMPT_HOW[data_format]
     if merged:
         code = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 'model = AutoModelForCausalLM.from_pretrained("THIS_DIR_OR_REPO")',
                 'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR_OR_REPO")']
-        cli = 'lorakit generate --model THIS_DIR_OR_REPO --chat --prompt "..."'
+        cli = f'lorakit generate --model THIS_DIR_OR_REPO{how} --prompt "..."{note}'
     else:
         code = ["from peft import AutoPeftModelForCausalLM",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f'model = AutoPeftModelForCausalLM.from_pretrained("THIS_DIR_OR_REPO")  # loads {base} too',
-                'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR_OR_REPO")  # with the chat template trained on',
+                f'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR_OR_REPO")  # {tokenizer_note}',
                 "# or with transformers alone (PEFT installed): the base with this adapter attached",
                 'model = AutoModelForCausalLM.from_pretrained("THIS_DIR_OR_REPO")']
-        cli = f'lorakit generate --model {base} --adapter tuned=THIS_DIR_OR_REPO --chat --prompt "..."'
+        cli = f'lorakit generate --model {base} --adapter tuned=THIS_DIR_OR_REPO{how} --prompt "..."{note}'
     return ["", "## Use it", "", "```python", *code, "```", "", "```bash", cli,
             "lorakit eval THIS_DIR --data questions.jsonl --base-too   # is it better than the base?", "```", "",
             "Publish this folder as a hub repository: `hf upload USER/REPO THIS_DIR` (huggingface_hub's CLI)."]

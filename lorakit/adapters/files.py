@@ -24,6 +24,7 @@ from lorakit.text import NotJsonObject, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 RECORD_FILE = "lorakit.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's, the pickle one read only when allowed
 
 
 def stable_config(adapter_dir: Path) -> None:
@@ -47,13 +48,35 @@ def find_adapter_dir(path: str | Path, what: str) -> Path:
     if not is_adapter_dir(path) and is_adapter_dir(path / "adapter"):
         path = path / "adapter"
     if not is_adapter_dir(path):
-        raise CheckpointError(f"{what}: {path} has no adapter_config.json; give an adapter directory (RUN/adapter)")
+        raise CheckpointError(f"{what}: {path} has no adapter_config.json; {_not_an_adapter(path)}")
     if problem := folder_problem(path, ("adapter_config.json", RECORD_FILE)):
         raise CheckpointError(f"{what}: {problem}; the adapter is damaged: copy or train it again")
     if not isinstance(read_config(path).get("peft_type"), str):  # every PEFT config names its type
         raise CheckpointError(f"{what}: {path}/adapter_config.json has no peft_type, so it is no PEFT adapter config; "
                               "the adapter is damaged: copy or train it again")
     return path
+
+
+def require_weights(path: Path, what: str) -> None:
+    """Exit 4 when the adapter at ``path`` (found by find_adapter_dir) has no weights file: PEFT's load would
+    report a hub lookup of the folder's name, and the vLLM check would find no module to object to. (merge and
+    export read the tensors, which says the same; a bottleneck adapter's loader names its own file.)"""
+    if not is_bottleneck_dir(path) and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise CheckpointError(f"{what}: {path}: no {WEIGHT_FILES[0]}; is the adapter directory complete?")
+
+
+def _not_an_adapter(path: Path) -> str:
+    """What to give instead of ``path``: a run that has not written its adapter yet has checkpoints that hold one."""
+    folders = (path / "checkpoints").glob("step-*") if (path / "checkpoints").is_dir() else ()
+    # (RUN/checkpoints/step-NNNNNN, named by lorakit.checkpoint, a layer above this one)
+    saved = sorted((ckpt for ckpt in folders if ckpt.name[5:].isdigit() and is_adapter_dir(ckpt / "adapter")),
+                   key=lambda ckpt: int(ckpt.name[5:]))
+    if saved:
+        return (f"it is a run that has not written {path / 'adapter'} (not finished, or interrupted); give its "
+                f"newest checkpoint, {saved[-1]}, or finish the run (lorakit train RECIPE --resume)")
+    if (path / "config.json").is_file():
+        return "it is a whole model, not an adapter; give an adapter directory (RUN/adapter)"
+    return "give an adapter directory (RUN/adapter)"
 
 
 def is_adapter_dir(path: Path) -> bool:

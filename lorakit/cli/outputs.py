@@ -25,6 +25,9 @@ def eval_(
     output: Optional[Path] = output_file_option(
         None, "eval.json path (default: RUN/eval.json for a run, else ./eval.json); an "
         "existing file is moved aside, not overwritten."),
+    base: Optional[str] = typer.Option(
+        None, "--base", help="Base model, in place of the recorded one: an adapter's (when its base has moved), or "
+        "a merged model's for --base-too."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
@@ -35,9 +38,12 @@ def eval_(
     say = console(True)
     path = output or default_output(target)
     resolved = check_report_output(path, data)
-    with stage(True, "evaluating"):
+    from lorakit.config.load import flags_named
+
+    with stage(True, "evaluating"), flags_named({"model.name_or_path": "--base"} if base is not None else {}):
         report = run_eval(target, data, metric=metric, base_too=base_too, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, allow_pickle=allow_pickle, device=device, say=say)
+                          max_new_tokens=max_new_tokens, allow_pickle=allow_pickle, device=device, base=base,
+                          say=say)
     aside = write_report(report, resolved)
     if aside is not None:
         say(f"the earlier {path.name} was moved to {aside}")

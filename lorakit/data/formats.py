@@ -332,17 +332,18 @@ def num_targets(labels) -> int:
 # Answers (what `lorakit eval` and train.eval_generate score against)
 
 
-def through_last_answer(row: Row, section: DataSection) -> Row:
-    """A chat row cut after its last assistant turn (the turn evaluation asks for); other rows as they are."""
+def through_last_answer(row: Row, section: DataSection) -> Row | None:
+    """A chat row cut after its last assistant turn (the turn evaluation asks for); other rows as they are. None
+    for a chat row with no assistant turn: nothing to score or to compute a loss on (training leaves such a row
+    out as unsupervised)."""
     if section.format != "chat":
         return row
     column = section.fields.get("messages", "messages")
     messages = _field(row, "messages", section, list)
     turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
-    last = turns[-1] if turns else None
-    if last is None:
-        raise BadRowError(f"{row.where}: field {column!r} has no assistant turn to score against")
-    return Row(row.where, {**row.data, column: messages[: last + 1]})
+    if not turns:
+        return None
+    return Row(row.where, {**row.data, column: messages[: turns[-1] + 1]})
 
 
 def answer_of(row: Row, section: DataSection) -> str | None:

@@ -73,16 +73,23 @@ def resolve_target(target: str | Path, *, want: str = "model", base: str | None 
         elif _is_adapter(adapter):
             path = adapter
     if path.is_dir() and _is_adapter(path):
-        from lorakit.adapters.files import check_recorded_base, read_adapter, read_config, resolve_base
+        from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, read_adapter, read_config,
+                                            resolve_base)
         from lorakit.merge.merge import read_mergeable_adapter
 
-        if want == "adapter" and (why := plain_lora_only(path, read_config(path))):
-            raise UsageError(why)
+        if want == "adapter":
+            path = find_adapter_dir(path, "TARGET")  # a damaged or incomplete folder: exit 4 naming the file
+            if why := plain_lora_only(path, read_config(path)):
+                raise UsageError(why)
         # Merging it refuses adapters with no weight delta (prompt tuning, bottleneck, ...) here, before any work.
         adapter = read_mergeable_adapter(path, allow_pickle) if want == "model" else read_adapter(path, allow_pickle)
         base_dir = resolve_base(adapter, base)
         check_recorded_base(adapter.record, base_dir, "--base")
         return Target(Path(target), "adapter", base_dir, path, _config(base_dir), _arch(base_dir))
+    if path.is_dir() and (path / "checkpoints").is_dir() and not _is_model(path):
+        from lorakit.adapters.files import find_adapter_dir
+
+        find_adapter_dir(path, "TARGET")  # a run that has not written its adapter yet: exit 4 naming its checkpoint
     if want == "adapter":
         raise UsageError(f"TARGET {path}: not an adapter (no adapter_config.json); give RUN/adapter or a run directory")
     if not _is_model(path):

@@ -61,9 +61,10 @@ def serving_rank(rank: int) -> int:
 
 def run_vllm_check(target: Path, max_lora_rank: int | None, *, base: str | None, say: Callable[[str], None]) -> None:
     """Print the verdict and the `vllm serve` command; exit 4 (adapter) when vLLM would refuse it."""
-    from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record
+    from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record, require_weights
 
     path = find_adapter_dir(target, "TARGET")
+    require_weights(path, "TARGET")
     config = read_config(path)
     record = read_record(path)
     if base is not None:
@@ -72,7 +73,7 @@ def run_vllm_check(target: Path, max_lora_rank: int | None, *, base: str | None,
     dtypes = _saved_dtypes(path)
     if dtypes - {"F16", "BF16", "F32"}:
         problems.append(f"adapter weights stored as {', '.join(sorted(dtypes))}; vLLM loads float weights only")
-    base_model = base or record.get("base_model") or config.get("base_model_name_or_path") or "BASE"
+    base_model = base or _served_base(record) or config.get("base_model_name_or_path") or "BASE"
     if problems:
         raise CheckpointError(f"{path}: vLLM's LoRA loader would refuse this adapter: " + "; ".join(problems))
     rank = max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()])
@@ -81,6 +82,16 @@ def run_vllm_check(target: Path, max_lora_rank: int | None, *, base: str | None,
         f"weights {', '.join(sorted(dtypes))}, cast to the model's dtype by vLLM)")
     say(f"vllm serve {base_model} --enable-lora --lora-modules {name}={path.resolve()} "
         f"--max-lora-rank {max_lora_rank or serving_rank(rank)}")
+
+
+def _served_base(record: dict) -> str | None:
+    """The base for `vllm serve`: a local model directory by the absolute path the run resolved (the command then
+    works from any directory, as the adapter's absolute path does; the recipe may have named it relative to
+    where training ran), anything else (a hub id, a .gguf file) as the recipe named it."""
+    name, resolved = record.get("base_model"), record.get("base_model_path")
+    if name and resolved and not name.endswith(".gguf") and Path(resolved).is_absolute() and Path(resolved).is_dir():
+        return resolved  # a hub id is recorded as itself, a .gguf base as the folder lorakit converted it into
+    return name
 
 
 def _header(path: Path) -> dict:

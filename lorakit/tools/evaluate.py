@@ -20,15 +20,19 @@ from types import SimpleNamespace
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lorakit.adapters.files import config_file, find_adapter_dir, read_config, read_record
+from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, read_config,
+                                    read_record, require_weights)
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
 from lorakit.data.chat import resolve_chat_template
 from lorakit.data.sources import BadRowError, read_rows
-from lorakit.errors import CheckpointError, DataError, UsageError
+from lorakit.errors import CheckpointError, DataError, SafetyError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
+from lorakit.models.checks import folder_problem
 from lorakit.models.loading import load_tokenizer, resolve_device, resolve_model_path
+from lorakit.paths import is_local, require_hub
 from lorakit.publish import check_file_output, check_inputs_apart, set_aside
+from lorakit.text import NotJsonObject, read_json_object
 from lorakit.tools.generate import load_for_generation
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
@@ -44,35 +48,81 @@ class Target:
     model: ModelSection  # what loads first: the base (adapter targets) or the merged model
     base: ModelSection | None  # merged targets: the base the adapter was merged into, for --base-too
     recipe: Recipe | None  # the run's recipe.yaml when the target sits in (or is) a run directory
+    no_base: str = ""  # merged targets without a base: why (for --base-too's message)
 
 
-def resolve_target(path: Path) -> Target:
-    """A run directory (its adapter), an adapter directory, or a merged model directory."""
+def resolve_target(path: Path, base: str | None = None) -> Target:
+    """A run directory (its adapter), an adapter directory, or a merged model directory. ``base`` (--base): the
+    adapter's base, or a merged model's for --base-too, in place of the one recorded."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not found; give a run directory, an adapter directory or a merged model")
+        what = "a file" if path.exists() else "not found"
+        raise CheckpointError(f"{path}: {what}; give a run directory, an adapter directory or a merged model")
+    if base is not None and not base.strip():
+        raise UsageError("--base: the value is empty; name the base model, or drop --base for the recorded one")
     recipe = _run_recipe(path)
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        merge = json.loads((path / MERGE_RECORD).read_text()) if (path / MERGE_RECORD).is_file() else {}
+        if problem := folder_problem(path, ("config.json", "generation_config.json")):
+            raise CheckpointError(f"{problem}; the model is damaged: merge or copy it again")
         dtype = recipe.model.dtype if recipe else "auto"
-        base = ModelSection(name_or_path=merge["base"], dtype=dtype) if merge.get("base") else None
-        return Target("merged", path, ModelSection(name_or_path=str(path), dtype=dtype), base, recipe)
+        recorded, no_base = _merge_base(path)
+        base_name = base or recorded
+        base_section = ModelSection(name_or_path=base_name, dtype=dtype) if base_name else None
+        return Target("merged", path, ModelSection(name_or_path=str(path), dtype=dtype), base_section, recipe, no_base)
     adapter = find_adapter_dir(path, "lorakit eval")
     record = read_record(adapter)
-    base_path = record.get("base_model_path") or record.get("base_model")
+    if base is not None:
+        check_recorded_base(record, base, "--base")  # another architecture: exit 4 before anything loads
+        base_path = base
+    else:
+        base_path = _recorded_base(adapter, record)
     if recipe is not None:
         model = recipe.model.model_copy(update={"name_or_path": base_path or recipe.model.name_or_path})
     elif base_path:
         model = ModelSection(name_or_path=base_path, quantization=record.get("quantization", "none"),
                              dtype=record.get("dtype", "auto"))
     else:
-        base = read_config(adapter).get("base_model_name_or_path")
-        if not base or not isinstance(base, str):
+        config_base = read_config(adapter).get("base_model_name_or_path")
+        if not config_base or not isinstance(config_base, str):
             raise CheckpointError(f"{config_file(adapter)}: records no base model (base_model_name_or_path is "
-                                  f"{base!r}, and there is no lorakit.json); set base_model_name_or_path there to "
-                                  "the base model the adapter was trained on")
-        model = ModelSection(name_or_path=base)
+                                  f"{config_base!r}, and there is no lorakit.json); give the base it was trained on "
+                                  "with --base, or set base_model_name_or_path there")
+        model = ModelSection(name_or_path=config_base)
+    require_weights(adapter, "lorakit eval")
     return Target("adapter", adapter, model, None, recipe)
+
+
+def _recorded_base(adapter: Path, record: dict) -> str | None:
+    """The base lorakit.json records: its resolved path, else the name the recipe gave (a project moved as a whole
+    keeps a relative name valid), as `lorakit merge` reads it. Exit 2 when both name local paths that are gone."""
+    recorded = [name for name in (record.get("base_model_path"), record.get("base_model")) if name]
+    for name in recorded:
+        if not is_local(name):  # a hub id: named as the adapter's record, before the hub's minute of retries
+            require_hub(f"{adapter}/{RECORD_FILE}: recorded base", name, record.get("revision"),
+                        remedy="give --base a local model directory")
+            return name
+        if Path(name).expanduser().exists():
+            return name
+    if recorded:
+        raise UsageError(f"{adapter}/{RECORD_FILE}: the base model it records ({' or '.join(dict.fromkeys(recorded))}) "
+                         "is not on this machine; give it with --base PATH")
+    return None
+
+
+def _merge_base(path: Path) -> tuple[str | None, str]:
+    """(the base lorakit_merge.json records, or None; why there is none)."""
+    record_file = path / MERGE_RECORD
+    if not record_file.is_file():
+        return None, f"{record_file.name} missing"
+    try:
+        recorded = read_json_object(record_file).get("base")
+    except NotJsonObject as e:
+        return None, str(e)
+    if not isinstance(recorded, str) or not recorded:
+        return None, f"{record_file} records no base"
+    if is_local(recorded) and not Path(recorded).expanduser().exists():
+        return None, f"the base {record_file} records, {recorded}, is not on this machine"
+    return recorded, ""
 
 
 def _run_recipe(path: Path) -> Recipe | None:
@@ -125,14 +175,18 @@ def _source_of(data: DataSection, data_file: Path):
 
 def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_too: bool = False,
              batch_size: int = 8, max_new_tokens: int = 64, allow_pickle: bool = False,
-             device: str | None = None, say=print) -> dict:
+             device: str | None = None, base: str | None = None, say=print) -> dict:
     """Score the target (and with ``base_too`` its base) on ``data_file``; returns what eval.json holds."""
     if metric not in METRICS:
         raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
     device = resolve_device(device)
-    target = resolve_target(target_path)
+    target = resolve_target(target_path, base)
+    if base is not None and target.kind == "merged" and not base_too:
+        raise UsageError(f"--base {base}: {target.path} is a whole model; --base names the base for --base-too "
+                         "(or an adapter's), so add --base-too or drop --base")
     if base_too and target.kind == "merged" and target.base is None:
-        raise UsageError(f"--base-too: {target.path} records no base model ({MERGE_RECORD} missing); drop --base-too")
+        raise UsageError(f"--base-too: {target.path} records no base model ({target.no_base}); give it with --base "
+                         "PATH, or drop --base-too")
     if Path(data_file).is_dir():
         raise DataError(f"--data {data_file}: a directory; give the file of rows (.jsonl, .json, .csv, .parquet)")
     if not Path(data_file).is_file():
@@ -151,7 +205,9 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
         raise DataError(f"--data {data_file}: no row left to evaluate ({skipped[0]})")
     started = time.time()
     adapters = {"tuned": target.path} if target.kind == "adapter" else {}
-    model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device)
+    model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device,
+                                   base_option="--base" if base else "the recorded base",
+                                   adapter_label=lambda name, path: str(path))
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "metric": metric}
     results = {"tuned": _score_model(model, tokenizer, items, **settings)}
     if base_too and target.kind == "adapter":
@@ -218,10 +274,25 @@ def _report(target: Target, data_file: Path, section: DataSection, items, skippe
 
 def check_report_output(path: Path, data_file: Path) -> Path:
     """Where eval.json goes (symlinks resolved), checked before any model loads: exit 2 where no file can be
-    written (a directory, a path under a file, a read-only folder), exit 5 for the --data file itself."""
+    written (a directory, a path under a file, a read-only folder), exit 5 for the --data file itself and for an
+    existing file that is not an earlier report (a model's config.json, an adapter's adapter_config.json, a
+    recipe: moving it aside to put the report in its place would break what it belongs to)."""
     out = check_file_output("eval -o", path, "eval.json")
     check_inputs_apart("eval -o", out, {"--data rows": data_file if Path(data_file).is_file() else None})
+    if out.exists() and not _is_report(out):
+        raise SafetyError(f"eval -o {path}: the file exists and is not an eval report lorakit wrote; choose another "
+                          "file (an earlier report is moved aside, anything else is left alone)")
     return out
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` begins as write_report writes an eval.json (the head only: a report can be large)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return head.startswith('{\n  "target": ') and '\n  "kind": ' in head
 
 
 def write_report(report: dict, path: Path) -> Path | None:

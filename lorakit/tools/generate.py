@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.build import load_adapter
-from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record
+from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record, require_weights
 from lorakit.compat import adapter_generate
 from lorakit.config.schema import ModelSection
 from lorakit.data.chat import check_messages
@@ -50,6 +50,7 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
             raise UsageError(f"--adapter {spec}: names are letters, digits, '_', '.', '-', unique and not {BASE!r}; "
                              "write NAME=DIR")
         adapters[name] = find_adapter_dir(directory, f"--adapter {spec}")
+        require_weights(adapters[name], f"--adapter {spec}")
     methods = {read_config(p).get("peft_type") for p in adapters.values()}
     if len(methods) > 1 or ("BOTTLENECK" in methods and len(adapters) > 1):
         raise UsageError(f"--adapter: adapters of different methods ({', '.join(sorted(methods))}), or several "
@@ -87,8 +88,12 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
     return requests
 
 
-def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, allow_pickle: bool, device: str):
-    """(model, tokenizer): the base once, every adapter attached to it under its name."""
+def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, allow_pickle: bool, device: str,
+                        base_option: str = "--model", adapter_label=None):
+    """(model, tokenizer): the base once, every adapter attached to it under its name. ``base_option`` and
+    ``adapter_label(name, path)`` say in messages how the command was given the base and each adapter."""
+    label = adapter_label or (lambda name, path: f"--adapter {name}={path}")
+    short = adapter_label or (lambda name, path: f"--adapter {name}")
     from peft import PeftModel
 
     from lorakit.adapters.bottleneck import is_bottleneck_dir
@@ -105,7 +110,7 @@ def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, all
     if any(is_bottleneck_dir(p) for p in adapters.values()):  # lorakit's own method: one adapter, no names
         return load_adapter(model, next(iter(adapters.values()))).eval(), tokenizer
     for i, (name, path) in enumerate(adapters.items()):
-        check_recorded_base(read_record(path), model_path, f"--adapter {name}: --model")
+        check_recorded_base(read_record(path), model_path, f"{short(name, path)}: {base_option}")
         try:
             if i == 0:
                 model = PeftModel.from_pretrained(model, path, adapter_name=name)
@@ -115,8 +120,8 @@ def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, all
             lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
             # load_state_dict's first line only names the model class; the first mismatch says what differs
             why = next((line for line in lines if "mismatch" in line), lines[0])[:300]
-            raise CheckpointError(f"--adapter {name}={path}: PEFT cannot attach it to {model_path} ({why}); is "
-                                  "--model the base it was trained on?") from None
+            raise CheckpointError(f"{label(name, path)}: PEFT cannot attach it to {model_path} ({why}); is "
+                                  f"{base_option} the base it was trained on?") from None
     return model.eval(), tokenizer
 
 
@@ -160,6 +165,7 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     if prompt == "":
         raise UsageError("--prompt is empty; give the text to complete")
     device = resolve_device(device)
+    check_model_is_no_run(section.name_or_path)
     adapters = parse_adapter_specs(adapter_specs)
     known = {BASE, *adapters}
     default = use or next(iter(adapters), BASE)
@@ -171,6 +177,27 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     for request in requests:
         yield request, generate_one(model, tokenizer, request, chat=chat, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids)
+
+
+def check_model_is_no_run(name: str) -> None:
+    """--model given a run directory or an adapter (no config.json): exit 2 with the command that loads it."""
+    from lorakit.adapters.files import is_adapter_dir
+
+    path = Path(name).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    if (path / "merged" / "config.json").is_file():
+        raise UsageError(f"--model {name}: a run directory; its merged model is --model {path / 'merged'}")
+    adapter = path if is_adapter_dir(path) else path / "adapter" if is_adapter_dir(path / "adapter") else None
+    if adapter is not None:
+        try:
+            record = read_record(adapter)
+        except (OSError, ValueError):  # damaged: --adapter names the file when it is given there
+            record = {}
+        record = record if isinstance(record, dict) else {}
+        base = record.get("base_model_path") or record.get("base_model") or "BASE"
+        raise UsageError(f"--model {name}: an adapter{' (of a run)' if adapter != path else ''}, which generate "
+                         f"loads onto its base: --model {base} --adapter {adapter}")
 
 
 def generation_stop_ids(model, tokenizer, adapter_dirs) -> list[int]:

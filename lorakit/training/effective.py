@@ -214,6 +214,14 @@ def explain(run_dir: str | Path) -> str:
     """`lorakit explain RUN`: the block a finished run recorded in RUN/run.json."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
+        from lorakit.paths import run_around
+
+        if (run := run_around(run_dir, "run.json")) is not None:
+            raise UsageError(f"explain: {path} not found; {run_dir} is a folder of the run {run}: "
+                             f"lorakit explain {run}")
+        if (Path(run_dir) / "recipe.yaml").is_file():
+            raise UsageError(f"explain: {path} not found; the run in {run_dir} has not finished (run.json is written "
+                             "when training ends)")
         raise UsageError(f"explain: {path} not found; give the directory of a finished `lorakit train` run")
     try:
         settings = read_json_object(path).get("effective_settings")

@@ -29,6 +29,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory; give a run directory (the output.dir of a run)")
+    if not (run_dir / "metrics.jsonl").is_file():
+        from lorakit.paths import run_around
+
+        if (run := run_around(run_dir, "metrics.jsonl")) is not None:
+            raise UsageError(f"{run_dir / 'metrics.jsonl'}: no metrics file; {run_dir} is a folder of the run {run}: "
+                             f"lorakit plot {run}")
     out = Path(out) if out is not None else run_dir / "loss.png"
     target = check_file_output("plot -o", out, "loss.png")  # symlinks resolved: a link to an earlier plot stays a link
     if target.exists() and not _is_plot(target):  # an earlier plot is replaced, nothing else

@@ -34,8 +34,12 @@ def eval_items(rows: list[Row], section: DataSection, tokenizer) -> tuple[list[E
     section = section.model_copy(update={"train_on_inputs": False})
     items, skipped = [], []
     for row in rows:
-        row = through_last_answer(row, section)
         try:
+            cut = through_last_answer(row, section)
+            if cut is None:  # as training does: a row with nothing to supervise is left out, and said so
+                skipped.append(f"{row.where}: no assistant turn to score against")
+                continue
+            row = cut
             example, _ = fit_length(tokenize_row(row, section, tokenizer), section, tokenizer.bos_token_id)
         except BadRowError as e:
             raise DataError(f"{e.reason} (lorakit eval reads rows as the run's data.format {section.format})") from None
