@@ -55,4 +55,7 @@ def use_lora_dropout(model, fast: bool = True) -> int:
 
 
 def uses_lora_dropout(model) -> bool:
-    return any(isinstance(m, LoraDropout) for m in model.modules())
+    """Whether training ``model`` draws LoraDropout's 16-bit masks: it holds LoraDropout modules, on the CPU."""
+    weight = next(model.parameters(), None)
+    return (weight is not None and weight.device.type == "cpu"
+            and any(isinstance(m, LoraDropout) for m in model.modules()))
