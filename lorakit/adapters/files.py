@@ -165,15 +165,21 @@ def resolve_base(adapter: Adapter, base: str | None) -> Path:
             raise UsageError("--base: the value is empty; name the base model (a directory or hub id), or drop --base "
                              "for the one the adapter records")
         return _local_model_dir(base, "--base", None)
-    recorded = [adapter.record.get("base_model_path"), adapter.record.get("base_model"),
-                adapter.config.get("base_model_name_or_path")]
-    recorded = [r for r in recorded if r]
-    for name in recorded:
-        if is_local(name) and not Path(name).expanduser().exists():
-            continue  # a recorded local path that has moved: try the next record
-        return _local_model_dir(name, f"{adapter.path}: recorded base", adapter.record.get("revision"))
-    raise UsageError(f"{adapter.path}: the recorded base ({', '.join(recorded) or 'none'}) is not on this machine; "
-                     "pass --base PATH")
+    name, recorded = recorded_base(adapter.record, adapter.config.get("base_model_name_or_path"))
+    if name is None:
+        raise UsageError(f"{adapter.path}: the recorded base ({', '.join(recorded) or 'none'}) is not on this "
+                         "machine; pass --base PATH")
+    return _local_model_dir(name, f"{adapter.path}: recorded base", adapter.record.get("revision"))
+
+
+def recorded_base(record: dict, *more: str | None) -> tuple[str | None, list[str]]:
+    """(the first base an adapter records that can load here, or None; every base it records): lorakit.json's
+    resolved path, then the name the recipe gave (a project moved as a whole keeps a relative name valid), then
+    ``more`` (adapter_config's base_model_name_or_path); a recorded local path that has moved is skipped, a hub id
+    is taken as it is."""
+    recorded = [name for name in (record.get("base_model_path"), record.get("base_model"), *more) if name]
+    usable = (name for name in recorded if not is_local(name) or Path(name).expanduser().exists())
+    return next(usable, None), recorded
 
 
 def check_recorded_base(record: dict, base_dir: str | Path, option: str) -> None:

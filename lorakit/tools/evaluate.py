@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer
 
 from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, read_config,
-                                    read_record, require_weights)
+                                    read_record, recorded_base, require_weights)
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
 from lorakit.data.chat import resolve_chat_template
@@ -93,20 +93,16 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
 
 
 def _recorded_base(adapter: Path, record: dict) -> str | None:
-    """The base lorakit.json records: its resolved path, else the name the recipe gave (a project moved as a whole
-    keeps a relative name valid), as `lorakit merge` reads it. Exit 2 when both name local paths that are gone."""
-    recorded = [name for name in (record.get("base_model_path"), record.get("base_model")) if name]
-    for name in recorded:
-        if not is_local(name):  # a hub id: named as the adapter's record, before the hub's minute of retries
-            require_hub(f"{adapter}/{RECORD_FILE}: recorded base", name, record.get("revision"),
-                        remedy="give --base a local model directory")
-            return name
-        if Path(name).expanduser().exists():
-            return name
-    if recorded:
+    """The base lorakit.json records (adapters.files.recorded_base, as `lorakit merge` reads it); a hub id is
+    checked within reach here, named as the adapter's record. Exit 2 when every recorded local path is gone."""
+    name, recorded = recorded_base(record)
+    if name is not None and not is_local(name):  # before the hub's minute of retries
+        require_hub(f"{adapter}/{RECORD_FILE}: recorded base", name, record.get("revision"),
+                    remedy="give --base a local model directory")
+    if name is None and recorded:
         raise UsageError(f"{adapter}/{RECORD_FILE}: the base model it records ({' or '.join(dict.fromkeys(recorded))}) "
                          "is not on this machine; give it with --base PATH")
-    return None
+    return name
 
 
 def _merge_base(path: Path) -> tuple[str | None, str]:

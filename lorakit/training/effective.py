@@ -14,6 +14,7 @@ from pathlib import Path
 from lorakit.adapters.dropout import uses_lora_dropout
 from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
+from lorakit.paths import run_around
 from lorakit.text import NotJsonObject, read_json_object
 from lorakit.training.optim import describe_groups
 from lorakit.training.threads import openmp_waits
@@ -214,8 +215,6 @@ def explain(run_dir: str | Path) -> str:
     """`lorakit explain RUN`: the block a finished run recorded in RUN/run.json."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
-        from lorakit.paths import run_around
-
         if (run := run_around(run_dir, "run.json")) is not None:
             raise UsageError(f"explain: {path} not found; {run_dir} is a folder of the run {run}: "
                              f"lorakit explain {run}")

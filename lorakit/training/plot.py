@@ -12,6 +12,7 @@ from typing import Callable
 
 from lorakit.atomic import publish_file
 from lorakit.errors import SafetyError, UsageError
+from lorakit.paths import run_around
 from lorakit.publish import check_file_output
 from lorakit.training.metrics import read_metrics, series
 
@@ -30,8 +31,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory; give a run directory (the output.dir of a run)")
     if not (run_dir / "metrics.jsonl").is_file():
-        from lorakit.paths import run_around
-
         if (run := run_around(run_dir, "metrics.jsonl")) is not None:
             raise UsageError(f"{run_dir / 'metrics.jsonl'}: no metrics file; {run_dir} is a folder of the run {run}: "
                              f"lorakit plot {run}")
