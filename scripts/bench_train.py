@@ -1,7 +1,7 @@
 """Side-by-side training benchmark: `lorakit train` against transformers.Trainer + PEFT.
 
     python scripts/bench_train.py [--repeats 3] [--steps 6] [--knobs "chunked_loss off,..."|none]
-                                  [--threads 1] [--out runs/bench] [--profile]
+                                  [--threads 1] [--out runs/bench] [--profile] [--ceiling]
     make bench
 
 Both sides get the same model, data, LoRA config (r 16, alpha 32, dropout 0.05, all linear layers),
@@ -329,6 +329,75 @@ def profile_step(recipe: dict, repeats: int = 2) -> dict:
     return out
 
 
+def matmul_ceiling(recipe: dict, repeats: int = 10) -> dict:
+    """How far the MFU goal is from this machine's limit: lorakit's first optimizer step (forward and backward of
+    its micro-batches, no optimizer), its best time over ``repeats``, against the same step's matmuls each timed
+    alone at its best (shapes and counts from torch.profiler) plus its attention kernels as measured in the step.
+    The ceiling is the MFU the step would reach if every other operator (norms, activations, LoRA's products and
+    scaling, dropout, copies, the loss's softmax) took no time and no matmul waited on memory."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.adapters.dropout import use_lora_dropout
+    from lorakit.data import collate
+    from lorakit.training.perf import ModelShape, Work, matmul_probe
+
+    model, tokenizer, sides = first_steps(recipe)
+    padding_free, loss, micro = sides["lorakit"]
+    use_lora_dropout(model, fast=True)
+    batches = [collate(b, tokenizer, padding_free) for b in micro]
+    work = Work()
+    for b in micro:
+        work.add(b)
+    flops = ModelShape.of(model).flops(work, checkpointing=False)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        for batch in batches:
+            loss(model, batch, 100.0).backward()
+        seconds = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return seconds
+
+    step(), step()  # warm-up
+    step_seconds = min(step() for _ in range(repeats))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    matmuls, attention = collections.Counter(), 0.0
+    for event in prof.events():
+        if event.name in ("aten::mm", "aten::addmm", "aten::bmm"):
+            matmuls[(event.name, tuple(tuple(s) for s in event.input_shapes if s))] += 1
+        elif "scaled_dot_product" in event.name and event.name.startswith("aten::_"):  # the kernels, fwd and bwd
+            attention += event.self_cpu_time_total / 1e6
+    ops = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm}
+    alone = 0.0
+    for (name, shapes), count in matmuls.items():
+        args = [torch.randn(*shape) for shape in shapes[:3]]
+        for _ in range(3):
+            ops[name](*args)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ops[name](*args)
+            best = min(best, time.perf_counter() - t0)
+        alone += count * best
+    peak = max(matmul_probe(torch.device("cpu"), torch.float32, 0.5) for _ in range(3))
+    return {"probe_flops": peak, "step_seconds": step_seconds, "step_mfu": flops / step_seconds / peak,
+            "matmuls": sum(matmuls.values()), "matmul_seconds_alone": alone, "attention_seconds": attention,
+            "ceiling_mfu": flops / (alone + attention) / peak}
+
+
+def print_ceiling(c: dict) -> int:
+    print(f"matmul probe {c['probe_flops'] / 1e9:.0f} GFLOP/s; lorakit's first step (best of 10, no optimizer) "
+          f"{1e3 * c['step_seconds']:.0f} ms: MFU {c['step_mfu']:.1%}")
+    print(f"its {c['matmuls']} matmuls each alone at their best {1e3 * c['matmul_seconds_alone']:.0f} ms, its "
+          f"attention kernels {1e3 * c['attention_seconds']:.0f} ms: ceiling MFU {c['ceiling_mfu']:.1%} "
+          "(every other operator free)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Report
 
@@ -410,6 +479,8 @@ def main() -> int:
     parser.add_argument("--no-track", action="store_true", help="skip the tensor-peak runs")
     parser.add_argument("--profile", action="store_true",
                         help="only profile one optimizer step of each side in this process (torch.profiler)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="only measure lorakit's first step against its matmuls timed alone (the MFU ceiling)")
     parser.add_argument("--no-load", action="store_true",
                         help="skip the variant beside a background load (a niced matmul loop on every usable CPU)")
     parser.add_argument("--threads", type=int, default=None,
@@ -433,6 +504,8 @@ def main() -> int:
     recipe = recipe_for(model, data, eval_data, cfg, steps)
     if args.profile:
         return print_profile(profile_step(recipe))
+    if args.ceiling:
+        return print_ceiling(matmul_ceiling(recipe))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs_dir = out / f"runs-{stamp}"
     before = machine()
