@@ -3,7 +3,8 @@
     python scripts/bench_reference_trainer.py --model DIR --data FILE --out result.json [--steps 6 ...]
 
 This is the stack most users start from: DataCollatorForSeq2Seq pads each micro-batch to its longest row
-and the model computes its loss on full logits; the optimizer is torch AdamW with the same schedule. Two
+and the model computes its loss on full logits; the optimizer is torch's fused AdamW (the Trainer's default)
+with the same schedule. Two
 things are shared with lorakit on purpose, so that both sides train on identical micro-batches:
 - token ids and labels come from lorakit's tokenization (same prompt template and masking);
 - the example order is lorakit's StepSampler order (a Trainer subclass overrides only _get_train_sampler).
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # the Trainer's default with torch >= 2.8, and lorakit's AdamW
         bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",

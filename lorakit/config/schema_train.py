@@ -81,7 +81,8 @@ class TrainSection(Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "adamw", description="adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes)."
+        "adamw", description="adamw (torch's AdamW, its fused kernel on CPU and CUDA), adamw_8bit or paged_adamw_8bit "
+        "(bitsandbytes)."
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables clipping).")
     gradient_checkpointing: bool = Field(

@@ -125,7 +125,8 @@ def _training_lines(recipe, model, optimizer, scheduler, total_steps: int, world
                             "is_gradient_checkpointing", False)
     compiled = getattr(model, "_compiled_call_impl", None) is not None
     return [
-        Setting("optimizer", f"{type(inner).__name__}, {describe_groups(inner)}",
+        Setting("optimizer", f"{type(inner).__name__}{' (fused)' if inner.defaults.get('fused') else ''}, "
+                f"{describe_groups(inner)}",
                 ("train.optimizer", "train.learning_rate", "adapter.loraplus_lr_ratio", "adapter.loraplus_lr_embedding")),
         Setting("optimizer hyperparameters", f"betas {tuple(group['betas'])}, eps {group['eps']}, weight decay "
                 f"{sorted({g['weight_decay'] for g in inner.param_groups if g['params']})}",

@@ -45,8 +45,8 @@ def test_every_recipe_key_has_a_line_or_a_reason(runs):
 def test_lines_show_what_took_effect(runs):
     pissa, dora = settings(runs["pissa"]), settings(runs["dora-nf4"])
     assert pissa["init"]["value"].startswith("pissa: base rewritten in 4 modules, converted at save: yes")
-    assert pissa["optimizer"]["value"] == "AdamW, 2 groups: 4 tensors at lr 0.001; 4 tensors at lr 0.016"
-    assert dora["optimizer"]["value"].startswith("AdamW, 1 group: ")
+    assert pissa["optimizer"]["value"] == "AdamW (fused), 2 groups: 4 tensors at lr 0.001; 4 tensors at lr 0.016"
+    assert dora["optimizer"]["value"].startswith("AdamW (fused), 1 group: ")
     assert dora["trainable tokens"]["value"] == "embed_tokens: 1 rows, lm_head: 1 rows"
     assert "added <tool>" in dora["tokenizer"]["value"] and pissa["trainable tokens"]["value"] == "none"
     assert pissa["modules adapted"]["value"] == "4: q_proj ×2, v_proj ×2"

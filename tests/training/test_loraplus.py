@@ -37,6 +37,8 @@ def test_b_learns_at_ratio_times_the_rate_of_a(optimizer, tiny_model_dir):
     assert sorted(lr_of(opt, "lora_B", model)) == pytest.approx([16e-3])
     plain = build_optimizer(model, recipe.train)  # no adapter section: one group, one rate
     assert len(plain.param_groups) == 1
+    if optimizer == "adamw":  # torch's fused kernel on CPU, with LoRA+'s groups and without
+        assert opt.defaults["fused"] and plain.defaults["fused"]
     build_scheduler(opt, recipe.train, 3)  # the schedule scales each group from its own peak
     (a,), (b,) = lr_of(opt, "lora_A", model), lr_of(opt, "lora_B", model)
     assert b == pytest.approx(16 * a)
@@ -70,3 +72,27 @@ def test_loraplus_run_resumes_bitwise(optimizer, tiny_model_dir, tmp_path):
     first = adapter_hash(run / "adapter")
     run_training(parse_recipe(data), resume=True, resume_from=run / "checkpoints" / "step-000002")
     assert adapter_hash(run / "adapter") == first
+
+
+def test_fused_adamw_updates_as_the_per_tensor_loop_does(tiny_model_dir):
+    """The fused kernel build_optimizer chooses against torch's default per-tensor AdamW on CPU: the same
+    parameters after a few steps, to float rounding."""
+    recipe = make_recipe(tiny_model_dir, {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                         train={"max_steps": 5, "learning_rate": 1e-2, "weight_decay": 0.1})
+    fused_model, loop_model = build_model(recipe), build_model(recipe)
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, recipe.train)
+    loop = torch.optim.AdamW([p for p in loop_model.parameters() if p.requires_grad],
+                             **{k: fused.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")})
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    trained = [(p, q) for p, q in zip(fused_model.parameters(), loop_model.parameters()) if p.requires_grad]
+    torch.manual_seed(0)
+    for _ in range(5):
+        for p, q in trained:
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
