@@ -148,8 +148,9 @@ def emit(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
-def console(enabled: bool) -> Callable[[str], None]:
-    """A print function that is silent off the main process and with --quiet."""
+def console(enabled: bool, stderr: bool = False) -> Callable[[str], None]:
+    """A print function that is silent off the main process and with --quiet. ``stderr``: text goes there, for a
+    command whose stdout is its product (generate's completions)."""
 
     def say(message: str) -> None:
         if not enabled or _mode["quiet"]:
@@ -157,7 +158,7 @@ def console(enabled: bool) -> Callable[[str], None]:
         if _mode["json"]:
             emit("log", message=message)
         else:
-            get_console().print(message, markup=False)
+            (get_err_console() if stderr else get_console()).print(message, markup=False)
 
     return say
 

@@ -212,3 +212,23 @@ def build_random_adapter(model_dir: str | Path, out_dir: str | Path, peft_config
                 param.mul_(1 + magnitude_jitter * torch.randn_like(param))
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_qlora_adapter(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random LoRA on the NF4-quantized base in ``model_dir`` (bitsandbytes runs 4-bit on CPU), with the
+    lorakit.json `lorakit train` writes for a QLoRA run: what generate and eval read the base precision from."""
+    import json
+
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=nf4)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = build_random_adapter(model_dir, out_dir, config, seed=seed, model=base)
+    record = {"base_model": str(model_dir), "base_model_path": str(Path(model_dir).resolve()), "quantization": "nf4",
+              "double_quant": True, "dtype": "float32", "method": "lora"}
+    (out / "lorakit.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out

@@ -14,6 +14,7 @@ import torch
 
 from lorakit.adapters.bottleneck import CONFIG_NAME as BOTTLENECK_CONFIG, is_bottleneck_dir
 from lorakit.atomic import write_file
+from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.methods import REGISTRY
 from lorakit.config.schema import ModelSection
 from lorakit.errors import CheckpointError, SafetyError, UsageError
@@ -180,6 +181,28 @@ def recorded_base(record: dict, *more: str | None) -> tuple[str | None, list[str
     recorded = [name for name in (record.get("base_model_path"), record.get("base_model"), *more) if name]
     usable = (name for name in recorded if not is_local(name) or Path(name).expanduser().exists())
     return next(usable, None), recorded
+
+
+def recorded_quantization(path: Path) -> tuple[str, bool, Path] | None:
+    """(model.quantization, model.double_quant, the file that records them) of the base the adapter at ``path`` was
+    trained on: its lorakit.json, else the recipe.yaml beside it (a checkpoint's adapter has no lorakit.json); None
+    for an adapter lorakit did not train."""
+    record = read_record(path)
+    if "quantization" in record:
+        model = {"quantization": record["quantization"], "double_quant": record.get("double_quant", True)}
+        source = path / RECORD_FILE
+    elif (path.parent / "recipe.yaml").is_file():
+        source = path.parent / "recipe.yaml"
+        model = parse_recipe(read_yaml(source), str(source), recorded=True).model.model_dump()
+    else:
+        return None
+    try:
+        section = ModelSection(name_or_path=str(path), quantization=model["quantization"],
+                               double_quant=model["double_quant"])
+    except ValueError:
+        raise CheckpointError(f"{source}: quantization {model['quantization']!r} is none of none, nf4, fp4, int8; "
+                              "the adapter is damaged: copy or train it again") from None
+    return section.quantization, section.double_quant, source
 
 
 def check_recorded_base(record: dict, base_dir: str | Path, option: str) -> None:

@@ -28,6 +28,9 @@ def eval_(
     base: Optional[str] = typer.Option(
         None, "--base", help="Base model, in place of the recorded one: an adapter's (when its base has moved), or "
         "a merged model's for --base-too."),
+    quantization: Optional[str] = typer.Option(
+        None, "--quantization", help="none, nf4, fp4 or int8: the precision to load the model in (default: the "
+        "adapter's recorded model.quantization)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
@@ -43,7 +46,7 @@ def eval_(
     with stage(True, "evaluating"), flags_named({"model.name_or_path": "--base"} if base is not None else {}):
         report = run_eval(target, data, metric=metric, base_too=base_too, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, allow_pickle=allow_pickle, device=device, base=base,
-                          say=say)
+                          quantization=quantization, say=say)
     aside = write_report(report, resolved)
     if aside is not None:
         say(f"the earlier {path.name} was moved to {aside}")
@@ -75,15 +78,15 @@ def generate(
         None, "--seed", help="Sampling seed, reset for every prompt (with --temperature; default 0).",
         show_default=False),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Base dtype (as model.dtype in a recipe)."),
-    quantization: Optional[str] = typer.Option(None, "--quantization", help="nf4, fp4 or int8 to load the base "
-                                               "quantized, as QLoRA adapters were trained (as model.quantization)."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="none, nf4, fp4 or int8 (as "
+                                               "model.quantization; default: what the adapters' lorakit.json records)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickle (.bin) weights; they can run code."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
     import json
 
     from lorakit.config.load import flags_named
-    from lorakit.console import adopt_transformers_output, emit, is_json
+    from lorakit.console import adopt_transformers_output, console, emit, is_json
     from lorakit.errors import UsageError
     from lorakit.tools.generate import run_generate
     from lorakit.config.schema import ModelSection
@@ -104,7 +107,7 @@ def generate(
     results = run_generate(section, adapter or [], prompt=prompt, file=file, use=use, chat=chat,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=1.0 if top_p is None else top_p, seed=seed or 0,
-                           allow_pickle=allow_pickle, device=device)
+                           allow_pickle=allow_pickle, device=device, say=console(True, stderr=True))
     with flags_named(flags):  # generate has no recipe: its model keys are its flags (results come lazily)
         for request, completion in results:
             if is_json():

@@ -33,7 +33,7 @@ from lorakit.models.loading import load_tokenizer, resolve_device, resolve_model
 from lorakit.paths import is_local, require_hub
 from lorakit.publish import check_file_output, check_inputs_apart, set_aside
 from lorakit.text import NotJsonObject, read_json_object
-from lorakit.tools.generate import load_for_generation
+from lorakit.tools.generate import load_for_generation, precision_note
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
 from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
@@ -49,6 +49,7 @@ class Target:
     base: ModelSection | None  # merged targets: the base the adapter was merged into, for --base-too
     recipe: Recipe | None  # the run's recipe.yaml when the target sits in (or is) a run directory
     no_base: str = ""  # merged targets without a base: why (for --base-too's message)
+    recorded_in: Path | None = None  # adapter targets: the file ``model``'s quantization was read from
 
 
 def resolve_target(path: Path, base: str | None = None) -> Target:
@@ -60,7 +61,7 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
         raise CheckpointError(f"{path}: {what}; give a run directory, an adapter directory or a merged model")
     if base is not None and not base.strip():
         raise UsageError("--base: the value is empty; name the base model, or drop --base for the recorded one")
-    recipe = _run_recipe(path)
+    recipe, recipe_file = _run_recipe(path)
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         if problem := folder_problem(path, ("config.json", "generation_config.json")):
             raise CheckpointError(f"{problem}; the model is damaged: merge or copy it again")
@@ -76,11 +77,13 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
         base_path = base
     else:
         base_path = _recorded_base(adapter, record)
+    recorded_in = recipe_file
     if recipe is not None:
         model = recipe.model.model_copy(update={"name_or_path": base_path or recipe.model.name_or_path})
     elif base_path:
         model = ModelSection(name_or_path=base_path, quantization=record.get("quantization", "none"),
-                             dtype=record.get("dtype", "auto"))
+                             double_quant=record.get("double_quant", True), dtype=record.get("dtype", "auto"))
+        recorded_in = adapter / RECORD_FILE
     else:
         config_base = read_config(adapter).get("base_model_name_or_path")
         if not config_base or not isinstance(config_base, str):
@@ -89,7 +92,7 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
                                   "with --base, or set base_model_name_or_path there")
         model = ModelSection(name_or_path=config_base)
     require_weights(adapter, "lorakit eval")
-    return Target("adapter", adapter, model, None, recipe)
+    return Target("adapter", adapter, model, None, recipe, recorded_in=recorded_in)
 
 
 def _recorded_base(adapter: Path, record: dict) -> str | None:
@@ -121,12 +124,13 @@ def _merge_base(path: Path) -> tuple[str | None, str]:
     return recorded, ""
 
 
-def _run_recipe(path: Path) -> Recipe | None:
-    """The recipe.yaml of the run ``path`` is (or whose adapter/ or merged/ it is), if any."""
+def _run_recipe(path: Path) -> tuple[Recipe | None, Path | None]:
+    """The recipe.yaml of the run ``path`` is (or whose adapter/ or merged/ it is), if any, and its path."""
     for directory in (path, path.parent):
         if (directory / "recipe.yaml").is_file():
-            return parse_recipe(read_yaml(directory / "recipe.yaml"), str(directory / "recipe.yaml"), recorded=True)
-    return None
+            file = directory / "recipe.yaml"
+            return parse_recipe(read_yaml(file), str(file), recorded=True), file
+    return None, None
 
 
 def data_section(target: Target, data_file: Path, rows, keep_template: bool = False) -> DataSection:
@@ -171,12 +175,15 @@ def _source_of(data: DataSection, data_file: Path):
 
 def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_too: bool = False,
              batch_size: int = 8, max_new_tokens: int = 64, allow_pickle: bool = False,
-             device: str | None = None, base: str | None = None, say=print) -> dict:
-    """Score the target (and with ``base_too`` its base) on ``data_file``; returns what eval.json holds."""
+             device: str | None = None, base: str | None = None, quantization: str | None = None,
+             say=print) -> dict:
+    """Score the target (and with ``base_too`` its base) on ``data_file``; returns what eval.json holds.
+    ``quantization`` (--quantization): the precision to load the model in, in place of the recorded one."""
     if metric not in METRICS:
         raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
     device = resolve_device(device)
     target = resolve_target(target_path, base)
+    _choose_precision(target, quantization, say)
     if base is not None and target.kind == "merged" and not base_too:
         raise UsageError(f"--base {base}: {target.path} is a whole model; --base names the base for --base-too "
                          "(or an adapter's), so add --base-too or drop --base")
@@ -218,6 +225,21 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     return report
 
 
+def _choose_precision(target: Target, quantization: str | None, say) -> None:
+    """--quantization in place of the recorded precision; without it, one line when the recorded one is quantized."""
+    if quantization is None:
+        if target.kind == "adapter" and target.model.quantization != "none":
+            say(precision_note(target.model.quantization, target.model.double_quant, target.recorded_in))
+        return
+    try:
+        ModelSection(name_or_path=target.model.name_or_path, quantization=quantization)
+    except ValueError as e:  # pydantic names the allowed values
+        raise UsageError(f"--quantization: {e.errors()[0]['msg']}") from None
+    target.model = target.model.model_copy(update={"quantization": quantization})
+    if target.base is not None:
+        target.base = target.base.model_copy(update={"quantization": quantization})
+
+
 def _tokenizer(target: Target):
     """(tokenizer, whether it is the artifact's own): training saves the tokenizer, its pad token and chat
     template with the adapter (and merge copies it), so prompts render as in training; else the base's."""
@@ -257,7 +279,8 @@ def _report(target: Target, data_file: Path, section: DataSection, items, skippe
     totals = {name: {key: r[key] for key in ("score", "loss", "perplexity")} for name, r in results.items()}
     return {
         "target": str(target.path), "kind": target.kind, "data": str(data_file), "format": section.format,
-        "settings": {**settings, "greedy": True, "loss": "token-weighted mean over answer tokens",
+        "settings": {**settings, "greedy": True, "quantization": target.model.quantization,
+                     "loss": "token-weighted mean over answer tokens",
                      "loss_path": {name: r["loss_path"] for name, r in results.items()}},
         "rows": len(items) + len(skipped), "scored_rows": len(scored), "loss_rows": len(items),
         "skipped": skipped, "totals": totals, "per_row": per_row, "seconds": round(seconds, 2),

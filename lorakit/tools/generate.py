@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.build import load_adapter
-from lorakit.adapters.files import check_recorded_base, find_adapter_dir, read_config, read_record, require_weights
+from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, read_config, read_record,
+                                    recorded_quantization, require_weights)
 from lorakit.compat import adapter_generate
 from lorakit.config.schema import ModelSection
 from lorakit.data.chat import check_messages
@@ -86,6 +87,35 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
     if not requests:
         raise DataError(f"--file {path}: no prompts")
     return requests
+
+
+def trained_precision(section: ModelSection, adapters: dict[str, Path], say) -> ModelSection:
+    """The base in the precision the adapters were trained on: without --quantization (``section`` does not set it)
+    the quantization their lorakit.json records (adapters.files.recorded_quantization), said in one line. Adapters
+    recorded on different precisions cannot share one base: exit 2 unless --quantization chooses."""
+    if "quantization" in section.model_fields_set:
+        return section
+    recorded = {name: found for name, path in adapters.items() if (found := recorded_quantization(path))}
+    if len({(quant, double) for quant, double, _ in recorded.values()}) > 1:
+        listed = ", ".join(f"{name} {_precision(quant, double)}" for name, (quant, double, _) in recorded.items())
+        raise UsageError(f"--adapter: the adapters were trained on different base precisions ({listed}) and share "
+                         "one base; choose it with --quantization (none, nf4, fp4 or int8), or run generate once per "
+                         "precision")
+    quant, double, source = next(iter(recorded.values()), ("none", True, None))
+    if quant == "none":
+        return section
+    say(precision_note(quant, double, source))
+    return section.model_copy(update={"quantization": quant, "double_quant": double})
+
+
+def precision_note(quant: str, double: bool, source: Path) -> str:
+    """The line generate and eval print when they load a base quantized because the adapter was trained so."""
+    return (f"base loaded in {_precision(quant, double)}, as {source} records the adapter was trained; "
+            "--quantization none loads it in full precision")
+
+
+def _precision(quant: str, double: bool) -> str:
+    return quant + (" without double quant" if quant in ("nf4", "fp4") and not double else "")
 
 
 def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, allow_pickle: bool, device: str,
@@ -158,8 +188,9 @@ def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_toke
 
 def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str | None, file: Path | None,
                  use: str | None, chat: bool, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                 allow_pickle: bool, device: str | None):
-    """Yield (request, completion) for --prompt or every row of --file, loading the model once."""
+                 allow_pickle: bool, device: str | None, say=print):
+    """Yield (request, completion) for --prompt or every row of --file, loading the model once (quantized as the
+    adapters were trained unless ``section`` sets model.quantization)."""
     if (prompt is None) == (file is None):
         raise UsageError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
     if prompt == "":
@@ -172,6 +203,7 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     if default not in known:
         raise UsageError(f"--use {default}: no adapter of that name; loaded: {', '.join(sorted(known))}")
     requests = [Request(default, prompt=prompt)] if prompt is not None else read_requests(file, default, known)
+    section = trained_precision(section, adapters, say)
     model, tokenizer = load_for_generation(section, adapters, allow_pickle=allow_pickle, device=device)
     stop_ids = generation_stop_ids(model, tokenizer, adapters.values())
     for request in requests:

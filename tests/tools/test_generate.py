@@ -361,3 +361,48 @@ def test_the_default_device_of_generate_and_eval_is_resolve_devices():
 
     assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None, "cpu") == "cpu" and resolve_device("cpu") == "cpu"
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_model_dir, tmp_path_factory):
+    from lorakit.testing import build_qlora_adapter
+
+    return build_qlora_adapter(tiny_model_dir, tmp_path_factory.mktemp("qlora") / "adapter")
+
+
+def test_generate_and_eval_load_the_base_in_the_precision_the_adapter_records(tiny_model_dir, qlora_adapter, tmp_path):
+    """A QLoRA adapter answers from the 4-bit base it was trained on without --quantization (before: the full-
+    precision base, silently); one stderr line says so and how to override; an explicit flag still wins."""
+    args = ["generate", "--model", str(tiny_model_dir), "--adapter", f"q={qlora_adapter}", "--prompt", PROMPTS[0],
+            "--max-new-tokens", "8", "--device", "cpu"]
+    runs = {flag: CliRunner().invoke(app, [*args, *flag]) for flag in ((), ("--quantization", "nf4"),
+                                                                        ("--quantization", "none"))}
+    assert all(r.exit_code == 0 for r in runs.values()), [r.output for r in runs.values()]
+    default, nf4, full = runs.values()
+    assert default.stdout == nf4.stdout != full.stdout  # not vacuous: the two precisions answer differently
+    note = f"base loaded in nf4, as {qlora_adapter}/lorakit.json records the adapter was trained; " \
+           "--quantization none loads it in full precision"
+    assert default.stderr.strip().splitlines() == [note] and note not in nf4.output + full.output
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": PROMPTS[0], "completion": " x"}) + "\n")
+    for flag, quantization in (((), "nf4"), (("--quantization", "none"), "none")):
+        out = tmp_path / f"eval-{quantization}.json"
+        result = CliRunner().invoke(app, ["eval", str(qlora_adapter), "--data", str(data), "--max-new-tokens", "8",
+                                          "--device", "cpu", "-o", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())
+        assert report["settings"]["quantization"] == quantization and (note in result.output) == (not flag)
+    outputs = [json.loads((tmp_path / f"eval-{q}.json").read_text())["per_row"][0]["tuned"]["output"]
+               for q in ("nf4", "none")]
+    assert outputs[0] == default.stdout.strip() and outputs[1] != outputs[0]
+
+
+def test_adapters_recorded_on_different_precisions_need_quantization(tiny_model_dir, qlora_adapter, tmp_path):
+    full = build_random_adapter(tiny_model_dir, tmp_path / "full", LoraConfig(r=4, target_modules=["q_proj"]))
+    (full / "lorakit.json").write_text(json.dumps({"quantization": "none"}))
+    args = ["generate", "--model", str(tiny_model_dir), "--adapter", f"q={qlora_adapter}", "--prompt", "x",
+            "--adapter", f"full={full}", "--max-new-tokens", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "different base precisions (q nf4, full none)" in result.stderr
+    assert CliRunner().invoke(app, [*args, "--quantization", "nf4"]).exit_code == 0
