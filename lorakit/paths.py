@@ -21,10 +21,15 @@ def cache_dir() -> Path:
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # data files lorakit reads; never a hub dataset id
 
 
+def data_suffix(name: str | Path) -> str:
+    """The suffix a data file's format is read from, in lower case: train.JSONL is a .jsonl file, x.CSV a .csv one."""
+    return Path(name).suffix.lower()
+
+
 def is_hub_dataset(name: str) -> bool:
     """A data source read from the hub (data.split and data.subset choose what it gives), not a local file or
     save_to_disk folder."""
-    return Path(name).suffix not in DATA_SUFFIXES and not is_local(name)
+    return data_suffix(name) not in DATA_SUFFIXES and not is_local(name)
 
 
 def is_local(name: str) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lorakit import text
 from lorakit.errors import DataError, first_line
-from lorakit.paths import DATA_SUFFIXES, is_local
+from lorakit.paths import DATA_SUFFIXES, data_suffix, is_local
 
 SKIP_HINT = "fix the row or set data.skip_bad_rows: true to skip such rows"
 
@@ -43,7 +43,7 @@ class SourceRows:
 def check_exists(source: str) -> Path:
     """The source's path; exit 3 when it names a data file that is not there."""
     path = Path(source).expanduser()
-    if path.suffix in DATA_SUFFIXES and not path.is_file():
+    if data_suffix(path) in DATA_SUFFIXES and not path.is_file():
         why = "" if path.is_absolute() else "; relative paths are read from the current directory, not the recipe's"
         raise DataError(f"data: file {source!r} not found at {path.absolute()}{why}")
     return path
@@ -53,11 +53,11 @@ def read_rows(source: str, skip_bad_rows: bool = False, split: str = "train", su
     """The rows of one data source. Malformed rows raise BadRowError unless skip_bad_rows. ``split`` and ``subset``
     (data.split, data.subset) choose what a hub dataset id gives."""
     path = check_exists(source)
-    if path.suffix == ".jsonl":
+    if data_suffix(path) == ".jsonl":
         return _read_jsonl(path, skip_bad_rows)
-    if path.suffix == ".json":
+    if data_suffix(path) == ".json":
         return _read_json(path, skip_bad_rows)
-    if path.suffix in (".csv", ".parquet") or path.is_dir():
+    if data_suffix(path) in (".csv", ".parquet") or path.is_dir():
         return _read_with_datasets(source, path, skip_bad_rows)
     if is_local(source):
         raise DataError(
@@ -103,7 +103,7 @@ def iter_rows(source: str, skip_bad_rows: bool = False, split: str = "train", su
     read line by line, so its rows need not all be in memory at once; other sources are read whole. ``lazy``: a
     .jsonl file's rows as JsonLine, parsed when their data is first read (by the process tokenizing them)."""
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl" and path.is_file():
+    if data_suffix(path) == ".jsonl" and path.is_file():
         yield from jsonl_rows(path, skip_bad_rows, lazy)
         return
     got = read_rows(source, skip_bad_rows, split, subset)
@@ -250,7 +250,8 @@ def _check_parquet(path: Path) -> None:
 
 
 def _not_a_saved_dataset(source: str, path: Path) -> str:
-    files = sorted(str(Path(source) / p.name) for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+    files = sorted(str(Path(source) / p.name) for p in path.iterdir()
+                   if data_suffix(p) in DATA_SUFFIXES and p.is_file())
     if not files:
         return (f"data: {source!r} is a directory but not a datasets.save_to_disk folder, and holds no "
                 f"{'/'.join(DATA_SUFFIXES)} file; name the data file itself")
@@ -266,9 +267,9 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
 
     adopt_datasets_output()  # its stderr handler and progress bars, as lorakit shows them
 
-    if path.suffix == ".parquet":
+    if data_suffix(path) == ".parquet":
         _check_parquet(path)
-    if path.suffix == ".csv":  # UTF-16, gzip, Latin-1: named here with the line, before datasets logs its own error
+    if data_suffix(path) == ".csv":  # UTF-16, gzip, Latin-1: named here with the line, before datasets logs its own error
         with path.open("rb") as f:
             try:
                 for lineno, raw in enumerate(f, 1):
@@ -281,7 +282,7 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
             if path.is_dir():
                 ds = datasets.load_from_disk(str(path))
             else:
-                ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+                ds = datasets.load_dataset(data_suffix(path)[1:], data_files=str(path), split="train")
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise DataError(f"data: {source!r} holds splits {', '.join(ds)} but no 'train' split")
@@ -295,7 +296,7 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
         why = e.__cause__ if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None else e
         raise DataError(f"data: cannot load {source!r}: {type(why).__name__}: {first_line(why)}") from None
     # CSV: row i is on line i + 2 (after the header) unless a quoted cell spans lines.
-    if path.suffix == ".csv":
+    if data_suffix(path) == ".csv":
         return SourceRows([Row(f"{source}:{i + 2}", row) for i, row in enumerate(ds)], [])
     return SourceRows([Row(f"{source}[row {i}]", row) for i, row in enumerate(ds)], [])
 

@@ -1,5 +1,6 @@
 """Data pipeline invariants: formats and labels, length policy, bad rows, sources, cache, packing, data order."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,34 @@ def test_csv_parquet_and_save_to_disk_sources(tmp_path):
         rows = read_rows(str(tmp_path / source)).rows
         assert [r.data for r in rows] == [{"instruction": "a", "output": "x"}, {"instruction": "b", "output": "y"}]
     assert read_rows(str(tmp_path / "d.csv")).rows[1].where.endswith("d.csv:3")
+
+
+def test_data_suffixes_are_read_in_any_case(tmp_path, tiny_model_dir):
+    """train.JSONL, data.Parquet, x.CSV read as their lower-case names do (before: refused as neither a data file
+    nor a hub id, and a missing train.JSONL was looked up on the hub), in train and in eval."""
+    import datasets
+
+    from run_helpers import cli, recipe_dict, write_recipe
+
+    rows = [{"instruction": f"Say {w}", "output": w} for w in ("yes", "no", "maybe", "never")]
+    ds = datasets.Dataset.from_list(rows)
+    write_jsonl(tmp_path / "train.JSONL", rows)
+    ds.to_parquet(str(tmp_path / "data.Parquet"))
+    ds.to_csv(str(tmp_path / "x.CSV"), index=False)
+    (tmp_path / "rows.Json").write_text(json.dumps(rows))
+    for name in ("train.JSONL", "data.Parquet", "x.CSV", "rows.Json"):
+        assert [r.data for r in read_rows(str(tmp_path / name)).rows] == rows, name
+    assert read_rows(str(tmp_path / "x.CSV")).rows[1].where.endswith("x.CSV:3")
+    with pytest.raises(DataError, match="file 'nope.JSONL' not found"):
+        read_rows("nope.JSONL")
+
+    recipe = recipe_dict(tiny_model_dir, tmp_path / "train.JSONL", tmp_path / "run", max_steps=1)
+    recipe["data"]["train"] = [str(tmp_path / "train.JSONL"), str(tmp_path / "data.Parquet")]
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    result = cli("eval", tmp_path / "run", "--data", tmp_path / "x.CSV", "--max-new-tokens", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["scored_rows"] == 4
 
 
 def test_a_folder_of_data_files_names_them(tmp_path):
