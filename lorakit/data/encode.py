@@ -22,7 +22,7 @@ from lorakit.config.schema import DataSection
 from lorakit.data.chat import rendering_with
 from lorakit.data.formats import IGNORE_INDEX, Example, nothing_to_learn, tokenize_batch
 from lorakit.data.sources import BadRowError, Row
-from lorakit.data.stats import DataStats, fit_length
+from lorakit.data.stats import ROWS_NAMED, DataStats, fit_length
 
 
 class SourceSection(NamedTuple):
@@ -135,6 +135,9 @@ def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> 
         stats.truncated += bool(truncated)
         stats.answers_cut += truncated == "answers"
         stats.supervised_tokens += sum(targets)
+        if example.rejected is not None and example.input_ids == example.rejected.input_ids:
+            stats.identical += 1
+            stats.identical_rows = (stats.identical_rows + [row.where])[:ROWS_NAMED]
         kept.append((example, source))
     chunk = _flat(kept, stats)
     if section.format == "preference":

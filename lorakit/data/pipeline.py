@@ -189,6 +189,7 @@ def _build(folder: Path, section: DataSection, tokenizer, seed: int, sections: l
             writer.close()
             if name == "train" or section.eval:
                 _check_not_empty(name, stats.sources, writer.rows, stats)
+                _check_pairs_differ(name, stats)
             meta["splits"][name] = stats.to_json()
     meta["fingerprint"], meta["source_fingerprints"] = prints.result()
     return meta
@@ -204,6 +205,14 @@ def _check_not_empty(key: str, names: list[str], rows: int, stats: DataStats) ->
     remedy = [] if stats.unsupervised else ["check data.format, data.fields, data.max_seq_len and data.truncation"]
     raise DataError(f"data.{key}: {', '.join(names)} has no usable rows ({counts}); "
                     f"{'; '.join([*stats.warnings(), *remedy])}")
+
+
+def _check_pairs_differ(key: str, stats: DataStats) -> None:
+    """Exit 3 when every preference pair's chosen and rejected answers are the same tokens: nothing to learn."""
+    if stats.kept and stats.identical == stats.kept:
+        raise DataError(f"data.{key}: {', '.join(stats.sources)}: every preference pair ({stats.kept}) has the same "
+                        f"chosen and rejected answer (first: {stats.identical_rows[0]}), so none teaches a preference; "
+                        "give rejected answers that differ from the chosen ones")
 
 
 def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:

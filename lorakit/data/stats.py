@@ -10,6 +10,7 @@ from lorakit.config.schema import DataSection
 from lorakit.data.formats import Example
 
 COUNTS = ("rows", "kept", "truncated", "too_long", "unsupervised", "bad")  # per source
+ROWS_NAMED = 3  # rows a warning names of those it counts
 
 
 @dataclass
@@ -24,6 +25,8 @@ class DataStats:
     unsupervised: int = 0  # dropped: no token left for the loss
     bad: int = 0  # malformed rows skipped (data.skip_bad_rows)
     no_eos: int = 0  # kept rows whose supervised tokens hold no EOS
+    identical: int = 0  # kept preference pairs whose chosen and rejected sequences are the same tokens
+    identical_rows: list = field(default_factory=list)  # where the first ROWS_NAMED of them are
     supervised_tokens: int = 0
     max_seq_len: int = 0
     eos_token: str | None = None
@@ -51,8 +54,9 @@ class DataStats:
 
     def merge(self, other: "DataStats") -> None:
         """Add the counts of ``other`` (a later chunk of the same split): its first rows come after ours."""
-        for name in (*COUNTS, "no_eos", "supervised_tokens", "answers_cut"):
+        for name in (*COUNTS, "no_eos", "supervised_tokens", "answers_cut", "identical"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.identical_rows = (self.identical_rows + other.identical_rows)[:ROWS_NAMED]
         for category, message in other.first.items():
             self.first.setdefault(category, message)
         for source, counts in other.per_source.items():
@@ -106,6 +110,11 @@ class DataStats:
             )
         if self.bad:
             out.append(f"skipped {self.bad} malformed row(s); first: {self.first['bad']}")
+        if self.identical:
+            more = ", ..." if self.identical > len(self.identical_rows) else ""
+            out.append(f"{self.identical} preference pair(s) have the same chosen and rejected answer and teach no "
+                       f"preference (zero gradient of the preference loss): {', '.join(self.identical_rows)}{more}; "
+                       "give them a rejected answer that differs, or remove them")
         if self.no_eos:
             out.append(
                 f"{self.no_eos} kept row(s) never supervise the EOS token {self.eos_token!r} (first: "

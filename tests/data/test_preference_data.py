@@ -11,7 +11,7 @@ from lorakit.data import IGNORE_INDEX, collate, load_datasets, tokenize_rows
 from lorakit.data.sources import BadRowError, Row
 from lorakit.data.pipeline import fit_length
 from lorakit.data.shards import idle_batch
-from lorakit.errors import RecipeError
+from lorakit.errors import DataError, RecipeError
 from lorakit.models.loading import load_tokenizer
 from run_helpers import write_pairs
 
@@ -182,6 +182,30 @@ def test_pairs_survive_the_cache(tmp_path, tokenizer):
         [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in first.train]
     assert again.fingerprint == first.fingerprint and again.cache_key == first.cache_key
     assert list(first.train_stats.lengths) == [e.num_tokens for e in first.train]  # an array (the store's index)
+
+
+def test_pairs_with_the_same_chosen_and_rejected_answer_are_counted_or_refused(tmp_path, tokenizer):
+    """Such a pair teaches no preference (zero gradient of DPO's loss): one warning naming the first rows, and exit 3
+    naming the file when every pair is one (before: trained on silently)."""
+    rows = [json.loads(line) for line in write_pairs(tmp_path / "pairs.jsonl", 6).read_text().splitlines()]
+    same = [1, 3, 4, 5]
+    for i in same:  # the chosen answer given as a string or as the assistant message it renders as
+        rows[i]["rejected"] = rows[i]["chosen"] if i % 2 else [{"role": "assistant", "content": rows[i]["chosen"]}]
+    data = tmp_path / "some.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for cached in (False, True):
+        stats = load_datasets(recipe(data).data, tokenizer, 0).train_stats
+        assert stats.cached == cached and stats.identical == 4
+        [warning] = [w for w in stats.warnings() if "same chosen and rejected" in w]
+        assert warning.startswith(f"4 preference pair(s) have the same chosen and rejected answer and teach no "
+                                  f"preference (zero gradient of the preference loss): {data}:2, {data}:4, {data}:5, ...")
+    every = tmp_path / "every.jsonl"
+    every.write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        load_datasets(recipe(every).data, tokenizer, 0)
+    assert e.value.exit_code == 3 and str(e.value) == (
+        f"data.train: {every}: every preference pair (6) has the same chosen and rejected answer (first: {every}:1), "
+        "so none teaches a preference; give rejected answers that differ from the chosen ones")
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
