@@ -36,7 +36,7 @@ from lorakit.text import NotJsonObject, read_json_object
 from lorakit.tools.generate import load_for_generation, precision_note
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
-from lorakit.training.scoring import METRICS, EvalItem, eval_items, score_items
+from lorakit.training.scoring import METRICS, EvalItem, check_answers, eval_items, score_items
 FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "completion": "completion", "text": "text"}
 EXAMPLES_SHOWN = 3
 
@@ -183,7 +183,6 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
         raise UsageError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
     device = resolve_device(device)
     target = resolve_target(target_path, base)
-    _choose_precision(target, quantization, say)
     if base is not None and target.kind == "merged" and not base_too:
         raise UsageError(f"--base {base}: {target.path} is a whole model; --base names the base for --base-too "
                          "(or an adapter's), so add --base-too or drop --base")
@@ -206,7 +205,9 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     items, skipped = eval_items(rows, section, tokenizer)
     if not items:
         raise DataError(f"--data {data_file}: no row left to evaluate ({skipped[0]})")
+    check_answers(items, metric, f"--metric {metric}", "--metric exact")  # before any model loads
     started = time.time()
+    _choose_precision(target, quantization, say)
     adapters = {"tuned": target.path} if target.kind == "adapter" else {}
     model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device,
                                    base_option="--base" if base else "the recorded base",

@@ -121,12 +121,30 @@ def score(output: str, answer: str, metric: str, where: str = "") -> float:
     if metric == "contains":
         return float(normalize(answer) in normalize(output))
     if metric == "regex":
-        try:
-            return float(re.search(answer, output, flags=re.IGNORECASE) is not None)
-        except re.error as e:
-            raise DataError(f"{where}: the answer {answer!r:.60} is not a regular expression ({e}); --metric regex "
-                            "reads each row's answer as a pattern") from None
+        return float(_pattern(answer, where).search(output) is not None)
     return rouge_l(normalize(output).split(), normalize(answer).split())
+
+
+def _pattern(answer: str, where: str) -> re.Pattern:
+    try:
+        return re.compile(answer, flags=re.IGNORECASE)
+    except re.error as e:
+        raise DataError(f"{where}: the answer {answer!r:.60} is not a regular expression ({e}); --metric regex "
+                        "reads each row's answer as a pattern") from None
+
+
+def check_answers(items: list[EvalItem], metric: str, option: str, instead: str) -> None:
+    """Exit 3 at load for an answer the metric cannot score: an empty (or blank) one under contains or regex,
+    which every output matches, and under regex one that is no pattern. ``option`` and ``instead`` name the
+    metric's flag or key as given and the same set to exact, for the message."""
+    if metric not in ("contains", "regex"):
+        return
+    for item in items:
+        if item.answer is not None and not item.answer.strip():
+            raise DataError(f"{item.where}: the answer is empty, and under {option} an empty answer matches every "
+                            f"output; give the row its answer, or score with {instead}")
+        if item.answer is not None and metric == "regex":
+            _pattern(item.answer, item.where)
 
 
 def rouge_l(candidate: list[str], reference: list[str]) -> float:
@@ -172,6 +190,7 @@ class TrainingScorer:
             rows = split_eval(rows, section.eval_split, recipe.train.seed)[1]
         self.items = [i for i in eval_items(rows, section, tokenizer)[0] if i.answer is not None][:n]
         self.tokenizer, self.metric = tokenizer, recipe.train.eval_metric
+        check_answers(self.items, self.metric, f"train.eval_metric {self.metric}", "train.eval_metric: exact")
         self.batch_size = recipe.train.micro_batch_size
         # Room for the longest answer and a little more: exact needs no more, the others seldom do.
         self.max_new_tokens = max((len(i.example) - len(i.prompt_ids) for i in self.items), default=1) + 16

@@ -194,6 +194,29 @@ def test_eval_mistakes_exit_with_one_line(run_dir, tmp_path, case, code):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("metric", ["contains", "regex"])
+def test_an_empty_answer_under_contains_or_regex_is_refused_at_load(run_dir, tmp_path, tiny_model_dir, metric):
+    """Every output contains the empty string and matches the empty pattern: such a row scored 1 whatever the model
+    said. Refused before any model loads, by eval and by train.eval_generate (the same scoring code)."""
+    from lorakit.config.load import parse_recipe
+    from lorakit.errors import DataError
+    from lorakit.training.scoring import TrainingScorer
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": i, "input": "", "output": o}) + "\n"
+                            for i, o in (("Capital of France?", "Paris"), ("Say nothing", "  "))))
+    result = cli("eval", run_dir, "--data", data, "--metric", metric, "-o", tmp_path / "e.json")
+    message = (f"{data}:2: the answer is empty, and under --metric {metric} an empty answer matches every output; "
+               "give the row its answer, or score with --metric exact")
+    assert result.exit_code == 3 and " ".join(result.stderr.split()) == f"error: {message}", result.output
+    assert not (tmp_path / "e.json").exists()
+    recipe = recipe_dict(tiny_model_dir, data, tmp_path / "run", eval_generate=2, eval_metric=metric)
+    recipe["data"]["eval"] = str(data)
+    with pytest.raises(DataError, match=f"under train.eval_metric {metric} an empty answer .* or score with "
+                                        "train.eval_metric: exact"):
+        TrainingScorer(parse_recipe(recipe), AutoTokenizer.from_pretrained(run_dir / "adapter"))
+
+
 def test_eval_bad_row_names_no_recipe_key(run_dir, tmp_path):
     """eval reads no recipe, so its remedy for a row that is not JSON is not data.skip_bad_rows."""
     (tmp_path / "bad.jsonl").write_text("{oops\n")
