@@ -14,7 +14,9 @@ pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ -n "${LORAKIT_UNLOCKED:-}" ]; then
   constraints=()
-  torch_req="torch>=2.6"
+  # pyproject.toml's own torch range (the one line "torch...", in its dependencies), never a second copy here
+  torch_req=$(sed -n 's/^[[:space:]]*"\(torch[<>=!~][^"]*\)".*/\1/p' "$root/pyproject.toml")
+  [ -n "$torch_req" ] || { echo "install.sh: no torch requirement in $root/pyproject.toml" >&2; exit 1; }
 else
   constraints=(-c "$lock")
   torch_req="torch==$(sed -n 's/^torch==//p' "$lock")"

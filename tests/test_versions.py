@@ -70,6 +70,22 @@ def test_make_install_reruns_when_the_lock_changes():
     assert '-c "$lock"' in install and "lorakit/lock.txt" in install
 
 
+def test_the_unlocked_install_takes_torchs_range_from_pyproject(tmp_path):
+    """LORAKIT_UNLOCKED=1 installs a torch pyproject.toml allows (install.sh hard-coded torch>=2.6, without the cap
+    below 3): the script's own line, run against pyproject.toml and against a copy with another range."""
+    import shlex
+    import subprocess
+
+    install = (ROOT / "scripts" / "install.sh").read_text().splitlines()
+    [line] = [line.strip() for line in install if line.strip().startswith("torch_req=$(") and "pyproject" in line]
+    [torch] = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if re.match(r"torch\b", d)]
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text().replace(torch, "torch>=2.7,<2.99"))
+    for root, expected in ((ROOT, torch), (tmp_path, "torch>=2.7,<2.99")):
+        script = f'root={shlex.quote(str(root))}; {line}; printf %s "$torch_req"'
+        assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout == expected
+
+
 def test_newer_than_tested():
     assert newer_than_tested("2.0.0", "1.16.0") == "major"
     assert newer_than_tested("1.17.0", "1.16.3") == "minor"
