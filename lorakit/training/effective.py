@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorakit.adapters.bottleneck import BottleneckAdapter
 from lorakit.adapters.dropout import uses_lora_dropout
 from lorakit.config.schema import CHAT_FORMATS
 from lorakit.errors import UsageError
@@ -77,6 +78,12 @@ def _model_lines(recipe, model, tokenizer) -> list[Setting]:
     ]
 
 
+def _dropout(ps: list[float], model) -> str:
+    """The dropout line's value: the probabilities, and whether the masks are LoraDropout's 16-bit ones."""
+    fast = uses_lora_dropout(model) and any(p > 0 for p in ps)
+    return f"p {ps}" + (", CPU masks from 16 random bits per element (LoraDropout)" if fast else "")
+
+
 def _adapter_lines(recipe, model, init) -> list[Setting]:
     section, lines = recipe.adapter, []
     config = getattr(model, "peft_config", {}).get("default")
@@ -95,12 +102,13 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
             Setting("rank / scale", f"r {ranks}, scale {scales}"
                     + (" (rsLoRA: alpha/√r)" if getattr(config, "use_rslora", False) else " (alpha/r)"),
                     ("adapter.r", "adapter.lora_alpha")),
-            Setting("dropout", f"p {dropout}" + (", CPU masks from 16 random bits per element (LoraDropout)"
-                                                 if uses_lora_dropout(model) else ""), ("adapter.lora_dropout",)),
+            Setting("dropout", _dropout(dropout, model), ("adapter.lora_dropout",)),
             Setting("DoRA magnitude vectors", str(magnitudes), ()),
         ]
     elif section.method == "bottleneck":
-        lines.append(Setting("bottleneck", f"width {section.r}", ("adapter.r",)))
+        dropout = sorted({m.dropout.p for m in model.modules() if isinstance(m, BottleneckAdapter)})
+        lines += [Setting("bottleneck", f"width {section.r}", ("adapter.r",)),
+                  Setting("dropout", _dropout(dropout, model), ("adapter.dropout",))]
     summary = init.summary()
     lines.append(Setting("init", f"{summary['init_lora_weights']}: base rewritten in {summary['base_rewritten_modules']}"
                          f" modules, converted at save: {'yes' if summary['converted_at_save'] else 'no'}"

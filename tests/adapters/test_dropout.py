@@ -79,6 +79,19 @@ def test_swapped_into_every_lora_layer_and_back(tiny_model_dir):
     assert all(type(m.lora_dropout["default"]) is nn.Dropout for m in layers)
 
 
+def test_the_bottleneck_adapters_dropout_is_lora_dropout(tiny_model_dir):
+    """adapter.dropout of a bottleneck adapter drew nn.Dropout's CPU masks (bernoulli_, 64 random bits per element)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.adapters.bottleneck import BottleneckAdapter, BottleneckModel
+    from lorakit.config.methods import BottleneckConfig
+
+    model = BottleneckModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), BottleneckConfig(r=4, dropout=0.1))
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert adapters and all(type(a.dropout) is LoraDropout and a.dropout.p == 0.1 for a in adapters)
+    assert uses_lora_dropout(model)
+
+
 def test_under_torch_compile_it_is_nn_dropout_without_a_graph_break():
     torch._dynamo.reset()
     compiled = torch.compile(LoraDropout(0.1).train(), backend="eager", fullgraph=True)  # a break would raise

@@ -22,6 +22,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     for name, adapter, model, train in [
         ("pissa", {"init_lora_weights": "pissa", "loraplus_lr_ratio": 16}, {}, {}),
         ("dora-nf4", {"method": "dora"}, {"quantization": "nf4", "add_tokens": ["<tool>"]}, {"warmup_steps": 1}),
+        ("bottleneck", {"method": "bottleneck", "dropout": 0.1, "lora_dropout": None, "target_modules": None}, {}, {}),
     ]:
         recipe = recipe_dict(tiny_model_dir, data, root / name, max_steps=2, adapter=adapter)
         recipe["model"].update(model)
@@ -52,6 +53,9 @@ def test_lines_show_what_took_effect(runs):
     assert pissa["modules adapted"]["value"] == "4: q_proj ×2, v_proj ×2"
     assert pissa["rank / scale"]["value"] == "r [4], scale [2.0] (alpha/r)"
     assert dora["dropout"]["value"] == "p [0.1], CPU masks from 16 random bits per element (LoraDropout)"
+    bottleneck = settings(runs["bottleneck"])  # its adapters' dropout is LoRA's too (before: nn.Dropout, no line)
+    assert bottleneck["dropout"]["value"] == dora["dropout"]["value"] and bottleneck["dropout"]["keys"] == [
+        "adapter.dropout"]
     assert pissa["quantization"]["value"] == "none (0 quantized layers)"
     assert dora["DoRA magnitude vectors"]["value"] == "4"
     assert dora["quantization"]["value"].startswith("14 layers nf4, stored as float32, double quant on")
