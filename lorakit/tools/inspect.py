@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml, section
-from lorakit.config.methods import METHOD_KEY_DEFAULTS, peft_config_class
+from lorakit.config.methods import METHOD_KEY_DEFAULTS, REGISTRY, peft_config_class
 from lorakit.config.schema import AdapterSection, ModelSection
 from lorakit.errors import UsageError
 
@@ -69,12 +69,26 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
         adapter["r"] = r
     if targets is not None:
         adapter["target_modules"] = parse_targets(targets)
+    _require_method_keys(adapter, recipe_path, model, method)
     if recipe_path is None:  # inspect needs only model and adapter; placeholders satisfy the other sections
         section(data, "data", source).setdefault("train", "-")  # beside, not over, what --set gave them
         if "epochs" not in section(data, "train", source):
             data["train"].setdefault("max_steps", 1)
     recipe = parse_recipe(data, source=source)
     return recipe.model, recipe.adapter
+
+
+def _require_method_keys(adapter: dict, recipe_path: Path | None, model: str | None, method: str | None) -> None:
+    """Exit 2 with the command to run when the method needs a key inspect was not given: prefix and prompt tuning
+    train virtual tokens, not target modules, and their count is what inspect shows."""
+    name = adapter.get("method")
+    missing = [key for key in (REGISTRY[name].required if name in REGISTRY else ()) if key not in adapter]
+    if missing:
+        given = [str(recipe_path) if recipe_path else "", f"--model {model}" if model else "",
+                 f"--method {method}" if method else ""]
+        command = " ".join(["lorakit inspect", *filter(None, given), *(f"--set adapter.{k}=20" for k in missing)])
+        raise UsageError(f"adapter.{missing[0]}: required for method {name}, which trains that many virtual tokens "
+                         f"instead of target modules; run: {command}")
 
 
 def _keys_for_method(adapter: dict, method: str) -> dict:
@@ -116,6 +130,9 @@ def inspect_model(model_section: ModelSection, adapter: AdapterSection) -> Repor
         notes.append(f"model.quantization {model_section.quantization}: the adapter's counts are the same on the "
                      "quantized base (memory: lorakit estimate-memory)")
     notes.append(trainable_summary(adapted))
+    if getattr(getattr(adapted, "peft_config", {}).get("default"), "is_prompt_learning", False):
+        notes.append(f"{adapter.method} tuning targets none of the linear modules above; the LoRA rank table is for "
+                     "lora and dora (--method lora)")
     return Report(
         model=where,
         model_type=model.config.model_type,

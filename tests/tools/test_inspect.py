@@ -86,6 +86,22 @@ def test_inspect_cli_model_mode(tiny_model_dir):
     assert result.exit_code == 0, result.output
     # 3 virtual tokens × 2 layers × (key + value) × 32 (2 KV heads of 16)
     assert has_row(result.output, "prompt_encoder.default.embedding.weight", "1", "384", "384")
+    assert "prefix tuning targets none of the linear modules above; the LoRA rank table is for lora and dora " \
+        "(--method lora)" in result.output
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_inspect_of_a_prompt_learning_method_without_its_token_count_says_what_to_run(tiny_model_dir, method):
+    """Before: 'inspect: adapter.num_virtual_tokens: required for method prefix (e.g. num_virtual_tokens: 20)', a
+    recipe line where the user typed flags."""
+    result = cli("inspect", "--model", tiny_model_dir, "--method", method)
+    assert result.exit_code == EXIT_USAGE and "Traceback" not in result.output
+    assert " ".join(result.stderr.split()) == (
+        f"error: adapter.num_virtual_tokens: required for method {method}, which trains that many virtual tokens "
+        f"instead of target modules; run: lorakit inspect --model {tiny_model_dir} --method {method} "
+        "--set adapter.num_virtual_tokens=20")
+    command = result.stderr.split("run: ")[1].split()
+    assert cli(*command[1:]).exit_code == 0  # the command it names runs
 
 
 def test_inspect_cli_recipe_mode_and_errors(tiny_model_dir, tmp_path):
