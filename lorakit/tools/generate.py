@@ -96,7 +96,7 @@ def trained_precision(section: ModelSection, adapters: dict[str, Path], say) -> 
     if "quantization" in section.model_fields_set:
         return section
     recorded = {name: found for name, path in adapters.items() if (found := recorded_quantization(path))}
-    if len({(quant, double) for quant, double, _ in recorded.values()}) > 1:
+    if len({_precision(quant, double) for quant, double, _ in recorded.values()}) > 1:
         listed = ", ".join(f"{name} {_precision(quant, double)}" for name, (quant, double, _) in recorded.items())
         raise UsageError(f"--adapter: the adapters were trained on different base precisions ({listed}) and share "
                          "one base; choose it with --quantization (none, nf4, fp4 or int8), or run generate once per "

@@ -398,6 +398,25 @@ def test_generate_and_eval_load_the_base_in_the_precision_the_adapter_records(ti
     assert outputs[0] == default.stdout.strip() and outputs[1] != outputs[0]
 
 
+def test_a_checkpoints_adapter_has_its_precision_from_the_checkpoints_recipe(tiny_model_dir, qlora_adapter, tmp_path):
+    """A checkpoint's adapter/ has no lorakit.json: its recipe.yaml beside it records the quantization."""
+    import shutil
+
+    from run_helpers import recipe_dict, write_recipe
+
+    from lorakit.adapters.files import recorded_quantization
+
+    step = tmp_path / "checkpoints" / "step-000002"
+    shutil.copytree(qlora_adapter, step / "adapter", ignore=shutil.ignore_patterns("lorakit.json"))
+    recipe = recipe_dict(tiny_model_dir, tmp_path / "d.jsonl", tmp_path)
+    recipe["model"].update(quantization="nf4", double_quant=False)
+    write_recipe(step / "recipe.yaml", recipe)
+    assert recorded_quantization(step / "adapter") == ("nf4", False, step / "recipe.yaml")
+    assert recorded_quantization(qlora_adapter) == ("nf4", True, qlora_adapter / "lorakit.json")
+    (step / "recipe.yaml").unlink()
+    assert recorded_quantization(step / "adapter") is None  # a PEFT adapter lorakit did not train
+
+
 def test_adapters_recorded_on_different_precisions_need_quantization(tiny_model_dir, qlora_adapter, tmp_path):
     full = build_random_adapter(tiny_model_dir, tmp_path / "full", LoraConfig(r=4, target_modules=["q_proj"]))
     (full / "lorakit.json").write_text(json.dumps({"quantization": "none"}))
