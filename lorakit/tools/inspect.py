@@ -57,14 +57,17 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
         raise UsageError("inspect: give a RECIPE or --model PATH")
     data = read_yaml(recipe_path) if recipe_path is not None else {}
     source = str(recipe_path) if recipe_path else "inspect"
+    from_recipe = section(data, "adapter", source)
+    if method in METHOD_KEY_DEFAULTS and method != from_recipe.get("method", "lora"):
+        # Before --set: the recipe's keys that --method's method has no use for go; a key the user sets is kept
+        # and judged as validate judges it (refused where the method does not use it).
+        data["adapter"] = _keys_for_method(from_recipe, method)
     apply_overrides(data, list(overrides or []))
     if model is not None:
         section(data, "model", source)["name_or_path"] = model
     adapter = section(data, "adapter", source)
-    if method is not None and method not in METHOD_KEY_DEFAULTS:  # the schema names the methods
+    if method is not None:  # an unknown name is refused by the schema, which lists the methods
         adapter["method"] = method
-    elif method is not None and method != adapter.get("method", "lora"):
-        data["adapter"] = adapter = _keys_for_method(adapter, method)
     if r is not None:
         adapter["r"] = r
     if targets is not None:
@@ -92,7 +95,8 @@ def _require_method_keys(adapter: dict, recipe_path: Path | None, model: str | N
 
 
 def _keys_for_method(adapter: dict, method: str) -> dict:
-    """The recipe's adapter keys that still mean something for another method (--method switches method)."""
+    """The recipe's adapter keys that still mean something for another method (--method switches method); keys
+    given with --set are not filtered here."""
     import dataclasses
 
     own = {"r", "lora_alpha", "lora_dropout", "target_modules"}

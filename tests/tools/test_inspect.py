@@ -127,6 +127,31 @@ def test_inspect_cli_recipe_mode_and_errors(tiny_model_dir, tmp_path):
     assert result.exit_code == EXIT_USAGE and "give a RECIPE or --model PATH" in result.output
 
 
+def test_inspect_refuses_a_set_key_the_method_does_not_use_as_validate_does(tiny_model_dir, tmp_path):
+    """--method drops the recipe's keys the method has no use for, never the user's --set keys. Before: the
+    report printed with exit 0 and --set adapter.target_modules=[q_proj] took no effect."""
+    prefix = ("--method", "prefix", "--set", "adapter.num_virtual_tokens=3")
+    result = cli("inspect", "--model", tiny_model_dir, *prefix, "--set", "adapter.target_modules=[q_proj]")
+    assert result.exit_code == EXIT_USAGE and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert result.stderr.strip() == "error: inspect: adapter.target_modules: not used by method prefix (prefix " \
+        "tuning learns key/value prefixes and targets no modules); remove it"
+    result = cli("inspect", "--model", tiny_model_dir, *prefix, "--set", "adapter.use_rslora=true")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "adapter.use_rslora: unknown key for method prefix (PrefixTuningConfig); it is an option of method " \
+        "lora/dora" in result.stderr
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir)}, "adapter": {"method": "lora", "r": 4},
+        "data": {"train": "x.jsonl"}, "train": {"max_steps": 1},
+    }))
+    said = cli("validate", path, "--set", "adapter.method=ia3", "--set", "adapter.r=8").stderr
+    result = cli("inspect", path, "--method", "ia3", "--set", "adapter.r=8")
+    assert result.exit_code == EXIT_USAGE and result.stderr == said != "", result.output
+    assert "adapter.r: not used by method ia3" in said
+    assert cli("inspect", path, "--method", "ia3").exit_code == 0  # the recipe's r is dropped
+
+
 def test_parse_targets():
     assert parse_targets("all-linear") == "all-linear"
     assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
