@@ -26,6 +26,11 @@ def data_suffix(name: str | Path) -> str:
     return Path(name).suffix.lower()
 
 
+def is_gguf(name: str | Path) -> bool:
+    """A GGUF model file by its name, in any case: Model.GGUF is one, as model.gguf is."""
+    return Path(name).suffix.lower() == ".gguf"
+
+
 def is_hub_dataset(name: str) -> bool:
     """A data source read from the hub (data.split and data.subset choose what it gives), not a local file or
     save_to_disk folder."""
@@ -34,9 +39,9 @@ def is_hub_dataset(name: str) -> bool:
 
 def is_local(name: str) -> bool:
     """The one rule for models, datasets and adapter bases: a name is a local path when it exists, starts with
-    '.', '/' or '~', has more than one '/' or ends in .gguf; anything else is a hub id ('owner/name', or a
-    canonical id without an owner such as 'gpt2' or 'imdb')."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+    '.', '/' or '~', has more than one '/' or ends in .gguf (in any case); anything else is a hub id
+    ('owner/name', or a canonical id without an owner such as 'gpt2' or 'imdb')."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or is_gguf(name)
             or Path(name).expanduser().exists())
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 from lorakit.config.methods import REGISTRY
 from lorakit.errors import CheckpointError
 from lorakit.export.target import display_name
+from lorakit.paths import is_gguf
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values --max-lora-rank accepts
@@ -89,7 +90,7 @@ def _served_base(record: dict) -> str | None:
     works from any directory, as the adapter's absolute path does; the recipe may have named it relative to
     where training ran), anything else (a hub id, a .gguf file) as the recipe named it."""
     name, resolved = record.get("base_model"), record.get("base_model_path")
-    if name and resolved and not name.endswith(".gguf") and Path(resolved).is_absolute() and Path(resolved).is_dir():
+    if name and resolved and not is_gguf(name) and Path(resolved).is_absolute() and Path(resolved).is_dir():
         return resolved  # a hub id is recorded as itself, a .gguf base as the folder lorakit converted it into
     return name
 

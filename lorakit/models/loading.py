@@ -20,7 +20,7 @@ from lorakit.compat import keep_bnb_4bit_layout
 from lorakit.config.schema import ModelSection
 from lorakit.errors import SafetyError, UsageError, first_line
 from lorakit.models.checks import folder_problem
-from lorakit.paths import cache_dir, is_local, require_hub
+from lorakit.paths import cache_dir, is_gguf, is_local, require_hub
 from lorakit.models.tokens import add_new_tokens
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -93,7 +93,7 @@ def gguf_to_hf_dir(gguf_path: str | Path) -> Path:
 def resolve_model_path(section: ModelSection) -> str:
     """A local HF directory for a .gguf file; a local directory or hub id otherwise."""
     path = Path(section.name_or_path).expanduser()
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         if not path.is_file():
             raise UsageError(f"model.name_or_path: GGUF file {str(path)!r} not found")
         try:

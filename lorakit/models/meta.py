@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UsageError, first_line
-from lorakit.paths import is_local, require_hub
+from lorakit.paths import is_gguf, is_local, require_hub
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
@@ -24,7 +24,7 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False, revisi
     if hub_id:
         require_hub("model.name_or_path", name, revision, remedy=remedy)
     try:
-        if path.suffix == ".gguf":
+        if is_gguf(path):
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from lorakit.errors import UsageError
-from lorakit.paths import is_local
+from lorakit.paths import is_gguf, is_local
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -65,7 +65,7 @@ def load_model_config(model: str) -> tuple[object, str]:
     from lorakit.models.meta import load_model_config as load_config
 
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix != ".gguf":
+    if path.is_file() and not is_gguf(path):
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
