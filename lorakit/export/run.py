@@ -38,7 +38,7 @@ def check_output(output: Path, overwrite: bool, suffix: str = ".gguf") -> Path:
     empty, a dangling link, under a file, a directory, unwritable), or would replace a file without --overwrite
     (with it, the old file is moved aside at publish time, never replaced in place)."""
     out = check_file_output("-o", output, "model.gguf")
-    if out.suffix != suffix:
+    if out.suffix.lower() != suffix:  # Model.GGUF is a GGUF file, as lorakit reads it (lorakit.paths.is_gguf)
         stem = out.stem if out.stem.lower() != suffix else "model"  # '-o .gguf' names the suffix alone
         raise UsageError(f"-o {output}: the output is a {suffix} file; name it {stem}{suffix}")
     if not out.parent.is_dir():

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 from transformers import Qwen2ForCausalLM
 
 from lorakit.data.chat import TEMPLATE_DIR
+from lorakit.errors import UsageError
 from lorakit.export import gguf_model
 from lorakit.export.ollama import emulate, translate, _turns
-from lorakit.export.run import export_gguf
+from lorakit.export.run import check_output, export_gguf
 from lorakit.testing import (
     build_random_adapter, build_sentencepiece_style_tokenizer, build_tiny_llama, build_tokenizer,
 )
@@ -161,6 +162,14 @@ def test_refusals_come_before_any_work(tiny_model_dir, tmp_path):
     assert cli("export", tiny_model_dir, "-o", tmp_path / "x.bin").exit_code == 2
     assert cli("export", tiny_model_dir, "-o", tmp_path / "q.gguf", "--quant", "q5_k").exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "mine.gguf"]
+
+
+def test_the_output_suffix_is_read_in_any_case(tmp_path):
+    """-o Model.GGUF is written under the name typed, as lorakit reads Model.GGUF as a model (before: exit 2,
+    'the output is a .gguf file; name it Model.gguf')."""
+    assert check_output(tmp_path / "Model.GGUF", overwrite=False) == tmp_path / "Model.GGUF"
+    with pytest.raises(UsageError, match="name it model.gguf"):
+        check_output(tmp_path / "model.bin", overwrite=False)
 
 
 def test_a_failed_write_leaves_the_old_file(tiny_model_dir, tmp_path, monkeypatch):
