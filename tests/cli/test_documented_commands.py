@@ -1,6 +1,6 @@
 """Every `lorakit ...` command line the docs and the recipes' opening comments show matches today's CLI: its
-command exists, each flag is one of that command's options, each --set names a recipe key. Checked on click's
-command tree; nothing runs, no model loads."""
+command exists, each flag is one of that command's options, each --set names a recipe key, no argument is one
+too many. Checked on click's command tree; nothing runs, no model loads."""
 
 import re
 import shlex
@@ -140,6 +140,9 @@ def _problems(words: list[str]) -> list[str]:
             problem = _recipe_key_problem(value.partition("=")[0].strip())
             if problem:
                 problems.append(f"--set {problem}")
+    arguments = [p for p in command.params if p.param_type_name == "argument"]
+    if len(positionals) > len(arguments) and all(p.nargs == 1 for p in arguments):
+        problems.append(f"{command.name}: takes {len(arguments)} argument(s), given {' '.join(positionals)}")
     return problems
 
 
@@ -168,6 +171,7 @@ def test_the_checker_catches_what_drifts():
     assert _problems(["inspect", "--set", "adapter.num_virtual_token=8"]) == \
         ["--set adapter.num_virtual_token: no recipe key; did you mean num_virtual_tokens?"]
     assert _problems(["--quiet", "..."]) == []
+    assert _problems(["plot", "RUN", "extra"]) == ["plot: takes 1 argument(s), given RUN extra"]
     assert _lorakit_words("make bench  # lorakit train", False) is None
     assert _lorakit_words("WANDB_MODE=offline lorakit train my.yaml | tee log  # later", False) == ["train", "my.yaml"]
     launch = "accelerate launch --config_file a.yaml -m lorakit train r.yaml"
