@@ -269,6 +269,18 @@ def as_flag(problem: str, flags: dict[str, str]) -> str:
     return f"{flag}: {rest.replace('remove it', f'drop {flag}')}" if sep and flag else problem
 
 
+def check_flag_over_set(data: dict, overrides: list[str], key: str, value: Any, flag: str) -> None:
+    """Exit 2 where a flag is about to change a recipe key that --set gave another value (or removed): of the two
+    answers one would be dropped without a word. ``value``: what the flag writes; None: the flag removes the key."""
+    given = [item for item in overrides if item.lstrip("~").partition("=")[0].strip() == key]
+    section_name, _, name = key.partition(".")
+    node = data.get(section_name)
+    if given and (node.get(name) if isinstance(node, dict) else None) != value:
+        shown = str(value).lower() if isinstance(value, bool) else ",".join(value) if isinstance(value, list) else value
+        does = f"removes {key}" if value is None else f"sets {key} to {shown}"
+        raise UsageError(f"--set {given[-1]}: {flag} {does}; drop one of the two")
+
+
 @contextmanager
 def flags_named(flags: dict[str, str]):
     """Recipe and usage errors raised inside name the flags (as_flag) that set the keys they are about."""

@@ -68,9 +68,10 @@ def given_flags(flags: Flags) -> dict[str, str]:
 
 
 def resolve_recipe(recipe_path: Path | None, flags: Flags):
-    """The recipe (or a skeleton around --model) with the flags applied, validated by the recipe schema."""
-    from lorakit.config.load import parse_targets
-    from lorakit.config.load import apply_overrides, parse_recipe, read_yaml, section as recipe_section
+    """The recipe (or a skeleton around --model) with --set and the flags applied, validated by the recipe schema.
+    The recipe's keys a flag makes moot go; a key the user sets takes effect or is refused, as validate would."""
+    from lorakit.config.load import apply_overrides, check_flag_over_set, parse_recipe, read_yaml
+    from lorakit.config.load import section as recipe_section
 
     if recipe_path is not None:
         data, source = read_yaml(recipe_path), str(recipe_path)
@@ -79,30 +80,53 @@ def resolve_recipe(recipe_path: Path | None, flags: Flags):
         data, source = {"data": {"train": "(none)"}, "train": {"max_steps": 1}}, "estimate-memory"
     else:
         raise UsageError("estimate-memory: give a RECIPE or --model (a preset, model dir, config.json or hub id)")
+    _drop_moot_keys({name: recipe_section(data, name, source) for name in ("model", "train")}, flags)
     apply_overrides(data, flags.overrides)
     sections = {name: recipe_section(data, name, source) for name in ("model", "adapter", "data", "train")}
-    for attr, key in FLAG_KEYS.items():
-        value = getattr(flags, attr)
-        if value is not None:
-            section, name = key.split(".")
-            sections[section][name] = parse_targets(value) if attr == "targets" else value
-    if flags.objective is not None:  # the recipe's own objective keys go unless this one uses them; data follows
+    for key, (value, flag) in _flag_writes(flags, sections).items():
+        check_flag_over_set(data, flags.overrides, key, value, flag)
+        section, name = key.split(".")
+        if value is None:
+            sections[section].pop(name, None)
+        else:
+            sections[section][name] = value
+    return parse_recipe(data, source=source)
+
+
+def _drop_moot_keys(recipe: dict, flags: Flags) -> None:
+    """The recipe's own keys that --objective or --method leave without effect (before --set: the user's stay)."""
+    if flags.objective is not None:
         from lorakit.config.schema import OBJECTIVE_KEYS
 
         for key in ("beta", "label_smoothing", "reference", "simpo_gamma", "orpo_lambda"):
             if key not in OBJECTIVE_KEYS.get(flags.objective, {}):  # an unknown objective: the schema says so
-                sections["train"].pop(key, None)
-        if flags.objective != "sft":
-            sections["data"]["format"] = "preference"
-        elif sections["data"].get("format") == "preference":
-            del sections["data"]["format"]
+                recipe["train"].pop(key, None)
     if flags.method in ("lora", "full"):  # the recipe's quantization keys go with its quantization
-        sections["model"]["quantization"] = "none"
         for key in ("double_quant", "upcast_unquantized"):
-            sections["model"].pop(key, None)
+            recipe["model"].pop(key, None)
+
+
+def _flag_writes(flags: Flags, sections: dict) -> dict[str, tuple]:
+    """{recipe key: (value, flag)} the flags write, None for a key they remove: each flag's own key, and what
+    --method (the base's quantization) and --objective (data.format) imply."""
+    from lorakit.config.load import parse_targets
+
+    writes = {}
+    for attr, key in FLAG_KEYS.items():
+        value, name = getattr(flags, attr), "--" + attr.replace("_", "-")
+        if isinstance(value, bool):
+            writes[key] = (value, name if value else f"--no-{name[2:]}")
+        elif value is not None:
+            writes[key] = (parse_targets(value) if attr == "targets" else value, f"{name} {value}")
+    if flags.objective is not None and flags.objective != "sft":
+        writes["data.format"] = ("preference", f"--objective {flags.objective}")
+    elif flags.objective == "sft" and sections["data"].get("format") == "preference":
+        writes["data.format"] = (None, "--objective sft")
+    if flags.method in ("lora", "full"):
+        writes["model.quantization"] = ("none", f"--method {flags.method}")
     elif flags.method == "qlora" and sections["model"].get("quantization") not in ("nf4", "fp4"):
-        sections["model"]["quantization"] = "nf4"
-    return parse_recipe(data, source=source)
+        writes["model.quantization"] = ("nf4", "--method qlora")
+    return writes
 
 
 def settings_from(recipe, flags: Flags) -> Settings:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.config.load import apply_overrides, parse_recipe, parse_targets, read_yaml, section
+from lorakit.config.load import apply_overrides, check_flag_over_set, parse_recipe, parse_targets, read_yaml, section
 from lorakit.config.methods import METHOD_KEY_DEFAULTS, REGISTRY, peft_config_class
 from lorakit.config.schema import AdapterSection, ModelSection
 from lorakit.errors import UsageError
@@ -62,16 +62,18 @@ def inspect_sections(recipe_path: Path | None, model: str | None, method: str | 
         # Before --set: the recipe's keys that --method's method has no use for go; a key the user sets is kept
         # and judged as validate judges it (refused where the method does not use it).
         data["adapter"] = _keys_for_method(from_recipe, method)
-    apply_overrides(data, list(overrides or []))
-    if model is not None:
-        section(data, "model", source)["name_or_path"] = model
+    overrides = list(overrides or [])
+    apply_overrides(data, overrides)
+    given = {"model.name_or_path": ("--model", model), "adapter.method": ("--method", method),
+             "adapter.r": ("--r", r), "adapter.target_modules": ("--targets", targets)}
+    for key, (flag, typed) in given.items():
+        if typed is None:
+            continue
+        value = parse_targets(typed) if flag == "--targets" else typed
+        check_flag_over_set(data, overrides, key, value, f"{flag} {typed}")
+        section_name, name = key.split(".")
+        section(data, section_name, source)[name] = value  # an unknown method: the schema refuses it, naming all
     adapter = section(data, "adapter", source)
-    if method is not None:  # an unknown name is refused by the schema, which lists the methods
-        adapter["method"] = method
-    if r is not None:
-        adapter["r"] = r
-    if targets is not None:
-        adapter["target_modules"] = parse_targets(targets)
     _require_method_keys(adapter, recipe_path, model, method)
     if recipe_path is None:  # inspect needs only model and adapter; placeholders satisfy the other sections
         section(data, "data", source).setdefault("train", "-")  # beside, not over, what --set gave them

@@ -399,6 +399,30 @@ def test_cli_json_shape_and_recipe_overrides(tiny_model_dir, tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["settings"]["quantization"] == "none", result.output
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--method", "lora", "--set", "model.double_quant=false"], "model.double_quant: only applies to a 4-bit base"),
+    (["--objective", "sft", "--set", "train.beta=0.1"], "train.beta is for dpo/ipo/simpo: not used by train.objective"),
+    (["--method", "lora", "--set", "model.quantization=nf4"],
+     "--set model.quantization=nf4: --method lora sets model.quantization to none; drop one of the two"),
+    (["--objective", "dpo", "--set", "data.format=chat"],
+     "--set data.format=chat: --objective dpo sets data.format to preference; drop one of the two"),
+    (["--r", "8", "--set", "adapter.r=16"], "--set adapter.r=16: --r 8 sets adapter.r to 8; drop one of the two"),
+])
+def test_a_key_the_user_sets_takes_effect_or_is_refused(tiny_model_dir, args, said):
+    """--method and --objective drop the recipe's keys they leave without effect, never the user's --set keys, and
+    a flag never overrides a --set without a word. Before: each printed an estimate (exit 0), the --set ignored."""
+    result = runner.invoke(app, ["estimate-memory", "--model", str(tiny_model_dir), *args])
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_flag_and_a_set_that_agree_are_accepted(tiny_model_dir):
+    args = ["--r", "4", "--set", "adapter.r=4", "--targets", "q_proj", "--set", "adapter.target_modules=[q_proj]"]
+    result = runner.invoke(app, ["estimate-memory", "--model", str(tiny_model_dir), "--json", *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["trainable_params"] == 2 * 4 * (64 + 64)
+
+
 def test_cli_json_logs_mode_emits_one_event():
     result = runner.invoke(app, ["--json-logs", "estimate-memory", "--model", "qwen2.5-0.5b", "--r", "8"])
     assert result.exit_code == 0, result.output

@@ -152,6 +152,14 @@ def test_inspect_refuses_a_set_key_the_method_does_not_use_as_validate_does(tiny
     assert cli("inspect", path, "--method", "ia3").exit_code == 0  # the recipe's r is dropped
 
 
+def test_inspect_refuses_a_flag_that_would_override_a_set_key(tiny_model_dir):
+    """--r 4 --set adapter.r=8: two answers, one was dropped without a word (the flag's)."""
+    result = cli("inspect", "--model", tiny_model_dir, "--r", "4", "--set", "adapter.r=8")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.stderr.strip() == "error: --set adapter.r=8: --r 4 sets adapter.r to 4; drop one of the two"
+    assert cli("inspect", "--model", tiny_model_dir, "--r", "4", "--set", "adapter.r=4").exit_code == 0
+
+
 def test_parse_targets():
     assert parse_targets("all-linear") == "all-linear"
     assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
