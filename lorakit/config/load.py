@@ -237,6 +237,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, output_dir
     data = read_yaml(path)
     apply_overrides(data, list(overrides or []))
     if output_dir is not None:
+        check_flag_over_set(data, list(overrides or []), "output.dir", output_dir, f"--output-dir {output_dir}")
         section(data, "output", str(path))["dir"] = output_dir
     recipe = parse_recipe(data, source=str(path), recorded=resuming)
     if resuming and Path(path).resolve() != (Path(recipe.output.dir) / "recipe.yaml").resolve():

@@ -227,6 +227,16 @@ def test_tilde_override_removes_a_key_the_recipe_sets(tmp_path):
             apply_overrides(dict(data), [bad])
 
 
+def test_output_dir_and_a_set_output_dir_that_differ_are_refused(tmp_path):
+    """train --set output.dir=runs/a --output-dir runs/b: before, the run went to runs/b without a word."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(UsageError, match=r"^--set output.dir=runs/a: --output-dir runs/b sets output.dir to runs/b; "
+                                         "drop one of the two$"):
+        load_recipe(path, ["output.dir=runs/a"], output_dir="runs/b")
+    assert load_recipe(path, ["output.dir=runs/a"], output_dir="runs/a").output.dir == "runs/a"
+    assert load_recipe(path, ["train.seed=3"], output_dir="runs/b").output.dir == "runs/b"
+
+
 def test_override_unknown_key_suggests(tmp_path):
     path = write(tmp_path, MINIMAL)
     with pytest.raises(RecipeError, match="train.learnig_rate: unknown key; did you mean learning_rate"):
