@@ -239,7 +239,8 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("missing-model-path-generate", 2, lambda c: ["generate", "--model", c.tmp / "no-such-model", "--prompt", "hi"],
      ("--model: ", "no-such-model' not found")),
     # a flag's value that is wrong is named by the flag typed, not the recipe key it sets
-    ("inspect-r-unused-by-method", 2, lambda c: ["inspect", "--model", c.model, "--method", "prompt", "--r", "4"],
+    ("inspect-r-unused-by-method", 2, lambda c: ["inspect", "--model", c.model, "--method", "prompt", "--r", "4",
+                                                 "--set", "adapter.num_virtual_tokens=4"],
      ("--r: not used by method prompt", "drop --r")),
     ("inspect-targets-match-nothing", 2, lambda c: ["inspect", "--model", c.model, "--targets", "zz"],
      ("--targets: 'zz' matches no module",)),
