@@ -58,7 +58,7 @@ class StoreWriter:
         if self.rejected is not None:
             self.rejected.close()
         meta = {"rows": self.rows, "tokens": self.tokens, "token_columns": list(TOKEN_COLUMNS),
-                "row_columns": ROW_COLUMNS, "token_dtype": TOKEN_DTYPE, **info}
+                "row_columns": ROW_COLUMNS, "token_dtype": TOKEN_DTYPE, "pairs": self.rejected is not None, **info}
         (self.folder / META).write_text(json.dumps(meta))
 
 
@@ -100,10 +100,15 @@ class TokenStore(_Rows):
 
     def __init__(self, folder: Path):
         self.folder, self.keep_alive = Path(folder), None  # keep_alive: a TemporaryDirectory the store lives in
-        self.rejected = TokenStore(self.folder / "rejected") if (self.folder / "rejected" / META).is_file() else None
         self.ref_logps = None  # preference pairs' reference log-probs (train.reference), [rows, 2], set after loading
         self.meta = json.loads((self.folder / META).read_text())
         rows, tokens = self.meta["rows"], self.meta["tokens"]
+        # A pair store missing its rejected half must fail to open (a cache miss): opened as plain examples, the
+        # preference loss would pair each chosen sequence with another row's.
+        pairs = self.meta.get("pairs") or (self.folder / "rejected").exists()
+        self.rejected = TokenStore(self.folder / "rejected") if pairs else None
+        if self.rejected is not None and len(self.rejected) != rows:
+            raise ValueError(f"{self.folder}: damaged store ({len(self.rejected)} rejected sequences for {rows} rows)")
         self.offsets = _map(self.folder / "offsets.bin", "<i8", rows + 1) if rows else np.zeros(1, "<i8")
         self.columns = {name: _map(self.folder / f"{name}.bin", self.meta["token_dtype"], tokens)
                         for name in self.meta["token_columns"]}

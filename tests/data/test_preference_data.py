@@ -208,6 +208,28 @@ def test_pairs_with_the_same_chosen_and_rejected_answer_are_counted_or_refused(t
         "so none teaches a preference; give rejected answers that differ from the chosen ones")
 
 
+@pytest.mark.parametrize("damage", ["store.json", "folder"])
+def test_a_cached_pair_store_without_its_rejected_half_is_rebuilt(tmp_path, tokenizer, damage):
+    """Opened as plain examples, the preference loss would pair each chosen sequence with another row's: the
+    damaged entry is a miss and is tokenized again."""
+    import gc
+    import shutil
+
+    section = recipe(write_pairs(tmp_path / "d.jsonl", 6)).data
+    first = load_datasets(section, tokenizer, 0)
+    expected = [(e.input_ids, e.rejected.input_ids) for e in first.train]
+    rejected = first.train.folder / "rejected"
+    del first
+    gc.collect()  # its memory maps closed before the files go
+    if damage == "store.json":
+        (rejected / "store.json").unlink()
+    else:
+        shutil.rmtree(rejected)
+    again = load_datasets(section, tokenizer, 0)
+    assert not again.train_stats.cached
+    assert [(e.input_ids, e.rejected.input_ids) for e in again.train] == expected
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_a_micro_batch_holds_the_chosen_then_the_rejected(tmp_path, tokenizer, padding_free):
     data = write_pairs(tmp_path / "d.jsonl", 3)
