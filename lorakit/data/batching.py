@@ -11,6 +11,7 @@ import numpy as np
 
 from lorakit.data.formats import IGNORE_INDEX, Example
 from lorakit.data.store import PackedRows, example_lengths
+from lorakit.errors import UsageError
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,6 +121,29 @@ def collate(examples: list[Example], tokenizer, padding_free: bool = False):
 # ----------------------------------------------------------------------------------------------------------
 # Data order
 
+# The most rows weights may draw an epoch beyond the data's own: the sampler holds an epoch's order in memory (8
+# bytes a row, a few copies while it is drawn), and a weight of 1e9 would ask for hundreds of GB.
+MAX_WEIGHTED_EPOCH = 2**27
+
+
+def epoch_draws(sources, weights: list[float], names: list[str] | None = None) -> list[int]:
+    """Rows each data.train source gives an epoch: round(rows × weight). Exit 2 where a weight draws none of a
+    source's rows (it would never be trained on) or an epoch too long to order in memory."""
+    counts = [int(n) for n in np.bincount(np.asarray(sources, dtype=np.int64), minlength=len(weights))]
+    draws = [round(n * w) for n, w in zip(counts, weights)]
+    names = names or [f"source {i}" for i in range(len(weights))]
+    for i, (n, w, d) in enumerate(zip(counts, weights, draws)):
+        if n and not d:
+            raise UsageError(f"data.train[{i}].weight: {w:g} × the {n:,} rows of {names[i]} rounds to no row an epoch, "
+                             f"so it would never be trained on; give it a weight of at least {1 / n:.3g}, or remove it")
+    if sum(draws) > max(MAX_WEIGHTED_EPOCH, sum(counts)):
+        i = max(range(len(draws)), key=draws.__getitem__)
+        raise UsageError(f"data.train[{i}].weight: {weights[i]:g} × the {counts[i]:,} rows of {names[i]} makes an "
+                         f"epoch of {sum(draws):,} rows, more than the {MAX_WEIGHTED_EPOCH:,} lorakit orders in memory; "
+                         "weights set the sources' proportions: lower them, and raise train.max_steps for more passes")
+    return draws
+
+
 
 @dataclass
 class StepSampler:
@@ -152,8 +176,7 @@ class StepSampler:
         if self.weights is not None and all(w == 1 for w in self.weights):
             self.weights = None  # every source as it is: the plain permutation of all rows
         if self.weights is not None:
-            counts = np.bincount(np.asarray(self.sources), minlength=len(self.weights))
-            self.draws = [round(int(n) * w) for n, w in zip(counts, self.weights)]
+            self.draws = epoch_draws(self.sources, self.weights)
             self.num_examples = sum(self.draws)  # an epoch: what the weights draw, not the rows
 
     @property

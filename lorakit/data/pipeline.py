@@ -17,7 +17,7 @@ import numpy as np
 from lorakit.config.schema import CHAT_FORMATS, DataSection
 from lorakit.cpus import usable_cpus
 from lorakit.data import cache
-from lorakit.data.batching import pack_examples
+from lorakit.data.batching import epoch_draws, pack_examples
 from lorakit.data.encode import SourceSection, encode_chunk, encode_rows
 from lorakit.data.fingerprint import Fingerprints
 from lorakit.data.chat import chat_template_text, resolve_chat_template
@@ -252,6 +252,7 @@ def _open(folder: Path, meta: dict, section: DataSection, seed: int, cached: boo
             store.keep_alive = keep_alive
     data = Datasets(train, evals, train_stats, eval_stats, group_lengths, meta["fingerprint"],
                     meta["source_fingerprints"], np.asarray(train.sources), [s.weight for s in section.sources()])
+    epoch_draws(data.sources, data.weights, names)  # before the model loads: the sampler draws the same
     if section.packing:
         data.train = pack_examples(train, section.max_seq_len, seed)
         train_stats.packed_rows = len(data.train)

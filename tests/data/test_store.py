@@ -13,7 +13,7 @@ from lorakit.data import encode, pipeline
 from lorakit.data.fingerprint import fingerprint, store_fingerprints
 from lorakit.data.formats import IGNORE_INDEX
 from lorakit.data.store import write_examples
-from lorakit.errors import DataError
+from lorakit.errors import DataError, UsageError
 from lorakit.paths import is_local
 from run_helpers import CHAT, write_jsonl
 
@@ -258,6 +258,18 @@ def test_weighted_epochs_draw_round_rows_times_weight_and_resume_exactly():
     plain = StepSampler(14, micro_batch_size=2, grad_accum=1, seed=3)
     ones = StepSampler(14, micro_batch_size=2, grad_accum=1, seed=3, sources=sources, weights=[1, 1])
     assert [ones.micro_batches(s) for s in range(9)] == [plain.micro_batches(s) for s in range(9)]
+
+
+@pytest.mark.parametrize("weight, message", [
+    (0.001, r"data.train\[1\].weight: 0.001 × the 40 rows of .*a.jsonl rounds to no row an epoch, .* at least 0.025"),
+    (1e9, r"data.train\[1\].weight: 1e\+09 × the 40 rows of .*a.jsonl makes an epoch of 40,000,000,010 rows"),
+])
+def test_a_weight_that_draws_no_row_or_an_epoch_too_long_is_refused(tmp_path, tok, weight, message):
+    """Exit 2 before the model loads, naming the key and source: before, 0.001 × 40 rows divided by zero (exit 1)
+    and 1e9 filled the machine's memory with the epoch's order."""
+    a, b = write_jsonl(tmp_path / "a.jsonl", alpaca(40)), write_jsonl(tmp_path / "b.jsonl", alpaca(10, "b"))
+    with pytest.raises(UsageError, match=message):
+        load_datasets(DataSection(train=[b, TrainSource(path=a, weight=weight)]), tok, seed=0)
 
 
 def test_weights_with_packing_are_refused():
