@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorakit.atomic import write_file
 from lorakit.config.schema import OutputSection, Recipe
+from lorakit.console import is_json, is_quiet
 from lorakit.errors import UsageError
 
 TRACKER_IDS = "trackers.json"  # in the run directory: {"mlflow": RUN_ID, "wandb": RUN_ID}
@@ -58,6 +59,8 @@ def start_trackers(accelerator, recipe: Recipe, run_dir: Path, resuming: bool = 
     known = read_tracker_ids(run_dir) if resuming else {}
     init_kwargs = {"mlflow": {"run_name": run_name}, "wandb": {"name": run_name, "dir": str(run_dir)},
                    "trackio": {"name": run_name}}
+    if is_quiet() or is_json():  # W&B prints some 30 lines of its own; --quiet promises errors and paths only
+        init_kwargs["wandb"]["settings"] = {"silent": True}
     if "mlflow" in known:
         init_kwargs["mlflow"]["run_id"] = known["mlflow"]
     if "wandb" in known:

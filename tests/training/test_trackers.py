@@ -4,7 +4,7 @@ recipe as params and the curves as metrics; TensorBoard event files; a missing p
 import json
 
 import pytest
-from run_helpers import cli, recipe_dict, write_data, write_recipe
+from run_helpers import cli, lorakit, recipe_dict, subprocess_env, write_data, write_recipe
 
 from lorakit.config.load import parse_recipe
 from lorakit.training.trackers import flat_recipe, tracker_names
@@ -156,6 +156,22 @@ def test_wandb_offline_run_holds_recipe_config_and_loss_history(tiny_model_dir, 
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx(losses)
+
+
+@pytest.mark.parametrize("mode", ["--quiet", "--json-logs"])
+def test_wandb_keeps_quiet_under_quiet_and_json_logs(tiny_model_dir, tmp_path, mode):
+    """--quiet prints errors and written paths only, --json-logs JSON objects only: W&B's own banner and run
+    summary (some 30 lines on stderr) were printed through both."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in subprocess_env(WANDB_MODE="offline").items() if k != "WANDB_SILENT"}
+    recipe = recipe_dict(tiny_model_dir, write_data(tmp_path / "train.jsonl", n=8), tmp_path / "run", max_steps=1)
+    recipe["output"]["report_to"] = ["wandb"]
+    result = lorakit(mode, "train", write_recipe(tmp_path / "recipe.yaml", recipe), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "wandb:" not in result.stderr + result.stdout, result.stderr
+    if mode == "--json-logs":
+        assert all(json.loads(line) for line in result.stdout.splitlines())
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))  # still tracked
 
 
 def test_a_resumed_run_continues_its_mlflow_run_and_a_tracker_added_starts_one(tiny_model_dir, tmp_path, monkeypatch):
