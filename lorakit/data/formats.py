@@ -127,6 +127,9 @@ def _field(row: Row, name: str, section: DataSection, kind: type = str):
         if name in OPTIONAL_FIELDS:
             return ""
         hint = f" (data.fields maps {name!r} to it)" if column != name else ""
+        if column in row.data:  # present but null: "missing ... the row has it" would contradict itself
+            raise BadRowError(f"{row.where}: field {column!r}{hint} is null; data.format {section.format} needs "
+                              f"{'a list' if kind is list else 'a string'} there")
         present = ", ".join(map(str, row.data)) or "no fields"
         raise BadRowError(
             f"{row.where}: missing field {column!r}{hint} for data.format {section.format}; the row has {present}; "
@@ -265,6 +268,9 @@ def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[st
     if chat_prompt:
         messages = _field(row, "messages", section, list)
         check_messages(messages, row.where, column)
+        if messages[-1]["role"] == "assistant":  # rendered, the answer would be a second assistant turn after it
+            raise BadRowError(f"{row.where}: field {column!r} ends with an assistant turn; the prompt ends before the "
+                              "answer: end it with the user's turn and give the answers as 'chosen' and 'rejected'")
     else:
         messages = [{"role": "user", "content": _field(row, "prompt", section)}]
     answers = [_answer(row, name, section, template) for name in ("chosen", "rejected")]
@@ -305,7 +311,9 @@ def _answer(row: Row, name: str, section: DataSection, template: bool):
         column = section.fields.get(name, name)
         check_messages(value, row.where, column)
         if any(m["role"] != "assistant" for m in value):
-            raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer)")
+            raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a "
+                              "conversation holding its prompt too (TRL's implicit prompt) needs the turns before "
+                              "the answer moved to 'messages'")
         return value
     return _field(row, name, section)
 

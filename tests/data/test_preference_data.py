@@ -140,6 +140,13 @@ def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
     ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
     ({"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "assistant messages only"),
     ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    # present but null: it said "missing field 'chosen' ... the row has prompt, chosen, rejected"
+    ({"prompt": "p", "chosen": None, "rejected": "b"}, "field 'chosen' is null; data.format preference needs a string"),
+    # the answer inside the prompt: it was trained as a second assistant turn after it, silently
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a",
+      "rejected": "b"}, "field 'messages' ends with an assistant turn; the prompt ends before the answer"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+      "rejected": "b"}, "TRL's implicit prompt\\) needs the turns before the answer moved to 'messages'"),
 ])
 def test_a_bad_row_names_its_file_and_line(tmp_path, tokenizer, row, message):
     path = tmp_path / "bad.jsonl"
