@@ -128,6 +128,10 @@ def jsonl_rows(path: Path, skip: bool = False, lazy: bool = False):
         except text.NotText as e:
             raise DataError(str(e)) from None
         f.seek(0)
+        if f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # each line a fragment of one array
+            raise DataError(f"{path}: holds a JSON array, not one JSON object per line; name it .json, or write one "
+                            "object per line")
+        f.seek(0)
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             if lazy and raw.lstrip()[:1] == b"{":  # an object's first byte: neither blank nor a byte-order mark

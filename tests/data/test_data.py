@@ -292,6 +292,16 @@ def test_json_array_rows_are_located_by_line(tmp_path):
         read_rows(str(path))
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_json_array_named_jsonl_says_to_name_it_json(tmp_path, skip):
+    """It said 'bad.jsonl:1: invalid JSON (Expecting value at column 1)', or with data.skip_bad_rows skipped every
+    line as a fragment of the array."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": "d"}\n]\n')
+    with pytest.raises(DataError, match="rows.jsonl: holds a JSON array, not one JSON object per line; name it .json"):
+        list(read_rows(str(path), skip_bad_rows=skip).rows)
+
+
 def cli_recipe(tmp_path: Path, model_dir, **data) -> str:
     recipe = {"model": {"name_or_path": str(model_dir)}, "data": data, "train": {"max_steps": 1}}
     path = tmp_path / "recipe.yaml"
