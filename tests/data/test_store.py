@@ -272,6 +272,14 @@ def test_a_weight_that_draws_no_row_or_an_epoch_too_long_is_refused(tmp_path, to
         load_datasets(DataSection(train=[b, TrainSource(path=a, weight=weight)]), tok, seed=0)
 
 
+def test_an_empty_file_in_a_list_of_sources_is_exit_3(tmp_path, tok):
+    """Alone, an empty file was exit 3; in a list it contributed nothing, silently (a wrong path that exists)."""
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca(10))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"data.train\[1\]: .*empty.jsonl is empty: it holds no rows; fill it or remove"):
+        load_datasets(DataSection(train=[a, TrainSource(path=str(tmp_path / "empty.jsonl"), weight=2)]), tok, seed=0)
+
+
 def test_weights_with_packing_are_refused():
     with pytest.raises(ValueError, match="data.packing / data.train"):
         DataSection(train=[TrainSource(path="a.jsonl", weight=2)], packing=True)
