@@ -34,8 +34,12 @@ class OneLineUsageErrors(TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":  # `lorakit` alone: the help is the answer
                 e.show()
                 sys.exit(e.exit_code)
-            from lorakit.console import show_error
+            from lorakit.console import configure, show_error
 
+            given = list(kwargs.get("args") or (args[0] if args else sys.argv[1:]))
+            leading = given[: next((i for i, a in enumerate(given) if not a.startswith("-")), len(given))]
+            if "--json-logs" in leading:  # an unknown command or global option: the callback never ran
+                configure(json_logs=True)
             where = e.ctx.command_path if getattr(e, "ctx", None) else "lorakit"
             message = " ".join(e.format_message().split())
             show_error(e.exit_code, escape(f"{where}: {message} (see {where} --help)"))

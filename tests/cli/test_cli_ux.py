@@ -252,6 +252,16 @@ def test_json_logs_are_json_lines_including_errors(tmp_path):
     assert "train.max_steps" in result.stderr
 
 
+@pytest.mark.parametrize("args", [["no-such-command"], [], ["--no-such-option", "validate"]])
+def test_json_logs_give_an_error_object_before_any_command_runs(args):
+    """An unknown command or global option fails before the callback that turns --json-logs on: its error was
+    only the plain line on stderr, and a script reading stdout saw nothing."""
+    result = runner.invoke(app, ["--json-logs", *args])
+    assert result.exit_code == 2
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["event"] == "error" and record["exit_code"] == 2
+
+
 def test_quiet_prints_only_errors_and_written_paths(tmp_path):
     out = tmp_path / "r.yaml"
     result = runner.invoke(app, ["--quiet", "init", "lora", "-o", str(out)])
