@@ -137,7 +137,7 @@ def preview_data(recipe: Recipe, n: int, stats: bool = True) -> None:
                       markup=False)
         for i, row in enumerate(rows, 1):
             console.print(render_plain(i, row, tokenizer) + "\n", markup=False)
-    if stats:
+    if stats or not rows:  # no row to show: loading says why (an empty file is exit 3), even with --no-stats
         data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
         for name, split in (("train", data.train_stats), ("eval", data.eval_stats)):
             if split is not None:

@@ -60,6 +60,12 @@ def test_preview_warns_about_rows_without_supervision_or_eos(tmp_path, tokenizer
     assert "never supervise the EOS token" in llama3
 
 
+def test_preview_of_an_empty_file_is_exit_3_even_without_stats(tmp_path, tokenizer_only_dir):
+    """--no-stats skipped the loading that finds an empty dataset: exit 0 with only the legend printed."""
+    result = CliRunner().invoke(app, ["preview-data", make_recipe(tmp_path, tokenizer_only_dir, []), "--no-stats"])
+    assert result.exit_code == 3 and "train.jsonl is empty: it holds no rows" in result.output
+
+
 def test_preview_json_logs(tmp_path, tokenizer_only_dir):
     recipe = make_recipe(tmp_path, tokenizer_only_dir, [{"instruction": "a", "output": "b"}])
     result = CliRunner().invoke(app, ["--json-logs", "preview-data", recipe])
