@@ -79,6 +79,8 @@ def read_entry(entry: Path) -> dict | None:
     """The meta of a complete, readable entry, else None (missing, partial, damaged or foreign: a miss)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
+        if not isinstance(meta.get("fingerprint"), str) or not isinstance(meta.get("source_fingerprints"), dict):
+            return None  # what a run reads of it besides the splits: without them, a foreign or edited entry
         for split in meta["splits"]:
             TokenStore(entry / split)  # maps every column: a truncated file fails here
         return meta

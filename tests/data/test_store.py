@@ -153,6 +153,17 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, tok, monkeypatch):
     assert not again.train_stats.cached and list(again.train) == expected
 
 
+def test_an_entry_whose_meta_lacks_the_fingerprints_is_rebuilt(tmp_path, tok):
+    """A meta.json with its splits but not the fingerprints (edited, or written by another lorakit of the same
+    version number) was read as a hit: KeyError 'fingerprint', exit 1."""
+    s = DataSection(train=write_jsonl(tmp_path / "a.jsonl", alpaca(10)))
+    first = load_datasets(s, tok, seed=0)
+    meta = first.train.folder.parent / "meta.json"
+    meta.write_text('{"splits": {"train": {}}}')
+    again = load_datasets(s, tok, seed=0)
+    assert not again.train_stats.cached and again.fingerprint == first.fingerprint
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Chat: one rendering per conversation
 
