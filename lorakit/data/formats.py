@@ -262,9 +262,7 @@ def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[st
     chat_prompt = row.data.get(column) is not None
     template = bool(tokenizer.chat_template)
     if chat_prompt and not template:
-        raise UsageError(f"data.chat_template: {row.where} gives its prompt as {column!r} (chat messages) and the "
-                         f"tokenizer has no chat template; set data.chat_template to one of "
-                         f"{', '.join(named_chat_templates())}")
+        raise _no_template(row.where, f"its prompt as {column!r}")
     if chat_prompt:
         messages = _field(row, "messages", section, list)
         check_messages(messages, row.where, column)
@@ -304,11 +302,18 @@ def _pair_examples(texts: list[tuple[str, list[str], bool]], tokenizer) -> list[
     return out
 
 
+def _no_template(where: str, what: str) -> UsageError:
+    return UsageError(f"data.chat_template: {where} gives {what} (chat messages) and the tokenizer has no chat "
+                      f"template; set data.chat_template to one of {', '.join(named_chat_templates())}")
+
+
 def _answer(row: Row, name: str, section: DataSection, template: bool):
     """chosen/rejected: a string, or a list of assistant messages (rendered by the chat template)."""
-    value = row.data.get(section.fields.get(name, name))
-    if isinstance(value, list) and template:
-        column = section.fields.get(name, name)
+    column = section.fields.get(name, name)
+    value = row.data.get(column)
+    if isinstance(value, list) and not template:  # as for messages: the recipe, not the row, lacks something
+        raise _no_template(row.where, f"{column!r}")
+    if isinstance(value, list):
         check_messages(value, row.where, column)
         if any(m["role"] != "assistant" for m in value):
             raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a "

@@ -115,6 +115,12 @@ def test_without_a_chat_template_a_plain_prompt_is_a_completion(tmp_path, tokeni
     with pytest.raises(Exception, match="has no chat template") as e:
         tokenize_rows([json.loads(chat.read_text())], recipe(chat).data, plain)
     assert e.value.exit_code == 2
+    # an answer as assistant messages needs the template too: it was a bad row, "must be a string, got list" (exit 3)
+    row = {"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(Exception, match="row 1 gives 'rejected' \\(chat messages\\) and the tokenizer has no chat "
+                                        "template; set data.chat_template") as e:
+        tokenize_rows([row], section, plain)
+    assert e.value.exit_code == 2
 
 
 def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
