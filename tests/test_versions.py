@@ -112,6 +112,25 @@ def test_doctor_shows_the_tested_version_and_warns_on_a_newer_minor(tmp_path, mo
     assert found["peft"].status == OK and found["peft"].detail == f"{peft} (tested with {lock['peft']})"
 
 
+def test_doctor_shows_each_tracker_package():
+    """output.report_to's packages are lorakit extras too: doctor named tensorboard only (as the deprecated
+    output.tensorboard key), and said nothing of MLflow, W&B, Trackio or Aim, installed or not."""
+    from importlib import metadata
+
+    from lorakit.tools.doctor import INFO, OK, check_versions
+
+    found = {f.name: f for f in check_versions()}
+    for extra, package in (("tensorboard", "tensorboard"), ("mlflow", "mlflow-skinny"), ("wandb", "wandb"),
+                           ("trackio", "trackio"), ("aim", "aim")):
+        try:
+            metadata.version(package)
+        except metadata.PackageNotFoundError:
+            assert found[package].status == INFO and found[package].fix == f"pip install 'lorakit[{extra}]'"
+            assert found[package].detail == f"not installed (optional: output.report_to: [{extra}])"
+        else:
+            assert found[package].status == OK and "tested with" in found[package].detail
+
+
 def test_the_lock_script_reports_changes_and_failing_tests(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

@@ -15,7 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
-OPTIONAL_EXTRAS = {"plot": "loss.png and `lorakit plot`", "tensorboard": "output.tensorboard: true"}
+OPTIONAL_EXTRAS = {"plot": "loss.png and `lorakit plot`",
+                   **{t: f"output.report_to: [{t}]" for t in ("tensorboard", "mlflow", "wandb", "trackio", "aim")}}
 
 
 @dataclass
