@@ -50,6 +50,11 @@ class Example:
         return len(self.input_ids) + (len(self.rejected) if self.rejected is not None else 0)
 
     @property
+    def longest(self) -> int:
+        """Tokens of its longest sequence: what data.max_seq_len bounds (a pair's longer answer)."""
+        return max(len(self), len(self.rejected)) if self.rejected is not None else len(self)
+
+    @property
     def sequences(self) -> list["Example"]:
         return [self] if self.rejected is None else [self, self.rejected]
 

@@ -66,7 +66,7 @@ def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats
     if chunk.rejected is not None:
         for example, rejected in zip(examples, _examples(chunk.rejected), strict=True):
             example.rejected = rejected
-    stats.lengths = [e.num_tokens for e in examples]
+    stats.lengths = [e.longest for e in examples]
     return examples, stats
 
 
@@ -245,12 +245,12 @@ def _open(folder: Path, meta: dict, section: DataSection, seed: int, cached: boo
     names = train_sources(section)
     train = TokenStore(folder / "train")
     train_stats = DataStats.from_json(meta["splits"]["train"], names)
-    train_stats.lengths, train_stats.cached = train.num_tokens, cached
+    train_stats.lengths, train_stats.cached = train.longest, cached
     evals, eval_stats = [], None
     if "eval" in meta["splits"]:
         evals = TokenStore(folder / "eval")
         eval_stats = DataStats.from_json(meta["splits"]["eval"], [section.eval] if section.eval else names)
-        eval_stats.lengths, eval_stats.cached = evals.num_tokens, cached
+        eval_stats.lengths, eval_stats.cached = evals.longest, cached
     group_lengths = train.num_tokens if section.group_by_length and not section.packing else None
     for store in (train, evals):  # a private store's folder is deleted when no store maps it any more
         if isinstance(store, TokenStore):

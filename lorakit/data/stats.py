@@ -31,7 +31,7 @@ class DataStats:
     max_seq_len: int = 0
     eos_token: str | None = None
     first: dict = field(default_factory=dict)  # category -> where (and why) its first row is
-    lengths: np.ndarray | list = field(default_factory=list)  # tokens per kept example (the store's index)
+    lengths: np.ndarray | list = field(default_factory=list)  # tokens per kept example (a pair's longer sequence)
     packed_rows: int = 0
     cached: bool = False
     sources: list[str] = field(default_factory=list)  # data.train's sources, in order

@@ -140,6 +140,11 @@ class TokenStore(_Rows):
         """Tokens a forward runs on per example: both sequences of a preference pair."""
         return self.lengths if self.rejected is None else self.lengths + self.rejected.lengths
 
+    @cached_property
+    def longest(self) -> np.ndarray:
+        """Tokens of each example's longest sequence (a pair's longer one): what data.max_seq_len bounds."""
+        return self.lengths if self.rejected is None else np.maximum(self.lengths, self.rejected.lengths)
+
     @property
     def sources(self) -> np.ndarray:
         return self.row_columns["source"]

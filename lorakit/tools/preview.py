@@ -80,7 +80,8 @@ def spans(example: Example, tokenizer) -> list[tuple[str, bool]]:
 def header(index: int, row: PreviewRow) -> str:
     if row.example is None:
         return f"example {index}  {row.where}  {row.status}"
-    return f"example {index}  {row.where}  {row.example.num_tokens} tokens, {row.targets} supervised  {row.status}"
+    tokens = " + ".join(str(len(e)) for e in row.example.sequences)  # a pair: chosen + rejected
+    return f"example {index}  {row.where}  {tokens} tokens, {row.targets} supervised  {row.status}"
 
 
 def views(example: Example) -> list[tuple[str, Example]]:

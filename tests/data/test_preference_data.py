@@ -194,7 +194,7 @@ def test_pairs_survive_the_cache(tmp_path, tokenizer):
     assert [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in again.train] == \
         [(e.input_ids, e.labels, e.rejected.input_ids, e.rejected.labels, e.prompt_len) for e in first.train]
     assert again.fingerprint == first.fingerprint and again.cache_key == first.cache_key
-    assert list(first.train_stats.lengths) == [e.num_tokens for e in first.train]  # an array (the store's index)
+    assert list(first.train_stats.lengths) == [e.longest for e in first.train]  # an array (the store's index)
 
 
 def test_pairs_with_the_same_chosen_and_rejected_answer_are_counted_or_refused(tmp_path, tokenizer):
@@ -275,3 +275,16 @@ def test_preview_shows_a_pair(tmp_path, tokenizer):
     assert row.status == "kept" and row.warnings == []
     assert "chosen: <|im_start|>user\nCount to 1<|im_end|>\n<|im_start|>assistant\n[[0<|im_end|>\n]]" in text
     assert "\nrejected: <|im_start|>user\nCount to 1<|im_end|>\n<|im_start|>assistant\n[[the quick" in text
+    assert f"{len(row.example)} + {len(row.example.rejected)} tokens" in text
+
+
+def test_the_summary_gives_each_pairs_longer_sequence_the_bound_of_max_seq_len(tmp_path, tokenizer):
+    """It gave both sequences summed: 'max 128' under data.max_seq_len 64 with nothing truncated read as a
+    broken truncation."""
+    data = write_pairs(tmp_path / "d.jsonl", 6)
+    first = load_datasets(recipe(data).data, tokenizer, 0)
+    longest = max(max(len(e), len(e.rejected)) for e in first.train)
+    section = recipe(data, max_seq_len=longest).data
+    for stats in (load_datasets(section, tokenizer, 0).train_stats,
+                  tokenize_rows([json.loads(line) for line in data.read_text().splitlines()], section, tokenizer)[1]):
+        assert stats.truncated == 0 and f"max {longest};" in stats.summary()
