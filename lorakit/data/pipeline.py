@@ -190,12 +190,14 @@ def _build(folder: Path, section: DataSection, tokenizer, seed: int, sections: l
             if name == "train" or section.eval:
                 _check_not_empty(name, stats.sources, writer.rows, stats)
                 _check_pairs_differ(name, stats)
-            if name == "train" and not section.eval_split:  # one empty file of a list: most likely the wrong file
-                for i, source in enumerate(stats.sources):
-                    if not stats.per_source.get(i, {}).get("rows"):
-                        raise DataError(f"data.train[{i}]: {source} is empty: it holds no rows; fill it or remove it "
-                                        "from data.train")
             meta["splits"][name] = stats.to_json()
+    # One empty file of a list (alone it is refused above): most likely the wrong file. data.eval_split deals a
+    # source's rows to both splits.
+    counted = [stats for name, (_, _, stats) in splits.items() if name == "train" or section.eval_split]
+    for i, source in enumerate(train_sources(section)):
+        if not any(stats.per_source.get(i, {}).get("rows") for stats in counted):
+            raise DataError(f"data.train[{i}]: {source} is empty: it holds no rows; fill it or remove it from "
+                            "data.train")
     meta["fingerprint"], meta["source_fingerprints"] = prints.result()
     return meta
 

@@ -283,12 +283,18 @@ def test_a_weight_that_draws_no_row_or_an_epoch_too_long_is_refused(tmp_path, to
         load_datasets(DataSection(train=[b, TrainSource(path=a, weight=weight)]), tok, seed=0)
 
 
-def test_an_empty_file_in_a_list_of_sources_is_exit_3(tmp_path, tok):
-    """Alone, an empty file was exit 3; in a list it contributed nothing, silently (a wrong path that exists)."""
-    a = write_jsonl(tmp_path / "a.jsonl", alpaca(10))
+@pytest.mark.parametrize("eval_split", [None, 0.2])
+def test_an_empty_file_in_a_list_of_sources_is_exit_3(tmp_path, tok, eval_split):
+    """Alone, an empty file was exit 3; in a list it contributed nothing, silently (a wrong path that exists). A
+    source whose only row data.eval_split holds out is not empty."""
+    a, one = write_jsonl(tmp_path / "a.jsonl", alpaca(10)), write_jsonl(tmp_path / "one.jsonl", alpaca(1, "one"))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(DataError, match=r"data.train\[1\]: .*empty.jsonl is empty: it holds no rows; fill it or remove"):
-        load_datasets(DataSection(train=[a, TrainSource(path=str(tmp_path / "empty.jsonl"), weight=2)]), tok, seed=0)
+    empty = TrainSource(path=str(tmp_path / "empty.jsonl"), weight=2)
+    with pytest.raises(DataError, match=r"data.train\[2\]: .*empty.jsonl is empty: it holds no rows; fill it or remove"):
+        load_datasets(DataSection(train=[a, one, empty], eval_split=eval_split), tok, seed=0)
+    if eval_split:  # a seed that holds out one.jsonl's row: no error
+        held = [load_datasets(DataSection(train=[a, one], eval_split=0.5), tok, seed=seed) for seed in range(8)]
+        assert any(d.eval_stats.source_counts()[one]["rows"] == 1 for d in held)
 
 
 def test_weights_with_packing_are_refused():
