@@ -38,6 +38,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, width: int =
     target = check_file_output("plot -o", out, "loss.png")  # symlinks resolved: a link to an earlier plot stays a link
     if target.exists() and not _is_plot(target):  # an earlier plot is replaced, nothing else
         raise SafetyError(f"plot -o {out}: the file exists and is not a plot lorakit drew; choose another file")
+    if out.suffix.lower() not in ("", ".png"):  # the file holds PNG bytes whatever its name says
+        raise UsageError(f"plot -o {out}: lorakit plot draws a PNG; name the file .png, e.g. {out.with_suffix('.png')}")
     records = read_metrics(run_dir / "metrics.jsonl")
     train_steps, train_loss = series(records, "loss")
     eval_steps, eval_loss = series(records, "eval_loss")

@@ -193,6 +193,10 @@ def test_plot_errors_are_one_line_usage_errors(tmp_path):
     assert result.exit_code == 2 and "metrics" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = runner.invoke(app, ["plot", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a directory" in result.stderr
+    write_metrics(tmp_path)
+    result = runner.invoke(app, ["plot", str(tmp_path), "-o", str(tmp_path / "loss.svg")])  # was PNG bytes in .svg
+    assert result.exit_code == 2 and "draws a PNG; name the file .png, e.g. " in result.stderr
+    assert not (tmp_path / "loss.svg").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
