@@ -89,16 +89,22 @@ def read_entry(entry: Path) -> dict | None:
 
 
 @contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``path`` (flock: released by the kernel when the holder dies)."""
+def _locked(f):
+    """An exclusive lock on the open file ``f`` (flock: released by the kernel when the holder dies)."""
     import fcntl
 
-    with path.open("a") as f:
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _private(build):
+    """A cache that cannot be written is not an error: tokenize into a private store, deleted after use."""
+    keep_alive = tempfile.TemporaryDirectory(prefix="lorakit-data-")
+    return Path(keep_alive.name), build(Path(keep_alive.name)), False, keep_alive
 
 
 def open_or_build(key: str, build):
@@ -117,23 +123,24 @@ def open_or_build(key: str, build):
         return entry, meta, True, None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = root / f".{key}.lock"
-        lock.touch()
-    except OSError:  # a cache that cannot be written is not an error: tokenize into a private store
-        keep_alive = tempfile.TemporaryDirectory(prefix="lorakit-data-")
-        return Path(keep_alive.name), build(Path(keep_alive.name)), False, keep_alive
+        lock = (root / f".{key}.lock").open("a")
+    except OSError:
+        return _private(build)
     with _locked(lock):
         meta = read_entry(entry)
         if meta is not None:  # built by another process while this one waited
             return entry, meta, True, None
         unique = f"{socket.gethostname()}-{os.getpid()}"
-        if entry.exists():  # damaged: set aside, not overwritten in place (a run may still map its files)
-            aside = root / f".{key}.damaged-{unique}"
-            entry.rename(aside)
-            shutil.rmtree(aside, ignore_errors=True)
         tmp = root / f".{key}.tmp-{unique}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            if entry.exists():  # damaged: set aside, not overwritten in place (a run may still map its files)
+                aside = root / f".{key}.damaged-{unique}"
+                entry.rename(aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError:  # a cache this process may read but not write (read-only, another user's)
+            return _private(build)
         try:
             meta = build(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta))  # last: an entry without it is a miss

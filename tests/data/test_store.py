@@ -3,6 +3,7 @@ tokenization (the same result for any number of processes), content fingerprints
 
 import gc
 import multiprocessing
+import sys
 
 import numpy as np
 import pytest
@@ -151,6 +152,37 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, tok, monkeypatch):
     ids.write_bytes(ids.read_bytes()[:8])  # truncated by a crash or a full disk
     again = load_datasets(s, tok, seed=0)
     assert not again.train_stats.cached and list(again.train) == expected
+
+
+def test_a_read_only_cache_with_a_damaged_entry_tokenizes_privately(tmp_path, tiny_model_dir):
+    """A cache shared read-only whose entry is damaged: setting it aside failed with PermissionError (exit 1)."""
+    import os
+    import shutil
+    import subprocess
+
+    from run_helpers import recipe_dict, subprocess_env, write_recipe
+
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca(10))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, data, tmp_path / "run"))
+    env = subprocess_env(LORAKIT_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "lorakit", "preview-data", str(recipe), "-n", "1"]
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    [entry] = [p for p in (tmp_path / "cache" / "data").iterdir() if not p.name.startswith(".")]
+    (entry / "train" / "input_ids.bin").unlink()
+    for path in (tmp_path / "cache").rglob("*"):
+        path.chmod(path.stat().st_mode & ~0o222)
+    if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that let it
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv cannot be kept out of a read-only folder")
+        caps = "-dac_override,-dac_read_search,-fowner"
+        command = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+    finally:
+        for path in (tmp_path / "cache").rglob("*"):
+            path.chmod(path.stat().st_mode | 0o200)
+    assert result.returncode == 0, result.stderr
+    assert "train data: rows 10: kept 10" in result.stdout and "(tokenized data from the cache)" not in result.stdout
 
 
 def test_an_entry_whose_meta_lacks_the_fingerprints_is_rebuilt(tmp_path, tok):
