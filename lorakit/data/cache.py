@@ -164,6 +164,7 @@ def load_reference(key: str, model_key: str) -> dict | None:
 
 def save_reference(key: str, model_key: str, splits: dict) -> None:
     import numpy as np
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     entry = cache_root() / key
@@ -174,5 +175,5 @@ def save_reference(key: str, model_key: str, splits: dict) -> None:
     try:
         save_file(arrays, str(tmp))
         os.replace(tmp, entry / f"reference-{model_key}.safetensors")
-    except OSError:
+    except (OSError, SafetensorError):  # a cache this process cannot write (read-only): computed again next time
         tmp.unlink(missing_ok=True)

@@ -154,22 +154,20 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, tok, monkeypatch):
     assert not again.train_stats.cached and list(again.train) == expected
 
 
-def test_a_read_only_cache_with_a_damaged_entry_tokenizes_privately(tmp_path, tiny_model_dir):
-    """A cache shared read-only whose entry is damaged: setting it aside failed with PermissionError (exit 1)."""
+def _run_over_a_read_only_cache(cache, args, damage=lambda entry: None):
+    """``lorakit ARGS`` once to fill ``cache``, then again with it read-only (after ``damage(entry)``)."""
     import os
     import shutil
     import subprocess
 
-    from run_helpers import recipe_dict, subprocess_env, write_recipe
+    from run_helpers import subprocess_env
 
-    data = write_jsonl(tmp_path / "a.jsonl", alpaca(10))
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, data, tmp_path / "run"))
-    env = subprocess_env(LORAKIT_CACHE=str(tmp_path / "cache"))
-    command = [sys.executable, "-m", "lorakit", "preview-data", str(recipe), "-n", "1"]
-    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
-    [entry] = [p for p in (tmp_path / "cache" / "data").iterdir() if not p.name.startswith(".")]
-    (entry / "train" / "input_ids.bin").unlink()
-    for path in (tmp_path / "cache").rglob("*"):
+    env = subprocess_env(LORAKIT_CACHE=str(cache))
+    command = [sys.executable, "-m", "lorakit", *map(str, args)]
+    assert subprocess.run([*command[:3], "preview-data", args[1]], env=env, capture_output=True).returncode == 0
+    [entry] = [p for p in (cache / "data").iterdir() if not p.name.startswith(".")]
+    damage(entry)
+    for path in cache.rglob("*"):
         path.chmod(path.stat().st_mode & ~0o222)
     if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that let it
         if not shutil.which("setpriv"):
@@ -177,12 +175,33 @@ def test_a_read_only_cache_with_a_damaged_entry_tokenizes_privately(tmp_path, ti
         caps = "-dac_override,-dac_read_search,-fowner"
         command = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
     try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        return subprocess.run(command, env=env, capture_output=True, text=True)
     finally:
-        for path in (tmp_path / "cache").rglob("*"):
+        for path in cache.rglob("*"):
             path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_a_read_only_cache_with_a_damaged_entry_tokenizes_privately(tmp_path, tiny_model_dir):
+    """A cache shared read-only whose entry is damaged: setting it aside failed with PermissionError (exit 1)."""
+    from run_helpers import recipe_dict, write_recipe
+
+    data = write_jsonl(tmp_path / "a.jsonl", alpaca(10))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, data, tmp_path / "run"))
+    result = _run_over_a_read_only_cache(tmp_path / "cache", ["preview-data", recipe, "-n", "1"],
+                                         lambda entry: (entry / "train" / "input_ids.bin").unlink())
     assert result.returncode == 0, result.stderr
     assert "train data: rows 10: kept 10" in result.stdout and "(tokenized data from the cache)" not in result.stdout
+
+
+def test_precomputed_reference_log_probs_over_a_read_only_cache(tmp_path, tiny_model_dir):
+    """Storing them beside the entry raised SafetensorError (exit 1): they are computed and not kept."""
+    from run_helpers import pref_recipe, write_pairs, write_recipe
+
+    recipe = pref_recipe(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", 10), tmp_path / "run", max_steps=1,
+                         reference="precomputed")
+    result = _run_over_a_read_only_cache(tmp_path / "cache", ["train", write_recipe(tmp_path / "r.yaml", recipe)])
+    assert result.returncode == 0, result.stderr
+    assert "reference log-probs: computed for 8 train and 2 eval pairs" in result.stdout
 
 
 def test_an_entry_whose_meta_lacks_the_fingerprints_is_rebuilt(tmp_path, tok):
