@@ -286,9 +286,10 @@ def step_flops(recipe: dict) -> dict:
     return out
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 # Operator families for the profile: where the CPU time of a step goes.
 FAMILIES = (
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("matmul", MATMULS),
     ("attention", ("scaled_dot_product", "aten::_softmax")),
     ("loss: softmax/CE over the vocabulary", ("log_softmax", "nll_loss", "logsumexp", "aten::exp", "aten::gather",
                                               "aten::index_put", "aten::sub_")),
@@ -298,23 +299,30 @@ FAMILIES = (
 )
 
 
+def side_step(model, tokenizer, name: str, side: tuple):
+    """(loss, collated micro-batches, Work) of one side's first step (first_steps), with that side's own LoRA
+    dropout swapped into the model both sides share."""
+    from lorakit.adapters.dropout import use_lora_dropout
+    from lorakit.data import collate
+    from lorakit.training.perf import Work
+
+    padding_free, loss, micro = side
+    use_lora_dropout(model, fast=name == "lorakit")
+    work = Work()
+    for batch in micro:
+        work.add(batch)
+    return loss, [collate(b, tokenizer, padding_free) for b in micro], work
+
+
 def profile_step(recipe: dict, repeats: int = 2) -> dict:
     """Self CPU seconds per 1,000 supervised targets, by operator family, over the first optimizer step of each
     side (torch.profiler; the sides' first steps hold different examples when lorakit groups by length)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lorakit.adapters.dropout import use_lora_dropout
-    from lorakit.data import collate
-    from lorakit.training.perf import Work
-
     model, tokenizer, sides = first_steps(recipe)
     out = {}
-    for name, (padding_free, loss, micro) in sides.items():
-        use_lora_dropout(model, fast=name == "lorakit")  # one model for both sides: each side's own dropout
-        batches = [collate(b, tokenizer, padding_free) for b in micro]
-        work = Work()
-        for b in micro:
-            work.add(b)
+    for name, side in sides.items():
+        loss, batches, work = side_step(model, tokenizer, name, side)
         loss(model, batches[0], 100.0).backward()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(repeats):
@@ -340,17 +348,10 @@ def matmul_ceiling(recipe: dict, repeats: int = 10) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lorakit.adapters.dropout import use_lora_dropout
-    from lorakit.data import collate
-    from lorakit.training.perf import ModelShape, Work, matmul_probe
+    from lorakit.training.perf import ModelShape, matmul_probe
 
     model, tokenizer, sides = first_steps(recipe)
-    padding_free, loss, micro = sides["lorakit"]
-    use_lora_dropout(model, fast=True)
-    batches = [collate(b, tokenizer, padding_free) for b in micro]
-    work = Work()
-    for b in micro:
-        work.add(b)
+    loss, batches, work = side_step(model, tokenizer, "lorakit", sides["lorakit"])
     flops = ModelShape.of(model).flops(work, checkpointing=False)
 
     def step() -> float:
@@ -367,7 +368,7 @@ def matmul_ceiling(recipe: dict, repeats: int = 10) -> dict:
         step()
     matmuls, attention = collections.Counter(), 0.0
     for event in prof.events():
-        if event.name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        if event.name in MATMULS:
             matmuls[(event.name, tuple(tuple(s) for s in event.input_shapes if s))] += 1
         elif "scaled_dot_product" in event.name and event.name.startswith("aten::_"):  # the kernels, fwd and bwd
             attention += event.self_cpu_time_total / 1e6
