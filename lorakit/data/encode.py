@@ -117,6 +117,7 @@ def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> 
                 raise result
             stats.note("bad", result.reason, source)
             continue
+        stats.longest = max(stats.longest, *(len(s) for s in result.sequences))
         example, truncated = fit_length(result, section, tokenizer.bos_token_id)
         if example is None:
             stats.note("too_long", row.where, source)
@@ -131,6 +132,7 @@ def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> 
         stats.count(source, "kept")
         if truncated:
             stats.count(source, "truncated")
+            stats.first.setdefault("truncated", row.where)
         stats.kept += 1
         stats.truncated += bool(truncated)
         stats.answers_cut += truncated == "answers"

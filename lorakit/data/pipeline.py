@@ -57,6 +57,7 @@ def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats
     """Tokenize and fit rows in memory (plain dicts are named "row N"); every row lands in exactly one count."""
     stats = stats or DataStats()
     stats.max_seq_len, stats.eos_token = section.max_seq_len, tokenizer.eos_token
+    stats.truncation = section.truncation
     rows = [row if isinstance(row, Row) else Row(f"row {i + 1}", row) for i, row in enumerate(rows)]
     chunk = encode_chunk(rows, [0] * len(rows), section, tokenizer)
     stats.merge(chunk.stats)
@@ -178,6 +179,7 @@ def _build(folder: Path, section: DataSection, tokenizer, seed: int, sections: l
     with _progress(total) as advance:
         for name, (windows, sections, stats) in splits.items():
             stats.max_seq_len, stats.eos_token = section.max_seq_len, tokenizer.eos_token
+            stats.truncation = section.truncation
             writer = StoreWriter(folder / name, pairs=any(s.section.format == "preference" for s in sections))
             for rows, owner in windows:
                 for chunk in encode_rows(rows, owner, sections, tokenizer, num_proc):

@@ -11,6 +11,9 @@ from lorakit.data.formats import Example
 
 COUNTS = ("rows", "kept", "truncated", "too_long", "unsupervised", "bad")  # per source
 ROWS_NAMED = 3  # rows a warning names of those it counts
+# Truncating a few rows (a long chat's oldest turns) is routine; when this share of the kept rows or more was cut,
+# max_seq_len is likely too small for the data, and the summary warns with the longest row's length.
+TRUNCATED_WARN = 0.1
 
 
 @dataclass
@@ -28,7 +31,9 @@ class DataStats:
     identical: int = 0  # kept preference pairs whose chosen and rejected sequences are the same tokens
     identical_rows: list = field(default_factory=list)  # where the first ROWS_NAMED of them are
     supervised_tokens: int = 0
+    longest: int = 0  # tokens of the longest row read, before data.truncation (a pair's longer sequence)
     max_seq_len: int = 0
+    truncation: str = ""  # data.truncation, for the warning
     eos_token: str | None = None
     first: dict = field(default_factory=dict)  # category -> where (and why) its first row is
     lengths: np.ndarray | list = field(default_factory=list)  # tokens per kept example (a pair's longer sequence)
@@ -57,6 +62,7 @@ class DataStats:
         for name in (*COUNTS, "no_eos", "supervised_tokens", "answers_cut", "identical"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.identical_rows = (self.identical_rows + other.identical_rows)[:ROWS_NAMED]
+        self.longest = max(self.longest, other.longest)
         for category, message in other.first.items():
             self.first.setdefault(category, message)
         for source, counts in other.per_source.items():
@@ -110,6 +116,14 @@ class DataStats:
             )
         if self.bad:
             out.append(f"skipped {self.bad} malformed row(s); first: {self.first['bad']}")
+        if self.kept and self.truncated >= TRUNCATED_WARN * self.kept:
+            longest = f"the longest row has {self.longest:,d} tokens: " if self.longest else ""
+            out.append(
+                f"{self.truncated} of {self.kept} kept rows ({self.truncated / self.kept:.0%}) were longer than "
+                f"data.max_seq_len {self.max_seq_len} and were cut (data.truncation: {self.truncation or '?'}; first: "
+                f"{self.first.get('truncated', '?')}); {longest}raise data.max_seq_len, or set data.truncation: drop "
+                "to leave such rows out"
+            )
         if self.identical:
             more = ", ..." if self.identical > len(self.identical_rows) else ""
             out.append(f"{self.identical} preference pair(s) have the same chosen and rejected answer and teach no "

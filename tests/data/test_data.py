@@ -213,6 +213,21 @@ def test_rows_without_supervised_eos_are_reported(tok):
     assert stats.no_eos == 1 and "never supervise the EOS token '<|im_end|>'" in stats.summary()
 
 
+def test_a_large_share_of_truncated_rows_is_warned_with_the_longest_row(tok):
+    long = Row("t:2", {"instruction": "word " * 40, "output": "ok"})
+    rows = [Row("t:1", {"instruction": "a", "output": "b"}), long, *(Row(f"t:{i}", {"instruction": "c", "output": "d"})
+                                                                     for i in range(3, 12))]
+    full, short = tokenize_row(long, section(), tok), tokenize_row(rows[0], section(), tok)
+    limit = len(short.input_ids) + 4
+    _, stats = tokenize_rows(rows, section(max_seq_len=limit), tok)  # 1 of 11 cut: 9%, routine
+    assert stats.truncated == 1 and "were cut" not in stats.summary()
+    _, stats = tokenize_rows(rows[:5], section(max_seq_len=limit), tok)  # 1 of 5: 20%
+    warning = next(w for w in stats.warnings() if "were cut" in w)
+    assert f"1 of 5 kept rows (20%) were longer than data.max_seq_len {limit}" in warning
+    assert "data.truncation: truncate_prompt; first: t:2" in warning
+    assert f"the longest row has {len(full.input_ids)} tokens" in warning
+
+
 def test_summary_counts_every_row_and_shows_the_length_distribution(tmp_path, tok):
     rows = [{"instruction": "hi", "output": "yo"}] * 3 + [{"instruction": "word " * 60, "output": "x"}]
     s = section(train=write_jsonl(tmp_path / "a.jsonl", rows), max_seq_len=48, truncation="drop")
