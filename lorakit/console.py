@@ -255,10 +255,13 @@ class _OnceHandler(logging.Handler):
         if not match:
             return "python", text
         path, category, message = match.groups()
+        if category == "UserWarning" and Path(path).resolve().is_relative_to(_PACKAGE_DIR):
+            return "lorakit", message  # lorakit's own warnings name their recipe key; the category adds nothing
         package = self._PACKAGE.search(path)
         return (package.group(1) if package else Path(path).stem), f"{category}: {message}"
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
 _library_handler = _OnceHandler()
 
 

@@ -187,6 +187,16 @@ class StepSampler:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_examples / self.global_batch)
 
+    def oversized(self) -> str | None:
+        """A warning when one optimizer step asks for more examples than an epoch holds (every step then takes the
+        whole epoch, fewer examples than the recipe's batch), else None."""
+        if self.global_batch <= self.num_examples:
+            return None
+        return (f"train: a step takes micro_batch_size {self.micro_batch_size} × grad_accum {self.grad_accum} × "
+                f"{self.world_size} process(es) = {self.global_batch:,d} examples, more than the {self.num_examples:,d} "
+                f"an epoch of the train data holds: every step takes those {self.num_examples:,d} (one epoch a step); "
+                "lower train.micro_batch_size or train.grad_accum, or add data")
+
     def epoch_order(self, epoch: int):
         """The example indices of ``epoch`` in order (an int64 tensor: 8 bytes an example, never a Python list)."""
         import torch

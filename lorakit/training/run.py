@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -206,6 +207,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         sources=data.sources,
         weights=data.weights,
     )
+    if sampler.oversized() and accelerator.is_main_process:
+        warnings.warn(sampler.oversized())
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
     if init.name == "eva":  # a resumed run recomputes the same A from the same batches, then restores
         with stage(accelerator.is_main_process, "EVA init on the first micro-batches"):

@@ -294,6 +294,21 @@ def test_library_warnings_are_shown_once():
 
 
 
+def test_lorakit_warnings_name_lorakit_without_the_category():
+    script = (
+        "from lorakit.console import configure\n"
+        "configure()\n"
+        "from lorakit.training.optim import build_scheduler\n"
+        "from lorakit.config.schema_train import TrainSection\n"
+        "import torch\n"
+        "opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])\n"
+        "build_scheduler(opt, TrainSection(max_steps=6, warmup_steps=100, learning_rate=1e-3), 6)\n"
+    )
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stderr
+    assert "warning (lorakit): train.warmup_steps 100 is not below the run's 6 steps" in err, err
+    assert "UserWarning" not in err
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_known_library_noise_shows_only_with_debug(debug):
     script = (

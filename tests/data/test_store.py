@@ -408,3 +408,12 @@ def test_the_backend_called_directly_gives_the_tokenizers_ids(tok):
         assert formats.token_ids(tok, texts, True) == tok(texts, add_special_tokens=True)["input_ids"]
     finally:
         backend.no_truncation()
+
+
+def test_a_step_larger_than_the_data_is_named():
+    assert StepSampler(64, micro_batch_size=8, grad_accum=8, seed=0).oversized() is None  # exactly one epoch a step
+    text = StepSampler(64, micro_batch_size=1000, grad_accum=1, seed=0).oversized()
+    assert text.startswith("train: a step takes micro_batch_size 1000 × grad_accum 1 × 1 process(es) = 1,000 examples, "
+                           "more than the 64 an epoch of the train data holds")
+    sampler = StepSampler(64, micro_batch_size=1000, grad_accum=1, seed=0)
+    assert [len(m) for m in sampler.micro_batches(0)] == [64] and sampler.epoch_of(1) == 1  # what the text says
