@@ -2,11 +2,14 @@
 pickle.
 
 KEY hashes everything tokenization depends on: the data files' bytes, the tokenizer, each source's chat
-template text, the recipe's data section and the lorakit version. Any change makes a new key (a rebuild).
+template text, the recipe's data section, the lorakit version and the source of the code that tokenizes
+(``code_fingerprint``: every dev commit is version 0.1.0, and a rule changed there must not be outlived by entries
+built under the old one). Any change makes a new key (a rebuild).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +24,14 @@ from lorakit.config.schema import DataSection
 from lorakit.data.store import TokenStore
 
 CACHE_FORMAT = 2  # 2: memory-mapped token stores (store.py)
+# The code that decides what an entry holds (the rows read, their tokens and labels, the counts, bad rows and
+# fingerprints in meta.json), relative to the lorakit package. Batching, packing and sampling act on an entry
+# afterwards, cache.py's layout is CACHE_FORMAT's, and the recipe's values are keyed as they are (_keyed); a test
+# checks that every module the pipeline imports is listed here or named there with why.
+TOKENIZING_CODE = ("text.py", "paths.py", "data/sources.py", "data/chat.py", "data/turns.py", "data/chat_templates",
+                   "data/formats.py", "data/encode.py", "data/stats.py", "data/store.py", "data/fingerprint.py",
+                   "data/pipeline.py")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # lorakit/, in a checkout or an installed wheel alike
 # Keys that act after tokenization (or do not change its result): changing them reuses the tokenized data.
 _UNKEYED = {"packing", "group_by_length", "padding_free", "cache", "num_proc"}
 
@@ -41,10 +52,32 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
+def code_fingerprint(root: Path = PACKAGE_ROOT, files: tuple[str, ...] = TOKENIZING_CODE) -> str:
+    """sha256 of the ``files`` (a folder: each file in it) under ``root``. One that cannot be read counts as
+    missing (an install without sources: its version still tells it apart)."""
+    digest = hashlib.sha256()
+    for name in files:
+        path = root / name
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            try:
+                content = file.read_bytes()
+            except OSError:
+                content = b"\0missing"
+            digest.update(f"{file.relative_to(root).as_posix()}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
+
+
+@functools.cache
+def this_code() -> str:
+    """code_fingerprint of the running lorakit, read once per process."""
+    return code_fingerprint()
+
+
 def cache_key(section: DataSection, tokenizer, templates: list[str | None], seed: int,
-              hashes: list[str | None]) -> str | None:
+              hashes: list[str | None], code: str | None = None) -> str | None:
     """The cache key, or None when a source's content cannot be hashed (a hub dataset id). ``templates``: the chat
-    template text each source renders with (the train sources', then data.eval's)."""
+    template text each source renders with (the train sources', then data.eval's); ``code``: the tokenizing code's
+    fingerprint (default: this lorakit's)."""
     from lorakit import __version__
 
     if any(h is None for h in hashes):
@@ -52,6 +85,7 @@ def cache_key(section: DataSection, tokenizer, templates: list[str | None], seed
     material = {
         "format": CACHE_FORMAT,
         "lorakit": __version__,
+        "code": code or this_code(),
         "sources": hashes,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": templates,

@@ -496,6 +496,74 @@ def test_cache_hit_miss_and_invalidation(tmp_path, cache_root, tiny_model_dir):
     assert rebuilt(section(train=str(path), format="chat", cache=False), load_tok())
 
 
+def copy_of_the_tokenizing_code(to: Path) -> Path:
+    """The files cache.code_fingerprint reads, copied under ``to`` (a package root elsewhere, as in a wheel)."""
+    import shutil
+
+    from lorakit.data.cache import PACKAGE_ROOT, TOKENIZING_CODE
+
+    for name in TOKENIZING_CODE:
+        (to / name).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (PACKAGE_ROOT / name).is_dir() else shutil.copy
+        copy(PACKAGE_ROOT / name, to / name)
+    return to
+
+
+def test_the_key_follows_the_code_that_tokenizes(tmp_path, tok):
+    """Every dev commit is lorakit 0.1.0: the version alone kept entries built under rules changed since."""
+    from lorakit.data.cache import cache_key, code_fingerprint, this_code
+
+    root = copy_of_the_tokenizing_code(tmp_path / "lorakit")
+    assert code_fingerprint(root) == this_code()  # the same source anywhere (a checkout, site-packages)
+    key = lambda code: cache_key(section(), tok, [None], 0, ["h"], code)  # noqa: E731
+    assert key(code_fingerprint(root)) == key(None)
+    with (root / "data" / "formats.py").open("a") as f:
+        f.write("\n# a changed rule\n")
+    changed = code_fingerprint(root)
+    (root / "data" / "chat_templates" / "new.jinja").write_text("{{ messages }}")
+    assert len({this_code(), changed, code_fingerprint(root)}) == 3  # a code file; a bundled template
+    assert key(changed) != key(None)
+
+
+def test_an_entry_built_by_other_tokenizing_code_is_rebuilt(tmp_path, cache_root, tok):
+    """A preference row ending in an assistant turn, refused now, still trained from an entry built before."""
+    from lorakit.data.cache import cache_key, code_fingerprint
+    from lorakit.data.sources import content_hash
+
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [{"messages": CHAT}])
+    s = section(train=str(path), format="chat")
+    first = load_datasets(s, tok, seed=0)
+    root = copy_of_the_tokenizing_code(tmp_path / "old")
+    (root / "data" / "formats.py").write_text("# the rules of an older commit\n")
+    old = cache_key(s, tok, [tok.chat_template], 0, [content_hash(str(path))], code_fingerprint(root))
+    (cache_root / first.cache_key).rename(cache_root / old)  # what the older commit left in the cache
+    again = load_datasets(s, tok, seed=0)
+    assert not again.train_stats.cached and again.cache_key != old and list(again.train) == list(first.train)
+
+
+def test_the_code_fingerprint_covers_every_module_tokenizing_runs_through():
+    """A module added to the tokenizing path is fingerprinted, or named here with why it does not shape an entry."""
+    from lorakit.data.cache import TOKENIZING_CODE
+    from test_architecture import imports_of
+
+    shaping_nothing = {
+        "lorakit": "the version, keyed itself", "lorakit.data.cache": "its layout is CACHE_FORMAT",
+        "lorakit.config.methods": "the data section's values are keyed (cache._keyed)",
+        "lorakit.config.schema": "ditto", "lorakit.config.schema_base": "ditto", "lorakit.config.schema_train": "ditto",
+        "lorakit.data.batching": "packing and data order act on an entry after it is built",
+        "lorakit.cpus": "data.num_proc: the result does not depend on it", "lorakit.console": "output only",
+        "lorakit.errors": "exception classes", "lorakit.atomic": "publishes the entry whole",
+    }
+    reached, todo = set(), ["lorakit.data.pipeline"]
+    while todo:
+        if (name := todo.pop()) not in reached:
+            reached.add(name)
+            todo += imports_of(name)
+    fingerprinted = {"lorakit." + name.removesuffix(".py").replace("/", ".") for name in TOKENIZING_CODE}
+    assert reached - set(shaping_nothing) == fingerprinted - {"lorakit.data.chat_templates"}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Packing, collation, data order
 
