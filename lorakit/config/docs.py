@@ -30,8 +30,10 @@ def recipe_json_schema() -> dict:
 
 
 def _type_of(prop: dict) -> str:
-    if "anyOf" in prop:
-        return " or ".join(_type_of(p) for p in prop["anyOf"])
+    if "anyOf" in prop:  # one value or a list of them (output.report_to): the value's type written once
+        lists = [p for p in prop["anyOf"] if p.get("type") == "array" and p.get("items") in prop["anyOf"]]
+        return " or ".join(_type_of(p) + (" or a list of them" if {"type": "array", "items": p} in lists else "")
+                           for p in prop["anyOf"] if p not in lists)
     if "$ref" in prop:  # a nested section (data.train's sources): its keys are in the description
         return "mapping"
     if "enum" in prop:

@@ -91,15 +91,22 @@ def _format_error(err: dict) -> str:
 
 def _union_errors_left_out(errors: list[dict]) -> list[str]:
     """pydantic's errors, with the type mismatches of the union members that did not apply left out: one per key,
-    none where a member matched further in (data.train: 'should be a valid string' beside data.train[1].weight)."""
-    found = [(_key(err["loc"]), err["type"].endswith("_type"), _format_error(err)) for err in errors]
+    none where a member matched further in (data.train: 'should be a valid string' beside data.train[1].weight) or
+    another said what is wrong with the value itself (output.report_to: 'foo' is no tracker, not 'no list')."""
+    found = [(_key(err["loc"]), _mismatch(err), _format_error(err)) for err in errors]
     out, told = [], set()
     for key, mismatch, message in found:
-        if mismatch and (key in told or any(k.startswith((f"{key}.", f"{key}[")) for k, _, _ in found)):
+        if mismatch and (key in told or any(k.startswith((f"{key}.", f"{key}[")) or (k == key and not m)
+                                            for k, m, _ in found)):
             continue
         told.add(key)
         out.append(message)
     return out
+
+
+def _mismatch(err: dict) -> bool:
+    """A union member that does not take this kind of value: a wrong type, or a list or mapping for a choice."""
+    return err["type"].endswith("_type") or (err["type"] == "literal_error" and isinstance(err.get("input"), (list, dict)))
 
 
 # pydantic's bound errors carry the bound in err["ctx"] under these names (its messages are only read by people).

@@ -352,12 +352,13 @@ class OutputSection(Section):
         "adapter", description="What to write at the end: adapter (DIR/adapter/), or merged / both (the same: "
         "DIR/adapter/ and the model merged from it, DIR/merged/; the adapter stays, it is the merge's input)."
     )
-    report_to: list[Literal[TRACKERS]] = Field(
+    report_to: list[Literal[TRACKERS]] | Literal[TRACKERS] = Field(
         default_factory=list,
         description="Experiment trackers that receive the metrics and the resolved recipe (as parameters), through "
         "accelerate, on rank 0 only: tensorboard (DIR/tensorboard/), mlflow, wandb, trackio, aim, comet_ml, "
-        "clearml, dvclive, swanlab. Each needs its package (pip install 'lorakit[mlflow]', ...) and reads its own "
-        "settings from the environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...). The run is named after output.dir.",
+        "clearml, dvclive, swanlab; one name alone is a list of one. Each needs its package (pip install "
+        "'lorakit[mlflow]', ...) and reads its own settings from the environment (MLFLOW_TRACKING_URI, WANDB_MODE, "
+        "...). The run is named after output.dir.",
     )
     project: str = Field(
         "lorakit", min_length=1, description="Experiment (project) name in the trackers of output.report_to; "
@@ -366,6 +367,25 @@ class OutputSection(Section):
     tensorboard: bool = Field(
         False, description="Deprecated: the same as adding tensorboard to output.report_to.",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _no_keywords(cls, value):
+        names = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if "none" in names:  # transformers' report_to words, which lorakit does not take
+            raise ValueError("output.report_to: 'none' is not a tracker; for no tracker leave output.report_to "
+                             "out (or [])")
+        if "all" in names:
+            raise ValueError(f"output.report_to: 'all' is not a tracker; name the ones to use ({', '.join(TRACKERS)})")
+        if isinstance(value, str) and "," in value:
+            raise ValueError(f"output.report_to: {value!r} names several trackers in one string; write a list: "
+                             f"[{', '.join(name.strip() for name in value.split(','))}]")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _one_is_a_list(cls, value) -> list[str]:
+        return [value] if isinstance(value, str) else value
 
 
 class Recipe(Section):

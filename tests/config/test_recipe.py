@@ -225,6 +225,30 @@ def test_overrides_are_typed_by_schema(tmp_path):
     assert recipe.data.fields == {"instruction": "question"}
 
 
+def test_one_tracker_name_is_a_list_of_one(tmp_path):
+    """transformers takes report_to="wandb"; lorakit refused 'report_to: mlflow' as 'input should be a valid list'."""
+    path = write(tmp_path, {**MINIMAL, "output": {"report_to": "mlflow"}})
+    assert load_recipe(path).output.report_to == ["mlflow"]
+    assert load_recipe(path, ["output.report_to=wandb"]).output.report_to == ["wandb"]
+    assert load_recipe(path, ["output.report_to=[wandb, tensorboard]"]).output.report_to == ["wandb", "tensorboard"]
+    assert yaml.safe_load(dump_recipe(load_recipe(path)))["output"]["report_to"] == ["mlflow"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("mlfow", "output.report_to: must be tensorboard, mlflow, wandb, trackio, aim, comet_ml, clearml, dvclive, "
+              "swanlab; got 'mlfow'; did you mean mlflow?"),
+    (["wandb", "foo"], "output.report_to[1]: must be tensorboard, mlflow"),
+    ("none", "output.report_to: 'none' is not a tracker; for no tracker leave output.report_to out (or [])"),
+    (["none"], "output.report_to: 'none' is not a tracker"),
+    ("all", "output.report_to: 'all' is not a tracker; name the ones to use (tensorboard, mlflow, wandb,"),
+    ("wandb, mlflow", "output.report_to: 'wandb, mlflow' names several trackers in one string; write a list: "
+                      "[wandb, mlflow]"),
+])
+def test_a_tracker_name_that_is_none_is_one_line_naming_the_fix(value, message):
+    [found] = problems({**MINIMAL, "output": {"report_to": value}})  # one line, not one per union member
+    assert found.startswith(message)
+
+
 @pytest.mark.parametrize("bad", ["train.learning_rate", "=3", "train.max_steps.x=1"])
 def test_bad_override_is_usage_error(tmp_path, bad):
     with pytest.raises(UsageError):
