@@ -24,7 +24,6 @@ class PreviewRow:
     where: str
     status: str  # kept | truncated | dropped: ... | skipped: ...
     example: Example | None = None
-    targets: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
@@ -50,9 +49,8 @@ def preview_rows(section: DataSection, tokenizer, n: int) -> list[PreviewRow]:
         if example is None:
             out.append(PreviewRow(row.where, f"dropped: longer than data.max_seq_len {section.max_seq_len}"))
             continue
-        targets = [num_targets(e.labels) for e in example.sequences]  # a pair: chosen and rejected
-        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example, sum(targets))
-        if min(targets) == 0:
+        shown = PreviewRow(row.where, "truncated" if truncated else "kept", example)
+        if min(supervised for _, supervised in counts(example)) == 0:  # a pair: either sequence
             shown.status = "dropped: no supervised tokens"
             shown.warnings.append("no supervised tokens: this row teaches nothing")
         elif tokenizer.eos_token_id is not None and any(tokenizer.eos_token_id not in e.labels[1:]
@@ -77,11 +75,16 @@ def spans(example: Example, tokenizer) -> list[tuple[str, bool]]:
     ]
 
 
+def counts(example: Example) -> list[tuple[int, int]]:
+    """(tokens, supervised) of each sequence: the example's, or a pair's chosen then rejected one."""
+    return [(len(e), num_targets(e.labels)) for e in example.sequences]
+
+
 def header(index: int, row: PreviewRow) -> str:
     if row.example is None:
         return f"example {index}  {row.where}  {row.status}"
-    tokens = " + ".join(str(len(e)) for e in row.example.sequences)  # a pair: chosen + rejected
-    return f"example {index}  {row.where}  {tokens} tokens, {row.targets} supervised  {row.status}"
+    tokens, supervised = (" + ".join(map(str, column)) for column in zip(*counts(row.example)))  # chosen + rejected
+    return f"example {index}  {row.where}  {tokens} tokens, {supervised} supervised  {row.status}"
 
 
 def views(example: Example) -> list[tuple[str, Example]]:
@@ -122,12 +125,14 @@ def preview_data(recipe: Recipe, n: int, stats: bool = True) -> None:
     rows = preview_rows(recipe.data, tokenizer, n)
     console = get_console()
     if is_json():
-        for i, row in enumerate(rows, 1):
+        for i, row in enumerate(rows, 1):  # tokens, supervised, spans: of the sequence, or a pair's chosen one
             shown = views(row.example) if row.example is not None else []
-            extra = {"rejected_spans": [[t, s] for t, s in spans(shown[1][1], tokenizer)]} if len(shown) == 2 else {}
-            emit("preview", index=i, where=row.where, status=row.status,
-                 tokens=row.example.num_tokens if row.example else 0, supervised=row.targets, warnings=row.warnings,
-                 spans=[[t, s] for t, s in spans(shown[0][1], tokenizer)] if shown else [], **extra)
+            (tokens, supervised), *rejected = counts(row.example) if shown else [(0, 0)]
+            extra = {"rejected_tokens": rejected[0][0], "rejected_supervised": rejected[0][1],
+                     "rejected_spans": [[t, s] for t, s in spans(shown[1][1], tokenizer)]} if rejected else {}
+            emit("preview", index=i, where=row.where, status=row.status, tokens=tokens, supervised=supervised,
+                 warnings=row.warnings, spans=[[t, s] for t, s in spans(shown[0][1], tokenizer)] if shown else [],
+                 **extra)
     elif console.is_terminal:
         console.print(legend(), soft_wrap=False)
         for i, row in enumerate(rows, 1):

@@ -275,7 +275,29 @@ def test_preview_shows_a_pair(tmp_path, tokenizer):
     assert row.status == "kept" and row.warnings == []
     assert "chosen: <|im_start|>user\nCount to 1<|im_end|>\n<|im_start|>assistant\n[[0<|im_end|>\n]]" in text
     assert "\nrejected: <|im_start|>user\nCount to 1<|im_end|>\n<|im_start|>assistant\n[[the quick" in text
-    assert f"{len(row.example)} + {len(row.example.rejected)} tokens" in text
+    chosen, rejected = row.example, row.example.rejected
+    supervised = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in (chosen, rejected)]
+    assert f"{len(chosen)} + {len(rejected)} tokens, {supervised[0]} + {supervised[1]} supervised" in text
+
+
+def test_the_preview_event_gives_each_sequence_of_a_pair(tmp_path, tiny_model_dir, tokenizer):
+    """--json-logs' preview event had 'tokens' (and 'supervised') of both sequences summed, where the row header
+    gives each: chosen + rejected."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli.main import app
+    from lorakit.tools.preview import header, preview_rows
+    from run_helpers import pref_recipe, write_pairs, write_recipe
+
+    data = write_pairs(tmp_path / "d.jsonl", 2)
+    path = write_recipe(tmp_path / "r.yaml", pref_recipe(tiny_model_dir, data, tmp_path / "run"))
+    result = CliRunner().invoke(app, ["--json-logs", "preview-data", str(path), "-n", "1", "--no-stats"])
+    [event] = [e for e in map(json.loads, result.output.splitlines()) if e["event"] == "preview"]
+    [row] = preview_rows(recipe(data).data, tokenizer, 1)
+    assert (event["tokens"], event["rejected_tokens"]) == (len(row.example), len(row.example.rejected))
+    assert (f"{event['tokens']} + {event['rejected_tokens']} tokens, {event['supervised']} + "
+            f"{event['rejected_supervised']} supervised") in header(1, row)
+    assert "".join(t for t, _ in event["rejected_spans"]) == decode(tokenizer, row.example.rejected.input_ids)
 
 
 def test_the_summary_gives_each_pairs_longer_sequence_the_bound_of_max_seq_len(tmp_path, tokenizer):

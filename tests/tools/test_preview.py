@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lorakit.cli.main import app
-from lorakit.tools.preview import MASKED_STYLE, SUPERVISED_STYLE, PreviewRow, preview_rows, render_rich, spans
+from lorakit.tools.preview import MASKED_STYLE, SUPERVISED_STYLE, PreviewRow, counts, preview_rows, render_rich, spans
 from lorakit.config.schema import DataSection, ModelSection
 
 CHAT = [
@@ -84,7 +84,8 @@ def test_rich_rendering_highlights_supervised_and_dims_masked(tmp_path, tiny_mod
     train = tmp_path / "t.jsonl"
     train.write_text(json.dumps({"messages": CHAT}) + "\n")
     (row,) = preview_rows(DataSection(train=str(train), format="chat"), tok, 3)
-    assert isinstance(row, PreviewRow) and row.targets == sum(label != -100 for label in row.example.labels[1:])
+    assert isinstance(row, PreviewRow)
+    assert counts(row.example) == [(len(row.example), sum(label != -100 for label in row.example.labels[1:]))]
     console = Console(record=True, force_terminal=True, width=120)
     console.print(render_rich(1, row, tok))
     assert "Paris." in console.export_text()
