@@ -147,8 +147,8 @@ def open_or_build(key: str, build):
     Two processes building the same entry (two runs, or the ranks of one) take turns on a lock: the second
     finds the first one's entry. The entry is written under a temporary name and renamed into place whole, so
     a reader never sees part of one, and where locks do not work (some network file systems) the first rename
-    wins and the other copy is dropped. A cache that cannot be written gives a private temporary store
-    (``keep_alive`` holds it until the data is no longer used).
+    wins and the other copy is dropped. A cache that cannot be written gives a private temporary store, built
+    without the lock (``keep_alive`` holds it until the data is no longer used).
     """
     root = cache_root()
     entry = root / key
@@ -174,14 +174,17 @@ def open_or_build(key: str, build):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         except OSError:  # a cache this process may read but not write (read-only, another user's)
-            return _private(build)
-        try:
-            meta = build(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta))  # last: an entry without it is a miss
-            publish_dir(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return entry, meta, False, None
+            tmp = None
+        if tmp is not None:
+            try:
+                meta = build(tmp)
+                (tmp / "meta.json").write_text(json.dumps(meta))  # last: an entry without it is a miss
+                publish_dir(tmp, entry)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return entry, meta, False, None
+    # Built privately once the lock is let go: runs that cannot publish have nothing to wait for from each other.
+    return _private(build)
 
 
 def load_reference(key: str, model_key: str) -> dict | None:

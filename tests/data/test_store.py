@@ -156,8 +156,6 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, tok, monkeypatch):
 
 def _run_over_a_read_only_cache(cache, args, damage=lambda entry: None):
     """``lorakit ARGS`` once to fill ``cache``, then again with it read-only (after ``damage(entry)``)."""
-    import os
-    import shutil
     import subprocess
 
     from run_helpers import subprocess_env
@@ -169,16 +167,63 @@ def _run_over_a_read_only_cache(cache, args, damage=lambda entry: None):
     damage(entry)
     for path in cache.rglob("*"):
         path.chmod(path.stat().st_mode & ~0o222)
-    if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that let it
-        if not shutil.which("setpriv"):
-            pytest.skip("root without setpriv cannot be kept out of a read-only folder")
-        caps = "-dac_override,-dac_read_search,-fowner"
-        command = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
     try:
-        return subprocess.run(command, env=env, capture_output=True, text=True)
+        return subprocess.run(_unprivileged(command), env=env, capture_output=True, text=True)
     finally:
         for path in cache.rglob("*"):
             path.chmod(path.stat().st_mode | 0o200)
+
+
+def _unprivileged(command: list[str]) -> list[str]:
+    """``command`` kept out of folders it may not write, also when the tests run as root."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return command
+    if not shutil.which("setpriv"):  # root writes anywhere: drop the capabilities that let it
+        pytest.skip("root without setpriv cannot be kept out of a read-only folder")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+
+
+_TWO_BUILDERS = """
+import sys, threading
+from lorakit.data import cache
+
+met = threading.Barrier(2, timeout=10)  # each build waits for the other: only builders at once pass it
+def build(folder):
+    try:
+        met.wait()
+    except threading.BrokenBarrierError:
+        print("in turn")
+    return {"splits": {}}
+threads = [threading.Thread(target=cache.open_or_build, args=(sys.argv[1], build)) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("done")
+"""
+
+
+def test_runs_over_a_read_only_cache_tokenize_at_once_not_in_turn(tmp_path):
+    """A cache folder made read-only with its lock files still writable (chmod on the folder alone): each run held
+    the entry's lock while it tokenized privately, so runs over a damaged or missing entry took turns."""
+    import subprocess
+
+    from run_helpers import subprocess_env
+
+    key, data = "k" * 32, tmp_path / "cache" / "data"
+    (data / key).mkdir(parents=True)  # damaged: no meta.json
+    (data / f".{key}.lock").touch()
+    (data / f".{key}.lock").chmod(0o666)
+    data.chmod(0o555)
+    try:
+        result = subprocess.run(_unprivileged([sys.executable, "-c", _TWO_BUILDERS, key]), capture_output=True,
+                                text=True, env=subprocess_env(LORAKIT_CACHE=str(tmp_path / "cache")), timeout=120)
+    finally:
+        data.chmod(0o755)
+    assert result.stdout.split() == ["done"], result.stderr
+    assert sorted(p.name for p in data.iterdir()) == [f".{key}.lock", key]  # nothing set aside or written beside it
 
 
 def test_a_read_only_cache_with_a_damaged_entry_tokenizes_privately(tmp_path, tiny_model_dir):
