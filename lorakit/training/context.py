@@ -61,3 +61,5 @@ class FitContext:
     padding_free: bool = False  # micro-batches as one flattened row (choose_batching)
     init: InitRecord = field(default_factory=InitRecord)  # what the LoRA init did (checkpoints convert PiSSA/OLoRA)
     loss: Any = field(kw_only=True)  # the training loss (build_training_loss), as the run's settings reported it
+    # What mirrors the metrics records to the trackers (trackers.TrackerMirror, rank 0); None without trackers.
+    mirror: Any = field(default=None, kw_only=True)

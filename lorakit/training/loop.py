@@ -48,7 +48,7 @@ def fit(ctx: FitContext) -> MetricsLog:
     optimizer, scheduler, data, sampler, paths = ctx.optimizer, ctx.scheduler, ctx.data, ctx.sampler, ctx.paths
     total_steps, start, meter = ctx.total_steps, ctx.start, ctx.meter
     cfg = recipe.train
-    metrics = MetricsLog(paths.metrics, accelerator.is_main_process, accelerator.log if accelerator.trackers else None)
+    metrics = MetricsLog(paths.metrics, accelerator.is_main_process, ctx.mirror)
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_seen, t_last, tokens_last = start.tokens_seen, time.perf_counter(), start.tokens_seen
     last_checkpoint = start.checkpoint

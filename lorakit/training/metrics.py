@@ -16,7 +16,7 @@ from lorakit.training.trackers import tracker_values
 
 class MetricsLog:
     """metrics.jsonl (rank 0 only): one JSON object per log step or evaluation, mirrored to the experiment
-    trackers (output.report_to) through ``log`` (accelerator.log), which also runs on the main process only."""
+    trackers (output.report_to) through ``log`` (trackers.TrackerMirror), which also runs on the main process only."""
 
     def __init__(self, path: Path, enabled: bool, log=None):
         self.path, self.enabled, self.log = Path(path), enabled, log

@@ -44,13 +44,15 @@ from lorakit.training.effective import as_records, effective_settings, format_bl
 from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
 from lorakit.training.manifest import write_run_manifest
-from lorakit.training.metrics import MetricsLog
+from lorakit.training.metrics import MetricsLog, read_metrics
 from lorakit.training.optim import build_optimizer, build_scheduler
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
 from lorakit.training.preference import attach_reference, build_training_loss, live_reference
 from lorakit.training.threads import set_threads
-from lorakit.training.trackers import build_trackers, check_tracker_packages, finish_trackers, start_trackers
+from lorakit.training.trackers import (
+    build_trackers, check_tracker_packages, finish_trackers, metrics_logged, start_trackers,
+)
 
 
 # An adapter's fp32 weight, gradient and two AdamW moments (lorakit.memory.lines.ADAPTER_BYTES = 4 each).
@@ -240,16 +242,24 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     # Nothing is written into the run directory before this point: every refusal leaves it as it was.
     # From here a Ctrl-C outside the loop says what continues the run (inside it, GracefulStop decides).
     with outside_steps(paths.checkpoints, resume_command):
-        start = TrainState()
+        start, logged = TrainState(), None
         if checkpoint is not None:
+            if accelerator.is_main_process and paths.metrics.is_file():  # what the trackers hold, before the cut
+                logged = metrics_logged(read_metrics(paths.metrics))
             start = resume_state(checkpoint, changed, accelerator, model, optimizer, scheduler, paths, say)
+        mirror = None
         if accelerator.is_main_process:
             if overwrite and paths.root.is_dir() and any(paths.root.iterdir()):
                 say(f"--overwrite: the earlier run in {paths.root} was moved to {set_aside(paths.root)}")
             paths.root.mkdir(parents=True, exist_ok=True)
             if read_marker(paths.root) is None:
                 write_marker(paths.root, "run")
-            start_trackers(accelerator, recipe, paths.root, resuming=checkpoint is not None)  # exit 2 if one cannot
+            mirror = start_trackers(accelerator, recipe, paths.root, resuming=checkpoint is not None,
+                                    logged=logged)  # exit 2 if one cannot
+            replayed, last = mirror.replayed(start.step) if mirror and changed else ([], 0)
+            if replayed:  # their runs keep the values logged before the change; metrics.jsonl gets the new ones
+                say(f"trackers: {', '.join(replayed)} keep their values of steps {start.step + 1}-{last} from before "
+                    "the interruption (each step is sent once); metrics.jsonl records this run's")
             paths.recipe.write_text(dump_recipe(recipe))
             check_free_space(paths.root, checkpoint_size, recipe.train.keep_last)
         accelerator.wait_for_everyone()
@@ -257,7 +267,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         try:
             metrics = fit(FitContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, data, sampler,
                                      total_steps, paths, meter, start, resume_command,
-                                     padding_free=batching.padding_free, init=init, loss=compute_loss))
+                                     padding_free=batching.padding_free, init=init, loss=compute_loss,
+                                     mirror=mirror))
         except BaseException:  # an interrupted or failed run still closes its tracker runs
             finish_trackers(accelerator)
             raise

@@ -205,10 +205,52 @@ def test_a_resumed_run_continues_its_mlflow_run_and_a_tracker_added_starts_one(t
     client = mlflow.MlflowClient(tracking_uri=store.as_uri())
     [run] = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
     assert run.info.run_id == first and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]  # once each
     assert run.data.params["train.max_steps"] == "4"
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [s.step for s in events.Scalars("train/loss")] == [3, 4]
     [hparams] = (tmp_path / "run" / "tensorboard").glob("*/hparams.yml")
     assert yaml.safe_load(hparams.read_text())["train.learning_rate"] == 1e-3
+
+
+def test_killed_runs_resumed_send_each_step_to_the_continued_tracker_run_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A run killed after step N resumes from its checkpoint C < N and replays C+1..N: the MLflow run it continues
+    already holds those (it had two values per step). Also across two resumes, the first from an older checkpoint
+    under --allow-recipe-change: the tracker keeps the values it was first sent, metrics.jsonl the resumed run's."""
+    import mlflow
+
+    from lorakit.faults import RANK_FAULT_ENV
+
+    store = tmp_path / "mlruns"
+    env = subprocess_env(MLFLOW_TRACKING_URI=store.as_uri(), MLFLOW_ALLOW_FILE_STORE="true", HF_HUB_OFFLINE="1")
+    recipe = recipe_dict(tiny_model_dir, write_data(tmp_path / "train.jsonl", n=12), tmp_path / "run", max_steps=8,
+                         log_every=1, save_every=2, keep_last=3)
+    recipe["output"]["report_to"] = ["mlflow"]
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def losses(records):
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    killed = lorakit("train", path, env={**env, RANK_FAULT_ENV: "die:0:7"})  # SIGKILL before step 8: 1..7 logged
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    first = losses(json.loads(line) for line in metrics.read_text().splitlines())
+    assert sorted(first) == [1, 2, 3, 4, 5, 6, 7]
+    # Back to step 2 with another learning rate, killed again after step 5: steps 3..5 were sent before.
+    change = ("--allow-recipe-change", "--set", "train.learning_rate=0.0005")
+    killed = lorakit("train", path, "--resume", tmp_path / "run" / "checkpoints" / "step-000002", *change,
+                     env={**env, RANK_FAULT_ENV: "die:0:5"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "trackers: mlflow keep their values of steps 3-7 from before the interruption" in killed.stdout
+    result = lorakit("train", path, "--resume", *change, env=env)  # from step 4: 5..7 were sent, 8 was not
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = losses(json.loads(line) for line in metrics.read_text().splitlines())
+    assert sorted(final) == list(range(1, 9)) and final[4] != first[4]  # metrics.jsonl: the resumed run's values
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=store.as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("lorakit").experiment_id])
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert [step for step, _ in history] == list(range(1, 9))  # each step once
+    assert dict(history) == pytest.approx({**first, 8: final[8]})
