@@ -48,6 +48,11 @@ class Method:
 
 
 _LORA_KEYS = {"r": 16, "lora_alpha": None, "lora_dropout": 0.05, "target_modules": "all-linear"}
+# adapter.lora_dropout left unset under a preference objective (train.objective dpo, ipo, orpo, simpo): none, as
+# TRL's preference trainers disable dropout (disable_dropout=True). The loss compares log-probs of the same
+# sequences (policy and reference, chosen and rejected), and dropout noise in one side shifts every margin:
+# train.reference: init_from starts exactly at the ln 2 loss only without it.
+PREFERENCE_LORA_DROPOUT = 0.0
 REGISTRY: dict[str, Method] = {
     "lora": Method(_LORA_KEYS, "LoraConfig", "LORA"),
     "dora": Method(dict(_LORA_KEYS), "LoraConfig", "LORA"),

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Literal, Union
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from lorakit.config.methods import _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, is_lora_family
+from lorakit.config.methods import (
+    _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, PREFERENCE_LORA_DROPOUT, is_lora_family,
+)
 from lorakit.config.schema_base import Section
 from lorakit.config.schema_train import (  # noqa: F401  (re-exported: the schema's public names)
     EVAL_METRICS, NO_WARMUP_SCHEDULERS, OBJECTIVE_KEYS, OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCES, SCHEDULERS,
@@ -91,7 +93,8 @@ class AdapterSection(Section):
         "Default 2·r.",
     )
     lora_dropout: float | None = Field(
-        None, ge=0, lt=1, description="lora/dora: dropout on the adapter's input; default 0.05."
+        None, ge=0, lt=1, description="lora/dora: dropout on the adapter's input; default 0.05, and 0 under a "
+        "preference train.objective (dpo, ipo, orpo, simpo), as TRL trains those without dropout.",
     )
     target_modules: Union[list[str], str, None] = Field(
         None,
@@ -125,6 +128,16 @@ class AdapterSection(Section):
         "from, to continue training it (a DPO stage after SFT). Its rank, alpha, method and target modules must be "
         "the recipe's (checked: exit 4). With train.reference: init_from it is also DPO/IPO's reference.",
     )
+    _defaulted: set[str] = PrivateAttr(default_factory=set)  # the method's keys the recipe left to their default
+
+    def defaulted(self, key: str) -> bool:
+        """Whether the recipe left ``key`` (r, lora_alpha, lora_dropout, target_modules) to its default."""
+        return key in self._defaulted
+
+    def __eq__(self, other) -> bool:
+        # Which keys were left to their default is how the values came about, not what they are: a recipe equals
+        # its resolved copy (DIR/recipe.yaml), where every key is written out.
+        return isinstance(other, AdapterSection) and self.model_dump() == other.model_dump()
 
     @field_validator("target_modules")
     @classmethod
@@ -172,6 +185,7 @@ class AdapterSection(Section):
                 f"{keys}: not used by method {self.method} ({_WHY_UNUSED[self.method]}); "
                 f"remove {'it' if len(given) == 1 else 'them'}"
             )
+        self._defaulted = {key for key in used if getattr(self, key) is None}
         for key, default in used.items():
             if getattr(self, key) is None and default is not None:
                 setattr(self, key, default)
@@ -436,6 +450,12 @@ class Recipe(Section):
             raise ValueError(f"train.objective: {self.train.objective} needs an adapter that can be switched off "
                              f"for the reference and a per-token head; adapter.method {self.adapter.method} adds "
                              "virtual tokens: use lora, dora, ia3 or bottleneck")
+        return self
+
+    @model_validator(mode="after")
+    def _preference_dropout(self) -> "Recipe":
+        if self.train.objective in PREFERENCE_OBJECTIVES and self.adapter.defaulted("lora_dropout"):
+            self.adapter.lora_dropout = PREFERENCE_LORA_DROPOUT  # methods.PREFERENCE_LORA_DROPOUT says why
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorakit.adapters.bottleneck import BottleneckAdapter
 from lorakit.adapters.dropout import uses_lora_dropout
-from lorakit.config.schema import CHAT_FORMATS
+from lorakit.config.schema import CHAT_FORMATS, PREFERENCE_OBJECTIVES
 from lorakit.errors import UsageError
 from lorakit.paths import run_around
 from lorakit.text import NotJsonObject, read_json_object
@@ -84,6 +84,16 @@ def _dropout(ps: list[float], model) -> str:
     return f"p {ps}" + (", CPU masks from 16 random bits per element (LoraDropout)" if fast else "")
 
 
+def _dropout_default(recipe) -> str:
+    """Why the LoRA dropout is what it is, when the recipe left adapter.lora_dropout unset."""
+    if not recipe.adapter.defaulted("lora_dropout"):
+        return ""
+    if recipe.train.objective in PREFERENCE_OBJECTIVES:
+        return (f" (the default under train.objective {recipe.train.objective}: preference losses train without "
+                "dropout, as TRL's do; adapter.lora_dropout sets one)")
+    return " (the default; adapter.lora_dropout sets it)"
+
+
 def _adapter_lines(recipe, model, init) -> list[Setting]:
     section, lines = recipe.adapter, []
     config = getattr(model, "peft_config", {}).get("default")
@@ -102,7 +112,7 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
             Setting("rank / scale", f"r {ranks}, scale {scales}"
                     + (" (rsLoRA: alpha/√r)" if getattr(config, "use_rslora", False) else " (alpha/r)"),
                     ("adapter.r", "adapter.lora_alpha")),
-            Setting("dropout", _dropout(dropout, model), ("adapter.lora_dropout",)),
+            Setting("dropout", _dropout(dropout, model) + _dropout_default(recipe), ("adapter.lora_dropout",)),
             Setting("DoRA magnitude vectors", str(magnitudes), ()),
         ]
     elif section.method == "bottleneck":

@@ -37,6 +37,20 @@ def test_explicit_alpha_kept():
     assert recipe.adapter.lora_alpha == 8
 
 
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
+def test_preference_objectives_default_to_no_lora_dropout_and_honour_an_explicit_one(objective, tmp_path):
+    """TRL trains its preference losses without dropout (disable_dropout=True); lorakit's default was 0.05."""
+    pairs = {**MINIMAL, "data": {"train": "p.jsonl", "format": "preference"},
+             "train": {"max_steps": 10, "objective": objective}}
+    recipe = parse_recipe(pairs)
+    assert recipe.adapter.lora_dropout == 0.0 and recipe.adapter.defaulted("lora_dropout")
+    explicit = parse_recipe({**pairs, "adapter": {"method": "dora", "lora_dropout": 0.05}})
+    assert explicit.adapter.lora_dropout == 0.05 and not explicit.adapter.defaulted("lora_dropout")
+    assert parse_recipe(MINIMAL).adapter.lora_dropout == 0.05  # supervised: unchanged
+    # The resolved recipe (DIR/recipe.yaml) says which, and reads back the same.
+    assert load_recipe(write(tmp_path, yaml.safe_load(dump_recipe(recipe)))).adapter.lora_dropout == 0.0
+
+
 def test_contract_keys_exist():
     """The keys the foundation issue fixes as public interface."""
     expected = {

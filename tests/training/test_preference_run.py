@@ -87,9 +87,14 @@ def test_dpo_continues_an_sft_adapter_with_it_as_the_reference(tiny_model_dir, t
     assert cli("train", write_recipe(tmp_path / "sft.yaml", sft)).exit_code == 0
     data = write_pairs(tmp_path / "pairs.jsonl", 12)
     recipe = pref_recipe(tiny_model_dir, data, tmp_path / "dpo", max_steps=2, reference="init_from")
-    recipe["adapter"].update(lora_dropout=0.0, init_from=str(tmp_path / "sft" / "adapter"))
+    del recipe["adapter"]["lora_dropout"]  # unset: no dropout under DPO (0.05 before), as TRL trains it
+    recipe["adapter"]["init_from"] = str(tmp_path / "sft" / "adapter")
     result = cli("train", write_recipe(tmp_path / "dpo.yaml", recipe))
     assert result.exit_code == 0, result.output
+    settings = {s["label"]: s["value"] for s in json.loads((tmp_path / "dpo" / "run.json").read_text())[
+        "effective_settings"]}
+    assert settings["dropout"] == ("p [0.0] (the default under train.objective dpo: preference losses train without "
+                                   "dropout, as TRL's do; adapter.lora_dropout sets one)")
     assert "adapter: starting from" in result.output and "reference log-probs: computed" in result.output
     first = [r for r in records(tmp_path / "dpo") if "loss" in r][0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as its reference
