@@ -247,5 +247,7 @@ class StepSampler:
         micro = [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
         return micro[self.rank :: self.world_size]
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def epochs_done(self, steps: int) -> float:
+        """Epochs completed after ``steps`` optimizer steps, as transformers' Trainer logs its epoch: 0.5 halfway
+        through the first, 1.0 at its end (a partial last step counts as a whole one)."""
+        return round(steps / self.steps_per_epoch, 4)

@@ -112,7 +112,7 @@ def fit(ctx: FitContext) -> MetricsLog:
                 metrics.write(
                     {
                         "step": step + 1,
-                        "epoch": sampler.epoch_of(step),
+                        "epoch": sampler.epochs_done(step + 1),
                         "loss": round(step_loss, 6),
                         "lr": lr,
                         "grad_norm": round(grad_norm, 6),

@@ -38,6 +38,8 @@ def test_train_writes_manifest_plot_and_tensorboard_with_json_logs(tiny_recipe, 
 
     metrics = [e for e in events if e["event"] == "metrics"]
     assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
+    # Epochs completed, as transformers' Trainer logs them (9 rows, 4 a step: 3 steps an epoch); was 0, 1.
+    assert [m["epoch"] for m in metrics if "loss" in m] == [0.6667, 1.3333]
     assert any("eval_loss" in m for m in metrics)
     saved = {e["what"]: e["path"] for e in events if e["event"] == "saved"}
     assert saved["adapter"] == str(run / "adapter")
