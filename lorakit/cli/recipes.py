@@ -44,10 +44,14 @@ def init(
 def validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
     from lorakit.config.load import load_recipe
 
-    load_recipe(recipe, set_)
+    checked = load_recipe(recipe, set_)
+    from lorakit.config.start import start_warnings
     from lorakit.console import console
 
-    console(True)(f"{recipe}: ok")
+    say = console(True)
+    for warning in start_warnings(checked):
+        say(f"warning: {warning}")
+    say(f"{recipe}: ok")
 
 
 @command(help="Print the recipe JSON Schema (for editors: lorakit schema > recipe.schema.json).")

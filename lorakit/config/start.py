@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from lorakit.config.schema import FORMAT_FIELDS
+from lorakit.config.schema import FORMAT_FIELDS, TrainSection
 from lorakit.paths import is_hub_dataset, is_local
 
 
@@ -122,3 +122,42 @@ def _unread_fields(data) -> list[str]:
             problems.append(f"{key}: {name!r} is not a field of the format ({each}); keys are the format's "
                             f"field names, values your column names, e.g. {{{field}: {name}}}")
     return problems
+
+
+# AdamW moves every trainable weight by about the learning rate each step, whatever the gradient's scale. Adapter
+# runs use 1e-5 to 1e-2 (2e-4 by default, the QLoRA paper's 1e-4 to 2e-4; PEFT's prompt-tuning example 3e-2;
+# TRL's DPO default 1e-6): a rate ten times beyond either end is a slip (a lost minus sign, 2e4 for 2e-4), not a
+# choice. Warned, not refused: nothing proves such a run diverges (a random tiny model stays finite at 1e6).
+USUAL_LEARNING_RATES = (1e-5, 1e-2)
+FAR_ABOVE, FAR_BELOW = 1e-1, 1e-7
+
+
+def start_warnings(recipe) -> list[str]:
+    """What ``recipe`` may start with but most likely does not mean: a learning rate far outside any usual range
+    (LoRA+'s B rate too, train.learning_rate × adapter.loraplus_lr_ratio). One line each, with the fix."""
+    lr, ratio = recipe.train.learning_rate, recipe.adapter.loraplus_lr_ratio
+    low, high = map(_rate, USUAL_LEARNING_RATES)
+    default = _rate(TrainSection.model_fields["learning_rate"].default)
+    usual = f"the usual range for AdamW on an adapter ({low} to {high}"
+    why = ("AdamW moves every adapter weight by about the learning rate each step, so the run is likely to diverge "
+           "(exit 6) or leave a broken adapter")
+    warnings = []
+    if lr > FAR_ABOVE:
+        warnings.append(f"train.learning_rate: {_rate(lr)} is far above {usual}, {default} by default): {why}; lower "
+                        f"it (--set train.learning_rate={default})")
+    elif ratio is not None and lr * ratio > FAR_ABOVE:
+        warnings.append(f"adapter.loraplus_lr_ratio: {ratio:g} × train.learning_rate {_rate(lr)} gives LoRA+'s B "
+                        f"matrices {_rate(lr * ratio)}, far above {usual}): {why}; lower either")
+    if lr < FAR_BELOW:
+        warnings.append(f"train.learning_rate: {_rate(lr)} is far below {usual}, preference objectives down to "
+                        f"1e-6): the adapter will barely move from where it starts; raise it (--set "
+                        f"train.learning_rate={default})")
+    return warnings
+
+
+def _rate(value: float) -> str:
+    """A learning rate as people write it: 2e-4, 0.01, 100."""
+    if value and (abs(value) < 1e-3 or abs(value) >= 1e4):
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{value:g}"

@@ -24,6 +24,7 @@ from lorakit.checkpoint.resume import check_resume, restore_adapter, restore_tra
 from lorakit.checkpoint.write import check_finite, check_free_space, checkpoint_bytes
 from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe
+from lorakit.config.start import start_warnings
 from lorakit.console import adopt_transformers_output, console, saved, stage
 from lorakit.data import StepSampler, collate, load_datasets
 from lorakit.data.stop_tokens import write_generation_config
@@ -170,6 +171,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     set_seed(recipe.train.seed)
     set_threads(recipe.train.threads)
     say = console(accelerator.is_main_process)
+    for warning in start_warnings(recipe):
+        say(f"warning: {warning}")
     # A bad checkpoint or a changed recipe is exit 4 before anything heavy loads.
     checkpoint, changed = None, False
     if resume:

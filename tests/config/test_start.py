@@ -186,3 +186,34 @@ def test_resume_from_the_runs_own_recorded_recipe(tiny_model_dir, tmp_path):
     assert result.exit_code == 0 and "changed settings" not in result.output, result.output
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == reference
     assert "double_quant" not in (run / "recipe.yaml").read_text()  # rewritten resolved: it trains again as it is
+
+
+@pytest.mark.parametrize("train, adapter, warned", [
+    ({"learning_rate": 100}, {}, "train.learning_rate: 100 is far above the usual range for AdamW on an adapter "
+                                 "(1e-5 to 0.01, 2e-4 by default)"),
+    ({"learning_rate": 2e4}, {}, "train.learning_rate: 2e4 is far above"),  # 2e-4 with the minus sign lost
+    ({"learning_rate": 1e-9}, {}, "train.learning_rate: 1e-9 is far below the usual range"),
+    ({"learning_rate": 1e-2}, {"loraplus_lr_ratio": 16}, "adapter.loraplus_lr_ratio: 16 × train.learning_rate 0.01 "
+                                                         "gives LoRA+'s B matrices 0.16, far above"),
+    ({"learning_rate": 3e-2}, {}, None),  # PEFT's prompt-tuning example: high, not absurd
+    ({"learning_rate": 1e-6}, {}, None),  # TRL's DPO default
+])
+def test_a_learning_rate_far_outside_any_usual_range_is_warned_not_refused(train, adapter, warned):
+    from lorakit.config.start import start_warnings
+
+    warnings = start_warnings(parse_recipe(recipe(train=train, adapter=adapter)))
+    assert (warnings[0].startswith(warned) and len(warnings) == 1) if warned else warnings == []
+
+
+def test_validate_and_train_warn_of_an_absurd_learning_rate(tiny_model_dir, tmp_path):
+    """train.learning_rate: 100 trained the tiny model to a finite loss and exit 0 without a word."""
+    from run_helpers import recipe_dict, write_data
+
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 8),
+                                                              tmp_path / "run", max_steps=2, learning_rate=100))
+    warning = "warning: train.learning_rate: 100 is far above the usual range"
+    result = cli("validate", path)
+    assert result.exit_code == 0 and warning in result.output and "recipe.yaml: ok" in result.output, result.output
+    result = cli("train", path)
+    assert result.exit_code == 0 and warning in result.output, result.output
+    assert result.output.index(warning) < result.output.index("loading model")  # before anything heavy loads
