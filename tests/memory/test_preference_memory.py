@@ -39,7 +39,11 @@ def test_the_objective_flag(tiny_model_dir):
     text, data = report(None, Flags(model=str(tiny_model_dir), objective="dpo", batch_size=2), None, True)
     assert "dpo, reference base; micro-batch 2 pairs (4 sequences: chosen and rejected)" in text
     assert "reference forward" in text and data["bytes"]["reference_forward"] > 0
+    # 2 pairs are 4 sequences; DPO leaves the LoRA dropout off (its default), so its masks are not counted.
     _, sft = report(None, Flags(model=str(tiny_model_dir), batch_size=4), None, False)
+    assert sft["bytes"]["activations"] > data["bytes"]["activations"]
+    _, sft = report(None, Flags(model=str(tiny_model_dir), batch_size=4, overrides=["adapter.lora_dropout=0"]), None,
+                    False)
     assert sft["bytes"]["activations"] == data["bytes"]["activations"]
 
 
