@@ -461,4 +461,4 @@ def test_a_step_larger_than_the_data_is_named():
     assert text.startswith("train: a step takes micro_batch_size 1000 × grad_accum 1 × 1 process(es) = 1,000 examples, "
                            "more than the 64 an epoch of the train data holds")
     sampler = StepSampler(64, micro_batch_size=1000, grad_accum=1, seed=0)
-    assert [len(m) for m in sampler.micro_batches(0)] == [64] and sampler.epoch_of(1) == 1  # what the text says
+    assert [len(m) for m in sampler.micro_batches(0)] == [64] and sampler.epochs_done(1) == 1.0  # what the text says
