@@ -79,16 +79,19 @@ def describe_groups(optimizer) -> str:
     return f"{len(parts)} group{'s' if len(parts) != 1 else ''}: " + "; ".join(parts)
 
 
+def warmup_warning(cfg: TrainSection, total_steps: int) -> str | None:
+    """A warning when train.warmup_steps is as long as the run: the rate would never reach train.learning_rate."""
+    if cfg.warmup_ratio is not None or not cfg.warmup_steps or cfg.warmup_steps < total_steps:
+        return None  # a ratio (< 1, the schema says) means what it says
+    # the first step runs at LR 0 and each later one adds learning_rate / warmup: the last step's is the peak
+    return (f"train.warmup_steps {cfg.warmup_steps} is not below the run's {total_steps} steps: the learning rate "
+            f"never reaches train.learning_rate {cfg.learning_rate:g} (it peaks at "
+            f"{cfg.learning_rate * (total_steps - 1) / cfg.warmup_steps:.3g}); lower train.warmup_steps or set "
+            "train.warmup_ratio")
+
+
 def build_scheduler(optimizer, cfg: TrainSection, total_steps: int):
     from transformers import get_scheduler
 
     warmup = cfg.warmup_steps if cfg.warmup_ratio is None else math.ceil(cfg.warmup_ratio * total_steps)
-    if cfg.warmup_ratio is None and warmup >= total_steps > 0:  # a ratio (< 1, the schema says) means what it says
-        import warnings
-
-        # the first step runs at LR 0 and each later one adds learning_rate / warmup: the last step's is the peak
-        warnings.warn(f"train.warmup_steps {warmup} is not below the run's {total_steps} steps: the learning rate "
-                      f"never reaches train.learning_rate {cfg.learning_rate:g} (it peaks at "
-                      f"{cfg.learning_rate * (total_steps - 1) / warmup:.3g}); lower train.warmup_steps or set "
-                      "train.warmup_ratio")
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
 from lorakit.training.manifest import write_run_manifest
 from lorakit.training.metrics import MetricsLog, read_metrics
-from lorakit.training.optim import build_optimizer, build_scheduler
+from lorakit.training.optim import build_optimizer, build_scheduler, warmup_warning
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
 from lorakit.training.preference import attach_reference, build_training_loss, live_reference
@@ -212,9 +211,10 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         sources=data.sources,
         weights=data.weights,
     )
-    if sampler.oversized() and accelerator.is_main_process:
-        warnings.warn(sampler.oversized())
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
+    for warning in (sampler.oversized(), warmup_warning(recipe.train, total_steps)):
+        if warning:
+            say(f"warning: {warning}")
     if init.name == "eva":  # a resumed run recomputes the same A from the same batches, then restores
         with stage(accelerator.is_main_process, "EVA init on the first micro-batches"):
             run_eva(model, [collate([data.train[i] for i in idx], tokenizer) for idx in sampler.micro_batches(0)],

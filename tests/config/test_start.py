@@ -217,3 +217,16 @@ def test_validate_and_train_warn_of_an_absurd_learning_rate(tiny_model_dir, tmp_
     result = cli("train", path)
     assert result.exit_code == 0 and warning in result.output, result.output
     assert result.output.index(warning) < result.output.index("loading model")  # before anything heavy loads
+
+
+def test_train_warns_of_a_warmup_longer_than_the_run_and_a_step_larger_than_the_data(tiny_model_dir, tmp_path):
+    """warmup_steps 10 in a 2-step run and micro_batch_size 100 on 8 rows trained without a word."""
+    from run_helpers import recipe_dict, write_data
+
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 8),
+                                                              tmp_path / "run", max_steps=2, warmup_steps=10,
+                                                              micro_batch_size=100))
+    result = cli("train", path)
+    assert result.exit_code == 0, result.output
+    assert "warning: train.warmup_steps 10 is not below the run's 2 steps" in result.output
+    assert "warning: train: a step takes micro_batch_size 100 × grad_accum" in result.output
