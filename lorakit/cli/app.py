@@ -8,6 +8,7 @@ so `lorakit --help` and `lorakit validate` start fast (tests/e2e/test_cli_start.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 import sys
 import traceback
@@ -161,3 +162,23 @@ def path_value(text) -> Path:
 def output_file_option(default, help: str, **kwargs):
     """The --output/-o option of a command that writes one file: a path, never empty (path_value)."""
     return typer.Option(default, "--output", "-o", parser=path_value, metavar="<path>", help=help, **kwargs)
+
+
+def number_option(default, *decls: str, low: float, high: float | None = None, help: str, **kwargs):
+    """A float option bounded to [low, high] that names NaN and infinity for what they are: typer's own range
+    check reads 'nan' as below the minimum (or above the maximum) and lets 'inf' through an open top."""
+    where = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+
+    def parse(text) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{text} is not a finite number; give a number {where}")
+        if value < low or (high is not None and value > high):
+            raise typer.BadParameter(f"{text} is out of range; give a number {where}")
+        return value
+
+    # min/max only show the range in --help: with a parser, typer leaves the checking to it
+    return typer.Option(default, *decls, parser=parse, min=low, max=high, help=help, **kwargs)

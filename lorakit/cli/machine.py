@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from lorakit.cli.app import SetOpt, escape, command
+from lorakit.cli.app import SetOpt, escape, command, number_option
 
 @command(name="inspect", help="Show a model's targetable linear modules with shapes, what the adapter trains per "
          "module and in total, and the LoRA rank table. Builds the model on the meta device: no weights loaded.")
@@ -84,7 +84,8 @@ def estimate_memory(
 
 @command(help="Check this machine: stack versions, GPUs and memory, bf16, bitsandbytes, hub, disk; and what to do.")
 def doctor(
-    timeout: float = typer.Option(3.0, min=0.1, max=60, help="Seconds to wait for the hub (skipped when HF_HUB_OFFLINE=1)."),
+    timeout: float = number_option(3.0, "--timeout", low=0.1, high=60,
+                                   help="Seconds to wait for the hub (skipped when HF_HUB_OFFLINE=1)."),
 ) -> None:
     from lorakit.console import adopt_transformers_output, emit, get_console, is_json, is_quiet
     from lorakit.tools.doctor import FAIL, INFO, OK, WARN, run_checks

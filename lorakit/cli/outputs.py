@@ -7,7 +7,11 @@ from typing import List, Optional
 
 import typer
 
-from lorakit.cli.app import output_file_option, command
+from lorakit.cli.app import number_option, output_file_option, command
+
+# The smallest sampling temperature: logits divided by less can overflow float32 to inf, and sampling then fails
+# on NaN probabilities (vLLM raises such temperatures to the same 0.01). 0 means greedy.
+MIN_TEMPERATURE = 0.01
 
 @command(name="eval", help="Score a run, adapter or merged model on rows with answers: prompts rendered as in "
          "training, greedy batched generation, --metric per row, answer loss/perplexity; --base-too puts the base "
@@ -70,13 +74,14 @@ def generate(
         None, "--use", help="Adapter for --prompt and rows naming none: NAME or base (default: the first --adapter)."),
     chat: bool = typer.Option(False, "--chat", help="Send prompts as a user message through the chat template."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate per prompt."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
-    top_p: Optional[float] = typer.Option(
-        None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature; default 1.0).",
+    temperature: float = number_option(
+        0.0, "--temperature", low=0.0, help=f"0 is greedy; {MIN_TEMPERATURE:g} or more samples."),
+    top_p: Optional[float] = number_option(
+        None, "--top-p", low=0.0, high=1.0, help="Nucleus sampling mass (with --temperature; default 1.0).",
         show_default=False),
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Sampling seed, reset for every prompt (with --temperature; default 0).",
-        show_default=False),
+        None, "--seed", min=0, max=2**32 - 1, show_default=False,
+        help="Sampling seed, reset for every prompt (with --temperature; default 0)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Base dtype (as model.dtype in a recipe)."),
     quantization: Optional[str] = typer.Option(None, "--quantization", help="none, nf4, fp4 or int8 (as "
                                                "model.quantization; default: what the adapters' lorakit.json records)."),
@@ -92,6 +97,9 @@ def generate(
     from lorakit.config.schema import ModelSection
 
     adopt_transformers_output()
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise UsageError(f"--temperature {temperature:g}: too small to sample with (the logits divided by it can "
+                         f"overflow to inf); use 0 for greedy decoding or at least {MIN_TEMPERATURE:g}")
     if temperature == 0 and (top_p is not None or seed is not None):
         given = [name for name, value in (("--top-p", top_p), ("--seed", seed)) if value is not None]
         raise UsageError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling; "

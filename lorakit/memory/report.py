@@ -18,16 +18,19 @@ from lorakit.memory.estimate import estimate
 from lorakit.memory.lines import Estimate, Settings, gib
 from lorakit.memory.profile import ModelProfile
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_size(text: str) -> int:
     """Bytes in '24GB', '80 GiB', '24576MB'. GB reads as GiB: a '24 GB' card holds 24 GiB."""
-    match = _SIZE.match(text or "")
-    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "g").lower()[0]]) if match else 0
-    if size <= 0:  # 0GB would also turn the fit advice off without a word
+    match = _SIZE.match(text)
+    if not match:
         raise UsageError(f"--gpu-memory: cannot read {text!r}; write it like 24GB, 80GiB or 24576MB")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "g").lower()[0]])
+    if size <= 0:  # 0GB would also turn the fit advice off without a word
+        raise UsageError(f"--gpu-memory {text.strip()}: must be more than 0; give one GPU's memory, like 24GB, "
+                         "80GiB or 24576MB")
     return size
 
 
@@ -383,7 +386,7 @@ def report(recipe_path: Path | None, flags: Flags, gpu_memory: str | None, expla
     from lorakit.memory.profile import add_token_rows, inspect_model
     from lorakit.models.presets import load_model_config
 
-    budget = parse_size(gpu_memory) if gpu_memory else None
+    budget = parse_size(gpu_memory) if gpu_memory is not None else None  # '' is refused, not ignored
     with flags_named(given_flags(flags)):
         recipe = resolve_recipe(recipe_path, flags)
         settings = settings_from(recipe, flags)

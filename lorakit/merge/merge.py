@@ -260,10 +260,10 @@ def merge_adapter(
     out_dtype = getattr(torch, out_dtype) if out_dtype else None
     try:
         max_bytes = convert_file_size_to_int(max_shard_size)
-        if max_bytes <= 0:  # transformers reads "-5GB" as a negative size: one tensor per shard
-            raise ValueError(max_shard_size)
     except ValueError:
         raise UsageError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB or 500MB") from None
+    if max_bytes <= 0:  # transformers reads "-5GB" as a negative size: one tensor per shard
+        raise UsageError(f"--max-shard-size {max_shard_size}: must be more than 0, such as 5GB or 500MB")
     out = resolve_output("--output", output_dir)
     adapter = read_mergeable_adapter(adapter_dir, allow_pickle)
     base_dir = resolve_base(adapter, base)

@@ -391,7 +391,7 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
     ("adapter-pickle-merge", 5, lambda c: ["merge", _pickle_adapter(c), "--output", c.out],
      ("adapter_model.bin", "--allow-pickle")),
     ("merge-negative-shard-size", 2, lambda c: ["merge", c.run / "adapter", "-o", c.out, "--max-shard-size", "-5GB"],
-     ("--max-shard-size '-5GB'", "expected a size")),
+     ("--max-shard-size -5GB: must be more than 0",)),
     ("adapter-wrong-base-merge", 4, lambda c: ["merge", c.run / "adapter", "--base", c.other_model, "--output", c.out],
      ("is not the model the adapter was trained on", "hidden_size")),
     ("adapter-wrong-base-generate", 4,

@@ -220,6 +220,26 @@ def test_doctor_reports_stack_and_respects_offline(monkeypatch):
             assert check["fix"], f"{check['name']}: a problem without a remedy"
 
 
+@pytest.mark.parametrize("args, text", [
+    (["generate", "--temperature", "nan"], "'--temperature': nan is not a finite number; give a number of at least 0"),
+    (["generate", "--temperature", "inf"], "'--temperature': inf is not a finite number"),  # was let through
+    (["generate", "--temperature", "-1"], "'--temperature': -1 is out of range"),
+    (["generate", "--temperature", "1", "--top-p", "nan"], "'--top-p': nan is not a finite number; give a number "
+     "from 0 to 1"),  # was "should be less than or equal to 1"
+    (["generate", "--temperature", "1e-300"], "--temperature 1e-300: too small to sample with"),  # was exit 1
+    (["generate", "--temperature", "1", "--seed", "99999999999999999999"], "'--seed'"),  # was exit 1
+    (["doctor", "--timeout", "nan"], "'--timeout': nan is not a finite number; give a number from 0.1 to 60"),
+    (["doctor", "--timeout", "inf"], "'--timeout': inf is not a finite number"),
+])
+def test_number_flags_name_nan_infinity_and_range(args, text):
+    """NaN and infinity are named for what they are, and a value that would fail inside the library is refused
+    before any model loads (the model named does not exist: nothing got that far)."""
+    if args[0] == "generate":
+        args = [*args, "--model", "/nonexistent", "--prompt", "hi"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and text in " ".join(result.output.split()), result.output
+
+
 def test_hub_probe_is_bounded_by_its_timeout():
     """A server that accepts the connection and never answers: doctor gives up after its timeout."""
     import socket

@@ -435,7 +435,9 @@ def test_cli_json_logs_mode_emits_one_event():
 @pytest.mark.parametrize("args, text", [
     (["--model", "acme/no-such-model"], "offline presets: "),
     (["--model", "mistral-7b", "--gpu-memory", "lots"], "--gpu-memory"),
-    (["--model", "mistral-7b", "--gpu-memory", "0GB"], "--gpu-memory: cannot read '0GB'"),  # no advice, no word
+    (["--model", "mistral-7b", "--gpu-memory", "0GB"], "--gpu-memory 0GB: must be more than 0"),  # no advice, no word
+    (["--model", "mistral-7b", "--gpu-memory", "-1GB"], "--gpu-memory -1GB: must be more than 0"),  # was "cannot read"
+    (["--model", "mistral-7b", "--gpu-memory", ""], "--gpu-memory: cannot read ''"),  # was ignored
     (["--model", "mistral-7b", "--method", "bogus"], "--method"),
     (["--model", "mistral-7b", "--optimizer", "sgd"], "--optimizer: must be"),  # the flag, not train.optimizer
     (["--model", "mistral-7b", "--targets", "qproj"], "q_proj"),
