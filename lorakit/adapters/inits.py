@@ -36,6 +36,7 @@ class InitRecord:
     initial: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # B₀, A₀ as PEFT saves them
     eva_batches: int = 0
     eva_ranks: dict[str, int] = field(default_factory=dict)
+    init_from: str | None = None  # adapter.init_from: the saved adapter whose weights replaced the fresh ones
 
     @property
     def converted_at_save(self) -> bool:
@@ -44,15 +45,16 @@ class InitRecord:
     def summary(self) -> dict:
         return {"init_lora_weights": self.name, "base_rewritten_modules": self.rewritten_modules,
                 "converted_at_save": self.converted_at_save, "eva_batches": self.eva_batches,
-                "eva_ranks": dict(self.eva_ranks)}
+                "eva_ranks": dict(self.eva_ranks), "init_from": self.init_from}
 
 
-def capture_initial(model, section) -> InitRecord:
+def capture_initial(model, section, init_from: Path | None = None) -> InitRecord:
     """Right after the adapter is built (before training or restoring a checkpoint): for a rewriting init, a copy
     of the initial B₀, A₀. A resumed run rebuilds the same decomposition from the same seed, so it captures the
-    same tensors, and its final adapter converts exactly as the uninterrupted run's."""
+    same tensors, and its final adapter converts exactly as the uninterrupted run's. ``init_from``: the adapter
+    directory the weights were loaded from (adapter.init_from), recorded as the init."""
     name = init_name(section.model_extra or {}) if is_lora_family(section.method) else "default"
-    record = InitRecord(name=name)
+    record = InitRecord(name=name, init_from=None if init_from is None else str(init_from))
     if not rewrites_base(name):
         return record
     from peft import get_peft_model_state_dict

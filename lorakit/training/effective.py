@@ -38,7 +38,6 @@ NOT_OBSERVED = {
     "train.eval_metric": "the metric the eval_score records of metrics.jsonl were scored with",
     "output.report_to": "the tracker runs themselves (one per run, named after the run directory)",
     "output.project": "the experiment or project the tracker runs are filed under",
-    "adapter.init_from": "the 'adapter: starting from DIR' line before training",
 }
 
 
@@ -120,9 +119,13 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
         lines += [Setting("bottleneck", f"width {section.r}", ("adapter.r",)),
                   Setting("dropout", _dropout(dropout, model), ("adapter.dropout",))]
     summary = init.summary()
-    lines.append(Setting("init", f"{summary['init_lora_weights']}: base rewritten in {summary['base_rewritten_modules']}"
+    # adapter.init_from replaces the fresh weights, so the init is that adapter's (the schema refuses both keys)
+    how = f"weights of {summary['init_from']} (adapter.init_from)" if summary["init_from"] else summary[
+        "init_lora_weights"]
+    lines.append(Setting("init", f"{how}: base rewritten in {summary['base_rewritten_modules']}"
                          f" modules, converted at save: {'yes' if summary['converted_at_save'] else 'no'}"
-                         + (f", EVA on {summary['eva_batches']} micro-batches" if summary["eva_batches"] else ""), ()))
+                         + (f", EVA on {summary['eva_batches']} micro-batches" if summary["eva_batches"] else ""),
+                         ("adapter.init_from",)))
     rows = getattr(config, "trainable_token_indices", None) or {}
     lines.append(Setting("trainable tokens", ", ".join(f"{k}: {len(v)} rows" for k, v in rows.items()) or "none",
                          ("adapter.trainable_tokens",)))

@@ -191,9 +191,10 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
 
     with stage(accelerator.is_main_process, "loading model"):
         model = build_model(recipe, model_path, allow_pickle, tokenizer)
-        if recipe.adapter.init_from:
-            say(f"adapter: starting from {continue_from(model, recipe.adapter, allow_pickle)}")
-        init = capture_initial(model, recipe.adapter)  # before a checkpoint's weights replace B₀, A₀
+        init_from = continue_from(model, recipe.adapter, allow_pickle) if recipe.adapter.init_from else None
+        if init_from is not None:
+            say(f"adapter: starting from {init_from}")
+        init = capture_initial(model, recipe.adapter, init_from)  # before a checkpoint's weights replace B₀, A₀
         batching = choose_batching(recipe, model, data.group_lengths)
         meter = StepMeter(ModelShape.of(model, reference_forward=live_reference(recipe.train)))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)

@@ -96,6 +96,12 @@ def test_dpo_continues_an_sft_adapter_with_it_as_the_reference(tiny_model_dir, t
     assert settings["dropout"] == ("p [0.0] (the default under train.objective dpo: preference losses train without "
                                    "dropout, as TRL's do; adapter.lora_dropout sets one)")
     assert "adapter: starting from" in result.output and "reference log-probs: computed" in result.output
+    # The record says where the adapter started (before: "init default", the fresh weights init_from replaced)
+    explained = cli("explain", tmp_path / "dpo")
+    init = next(line.split(None, 1)[1] for line in explained.output.splitlines() if line.split()[0] == "init")
+    assert init.startswith(f"weights of {tmp_path / 'sft' / 'adapter'} (adapter.init_from): "), init
+    record = json.loads((tmp_path / "dpo" / "adapter" / "lorakit.json").read_text())["init"]
+    assert record["init_from"] == str(tmp_path / "sft" / "adapter")
     first = [r for r in records(tmp_path / "dpo") if "loss" in r][0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as its reference
     # Against the base instead, the SFT adapter has already moved the policy: not ln 2.
