@@ -7,6 +7,7 @@ one copy of the base weights in memory, a few megabytes per task adapter.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ from lorakit.models.tokens import grow_embeddings, recorded_vocab
 
 BASE = "base"  # the adapter name that means "no adapter"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def peft_name(name: str) -> str:
+    """The name PEFT holds the adapter NAME under. PEFT refuses a '.' in it and finds an adapter's tensors by
+    substring: a name inside its parameter prefix ('a' in 'lora_') or inside another adapter's name gets a
+    warning that the other adapters' keys are missing. A fixed-width digest of NAME is neither."""
+    return f"lorakit_{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -120,8 +128,8 @@ def _precision(quant: str, double: bool) -> str:
 
 def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, allow_pickle: bool, device: str,
                         base_option: str = "--model", adapter_label=None):
-    """(model, tokenizer): the base once, every adapter attached to it under its name. ``base_option`` and
-    ``adapter_label(name, path)`` say in messages how the command was given the base and each adapter."""
+    """(model, tokenizer): the base once, every adapter attached to it under peft_name(its name). ``base_option``
+    and ``adapter_label(name, path)`` say in messages how the command was given the base and each adapter."""
     label = adapter_label or (lambda name, path: f"--adapter {name}={path}")
     short = adapter_label or (lambda name, path: f"--adapter {name}")
     from peft import PeftModel
@@ -143,9 +151,9 @@ def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, all
         check_recorded_base(read_record(path), model_path, f"{short(name, path)}: {base_option}")
         try:
             if i == 0:
-                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                model = PeftModel.from_pretrained(model, path, adapter_name=peft_name(name))
             else:
-                model.load_adapter(path, adapter_name=name)
+                model.load_adapter(path, adapter_name=peft_name(name))
         except (ValueError, RuntimeError, KeyError) as e:
             lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
             # load_state_dict's first line only names the model class; the first mismatch says what differs
@@ -176,7 +184,7 @@ def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_toke
     if request.adapter == BASE and isinstance(model, (PeftModel, BottleneckModel)):
         context, generate = model.disable_adapter(), model.generate
     elif isinstance(model, PeftModel):
-        model.set_adapter(request.adapter)
+        model.set_adapter(peft_name(request.adapter))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False}
     torch.manual_seed(seed)  # per request, so a prompt's sample does not depend on the prompts before it

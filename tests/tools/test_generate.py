@@ -8,7 +8,7 @@ from peft import LoraConfig
 from typer.testing import CliRunner
 
 from lorakit.cli.main import app
-from lorakit.tools.generate import BASE, Request, generate_one, load_for_generation
+from lorakit.tools.generate import BASE, Request, generate_one, load_for_generation, peft_name
 from lorakit.config.schema import ModelSection
 from lorakit.testing import build_random_adapter
 
@@ -47,11 +47,28 @@ def test_hot_swapped_adapters_match_each_adapter_alone_and_base_matches_plain_ba
     # Not vacuous: the adapters really change the model's next-token distribution.
     ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     with torch.no_grad():
-        model.set_adapter("math")
+        model.set_adapter(peft_name("math"))
         with_adapter = model(ids).logits
         with model.disable_adapter():
             without = model(ids).logits
     assert (with_adapter - without).abs().max() > 1e-2
+
+
+def test_any_adapter_name_loads_without_peft_warnings(tiny_model_dir, two_adapters):
+    """PEFT warned "Adapter name 'a' should not be contained in the prefix 'lora_'" and then "Found missing adapter
+    keys" (the other adapter's) for a name inside its prefix, and refused a name with a '.' (exit 4, blaming the
+    base): the names given reach PEFT as peft_name digests."""
+    import warnings
+
+    named = {"a": two_adapters["math"], "my.v2": two_adapters["code"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tokenizer = load_for_generation(ModelSection(name_or_path=str(tiny_model_dir)), named,
+                                               allow_pickle=False, device="cpu")
+    assert [str(w.message) for w in caught if "adapter" in str(w.message).lower()] == []
+    for name, path in named.items():
+        served = [generate_one(model, tokenizer, Request(name, prompt=p), **SETTINGS) for p in PROMPTS]
+        assert served == completions(tiny_model_dir, {name: path}, name)
 
 
 def test_cli_file_routes_each_row_to_its_adapter(tiny_model_dir, two_adapters, tmp_path):
