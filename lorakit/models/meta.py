@@ -23,6 +23,18 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False, revisi
         raise UsageError(f"model.name_or_path: {name!r} not found")
     if hub_id:
         require_hub("model.name_or_path", name, revision, remedy=remedy)
+    return read_model_config(name, trust_remote_code, revision, remedy)
+
+
+def read_model_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                      remedy: str | None = None):
+    """load_model_config of what resolve_model_path returned (a model dir, or a hub id it found within reach),
+    without asking again whether the hub id is within reach: a training run asked once, in resolve_model_path."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    hub_id = not is_local(name)
     try:
         if is_gguf(path):
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)

@@ -50,6 +50,7 @@ class Target:
     recipe: Recipe | None  # the run's recipe.yaml when the target sits in (or is) a run directory
     no_base: str = ""  # merged targets without a base: why (for --base-too's message)
     recorded_in: Path | None = None  # adapter targets: the file ``model``'s quantization was read from
+    model_path: str | None = None  # a recorded hub id _recorded_base found within reach: not asked about again
 
 
 def resolve_target(path: Path, base: str | None = None) -> Target:
@@ -92,7 +93,8 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
                                   "with --base, or set base_model_name_or_path there")
         model = ModelSection(name_or_path=config_base)
     require_weights(adapter, "lorakit eval")
-    return Target("adapter", adapter, model, None, recipe, recorded_in=recorded_in)
+    checked = base_path if base is None and base_path and not is_local(base_path) else None
+    return Target("adapter", adapter, model, None, recipe, recorded_in=recorded_in, model_path=checked)
 
 
 def _recorded_base(adapter: Path, record: dict) -> str | None:
@@ -210,7 +212,7 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     _choose_precision(target, quantization, say)
     adapters = {"tuned": target.path} if target.kind == "adapter" else {}
     model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device,
-                                   base_option="--base" if base else "the recorded base",
+                                   model_path=target.model_path, base_option="--base" if base else "the recorded base",
                                    adapter_label=lambda name, path: str(path))
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "metric": metric}
     results = {"tuned": _score_model(model, tokenizer, items, **settings)}
@@ -246,7 +248,7 @@ def _tokenizer(target: Target):
     template with the adapter (and merge copies it), so prompts render as in training; else the base's."""
     if (target.path / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(target.path), True
-    return load_tokenizer(target.model, resolve_model_path(target.model)), False
+    return load_tokenizer(target.model, target.model_path or resolve_model_path(target.model)), False
 
 
 def _score_model(model, tokenizer, items: list[EvalItem], *, metric: str, batch_size: int, max_new_tokens: int,

@@ -127,16 +127,17 @@ def _precision(quant: str, double: bool) -> str:
 
 
 def load_for_generation(section: ModelSection, adapters: dict[str, Path], *, allow_pickle: bool, device: str,
-                        base_option: str = "--model", adapter_label=None):
-    """(model, tokenizer): the base once, every adapter attached to it under peft_name(its name). ``base_option``
-    and ``adapter_label(name, path)`` say in messages how the command was given the base and each adapter."""
+                        model_path: str | None = None, base_option: str = "--model", adapter_label=None):
+    """(model, tokenizer): the base once, every adapter attached to it under peft_name(its name). ``model_path``:
+    resolve_model_path(section) where the caller has it already. ``base_option`` and ``adapter_label(name, path)``
+    say in messages how the command was given the base and each adapter."""
     label = adapter_label or (lambda name, path: f"--adapter {name}={path}")
     short = adapter_label or (lambda name, path: f"--adapter {name}")
     from peft import PeftModel
 
     from lorakit.adapters.bottleneck import is_bottleneck_dir
 
-    model_path = resolve_model_path(section)
+    model_path = model_path or resolve_model_path(section)
     tokenizer = load_tokenizer(section, model_path)
     model = load_base_model(section, model_path, allow_pickle)
     model.config.use_cache = True  # load_base_model turns the KV cache off for training

@@ -36,7 +36,7 @@ from lorakit.models.checks import positions_problem, shape_problem, vocab_proble
 from lorakit.models.loading import (
     check_attention_package, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary,
 )
-from lorakit.models.meta import build_meta_model, load_model_config
+from lorakit.models.meta import build_meta_model, read_model_config
 from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
 from lorakit.runlock import OutputLock
 from lorakit.training.context import FitContext, RunPaths
@@ -90,9 +90,10 @@ def run_inputs(recipe: Recipe, recipe_file: Path | None, resume: bool) -> dict[s
 def check_base_fits(recipe: Recipe, model_path: str, tokenizer) -> None:
     """Exit 2 before the weights load when they cannot be this config's model, the tokenizer's ids overrun its
     vocabulary (lorakit.models.checks), the attention kernel's package is missing, or the adapter alone cannot
-    fit in memory; transformers or the allocator would fail minutes later, in many lines."""
+    fit in memory; transformers or the allocator would fail minutes later, in many lines. ``model_path``: what
+    resolve_model_path returned, a hub id only once it found it within reach (the hub is not asked again)."""
     check_attention_package(recipe.model)
-    config = load_model_config(model_path, recipe.model.trust_remote_code, recipe.model.revision)
+    config = read_model_config(model_path, recipe.model.trust_remote_code, recipe.model.revision)
     problem = vocab_problem(tokenizer, config, recipe.model.add_tokens)
     if problem is None and Path(model_path).is_dir():
         problem = shape_problem(Path(model_path), config)

@@ -154,3 +154,32 @@ def test_a_runs_checks_read_the_hub_models_config_at_model_revision(cached_hub_m
     data["model"]["revision"] = "v3"
     with pytest.raises(UsageError, match=r"^model.name_or_path: the tokenizer has .* the model's vocabulary is 8:"):
         check_base_fits(parse_recipe(data), cached_hub_model, tokenizer)
+
+
+def test_a_training_run_on_a_hub_id_and_its_eval_ask_the_hub_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A run resolved the hub id (resolve_model_path), then its checks before the weights load read the config
+    through load_model_config, which asked again; eval checked the base its adapter records, then resolved it
+    again to load it. Offline, the whole tiny model in a Hugging Face cache."""
+    import shutil
+
+    import lorakit.paths
+    from huggingface_hub import constants
+    from run_helpers import cli, recipe_dict, write_data, write_recipe
+
+    repo = tmp_path / "hf-cache" / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("a" * 40))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    asked = []
+    probe = lorakit.paths.hub_unreachable
+    monkeypatch.setattr(lorakit.paths, "hub_unreachable", lambda *a, **k: asked.append(a) or probe(*a, **k))
+    data = write_data(tmp_path / "d.jsonl", 8)
+    recipe = recipe_dict("org/tiny", data, tmp_path / "run", max_steps=1)
+    result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    assert asked == [("org/tiny", None, "config.json")]
+    asked.clear()
+    result = cli("eval", tmp_path / "run", "--data", data, "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert asked == [("org/tiny", None, "config.json")]
