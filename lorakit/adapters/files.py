@@ -17,8 +17,9 @@ from lorakit.atomic import write_file
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.methods import REGISTRY
 from lorakit.config.schema import ModelSection
+from lorakit.console import console
 from lorakit.errors import CheckpointError, SafetyError, UsageError
-from lorakit.models.checks import folder_problem
+from lorakit.models.checks import folder_problem, weights_fingerprint
 from lorakit.models.loading import resolve_model_path
 from lorakit.paths import is_local, require_hub
 from lorakit.text import NotJsonObject, read_json_object
@@ -207,9 +208,31 @@ def recorded_quantization(path: Path) -> tuple[str, bool, Path] | None:
 
 def check_recorded_base(record: dict, base_dir: str | Path, option: str) -> None:
     """Refuse (exit 4) a local base whose architecture differs from the one the adapter's lorakit.json
-    ``record`` names; ``option``: the flag that chose the base, for the message."""
-    recorded = record.get("base_model_path")
+    ``record`` names, and warn when its weights are another checkpoint's (_check_weights); ``option``: the flag
+    that chose the base, for the messages."""
     base_dir = Path(base_dir)
+    _check_architecture(record, base_dir, option)
+    _check_weights(record, base_dir, option)
+
+
+def _check_weights(record: dict, base_dir: Path, option: str) -> None:
+    """A warning, not a refusal, when the base's weights_fingerprint is not the one recorded at training: another
+    fine-tune of the same architecture passes the architecture check and silently gives other outputs, but the
+    same model saved in another dtype, quantized or converted differs as well and is a legitimate base."""
+    recorded = record.get("base_fingerprint")
+    if not isinstance(recorded, str) or not (base_dir / "config.json").is_file():
+        return
+    found = weights_fingerprint(base_dir)
+    if found is not None and found != recorded:  # on stderr: generate's stdout is its completions
+        console(True, stderr=True)(
+            f"warning: {option} {base_dir}: its weights are not those the adapter was trained on (fingerprint "
+            f"{found}, lorakit.json records {recorded}). Another checkpoint of this architecture (another "
+            "fine-tune) gives other outputs; the same model saved in another dtype or quantized also differs and "
+            "is fine")
+
+
+def _check_architecture(record: dict, base_dir: Path, option: str) -> None:
+    recorded = record.get("base_model_path")
     if not recorded or not (base_dir / "config.json").is_file() or not (Path(recorded) / "config.json").is_file():
         return
     if Path(recorded).resolve() == base_dir.resolve():

@@ -96,7 +96,7 @@ def _served_base(record: dict) -> str | None:
 
 
 def _header(path: Path) -> dict:
-    from lorakit.merge.weights_io import read_safetensors_header
+    from lorakit.models.checks import read_safetensors_header
 
     file = path / "adapter_model.safetensors"
     return read_safetensors_header(file)[0] if file.is_file() else {}

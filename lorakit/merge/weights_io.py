@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.models.checks import read_safetensors_header
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _ST_DTYPES = {
@@ -49,15 +51,6 @@ def weight_files(model_dir: Path) -> list[Path]:
         if (model_dir / single).is_file():
             return [model_dir / single]
     return sorted(model_dir.glob("*.safetensors"))
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header, byte offset of the data section): the format's 8-byte little-endian length, then JSON."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
 
 
 def list_tensors(model_dir: Path) -> list[StoredTensor]:

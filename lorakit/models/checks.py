@@ -58,15 +58,54 @@ def folder_problem(folder: Path, json_names: tuple[str, ...]) -> str | None:
     return None
 
 
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, byte offset of the data section): the format's 8-byte little-endian length, then JSON."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 def stored_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{tensor name: (shape, file name)} from the headers of the folder's safetensors files (checked first)."""
     shapes = {}
     for path in sorted(model_dir.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        shapes.update({k: (tuple(v["shape"]), path.name) for k, v in header.items() if k != "__metadata__"})
+        shapes.update({k: (tuple(v["shape"]), path.name) for k, v in read_safetensors_header(path)[0].items()})
     return shapes
+
+
+FINGERPRINT_BYTES = 64  # of each tensor: a fine-tune, or a LoRA merged in, changes the first row of what it trains
+
+
+def weights_fingerprint(model_dir: Path) -> str | None:
+    """A cheap identity of a model directory's weights: sha256 over each tensor's name, dtype, shape and first
+    64 bytes (one small read per tensor; the same for any sharding). Two checkpoints of one architecture differ
+    in it; so does the same model saved in another dtype. None without safetensors files (pickle weights are not
+    opened here) or when one is damaged."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    try:  # a folder may hold other safetensors beside the checkpoint the index names (Mistral's consolidated.*)
+        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+            if index.is_file() else sorted(model_dir.glob("*.safetensors"))
+        if not files or any(safetensors_problem(path) for path in files):
+            return None
+        samples = []
+        for path in files:
+            header, start = read_safetensors_header(path)
+            with open(path, "rb") as f:
+                for name, entry in header.items():
+                    begin, end = entry["data_offsets"]
+                    f.seek(start + begin)
+                    samples.append((name, entry["dtype"], entry["shape"], f.read(min(FINGERPRINT_BYTES, end - begin))))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    digest = hashlib.sha256()
+    for name, dtype, shape, sample in sorted(samples):
+        digest.update(json.dumps([name, dtype, shape]).encode() + sample)
+    return digest.hexdigest()[:16]
 
 
 def shape_problem(model_dir: Path, config) -> str | None:

@@ -118,6 +118,21 @@ def resolve_model_path(section: ModelSection) -> str:
     return section.name_or_path
 
 
+def model_dir_on_disk(model_path: str, revision: str | None = None) -> Path | None:
+    """The folder resolve_model_path's answer is read from: the directory itself, or a hub id's snapshot in the
+    Hugging Face cache; None when there is none."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model_path, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def check_weights_safe(path: str, allow_pickle: bool = False) -> None:
     """Refuse pickle checkpoints (arbitrary code on load) unless explicitly allowed."""
     p = Path(path)

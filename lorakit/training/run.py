@@ -32,9 +32,9 @@ from lorakit.distributed.fsdp import (
     save_adapter_weights,
 )
 from lorakit.errors import SafetyError, UsageError
-from lorakit.models.checks import positions_problem, shape_problem, vocab_problem
+from lorakit.models.checks import positions_problem, shape_problem, vocab_problem, weights_fingerprint
 from lorakit.models.loading import (
-    check_attention_package, load_tokenizer, resolve_dtype, resolve_model_path, trainable_summary,
+    check_attention_package, load_tokenizer, model_dir_on_disk, resolve_dtype, resolve_model_path, trainable_summary,
 )
 from lorakit.models.meta import build_meta_model, read_model_config
 from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
@@ -370,6 +370,9 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, s
         "quantization": recipe.model.quantization,
         "double_quant": recipe.model.double_quant,
         "dtype": str(resolve_dtype(recipe.model.dtype)).removeprefix("torch."),  # resolved, not "auto"
+        # which checkpoint of the architecture: adapters.files.check_recorded_base warns on another one
+        "base_fingerprint": weights_fingerprint(base_dir) if (base_dir := model_dir_on_disk(
+            model_path, recipe.model.revision)) else None,
         "method": recipe.adapter.method,
         "init": init.summary(),
         "vocab_size": len(tokenizer),  # with model.add_tokens: a smaller base grows to it (models.tokens)

@@ -15,3 +15,23 @@ def test_max_seq_len_beyond_a_position_table_is_refused():
     assert positions_problem(GPT2Config(n_positions=32), 32) is None
     assert positions_problem(LlamaConfig(max_position_embeddings=32), 128) is None  # RoPE: any position
     assert positions_problem(BloomConfig(), 10**6) is None  # ALiBi: no table
+
+
+def test_weights_fingerprint_tells_checkpoints_apart_whatever_the_sharding(tiny_model_dir, tmp_path):
+    """Another checkpoint of the same architecture (another seed: another fine-tune) differs, as does the same
+    model in another dtype; the same weights in other shards do not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models.checks import weights_fingerprint
+    from lorakit.testing import build_tiny_llama
+
+    ours = weights_fingerprint(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert weights_fingerprint(tmp_path / "sharded") == ours
+    assert weights_fingerprint(build_tiny_llama(tmp_path / "other", seed=5)) != ours
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert weights_fingerprint(tmp_path / "bf16") not in (ours, None)
+    assert weights_fingerprint(tmp_path) is None  # no safetensors here

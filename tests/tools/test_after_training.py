@@ -251,3 +251,23 @@ def test_the_card_of_an_alpaca_run_does_not_say_chat(run):
         line = next(line for line in text.splitlines() if line.startswith("lorakit generate"))
         command, _, comment = line.partition("#")
         assert "--chat" not in command and "alpaca" in comment
+
+
+def test_another_checkpoint_of_the_base_architecture_is_warned_about(run, tiny_model_dir, tmp_path):
+    """The base check compared config fields only, so another fine-tune of the same architecture passed without a
+    word; the run records its base's weights_fingerprint and merge/generate/eval/export warn on another one (a
+    warning, not a refusal: the same model re-saved in another dtype or quantized differs too)."""
+    from lorakit.models.checks import weights_fingerprint
+
+    record = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert record["base_fingerprint"] == weights_fingerprint(tiny_model_dir)
+    other = build_tiny_llama(tmp_path / "other", seed=5)  # the architecture, other weights
+    warned = cli("generate", "--model", other, "--adapter", f"a={run / 'adapter'}", "--prompt", "x",
+                 "--max-new-tokens", "2")
+    assert warned.exit_code == 0 and "its weights are not those the adapter was trained on" in warned.output, \
+        warned.output
+    merged = cli("merge", run / "adapter", "-o", tmp_path / "merged", "--base", other, "--no-verify")
+    assert merged.exit_code == 0 and f"--base {other}: its weights are not those" in merged.output, merged.output
+    same = cli("generate", "--model", tiny_model_dir, "--adapter", f"a={run / 'adapter'}", "--prompt", "x",
+               "--max-new-tokens", "2")
+    assert same.exit_code == 0 and "its weights are not" not in same.output, same.output
