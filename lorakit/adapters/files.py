@@ -20,7 +20,7 @@ from lorakit.config.schema import ModelSection
 from lorakit.console import console
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem, weights_fingerprint
-from lorakit.models.loading import resolve_model_path
+from lorakit.models.loading import model_dir_on_disk, resolve_model_path
 from lorakit.paths import is_local, require_hub
 from lorakit.text import NotJsonObject, read_json_object
 
@@ -220,9 +220,10 @@ def _check_weights(record: dict, base_dir: Path, option: str) -> None:
     fine-tune of the same architecture passes the architecture check and silently gives other outputs, but the
     same model saved in another dtype, quantized or converted differs as well and is a legitimate base."""
     recorded = record.get("base_fingerprint")
-    if not isinstance(recorded, str) or not (base_dir / "config.json").is_file():
+    folder = model_dir_on_disk(str(base_dir))  # a hub id given to generate: the snapshot transformers loads
+    if not isinstance(recorded, str) or folder is None or not (folder / "config.json").is_file():
         return
-    found = weights_fingerprint(base_dir)
+    found = weights_fingerprint(folder)
     if found is not None and found != recorded:  # on stderr: generate's stdout is its completions
         console(True, stderr=True)(
             f"warning: {option} {base_dir}: its weights are not those the adapter was trained on (fingerprint "

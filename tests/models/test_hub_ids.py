@@ -3,6 +3,7 @@ retries an unreachable hub for about a minute before failing."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -179,6 +180,10 @@ def test_a_training_run_on_a_hub_id_and_its_eval_ask_the_hub_once(tiny_model_dir
     result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
     assert result.exit_code == 0, result.output
     assert asked == [("org/tiny", None, "config.json")]
+    from lorakit.models.checks import weights_fingerprint  # read from the hub id's snapshot, a copy of the model
+
+    record = json.loads((tmp_path / "run" / "adapter" / "lorakit.json").read_text())
+    assert record["base_fingerprint"] == weights_fingerprint(tiny_model_dir)
     asked.clear()
     result = cli("eval", tmp_path / "run", "--data", data, "--max-new-tokens", "2")
     assert result.exit_code == 0, result.output
