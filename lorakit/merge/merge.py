@@ -226,6 +226,26 @@ def _merge_inputs(adapter: Adapter, base_dir: Path, inside_run: bool) -> dict[st
 # Entry point
 
 
+_SIZE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*(?:([kmgt])(i?)b?)?\s*$", re.IGNORECASE)
+
+
+def shard_bytes(size: str | int) -> int:
+    """--max-shard-size in bytes: 5GB = 5·10⁹, 5GiB = 5·2³⁰ (transformers' units), in any case, a bare number in
+    bytes. transformers itself reads "5gb" or "5Gb" as gigabits (shards of 625 MB): a size here is always bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match:
+            raise UsageError(f"--max-shard-size {size!r}: expected a size such as 5GB or 500MB")
+        number, unit, binary = match.groups()
+        power = "kmgt".index(unit.lower()) + 1 if unit else 0
+        value = int(float(number) * (1024 if binary else 1000) ** power)
+    if value <= 0:
+        raise UsageError(f"--max-shard-size {size}: must be more than 0, such as 5GB or 500MB")
+    return value
+
+
 def merge_adapter(
     adapter_dir: str | Path,
     output_dir: str | Path,
@@ -250,7 +270,6 @@ def merge_adapter(
     ``inside_run``: training writes RUN/merged, so the adapter's run directory is the output's home, not an input.
     OUT is checked (lorakit.publish) and locked (lorakit.runlock) before the base is read.
     """
-    from transformers.utils.hub import convert_file_size_to_int
 
     from lorakit.console import console
 
@@ -258,12 +277,7 @@ def merge_adapter(
     device = resolve_device(device, "cpu")
     out_dtype = _parse_choice("--dtype", dtype, OUTPUT_DTYPES)
     out_dtype = getattr(torch, out_dtype) if out_dtype else None
-    try:
-        max_bytes = convert_file_size_to_int(max_shard_size)
-    except ValueError:
-        raise UsageError(f"--max-shard-size {max_shard_size!r}: expected a size such as 5GB or 500MB") from None
-    if max_bytes <= 0:  # transformers reads "-5GB" as a negative size: one tensor per shard
-        raise UsageError(f"--max-shard-size {max_shard_size}: must be more than 0, such as 5GB or 500MB")
+    max_bytes = shard_bytes(max_shard_size)
     out = resolve_output("--output", output_dir)
     adapter = read_mergeable_adapter(adapter_dir, allow_pickle)
     base_dir = resolve_base(adapter, base)

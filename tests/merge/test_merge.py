@@ -313,3 +313,25 @@ def test_bench_script_smoke(tmp_path):
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["max_abs_diff"] <= 1e-5 and data["input_shards"] >= 2, result.stderr
     assert data["lorakit"]["peak_rss_bytes"] > 0 and data["peft"]["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("size, expected", [
+    ("5GB", 5 * 10**9), ("5gb", 5 * 10**9), ("5Gb", 5 * 10**9), ("5 GB", 5 * 10**9), ("5G", 5 * 10**9),
+    ("2GiB", 2 * 2**30), ("2gib", 2 * 2**30), ("500MB", 500 * 10**6), ("40KB", 40_000), ("1.5GB", 1_500_000_000),
+    ("123", 123), (4096, 4096),
+])
+def test_shard_sizes_are_bytes_in_any_case(size, expected):
+    """transformers reads '5gb' and '5Gb' as gigabits (625 MB shards); a --max-shard-size is always bytes."""
+    from lorakit.merge.merge import shard_bytes
+
+    assert shard_bytes(size) == expected
+
+
+@pytest.mark.parametrize("size, message", [("-5GB", "must be more than 0"), ("0GB", "must be more than 0"),
+                                           ("5 bananas", "expected a size such as 5GB"), ("", "expected a size")])
+def test_shard_sizes_that_are_no_size_are_refused(size, message):
+    from lorakit.errors import UsageError
+    from lorakit.merge.merge import shard_bytes
+
+    with pytest.raises(UsageError, match=message):
+        shard_bytes(size)
