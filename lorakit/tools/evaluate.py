@@ -36,7 +36,7 @@ from lorakit.text import NotJsonObject, read_json_object
 from lorakit.tools.generate import load_for_generation, precision_note
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
-from lorakit.training.scoring import METRICS, EvalItem, check_answers, eval_items, score_items
+from lorakit.training.scoring import METRICS, EvalItem, check_answers, check_new_tokens, eval_items, score_items
 FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "completion": "completion", "text": "text"}
 EXAMPLES_SHOWN = 3
 
@@ -214,6 +214,7 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
     model, _ = load_for_generation(target.model, adapters, allow_pickle=allow_pickle, device=device,
                                    model_path=target.model_path, base_option="--base" if base else "the recorded base",
                                    adapter_label=lambda name, path: str(path))
+    check_new_tokens(model, max_new_tokens)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "metric": metric}
     results = {"tuned": _score_model(model, tokenizer, items, **settings)}
     if base_too and target.kind == "adapter":

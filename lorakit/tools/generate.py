@@ -27,6 +27,7 @@ from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_id
 from lorakit.errors import CheckpointError, DataError, UsageError
 from lorakit.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from lorakit.models.tokens import grow_embeddings, recorded_vocab
+from lorakit.training.scoring import check_new_tokens
 
 BASE = "base"  # the adapter name that means "no adapter"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -214,6 +215,7 @@ def run_generate(section: ModelSection, adapter_specs: list[str], *, prompt: str
     requests = [Request(default, prompt=prompt)] if prompt is not None else read_requests(file, default, known)
     section = trained_precision(section, adapters, say)
     model, tokenizer = load_for_generation(section, adapters, allow_pickle=allow_pickle, device=device)
+    check_new_tokens(model, max_new_tokens)
     stop_ids = generation_stop_ids(model, tokenizer, adapters.values())
     for request in requests:
         yield request, generate_one(model, tokenizer, request, chat=chat, max_new_tokens=max_new_tokens,

@@ -17,7 +17,7 @@ from lorakit.config.schema import DataSection, Recipe
 from lorakit.data.formats import IGNORE_INDEX, Example, answer_of, num_targets, through_last_answer, tokenize_row
 from lorakit.data.pipeline import fit_length, split_eval, train_sources
 from lorakit.data.sources import BadRowError, Row, read_rows
-from lorakit.errors import DataError
+from lorakit.errors import DataError, UsageError
 
 
 @dataclass
@@ -64,6 +64,16 @@ def last_response_start(labels: list[int]) -> int:
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation
+
+
+def check_new_tokens(model, max_new_tokens: int) -> None:
+    """Exit 2 when --max-new-tokens alone reaches past the model's context (max_position_embeddings, prompt
+    included): transformers would only warn and generate past the positions the model was trained on."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens:,d}: the model's context is {context:,d} tokens "
+                         f"(max_position_embeddings), the prompt included; give fewer than {context:,d}")
 
 
 def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,

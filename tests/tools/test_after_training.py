@@ -66,6 +66,14 @@ def test_eval_report_never_takes_the_place_of_a_file_that_is_no_report(tiny_mode
     assert mine.read_text() == '{"mine": true}\n'
 
 
+def test_eval_refuses_more_new_tokens_than_the_model_has_positions(adapter, tmp_path):
+    """--max-new-tokens 100000 generated past the tiny model's 512 positions with only transformers' warning."""
+    out = one_line(cli("eval", adapter, "--data", rows(tmp_path), "--max-new-tokens", "100000", "-o",
+                       tmp_path / "e.json"), 2)
+    assert "--max-new-tokens 100,000: the model's context is 512 tokens" in out
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_eval_skips_a_chat_row_without_an_assistant_turn(tiny_model_dir, run, tmp_path):
     """Such a row has nothing to score or to compute a loss on: skipped and said so, as training leaves it out;
     it was an exit 3 whose remedy named data.skip_bad_rows, a key eval does not read (and train.eval_generate

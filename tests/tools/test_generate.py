@@ -96,6 +96,7 @@ def test_cli_file_routes_each_row_to_its_adapter(tiny_model_dir, two_adapters, t
     (["--prompt", "x", "--use", "missing"], 2),
     (["--prompt", "x", "--top-p", "0.5"], 2),  # greedy: sampling options would do nothing
     (["--prompt", "x", "--seed", "3"], 2),
+    (["--prompt", "x", "--max-new-tokens", "512"], 2),  # the tiny model's whole context: past its positions
 ])
 def test_cli_usage_errors(tiny_model_dir, two_adapters, args, code):
     args = [a.replace("DIR", str(two_adapters["math"])) for a in args]
