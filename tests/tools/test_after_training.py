@@ -279,3 +279,17 @@ def test_another_checkpoint_of_the_base_architecture_is_warned_about(run, tiny_m
     same = cli("generate", "--model", tiny_model_dir, "--adapter", f"a={run / 'adapter'}", "--prompt", "x",
                "--max-new-tokens", "2")
     assert same.exit_code == 0 and "its weights are not" not in same.output, same.output
+
+
+def test_eval_warns_when_the_recorded_base_holds_other_weights_since(run, tmp_path):
+    """eval checked the base's weights only with --base: a recorded base folder whose weights changed after training
+    (a re-download of another revision, a fine-tune saved over it) was scored without a word."""
+    adapter = shutil.copytree(run / "adapter", tmp_path / "adapter")
+    record = json.loads((adapter / "lorakit.json").read_text())
+    record["base_fingerprint"] = "0" * 16  # what the folder held at training time, before it changed
+    (adapter / "lorakit.json").write_text(json.dumps(record))
+    result = cli("eval", adapter, "--data", rows(tmp_path), "--max-new-tokens", "2", "-o", tmp_path / "e.json")
+    assert result.exit_code == 0 and "the recorded base" in result.output, result.output
+    assert "its weights are not those the adapter was trained on" in result.output
+    plain = cli("eval", run / "adapter", "--data", rows(tmp_path), "--max-new-tokens", "2", "-o", tmp_path / "f.json")
+    assert plain.exit_code == 0 and "its weights are not" not in plain.output, plain.output
