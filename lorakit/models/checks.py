@@ -133,13 +133,21 @@ def vocab_problem(tokenizer, config, added: list[str] = ()) -> str | None:
     return None
 
 
-def positions_problem(config, max_seq_len: int) -> str | None:
+def positions_problem(config, max_seq_len: int, virtual_tokens: int = 0) -> str | None:
     """data.max_seq_len beyond a table of positions the model indexes (GPT-2's and OPT's learned embeddings,
     GPT-J's sin/cos table: an IndexError mid-run at the first longer row), or None. RoPE models, which carry
-    rope_parameters, compute any position, and models without max_position_embeddings (ALiBi) have no table."""
+    rope_parameters, compute any position, and models without max_position_embeddings (ALiBi) have no table.
+    ``virtual_tokens``: prompt/prefix tuning's adapter.num_virtual_tokens, which take the first positions of
+    every sequence (prompt tuning's embeddings, prefix tuning's cached keys/values)."""
     text = config.get_text_config()
     positions = getattr(text, "max_position_embeddings", None)
-    if not isinstance(positions, int) or getattr(text, "rope_parameters", None) is not None or max_seq_len <= positions:
+    if (not isinstance(positions, int) or getattr(text, "rope_parameters", None) is not None
+            or max_seq_len + virtual_tokens <= positions):
         return None
+    if virtual_tokens:
+        return (f"data.max_seq_len: {max_seq_len} plus adapter.num_virtual_tokens {virtual_tokens} (placed before "
+                f"every sequence) is more than the {positions} positions this {text.model_type} model has a "
+                f"position table for (max_position_embeddings); set data.max_seq_len: "
+                f"{max(positions - virtual_tokens, 0)} or less, or fewer adapter.num_virtual_tokens")
     return (f"data.max_seq_len: {max_seq_len} is more than the {positions} positions this {text.model_type} model "
             f"has a position table for (max_position_embeddings); set data.max_seq_len: {positions} or less")

@@ -99,7 +99,9 @@ def check_base_fits(recipe: Recipe, model_path: str, tokenizer) -> None:
         problem = shape_problem(Path(model_path), config)
     if problem is not None:
         raise UsageError(f"model.name_or_path: {problem}")
-    if problem := positions_problem(config, recipe.data.max_seq_len):
+    virtual = (recipe.adapter.model_extra or {}).get("num_virtual_tokens", 0) if recipe.adapter.method in (
+        "prefix", "prompt") else 0
+    if problem := positions_problem(config, recipe.data.max_seq_len, virtual):
         raise UsageError(problem)
     check_adapter_fits(recipe, config)
 
