@@ -88,6 +88,19 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     return True
 
 
+def check_steps_left(ckpt: Checkpoint, total_steps: int, train) -> None:
+    """A checkpoint past the recipe's last step (train.max_steps or train.epochs lowered under
+    --allow-recipe-change) is exit 4: the run would save the checkpoint's adapter as a shorter run's."""
+    if ckpt.step <= total_steps:
+        return
+    key, raise_it = ((f"train.max_steps: {train.max_steps}", f"train.max_steps above {ckpt.step}") if train.max_steps
+                     else (f"train.epochs: {train.epochs}", "train.epochs"))
+    raise CheckpointError(
+        f"{ckpt.path}: written after step {ckpt.step}, past this recipe's last step {total_steps} ({key}); nothing "
+        f"is left to train: raise {raise_it}, or resume from an earlier checkpoint (--resume PATH)"
+    )
+
+
 def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, data_identity: dict | None = None,
                     allow_change: bool = False) -> None:
     """Check the checkpoint fits this model and data, and load its adapter weights into ``model`` in place.

@@ -19,7 +19,9 @@ from lorakit.adapters.inits import InitRecord, capture_initial, run_eva, save_co
 from lorakit.adapters.card import write_card
 from lorakit.checkpoint.format import TrainState
 from lorakit.checkpoint.read import select_checkpoint, set_aside_newer
-from lorakit.checkpoint.resume import check_resume, restore_adapter, restore_training_state, truncate_metrics
+from lorakit.checkpoint.resume import (
+    check_resume, check_steps_left, restore_adapter, restore_training_state, truncate_metrics,
+)
 from lorakit.checkpoint.write import check_finite, check_free_space, checkpoint_bytes
 from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe
@@ -216,6 +218,8 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         weights=data.weights,
     )
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
+    if checkpoint is not None:
+        check_steps_left(checkpoint, total_steps, recipe.train)
     for warning in (sampler.oversized(), warmup_warning(recipe.train, total_steps)):
         if warning:
             say(f"warning: {warning}")

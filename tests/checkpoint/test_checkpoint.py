@@ -318,6 +318,22 @@ def test_resume_with_allowed_recipe_change(run):
     assert [r["step"] for r in training_records(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
+def test_resume_past_the_new_last_step_is_refused(run):
+    """train.max_steps lowered below the checkpoint's step under --allow-recipe-change saved the step-4 adapter as
+    a finished 2-step run (exit 0); now exit 4 naming the key, the run directory untouched. Equal is fine: the
+    checkpoint's adapter is then the run's."""
+    recipe, out = run(max_steps=6, save_every=4)
+    assert cli("train", recipe).exit_code == 0
+    before = tree_hash(out)
+    result = cli("train", recipe, "--resume", "--allow-recipe-change", "--set", "train.max_steps=2")
+    assert result.exit_code == 4, result.output
+    assert "past this recipe's last step 2 (train.max_steps: 2)" in result.output
+    assert "raise train.max_steps above 4" in result.output
+    assert tree_hash(out) == before
+    result = cli("train", recipe, "--resume", "--allow-recipe-change", "--set", "train.max_steps=4")
+    assert result.exit_code == 0, result.output
+
+
 def test_resume_from_explicit_older_checkpoint_sets_newer_aside(run):
     recipe, out = run(max_steps=6, save_every=2, keep_last=3)
     assert cli("train", recipe).exit_code == 0
