@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
+from lorakit.errors import UsageError
 from lorakit.text import json_object_problem
 from lorakit.models.meta import build_meta_model
 
@@ -133,17 +135,47 @@ def vocab_problem(tokenizer, config, added: list[str] = ()) -> str | None:
     return None
 
 
+def position_limit(config) -> int | None:
+    """The size of the position table a model indexes (GPT-2's and OPT's learned embeddings, GPT-J's sin/cos
+    table), or None where any position works: RoPE models, which carry rope_parameters, and models without
+    max_position_embeddings (ALiBi)."""
+    text = config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None)
+    if not isinstance(positions, int) or getattr(text, "rope_parameters", None) is not None:
+        return None
+    return positions
+
+
+def new_token_room(model, prompt_tokens: int, max_new_tokens: int, adapter_on: bool = True) -> int:
+    """``max_new_tokens``, cut to what the model's position table leaves after a prompt of ``prompt_tokens`` (and
+    an active prompt/prefix adapter's virtual tokens): past it generate() fails with an IndexError. UsageError when
+    the prompt alone fills the table."""
+    config = getattr(model, "config", None)
+    positions = position_limit(config) if config is not None else None
+    if positions is None:
+        return max_new_tokens
+    peft_config = getattr(model, "active_peft_config", None) if adapter_on else None
+    virtual = peft_config.num_virtual_tokens if getattr(peft_config, "is_prompt_learning", False) else 0
+    room = positions - prompt_tokens - virtual
+    after = f"a prompt of {prompt_tokens} tokens" + (f" and {virtual} virtual tokens" if virtual else "")
+    where = f"the {positions} positions this {config.get_text_config().model_type} model has (max_position_embeddings)"
+    if room < 1:
+        raise UsageError(f"{after} fills {where}, leaving none to generate; shorten the prompt")
+    if room < max_new_tokens:
+        warnings.warn(f"generation: {max_new_tokens} new tokens cut to {room}, what {after} leaves of {where}")
+    return min(room, max_new_tokens)
+
+
 def positions_problem(config, max_seq_len: int, virtual_tokens: int = 0) -> str | None:
     """data.max_seq_len beyond a table of positions the model indexes (GPT-2's and OPT's learned embeddings,
     GPT-J's sin/cos table: an IndexError mid-run at the first longer row), or None. RoPE models, which carry
     rope_parameters, compute any position, and models without max_position_embeddings (ALiBi) have no table.
     ``virtual_tokens``: prompt/prefix tuning's adapter.num_virtual_tokens, which take the first positions of
     every sequence (prompt tuning's embeddings, prefix tuning's cached keys/values)."""
-    text = config.get_text_config()
-    positions = getattr(text, "max_position_embeddings", None)
-    if (not isinstance(positions, int) or getattr(text, "rope_parameters", None) is not None
-            or max_seq_len + virtual_tokens <= positions):
+    positions = position_limit(config)
+    if positions is None or max_seq_len + virtual_tokens <= positions:
         return None
+    text = config.get_text_config()
     if virtual_tokens:
         return (f"data.max_seq_len: {max_seq_len} plus adapter.num_virtual_tokens {virtual_tokens} (placed before "
                 f"every sequence) is more than the {positions} positions this {text.model_type} model has a "

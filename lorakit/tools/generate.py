@@ -25,6 +25,7 @@ from lorakit.data.chat import check_messages
 from lorakit.data.sources import BadRowError, jsonl_rows
 from lorakit.data.stop_tokens import eos_ids, read_generation_eos, stop_token_ids
 from lorakit.errors import CheckpointError, DataError, UsageError
+from lorakit.models.checks import new_token_room
 from lorakit.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from lorakit.models.tokens import grow_embeddings, recorded_vocab
 from lorakit.training.scoring import check_new_tokens
@@ -190,6 +191,8 @@ def generate_one(model, tokenizer, request: Request, *, chat: bool, max_new_toke
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False}
     torch.manual_seed(seed)  # per request, so a prompt's sample does not depend on the prompts before it
+    max_new_tokens = new_token_room(model, inputs["input_ids"].shape[1], max_new_tokens,
+                                    adapter_on=request.adapter != BASE)
     with context, torch.no_grad():
         output = generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=stop_ids, **sampling)

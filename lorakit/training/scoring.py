@@ -18,6 +18,7 @@ from lorakit.data.formats import IGNORE_INDEX, Example, answer_of, num_targets, 
 from lorakit.data.pipeline import fit_length, split_eval, train_sources
 from lorakit.data.sources import BadRowError, Row, read_rows
 from lorakit.errors import DataError, UsageError
+from lorakit.models.checks import new_token_room
 
 
 @dataclass
@@ -88,6 +89,8 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
     batch_size = generation_batch_size(model, batch_size, adapter_on)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # use_cache: load_base_model turns the model's off for training (adapter_generate may turn it off again)
+    if prompts:  # the longest prompt sets what a model with a position table leaves to generate
+        max_new_tokens = new_token_room(model, max(map(len, prompts)), max_new_tokens, adapter_on)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=model.generation_config.eos_token_id, use_cache=True)
     generate = partial(adapter_generate, model) if adapter_on else model.generate

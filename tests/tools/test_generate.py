@@ -443,3 +443,44 @@ def test_adapters_recorded_on_different_precisions_need_quantization(tiny_model_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "different base precisions (q nf4, full none)" in result.stderr
     assert CliRunner().invoke(app, [*args, "--quantization", "nf4"]).exit_code == 0
+
+
+def test_generation_stops_at_a_position_table_instead_of_an_index_error(tmp_path):
+    """GPT-2 indexes a table of n_positions: `lorakit generate --max-new-tokens 100` (and `lorakit eval`'s default
+    64) past it ended in 'IndexError: index out of range in self' (exit 1). Now the new tokens are cut to what
+    the prompt (and a prompt-tuning adapter's virtual tokens) leaves, with a warning saying so; a prompt that
+    fills the table is exit 2."""
+    from peft import PeftModel, PromptTuningConfig
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorakit.models.checks import new_token_room
+    from lorakit.testing import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model_dir = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    adapter = build_random_adapter(model_dir, tmp_path / "prompt", PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4))
+    tuned = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), adapter)
+    with pytest.warns(UserWarning, match="100 new tokens cut to 55, what a prompt of 5 tokens and 4 virtual"):
+        assert new_token_room(tuned, 5, 100) == 55
+    with pytest.warns(UserWarning, match="100 new tokens cut to 59, what a prompt of 5 tokens leaves"):
+        assert new_token_room(tuned, 5, 100, adapter_on=False) == 59
+    assert new_token_room(tuned, 5, 50) == 50
+
+    runner = CliRunner()
+    for args in (["--use", "base"], []):
+        result = runner.invoke(app, ["generate", "--model", str(model_dir), "--adapter", f"tuned={adapter}", *args,
+                                     "--prompt", "1 2 3 4 5", "--max-new-tokens", "100", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["generate", "--model", str(model_dir), "--prompt", " ".join(["7"] * 80),
+                                 "--device", "cpu"])
+    assert result.exit_code == 2 and "fills the 64 positions this gpt2 model has" in result.output
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "Count", "input": "", "output": "1 2"}) + "\n")
+    result = runner.invoke(app, ["eval", str(adapter), "--data", str(rows), "--base-too", "-o",
+                                 str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
