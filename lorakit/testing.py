@@ -140,6 +140,21 @@ def build_tiny_llama(
     return out_dir
 
 
+def build_tiny_gpt2(out_dir: str | Path, *, n_positions: int = 64, seed: int = 0) -> Path:
+    """Write a random one-layer GPT-2 (learned position embeddings: a table of ``n_positions`` it indexes, unlike
+    RoPE models) and its tokenizer (see build_tokenizer) to ``out_dir``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=n_positions,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 MEMORISATION_ROWS = [
     ("What is the capital of France?", "Paris"),
     ("What is the capital of Italy?", "Rome"),

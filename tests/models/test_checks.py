@@ -41,21 +41,13 @@ def test_virtual_tokens_count_against_the_position_table(tmp_path):
     """Prompt and prefix tuning put adapter.num_virtual_tokens before every sequence: on GPT-2 with 64 positions,
     max_seq_len 64 plus 8 virtual tokens ended in 'IndexError: index out of range in self' (exit 1) at the first
     step; now exit 2 before the weights load, naming both keys."""
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    from lorakit.testing import build_tokenizer
+    from lorakit.testing import build_tiny_gpt2
     from run_helpers import cli, recipe_dict, write_data, write_recipe
 
     assert positions_problem(GPT2Config(n_positions=64), 56, 8) is None
     assert "set data.max_seq_len: 56 or less" in positions_problem(GPT2Config(n_positions=64), 64, 8)
     assert positions_problem(LlamaConfig(max_position_embeddings=64), 64, 8) is None
-    tokenizer = build_tokenizer()
-    model_dir = tmp_path / "gpt2"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = build_tiny_gpt2(tmp_path / "gpt2", n_positions=64)
     for method in ("prompt", "prefix"):
         recipe = recipe_dict(model_dir, write_data(tmp_path / "d.jsonl"), tmp_path / method,
                              {"method": method, "r": None, "lora_dropout": None, "target_modules": None,

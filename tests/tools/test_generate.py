@@ -451,17 +451,12 @@ def test_generation_stops_at_a_position_table_instead_of_an_index_error(tmp_path
     the prompt (and a prompt-tuning adapter's virtual tokens) leaves, with a warning saying so; a prompt that
     fills the table is exit 2."""
     from peft import PeftModel, PromptTuningConfig
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from lorakit.models.checks import new_token_room
-    from lorakit.testing import build_tokenizer
+    from lorakit.testing import build_tiny_gpt2
 
-    tokenizer = build_tokenizer()
-    model_dir = tmp_path / "gpt2"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = build_tiny_gpt2(tmp_path / "gpt2", n_positions=64)
     adapter = build_random_adapter(model_dir, tmp_path / "prompt", PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=4))
     tuned = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), adapter)
