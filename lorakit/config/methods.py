@@ -71,6 +71,13 @@ REGISTRY: dict[str, Method] = {
                          "adapter.dropout and adapter.scaling"),
 }
 
+# LoRA options whose forward is not W + s·B·A (or that train weights outside lora_A/B): merged output would differ,
+# so `lorakit merge` refuses such an adapter and a recipe with output.save: merged|both refuses them.
+UNSUPPORTED_LORA_OPTIONS = (
+    "use_qalora", "use_bdlora", "arrow_config", "velora_config", "kasa_config", "monteclora_config", "mica",
+    "alora_invocation_tokens", "layer_replication", "target_parameters",
+)
+
 # Views of the registry for the schema's validators and messages.
 METHODS = tuple(REGISTRY)
 METHOD_KEY_DEFAULTS = {name: m.key_defaults for name, m in REGISTRY.items()}

@@ -13,7 +13,8 @@ import yaml
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from lorakit.config.methods import (
-    _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, PREFERENCE_LORA_DROPOUT, is_lora_family,
+    _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, PREFERENCE_LORA_DROPOUT,
+    UNSUPPORTED_LORA_OPTIONS, is_lora_family,
 )
 from lorakit.config.schema_base import Section
 from lorakit.config.schema_train import (  # noqa: F401  (re-exported: the schema's public names)
@@ -415,6 +416,13 @@ class Recipe(Section):
             raise ValueError(
                 f"output.save: {self.output.save!r} needs a mergeable adapter.method ({', '.join(MERGEABLE_METHODS)});"
                 f" {self.adapter.method} adds computation the base weights cannot absorb: use output.save: adapter"
+            )
+        options = [f"adapter.{k}" for k in UNSUPPORTED_LORA_OPTIONS if (self.adapter.model_extra or {}).get(k)]
+        if self.output.save != "adapter" and options:  # else the merge at the end fails after the whole run
+            raise ValueError(
+                f"output.save: {self.output.save!r} cannot merge an adapter trained with {', '.join(options)} (that "
+                "LoRA variant is not a plain weight update, so `lorakit merge` refuses it); use output.save: adapter "
+                "and serve it with `lorakit generate --adapter DIR/adapter`"
             )
         return self
 

@@ -25,7 +25,7 @@ from lorakit.adapters.files import (Adapter, check_recorded_base, find_adapter_d
                                    resolve_base, serving_remedy)
 from lorakit.adapters.inits import RESIDUAL_ADAPTER
 from lorakit.atomic import fsync_files
-from lorakit.config.methods import saved_method
+from lorakit.config.methods import UNSUPPORTED_LORA_OPTIONS, saved_method
 from lorakit.data.stop_tokens import GENERATION_CONFIG, write_generation_config
 from lorakit.errors import CheckpointError, UsageError
 from lorakit.merge.plan import MergePlan, OutTensor, meta_model, plan_merge
@@ -45,11 +45,6 @@ BASE_PRECISIONS = ("original", "dequantized")
 VERIFY_MAX_PARAMS = 2_000_000_000  # --verify is on by default below this size (it loads the model twice)
 PROVENANCE_FILE = "lorakit_merge.json"
 
-# LoRA options whose forward is not W + s·B·A (or that train weights outside lora_A/B): merged output would differ.
-UNSUPPORTED_LORA_OPTIONS = (
-    "use_qalora", "use_bdlora", "arrow_config", "velora_config", "kasa_config", "monteclora_config", "mica",
-    "alora_invocation_tokens", "layer_replication", "target_parameters",
-)
 
 
 @dataclass

@@ -280,6 +280,16 @@ def test_non_mergeable_methods_cannot_save_merged(tiny_model_dir):
     assert problem.startswith("data.packing: not possible with adapter.method prompt")
 
 
+@pytest.mark.parametrize("option", [{"layer_replication": [[0, 2], [1, 2]]}, {"use_qalora": True}])
+def test_lora_variants_merge_refuses_cannot_save_merged(tiny_model_dir, option):
+    """output.save: merged with a LoRA variant `lorakit merge` refuses trained the whole run and then failed at the
+    merge (exit 2, the adapter saved); now the recipe is refused at validation."""
+    adapter = {"method": "lora", "target_modules": ["q_proj", "v_proj"], **option}
+    [problem] = recipe_problems(tiny_model_dir, adapter, output={"save": "both"})
+    assert problem.startswith(f"output.save: 'both' cannot merge an adapter trained with adapter.{next(iter(option))}")
+    assert make_recipe(tiny_model_dir, adapter).output.save == "adapter"
+
+
 @pytest.mark.parametrize("adapter,message", [
     ({"method": "lora", "target_modules": ["qproj", "v_proj"]},
      "adapter.target_modules: 'qproj' matches no module (did you mean q_proj?); linear modules are q_proj, k_proj, "
