@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from lorakit.config.methods import REGISTRY
+from lorakit.config.methods import REGISTRY, UNSUPPORTED_LORA_OPTIONS
 from lorakit.errors import CheckpointError
 from lorakit.export.target import display_name
 from lorakit.paths import is_gguf
@@ -120,6 +120,14 @@ def warn_if_not_servable(section, say: Callable[[str], None]) -> None:
     targets = section.target_modules
     modules = {t.rsplit(".", 1)[-1] for t in targets} if isinstance(targets, list) else None  # regex: unknown yet
     problems = vllm_problems(config, modules)
-    if problems:
-        say("warning: vLLM will not serve this adapter as saved (" + "; ".join(problems) + "); llama.cpp/Ollama "
-            "and transformers will, and `lorakit merge` gives a model vLLM serves. See docs/serving.md")
+    if not problems:
+        return
+    method = REGISTRY[section.method]
+    options = [k for k in UNSUPPORTED_LORA_OPTIONS if config.get(k)]
+    if method.mergeable and not options:
+        then = "llama.cpp/Ollama and transformers will, and `lorakit merge` gives a model vLLM serves"
+    else:  # nothing merges it, so neither a merged model nor a GGUF file can hold it
+        why = method.not_mergeable or f"{', '.join(options)}: not a plain weight update"
+        then = (f"nor will a merged model or llama.cpp/Ollama ({why}); `lorakit generate` and `lorakit eval` load it "
+                "beside its base")
+    say(f"warning: vLLM will not serve this adapter as saved ({'; '.join(problems)}); {then}. See docs/serving.md")

@@ -341,6 +341,21 @@ def test_train_warns_at_start_when_vllm_cannot_serve_the_adapter(tiny_model_dir,
     assert "vLLM" not in cli("train", write_recipe(tmp_path / "r2.yaml", plain)).output
 
 
+@pytest.mark.parametrize("adapter", [{"method": "prefix", "num_virtual_tokens": 4}, {"method": "prompt",
+                                     "num_virtual_tokens": 4}, {"method": "bottleneck"}])
+def test_the_start_warning_sends_an_unmergeable_adapter_to_generate_not_to_merge(adapter):
+    """The warning told prefix/prompt/bottleneck runs that llama.cpp/Ollama would serve the adapter and that
+    `lorakit merge` gives a model vLLM serves; merge and GGUF export refuse all three."""
+    from lorakit.config.schema import AdapterSection
+    from lorakit.export.vllm import warn_if_not_servable
+
+    said = []
+    warn_if_not_servable(AdapterSection(**adapter), said.append)
+    [line] = said
+    assert "vLLM will not serve this adapter" in line and "lorakit merge` gives" not in line
+    assert "nor will a merged model or llama.cpp/Ollama" in line and "`lorakit generate`" in line
+
+
 def test_export_guards_its_output_like_every_other_command(llama3_dir, tmp_path):
     """--overwrite moves the old file aside (never replaced in place), an output inside the model folder is
     refused (exit 5), and a second process on the same output is refused while the first holds its lock."""
