@@ -111,8 +111,22 @@ def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: boo
         token_rows = token_indices(model, trainable_token_ids(tokenizer, tokens_to_train(recipe)))
     if recipe.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path,
-                         token_rows=token_rows)
+    model = apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path,
+                          token_rows=token_rows)
+    if recipe.output.save != "adapter" and (recipe.adapter.model_extra or {}).get("lora_bias"):
+        check_bias_mergeable(model, recipe.output.save)
+    return model
+
+
+def check_bias_mergeable(model, save: str) -> None:
+    """adapter.lora_bias on a layer without a bias trains a bias the merge has nowhere to put: with output.save
+    merged/both the run would fail at its end (lorakit merge refuses it), so it is exit 2 before training."""
+    for name, module in model.named_modules():
+        if any(getattr(module, "lora_bias", {}).values()) and module.get_base_layer().bias is None:
+            short = name.removeprefix("base_model.model.")
+            raise UsageError(f"adapter.lora_bias: {short} has no bias in the base model, so the bias lora_bias trains "
+                             f"cannot be merged into it (output.save: {save}); set output.save: adapter, or remove "
+                             "adapter.lora_bias")
 
 
 def load_adapter(base_model, adapter_dir, is_trainable: bool = False):

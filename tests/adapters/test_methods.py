@@ -492,3 +492,18 @@ def test_run_training_each_kind(adapter, quant, optimizer, tiny_model_dir, tmp_p
     base_logits = logits(base)
     trained = logits(load_adapter(base, run / "adapter"))
     assert trained.isfinite().all() and not torch.equal(trained, base_logits)
+
+
+def test_lora_bias_on_a_bias_less_layer_cannot_save_merged(tiny_model_dir, tmp_path):
+    """adapter.lora_bias on Llama's bias-less projections with output.save: merged trained the whole run and then
+    failed at the merge (exit 4: 'has a LoRA bias but the base layer has no bias'); now exit 2 before training.
+    Qwen2's q/k/v carry a bias, so there the bias merges and the recipe builds."""
+    from lorakit.testing import build_tiny_llama
+
+    adapter = {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "lora_bias": True}
+    with pytest.raises(UsageError, match=r"adapter.lora_bias: model.layers.0.self_attn.q_proj has no bias .*"
+                                         r"\(output.save: merged\); set output.save: adapter"):
+        build_model(make_recipe(tiny_model_dir, adapter, output={"save": "merged"}))
+    assert build_model(make_recipe(tiny_model_dir, adapter)) is not None  # the adapter alone: PEFT trains it
+    qwen2 = build_tiny_llama(tmp_path / "qwen2", architecture="qwen2")
+    assert build_model(make_recipe(qwen2, adapter, output={"save": "both"})) is not None
