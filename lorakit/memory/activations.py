@@ -126,7 +126,10 @@ def activations(p: ModelProfile, s: Settings) -> tuple[Line, int]:
     by_layer: dict[int, list] = {}
     for m in p.lora_modules if s.method != "full" else ():
         by_layer.setdefault(m.layer, []).append(m)
-    flowing, layers = s.method == "full", []
+    # Without LoRA modules to find, gradients flow from the first layer: IA3 scales k/v in every layer, bottleneck
+    # blocks follow every sublayer, prefix keys/values join every attention, prompt embeddings enter before layer 0.
+    # Each layer then keeps its activations as under LoRA (the adapters' own small tensors are not modelled).
+    flowing, layers = s.method == "full" or p.adapter_method not in ("lora", "dora"), []
     for i in range(g.layers):
         parts, flowing = layer_saved(p, s, by_layer.get(i, []), flowing)
         layers.append(parts)
