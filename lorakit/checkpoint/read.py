@@ -124,13 +124,15 @@ def select_checkpoint(root: Path, explicit: Path | None, say: Callable[[str], No
     return found
 
 
-def set_aside_newer(root: Path, step: int, say: Callable[[str], None]) -> None:
-    """Resuming from an older checkpoint: move newer step dirs out of the way (kept, never resumed from)."""
-    newer = [p for s, p in list_checkpoints(root) if s > step]
+def set_aside_newer(root: Path, step: int, say: Callable[[str], None], finished: list[Path] = ()) -> None:
+    """Resuming from an older checkpoint: move newer step dirs out of the way (kept, never resumed from), and
+    ``finished``: a finished run's outputs (DIR/adapter, DIR/merged, eval.json) the resumed run would replace
+    with different ones."""
+    newer = [p for s, p in list_checkpoints(root) if s > step] + [p for p in finished if p.exists()]
     if not newer:
         return
     aside = root / time.strftime("superseded-%Y%m%d-%H%M%S")
-    aside.mkdir(exist_ok=True)
+    aside.mkdir(parents=True, exist_ok=True)
     for path in newer:
         path.rename(aside / path.name)
     say(f"moved {', '.join(p.name for p in newer)} to {aside} (newer than the checkpoint resumed from)")

@@ -396,7 +396,9 @@ def resume_state(checkpoint, changed: bool, accelerator, model, optimizer, sched
         rank=accelerator.process_index, changed=changed,
     )
     if accelerator.is_main_process:
-        set_aside_newer(paths.checkpoints, checkpoint.step, say)
+        # Under a changed recipe the finished run's outputs would be replaced by different ones: kept aside.
+        finished = [paths.adapter, paths.merged, paths.root / "eval.json"] if changed else []
+        set_aside_newer(paths.checkpoints, checkpoint.step, say, finished)
         truncate_metrics(paths.metrics, checkpoint.state.get("metrics_bytes", 0), say)
     accelerator.wait_for_everyone()
     say(f"resuming from {checkpoint.path} at step {start.step}")

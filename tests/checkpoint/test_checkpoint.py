@@ -16,7 +16,7 @@ from lorakit.checkpoint import format as fmt
 from lorakit.checkpoint import read, resume, write
 from lorakit.faults import CHECKPOINT_FAULT_ENV
 from lorakit.errors import CheckpointError, NonFiniteLossError
-from run_helpers import cli, recipe_dict, training_records, tree_hash, write_data, write_recipe
+from run_helpers import adapter_hash, cli, recipe_dict, training_records, tree_hash, write_data, write_recipe
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,12 +310,20 @@ def test_resume_refusals(run, tmp_path):
 
 
 def test_resume_with_allowed_recipe_change(run):
+    """A finished run resumed under a changed recipe replaced its DIR/adapter with the new run's, and kept the old
+    eval.json beside it; both are now moved aside with the superseded checkpoints (an unchanged resume rewrites the
+    same bytes and moves nothing)."""
     recipe, out = run(max_steps=4, save_every=2)
     assert cli("train", recipe).exit_code == 0
+    finished = adapter_hash(out / "adapter")
+    (out / "eval.json").write_text("{}")
     result = cli("train", recipe, "--resume", "--allow-recipe-change", "--set", "train.max_steps=5")
     assert result.exit_code == 0, result.output
     assert "changed settings" in result.output and "train.max_steps: 4 → 5" in result.output
     assert [r["step"] for r in training_records(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    [aside] = (out / "checkpoints").glob("superseded-*")
+    assert adapter_hash(aside / "adapter") == finished != adapter_hash(out / "adapter")
+    assert (aside / "eval.json").read_text() == "{}" and not (out / "eval.json").exists()
 
 
 def test_resume_past_the_new_last_step_is_refused(run):
