@@ -75,6 +75,7 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
         changes.append(f"world size (processes): {saved_world} → {world_size}")
     if not changes:
         return False
+    _check_same_optimizer_state(ckpt, old, recipe)
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     if not allow_change:
         why = "".join(f" ({reason})" for key, reason in WHY_FIXED.items()
@@ -86,6 +87,25 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
         )
     say(f"resuming under changed settings (--allow-recipe-change): {shown}")
     return True
+
+
+# Optimizers whose saved state loads into each other: bitsandbytes' paged AdamW is its AdamW8bit with paged buffers.
+_STATE_KINDS = {"adamw": "torch AdamW", "adamw_8bit": "bitsandbytes 8-bit AdamW",
+                "paged_adamw_8bit": "bitsandbytes 8-bit AdamW"}
+
+
+def _check_same_optimizer_state(ckpt: Checkpoint, old, recipe) -> None:
+    """train.optimizer changed to one whose state the checkpoint's does not load into: exit 4 before anything
+    loads, with what to do (--allow-recipe-change cannot help; the load would fail after the model is built)."""
+    then = old.get("train", {}).get("optimizer") if isinstance(old, dict) else None
+    now = recipe.train.optimizer
+    if then is None or _STATE_KINDS.get(then, then) == _STATE_KINDS.get(now, now):
+        return
+    raise CheckpointError(
+        f"{ckpt.path}: train.optimizer: {then} → {now}: the checkpoint holds {_STATE_KINDS.get(then, then)} state, "
+        f"which {now} cannot continue from, even with --allow-recipe-change; resume with train.optimizer: {then}, "
+        "or start a new run from the checkpoint's adapter (adapter.init_from: CHECKPOINT/adapter, lora/dora)"
+    )
 
 
 def check_steps_left(ckpt: Checkpoint, total_steps: int, train) -> None:

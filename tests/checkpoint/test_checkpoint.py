@@ -326,6 +326,20 @@ def test_resume_with_allowed_recipe_change(run):
     assert (aside / "eval.json").read_text() == "{}" and not (out / "eval.json").exists()
 
 
+def test_resume_with_another_optimizers_state_is_refused_before_loading(run):
+    """train.optimizer adamw → adamw_8bit under --allow-recipe-change loaded the model and then failed on the state
+    ('param_groups.0.amsgrad'; 'the checkpoint is foreign, or train.optimizer changed'), and without the flag the
+    refusal advised the flag; now one exit 4 before anything loads, naming both optimizers and what to do."""
+    recipe, out = run(max_steps=4, save_every=2)
+    assert cli("train", recipe).exit_code == 0
+    before = tree_hash(out)
+    for flags in ([], ["--allow-recipe-change"]):
+        result = cli("train", recipe, "--resume", *flags, "--set", "train.optimizer=adamw_8bit")
+        assert result.exit_code == 4, result.output
+        assert "train.optimizer: adamw → adamw_8bit: the checkpoint holds torch AdamW state" in result.output
+        assert "loading model" not in result.output and tree_hash(out) == before
+
+
 def test_resume_past_the_new_last_step_is_refused(run):
     """train.max_steps lowered below the checkpoint's step under --allow-recipe-change saved the step-4 adapter as
     a finished 2-step run (exit 0); now exit 4 naming the key, the run directory untouched. Equal is fine: the
