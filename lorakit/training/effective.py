@@ -114,6 +114,13 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
             Setting("dropout", _dropout(dropout, model) + _dropout_default(recipe), ("adapter.lora_dropout",)),
             Setting("DoRA magnitude vectors", str(magnitudes), ()),
         ]
+    elif ia3 := [(n, m) for n, m in model.named_modules() if "default" in getattr(m, "ia3_l", {})]:
+        # target_modules null picks PEFT's per-architecture modules: the line says which those were
+        short = Counter(n.rsplit(".", 1)[-1] for n, _ in ia3)
+        scaled_input = sorted({n.rsplit(".", 1)[-1] for n, m in ia3 if m.is_feedforward})
+        lines.append(Setting("modules adapted", f"{len(ia3)}: " + ", ".join(f"{k} ×{v}" for k, v in short.items())
+                             + f"; input scaled (feedforward): {', '.join(scaled_input) or 'none'}",
+                             ("adapter.target_modules",)))
     elif section.method == "bottleneck":
         dropout = sorted({m.dropout.p for m in model.modules() if isinstance(m, BottleneckAdapter)})
         lines += [Setting("bottleneck", f"width {section.r}", ("adapter.r",)),

@@ -103,3 +103,18 @@ def test_explain_names_a_damaged_run_json_in_one_line(tmp_path, content, needle)
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and "rerun the training" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ia3_line_names_the_modules_peft_chose(tiny_model_dir):
+    """IA3 with target_modules null takes PEFT's per-architecture modules; the block had no line saying which
+    (only LoRA layers were looked for)."""
+    from lorakit.adapters.build import build_model
+    from lorakit.adapters.inits import InitRecord
+    from lorakit.training.effective import _adapter_lines
+
+    recipe = parse_recipe(recipe_dict(tiny_model_dir, "unused.jsonl", "unused", adapter={
+        "method": "ia3", "r": None, "lora_dropout": None, "target_modules": None}))
+    lines = {s.label: s for s in _adapter_lines(recipe, build_model(recipe), InitRecord())}
+    assert lines["modules adapted"].value == ("6: k_proj ×2, v_proj ×2, down_proj ×2; input scaled (feedforward): "
+                                              "down_proj")
+    assert lines["modules adapted"].keys == ("adapter.target_modules",)
