@@ -326,6 +326,11 @@ def validate_adapter_extras(adapter: AdapterSection, tokenizer_path: str | None 
         for key in _REQUIRED.get(adapter.method, ())
         if key not in extras
     ]
+    count = extras.get("num_virtual_tokens")
+    if "num_virtual_tokens" in _REQUIRED.get(adapter.method, ()) and count is not None and (
+            type(count) is not int or count < 1):  # 0 trains nothing: an adapter without a parameter
+        problems.append(f"adapter.num_virtual_tokens: must be a positive integer (the virtual tokens method "
+                        f"{adapter.method} learns), got {count!r}")
     if not extras:
         return problems  # keeps `lorakit validate` free of the peft (and torch) import for plain recipes
     import dataclasses

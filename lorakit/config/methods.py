@@ -233,6 +233,9 @@ class BottleneckConfig:
             )
         if not 0 <= self.dropout < 1:
             raise OptionError(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool) or self.scaling == 0:
+            raise OptionError(f"adapter.scaling: a nonzero number (the adapter's output is multiplied by it: 0 "
+                              f"leaves the base model and trains nothing), got {self.scaling!r}")
         if not self.placement or any(p not in PLACEMENTS for p in self.placement):
             raise OptionError(
                 f"adapter.placement: a non-empty list of {', '.join(PLACEMENTS)}, got {self.placement!r}"

@@ -507,3 +507,16 @@ def test_lora_bias_on_a_bias_less_layer_cannot_save_merged(tiny_model_dir, tmp_p
     assert build_model(make_recipe(tiny_model_dir, adapter)) is not None  # the adapter alone: PEFT trains it
     qwen2 = build_tiny_llama(tmp_path / "qwen2", architecture="qwen2")
     assert build_model(make_recipe(qwen2, adapter, output={"save": "both"})) is not None
+
+
+@pytest.mark.parametrize("adapter,message", [
+    ({"method": "prefix", "num_virtual_tokens": 0}, "adapter.num_virtual_tokens: must be a positive integer"),
+    ({"method": "prompt", "num_virtual_tokens": -3}, "adapter.num_virtual_tokens: must be a positive integer"),
+    ({"method": "bottleneck", "scaling": 0}, "adapter.scaling: a nonzero number"),
+])
+def test_adapters_that_would_train_nothing_are_refused(tiny_model_dir, adapter, message):
+    """num_virtual_tokens 0 built an adapter of 0 parameters and bottleneck scaling 0 one whose output vanishes: both
+    trained a whole run at grad_norm 0 and saved an adapter equal to the base (exit 0), as lora_alpha 0 or
+    learning_rate 0 would, which were already refused."""
+    [problem] = recipe_problems(tiny_model_dir, adapter)
+    assert problem.startswith(message), problem
