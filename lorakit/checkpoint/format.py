@@ -64,6 +64,7 @@ COSMETIC_KEYS = frozenset({
     "output.dir", "output.save", "output.tensorboard", "output.report_to",
     "train.log_every", "train.eval_every", "train.save_every", "train.save_each_epoch", "train.keep_last",
     "train.ddp_timeout",
+    "data.num_proc", "data.cache",  # how the data is tokenized, not what: the data fingerprint checks the content
 })
 
 

@@ -250,6 +250,10 @@ def test_recipe_changes_name_keys_and_skip_cosmetic():
     old = {"train": {"learning_rate": 1e-3, "log_every": 1}, "output": {"dir": "a", "report_to": []}}
     new = {"train": {"learning_rate": 2e-3, "log_every": 5}, "output": {"dir": "b", "report_to": ["mlflow"]}}
     assert resume.recipe_changes(old, new) == ["train.learning_rate: 0.001 → 0.002"]
+    # How the data is tokenized (processes, the cache) changes no example: the data fingerprint checks the content.
+    # A resume on a machine with fewer CPUs (data.num_proc: 2) was refused as a change of the result.
+    before, after = {"data": {"num_proc": None, "cache": True}}, {"data": {"num_proc": 2, "cache": False}}
+    assert resume.recipe_changes(before, after) == []
 
 
 # ----------------------------------------------------------------------------------------------------------
