@@ -385,7 +385,7 @@ CASES: list[tuple[str, int, Callable[[Ctx], list], tuple[str, ...]]] = [
         rehash=True)),
      ("adapter/adapter_model.safetensors is not in manifest.json",)),
     ("adapter-wrong-base-resume", 4,
-     lambda c: ["train", c.recipe({"model.name_or_path": str(c.other_model)}), "--resume",
+     lambda c: ["train", c.recipe({"model.name_or_path": str(c.other_model), "train.max_steps": 6}), "--resume",
                 c.run / "checkpoints" / "step-000004", "--allow-recipe-change"],
      ("does not fit this model", "the recipe that wrote it")),
     ("adapter-pickle-merge", 5, lambda c: ["merge", _pickle_adapter(c), "--output", c.out],
