@@ -61,7 +61,8 @@ from lorakit.training.trackers import (
 ADAPTER_STATE_BYTES = 16
 
 
-def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = False,
+                     resume_from: Path | None = None) -> None:
     """A directory holding something is written into only to continue its run (--resume) or, when lorakit wrote
     it, to replace it (--overwrite moves the old run aside at the first write; nothing is deleted). Called under
     the run's lock, after publish.check_output."""
@@ -69,6 +70,12 @@ def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = Fals
         raise SafetyError(f"output.dir: {str(root)!r} is a file; choose a directory with --output-dir")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the run, --overwrite replaces it")
+    # Another run's checkpoint continued into this one would replace its adapter and recipe and cut its metrics.
+    if resume_from is not None and root.is_dir() and any(root.iterdir()) and not Path(
+            os.path.realpath(resume_from)).is_relative_to(root):
+        raise SafetyError(f"--resume {resume_from}: a checkpoint of another run, and output.dir {str(root)!r} holds a "
+                          "run of its own that continuing into it would overwrite; resume in the checkpoint's run "
+                          "(its --output-dir), or continue into a new --output-dir")
     if not resume:
         check_replaceable("output.dir", root, overwrite, "run", also="continue it with --resume, ",
                           elsewhere="choose another --output-dir")
@@ -152,7 +159,7 @@ def run_training(
         root = check_output("output.dir", recipe.output.dir, run_inputs(recipe, recipe_file, resume))
     with OutputLock(root, console(main), "output.dir") if main else nullcontext():
         if main:
-            check_output_dir(root, resume=resume, overwrite=overwrite)
+            check_output_dir(root, resume=resume, overwrite=overwrite, resume_from=resume_from)
         return _train(recipe, RunPaths(root), allow_pickle=allow_pickle, resume=resume, resume_from=resume_from,
                       allow_recipe_change=allow_recipe_change, overwrite=overwrite, resume_command=resume_command)
 

@@ -344,6 +344,23 @@ def test_resume_with_another_optimizers_state_is_refused_before_loading(run):
         assert "loading model" not in result.output and tree_hash(out) == before
 
 
+def test_another_runs_checkpoint_is_not_continued_into_a_run(run, tmp_path):
+    """`--resume A/checkpoints/step-N --output-dir B` with B a finished run of its own replaced B's adapter and
+    recipe.yaml and cut B's metrics.jsonl to A's length at step N (exit 0); now exit 5 with B untouched. Into a new
+    directory it still continues A's run there (a fork)."""
+    recipe, a = run(max_steps=4, save_every=2)
+    assert cli("train", recipe).exit_code == 0
+    b = tmp_path / "b"
+    assert cli("train", recipe, "--output-dir", b, "--set", "train.learning_rate=0.002").exit_code == 0
+    before = tree_hash(b)
+    result = cli("train", recipe, "--output-dir", b, "--resume", a / "checkpoints" / "step-000002")
+    assert result.exit_code == 5 and "a checkpoint of another run" in result.output, result.output
+    assert tree_hash(b) == before
+    fork = cli("train", recipe, "--output-dir", tmp_path / "c", "--resume", a / "checkpoints" / "step-000002")
+    assert fork.exit_code == 0, fork.output
+    assert adapter_hash(tmp_path / "c" / "adapter") == adapter_hash(a / "adapter")
+
+
 def test_resume_past_the_new_last_step_is_refused(run):
     """train.max_steps lowered below the checkpoint's step under --allow-recipe-change saved the step-4 adapter as
     a finished 2-step run (exit 0); now exit 4 naming the key, the run directory untouched. Equal is fine: the
