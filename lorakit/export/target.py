@@ -51,7 +51,9 @@ def plain_lora_only(path: Path, config: dict) -> str:
     if config.get("peft_type") == "LORA" and not config.get("use_dora"):
         return ""
     method = saved_method(config.get("peft_type"))
-    why = f"{path}: a {method_name(config)} adapter; llama.cpp's LoRA files hold plain LoRA only"
+    name = method_name(config)
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    why = f"{path}: {article} {name} adapter; llama.cpp's LoRA files hold plain LoRA only"
     if method is not None and not method.mergeable:
         return f"{why}, and {method.not_mergeable}, so no GGUF can hold it; {serving_remedy(path)}"
     return f"{why}. Export the merged model instead: lorakit export {path} --format gguf -o FILE.gguf"
