@@ -71,8 +71,10 @@ def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = Fals
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the run, --overwrite replaces it")
     # Another run's checkpoint continued into this one would replace its adapter and recipe and cut its metrics.
-    if resume_from is not None and root.is_dir() and any(root.iterdir()) and not Path(
-            os.path.realpath(resume_from)).is_relative_to(root):
+    # (A missing checkpoint is select_checkpoint's to report: exit 4.)
+    foreign = resume_from is not None and Path(resume_from).is_dir() and not Path(
+        os.path.realpath(resume_from)).is_relative_to(root)
+    if foreign and root.is_dir() and any(root.iterdir()):
         raise SafetyError(f"--resume {resume_from}: a checkpoint of another run, and output.dir {str(root)!r} holds a "
                           "run of its own that continuing into it would overwrite; resume in the checkpoint's run "
                           "(its --output-dir), or continue into a new --output-dir")
