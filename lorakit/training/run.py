@@ -70,17 +70,35 @@ def check_output_dir(root: Path, *, resume: bool = False, overwrite: bool = Fals
         raise SafetyError(f"output.dir: {str(root)!r} is a file; choose a directory with --output-dir")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the run, --overwrite replaces it")
-    # Another run's checkpoint continued into this one would replace its adapter and recipe and cut its metrics.
-    # (A missing checkpoint is select_checkpoint's to report: exit 4.)
-    foreign = resume_from is not None and Path(resume_from).is_dir() and not Path(
-        os.path.realpath(resume_from)).is_relative_to(root)
-    if foreign and root.is_dir() and any(root.iterdir()):
-        raise SafetyError(f"--resume {resume_from}: a checkpoint of another run, and output.dir {str(root)!r} holds a "
-                          "run of its own that continuing into it would overwrite; resume in the checkpoint's run "
-                          "(its --output-dir), or continue into a new --output-dir")
+    if resume_from is not None:
+        check_same_run(root, Path(resume_from))
     if not resume:
         check_replaceable("output.dir", root, overwrite, "run", also="continue it with --resume, ",
                           elsewhere="choose another --output-dir")
+
+
+def check_same_run(root: Path, checkpoint: Path) -> None:
+    """--resume PATH from outside output.dir (a copy, or another run's checkpoint): a run already in output.dir
+    must have been trained with the checkpoint's recipe, else continuing into it would replace its adapter and
+    recipe.yaml and cut its metrics.jsonl to the other run's (exit 5). A missing checkpoint is select_checkpoint's
+    to report (exit 4)."""
+    import yaml
+
+    from lorakit.checkpoint.format import RECIPE
+    from lorakit.checkpoint.resume import recipe_changes
+
+    here = root / "recipe.yaml"
+    if not checkpoint.is_dir() or Path(os.path.realpath(checkpoint)).is_relative_to(root) or not here.is_file():
+        return
+    try:
+        changes = recipe_changes(yaml.safe_load((checkpoint / RECIPE).read_text()) or {},
+                                 yaml.safe_load(here.read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # a damaged checkpoint: verify_checkpoint names it
+    if changes:
+        raise SafetyError(f"--resume {checkpoint}: output.dir {str(root)!r} holds a run with another recipe "
+                          f"({'; '.join(changes[:3])}), which continuing this checkpoint into it would overwrite; "
+                          "resume in the checkpoint's own run (its --output-dir), or into a new --output-dir")
 
 
 def run_inputs(recipe: Recipe, recipe_file: Path | None, resume: bool) -> dict[str, str | None]:

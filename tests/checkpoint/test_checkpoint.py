@@ -347,14 +347,16 @@ def test_resume_with_another_optimizers_state_is_refused_before_loading(run):
 def test_another_runs_checkpoint_is_not_continued_into_a_run(run, tmp_path):
     """`--resume A/checkpoints/step-N --output-dir B` with B a finished run of its own replaced B's adapter and
     recipe.yaml and cut B's metrics.jsonl to A's length at step N (exit 0); now exit 5 with B untouched. Into a new
-    directory it still continues A's run there (a fork)."""
+    directory it still continues A's run there (a fork), and a copy of a run's own checkpoint (same recipe) still
+    resumes into it (tests/cli/test_bad_inputs.py resumes damaged copies)."""
     recipe, a = run(max_steps=4, save_every=2)
     assert cli("train", recipe).exit_code == 0
     b = tmp_path / "b"
     assert cli("train", recipe, "--output-dir", b, "--set", "train.learning_rate=0.002").exit_code == 0
     before = tree_hash(b)
     result = cli("train", recipe, "--output-dir", b, "--resume", a / "checkpoints" / "step-000002")
-    assert result.exit_code == 5 and "a checkpoint of another run" in result.output, result.output
+    assert result.exit_code == 5, result.output
+    assert "holds a run with another recipe (train.learning_rate: 0.001 → 0.002)" in result.output
     assert tree_hash(b) == before
     fork = cli("train", recipe, "--output-dir", tmp_path / "c", "--resume", a / "checkpoints" / "step-000002")
     assert fork.exit_code == 0, fork.output
