@@ -199,7 +199,9 @@ def _check_shapes(adapter: Adapter, update: ModuleUpdate, stored: tuple, bias: S
                 f"base weight {update.module} ({out_f} out x {in_f} in); was the adapter trained on another model?"
             )
     if "B_bias" in p and bias is None:
-        raise CheckpointError(f"{adapter.path}: {update.module} has a LoRA bias but the base layer has no bias")
+        raise UsageError(f"{adapter.path}: {update.module} has a LoRA bias (lora_bias) but the base layer has none, "
+                         "so a merged model has nowhere to put it (or --base is not the model it was trained on); "
+                         f"serve the adapter with `lorakit generate --adapter {adapter.path}`")
 
 
 def _output_embedding_name(model) -> str:

@@ -507,6 +507,16 @@ def test_lora_bias_on_a_bias_less_layer_cannot_save_merged(tiny_model_dir, tmp_p
     assert build_model(make_recipe(tiny_model_dir, adapter)) is not None  # the adapter alone: PEFT trains it
     qwen2 = build_tiny_llama(tmp_path / "qwen2", architecture="qwen2")
     assert build_model(make_recipe(qwen2, adapter, output={"save": "both"})) is not None
+    # Such an adapter saved alone: `lorakit merge` refused it as a damaged adapter (exit 4) with no way forward
+    from peft import LoraConfig
+
+    from lorakit.testing import build_random_adapter
+
+    saved = build_random_adapter(tiny_model_dir, tmp_path / "biased", LoraConfig(
+        r=4, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False))
+    result = cli("merge", saved, "-o", tmp_path / "merged")
+    assert result.exit_code == 2 and "has a LoRA bias (lora_bias) but the base layer has none" in result.output
+    assert "lorakit generate --adapter" in result.output and not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("adapter,message", [
