@@ -18,7 +18,7 @@ from lorakit.data.formats import IGNORE_INDEX, Example, answer_of, num_targets, 
 from lorakit.data.pipeline import fit_length, split_eval, train_sources
 from lorakit.data.sources import BadRowError, Row, read_rows
 from lorakit.errors import DataError, UsageError
-from lorakit.models.checks import new_token_room
+from lorakit.models.checks import new_token_room, position_limit
 
 
 @dataclass
@@ -68,8 +68,12 @@ def last_response_start(labels: list[int]) -> int:
 
 
 def check_new_tokens(model, max_new_tokens: int) -> None:
-    """Exit 2 when --max-new-tokens alone reaches past the model's context (max_position_embeddings, prompt
-    included): transformers would only warn and generate past the positions the model was trained on."""
+    """Exit 2 when --max-new-tokens alone reaches past the context of a model that computes any position (RoPE:
+    max_position_embeddings, the prompt included), where transformers would only warn and generate past the
+    positions the model was trained on. A model with a table of positions has the new tokens cut to it instead
+    (new_token_room): past the table there is nothing to compute."""
+    if position_limit(model.config) is not None:
+        return
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and max_new_tokens >= context:
