@@ -57,14 +57,17 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     # model.double_quant without a 4-bit base, which the recipe now may not set.
     unused = {c.key for c in inapplicable(recipe)}
     old: Any = {}
+    recorded = None
     try:
         old = yaml.safe_load(ckpt.recipe_text) or {}
-        old = parse_recipe(old, recorded=True)  # recorded: what ran, not refused for keys without effect
-        unused |= {c.key for c in inapplicable(old)}
-        old = old.model_dump(mode="json")  # fills keys added since the checkpoint with defaults
+        recorded = parse_recipe(old, recorded=True)  # recorded: what ran, not refused for keys without effect
+        unused |= {c.key for c in inapplicable(recorded)}
+        old = recorded.model_dump(mode="json")  # fills keys added since the checkpoint with defaults
     except (RecipeError, yaml.YAMLError, AttributeError):
         pass  # compare what is there; every difference is listed
     changes = recipe_changes(old if isinstance(old, dict) else {}, recipe.model_dump(mode="json"), unused)
+    if changes and recorded is not None and _keep_recorded_defaults(recipe, recorded, changes, say):
+        changes = []
     if fsdp and ckpt.manifest.get("format_version", 1) < 2:
         raise CheckpointError(
             f"{ckpt.path}: written by an older lorakit, with the optimizer state keyed by index, which FSDP cannot "
@@ -119,6 +122,33 @@ def check_steps_left(ckpt: Checkpoint, total_steps: int, train) -> None:
         f"{ckpt.path}: written after step {ckpt.step}, past this recipe's last step {total_steps} ({key}); nothing "
         f"is left to train: raise {raise_it}, or resume from an earlier checkpoint (--resume PATH)"
     )
+
+
+def _keep_recorded_defaults(recipe, recorded, changes: list[str], say) -> bool:
+    """When every change is a key the recipe leaves to its default and that default changed since the checkpoint
+    was written (an upgrade of lorakit: DPO's LoRA dropout went from 0.05 to 0), continue with the checkpoint's
+    values, set on ``recipe`` in place, one line each; True if so. A key the recipe sets stays a change."""
+    keys = [change.split(": ", 1)[0] for change in changes]
+    if not all(_left_to_default(recipe, key) for key in keys):
+        return False
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(recorded, section), name)
+        say(f"resuming with the checkpoint's {key}: {value!r}; the recipe leaves it to its default, which is "
+            f"{getattr(getattr(recipe, section), name)!r} in this lorakit (set it in the recipe to change it, with "
+            "--allow-recipe-change)")
+        setattr(getattr(recipe, section), name, value)  # as validated then (sections do not validate assignment)
+    return True
+
+
+def _left_to_default(recipe, key: str) -> bool:
+    """Whether ``key`` (section.name, a whole field) is one the recipe did not set."""
+    section_name, _, name = key.partition(".")
+    section = getattr(recipe, section_name, None)
+    if section is None or "." in name or name not in type(section).model_fields:
+        return False
+    defaulted = getattr(section, "defaulted", None)  # the adapter's method keys, which its validators fill in
+    return (defaulted is not None and defaulted(name)) or name not in section.model_fields_set
 
 
 def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, data_identity: dict | None = None,

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from lorakit.checkpoint import format as fmt
@@ -328,6 +329,27 @@ def test_resume_with_allowed_recipe_change(run):
     [aside] = (out / "checkpoints").glob("superseded-*")
     assert adapter_hash(aside / "adapter") == finished != adapter_hash(out / "adapter")
     assert (aside / "eval.json").read_text() == "{}" and not (out / "eval.json").exists()
+
+
+def test_resume_keeps_the_checkpoints_value_of_a_key_left_to_a_default_that_changed(run, tmp_path):
+    """DPO's LoRA dropout default went from 0.05 to 0: a run started before, resumed with its unchanged recipe (the
+    key unset), was refused as a changed recipe. A key the recipe leaves to its default now keeps the checkpoint's
+    value, said in one line, and the run ends bitwise as the uninterrupted one; a key the recipe sets still counts."""
+    recipe, out = run(max_steps=4, save_every=2)  # recipe_dict sets adapter.lora_dropout: 0.1
+    assert cli("train", recipe).exit_code == 0
+    finished = adapter_hash(out / "adapter")
+    unset = yaml.safe_load(recipe.read_text())
+    del unset["adapter"]["lora_dropout"]  # the default, 0.05, now differs from what the checkpoint ran with
+    unset_file = write_recipe(tmp_path / "unset.yaml", unset)
+    result = cli("train", unset_file, "--resume", out / "checkpoints" / "step-000002")
+    assert result.exit_code == 0, result.output
+    assert "resuming with the checkpoint's adapter.lora_dropout: 0.1; the recipe leaves it to its default, which " \
+           "is 0.05" in result.output and "changed settings" not in result.output
+    assert adapter_hash(out / "adapter") == finished
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["adapter"]["lora_dropout"] == 0.1
+    result = cli("train", unset_file, "--resume", out / "checkpoints" / "step-000002", "--set",
+                 "adapter.lora_dropout=0.05")
+    assert result.exit_code == 4 and "adapter.lora_dropout: 0.1 → 0.05" in result.output, result.output
 
 
 def test_resume_with_another_optimizers_state_is_refused_before_loading(run):
