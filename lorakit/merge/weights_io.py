@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.models.checks import read_safetensors_header
+from lorakit.models.checks import SAFETENSORS_INDEX, read_safetensors_header, weight_files
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -40,17 +38,6 @@ class StoredTensor:
         for d in self.shape:
             n *= d
         return n
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's weight files in index order: safetensors if any, else pickle (.bin)."""
-    for index, single in ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin")):
-        if (model_dir / index).is_file():
-            names = json.loads((model_dir / index).read_text())["weight_map"].values()
-            return [model_dir / n for n in dict.fromkeys(names)]
-        if (model_dir / single).is_file():
-            return [model_dir / single]
-    return sorted(model_dir.glob("*.safetensors"))
 
 
 def list_tensors(model_dir: Path) -> list[StoredTensor]:

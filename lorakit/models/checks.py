@@ -77,6 +77,21 @@ def stored_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files in index order: safetensors if any, else pickle (.bin)."""
+    for index, single in ((SAFETENSORS_INDEX, "model.safetensors"), (PICKLE_INDEX, "pytorch_model.bin")):
+        if (model_dir / index).is_file():
+            names = json.loads((model_dir / index).read_text())["weight_map"].values()
+            return [model_dir / n for n in dict.fromkeys(names)]
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
 FINGERPRINT_BYTES = 64  # of each tensor: a fine-tune, or a LoRA merged in, changes the first row of what it trains
 
 
@@ -87,12 +102,9 @@ def weights_fingerprint(model_dir: Path) -> str | None:
     opened here) or when one is damaged."""
     import hashlib
 
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    try:  # a folder may hold other safetensors beside the checkpoint the index names (Mistral's consolidated.*)
-        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()}) \
-            if index.is_file() else sorted(model_dir.glob("*.safetensors"))
-        if not files or any(safetensors_problem(path) for path in files):
+    files = weight_files(Path(model_dir))  # what the model loads: a folder may hold others (Mistral's consolidated.*)
+    try:
+        if not files or any(path.suffix != ".safetensors" or safetensors_problem(path) for path in files):
             return None
         samples = []
         for path in files:
