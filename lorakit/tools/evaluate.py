@@ -78,8 +78,6 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
         base_path = base
     else:
         base_path = _recorded_base(adapter, record)
-        if base_path:  # the recorded folder may hold other weights since (a re-download, another fine-tune)
-            check_recorded_base(record, base_path, "the recorded base")
     recorded_in = recipe_file
     if recipe is not None:
         model = recipe.model.model_copy(update={"name_or_path": base_path or recipe.model.name_or_path})

@@ -282,8 +282,8 @@ def test_another_checkpoint_of_the_base_architecture_is_warned_about(run, tiny_m
 
 
 def test_eval_warns_when_the_recorded_base_holds_other_weights_since(run, tmp_path):
-    """eval checked the base's weights only with --base: a recorded base folder whose weights changed after training
-    (a re-download of another revision, a fine-tune saved over it) was scored without a word."""
+    """A recorded base folder whose weights changed after training (a re-download of another revision, a fine-tune
+    saved over it) is warned about when eval loads it (load_for_generation checks each adapter's base)."""
     adapter = shutil.copytree(run / "adapter", tmp_path / "adapter")
     record = json.loads((adapter / "lorakit.json").read_text())
     record["base_fingerprint"] = "0" * 16  # what the folder held at training time, before it changed
