@@ -133,21 +133,16 @@ def recipe_for(model_dir: Path, method: str, seq_len: int, checkpointing: bool, 
 
 
 def estimate_for(recipe, device: str, full: bool = False) -> int:
-    from lorakit.memory.lines import Settings
+    from dataclasses import replace
+
     from lorakit.memory.estimate import estimate
     from lorakit.memory.profile import inspect_model
+    from lorakit.memory.report import Flags, settings_from
     from lorakit.models.presets import load_model_config
 
     config, source = load_model_config(recipe.model.name_or_path)
     profile = inspect_model(config, recipe.adapter, recipe.model.name_or_path, source)
-    settings = Settings(
-        method="full" if full else "lora", quantization=recipe.model.quantization,
-        double_quant=recipe.model.double_quant, upcast_unquantized=recipe.model.upcast_unquantized,
-        dtype=recipe.model.dtype, batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
-        gradient_checkpointing=recipe.train.gradient_checkpointing, optimizer=recipe.train.optimizer,
-        attn_implementation=recipe.model.attn_implementation, lora_dropout=recipe.adapter.lora_dropout,
-        chunked_loss=recipe.train.chunked_loss, device=device,
-    )
+    settings = replace(settings_from(recipe, Flags(method="full" if full else None)), device=device)
     est = estimate(profile, settings)
     return est.total_bytes - est.line("framework_overhead").bytes
 

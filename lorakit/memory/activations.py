@@ -15,8 +15,18 @@ def act_bytes(s: Settings) -> int:
     return 4 if upcast else DTYPE_BYTES[s.dtype]
 
 
+def positions(s: Settings) -> int:
+    """Positions per sequence through the layers: the data's, and prompt tuning's virtual tokens before them."""
+    return s.seq_len + (s.prompt_tokens if s.method != "full" else 0)
+
+
+def _keys(s: Settings) -> int:
+    """Keys each query may attend to: the positions, and prefix tuning's virtual keys."""
+    return positions(s) + (s.prefix_tokens if s.method != "full" else 0)
+
+
 def _tokens(s: Settings) -> int:
-    return s.batch_size * s.seq_len
+    return s.batch_size * positions(s)
 
 
 def _norm_bytes(g: Geometry, s: Settings) -> tuple[int, str]:
@@ -36,15 +46,17 @@ def _attention_bytes(p: ModelProfile, s: Settings) -> tuple[int, str]:
     impl = attn_implementation(p, s)
     if impl == "eager":
         per_score = 4 + (e if e != 4 else 0) + (e if g.attn_softcap else 0)
-        scores = s.batch_size * g.heads * s.seq_len**2
+        scores = s.batch_size * g.heads * positions(s) * _keys(s)
         kept = "fp32 softmax" + (f", its {e}-byte copy" if e != 4 else "")
         kept += ", tanh soft-cap" if g.attn_softcap else ""
         return 3 * T * q * e + scores * per_score, (
             f"eager: T·3·{q}·{e} (q, and k/v repeated to all heads) + b·heads·s² × {per_score} B ({kept})"
         )
-    return 2 * T * q * e + 2 * T * kv * e + T * g.heads * 4, (
+    prefix = 2 * s.batch_size * (_keys(s) - positions(s)) * kv * e  # prefix tuning's keys/values, kept with k/v
+    return 2 * T * q * e + 2 * T * kv * e + T * g.heads * 4 + prefix, (
         f"{impl}: T·(2·{q} + 2·{kv})·{e} (q, k, v, output; GQA keys/values stay narrow) "
-        f"+ T·{g.heads}·4 (logsumexp)"
+        f"+ T·{g.heads}·4 (logsumexp)" + (f" + 2·b·{_keys(s) - positions(s)}·{kv}·{e} (prefix keys/values)"
+                                          if prefix else "")
     )
 
 
@@ -136,7 +148,7 @@ def activations(p: ModelProfile, s: Settings) -> tuple[Line, int]:
     largest = max(layers, key=lambda parts: sum(parts.values()))
     head_input = s.method == "full" and loss_path(p, s) == "plain"  # a trainable head keeps its input
     final = _norm_bytes(g, s)[0] + (T * g.hidden * e if head_input else 0)
-    rotary = 2 * s.seq_len * g.head_dim * e if g.rotary else 0
+    rotary = 2 * _keys(s) * g.head_dim * e if g.rotary else 0
     per_layer = " + ".join(f"{k} {gib(v)}" for k, v in largest.items() if v)
     if s.gradient_checkpointing:
         kept = g.layers * T * g.hidden * e
@@ -150,7 +162,10 @@ def activations(p: ModelProfile, s: Settings) -> tuple[Line, int]:
         kept = sum(sum(parts.values()) for parts in layers)
         n = kept + final + rotary
         f = f"{g.layers} layers, largest: {per_layer}; sum {gib(kept)} + final norm {gib(final)} + rotary {gib(rotary)}"
-    line = Line("activations", "activations", n, f"T = b·s = {s.batch_size}·{s.seq_len} = {T:,} tokens; {f}")
+    virtual = f" + {s.prompt_tokens} virtual" if positions(s) != s.seq_len else ""
+    line = Line("activations", "activations", n,
+                f"T = b·s = {s.batch_size}·({s.seq_len}{virtual}) = {T:,} tokens; {f}" if virtual else
+                f"T = b·s = {s.batch_size}·{s.seq_len} = {T:,} tokens; {f}")
     return line, sum(largest.values())
 
 

@@ -290,7 +290,9 @@ def estimate(p: ModelProfile, s: Settings) -> Estimate:
     notes = list(p.notes)
     if p.adapter_method not in ("lora", "dora") and s.method != "full":
         notes.append(f"activations: every layer's, as gradients reach the {p.adapter_method} adapter in (or before) "
-                     "each; the adapter's own tensors (and prompt/prefix's virtual positions) are not modelled")
+                     "each; the adapter's own tensors are not modelled"
+                     + (" (its virtual tokens are: they lengthen every sequence or attention)"
+                        if p.adapter_method in ("prompt", "prefix") else ""))
     if p.adapter_method == "dora" and s.method != "full":
         notes.append("DoRA also builds each adapted weight (out × in, fp32) during forward; not counted")
     if s.strategy == "fsdp" and s.gpus > 1:  # what lorakit train refuses under FSDP (distributed.check_fsdp)

@@ -52,6 +52,8 @@ class Settings:
     device: str = "cuda"  # cuda | cpu: on CPU dropout keeps a full noise tensor, no CUDA context (benchmarks only)
     objective: str = _schema(TrainSection, "objective")  # sft | dpo | ipo | orpo | simpo: pairs run 2 sequences
     reference: str | None = None  # dpo/ipo: base (a forward without gradients per micro-batch) | precomputed
+    prompt_tokens: int = 0  # prompt tuning's virtual tokens, prepended to every sequence (adapter methods only)
+    prefix_tokens: int = 0  # prefix tuning's virtual keys/values, joined to every attention (adapter methods only)
 
 
 @dataclass

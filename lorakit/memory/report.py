@@ -142,6 +142,7 @@ def settings_from(recipe, flags: Flags) -> Settings:
     if flags.strategy == "fsdp" and flags.gpus == 1:  # one GPU holds everything: nothing to shard
         raise UsageError("--strategy fsdp shards over several GPUs; add --gpus N (N above 1) or drop --strategy")
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"  # auto: bf16 on a GPU that has it
+    virtual = (recipe.adapter.model_extra or {}).get("num_virtual_tokens") or 0
     return Settings(
         method="full" if flags.method == "full" else "lora",
         quantization=recipe.model.quantization,
@@ -159,6 +160,8 @@ def settings_from(recipe, flags: Flags) -> Settings:
         strategy=flags.strategy,
         objective=recipe.train.objective,
         reference=recipe.train.reference,
+        prompt_tokens=virtual if recipe.adapter.method == "prompt" else 0,
+        prefix_tokens=virtual if recipe.adapter.method == "prefix" else 0,
     )
 
 

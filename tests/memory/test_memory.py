@@ -497,3 +497,31 @@ def test_fsdp_estimates_name_what_lorakit_train_refuses(tiny):
     assert "refuses model.upcast_unquantized under FSDP" in notes(quantization="nf4", upcast_unquantized=True)
     assert "int8" in notes(quantization="int8")
     assert "refuses" not in " | ".join(estimate(tiny, Settings(optimizer="adamw_8bit")).notes)  # one GPU
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_lengthen_sequences_or_attention(method):
+    """Prompt tuning prepends its virtual tokens to every sequence, so every layer keeps b·(s + v) positions;
+    prefix tuning joins v keys/values to every attention. The estimate counted neither (settings_from read no
+    adapter.num_virtual_tokens): at 8 virtual tokens on 2 × 256 it was 2.6% and 3.9% under the measured peak."""
+    from dataclasses import replace
+
+    from lorakit.config.schema import Recipe
+    from lorakit.memory.report import Flags, settings_from
+
+    b, s, v, e = 2, 16, 4, 4
+    recipe = Recipe.model_validate({"model": {"name_or_path": "x", "dtype": "float32"}, "data": {"train": "d.jsonl",
+                                    "max_seq_len": s}, "train": {"micro_batch_size": b, "max_steps": 1},
+                                    "adapter": {"method": method, "num_virtual_tokens": v}})
+    settings = settings_from(recipe, Flags())
+    assert (settings.prompt_tokens, settings.prefix_tokens) == ((v, 0) if method == "prompt" else (0, v))
+    got = lines(estimate(inspect_model(tiny_config(), recipe.adapter), settings))
+    seq = s + v if method == "prompt" else s
+    T = b * seq
+    norm, mlp = T * (4 * H + 4), 3 * T * I * e
+    attention = T * (2 * Q + 2 * KV) * e + T * HEADS * 4 + (2 * b * v * KV * e if method == "prefix" else 0)
+    assert got["activations"] == L * (2 * norm + attention + mlp) + norm + 2 * (s + v) * HD * e
+    full = replace(settings, method="full")  # full fine-tuning's rows of the comparison have no virtual tokens
+    profile = inspect_model(tiny_config(), recipe.adapter)
+    plain = replace(full, prompt_tokens=0, prefix_tokens=0)
+    assert estimate(profile, full).total_bytes == estimate(profile, plain).total_bytes
