@@ -10,6 +10,7 @@ import torch
 from lorakit.compat import dora_int8_broken_on_cpu, prefix_training_breaks
 from lorakit.config.methods import build_peft_config, ia3_default_modules
 from lorakit.config.schema import AdapterSection, Recipe
+from lorakit.config.schema_train import PREFERENCE_OBJECTIVES
 from lorakit.errors import CheckpointError, UsageError, first_line
 from lorakit.config.tokens import tokens_to_train
 from lorakit.models.loading import (
@@ -111,11 +112,29 @@ def build_model(recipe: Recipe, model_path: str | None = None, allow_pickle: boo
         token_rows = token_indices(model, trainable_token_ids(tokenizer, tokens_to_train(recipe)))
     if recipe.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if recipe.train.objective in PREFERENCE_OBJECTIVES:
+        disable_base_dropout(model)
     model = apply_adapter(model, recipe.adapter, tokenizer_path=recipe.model.tokenizer or model_path,
                           token_rows=token_rows)
     if recipe.output.save != "adapter" and (recipe.adapter.model_extra or {}).get("lora_bias"):
         check_bias_mergeable(model, recipe.output.save)
     return model
+
+
+def disable_base_dropout(model) -> int:
+    """The base model's own dropout off (GPT-2's 0.1, OPT's, Phi's resid_pdrop), as TRL's preference trainers
+    do by default (disable_dropout): the loss compares the policy's log-probs with the reference's, which runs
+    without dropout, so base dropout in the policy's forward shifts every margin (a DPO run on GPT-2 started at
+    losses 0.667-0.696 instead of ln 2). Before the adapter exists: its own dropout (adapter.lora_dropout,
+    adapter.dropout) is the recipe's. The number of modules set to 0."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        rate = getattr(module, "attention_dropout", None)  # transformers' attention classes read it as a float
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
 
 
 def check_bias_mergeable(model, save: str) -> None:

@@ -227,7 +227,9 @@ def _objective(cfg) -> str:
     names = {"beta": "β", "label_smoothing": "label smoothing", "simpo_gamma": "γ", "orpo_lambda": "λ",
              "reference": "reference"}
     keys = [f"{label} {getattr(cfg, key)}" for key, label in names.items() if getattr(cfg, key) is not None]
-    return cfg.objective + (": " + ", ".join(keys) if keys else "")
+    base = "; the base model's own dropout off, as TRL's disable_dropout" if cfg.objective in PREFERENCE_OBJECTIVES \
+        else ""
+    return cfg.objective + (": " + ", ".join(keys) if keys else "") + base
 
 
 def format_block(settings: list[dict] | list[Setting]) -> str:

@@ -153,6 +153,32 @@ def test_dpo_loss_is_ln2_at_step_0(tiny_model_dir, tmp_path):
     assert means["rewards/chosen"] == means["rewards/rejected"] == means["rewards/accuracy"] == 0
 
 
+def test_preference_objectives_turn_the_base_models_dropout_off(tmp_path):
+    """GPT-2 has dropout 0.1 in its embeddings, attention and residuals. The reference runs without dropout, so
+    with the base's dropout on in the policy's forward a DPO run started at losses 0.667-0.696 instead of ln 2.
+    TRL's preference trainers turn it off (disable_dropout); so does lorakit, keeping the adapter's own dropout
+    as the recipe sets it. SFT keeps the base's dropout, as transformers' Trainer does."""
+    from lorakit.testing import build_tiny_gpt2
+    from lorakit.training.effective import _objective
+
+    gpt2 = build_tiny_gpt2(tmp_path / "gpt2")
+    recipe, model, tokenizer, pairs = setup(gpt2, tmp_path, adapter={**LORA, "lora_dropout": 0.1}, perturb=False)
+    base = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_" not in n]
+    assert base and set(base) == {0.0}
+    assert {m.lora_dropout["default"].p for m in model.modules() if hasattr(m, "lora_dropout")} == {0.1}
+    model.train()
+    loss_fn = build_training_loss(model, recipe.train)
+    tally = loss_fn.new_tally()
+    for pair in pairs:
+        assert loss_fn(model, collate([pair], tokenizer), 1, tally).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert "the base model's own dropout off" in _objective(recipe.train)
+
+    sft = parse_recipe({"model": {"name_or_path": str(gpt2), "dtype": "float32"}, "adapter": LORA,
+                        "data": {"train": "x.jsonl"}, "train": {"max_steps": 1}})
+    assert {m.p for m in build_model(sft).modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    assert "dropout" not in _objective(sft.train)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("adapter,quantization", [(LORA, "none"), (DORA, "none"), (LORA, "nf4")],
                          ids=["lora", "dora", "qlora-nf4"])
