@@ -237,18 +237,16 @@ def save_adapter_weights(model, out, state_dict: dict | None = None) -> None:
     if isinstance(model, bottleneck.BottleneckModel):
         model.save_pretrained(out, state_dict=state_dict)
         return
+    # No copies of the base's embedding matrices: PEFT's "auto" saves both whole (the input embedding and the LM
+    # head, 2 GB for Llama-3-8B in bf16) when an adapter targets lm_head or embed_tokens, or when the vocabulary
+    # grew. The base holds them already, and an adapter carrying them would put the training base's head back
+    # onto whatever base it is loaded on. What lorakit trains there is saved without them: LoRA's A and B, and
+    # trainable token rows (model.add_tokens) as rows.
     if state_dict is None:
-        model.save_pretrained(out, **embedding_kwargs(model))
+        model.save_pretrained(out, save_embedding_layers=False)
     else:
-        save_gathered_peft_adapter(model, out, state_dict, **embedding_kwargs(model))
+        save_gathered_peft_adapter(model, out, state_dict, save_embedding_layers=False)
     stable_config(Path(out))
-
-
-def embedding_kwargs(model) -> dict:
-    """Trainable token rows (model.add_tokens) are saved as rows only: PEFT's "auto" would save both whole
-    embedding matrices because the vocabulary grew."""
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    return {"save_embedding_layers": False} if getattr(config, "trainable_token_indices", None) else {}
 
 
 def optimizer_state(model, optimizer) -> dict:

@@ -74,8 +74,11 @@ def _tiny_recipe(model_dir, data, **adapter):
     })
 
 
-def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model_dir):
-    """B = 0 at the start; after training, PeftModel.from_pretrained(DIR/adapter) gives the same logits."""
+@pytest.mark.parametrize("targets", ["all-linear", ".*(proj|lm_head)"])
+def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model_dir, targets):
+    """B = 0 at the start; after training, PeftModel.from_pretrained(DIR/adapter) gives the same logits. With
+    lm_head adapted the adapter holds its A and B only: PEFT's save_embedding_layers "auto" saved the base's
+    whole LM head (and embedding) beside them, 2 GB for Llama-3-8B."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +87,7 @@ def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model
     from lorakit.training.run import save_adapter
 
     data = write_memorisation_data(tmp_path / "train.jsonl")
-    recipe = _tiny_recipe(tiny_model_dir, data)
+    recipe = _tiny_recipe(tiny_model_dir, data, target_modules=targets)
     tokenizer = load_tokenizer(recipe.model, str(tiny_model_dir))
     ids = torch.tensor([tokenizer("What is the capital of France? Paris")["input_ids"]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -106,6 +109,10 @@ def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model
     assert not torch.allclose(trained, base_logits)
 
     save_adapter(model, tokenizer, recipe, tmp_path / "adapter", str(tiny_model_dir))
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert f.keys() and all(".lora_A." in k or ".lora_B." in k for k in f.keys()), list(f.keys())
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, trained, atol=1e-5)
