@@ -18,7 +18,7 @@ from lorakit.checkpoint.format import capture_rng, checkpoint_name
 from lorakit.checkpoint.write import trainer_state, write_checkpoint
 from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe, TrainSection
-from lorakit.console import console, progress_bar
+from lorakit.console import progress_bar
 from lorakit.data.batching import collate
 from lorakit.data.shards import eval_shards, idle_batch
 from lorakit.distributed.fsdp import gather_adapter, optimizer_state
@@ -54,7 +54,6 @@ def fit(ctx: FitContext) -> MetricsLog:
     last_checkpoint = start.checkpoint
     compute_loss = ctx.loss
     tally = compute_loss.new_tally()  # what the loss reports beside its value (the preference rewards)
-    console(accelerator.is_main_process)(compute_loss.describe())
     fault = fault_injector(accelerator.process_index)  # test-only; a no-op unless LORAKIT_TEST_FAULT is set
     scorer = TrainingScorer(recipe, tokenizer) if cfg.eval_generate and accelerator.is_main_process else None
     model.train()

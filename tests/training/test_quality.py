@@ -36,6 +36,8 @@ def test_lorakit_defaults_learn_what_the_reference_loop_learns(bench, tiny_model
     result = cli("train", tmp_path / "recipe.yaml")
     assert result.exit_code == 0, result.output
     assert "batches: padding-free, random order" in result.output
+    # The loss path is the effective settings' line, once (the loop printed it again as "loss: chunked ...")
+    assert [line.split()[0] for line in result.output.splitlines() if "chunked" in line] == ["loss"]
     records = [json.loads(line) for line in (tmp_path / "lorakit" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     # fp32 noise only: alone on the machine the two agree to the metrics' 6 decimals; beside busy processes they
