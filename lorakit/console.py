@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -177,15 +178,23 @@ def saved(enabled: bool) -> Callable[[str, object], None]:
     return report
 
 
-def show_metrics(record: dict) -> None:
-    """One metrics.jsonl record on the terminal (a line of text, or a JSON "metrics" event)."""
+def show_metrics(record: dict, text: bool = True) -> None:
+    """One metrics.jsonl record on the terminal (a line of text, or a JSON "metrics" event). ``text`` False: the
+    JSON event only (a record a line of its own describes for people, as the efficiency line does)."""
     if _mode["quiet"]:
         return
     if _mode["json"]:
         emit("metrics", **record)
         return
-    shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-    get_console().print(shown, markup=False)
+    if text:
+        get_console().print("  ".join(f"{k} {_number(v)}" for k, v in record.items()), markup=False)
+
+
+def _number(value) -> str:
+    """A metric as people read it: 4 significant digits, thousands separated rather than in e-notation."""
+    if isinstance(value, float) and math.isfinite(value) and abs(value) >= 10_000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def show_error(code: int, message: str) -> None:

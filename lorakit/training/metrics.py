@@ -21,14 +21,15 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, log=None):
         self.path, self.enabled, self.log = Path(path), enabled, log
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, text: bool = True) -> None:
+        """``text`` False: no line of the record's keys on the terminal (--json-logs still gets its event)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.log is not None:
             self.log(tracker_values(record), step=record.get("step"))
-        show_metrics(record)
+        show_metrics(record, text)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -354,7 +354,7 @@ def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency:
     each best-effort."""
     report = saved(True)
     if efficiency is not None:
-        best_effort(say, "the efficiency record", metrics.write, efficiency)
+        best_effort(say, "the efficiency record", metrics.write, efficiency, False)  # the line below says it
         best_effort(say, "the efficiency line", lambda: say(describe(efficiency)))
     manifest = best_effort(say, "run.json", lambda: write_run_manifest(paths.root, recipe, started=started,
                                                                         world_size=world_size,

@@ -339,3 +339,19 @@ def test_known_library_noise_shows_only_with_debug(debug):
     err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stderr
     assert ("kernels-community" in err) == debug
     assert "warning (bitsandbytes): something a user should see" in err
+
+
+def test_metric_lines_read_as_numbers_and_the_efficiency_record_is_not_repeated(tmp_path, capsys):
+    """Rates are printed with thousands separators (tokens_per_s 1.089e+04 before); a record written with
+    text=False (the efficiency record, which its own line describes) prints nothing but its --json-logs event."""
+    from lorakit.training.metrics import MetricsLog
+
+    configure()
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.write({"step": 5, "loss": 4.61734, "lr": 1e-05, "tokens_per_s": 10890.4, "grad_norm": float("inf")})
+    log.write({"step": 5, "mfu": 0.04}, text=False)
+    assert capsys.readouterr().out == "step 5  loss 4.617  lr 1e-05  tokens_per_s 10,890  grad_norm inf\n"
+    configure(json_logs=True)
+    log.write({"step": 5, "mfu": 0.04}, text=False)
+    assert json.loads(capsys.readouterr().out)["mfu"] == 0.04
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
