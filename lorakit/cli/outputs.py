@@ -63,7 +63,12 @@ def eval_(
 
 @command(help="Generate with a base model and adapters loaded once onto it, chosen per prompt (greedy by default).")
 def generate(
-    model: str = typer.Option(..., "--model", help="Base model: local directory, hub id or .gguf.", show_default=False),
+    target: Optional[str] = typer.Argument(
+        None, help="A run directory, adapter directory or merged model to generate with: a run or adapter loads onto "
+        "the base it records (as --adapter DIR), a merged model loads alone (as --model DIR).", show_default=False),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Base model: local directory, hub id or .gguf (default: the base the adapters record).",
+        show_default=False),
     adapter: Optional[List[str]] = typer.Option(
         None, "--adapter", help="NAME=DIR of an adapter to load onto the base (repeatable)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt; its completion goes to stdout."),
@@ -92,8 +97,8 @@ def generate(
 
     from lorakit.config.load import flags_named
     from lorakit.console import adopt_transformers_output, console, emit, is_json
-    from lorakit.errors import UsageError
-    from lorakit.tools.generate import run_generate
+    from lorakit.errors import CheckpointError, UsageError
+    from lorakit.tools.generate import is_model_dir, recorded_base_of, run_generate
     from lorakit.config.schema import ModelSection
 
     adopt_transformers_output()
@@ -104,6 +109,22 @@ def generate(
         given = [name for name, value in (("--top-p", top_p), ("--seed", seed)) if value is not None]
         raise UsageError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling; "
                          "decoding is greedy without --temperature above 0")
+    adapter = list(adapter or [])
+    if target is not None and not Path(target).expanduser().is_dir():
+        what = "a file" if Path(target).expanduser().exists() else "not found"
+        raise CheckpointError(f"{target}: {what}; give a run directory, an adapter directory or a merged model")
+    if target is not None and is_model_dir(target):
+        if model is not None:
+            raise UsageError(f"--model {model}: {target} is a model already (merged or full); give one of the two")
+        model = target
+    elif target is not None:
+        adapter.insert(0, target)
+    if model is None:
+        if not adapter:
+            raise UsageError("give a run directory (lorakit generate RUN --prompt TEXT), an adapter or merged model "
+                             "directory, or --model BASE")
+        model = recorded_base_of(adapter)
+        console(True, stderr=True)(f"base model: {model} (as the adapter records; --model chooses another)")
     flags = {"model.name_or_path": "--model", "model.dtype": "--dtype", "model.quantization": "--quantization"}
     fields = {"dtype": dtype, "quantization": quantization}
     try:
@@ -112,7 +133,7 @@ def generate(
         error = e.errors()[0]
         flag = flags.get(f"model.{error['loc'][0]}" if error["loc"] else "", "--model")
         raise UsageError(f"{flag}: {error['msg']}") from None
-    results = run_generate(section, adapter or [], prompt=prompt, file=file, use=use, chat=chat,
+    results = run_generate(section, adapter, prompt=prompt, file=file, use=use, chat=chat,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=1.0 if top_p is None else top_p, seed=seed or 0,
                            allow_pickle=allow_pickle, device=device, say=console(True, stderr=True))

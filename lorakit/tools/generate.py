@@ -18,7 +18,7 @@ import torch
 
 from lorakit.adapters.build import load_adapter
 from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, read_config, read_record,
-                                    recorded_quantization, require_weights)
+                                    recorded_base, recorded_quantization, require_weights)
 from lorakit.compat import adapter_generate
 from lorakit.config.schema import ModelSection
 from lorakit.data.chat import check_messages
@@ -67,6 +67,29 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
         raise UsageError(f"--adapter: adapters of different methods ({', '.join(sorted(methods))}), or several "
                          "bottleneck adapters, cannot share one base; run generate once per method")
     return adapters
+
+
+def is_model_dir(name: str) -> bool:
+    """A folder holding a model (config.json, no adapter_config.json): a merged model, or any full one."""
+    path = Path(name).expanduser()
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
+def recorded_base_of(specs: list[str]) -> str:
+    """The base model the adapters record (lorakit.json, else PEFT's base_model_name_or_path), for a generate
+    without --model; every adapter must name the same one."""
+    bases = {}
+    for name, path in parse_adapter_specs(specs).items():
+        found, recorded = recorded_base(read_record(path), read_config(path).get("base_model_name_or_path"))
+        if found is None:
+            where = f"records {' and '.join(dict.fromkeys(recorded))}, which is not on this machine" if recorded \
+                else "records no base model"
+            raise UsageError(f"--adapter {name}: {path} {where}; give the base with --model BASE")
+        bases[name] = found
+    if len(set(bases.values())) > 1:
+        listed = ", ".join(f"{name} {base}" for name, base in bases.items())
+        raise UsageError(f"--adapter: the adapters record different bases ({listed}); choose one with --model BASE")
+    return next(iter(bases.values()))
 
 
 def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:

@@ -89,6 +89,36 @@ def test_cli_file_routes_each_row_to_its_adapter(tiny_model_dir, two_adapters, t
     assert result.exit_code == 3 and "prompts.jsonl:1" in result.output and "poetry" in result.output
 
 
+def test_cli_takes_a_run_adapter_or_model_and_finds_the_base_the_adapter_records(tiny_model_dir, two_adapters,
+                                                                                 tmp_path):
+    """`lorakit generate RUN` as `lorakit eval RUN`: an adapter loads onto the base it records (was exit 2,
+    "Missing option '--model'"); a model directory as TARGET loads alone, as --model."""
+    def run(*args):
+        return CliRunner().invoke(app, ["generate", *map(str, args), "--prompt", PROMPTS[0], "--max-new-tokens", "4"])
+
+    math = two_adapters["math"]
+    explicit, target = run("--model", tiny_model_dir, "--adapter", math), run(math)
+    assert target.exit_code == 0, target.output
+    assert target.stdout == explicit.stdout and target.stdout.strip()
+    assert f"base model: {tiny_model_dir} (as the adapter records" in target.stderr
+    assert run("--adapter", math).stdout == explicit.stdout  # --adapter alone finds the base too
+    assert run(tiny_model_dir).stdout == run("--model", tiny_model_dir).stdout
+    assert run().exit_code == 2 and "lorakit generate RUN" in run().output
+    assert run(tiny_model_dir, "--model", tiny_model_dir).exit_code == 2
+    assert run(tmp_path / "missing").exit_code == 4
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({
+        **json.loads((math / "adapter_config.json").read_text()), "base_model_name_or_path": str(tmp_path)}))
+    (other / "adapter_model.safetensors").write_bytes((math / "adapter_model.safetensors").read_bytes())
+    mixed = run(math, "--adapter", f"other={other}")
+    assert mixed.exit_code == 2 and "record different bases" in mixed.output and "--model BASE" in mixed.output
+    (other / "adapter_config.json").write_text(json.dumps({
+        **json.loads((math / "adapter_config.json").read_text()), "base_model_name_or_path": None}))
+    assert run(other).exit_code == 2 and "records no base model" in run(other).output
+
+
 @pytest.mark.parametrize("args, code", [
     (["--adapter", "base=DIR", "--prompt", "x"], 2),  # reserved name
     (["--prompt", "x", "--file", "p.jsonl"], 2),  # both inputs
