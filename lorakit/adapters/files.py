@@ -81,6 +81,15 @@ def _not_an_adapter(path: Path) -> str:
     return "give an adapter directory (RUN/adapter)"
 
 
+def merged_only_run(path: str | Path) -> Path | None:
+    """RUN/merged of a run directory that saved its merged model and no adapter (output.save: merged), else None:
+    commands that take a run (eval, generate) then use the merged model."""
+    path = Path(path)
+    if is_adapter_dir(path) or is_adapter_dir(path / "adapter"):
+        return None
+    return path / "merged" if (path / "merged" / "config.json").is_file() else None
+
+
 def is_adapter_dir(path: Path) -> bool:
     """Whether ``path`` holds a saved adapter's config (PEFT's adapter_config.json or lorakit's bottleneck one)."""
     return (path / "adapter_config.json").is_file() or is_bottleneck_dir(path)

@@ -97,6 +97,7 @@ def generate(
 
     from lorakit.config.load import flags_named
     from lorakit.console import adopt_transformers_output, console, emit, is_json
+    from lorakit.adapters.files import merged_only_run
     from lorakit.errors import CheckpointError, UsageError
     from lorakit.tools.generate import is_model_dir, recorded_base_of, run_generate
     from lorakit.config.schema import ModelSection
@@ -113,6 +114,8 @@ def generate(
     if target is not None and not Path(target).expanduser().is_dir():
         what = "a file" if Path(target).expanduser().exists() else "not found"
         raise CheckpointError(f"{target}: {what}; give a run directory, an adapter directory or a merged model")
+    if target is not None and (merged := merged_only_run(target)):  # a run saved with output.save: merged
+        target = str(merged)
     if target is not None and is_model_dir(target):
         if model is not None:
             raise UsageError(f"--model {model}: {target} is a model already (merged or full); give one of the two")

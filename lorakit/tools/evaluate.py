@@ -20,8 +20,8 @@ from types import SimpleNamespace
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, read_config,
-                                    read_record, recorded_base, require_weights)
+from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, merged_only_run,
+                                    read_config, read_record, recorded_base, require_weights)
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import DataSection, ModelSection, Recipe
 from lorakit.data.chat import resolve_chat_template
@@ -60,6 +60,7 @@ def resolve_target(path: Path, base: str | None = None) -> Target:
     if not path.is_dir():
         what = "a file" if path.exists() else "not found"
         raise CheckpointError(f"{path}: {what}; give a run directory, an adapter directory or a merged model")
+    path = merged_only_run(path) or path  # a run that saved only its merged model (output.save: merged)
     if base is not None and not base.strip():
         raise UsageError("--base: the value is empty; name the base model, or drop --base for the recorded one")
     recipe, recipe_file = _run_recipe(path)

@@ -119,6 +119,26 @@ def test_cli_takes_a_run_adapter_or_model_and_finds_the_base_the_adapter_records
     assert run(other).exit_code == 2 and "records no base model" in run(other).output
 
 
+def test_a_run_that_saved_only_its_merged_model_is_generated_and_evaluated_with_it(tiny_model_dir, tmp_path):
+    """output.save: merged leaves RUN/merged and no RUN/adapter: `generate RUN` and `eval RUN` said "RUN has no
+    adapter_config.json" (exit 4); they use RUN/merged."""
+    import shutil
+
+    from lorakit.testing import write_memorisation_data
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "merged")
+    alone = CliRunner().invoke(app, ["generate", str(run / "merged"), "--prompt", PROMPTS[0], "--max-new-tokens", "4"])
+    result = CliRunner().invoke(app, ["generate", str(run), "--prompt", PROMPTS[0], "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == alone.stdout and result.stdout.strip()
+    data = write_memorisation_data(tmp_path / "rows.jsonl")
+    scored = CliRunner().invoke(app, ["eval", str(run), "--data", str(data), "--max-new-tokens", "4",
+                                      "-o", str(tmp_path / "eval.json")])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((tmp_path / "eval.json").read_text())["totals"]["tuned"]
+
+
 @pytest.mark.parametrize("args, code", [
     (["--adapter", "base=DIR", "--prompt", "x"], 2),  # reserved name
     (["--prompt", "x", "--file", "p.jsonl"], 2),  # both inputs
