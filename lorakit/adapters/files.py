@@ -78,6 +78,9 @@ def _not_an_adapter(path: Path) -> str:
                 f"newest checkpoint, {saved[-1]}, or finish the run (lorakit train RECIPE --resume)")
     if (path / "config.json").is_file():
         return "it is a whole model, not an adapter; give an adapter directory (RUN/adapter)"
+    if (merged := merged_only_run(path)) is not None:
+        return (f"the run saved its merged model only ({merged}, output.save: merged), which loads without an "
+                "adapter: use it as a model (lorakit generate, eval and export take it)")
     return "give an adapter directory (RUN/adapter)"
 
 

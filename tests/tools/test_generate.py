@@ -137,6 +137,8 @@ def test_a_run_that_saved_only_its_merged_model_is_generated_and_evaluated_with_
                                       "-o", str(tmp_path / "eval.json")])
     assert scored.exit_code == 0, scored.output
     assert json.loads((tmp_path / "eval.json").read_text())["totals"]["tuned"]
+    merged = CliRunner().invoke(app, ["merge", str(run), "-o", str(tmp_path / "again")])
+    assert merged.exit_code == 4 and "saved its merged model only" in merged.output  # was: "give an adapter dir"
 
 
 @pytest.mark.parametrize("args, code", [
