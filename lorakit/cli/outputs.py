@@ -97,9 +97,8 @@ def generate(
 
     from lorakit.config.load import flags_named
     from lorakit.console import adopt_transformers_output, console, emit, is_json
-    from lorakit.adapters.files import merged_only_run
-    from lorakit.errors import CheckpointError, UsageError
-    from lorakit.tools.generate import is_model_dir, recorded_base_of, run_generate
+    from lorakit.errors import UsageError
+    from lorakit.tools.generate import generation_target, run_generate
     from lorakit.config.schema import ModelSection
 
     adopt_transformers_output()
@@ -110,24 +109,7 @@ def generate(
         given = [name for name, value in (("--top-p", top_p), ("--seed", seed)) if value is not None]
         raise UsageError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only when sampling; "
                          "decoding is greedy without --temperature above 0")
-    adapter = list(adapter or [])
-    if target is not None and not Path(target).expanduser().is_dir():
-        what = "a file" if Path(target).expanduser().exists() else "not found"
-        raise CheckpointError(f"{target}: {what}; give a run directory, an adapter directory or a merged model")
-    if target is not None and (merged := merged_only_run(target)):  # a run saved with output.save: merged
-        target = str(merged)
-    if target is not None and is_model_dir(target):
-        if model is not None:
-            raise UsageError(f"--model {model}: {target} is a model already (merged or full); give one of the two")
-        model = target
-    elif target is not None:
-        adapter.insert(0, target)
-    if model is None:
-        if not adapter:
-            raise UsageError("give a run directory (lorakit generate RUN --prompt TEXT), an adapter or merged model "
-                             "directory, or --model BASE")
-        model = recorded_base_of(adapter)
-        console(True, stderr=True)(f"base model: {model} (as the adapter records; --model chooses another)")
+    model, adapter = generation_target(target, model, list(adapter or []), console(True, stderr=True))
     flags = {"model.name_or_path": "--model", "model.dtype": "--dtype", "model.quantization": "--quantization"}
     fields = {"dtype": dtype, "quantization": quantization}
     try:

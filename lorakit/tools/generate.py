@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.build import load_adapter
-from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, read_config, read_record,
-                                    recorded_base, recorded_quantization, require_weights)
+from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, merged_only_run, read_config,
+                                    read_record, recorded_base, recorded_quantization, require_weights)
 from lorakit.compat import adapter_generate
 from lorakit.config.schema import ModelSection
 from lorakit.data.chat import check_messages
@@ -69,10 +69,29 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def is_model_dir(name: str) -> bool:
-    """A folder holding a model (config.json, no adapter_config.json): a merged model, or any full one."""
-    path = Path(name).expanduser()
-    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+def generation_target(target: str | None, model: str | None, adapters: list[str], say) -> tuple[str, list[str]]:
+    """(--model, --adapter specs) once TARGET is placed: a run or adapter directory is the first adapter, a model
+    directory (merged or full; RUN/merged of a run saved with output.save: merged) the model. Without --model the
+    base is the one the adapters record."""
+    if target is not None:
+        path = Path(target).expanduser()
+        if not path.is_dir():
+            what = "a file" if path.exists() else "not found"
+            raise CheckpointError(f"{target}: {what}; give a run directory, an adapter directory or a merged model")
+        path = merged_only_run(path) or path
+        if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            if model is not None:
+                raise UsageError(f"--model {model}: {target} is a model already (merged or full); give one of the two")
+            model = str(path)
+        else:
+            adapters = [target, *adapters]
+    if model is None:
+        if not adapters:
+            raise UsageError("give a run directory (lorakit generate RUN --prompt TEXT), an adapter or merged model "
+                             "directory, or --model BASE")
+        model = recorded_base_of(adapters)
+        say(f"base model: {model} (as the adapter records; --model chooses another)")
+    return model, adapters
 
 
 def recorded_base_of(specs: list[str]) -> str:
