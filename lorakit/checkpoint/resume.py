@@ -79,6 +79,7 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     if not changes:
         return False
     _check_same_optimizer_state(ckpt, old, recipe)
+    _check_same_shapes(ckpt, changes)
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     if not allow_change:
         why = "".join(f" ({reason})" for key, reason in WHY_FIXED.items()
@@ -109,6 +110,24 @@ def _check_same_optimizer_state(ckpt: Checkpoint, old, recipe) -> None:
         f"which {now} cannot continue from, even with --allow-recipe-change; resume with train.optimizer: {then}, "
         "or start a new run from the checkpoint's adapter (adapter.init_from: CHECKPOINT/adapter, lora/dora)"
     )
+
+
+# Keys whose change always gives the adapter other tensors (names or shapes): the checkpoint's weights cannot load,
+# whatever --allow-recipe-change says. Keys that only may (target_modules: "all-linear" or the same modules listed)
+# are left to the comparison of the built model's parameters (restore_adapter), which needs the model loaded.
+SHAPE_KEYS = ("adapter.method", "adapter.r", "adapter.num_virtual_tokens", "adapter.layer_replication",
+              "adapter.prefix_projection")
+
+
+def _check_same_shapes(ckpt: Checkpoint, changes: list[str]) -> None:
+    """An adapter key whose change means other adapter tensors: exit 4 from the recipes alone, before the base model
+    loads (minutes on a big one), with the message restore_adapter gives once it has."""
+    shaped = [change for change in changes if change.split(": ", 1)[0] in SHAPE_KEYS]
+    if shaped:
+        raise CheckpointError(
+            f"{ckpt.path}: its adapter does not fit this model ({'; '.join(shaped)}: other adapter tensors); it was "
+            "written for another base model or adapter; resume with the recipe that wrote it"
+        )
 
 
 def check_steps_left(ckpt: Checkpoint, total_steps: int, train) -> None:

@@ -45,7 +45,7 @@ from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.effective import as_records, effective_settings, format_block
 from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
-from lorakit.training.manifest import write_run_manifest
+from lorakit.training.manifest import final_metrics, write_run_manifest
 from lorakit.training.metrics import MetricsLog, read_metrics
 from lorakit.training.optim import build_optimizer, build_scheduler, warmup_warning
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
@@ -209,6 +209,11 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     if resume:
         checkpoint = select_checkpoint(paths.checkpoints, resume_from, say)
         changed = check_resume(checkpoint, recipe, accelerator.num_processes, allow_recipe_change, say, fsdp=fsdp)
+        if not changed and (done := finished_step(paths, recipe, checkpoint.step)) is not None:
+            say(f"{paths.root}: this run already finished{f' at step {done}' if done else ''} (its adapter: "
+                f"{paths.adapter}); nothing to resume, nothing rewritten. To train further, raise train.max_steps "
+                "and resume with --allow-recipe-change (--set train.max_steps=N)")
+            return paths.root
 
     # Data first: a data problem (exit 3) must show before minutes of model loading.
     with stage(accelerator.is_main_process, "loading tokenizer"), accelerator.main_process_first():
@@ -336,6 +341,31 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
                 saved(True)("merged model", paths.merged)
         accelerator.wait_for_everyone()
     return paths.root
+
+
+def finished_step(paths: RunPaths, recipe: Recipe, resumed_step: int) -> int | None:
+    """The step this run finished at (0 when unknown) if ``paths`` holds its finished outputs under ``recipe``;
+    None if not. An unchanged resume of a finished run would only retrain its last steps into the same bytes.
+
+    Finished: DIR/adapter complete (save_adapter writes lorakit.json last), DIR/merged too where the recipe
+    saves one, and DIR/recipe.yaml this recipe (a resume of an older checkpoint under the original recipe, after
+    a changed resume went further, is not this run's end)."""
+    import yaml
+
+    from lorakit.checkpoint.resume import recipe_changes
+
+    if not (paths.adapter / "lorakit.json").is_file() or not paths.recipe.is_file():
+        return None
+    if recipe.output.save in ("merged", "both") and not (paths.merged / "config.json").is_file():
+        return None  # stopped while merging: the resume finishes it
+    try:
+        ran = yaml.safe_load(paths.recipe.read_text())
+        if not isinstance(ran, dict) or recipe_changes(ran, yaml.safe_load(dump_recipe(recipe))):
+            return None
+    except (OSError, yaml.YAMLError):
+        return None
+    step = recipe.train.max_steps or final_metrics(paths.metrics).get("step") or 0
+    return step if step == 0 or step >= resumed_step else None
 
 
 def best_effort(say, what: str, fn, *args):

@@ -269,6 +269,7 @@ def test_pissa_checkpoints_under_ddp_are_converted_and_resume_bitwise(tiny_model
     checkpoint = run / "checkpoints" / "step-000002"
     assert json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
     first = saved_state(run / "adapter")
+    (run / "adapter").rename(tmp_path / "finished-adapter")  # stopped before its end: a resume trains again
     train("--resume", str(checkpoint))
     assert saved_state(run / "adapter") == first
 

@@ -294,6 +294,30 @@ def test_output_dir_is_protected_and_overwrite_moves_aside(run, tmp_path):
     assert (stranger / "cat.jpg").read_bytes() == b"meow"
 
 
+def unfinish(out, tmp_path):
+    """A finished run as if stopped after its last checkpoint, before its adapter was saved: a resume trains again
+    (a finished run's resume only says it is finished)."""
+    (out / "adapter").rename(tmp_path / f"adapter-{len(list(tmp_path.glob('adapter-*')))}")
+
+
+def test_resuming_a_finished_run_says_so_and_rewrites_nothing(run, tmp_path):
+    """`--resume` (or --resume RUN/checkpoints/step-N) on a finished run retrained the steps after the checkpoint and
+    rewrote DIR/adapter (the same bytes); now one line naming the step, the adapter and how to train further, exit 0,
+    no file touched. Under a changed recipe it still continues (test_resume_with_allowed_recipe_change)."""
+    recipe, out = run(max_steps=4, save_every=2)
+    assert cli("train", recipe).exit_code == 0
+    files = sorted(out.rglob("*"))
+    stamps = [(p, p.stat().st_mtime_ns) for p in files]
+    for where in ([], [out / "checkpoints" / "step-000002"]):
+        result = cli("train", recipe, "--resume", *where)
+        assert result.exit_code == 0, result.output
+        assert f"{out}: this run already finished at step 4 (its adapter: {out / 'adapter'}); nothing to resume" \
+               in " ".join(result.output.split())
+        assert "raise train.max_steps and resume with --allow-recipe-change" in " ".join(result.output.split())
+        assert "loading model" not in result.output and "tokenizing" not in result.output
+        assert sorted(out.rglob("*")) == files and [(p, p.stat().st_mtime_ns) for p in files] == stamps
+
+
 def test_resume_refusals(run, tmp_path):
     recipe, out = run(max_steps=4, save_every=2)
     result = cli("train", recipe, "--resume")
@@ -316,8 +340,8 @@ def test_resume_refusals(run, tmp_path):
 
 def test_resume_with_allowed_recipe_change(run):
     """A finished run resumed under a changed recipe replaced its DIR/adapter with the new run's, and kept the old
-    eval.json beside it; both are now moved aside with the superseded checkpoints (an unchanged resume rewrites the
-    same bytes and moves nothing)."""
+    eval.json beside it; both are now moved aside with the superseded checkpoints (an unchanged resume of a finished run
+    trains nothing: test_resuming_a_finished_run_says_so_and_rewrites_nothing)."""
     recipe, out = run(max_steps=4, save_every=2)
     assert cli("train", recipe).exit_code == 0
     finished = adapter_hash(out / "adapter")
@@ -341,6 +365,7 @@ def test_resume_keeps_the_checkpoints_value_of_a_key_left_to_a_default_that_chan
     unset = yaml.safe_load(recipe.read_text())
     del unset["adapter"]["lora_dropout"]  # the default, 0.05, now differs from what the checkpoint ran with
     unset_file = write_recipe(tmp_path / "unset.yaml", unset)
+    unfinish(out, tmp_path)
     result = cli("train", unset_file, "--resume", out / "checkpoints" / "step-000002")
     assert result.exit_code == 0, result.output
     assert "resuming with the checkpoint's adapter.lora_dropout: 0.1; the recipe leaves it to its default, which " \
@@ -385,6 +410,26 @@ def test_another_runs_checkpoint_is_not_continued_into_a_run(run, tmp_path):
     assert adapter_hash(tmp_path / "c" / "adapter") == adapter_hash(a / "adapter")
 
 
+@pytest.mark.parametrize("change, shown", [
+    ("adapter.r=8", "adapter.r: 4 → 8"),
+    ("adapter.method=dora", "adapter.method: 'lora' → 'dora'"),
+    ("adapter.layer_replication=[[0, 2], [1, 2]]", "adapter.layer_replication: '<unset>' → [[0, 2], [1, 2]]"),
+])
+def test_resume_with_other_adapter_shapes_is_refused_before_loading(run, change, shown):
+    """adapter.r (method, ...) changed under --allow-recipe-change was refused only after the base model loaded
+    ('its adapter does not fit this model (...lora_A... [4, 64] vs ... [8, 64])'), and without the flag the refusal
+    advised the flag; now exit 4 from the recipes alone, before anything loads."""
+    recipe, out = run(max_steps=4, save_every=2)
+    assert cli("train", recipe).exit_code == 0
+    before = tree_hash(out)
+    for flags in ([], ["--allow-recipe-change"]):
+        result = cli("train", recipe, "--resume", out / "checkpoints" / "step-000002", *flags, "--set", change)
+        assert result.exit_code == 4, result.output
+        assert f"its adapter does not fit this model ({shown}: other adapter tensors)" in " ".join(result.output.split())
+        assert "loading model" not in result.output and "tokenizing" not in result.output
+        assert tree_hash(out) == before
+
+
 def test_resume_past_the_new_last_step_is_refused(run):
     """train.max_steps lowered below the checkpoint's step under --allow-recipe-change saved the step-4 adapter as
     a finished 2-step run (exit 0); now exit 4 naming the key, the run directory untouched. Equal is fine: the
@@ -401,10 +446,11 @@ def test_resume_past_the_new_last_step_is_refused(run):
     assert result.exit_code == 0, result.output
 
 
-def test_resume_from_explicit_older_checkpoint_sets_newer_aside(run):
+def test_resume_from_explicit_older_checkpoint_sets_newer_aside(run, tmp_path):
     recipe, out = run(max_steps=6, save_every=2, keep_last=3)
     assert cli("train", recipe).exit_code == 0
     reference = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    unfinish(out, tmp_path)
     result = cli("train", recipe, "--resume", out / "checkpoints" / "step-000002")
     assert result.exit_code == 0, result.output
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == reference

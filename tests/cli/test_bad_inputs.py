@@ -79,7 +79,8 @@ class Ctx:
         return copy
 
     def resume(self, checkpoint: Path, *extra) -> list:
-        return ["train", self.run_recipe, "--resume", checkpoint, *extra]
+        """Continue ``checkpoint`` into a new directory: the run's own is finished, and resuming it says only that."""
+        return ["train", self.run_recipe, "--resume", checkpoint, "--output-dir", self.tmp / "resumed", *extra]
 
 
 def _rename_optimizer_param(checkpoint: Path) -> None:

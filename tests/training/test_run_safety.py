@@ -48,6 +48,7 @@ def test_resume_after_editing_one_row_is_exit_4_naming_the_data(tiny_model_dir, 
     rows[3] = rows[3].replace("Count to", "Count up to")
     data.write_text("\n".join(rows) + "\n")
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000004"
+    (tmp_path / "run" / "adapter").rename(tmp_path / "finished-adapter")  # stopped before its end: resumable
     result = cli("train", recipe, "--resume", checkpoint)
     assert result.exit_code == 4, result.output
     assert f"data.train source {data} changed since this checkpoint" in " ".join(result.output.split())

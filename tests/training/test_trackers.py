@@ -194,6 +194,7 @@ def test_a_resumed_run_continues_its_mlflow_run_and_a_tracker_added_starts_one(t
     first = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
     reference = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     step_2 = tmp_path / "run" / "checkpoints" / "step-000002"
+    (tmp_path / "run" / "adapter").rename(tmp_path / "finished-adapter")  # stopped before its end: resumable
     result = cli("train", path, "--resume", step_2, "--set", "output.project=elsewhere")
     assert result.exit_code == 4 and "output.project: 'lorakit' → 'elsewhere'" in result.output, result.output
     assert "tracker runs (trackers.json) live in" in result.output
