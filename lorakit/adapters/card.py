@@ -83,6 +83,9 @@ def _method(config: dict, record: dict, recipe: dict, merge_record: dict | None)
     settings = {"method": method_tag(config, record), "quantization": record.get("quantization"),
                 "dtype": record.get("dtype")}
     settings.update({k: config[k] for k in ADAPTER_KEYS if config.get(k) not in (None, False)})
+    if init_from := (record.get("init") or {}).get("init_from"):  # PEFT's config says true: the fresh weights' init
+        settings.pop("init_lora_weights", None)
+        settings["init_from"] = init_from
     if merge_record:
         settings.update({"merged into": merge_record.get("base"), "merge base precision":
                          merge_record.get("base_precision"), "merged dtype": merge_record.get("dtype")})

@@ -43,7 +43,10 @@ class InitRecord:
         return bool(self.initial)
 
     def summary(self) -> dict:
-        return {"init_lora_weights": self.name, "base_rewritten_modules": self.rewritten_modules,
+        # adapter.init_from replaces the fresh weights (the schema refuses it beside another init): the init is
+        # that adapter's, not PEFT's default, which a reader of lorakit.json would otherwise take it for
+        return {"init_lora_weights": "init_from" if self.init_from else self.name,
+                "base_rewritten_modules": self.rewritten_modules,
                 "converted_at_save": self.converted_at_save, "eva_batches": self.eva_batches,
                 "eva_ranks": dict(self.eva_ranks), "init_from": self.init_from}
 

@@ -102,6 +102,10 @@ def test_dpo_continues_an_sft_adapter_with_it_as_the_reference(tiny_model_dir, t
     assert init.startswith(f"weights of {tmp_path / 'sft' / 'adapter'} (adapter.init_from): "), init
     record = json.loads((tmp_path / "dpo" / "adapter" / "lorakit.json").read_text())["init"]
     assert record["init_from"] == str(tmp_path / "sft" / "adapter")
+    # and what initialised it (before: init_lora_weights "default", and the card's `True`, PEFT's fresh init's)
+    assert record["init_lora_weights"] == "init_from"
+    card = (tmp_path / "dpo" / "adapter" / "README.md").read_text()
+    assert f"| init_from | `{tmp_path / 'sft' / 'adapter'}` |" in card and "| init_lora_weights |" not in card
     first = [r for r in records(tmp_path / "dpo") if "loss" in r][0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as its reference
     # Against the base instead, the SFT adapter has already moved the policy: not ln 2.
