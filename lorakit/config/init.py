@@ -28,6 +28,9 @@ class Template:
     overrides: dict
     run: str = "lorakit train {path}"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Keys the template leaves at their default, written commented out with a value a user may put in
+    # (key: (value, why)): the next step the summary speaks of, in the shape it takes.
+    suggest: dict[str, tuple[object, str]] = field(default_factory=dict)
 
 
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -90,7 +93,12 @@ TEMPLATES: dict[str, Template] = {
             "output": {"dir": "runs/dpo"},
         },
         notes=("Rows: {prompt (or messages), chosen, rejected}; answers are strings or assistant messages. Other "
-               "objectives: --set train.objective=simpo (or ipo, orpo); docs/preference.md.",),
+               "objectives: --set train.objective=simpo (or ipo, orpo); docs/preference.md.",
+               "After SFT: uncomment adapter.init_from (the SFT run's DIR/adapter, trained with this adapter's r, "
+               "lora_alpha, method and target_modules) and train.reference: init_from.",),
+        suggest={"adapter.init_from": ("runs/sft/adapter", "the SFT run's adapter this stage continues"),
+                 "train.reference": ("init_from", "with adapter.init_from: the SFT adapter, as loaded, is the "
+                                     "reference (base: the model without it)")},
     ),
     "multi-gpu": Template(
         "LoRA on several GPUs (DDP through accelerate; the global batch is micro_batch_size x grad_accum x GPUs)",
@@ -147,6 +155,9 @@ def render(name: str, path: str = "recipe.yaml") -> str:
         lines.append(f"  # {' '.join(description.split())}")  # one line, whatever the description's layout
         if key in unused and leaf not in overrides:
             lines.append(f"  # {leaf}: {value}   # not used here: {unused[key]}")
+        elif key in tpl.suggest and leaf not in overrides:  # left out, the key keeps its default
+            example, why = tpl.suggest[key]
+            lines.append(f"  # {leaf}: {_yaml_value(example)}   # {why}")
         else:
             lines.append(f"  {leaf}: {value}")
     return "\n".join(lines) + "\n"

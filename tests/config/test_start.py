@@ -161,6 +161,20 @@ def test_templates_write_keys_without_effect_commented_out():
     assert "\n  double_quant: true\n" in render("qlora")
 
 
+def test_dpo_template_shows_how_to_start_from_the_sft_adapter():
+    """The dpo template says "after SFT" and showed adapter.init_from only as `null`: it now writes the key commented
+    out with the path shape (and train.reference: init_from beside it), and uncommented the recipe validates."""
+    from lorakit.config.init import render
+
+    text = render("dpo")
+    assert "\n  # init_from: runs/sft/adapter   # the SFT run's adapter this stage continues\n" in text
+    assert "\n  # reference: init_from   # with adapter.init_from" in text and "uncomment adapter.init_from" in text
+    parse_recipe(yaml.safe_load(text))
+    after_sft = parse_recipe(yaml.safe_load(text.replace("  # init_from: ", "  init_from: ").replace(
+        "  # reference: init_from", "  reference: init_from")))
+    assert after_sft.adapter.init_from == "runs/sft/adapter" and after_sft.train.reference == "init_from"
+
+
 def test_resume_from_the_runs_own_recorded_recipe(tiny_model_dir, tmp_path):
     """`lorakit train RUN/recipe.yaml --resume`: the run's own record, as an older lorakit wrote it (every default,
     keys without effect among them), resumes bitwise; the same text in another file is a recipe, refused."""
