@@ -42,6 +42,12 @@ def vllm_problems(config: dict, modules: set[str] | None, max_lora_rank: int | N
                         "merge the adapter and serve the merged model")
     if config.get("trainable_token_indices"):
         problems.append("trainable_token_indices: vLLM loads no trained token rows")
+    if replication := config.get("layer_replication"):
+        # PEFT's replicate_layers rebuilds the decoder from these ranges (sharing the base's weights) and saves
+        # LoRA weights for every new layer; vLLM builds the base's own layers and has no such step
+        layers = sum(end - start for start, end in replication)
+        problems.append(f"layer_replication {replication}: the adapter belongs to a {layers}-layer model that PEFT "
+                        "stacks from the base's layers at load, which vLLM does not do (it serves the base's own)")
     unknown = sorted((modules or set()) - VLLM_LORA_MODULES)
     if unknown:
         problems.append(f"LoRA on {', '.join(unknown)}: vLLM has no LoRA layer for them; it supports "

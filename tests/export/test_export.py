@@ -327,6 +327,13 @@ def test_vllm_check(tiny_model_dir, lora_adapter, tmp_path):
         r=32, target_modules=["q_proj"], init_lora_weights=False))
     result = cli("export", wide, "--check", "vllm", "--max-lora-rank", "16")
     assert result.exit_code == 4 and "--max-lora-rank 32" in result.output
+    # PEFT's layer replication (the tiny model's 2 layers as 0, 1, 1): an adapter for a 3-layer model (it passed)
+    stacked = build_random_adapter(tiny_model_dir, tmp_path / "stacked", LoraConfig(
+        r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]], init_lora_weights=False))
+    result = cli("export", stacked, "--check", "vllm")
+    assert result.exit_code == 4, result.output
+    assert "layer_replication [[0, 2], [1, 2]]: the adapter belongs to a 3-layer model" in " ".join(
+        result.output.split())
 
 
 def test_train_warns_at_start_when_vllm_cannot_serve_the_adapter(tiny_model_dir, tmp_path):
@@ -355,6 +362,18 @@ def test_the_start_warning_sends_an_unmergeable_adapter_to_generate_not_to_merge
     [line] = said
     assert "vLLM will not serve this adapter" in line and "lorakit merge` gives" not in line
     assert "nor will a merged model or llama.cpp/Ollama" in line and "`lorakit generate`" in line
+
+
+def test_the_start_warning_names_layer_replication():
+    """adapter.layer_replication got no vLLM warning at start; merge refuses it too, so the line says neither helps."""
+    from lorakit.config.schema import AdapterSection
+    from lorakit.export.vllm import warn_if_not_servable
+
+    said = []
+    warn_if_not_servable(AdapterSection(layer_replication=[[0, 2], [1, 2]]), said.append)
+    [line] = said
+    assert "layer_replication [[0, 2], [1, 2]]: the adapter belongs to a 3-layer model" in line
+    assert "nor will a merged model or llama.cpp/Ollama (layer_replication: not a plain weight update)" in line
 
 
 def test_export_guards_its_output_like_every_other_command(llama3_dir, tmp_path):
