@@ -130,22 +130,34 @@ def _unread_fields(data) -> list[str]:
 # choice. Warned, not refused: nothing proves such a run diverges (a random tiny model stays finite at 1e6).
 USUAL_LEARNING_RATES = (1e-5, 1e-2)
 FAR_ABOVE, FAR_BELOW = 1e-1, 1e-7
+# Prompt and prefix tuning train a few virtual-token vectors, at rates far above: PEFT's own examples (AdamW) use 1
+# (examples/conditional_generation/peft_prompt_tuning_seq2seq, T5-large), 3e-2 (causal_language_modeling/
+# peft_prompt_tuning_clm and peft_prefix_tuning_clm) and 1e-2 (conditional_generation/peft_prefix_tuning_seq2seq,
+# sequence_classification/prefix_tuning); Lester et al. 2021 prompt-tune at 0.3 (Adafactor). The warning moves with
+# the top of the range (ten times it). IA3 and bottleneck adapters stay within the adapter range: PEFT's IA3
+# examples 8e-3 (peft_ia3_seq2seq) and 1e-3 (sequence_classification/IA3), T-Few's (IA)³ 3e-3 (Liu et al. 2022),
+# Houlsby et al. 2019's adapters 1e-4 to 1e-3.
+METHOD_LEARNING_RATES = {"prompt": (1e-5, 1.0), "prefix": (1e-5, 3e-2)}
+METHOD_NAMES = {"prompt": "prompt tuning", "prefix": "prefix tuning"}
 
 
 def start_warnings(recipe) -> list[str]:
     """What ``recipe`` may start with but most likely does not mean: a learning rate far outside any usual range
     (LoRA+'s B rate too, train.learning_rate × adapter.loraplus_lr_ratio). One line each, with the fix."""
     lr, ratio = recipe.train.learning_rate, recipe.adapter.loraplus_lr_ratio
-    low, high = map(_rate, USUAL_LEARNING_RATES)
+    method = recipe.adapter.method
+    usual_rates = METHOD_LEARNING_RATES.get(method, USUAL_LEARNING_RATES)
+    far_above = FAR_ABOVE * usual_rates[1] / USUAL_LEARNING_RATES[1]
+    low, high = map(_rate, usual_rates)
     default = _rate(TrainSection.model_fields["learning_rate"].default)
-    usual = f"the usual range for AdamW on an adapter ({low} to {high}"
+    usual = f"the usual range for AdamW on {METHOD_NAMES.get(method, 'an adapter')} ({low} to {high}"
     why = ("AdamW moves every adapter weight by about the learning rate each step, so the run is likely to diverge "
            "(exit 6) or leave a broken adapter")
     warnings = []
-    if lr > FAR_ABOVE:
+    if lr > far_above:
         warnings.append(f"train.learning_rate: {_rate(lr)} is far above {usual}, {default} by default): {why}; lower "
                         f"it (--set train.learning_rate={default})")
-    elif ratio is not None and lr * ratio > FAR_ABOVE:
+    elif ratio is not None and lr * ratio > far_above:
         warnings.append(f"adapter.loraplus_lr_ratio: {ratio:g} × train.learning_rate {_rate(lr)} gives LoRA+'s B "
                         f"matrices {_rate(lr * ratio)}, far above {usual}): {why}; lower either")
     if lr < FAR_BELOW:

@@ -211,6 +211,16 @@ def test_resume_from_the_runs_own_recorded_recipe(tiny_model_dir, tmp_path):
                                                          "gives LoRA+'s B matrices 0.16, far above"),
     ({"learning_rate": 3e-2}, {}, None),  # PEFT's prompt-tuning example: high, not absurd
     ({"learning_rate": 1e-6}, {}, None),  # TRL's DPO default
+    # Per method (it warned prompt tuning at its paper's 0.3): PEFT's prompt-tuning examples go up to 1, prefix 3e-2
+    ({"learning_rate": 0.3}, {"method": "prompt", "r": None, "num_virtual_tokens": 8}, None),
+    ({"learning_rate": 1.0}, {"method": "prompt", "r": None, "num_virtual_tokens": 8}, None),
+    ({"learning_rate": 20}, {"method": "prompt", "r": None, "num_virtual_tokens": 8},
+     "train.learning_rate: 20 is far above the usual range for AdamW on prompt tuning (1e-5 to 1, 2e-4 by default)"),
+    ({"learning_rate": 0.2}, {"method": "prefix", "r": None, "num_virtual_tokens": 8}, None),
+    ({"learning_rate": 0.5}, {"method": "prefix", "r": None, "num_virtual_tokens": 8},
+     "train.learning_rate: 0.5 is far above the usual range for AdamW on prefix tuning (1e-5 to 0.03"),
+    ({"learning_rate": 0.5}, {}, "train.learning_rate: 0.5 is far above the usual range for AdamW on an adapter"),
+    ({"learning_rate": 0.5}, {"method": "ia3", "r": None}, "train.learning_rate: 0.5 is far above"),  # IA3's: ≤ 1e-2
 ])
 def test_a_learning_rate_far_outside_any_usual_range_is_warned_not_refused(train, adapter, warned):
     from lorakit.config.start import start_warnings
