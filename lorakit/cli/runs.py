@@ -27,7 +27,8 @@ def train(
     resume: bool = typer.Option(
         False, "--resume",
         help="Continue the run in output.dir from its newest complete checkpoint (or the CHECKPOINT given after "
-        "--resume): the result is bitwise the uninterrupted run's. See docs/checkpoints.md.",
+        "--resume): the result is bitwise the uninterrupted run's; a finished run says so and trains nothing. See "
+        "docs/checkpoints.md.",
     ),
     allow_recipe_change: bool = typer.Option(
         False, "--allow-recipe-change",
