@@ -26,7 +26,8 @@ def test_a_dpo_run_logs_rewards_everywhere(tiny_model_dir, tmp_path):
     recipe["output"].update(report_to=["tensorboard"], save="both")
     result = cli("train", write_recipe(tmp_path / "recipe.yaml", recipe))
     assert result.exit_code == 0, result.output
-    assert "loss: dpo, reference base, log-probs chunked" in result.output
+    assert [line.split(None, 1) for line in result.output.splitlines() if "log-probs chunked" in line] == [
+        ["loss", "dpo, reference base, log-probs chunked"]]  # the effective settings' line, once
     logged = records(tmp_path / "run")
     steps = [r for r in logged if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(METRICS <= r.keys() for r in steps)
