@@ -2,8 +2,8 @@
 
 Modes (the CLI's global options): normal (rich text and progress bars), ``--quiet`` (only errors and the
 paths of what was written) and ``--json-logs`` (one JSON object per stdout line: messages, stages, metrics,
-warnings, saved paths, errors). Warnings of transformers/peft/bitsandbytes/accelerate/datasets are routed
-here too, each distinct message shown once.
+warnings, saved paths, errors). Warnings go to stderr: lorakit's own through ``warner``, those of
+transformers/peft/bitsandbytes/accelerate/datasets through the logging handler below, each distinct one once.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def get_err_console():
 def configure(*, quiet: bool = False, json_logs: bool = False, debug: bool = False) -> None:
     """Set this process's output mode and take over the libraries' warnings (cheap: imports no library)."""
     _mode.update(quiet=quiet, json=json_logs, debug=debug)
-    _library_handler.reset()
+    _shown.clear()
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         if _library_handler not in logger.handlers:
@@ -178,6 +178,18 @@ def saved(enabled: bool) -> Callable[[str, object], None]:
     return report
 
 
+def warner(enabled: bool) -> Callable[[str], None]:
+    """lorakit's own warnings: "warning: MESSAGE" on stderr, beside the libraries' "warning (PACKAGE): ..."
+    (stdout stays the run's lines, or a command's product); a "warning" event from source "lorakit" with
+    --json-logs. Silent off the main process and with --quiet; each distinct message once per command."""
+
+    def warn(message: str) -> None:
+        if enabled:
+            _show_once(logging.WARNING, "lorakit", message)
+
+    return warn
+
+
 def show_metrics(record: dict, text: bool = True) -> None:
     """One metrics.jsonl record on the terminal (a line of text, or a JSON "metrics" event). ``text`` False: the
     JSON event only (a record a line of its own describes for people, as the efficiency line does)."""
@@ -227,33 +239,21 @@ def stage(enabled: bool, description: str):
 
 
 class _OnceHandler(logging.Handler):
-    """Shows each distinct library warning once, in the current output mode (errors even with --quiet)."""
+    """The libraries' warnings and errors (logging records, and the warnings module's through "py.warnings"),
+    each distinct one shown once by _show_once."""
 
     _WARNING_TEXT = re.compile(r"^(.*?):\d+: (\w+): (.*)$")
     _PACKAGE = re.compile(r"[/\\](?:site|dist)-packages[/\\]([^/\\]+)")
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.seen: set[tuple[str, str]] = set()
-
-    def reset(self) -> None:
-        self.seen.clear()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             source, text = self.describe(record)
         except Exception:  # a malformed record must not break a run
             return
-        if (source, text) in self.seen or (_mode["quiet"] and record.levelno < logging.ERROR):
-            return
-        if record.levelno < logging.ERROR and not _mode["debug"] and any(n.search(text) for n in KNOWN_NOISE):
-            return
-        self.seen.add((source, text))
-        level = "error" if record.levelno >= logging.ERROR else "warning"
-        if _mode["json"]:
-            emit(level, source=source, message=text)
-        else:
-            get_err_console().print(f"{level} ({source}): {text}", markup=False)
+        _show_once(record.levelno, source, text)
 
     def describe(self, record: logging.LogRecord) -> tuple[str, str]:
         """(package, one-line text); a warnings-module record "path:line: Category: message" is shortened."""
@@ -264,14 +264,28 @@ class _OnceHandler(logging.Handler):
         if not match:
             return "python", text
         path, category, message = match.groups()
-        if category == "UserWarning" and Path(path).resolve().is_relative_to(_PACKAGE_DIR):
-            return "lorakit", message  # lorakit's own warnings name their recipe key; the category adds nothing
         package = self._PACKAGE.search(path)
         return (package.group(1) if package else Path(path).stem), f"{category}: {message}"
 
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 _library_handler = _OnceHandler()
+_shown: set[tuple[str, str]] = set()  # (source, text) of the warnings this command has shown
+
+
+def _show_once(level: int, source: str, text: str) -> None:
+    """A warning (or a library's error) in the current mode, once per distinct text; errors even with --quiet.
+    lorakit's own read "warning: ...", a library's "warning (PACKAGE): ...": whose message it is."""
+    if (source, text) in _shown or (_mode["quiet"] and level < logging.ERROR):
+        return
+    if level < logging.ERROR and not _mode["debug"] and any(n.search(text) for n in KNOWN_NOISE):
+        return
+    _shown.add((source, text))
+    kind = "error" if level >= logging.ERROR else "warning"
+    if _mode["json"]:
+        emit(kind, source=source, message=text)
+    else:
+        get_err_console().print(f"{kind}: {text}" if source == "lorakit" else f"{kind} ({source}): {text}",
+                                markup=False)
 
 
 class _Bar:

@@ -17,7 +17,7 @@ from lorakit.atomic import write_file
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.methods import REGISTRY
 from lorakit.config.schema import ModelSection
-from lorakit.console import console
+from lorakit.console import warner
 from lorakit.errors import CheckpointError, SafetyError, UsageError
 from lorakit.models.checks import folder_problem, weights_fingerprint
 from lorakit.models.loading import model_dir_on_disk, resolve_model_path
@@ -236,9 +236,9 @@ def _check_weights(record: dict, base_dir: Path, option: str) -> None:
     if not isinstance(recorded, str) or folder is None or not (folder / "config.json").is_file():
         return
     found = weights_fingerprint(folder)
-    if found is not None and found != recorded:  # on stderr: generate's stdout is its completions
-        console(True, stderr=True)(
-            f"warning: {option} {base_dir}: its weights are not those the adapter was trained on (fingerprint "
+    if found is not None and found != recorded:
+        warner(True)(
+            f"{option} {base_dir}: its weights are not those the adapter was trained on (fingerprint "
             f"{found}, lorakit.json records {recorded}). Another checkpoint of this architecture (another "
             "fine-tune) gives other outputs; the same model saved in another dtype or quantized also differs and "
             "is fine")

@@ -46,12 +46,11 @@ def validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> No
 
     checked = load_recipe(recipe, set_)
     from lorakit.config.start import start_warnings
-    from lorakit.console import console
+    from lorakit.console import console, warner
 
-    say = console(True)
     for warning in start_warnings(checked):
-        say(f"warning: {warning}")
-    say(f"{recipe}: ok")
+        warner(True)(warning)
+    console(True)(f"{recipe}: ok")
 
 
 @command(help="Print the recipe JSON Schema (for editors: lorakit schema > recipe.schema.json).")

@@ -111,7 +111,8 @@ def render_exit_codes() -> str:
         "",
         "Every lorakit command ends with one of these codes. A user mistake prints one line on stderr naming the",
         "key, file or line and the fix (`lorakit --debug ...` adds the traceback); with `--json-logs` the same",
-        'line also comes as an `{"event": "error", "exit_code": N, ...}` object on stdout.',
+        'line also comes as an `{"event": "error", "exit_code": N, ...}` object on stdout. Warnings given before it',
+        "(`warning: ...`, also on stderr) are lines of their own.",
         "",
         *_exit_code_table(classes),
     ]

@@ -209,7 +209,7 @@ def _check_not_empty(key: str, names: list[str], rows: int, stats: DataStats) ->
         return
     if stats.rows == 0:
         raise DataError(f"data.{key}: {', '.join(names)} is empty: it holds no rows")
-    counts = "; ".join(line.strip() for line in stats.summary().splitlines() if not line.startswith("  warning: "))
+    counts = "; ".join(line.strip() for line in stats.summary().splitlines())
     # the no-supervised-token warning names its own checks; the others say what happened, not what to change
     remedy = [] if stats.unsupervised else ["check data.format, data.fields, data.max_seq_len and data.truncation"]
     raise DataError(f"data.{key}: {', '.join(names)} has no usable rows ({counts}); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import numpy as np
 
@@ -12,13 +13,13 @@ from lorakit.data.formats import Example
 COUNTS = ("rows", "kept", "truncated", "too_long", "unsupervised", "bad")  # per source
 ROWS_NAMED = 3  # rows a warning names of those it counts
 # Truncating a few rows (a long chat's oldest turns) is routine; when this share of the kept rows or more was cut,
-# max_seq_len is likely too small for the data, and the summary warns with the longest row's length.
+# max_seq_len is likely too small for the data, and a warning says so with the longest row's length.
 TRUNCATED_WARN = 0.1
 
 
 @dataclass
 class DataStats:
-    """What happened to every row of a split; ``summary()`` is printed at the start of a run."""
+    """What happened to every row of a split; ``show()`` prints it at the start of a run."""
 
     rows: int = 0  # rows read, malformed ones included
     kept: int = 0
@@ -79,7 +80,7 @@ class DataStats:
         return out
 
     def summary(self) -> str:
-        """One line of counts and the token-length distribution, then one line per source (several), then warnings."""
+        """One line of counts and the token-length distribution, then one line per source (several)."""
         cut = f", {self.answers_cut} of them in the answers" if self.answers_cut else ""
         parts = [f"rows {self.rows}: kept {self.kept} ({self.truncated} truncated{cut})"]
         if self.too_long:
@@ -105,7 +106,14 @@ class DataStats:
         if len(self.sources) > 1:
             lines += [f"  {name}: rows {c['rows']}, kept {c['kept']} ({c['truncated']} truncated), dropped "
                       f"{c['dropped']}, skipped {c['bad']} malformed" for name, c in self.source_counts().items()]
-        return "\n".join([*lines, *(f"  warning: {w}" for w in self.warnings())])
+        return "\n".join(lines)
+
+    def show(self, split: str, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
+        """The summary at the start of a run (``split``: train, eval), and each warning through ``warn``, named
+        by its split as the summary is."""
+        say(f"{split} data: {self.summary()}")
+        for warning in self.warnings():
+            warn(f"{split} data: {warning}")
 
     def warnings(self) -> list[str]:
         out = []

@@ -118,7 +118,7 @@ def _lora_modules(path: Path) -> set[str]:
     return {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys}
 
 
-def warn_if_not_servable(section, say: Callable[[str], None]) -> None:
+def warn_if_not_servable(section, warn: Callable[[str], None]) -> None:
     """`lorakit train`: one warning at start when the recipe's adapter will not load in vLLM as saved (known from
     the recipe's adapter section, before PEFT resolves its targets)."""
     config = {**(section.model_extra or {}), "peft_type": REGISTRY[section.method].peft_type,
@@ -136,4 +136,4 @@ def warn_if_not_servable(section, say: Callable[[str], None]) -> None:
         why = method.not_mergeable or f"{', '.join(options)}: not a plain weight update"
         then = (f"nor will a merged model or llama.cpp/Ollama ({why}); `lorakit generate` and `lorakit eval` load it "
                 "beside its base")
-    say(f"warning: vLLM will not serve this adapter as saved ({'; '.join(problems)}); {then}. See docs/serving.md")
+    warn(f"vLLM will not serve this adapter as saved ({'; '.join(problems)}); {then}. See docs/serving.md")

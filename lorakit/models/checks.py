@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from pathlib import Path
 
+from lorakit.console import warner
 from lorakit.errors import UsageError
 from lorakit.text import json_object_problem
 from lorakit.models.meta import build_meta_model
@@ -174,7 +174,8 @@ def new_token_room(model, prompt_tokens: int, max_new_tokens: int, adapter_on: b
     if room < 1:
         raise UsageError(f"{after} fills {where}, leaving none to generate; shorten the prompt")
     if room < max_new_tokens:
-        warnings.warn(f"generation: {max_new_tokens} new tokens cut to {room}, what {after} leaves of {where}")
+        # generation runs in one process (train.eval_generate: the main one only)
+        warner(True)(f"generation: {max_new_tokens} new tokens cut to {room}, what {after} leaves of {where}")
     return min(room, max_new_tokens)
 
 

@@ -118,7 +118,7 @@ def render_rich(index: int, row: PreviewRow, tokenizer):
 
 def preview_data(recipe: Recipe, n: int, stats: bool = True) -> None:
     """Print the first ``n`` rows as the model sees them, then (with ``stats``) the whole dataset's summary."""
-    from lorakit.console import emit, get_console, is_json
+    from lorakit.console import emit, get_console, is_json, warner
     from lorakit.models.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model))
@@ -146,11 +146,14 @@ def preview_data(recipe: Recipe, n: int, stats: bool = True) -> None:
     if stats or not rows:  # no row to show: loading says why (an empty file is exit 3), even with --no-stats
         data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
         for name, split in (("train", data.train_stats), ("eval", data.eval_stats)):
-            if split is not None:
-                if is_json():
-                    emit("data", split=name, summary=split.summary())
-                else:
-                    console.print(f"{name} data: {split.summary()}", markup=False)
+            if split is None:
+                continue
+            if is_json():  # the summary as a "data" event, its warnings as "warning" events
+                emit("data", split=name, summary=split.summary())
+                for warning in split.warnings():
+                    warner(True)(f"{name} data: {warning}")
+            else:
+                split.show(name, lambda line: console.print(line, markup=False), warner(True))
 
 
 def legend():

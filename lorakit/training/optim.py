@@ -40,15 +40,18 @@ def optimizer_class(cfg: TrainSection) -> type[torch.optim.Optimizer]:
 
     # 8-bit Adam states (blockwise quantized; tensors under 4096 elements keep 32-bit states, as bitsandbytes
     # decides). Paging moves those states between GPU and host memory under pressure: on CPU there is nothing
-    # to page, so the same 8-bit optimizer runs unpaged, and the run says so once.
+    # to page, so the same 8-bit optimizer runs unpaged, and the run says so once (paging_warning).
     if cfg.optimizer == "paged_adamw_8bit" and torch.cuda.is_available():
         return bnb.optim.PagedAdamW8bit
-    if cfg.optimizer == "paged_adamw_8bit":
-        import warnings
-
-        warnings.warn("train.optimizer: paged_adamw_8bit pages optimizer state out of GPU memory; without a GPU "
-                      "there is nothing to page, so adamw_8bit (the same 8-bit AdamW, unpaged) is used")
     return bnb.optim.AdamW8bit
+
+
+def paging_warning(cfg: TrainSection) -> str | None:
+    """A warning when train.optimizer asks for paging where there is no GPU to page from (optimizer_class)."""
+    if cfg.optimizer != "paged_adamw_8bit" or torch.cuda.is_available():
+        return None
+    return ("train.optimizer: paged_adamw_8bit pages optimizer state out of GPU memory; without a GPU there is "
+            "nothing to page, so adamw_8bit (the same 8-bit AdamW, unpaged) is used")
 
 
 def build_loraplus_optimizer(model, optimizer_cls, cfg, adapter, **kwargs):

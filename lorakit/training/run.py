@@ -26,7 +26,7 @@ from lorakit.checkpoint.write import check_finite, check_free_space, checkpoint_
 from lorakit.config.load import dump_recipe
 from lorakit.config.schema import Recipe
 from lorakit.config.start import start_warnings
-from lorakit.console import adopt_transformers_output, console, saved, stage
+from lorakit.console import adopt_transformers_output, console, saved, stage, warner
 from lorakit.data import StepSampler, collate, load_datasets
 from lorakit.data.stop_tokens import write_generation_config
 from lorakit.distributed.fsdp import (
@@ -47,7 +47,7 @@ from lorakit.training.interrupt import outside_steps
 from lorakit.training.loop import fit
 from lorakit.training.manifest import final_metrics, write_run_manifest
 from lorakit.training.metrics import MetricsLog, read_metrics
-from lorakit.training.optim import build_optimizer, build_scheduler, warmup_warning
+from lorakit.training.optim import build_optimizer, build_scheduler, paging_warning, warmup_warning
 from lorakit.training.perf import ModelShape, StepMeter, apply_speed_knobs, choose_batching, describe
 from lorakit.training.plot import maybe_plot
 from lorakit.training.preference import attach_reference, build_training_loss, live_reference
@@ -201,9 +201,9 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
                          "afterwards with `lorakit eval RUN --data EVAL_FILE`")
     set_seed(recipe.train.seed)
     set_threads(recipe.train.threads)
-    say = console(accelerator.is_main_process)
+    say, warn = console(accelerator.is_main_process), warner(accelerator.is_main_process)
     for warning in start_warnings(recipe):
-        say(f"warning: {warning}")
+        warn(warning)
     # A bad checkpoint or a changed recipe is exit 4 before anything heavy loads.
     checkpoint, changed = None, False
     if resume:
@@ -222,9 +222,9 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         check_base_fits(recipe, model_path, tokenizer)
     with stage(accelerator.is_main_process, "tokenizing data"):
         data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
-    say(f"train data: {data.train_stats.summary()}")
+    data.train_stats.show("train", say, warn)
     if data.eval_stats:
-        say(f"eval data: {data.eval_stats.summary()}")
+        data.eval_stats.show("eval", say, warn)
 
     with stage(accelerator.is_main_process, "loading model"):
         model = build_model(recipe, model_path, allow_pickle, tokenizer)
@@ -252,9 +252,9 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     total_steps = recipe.train.max_steps or recipe.train.epochs * sampler.steps_per_epoch
     if checkpoint is not None:
         check_steps_left(checkpoint, total_steps, recipe.train)
-    for warning in (sampler.oversized(), warmup_warning(recipe.train, total_steps)):
+    for warning in (sampler.oversized(), warmup_warning(recipe.train, total_steps), paging_warning(recipe.train)):
         if warning:
-            say(f"warning: {warning}")
+            warn(warning)
     if init.name == "eva":  # a resumed run recomputes the same A from the same batches, then restores
         with stage(accelerator.is_main_process, "EVA init on the first micro-batches"):
             run_eva(model, [collate([data.train[i] for i in idx], tokenizer) for idx in sampler.micro_batches(0)],
@@ -322,12 +322,13 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
                          init)
             saved(True)("adapter", paths.adapter)
         # Reporting comes only now, the adapter safe on disk: a failure in it is a warning, never a lost run.
-        efficiency = best_effort(say, "the efficiency summary", meter.record, total_steps,
+        efficiency = best_effort(warn, "the efficiency summary", meter.record, total_steps,
                                  recipe.train.gradient_checkpointing, resolve_dtype(recipe.model.dtype), accelerator)
         if accelerator.is_main_process:
             stats = {"train": data.train_stats.to_json(),
                      "eval": data.eval_stats.to_json() if data.eval_stats else None}
-            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say, effective, stats)
+            report_run(recipe, paths, metrics, efficiency, started, accelerator.num_processes, say, warn, effective,
+                       stats)
         finish_trackers(accelerator)  # after the end-of-run records have reached them
         if accelerator.is_main_process:
             if recipe.output.save in ("merged", "both"):
@@ -368,33 +369,33 @@ def finished_step(paths: RunPaths, recipe: Recipe, resumed_step: int) -> int | N
     return step if step == 0 or step >= resumed_step else None
 
 
-def best_effort(say, what: str, fn, *args):
+def best_effort(warn, what: str, fn, *args):
     """``fn(*args)`` for a report made after the adapter is saved: any failure becomes a warning (and None)."""
     try:
         return fn(*args)
     except Exception as e:  # whatever breaks in a report, the finished run must stay a success
-        say(f"warning: {what} could not be made ({type(e).__name__}: {e}); the adapter is saved")
+        warn(f"{what} could not be made ({type(e).__name__}: {e}); the adapter is saved")
         return None
 
 
 def report_run(recipe: Recipe, paths: RunPaths, metrics: MetricsLog, efficiency: dict | None, started: float,
-               world_size: int, say, effective: list[dict] | None = None,
+               world_size: int, say, warn, effective: list[dict] | None = None,
                data_stats: dict | None = None) -> None:
     """Rank 0, after the adapter is saved: the efficiency record, run.json, the model card and the loss plot,
     each best-effort."""
     report = saved(True)
     if efficiency is not None:
-        best_effort(say, "the efficiency record", metrics.write, efficiency, False)  # the line below says it
-        best_effort(say, "the efficiency line", lambda: say(describe(efficiency)))
-    manifest = best_effort(say, "run.json", lambda: write_run_manifest(paths.root, recipe, started=started,
+        best_effort(warn, "the efficiency record", metrics.write, efficiency, False)  # the line below says it
+        best_effort(warn, "the efficiency line", lambda: say(describe(efficiency)))
+    manifest = best_effort(warn, "run.json", lambda: write_run_manifest(paths.root, recipe, started=started,
                                                                         world_size=world_size,
                                                                         effective_settings=effective,
                                                                         data_stats=data_stats))
     if manifest is not None:
         report("run manifest", manifest)
     # After run.json: the card reports what it records.
-    best_effort(say, "the model card", write_card, paths.adapter, paths.adapter)
-    if (png := maybe_plot(paths.root, warn=say)) is not None:
+    best_effort(warn, "the model card", write_card, paths.adapter, paths.adapter)
+    if (png := maybe_plot(paths.root, warn=warn)) is not None:
         report("loss plot", png)
 
 

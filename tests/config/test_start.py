@@ -2,6 +2,7 @@
 line naming the key and the fix), never when a run's recorded recipe is read back, and left out of the resolved
 recipe a run writes."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -237,9 +238,9 @@ def test_validate_and_train_warn_of_an_absurd_learning_rate(tiny_model_dir, tmp_
                                                               tmp_path / "run", max_steps=2, learning_rate=100))
     warning = "warning: train.learning_rate: 100 is far above the usual range"
     result = cli("validate", path)
-    assert result.exit_code == 0 and warning in result.output and "recipe.yaml: ok" in result.output, result.output
+    assert result.exit_code == 0 and warning in result.stderr and "recipe.yaml: ok" in result.stdout, result.output
     result = cli("train", path)
-    assert result.exit_code == 0 and warning in result.output, result.output
+    assert result.exit_code == 0 and warning in result.stderr and "far above" not in result.stdout, result.output
     assert result.output.index(warning) < result.output.index("loading model")  # before anything heavy loads
 
 
@@ -250,7 +251,10 @@ def test_train_warns_of_a_warmup_longer_than_the_run_and_a_step_larger_than_the_
     path = write_recipe(tmp_path / "recipe.yaml", recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 8),
                                                               tmp_path / "run", max_steps=2, warmup_steps=10,
                                                               micro_batch_size=100))
-    result = cli("train", path)
+    result = cli("--json-logs", "train", path)
     assert result.exit_code == 0, result.output
-    assert "warning: train.warmup_steps 10 is not below the run's 2 steps" in result.output
-    assert "warning: train: a step takes micro_batch_size 100 × grad_accum" in result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is one JSON object
+    warnings = [e["message"] for e in events if e["event"] == "warning" and e["source"] == "lorakit"]
+    assert any(w.startswith("train.warmup_steps 10 is not below the run's 2 steps") for w in warnings), warnings
+    assert any(w.startswith("train: a step takes micro_batch_size 100 × grad_accum") for w in warnings), warnings
+    assert not [e for e in events if e["event"] == "log" and "warmup_steps" in e["message"]]  # not a run line

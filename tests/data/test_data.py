@@ -203,14 +203,15 @@ def test_rows_left_without_supervision_are_counted_and_reported(tok):
     rows = [Row("t:1", {"messages": CHAT[:2]}), Row("t:2", {"messages": CHAT})]  # t:1 has no assistant turn
     examples, stats = tokenize_rows(rows, section(format="chat"), tok)
     assert len(examples) == 1 and stats.unsupervised == 1 and stats.kept == 1
-    assert "1 row(s) had no supervised token" in stats.summary() and "first: t:1" in stats.summary()
+    [warning] = stats.warnings()
+    assert "1 row(s) had no supervised token" in warning and "first: t:1" in warning
     assert all(num_targets(e.labels) > 0 for e in examples)
 
 
 def test_rows_without_supervised_eos_are_reported(tok):
     rows = [Row("t:1", {"instruction": "a", "output": "word " * 40})]
     _, stats = tokenize_rows(rows, section(max_seq_len=60, truncation="truncate"), tok)
-    assert stats.no_eos == 1 and "never supervise the EOS token '<|im_end|>'" in stats.summary()
+    assert stats.no_eos == 1 and any("never supervise the EOS token '<|im_end|>'" in w for w in stats.warnings())
 
 
 def test_a_large_share_of_truncated_rows_is_warned_with_the_longest_row(tok):
@@ -220,7 +221,7 @@ def test_a_large_share_of_truncated_rows_is_warned_with_the_longest_row(tok):
     full, short = tokenize_row(long, section(), tok), tokenize_row(rows[0], section(), tok)
     limit = len(short.input_ids) + 4
     _, stats = tokenize_rows(rows, section(max_seq_len=limit), tok)  # 1 of 11 cut: 9%, routine
-    assert stats.truncated == 1 and "were cut" not in stats.summary()
+    assert stats.truncated == 1 and not any("were cut" in w for w in stats.warnings())
     _, stats = tokenize_rows(rows[:5], section(max_seq_len=limit), tok)  # 1 of 5: 20%
     warning = next(w for w in stats.warnings() if "were cut" in w)
     assert f"1 of 5 kept rows (20%) were longer than data.max_seq_len {limit}" in warning
@@ -285,7 +286,7 @@ def test_bad_row_is_exit_3_naming_file_line_and_field_or_skipped(case, tmp_path,
     assert e.value.exit_code == EXIT_DATA and "data.skip_bad_rows: true" in str(e.value)
     stats = load_datasets(section(train=path, skip_bad_rows=True), tok, seed=0).train_stats
     assert (stats.rows, stats.kept, stats.bad) == (3, 2, 1)
-    assert f"skipped 1 malformed row(s); first: {tmp_path}/{expected}" in stats.summary()
+    assert f"skipped 1 malformed row(s); first: {tmp_path}/{expected}" in stats.warnings()[0]
 
 
 def test_bad_chat_messages(tok):

@@ -343,8 +343,8 @@ def test_train_warns_at_start_when_vllm_cannot_serve_the_adapter(tiny_model_dir,
                          max_steps=1)
     result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert "vLLM will not serve this adapter" in lines[0] and "use_dora" in lines[0]
+    first = result.stderr.splitlines()[0]  # a lorakit warning: on stderr, before anything loads
+    assert first.startswith("warning: vLLM will not serve this adapter") and "use_dora" in first
     plain = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run2", max_steps=1)
     assert "vLLM" not in cli("train", write_recipe(tmp_path / "r2.yaml", plain)).output
 

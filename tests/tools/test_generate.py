@@ -497,7 +497,7 @@ def test_adapters_recorded_on_different_precisions_need_quantization(tiny_model_
     assert CliRunner().invoke(app, [*args, "--quantization", "nf4"]).exit_code == 0
 
 
-def test_generation_stops_at_a_position_table_instead_of_an_index_error(tmp_path):
+def test_generation_stops_at_a_position_table_instead_of_an_index_error(tmp_path, capsys):
     """GPT-2 indexes a table of n_positions: `lorakit generate --max-new-tokens 100` (and `lorakit eval`'s default
     64) past it ended in 'IndexError: index out of range in self' (exit 1). Now the new tokens are cut to what
     the prompt (and a prompt-tuning adapter's virtual tokens) leaves, with a warning saying so; a prompt that
@@ -505,6 +505,7 @@ def test_generation_stops_at_a_position_table_instead_of_an_index_error(tmp_path
     from peft import PeftModel, PromptTuningConfig
     from transformers import GPT2LMHeadModel
 
+    from lorakit.console import configure
     from lorakit.models.checks import new_token_room
     from lorakit.testing import build_tiny_gpt2
 
@@ -512,17 +513,21 @@ def test_generation_stops_at_a_position_table_instead_of_an_index_error(tmp_path
     adapter = build_random_adapter(model_dir, tmp_path / "prompt", PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=4))
     tuned = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), adapter)
-    with pytest.warns(UserWarning, match="100 new tokens cut to 55, what a prompt of 5 tokens and 4 virtual"):
-        assert new_token_room(tuned, 5, 100) == 55
-    with pytest.warns(UserWarning, match="100 new tokens cut to 59, what a prompt of 5 tokens leaves"):
-        assert new_token_room(tuned, 5, 100, adapter_on=False) == 59
+    configure()  # normal output: an earlier test's --json-logs or --quiet stays set in this process
+    assert new_token_room(tuned, 5, 100) == 55
+    assert new_token_room(tuned, 5, 100, adapter_on=False) == 59
     assert new_token_room(tuned, 5, 50) == 50
+    err = capsys.readouterr().err
+    assert "warning: generation: 100 new tokens cut to 55, what a prompt of 5 tokens and 4 virtual" in err
+    assert "warning: generation: 100 new tokens cut to 59, what a prompt of 5 tokens leaves" in err
 
     runner = CliRunner()
     for args in (["--use", "base"], []):
         result = runner.invoke(app, ["generate", "--model", str(model_dir), "--adapter", f"tuned={adapter}", *args,
                                      "--prompt", "1 2 3 4 5", "--max-new-tokens", "100", "--device", "cpu"])
         assert result.exit_code == 0, result.output
+        # on stderr: generate's stdout is the completion alone
+        assert "new tokens cut to" in result.stderr and "new tokens cut" not in result.stdout
     result = runner.invoke(app, ["generate", "--model", str(model_dir), "--prompt", " ".join(["7"] * 80),
                                  "--device", "cpu"])
     assert result.exit_code == 2 and "fills the 64 positions this gpt2 model has" in result.output

@@ -55,9 +55,10 @@ def test_preview_warns_about_rows_without_supervision_or_eos(tmp_path, tokenizer
     out = CliRunner().invoke(app, ["preview-data", recipe, "--no-stats"]).output
     assert "0 supervised  dropped: no supervised tokens" in out and "warning: no supervised tokens" in out
     assert "[[Paris.<|im_end|>\n]]" in out and "train data:" not in out
-    llama3 = CliRunner().invoke(app, ["preview-data", recipe, "--set", "data.chat_template=llama3"]).output
-    assert "warning: no supervised EOS (<|im_end|>)" in llama3  # its <|eot_id|> is not this tokenizer's EOS
-    assert "never supervise the EOS token" in llama3
+    llama3 = CliRunner().invoke(app, ["preview-data", recipe, "--set", "data.chat_template=llama3"])
+    assert "warning: no supervised EOS (<|im_end|>)" in llama3.stdout  # its <|eot_id|> is not this tokenizer's EOS
+    # the split's warnings: lorakit's warning channel (stderr), as at the start of a run
+    assert "warning: train data: " in llama3.stderr and "never supervise the EOS token" in llama3.stderr
 
 
 def test_preview_of_an_empty_file_is_exit_3_even_without_stats(tmp_path, tokenizer_only_dir):

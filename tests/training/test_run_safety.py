@@ -33,8 +33,8 @@ def test_a_failing_report_is_a_warning_and_the_adapter_is_saved_first(tiny_model
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model_dir, data, tmp_path / "run", max_steps=2))
     result = cli("train", recipe)
     assert result.exit_code == 0, result.output
-    assert "warning: run.json could not be made (OSError: disk quota exceeded); the adapter is saved" in result.output
-    assert "warning: the efficiency line could not be made" in result.output
+    assert "warning: run.json could not be made (OSError: disk quota exceeded); the adapter is saved" in result.stderr
+    assert "warning: the efficiency line could not be made" in result.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
