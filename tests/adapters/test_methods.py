@@ -478,7 +478,8 @@ def test_8bit_optimizers(name):
     (METHODS["bottleneck"], "none", "paged_adamw_8bit"),
     (METHODS["prompt"], "int8", "adamw"),
 ], ids=["qlora-nf4", "bottleneck", "prompt-int8"])
-def test_run_training_each_kind(adapter, quant, optimizer, tiny_model_dir, tmp_path):
+def test_run_training_each_kind(adapter, quant, optimizer, tiny_model_dir, tmp_path, capsys):
+    from lorakit.console import configure
     from lorakit.training.run import run_training
 
     data = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl", 16), tmp_path / "run",
@@ -487,7 +488,10 @@ def test_run_training_each_kind(adapter, quant, optimizer, tiny_model_dir, tmp_p
     data["model"]["quantization"] = quant
     data["data"]["eval_split"] = 0.25
     recipe = parse_recipe(data)
+    configure()  # normal output: an earlier test's --json-logs or --quiet stays set in this process
     run = run_training(recipe)
+    paged_on_cpu = optimizer == "paged_adamw_8bit" and not torch.cuda.is_available()
+    assert ("warning: train.optimizer: paged_adamw_8bit" in capsys.readouterr().err) == paged_on_cpu
     base = load_base_model(recipe.model, str(tiny_model_dir))
     base_logits = logits(base)
     trained = logits(load_adapter(base, run / "adapter"))

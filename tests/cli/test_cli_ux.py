@@ -337,6 +337,15 @@ def test_lorakit_warnings_have_one_channel(tmp_path, mode):
         assert result.stdout == f"{recipe}: ok\n"
 
 
+def test_a_lorakit_warning_shows_once_and_only_on_the_main_process(capsys):
+    from lorakit.console import warner
+
+    warner(False)("train data: from rank 1")
+    for _ in range(3):  # e.g. the generation cut at each train.eval_every
+        warner(True)("generation: 100 new tokens cut to 55")
+    assert capsys.readouterr() == ("", "warning: generation: 100 new tokens cut to 55\n")
+
+
 def test_lorakit_raises_no_python_warnings():
     """warnings.warn reaches the user only through a logging hook a test runner or host program can replace, and
     not on the main process alone: lorakit's own warnings go through console.warner."""
