@@ -50,12 +50,6 @@ def train(
     if allow_recipe_change and not resume:
         raise UsageError("--allow-recipe-change applies only with --resume")
     loaded = load_recipe(recipe, set_, output_dir=output_dir, resuming=resume)
-    import os
-
-    from lorakit.console import warner
-    from lorakit.export.vllm import warn_if_not_servable
-
-    warn_if_not_servable(loaded.adapter, warner(os.environ.get("RANK", "0") == "0"))  # once, not per process
     if nproc > 1:  # the recipe (and a checkpoint given) is checked once here, before N processes start
         from lorakit.distributed.launch import relaunch
 

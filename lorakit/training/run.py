@@ -41,6 +41,7 @@ from lorakit.models.loading import (
 from lorakit.models.meta import build_meta_model, read_model_config
 from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
 from lorakit.runlock import OutputLock
+from lorakit.adapters.vllm import warn_if_not_servable
 from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.effective import as_records, effective_settings, format_block
 from lorakit.training.interrupt import outside_steps
@@ -235,6 +236,9 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         batching = choose_batching(recipe, model, data.group_lengths)
         meter = StepMeter(ModelShape.of(model, reference_forward=live_reference(recipe.train)))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
+    # After the build: a target PEFT cannot find (a typo) is refused first, and a regular expression is resolved
+    warn_if_not_servable(recipe.adapter, warn, {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                                if hasattr(module, "lora_A")} or None)
     say(trainable_summary(model))
     say(f"batches: {batching.note}")
 

@@ -343,10 +343,29 @@ def test_train_warns_at_start_when_vllm_cannot_serve_the_adapter(tiny_model_dir,
                          max_steps=1)
     result = cli("train", write_recipe(tmp_path / "r.yaml", recipe))
     assert result.exit_code == 0, result.output
-    first = result.stderr.splitlines()[0]  # a lorakit warning: on stderr, before anything loads
-    assert first.startswith("warning: vLLM will not serve this adapter") and "use_dora" in first
+    [line] = [line for line in result.stderr.splitlines() if "vLLM" in line]  # on stderr, before training
+    assert line.startswith("warning: vLLM will not serve this adapter") and "use_dora" in line
     plain = recipe_dict(tiny_model_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run2", max_steps=1)
     assert "vLLM" not in cli("train", write_recipe(tmp_path / "r2.yaml", plain)).output
+
+
+def test_the_start_warning_follows_the_build(tiny_model_dir, tmp_path):
+    """A misspelt target (qproj) drew "vLLM has no LoRA layer for qproj" before the error naming the typo; the
+    warning now comes once PEFT has built the adapter, which also resolves a regular expression's modules."""
+    from run_helpers import recipe_dict, write_data, write_recipe
+
+    data = write_data(tmp_path / "d.jsonl")
+    typo = recipe_dict(tiny_model_dir, data, tmp_path / "run", {"target_modules": ["qproj"]}, max_steps=1)
+    result = cli("train", write_recipe(tmp_path / "r.yaml", typo))
+    assert result.exit_code == 2 and "qproj" in result.output and "vLLM" not in result.output
+    from lorakit.testing import build_tiny_gpt2
+
+    regex = recipe_dict(build_tiny_gpt2(tmp_path / "gpt2", n_positions=128), data, tmp_path / "run2",
+                        {"target_modules": ".*c_attn"}, max_steps=1)
+    result = cli("train", write_recipe(tmp_path / "r2.yaml", regex))
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.stderr.splitlines() if "vLLM" in line]  # a regex said nothing before
+    assert "LoRA on c_attn: vLLM has no LoRA layer for them" in line
 
 
 @pytest.mark.parametrize("adapter", [{"method": "prefix", "num_virtual_tokens": 4}, {"method": "prompt",
@@ -355,7 +374,7 @@ def test_the_start_warning_sends_an_unmergeable_adapter_to_generate_not_to_merge
     """The warning told prefix/prompt/bottleneck runs that llama.cpp/Ollama would serve the adapter and that
     `lorakit merge` gives a model vLLM serves; merge and GGUF export refuse all three."""
     from lorakit.config.schema import AdapterSection
-    from lorakit.export.vllm import warn_if_not_servable
+    from lorakit.adapters.vllm import warn_if_not_servable
 
     said = []
     warn_if_not_servable(AdapterSection(**adapter), said.append)
@@ -367,7 +386,7 @@ def test_the_start_warning_sends_an_unmergeable_adapter_to_generate_not_to_merge
 def test_the_start_warning_names_layer_replication():
     """adapter.layer_replication got no vLLM warning at start; merge refuses it too, so the line says neither helps."""
     from lorakit.config.schema import AdapterSection
-    from lorakit.export.vllm import warn_if_not_servable
+    from lorakit.adapters.vllm import warn_if_not_servable
 
     said = []
     warn_if_not_servable(AdapterSection(layer_replication=[[0, 2], [1, 2]]), said.append)
