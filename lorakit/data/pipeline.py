@@ -230,6 +230,8 @@ def load_datasets(section: DataSection, tokenizer, seed: int) -> Datasets:
     sections = source_sections(section, tokenizer)
     eval_template = resolve_chat_template(section, tokenizer) if section.eval else None
     sources = train_sources(section) + ([section.eval] if section.eval else [])
+    for source in sources:  # missing or unreadable: exit 3 before hashing reads them
+        check_exists(source)
     hashes = [content_hash(s) for s in sources] if section.cache else [None]
     templates = [s.template for s in sections] + ([eval_template] if section.eval else [])
     key = cache.cache_key(section, tokenizer, templates, seed, hashes)

@@ -7,6 +7,7 @@ Every row carries where it came from (``file:line``), so a bad row is reported b
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +42,22 @@ class SourceRows:
 
 
 def check_exists(source: str) -> Path:
-    """The source's path; exit 3 when it names a data file that is not there."""
+    """The source's path; exit 3 when it names a data file that is not there, or a file or directory this process
+    may not read (or reach: a folder above it closed to this user)."""
     path = Path(source).expanduser()
-    if data_suffix(path) in DATA_SUFFIXES and not path.is_file():
-        why = "" if path.is_absolute() else "; relative paths are read from the current directory, not the recipe's"
-        raise DataError(f"data: file {source!r} not found at {path.absolute()}{why}")
+    try:  # opened here, so a permission problem is this line and not a failure in the middle of reading
+        if data_suffix(path) in DATA_SUFFIXES and not path.is_file():
+            why = "" if path.is_absolute() else "; relative paths are read from the current directory, not the recipe's"
+            raise DataError(f"data: file {source!r} not found at {path.absolute()}{why}")
+        if path.is_file():
+            path.open("rb").close()
+        elif path.is_dir():
+            with os.scandir(path) as entries:
+                next(entries, None)
+    except OSError as e:
+        raise DataError(f"data: cannot read {source!r} ({e.strerror}); give this user read permission "
+                        f"(chmod {'-R a+rX' if os.path.isdir(path) else 'a+r'} {path}, and a+x on the folders above it) or "
+                        "copy the data somewhere it can read") from None
     return path
 
 

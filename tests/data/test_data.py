@@ -345,6 +345,70 @@ def test_missing_file_and_unreachable_hub_id_are_exit_3(tmp_path, tok):
         read_rows("lorakit-tests/no-such-dataset")  # offline in tests: datasets cannot reach the hub
 
 
+def _as_another_user(check) -> None:
+    """Run ``check()`` where file permissions apply: as is for a plain user; for root (who reads any file) in a
+    forked child that has dropped to nobody (uid 65534). Its assertion fails the test."""
+    import os
+    import traceback
+
+    if os.geteuid() != 0:
+        check()
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        os.close(read)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            check()
+            report = b""
+        except BaseException:
+            report = traceback.format_exc().encode()
+        os.write(write, report or b"ok")
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        report = f.read().decode()
+    os.waitpid(pid, 0)
+    assert report == "ok", report
+
+
+def test_an_unreadable_data_file_is_exit_3_naming_it(tok):
+    """A data file this user may not read (chmod 000, another user's) was 'unexpected failure: PermissionError'
+    (exit 1) when its content was hashed for the cache key; the eval file, a save_to_disk folder and a file in a
+    folder closed to this user likewise."""
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lorakit-test-"))  # not under pytest's folder, which only its owner enters
+    try:
+        os.chmod(root, 0o755)
+        good, closed, locked = root / "good.jsonl", root / "closed.jsonl", root / "locked"
+        locked.mkdir()
+        for path in (good, closed, locked / "rows.jsonl"):
+            write_jsonl(path, [{"instruction": "a", "output": "b"}])
+        os.chmod(good, 0o644)
+        os.chmod(closed, 0)
+        os.chmod(locked, 0)
+
+        def check():
+            for data in (section(train=str(closed)), section(train=str(good), eval=str(closed))):
+                with pytest.raises(DataError, match=rf"^data: cannot read '{closed}' \(Permission denied\); give this "
+                                   rf"user read permission \(chmod a\+r {closed}, and a\+x on the folders above"):
+                    load_datasets(data, tok, seed=0)
+            with pytest.raises(DataError, match=r"cannot read .*\(chmod -R a\+rX "):
+                read_rows(str(locked))
+            with pytest.raises(DataError, match="locked/rows.jsonl"):
+                load_datasets(section(train=str(locked / "rows.jsonl")), tok, seed=0)
+
+        _as_another_user(check)
+    finally:
+        os.chmod(locked, 0o755)
+        shutil.rmtree(root)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sources, mixing, eval split
 
