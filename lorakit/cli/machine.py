@@ -23,14 +23,18 @@ def inspect_(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     from lorakit.config.load import flags_named
-    from lorakit.tools.inspect import format_report, inspect_model, inspect_sections
+    from lorakit.console import emit, is_json
+    from lorakit.tools.inspect import format_report, inspect_model, inspect_sections, report_record
 
     given = {"model.name_or_path": ("--model", model), "adapter.method": ("--method", method),
              "adapter.r": ("--r", r), "adapter.target_modules": ("--targets", targets)}
     with flags_named({key: flag for key, (flag, value) in given.items() if value is not None}):
         model_section, adapter_section = inspect_sections(recipe, model, method, r, targets, set_ or [])
         report = inspect_model(model_section, adapter_section)
-    typer.echo(format_report(report))
+    if is_json():  # --json-logs: stdout holds only JSON lines
+        emit("inspect", **report_record(report))
+    else:
+        typer.echo(format_report(report))
 
 
 @command(name="estimate-memory", help="Estimate training memory: exact parameter counts (meta device, no weights "

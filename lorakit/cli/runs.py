@@ -103,6 +103,10 @@ def plot(
 @command(help="Print the effective settings a finished run recorded (RUN/run.json): what each recipe setting did, "
          "as `lorakit train` printed it after building the model.")
 def explain(run: Path = typer.Argument(..., help="Run directory (output.dir of a finished run).")) -> None:
-    from lorakit.training.effective import explain as explain_run
+    from lorakit.console import emit, is_json
+    from lorakit.training.effective import explain as explain_run, recorded_settings
 
-    typer.echo(explain_run(run))
+    if is_json():  # --json-logs: stdout holds only JSON lines
+        emit("effective_settings", run=str(run), settings=recorded_settings(run))
+    else:
+        typer.echo(explain_run(run))

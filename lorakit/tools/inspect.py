@@ -209,6 +209,20 @@ def _short(value) -> str:
     return str(value)
 
 
+def report_record(report: Report) -> dict:
+    """The report as `lorakit --json-logs inspect` emits it: the tables as lists of named fields."""
+    return {
+        "model": report.model, "model_type": report.model_type, "num_layers": report.num_layers,
+        "hidden_size": report.hidden_size, "adapter": report.adapter,
+        "linear": [{"module": name, "count": n, "shape": [o, i]} for name, n, (o, i) in report.linear],
+        "trainable": [{"group": g, "count": n, "each": each, "total": total} for g, n, each, total in report.trainable],
+        "trainable_params": report.trainable_params, "all_params": report.all_params,
+        "rank_table": [{"shape": [o, i], "modules": mods, "per_rank": dict(zip(map(str, RANKS), counts)), "full": full}
+                       for (o, i), mods, counts, full in report.rank_rows],
+        "notes": list(report.notes),
+    }
+
+
 def format_report(report: Report) -> str:
     lines = [
         f"model: {report.model} ({report.model_type}, {report.num_layers} layers, hidden {report.hidden_size}; "

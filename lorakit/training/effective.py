@@ -244,6 +244,12 @@ def as_records(settings: list[Setting]) -> list[dict]:
 
 def explain(run_dir: str | Path) -> str:
     """`lorakit explain RUN`: the block a finished run recorded in RUN/run.json."""
+    return format_block(recorded_settings(run_dir))
+
+
+def recorded_settings(run_dir: str | Path) -> list[dict]:
+    """The effective settings a finished run recorded in RUN/run.json ({label, value} records); exit 2 naming what
+    is missing or damaged."""
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         if (run := run_around(run_dir, "run.json")) is not None:
@@ -264,4 +270,4 @@ def explain(run_dir: str | Path) -> str:
                                                for s in settings)):
         raise UsageError(f"explain: {path}: effective_settings is not a list of {{label, value}} records; the run's "
                          "record is damaged: rerun the training to write it again")
-    return format_block(settings)
+    return settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -81,6 +82,15 @@ def test_inspect_cli_model_mode(tiny_model_dir):
     assert has_row(result.output, "gate_proj", "2", "128×64", "8,192")
     assert has_row(result.output, "q_proj", "2", "320", "640")  # r·(64 + 64) + DoRA's 64 magnitudes
     assert has_row(result.output, "128×64", "192", "768", "1,536", "3,072", "12,288", "8,192", "gate_proj,up_proj")
+    # --json-logs: the report as one event, the tables as named fields (stdout was the text tables)
+    result = cli("--json-logs", "inspect", "--model", tiny_model_dir, "--method", "dora", "--r", "2", "--targets",
+                 "q_proj,v_proj")
+    assert result.exit_code == 0, result.output
+    (event,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert event["event"] == "inspect" and event["adapter"].startswith("dora r=2")
+    assert {"module": "gate_proj", "count": 2, "shape": [128, 64]} in event["linear"]
+    assert {"shape": [128, 64], "modules": ["gate_proj", "up_proj"], "full": 8192,
+            "per_rank": {"1": 192, "4": 768, "8": 1536, "16": 3072, "64": 12288}} in event["rank_table"]
 
     result = cli("inspect", "--model", tiny_model_dir, "--method", "prefix", "--set", "adapter.num_virtual_tokens=3")
     assert result.exit_code == 0, result.output

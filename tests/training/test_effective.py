@@ -73,6 +73,12 @@ def test_explain_prints_the_recorded_block(runs, tmp_path):
     assert all(label in result.output for label in settings(runs["pissa"]))
     missing = cli("explain", tmp_path)
     assert missing.exit_code == 2 and "run.json not found" in missing.output
+    # --json-logs: one event carrying the records (stdout was the text block, no JSON line)
+    as_json = cli("--json-logs", "explain", runs["pissa"])
+    assert as_json.exit_code == 0, as_json.output
+    (event,) = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert event["event"] == "effective_settings" and event["run"] == str(runs["pissa"])
+    assert [s["label"] for s in event["settings"]] == list(settings(runs["pissa"]))
 
 
 def test_chat_template_line_names_each_sources_template_where_they_differ(tiny_model_dir):
