@@ -276,6 +276,36 @@ def _not_a_saved_dataset(source: str, path: Path) -> str:
             f"instead: {', '.join(files[:3])}{more} (data.train takes a list)")
 
 
+def _csv_records(path: Path) -> tuple[list[str], list[int]]:
+    """A CSV file's header and the line each record below it starts on (blank lines skipped, as pandas does); exit 3
+    naming the line of a record with more or fewer cells than the header, which pandas would shift into the wrong
+    columns (one cell more: the first taken as the row's index)."""
+    import csv
+
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader, starts, end = csv.reader(f, strict=True), [], 0  # end: the last line read
+        try:
+            header, end = next(reader, None) or [], reader.line_num
+            for record in reader:
+                _check_record(path, header, record, end + 1, starts)
+                end = reader.line_num
+        except csv.Error as e:  # strict: an unterminated quote, text after a closing quote
+            raise DataError(f"{path}:{end + 1}: not valid CSV ({e}); a quoted cell ends with a quote and then a comma or "
+                            'the line\'s end, and a quote inside it is written twice ("say ""hi""")') from None
+    return header, starts
+
+
+def _check_record(path: Path, header: list[str], record: list[str], start: int, starts: list[int]) -> None:
+    if not record or (len(record) == 1 and not record[0].strip()):
+        return  # a blank line
+    if len(record) != len(header):
+        fix = ("quote a cell holding a comma (\"a, b\")" if len(record) > len(header) else
+               "give every column a cell (an empty one as ,,)")
+        raise DataError(f"{path}:{start}: {len(record)} cells where the header has {len(header)} "
+                        f"({', '.join(header)}); {fix}")
+    starts.append(start)
+
+
 def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
     import datasets
 
@@ -285,6 +315,7 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
 
     if data_suffix(path) == ".parquet":
         _check_parquet(path)
+    options = {}
     if data_suffix(path) == ".csv":  # UTF-16, gzip, Latin-1: named here with the line, before datasets logs its own error
         with path.open("rb") as f:
             try:
@@ -292,13 +323,19 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
                     text.decode(raw, str(path), lineno)
             except text.NotText as e:
                 raise DataError(str(e)) from None
+        columns, starts = _csv_records(path)
+        if not starts:  # nothing, or a header alone: the empty-source checks name it
+            return SourceRows([], [])
+        # Every cell as the text it is: pandas would read an answer "3" as a number and "NA", "None" or "null" as a
+        # missing value, so a numeric answer was refused and such a word silently became an empty field.
+        options = {"features": datasets.Features({c: datasets.Value("string") for c in columns}), "na_filter": False}
 
     try:
         with datasets_held_back():  # a parse error is lorakit's one line below, not datasets' bar and log first
             if path.is_dir():
                 ds = datasets.load_from_disk(str(path))
             else:
-                ds = datasets.load_dataset(data_suffix(path)[1:], data_files=str(path), split="train")
+                ds = datasets.load_dataset(data_suffix(path)[1:], data_files=str(path), split="train", **options)
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise DataError(f"data: {source!r} holds splits {', '.join(ds)} but no 'train' split")
@@ -311,9 +348,8 @@ def _read_with_datasets(source: str, path: Path, skip: bool) -> SourceRows:
         # DatasetGenerationError says only "An error occurred while generating the dataset"; its cause says what
         why = e.__cause__ if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None else e
         raise DataError(f"data: cannot load {source!r}: {type(why).__name__}: {first_line(why)}") from None
-    # CSV: row i is on line i + 2 (after the header) unless a quoted cell spans lines.
-    if data_suffix(path) == ".csv":
-        return SourceRows([Row(f"{source}:{i + 2}", row) for i, row in enumerate(ds)], [])
+    if data_suffix(path) == ".csv" and len(ds) == len(starts):  # each row at the line it starts on
+        return SourceRows([Row(f"{source}:{line}", row) for line, row in zip(starts, ds)], [])
     return SourceRows([Row(f"{source}[row {i}]", row) for i, row in enumerate(ds)], [])
 
 

@@ -426,6 +426,34 @@ def test_csv_parquet_and_save_to_disk_sources(tmp_path):
     assert read_rows(str(tmp_path / "d.csv")).rows[1].where.endswith("d.csv:3")
 
 
+def test_csv_cells_are_read_as_the_text_they_are(tmp_path, tok):
+    """A CSV answer "3" was read by pandas as a number (the row refused: 'must be a string, got int'), and "NA",
+    "None" or "null" as a missing value (refused, or an optional input silently emptied); a row with a cell too many
+    was shifted a column (pandas took its first cell as the index) and trained on; rows after a blank line or a
+    quoted line break were named by the wrong line; a file with a header alone said 'Instruction "train" corresponds
+    to no data!'."""
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,input,output\nAdd 1 and 2,,3\n\nSay it,NA,None\n"two\nlines",null,007\n')
+    rows = read_rows(str(path)).rows
+    assert [r.data for r in rows] == [{"instruction": "Add 1 and 2", "input": "", "output": "3"},
+                                      {"instruction": "Say it", "input": "NA", "output": "None"},
+                                      {"instruction": "two\nlines", "input": "null", "output": "007"}]
+    assert [r.where.rsplit(":", 1)[1] for r in rows] == ["2", "4", "5"]
+    examples, _ = tokenize_rows(rows, section(format="alpaca"), tok)
+    assert supervised_text(examples[0], tok) == "3" + tok.eos_token
+
+    path.write_text("instruction,input,output\nSay hi,,hi\nSay, bye,,bye\n")
+    with pytest.raises(DataError, match=r"d.csv:3: 4 cells where the header has 3 \(instruction, input, output\); "
+                       r"quote a cell holding a comma"):
+        read_rows(str(path))
+    path.write_text("instruction,input,output\nSay hi,hi\n")
+    with pytest.raises(DataError, match=r"d.csv:2: 2 cells where the header has 3 .*give every column a cell"):
+        read_rows(str(path))
+    path.write_text("instruction,input,output\n")
+    with pytest.raises(DataError, match=r"d.csv is empty: it holds no rows"):
+        load_datasets(section(train=str(path), format="alpaca"), tok, seed=0)
+
+
 def test_data_suffixes_are_read_in_any_case(tmp_path, tiny_model_dir):
     """train.JSONL, data.Parquet, x.CSV read as their lower-case names do (before: refused as neither a data file
     nor a hub id, and a missing train.JSONL was looked up on the hub), in train and in eval."""
@@ -472,7 +500,8 @@ def test_a_folder_of_data_files_names_them(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"instruction,output\n\xff,b\n", r"bad.csv is not UTF-8 text \(byte 0xff on line 2\)"),
     ("instruction,output\na,b\n".encode("utf-16"), "bad.csv is UTF-16"),
-    (b'instruction,output\n"a,b\n', "ParserError: Error tokenizing data. C error: EOF inside string"),
+    (b'instruction,output\n"a,b\n', r"bad.csv:2: not valid CSV \(unexpected end of data\); a quoted cell ends with"),
+    (b'instruction,output\n"a"b,c\n', r"bad.csv:2: not valid CSV \(',' expected after '\"'\)"),
 ])
 def test_unreadable_csv_names_why(tmp_path, content, message):
     (tmp_path / "bad.csv").write_bytes(content)
@@ -758,8 +787,8 @@ def test_a_csv_that_fails_to_parse_prints_only_lorakits_line(tmp_path, tiny_mode
                             text=True, timeout=120, env=subprocess_env(HF_DATASETS_CACHE=str(tmp_path / "cache")))
     assert result.returncode == 3, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: data: cannot load '{tmp_path / 'bad.csv'}': ParserError: Error tokenizing data. C error: Expected 3 "
-        "fields in line 3, saw 4"], result.stderr
+        f"error: {tmp_path / 'bad.csv'}:3: 4 cells where the header has 3 (instruction, input, output); quote a cell "
+        'holding a comma ("a, b")'], result.stderr
     import datasets
     from datasets.utils import logging as datasets_logging
 
