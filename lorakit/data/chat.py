@@ -147,14 +147,50 @@ def render(tokenizer, messages: list[dict], where: str, generation_prompt: bool 
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def check_messages(messages, where: str, column: str) -> None:
+def check_messages(messages, where: str, column: str) -> list[dict]:
+    """The messages as the chat template renders them; BadRowError naming the message and what is wrong with it.
+
+    A content given as a list of text parts, as OpenAI's API writes it ([{"type": "text", "text": ...}]), is their
+    text joined with newlines: what vLLM hands a template that takes string content, so a prompt served that way
+    renders as it did in training (templates written for strings would print the list itself)."""
     if not messages:
         raise BadRowError(f"{where}: field {column!r} is an empty list")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRowError(
-                f"{where}: field {column!r}[{i}] must be an object with string 'role' and 'content', got {m!r:.60}"
-            )
+        at = f"field {column!r}[{i}]"
+        if not isinstance(m, dict):
+            raise BadRowError(f"{where}: {at} must be an object with string 'role' and 'content', got {m!r:.60}")
+        if not isinstance(m.get("role"), str):
+            raise BadRowError(f"{where}: {at} has no string 'role' (got {m.get('role')!r:.30}); give each message a "
+                              "role such as user or assistant")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = _text_parts(content, f"{where}: {at}")
+        if not isinstance(content, str):
+            got = "no 'content'" if "content" not in m else f"'content': {as_json(m['content'])}"
+            raise BadRowError(f"{where}: {at} ({m['role']}) has {got}; give its text as a string (tool calls and "
+                              "messages without text are not trained on)")
+        out.append(m if content is m["content"] else {**m, "content": content})
+    return out
+
+
+def _text_parts(parts: list, at: str) -> str:
+    """OpenAI-style content parts as one text; BadRowError for a part that is not text (images, audio)."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise BadRowError(f"{at} content part {j} is {as_json(part)}, not a text part; lorakit trains on text: give "
+                              "{\"type\": \"text\", \"text\": ...} parts or a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def as_json(value, limit: int = 40) -> str:
+    """``value`` as the data file writes it (null, 5, [...]), cut to ``limit`` characters."""
+    import json
+
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _normalized(messages: list[dict]) -> list[dict]:

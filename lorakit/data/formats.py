@@ -196,8 +196,7 @@ def tokenize_batch(rows: list[Row], section: DataSection, tokenizer) -> list[Exa
         rendered, special = [], tokenizer.special_tokens_map  # once: a property that builds a dict
         for i, row in enumerate(rows):
             try:
-                messages = _field(row, "messages", section, list)
-                check_messages(messages, row.where, column)
+                messages = check_messages(_field(row, "messages", section, list), row.where, column)
                 rendered.append((i, *chat_spans(tokenizer, messages, row.where, special)))
             except BadRowError as e:
                 out[i] = e
@@ -269,8 +268,7 @@ def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[st
     if chat_prompt and not template:
         raise _no_template(row.where, f"its prompt as {column!r}")
     if chat_prompt:
-        messages = _field(row, "messages", section, list)
-        check_messages(messages, row.where, column)
+        messages = check_messages(_field(row, "messages", section, list), row.where, column)
         if messages[-1]["role"] == "assistant":  # rendered, the answer would be a second assistant turn after it
             raise BadRowError(f"{row.where}: field {column!r} ends with an assistant turn; the prompt ends before the "
                               "answer: end it with the user's turn and give the answers as 'chosen' and 'rejected'")
@@ -319,7 +317,7 @@ def _answer(row: Row, name: str, section: DataSection, template: bool):
     if isinstance(value, list) and not template:  # as for messages: the recipe, not the row, lacks something
         raise _no_template(row.where, f"{column!r}")
     if isinstance(value, list):
-        check_messages(value, row.where, column)
+        value = check_messages(value, row.where, column)
         if any(m["role"] != "assistant" for m in value):
             raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a "
                               "conversation holding its prompt too (TRL's implicit prompt) needs the turns before "
@@ -372,5 +370,6 @@ def answer_of(row: Row, section: DataSection) -> str | None:
         chosen = _answer(row, "chosen", section, True)
         return chosen if isinstance(chosen, str) else chosen[-1]["content"]
     if section.format == "chat":
-        return _field(row, "messages", section, list)[-1]["content"]
+        column = section.fields.get("messages", "messages")
+        return check_messages(_field(row, "messages", section, list), row.where, column)[-1]["content"]
     return _field(row, "output" if section.format == "alpaca" else "completion", section)

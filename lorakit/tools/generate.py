@@ -123,9 +123,10 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
             if not (isinstance(data.get("prompt"), str) or isinstance(data.get("messages"), list)):
                 raise DataError(f'{where}: expected {{"prompt": TEXT}} or {{"messages": [...]}}, optionally with '
                                 '"adapter"')
+            messages = None
             if isinstance(data.get("messages"), list):
                 try:
-                    check_messages(data["messages"], where, "messages")
+                    messages = check_messages(data["messages"], where, "messages")
                 except BadRowError as e:  # its remedy names a recipe key; generate has no recipe
                     raise DataError(f"{e.reason}; fix the row") from None
             elif not data["prompt"]:
@@ -133,7 +134,7 @@ def read_requests(path: Path, default: str, known: set[str]) -> list[Request]:
             adapter = data.get("adapter", default)
             if adapter not in known:
                 raise DataError(f"{where}: adapter {adapter!r} is not loaded; loaded: {', '.join(sorted(known))}")
-            requests.append(Request(adapter, data.get("prompt"), data.get("messages")))
+            requests.append(Request(adapter, data.get("prompt"), messages))
     except BadRowError as e:
         raise DataError(e.reason) from None  # its remedy, data.skip_bad_rows, means nothing to generate
     if not requests:

@@ -290,11 +290,47 @@ def test_bad_row_is_exit_3_naming_file_line_and_field_or_skipped(case, tmp_path,
 
 
 def test_bad_chat_messages(tok):
-    for messages, expected in (([], "'messages' is an empty list"), ([{"role": "user"}], r"'messages'\[0\] must be")):
+    for messages, expected in (
+        ([], "'messages' is an empty list"),
+        (["hi"], r"'messages'\[0\] must be an object with string 'role' and 'content', got 'hi'"),
+        ([{"role": "user"}], r"'messages'\[0\] \(user\) has no 'content'; give its text as a string"),
+        ([{"content": "hi"}], r"'messages'\[0\] has no string 'role' \(got None\)"),
+        ([{"role": "user", "content": None}], r"'messages'\[0\] \(user\) has 'content': null; give its text"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+         r"'messages'\[0\] content part 0 is \{\"type\": \"image_url\".*not a text part; lorakit trains on text"),
+    ):
         with pytest.raises(BadRowError, match=f"t.jsonl:3: field {expected}"):
             tokenize_row(Row("t.jsonl:3", {"messages": messages}), section(format="chat"), tok)
     with pytest.raises(BadRowError, match="field 'messages' must be a list, got str"):
         tokenize_row(Row("t.jsonl:3", {"messages": "hi"}), section(format="chat"), tok)
+
+
+def test_openai_content_parts_are_their_text(tok):
+    """Content as OpenAI's API writes it, a list of text parts, was a bad row ('must be an object with string 'role'
+    and 'content''); it is the parts' text joined with newlines (what vLLM renders for a string template), in
+    training, in the answer eval scores and in generate's prompt files."""
+    from lorakit.data.formats import answer_of
+
+    parts = lambda *texts: [{"type": "text", "text": t} for t in texts]  # noqa: E731
+    as_parts = [{"role": "user", "content": parts("What is", "2 + 2?")}, {"role": "assistant", "content": parts("4")}]
+    as_text = [{"role": "user", "content": "What is\n2 + 2?"}, {"role": "assistant", "content": "4"}]
+    rows = [Row("t.jsonl:1", {"messages": as_parts}), Row("t.jsonl:2", {"messages": as_text})]
+    with_parts, with_text = (tokenize_row(row, section(format="chat"), tok) for row in rows)
+    assert (with_parts.input_ids, with_parts.labels) == (with_text.input_ids, with_text.labels)
+    assert answer_of(rows[0], section(format="chat")) == "4"
+    pair = {"messages": as_parts[:1], "chosen": [as_parts[1]], "rejected": [{"role": "assistant", "content": parts("5")}]}
+    same = {"messages": as_text[:1], "chosen": "4", "rejected": "5"}
+    got, expected = (tokenize_row(Row("p", row), section(format="preference"), tok) for row in (pair, same))
+    assert (got.input_ids, got.rejected.input_ids) == (expected.input_ids, expected.rejected.input_ids)
+
+
+def test_openai_content_parts_in_generate_prompts(tmp_path):
+    from lorakit.tools.generate import read_requests
+
+    path = tmp_path / "prompts.jsonl"
+    write_jsonl(path, [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}])
+    (request,) = read_requests(path, "a", {"a"})
+    assert request.messages == [{"role": "user", "content": "hi"}]
 
 
 def test_json_array_rows_are_located_by_line(tmp_path):
