@@ -164,7 +164,26 @@ def start_warnings(recipe) -> list[str]:
         warnings.append(f"train.learning_rate: {_rate(lr)} is far below {usual}, preference objectives down to "
                         f"1e-6): the adapter will barely move from where it starts; raise it (--set "
                         f"train.learning_rate={default})")
-    return warnings
+    return warnings + _eval_is_train(recipe.data)
+
+
+def _eval_is_train(data) -> list[str]:
+    """data.eval naming one of data.train's files: its loss would measure memorisation, not generalisation."""
+    import os
+
+    if not data.eval:
+        return []
+    for i, source in enumerate(data.train_paths()):
+        try:
+            same = os.path.samefile(os.path.expanduser(data.eval), os.path.expanduser(source))
+        except OSError:  # not a local file (a hub id), or missing: the data checks name that
+            continue
+        if same:
+            at = "data.train" if isinstance(data.train, str) else f"data.train[{i}]"
+            return [f"data.eval: {data.eval} is {at}'s file: eval loss would measure how well the model recalls rows "
+                    "it trains on, not how it does on new ones; give held-out rows, or data.eval_split: 0.1 in place of "
+                    "data.eval"]
+    return []
 
 
 def _rate(value: float) -> str:

@@ -230,6 +230,25 @@ def test_a_learning_rate_far_outside_any_usual_range_is_warned_not_refused(train
     assert (warnings[0].startswith(warned) and len(warnings) == 1) if warned else warnings == []
 
 
+def test_eval_data_that_is_a_training_file_is_warned(tmp_path, monkeypatch):
+    """data.eval naming data.train's file (or a link to it, or one file of a list) ran without a word: its eval loss
+    then measures recall of the training rows. A different file, a hub id or a missing file: no warning."""
+    from lorakit.config.start import start_warnings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "other.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "train.jsonl")
+    warned = lambda train, eval: start_warnings(parse_recipe(recipe(data={"train": train, "eval": eval})))  # noqa
+    assert warned("train.jsonl", "./train.jsonl") == [
+        "data.eval: ./train.jsonl is data.train's file: eval loss would measure how well the model recalls rows it "
+        "trains on, not how it does on new ones; give held-out rows, or data.eval_split: 0.1 in place of data.eval"]
+    assert warned(["other.jsonl", {"path": "train.jsonl"}], "link.jsonl")[0].startswith(
+        "data.eval: link.jsonl is data.train[1]'s file")
+    assert warned("train.jsonl", "other.jsonl") == warned("train.jsonl", "org/data") == []
+    assert warned("train.jsonl", "missing.jsonl") == []
+
+
 def test_validate_and_train_warn_of_an_absurd_learning_rate(tiny_model_dir, tmp_path):
     """train.learning_rate: 100 trained the tiny model to a finite loss and exit 0 without a word."""
     from run_helpers import recipe_dict, write_data
