@@ -273,6 +273,8 @@ def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[st
             raise BadRowError(f"{row.where}: field {column!r} ends with an assistant turn; the prompt ends before the "
                               "answer: end it with the user's turn and give the answers as 'chosen' and 'rejected'")
     else:
+        if row.data.get(section.fields.get("prompt", "prompt")) is None:
+            _check_no_implicit_prompt(row, section)
         messages = [{"role": "user", "content": _field(row, "prompt", section)}]
     answers = [_answer(row, name, section, template) for name in ("chosen", "rejected")]
     if not template:
@@ -319,11 +321,31 @@ def _answer(row: Row, name: str, section: DataSection, template: bool):
     if isinstance(value, list):
         value = check_messages(value, row.where, column)
         if any(m["role"] != "assistant" for m in value):
-            raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a "
-                              "conversation holding its prompt too (TRL's implicit prompt) needs the turns before "
-                              "the answer moved to 'messages'")
+            raise _implicit_prompt(row, column, "")
         return value
     return _field(row, name, section)
+
+
+def _implicit_prompt(row: Row, column: str, also: str) -> BadRowError:
+    return BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a conversation "
+                       "holding its prompt too (TRL's implicit prompt) needs the turns before the answer moved to "
+                       f"'messages'{also}")
+
+
+def _check_no_implicit_prompt(row: Row, section: DataSection) -> None:
+    """A row without a prompt whose chosen/rejected are whole conversations (TRL's implicit prompt): the BadRowError
+    saying how to split them (not 'missing field prompt'), and whether their prompts differ."""
+    columns = [section.fields.get(name, name) for name in ("chosen", "rejected")]
+    values = [row.data.get(c) for c in columns]
+    if not any(isinstance(v, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in v)
+               for v in values):
+        return
+    prompts = [[m for m in v if isinstance(m, dict) and m.get("role") != "assistant"] if isinstance(v, list) else None
+               for v in values]
+    differ = prompts[0] is not None and prompts[1] is not None and prompts[0] != prompts[1]
+    also = "; here the two also start with different turns, so they answer different prompts: pair answers to " \
+        "one prompt" if differ else ""
+    raise _implicit_prompt(row, columns[0] if prompts[0] else columns[1], also)
 
 
 def _rendered_answer(tokenizer, messages: list[dict], prompt_text: str, answer, where: str) -> str:

@@ -153,6 +153,14 @@ def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
       "rejected": "b"}, "field 'messages' ends with an assistant turn; the prompt ends before the answer"),
     ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
       "rejected": "b"}, "TRL's implicit prompt\\) needs the turns before the answer moved to 'messages'"),
+    # TRL's implicit prompt without a prompt field said "missing field 'prompt'"; prompts that differ are named
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]},
+     "field 'chosen' must hold assistant messages only .*implicit prompt\\) needs the turns before the answer moved to "
+     "'messages'; fix the row"),
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+     "moved to 'messages'; here the two also start with different turns, so they answer different prompts"),
 ])
 def test_a_bad_row_names_its_file_and_line(tmp_path, tokenizer, row, message):
     path = tmp_path / "bad.jsonl"
