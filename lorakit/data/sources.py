@@ -46,6 +46,8 @@ def check_exists(source: str) -> Path:
     may not read (or reach: a folder above it closed to this user)."""
     path = Path(source).expanduser()
     try:  # opened here, so a permission problem is this line and not a failure in the middle of reading
+        if any(c in source for c in "*?") and not path.exists():
+            raise DataError(_a_pattern(source))
         if data_suffix(path) in DATA_SUFFIXES and not path.is_file():
             why = "" if path.is_absolute() else "; relative paths are read from the current directory, not the recipe's"
             raise DataError(f"data: file {source!r} not found at {path.absolute()}{why}")
@@ -59,6 +61,18 @@ def check_exists(source: str) -> Path:
                         f"(chmod {'-R a+rX' if os.path.isdir(path) else 'a+r'} {path}, and a+x on the folders above it) or "
                         "copy the data somewhere it can read") from None
     return path
+
+
+def _a_pattern(source: str) -> str:
+    """The message for a glob pattern given as a source: lorakit reads named files, so that no file joins a run
+    unseen (and the cache key and resume checks name each one)."""
+    import glob
+
+    found = sorted(glob.glob(str(Path(source).expanduser())))
+    listed = (f"; it matches {', '.join(found[:3])}{f', ... ({len(found)} files)' if len(found) > 3 else ''}"
+              if found else "; it matches no file")
+    return f"data: {source!r} is a pattern; lorakit reads the files it is given, not patterns: list them in data.train " \
+        f"(it takes a list){listed}"
 
 
 def read_rows(source: str, skip_bad_rows: bool = False, split: str = "train", subset: str | None = None) -> SourceRows:

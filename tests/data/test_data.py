@@ -518,6 +518,18 @@ def test_data_suffixes_are_read_in_any_case(tmp_path, tiny_model_dir):
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["scored_rows"] == 4
 
 
+def test_a_glob_pattern_names_the_files_it_matches(tmp_path, tok):
+    """data.train: data/*.jsonl said "file 'data/*.jsonl' not found at ..." although the files are there."""
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(tmp_path / name, [{"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError, match=rf"^data: '{tmp_path}/\*.jsonl' is a pattern; lorakit reads the files it is "
+                       rf"given, not patterns: list them in data.train \(it takes a list\); it matches "
+                       rf"{tmp_path}/a.jsonl, {tmp_path}/b.jsonl$"):
+        load_datasets(section(train=str(tmp_path / "*.jsonl")), tok, seed=0)
+    with pytest.raises(DataError, match=r"'.*/\*.csv' is a pattern; .*; it matches no file$"):
+        read_rows(str(tmp_path / "*.csv"))
+
+
 def test_a_folder_of_data_files_names_them(tmp_path):
     """A folder of .jsonl files given as data.train said only datasets' 'neither a `Dataset` directory nor a
     `DatasetDict` directory'."""
