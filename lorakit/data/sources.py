@@ -215,6 +215,8 @@ def _read_json(path: Path, skip: bool) -> SourceRows:
         content = text.decode(path.read_bytes(), str(path))
     except text.NotText as e:
         raise DataError(str(e)) from None
+    if not content.strip():  # as an empty .jsonl file: the empty-source checks name it
+        return SourceRows([], [])
     try:
         items = _array_items(content) if content.lstrip().startswith("[") else None
         if items is None:
@@ -226,6 +228,8 @@ def _read_json(path: Path, skip: bool) -> SourceRows:
             items = [(None, i, item) for i, item in enumerate(data)]
     except json.JSONDecodeError as e:
         hint = "; if it holds one object per line, name it .jsonl" if e.msg == "Extra data" else ""
+        if e.msg == "Expecting value" and e.doc[e.pos:].lstrip()[:1] in ("]", "}"):
+            hint = "; JSON allows no comma after the last item: remove it"
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)}){hint}") from None
     except RecursionError:
         raise DataError(f"{path}: nested too deeply to be data rows") from None

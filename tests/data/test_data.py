@@ -530,6 +530,19 @@ def test_a_glob_pattern_names_the_files_it_matches(tmp_path, tok):
         read_rows(str(tmp_path / "*.csv"))
 
 
+def test_an_empty_json_file_and_a_trailing_comma_say_so(tmp_path, tok):
+    """An empty .json file said 'invalid JSON (Expecting value at column 1)' where an empty .jsonl says it is empty;
+    a comma after an array's last item said only 'Expecting value'."""
+    path = tmp_path / "rows.json"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=r"rows.json is empty: it holds no rows"):
+        load_datasets(section(train=str(path)), tok, seed=0)
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n]\n')
+    with pytest.raises(DataError, match=r"rows.json:3: invalid JSON \(Expecting value at column 1\); JSON allows no "
+                       "comma after the last item: remove it$"):
+        read_rows(str(path))
+
+
 def test_a_folder_of_data_files_names_them(tmp_path):
     """A folder of .jsonl files given as data.train said only datasets' 'neither a `Dataset` directory nor a
     `DatasetDict` directory'."""
