@@ -62,7 +62,12 @@ def schema(
 
     from lorakit.config.docs import recipe_json_schema
 
+    from lorakit.console import emit, is_json
+
     text = json.dumps(recipe_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if output is None and is_json():  # --json-logs: stdout holds only JSON lines, the schema one event
+        emit("schema", schema=recipe_json_schema())
+        return
     if output is None:
         sys.stdout.write(text)
         return

@@ -111,6 +111,11 @@ def test_schema_is_json_with_every_key_description(tmp_path):
     out = tmp_path / "recipe.schema.json"
     assert runner.invoke(app, ["schema", "-o", str(out)]).exit_code == 0
     assert json.loads(out.read_text()) == schema
+    # --json-logs: one schema event (stdout was the indented document, 900 lines that are not JSON lines)
+    as_json = runner.invoke(app, ["--json-logs", "schema"])
+    assert as_json.exit_code == 0
+    (event,) = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert event["event"] == "schema" and event["schema"] == schema
 
 
 def test_schema_output_in_a_new_folder_and_through_a_link(tmp_path):
