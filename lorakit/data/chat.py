@@ -15,7 +15,7 @@ from pathlib import Path
 from lorakit import text
 from lorakit.data import turns
 from lorakit.config.schema import CHAT_FORMATS, DataSection
-from lorakit.data.sources import BadRowError
+from lorakit.data.sources import BadRowError, as_json
 from lorakit.errors import UsageError
 
 TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
@@ -183,14 +183,6 @@ def _text_parts(parts: list, at: str) -> str:
                               "{\"type\": \"text\", \"text\": ...} parts or a string")
         texts.append(part["text"])
     return "\n".join(texts)
-
-
-def as_json(value, limit: int = 40) -> str:
-    """``value`` as the data file writes it (null, 5, [...]), cut to ``limit`` characters."""
-    import json
-
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _normalized(messages: list[dict]) -> list[dict]:

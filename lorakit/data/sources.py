@@ -113,10 +113,22 @@ def _read_hub(source: str, split: str, subset: str | None) -> SourceRows:
     return SourceRows([Row(f"{source}[row {i}]", row) for i, row in enumerate(ds)], [])
 
 
+JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+              list: "an array"}  # a row's kinds in JSON's words: the file says null, not NoneType
+
+
+def as_json(value, limit: int = 40) -> str:
+    """``value`` as the data file writes it (null, 5, [...]), cut to ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_object(value, where: str, bad: list[str], skip: bool) -> bool:
     if isinstance(value, dict):
         return True
-    message = f"{where}: expected a JSON object, got {type(value).__name__}"
+    kind = JSON_KINDS.get(type(value), type(value).__name__)
+    shown = "" if value is None else f" ({as_json(value, 30)})"
+    message = f"{where}: expected a JSON object, got {kind}{shown}"
     if not skip:
         raise BadRowError(message)
     bad.append(message)

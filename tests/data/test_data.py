@@ -270,7 +270,9 @@ def test_chat_rows_without_an_assistant_message_say_so(tmp_path, tok):
 
 BAD_ROWS = {
     "invalid_json": ('{"instruction": "a", "output": ', "bad.jsonl:2: invalid JSON"),
-    "not_object": ('["a", "b"]', "bad.jsonl:2: expected a JSON object, got list"),
+    "not_object": ('["a", "b"]', "bad.jsonl:2: expected a JSON object, got an array"),  # JSON's words: was 'list'
+    "null": ("null", "bad.jsonl:2: expected a JSON object, got null"),  # was 'got NoneType'
+    "number": ("3", "bad.jsonl:2: expected a JSON object, got a number"),  # was 'got int'
     "missing_field": ('{"instruction": "a"}', "bad.jsonl:2: missing field 'output' for data.format alpaca"),
     "wrong_type": ('{"instruction": "a", "output": 7}', "bad.jsonl:2: field 'output' must be a string, got int"),
 }
@@ -336,7 +338,7 @@ def test_openai_content_parts_in_generate_prompts(tmp_path):
 def test_json_array_rows_are_located_by_line(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  "oops"\n]\n')
-    with pytest.raises(BadRowError, match="rows.json:3: expected a JSON object, got str"):
+    with pytest.raises(BadRowError, match="rows.json:3: expected a JSON object, got a string"):
         read_rows(str(path))
     assert [r.where for r in read_rows(str(path), skip_bad_rows=True).rows] == [f"{path}:2"]
     path.write_text('{"a": 1}\n{"a": 2}\n')
