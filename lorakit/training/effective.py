@@ -251,6 +251,10 @@ def recorded_settings(run_dir: str | Path) -> list[dict]:
     """The effective settings a finished run recorded in RUN/run.json ({label, value} records); exit 2 naming what
     is missing or damaged."""
     path = Path(run_dir) / "run.json"
+    if Path(run_dir).is_file():  # run.json itself, or another file: not "FILE/run.json not found"
+        hint = f"lorakit explain {Path(run_dir).parent}" if Path(run_dir).name == "run.json" else \
+            "give the directory of a finished `lorakit train` run (its output.dir)"
+        raise UsageError(f"explain: {run_dir} is a file, not a run directory; {hint}")
     if not path.is_file():
         if (run := run_around(run_dir, "run.json")) is not None:
             raise UsageError(f"explain: {path} not found; {run_dir} is a folder of the run {run}: "

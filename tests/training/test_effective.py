@@ -73,6 +73,11 @@ def test_explain_prints_the_recorded_block(runs, tmp_path):
     assert all(label in result.output for label in settings(runs["pissa"]))
     missing = cli("explain", tmp_path)
     assert missing.exit_code == 2 and "run.json not found" in missing.output
+    # a file: was "explain: FILE/run.json not found"
+    given = cli("explain", runs["pissa"] / "run.json")
+    assert given.exit_code == 2 and f"is a file, not a run directory; lorakit explain {runs['pissa']}" in given.output
+    given = cli("explain", runs["pissa"] / "metrics.jsonl")
+    assert given.exit_code == 2 and "is a file, not a run directory; give the directory" in given.output
     # --json-logs: one event carrying the records (stdout was the text block, no JSON line)
     as_json = cli("--json-logs", "explain", runs["pissa"])
     assert as_json.exit_code == 0, as_json.output
