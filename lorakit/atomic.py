@@ -23,6 +23,30 @@ def fsync_files(folder: Path) -> None:
                 os.close(fd)
 
 
+def umask_modes(folder: Path) -> None:
+    """Give the safetensors files under ``folder`` the mode a new file gets (0o666 less the umask). safetensors 0.8
+    writes through a temporary file created 0600 and renames it into place (safetensors issue #782): adapters and
+    checkpoints were then readable by their owner only, so a server or a teammate's job running as another user
+    (vLLM's LoRA loader says "No adapter found") could not load what every other file of the folder lets it read."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux /proc), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(folder: Path) -> None:
     """Make the renames inside ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.inits import InitRecord, save_converted
-from lorakit.atomic import fsync_files, replace_dir
+from lorakit.atomic import fsync_files, replace_dir, umask_modes
 from lorakit.checkpoint.format import (
     ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, PROMPT_ENCODER, RECIPE, RESIDUAL_ADAPTER, STATE, _write_piece,
     checkpoint_name,
@@ -109,6 +109,7 @@ def write_checkpoint(
         _write_piece(tmp, "rng", {"ranks": rng_states})
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / RECIPE).write_text(recipe_text)
+        umask_modes(tmp)  # safetensors 0.8 writes its files 0600: a checkpoint readable as the run's other files
         fsync_files(tmp)
         checkpoint_fault("manifest", step)
         _write_manifest(tmp, step, state["world_size"])

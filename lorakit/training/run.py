@@ -39,6 +39,7 @@ from lorakit.models.loading import (
     check_attention_package, load_tokenizer, model_dir_on_disk, resolve_dtype, resolve_model_path, trainable_summary,
 )
 from lorakit.models.meta import build_meta_model, read_model_config
+from lorakit.atomic import umask_modes
 from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
 from lorakit.runlock import OutputLock
 from lorakit.adapters.vllm import warn_if_not_servable
@@ -448,6 +449,7 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path, model_path: str, s
         "lorakit_version": __version__,
     }
     (out / "lorakit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    umask_modes(out)  # readable as any other file of the folder (safetensors 0.8 writes 0600)
 
 
 def resume_state(checkpoint, changed: bool, accelerator, model, optimizer, scheduler, paths, say) -> TrainState:

@@ -119,6 +119,9 @@ def test_checkpoint_is_complete_and_verified(tmp_path, peft_parts):
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert read.verify_checkpoint(path).step == 3
+    # safetensors 0.8 writes 0600 (its issue #782): every file is as readable as the JSON beside it
+    modes = {p.relative_to(path).as_posix(): p.stat().st_mode & 0o777 for p in path.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {(path / "manifest.json").stat().st_mode & 0o777}, modes
 
 
 @pytest.mark.parametrize(

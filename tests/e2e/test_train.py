@@ -111,6 +111,8 @@ def test_adapter_starts_at_base_and_reloads_with_plain_peft(tmp_path, tiny_model
     save_adapter(model, tokenizer, recipe, tmp_path / "adapter", str(tiny_model_dir))
     from safetensors import safe_open
 
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the rest (safetensors 0.8 wrote 0600)
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
         assert f.keys() and all(".lora_A." in k or ".lora_B." in k for k in f.keys()), list(f.keys())
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
