@@ -262,9 +262,9 @@ def tokenize_pair(row: Row, section: DataSection, tokenizer) -> Example:
 
 def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[str], bool]:
     """(prompt text, [chosen text, rejected text], whether the chat template rendered them) of a preference row."""
-    column = section.fields.get("messages", "messages")
-    chat_prompt = row.data.get(column) is not None
     template = bool(tokenizer.chat_template)
+    row, column = _explicit_prompt(row, section)
+    chat_prompt = row.data.get(section.fields.get("messages", "messages")) is not None
     if chat_prompt and not template:
         raise _no_template(row.where, f"its prompt as {column!r}")
     if chat_prompt:
@@ -273,14 +273,44 @@ def _pair_texts(row: Row, section: DataSection, tokenizer) -> tuple[str, list[st
             raise BadRowError(f"{row.where}: field {column!r} ends with an assistant turn; the prompt ends before the "
                               "answer: end it with the user's turn and give the answers as 'chosen' and 'rejected'")
     else:
-        if row.data.get(section.fields.get("prompt", "prompt")) is None:
-            _check_no_implicit_prompt(row, section)
         messages = [{"role": "user", "content": _field(row, "prompt", section)}]
     answers = [_answer(row, name, section, template) for name in ("chosen", "rejected")]
     if not template:
         return messages[0]["content"], answers, False
     prompt_text = render(tokenizer, messages, row.where, generation_prompt=True)
     return prompt_text, [_rendered_answer(tokenizer, messages, prompt_text, a, row.where) for a in answers], True
+
+
+def _explicit_prompt(row: Row, section: DataSection) -> tuple[Row, str]:
+    """A row in one of TRL's conversational forms as lorakit's, and the column a chat prompt is cited by: a
+    ``prompt`` given as chat messages becomes ``messages``; with no prompt at all, chosen and rejected
+    conversations that open with the same turns (TRL's implicit prompt, as its extract_prompt finds it) give those
+    turns as ``messages`` and the rest as the answers. Other rows as they are."""
+    names = {name: section.fields.get(name, name) for name in ("prompt", "messages", "chosen", "rejected")}
+    data = row.data
+    if data.get(names["messages"]) is not None:
+        return row, names["messages"]
+    if isinstance(data.get(names["prompt"]), list):
+        return Row(row.where, {**data, names["messages"]: data[names["prompt"]]}), names["prompt"]
+    chosen, rejected = data.get(names["chosen"]), data.get(names["rejected"])
+    if data.get(names["prompt"]) is not None or not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return row, names["messages"]
+    shared = 0  # the common opening, leaving each answer at least its last turn
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    # a prompt ends with a turn the answer follows: shared assistant turns at its end belong to both answers
+    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1
+    if not shared and any(isinstance(m, dict) and m.get("role") != "assistant" for m in chosen + rejected):
+        raise BadRowError(f"{row.where}: fields {names['chosen']!r} and {names['rejected']!r} hold conversations that "
+                          "open differently, so they share no prompt (TRL's implicit prompt); give the prompt as "
+                          f"{names['prompt']!r} or {names['messages']!r} and only the answers as "
+                          f"{names['chosen']!r} and {names['rejected']!r}")
+    if not shared:
+        return row, names["messages"]
+    opening = {**data, names["messages"]: chosen[:shared], names["chosen"]: chosen[shared:],
+               names["rejected"]: rejected[shared:]}
+    return Row(row.where, opening), names["chosen"]
 
 
 def _pair_examples(texts: list[tuple[str, list[str], bool]], tokenizer) -> list[Example]:
@@ -321,31 +351,12 @@ def _answer(row: Row, name: str, section: DataSection, template: bool):
     if isinstance(value, list):
         value = check_messages(value, row.where, column)
         if any(m["role"] != "assistant" for m in value):
-            raise _implicit_prompt(row, column, "")
+            raise BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a "
+                              "conversation holding its prompt too needs the turns before the answer moved to "
+                              "'messages', or no 'prompt' and 'messages' (TRL's implicit prompt: chosen and rejected "
+                              "open with the same turns)")
         return value
     return _field(row, name, section)
-
-
-def _implicit_prompt(row: Row, column: str, also: str) -> BadRowError:
-    return BadRowError(f"{row.where}: field {column!r} must hold assistant messages only (the answer); a conversation "
-                       "holding its prompt too (TRL's implicit prompt) needs the turns before the answer moved to "
-                       f"'messages'{also}")
-
-
-def _check_no_implicit_prompt(row: Row, section: DataSection) -> None:
-    """A row without a prompt whose chosen/rejected are whole conversations (TRL's implicit prompt): the BadRowError
-    saying how to split them (not 'missing field prompt'), and whether their prompts differ."""
-    columns = [section.fields.get(name, name) for name in ("chosen", "rejected")]
-    values = [row.data.get(c) for c in columns]
-    if not any(isinstance(v, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in v)
-               for v in values):
-        return
-    prompts = [[m for m in v if isinstance(m, dict) and m.get("role") != "assistant"] if isinstance(v, list) else None
-               for v in values]
-    differ = prompts[0] is not None and prompts[1] is not None and prompts[0] != prompts[1]
-    also = "; here the two also start with different turns, so they answer different prompts: pair answers to " \
-        "one prompt" if differ else ""
-    raise _implicit_prompt(row, columns[0] if prompts[0] else columns[1], also)
 
 
 def _rendered_answer(tokenizer, messages: list[dict], prompt_text: str, answer, where: str) -> str:

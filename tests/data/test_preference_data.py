@@ -123,6 +123,36 @@ def test_without_a_chat_template_a_plain_prompt_is_a_completion(tmp_path, tokeni
     assert e.value.exit_code == 2
 
 
+def test_trl_conversational_rows_are_the_same_pairs_as_messages(tmp_path, tokenizer):
+    """TRL's conversational preference forms: the prompt as a list of messages, and no prompt at all, chosen and
+    rejected whole conversations opening with the same turns (TRL's extract_prompt takes them as the prompt). Both
+    were bad rows (exit 3: "field 'prompt' must be a string, got list", "missing field 'prompt'")."""
+    user, assistant = ({"role": r, "content": c} for r, c in (("user", "Count to 3"), ("assistant", "hello")))
+    system, hi = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}
+    answer_of = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    prompt = [system, hi, assistant, user]  # multi-turn, with a system message
+    rows = [{"messages": prompt, "chosen": answer_of("0 1 2"), "rejected": answer_of("fox")},
+            {"prompt": prompt, "chosen": answer_of("0 1 2"), "rejected": answer_of("fox")},
+            {"chosen": prompt + answer_of("0 1 2"), "rejected": prompt + answer_of("fox")},
+            # an assistant turn both share after the prompt is part of both answers, not of the prompt
+            {"messages": prompt, "chosen": answer_of("ok") + answer_of("0 1 2"), "rejected": answer_of("ok") +
+             answer_of("fox")},
+            {"chosen": prompt + answer_of("ok") + answer_of("0 1 2"), "rejected": prompt + answer_of("ok") +
+             answer_of("fox")}]
+    pairs, stats = tokenize_rows(rows, recipe(tmp_path / "d.jsonl").data, tokenizer)
+    assert stats.kept == 5
+    for got, want in ((pairs[1], pairs[0]), (pairs[2], pairs[0]), (pairs[4], pairs[3])):
+        assert (got.input_ids, got.labels, got.prompt_len) == (want.input_ids, want.labels, want.prompt_len)
+        assert (got.rejected.input_ids, got.rejected.labels) == (want.rejected.input_ids, want.rejected.labels)
+    assert decode(tokenizer, pairs[2].input_ids[: pairs[2].prompt_len]).startswith("<|im_start|>system\nBe brief")
+    assert answer(tokenizer, pairs[2]) == "0 1 2<|im_end|>\n"
+    assert answer(tokenizer, pairs[4].rejected) == "ok<|im_end|>\n<|im_start|>assistant\nfox<|im_end|>\n"
+    renamed = recipe(tmp_path / "d.jsonl", fields={"prompt": "question", "chosen": "good", "rejected": "bad"}).data
+    (pair,), _ = tokenize_rows([{"question": prompt, "good": answer_of("0 1 2"), "bad": answer_of("fox")}], renamed,
+                               tokenizer)
+    assert (pair.input_ids, pair.rejected.input_ids) == (pairs[0].input_ids, pairs[0].rejected.input_ids)
+
+
 def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
     """tokenize_batch encodes prompts and answers in two batched calls: the same examples as row by row, and a
     bad row in the middle stays an error at its place."""
@@ -152,15 +182,11 @@ def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a",
       "rejected": "b"}, "field 'messages' ends with an assistant turn; the prompt ends before the answer"),
     ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
-      "rejected": "b"}, "TRL's implicit prompt\\) needs the turns before the answer moved to 'messages'"),
-    # TRL's implicit prompt without a prompt field said "missing field 'prompt'"; prompts that differ are named
-    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]},
-     "field 'chosen' must hold assistant messages only .*implicit prompt\\) needs the turns before the answer moved to "
-     "'messages'; fix the row"),
+      "rejected": "b"}, "needs the turns before the answer moved to 'messages', or no 'prompt' and 'messages'"),
+    # no prompt, and conversations that share none: it said "missing field 'prompt'"
     ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
-     "moved to 'messages'; here the two also start with different turns, so they answer different prompts"),
+     "fields 'chosen' and 'rejected' hold conversations that open differently, so they share no prompt"),
 ])
 def test_a_bad_row_names_its_file_and_line(tmp_path, tokenizer, row, message):
     path = tmp_path / "bad.jsonl"
