@@ -23,8 +23,9 @@ from transformers import AutoTokenizer
 from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, merged_only_run,
                                     read_config, read_record, recorded_base, require_weights)
 from lorakit.config.load import parse_recipe, read_yaml
-from lorakit.config.schema import DataSection, ModelSection, Recipe
+from lorakit.config.schema import PREFERENCE_OBJECTIVES, DataSection, ModelSection, Recipe, TrainSection
 from lorakit.data.chat import resolve_chat_template
+from lorakit.data.formats import num_targets
 from lorakit.data.sources import BadRowError, read_rows
 from lorakit.errors import CheckpointError, DataError, SafetyError, UsageError
 from lorakit.merge.merge import PROVENANCE_FILE as MERGE_RECORD
@@ -36,8 +37,12 @@ from lorakit.text import NotJsonObject, read_json_object
 from lorakit.tools.generate import load_for_generation, precision_note
 from lorakit.training.loop import evaluate
 from lorakit.training.loss import build_loss
+from lorakit.training.preference import NORMALISED, PreferenceLoss, compute_reference
 from lorakit.training.scoring import METRICS, EvalItem, check_answers, check_new_tokens, eval_items, score_items
-FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "completion": "completion", "text": "text"}
+TOTALS = ("score", "loss", "perplexity", "preference_accuracy", "preference_margin")
+# The format a row's keys give, first match first: a pair may hold its prompt as messages.
+FORMAT_KEYS = {"chosen": "preference", "messages": "chat", "instruction": "alpaca", "completion": "completion",
+               "text": "text"}
 EXAMPLES_SHOWN = 3
 
 
@@ -157,7 +162,7 @@ def data_section(target: Target, data_file: Path, rows, keep_template: bool = Fa
     keys_format = next((f for key, f in FORMAT_KEYS.items() if key in rows[0].data.keys()), None)
     if keys_format is None:
         raise DataError(f"{rows[0].where}: cannot tell the row format from its fields ({', '.join(rows[0].data)}); "
-                        "expected messages, instruction/output, prompt/completion or text")
+                        "expected messages, instruction/output, prompt/completion, text or chosen/rejected")
     return DataSection(train=str(data_file), format=keys_format, max_seq_len=1 << 20)
 
 
@@ -217,6 +222,9 @@ def run_eval(target_path: Path, data_file: Path, *, metric: str = "exact", base_
                                    adapter_label=lambda name, path: str(path))
     check_new_tokens(model, max_new_tokens)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "metric": metric}
+    if any(item.pair is not None for item in items):
+        recipe_objective = target.recipe.train.objective if target.recipe else "sft"
+        settings["objective"] = recipe_objective if recipe_objective in PREFERENCE_OBJECTIVES else "dpo"
     results = {"tuned": _score_model(model, tokenizer, items, **settings)}
     if base_too and target.kind == "adapter":
         results["base"] = _score_model(model, tokenizer, items, adapter_off=True, **settings)
@@ -254,8 +262,9 @@ def _tokenizer(target: Target):
 
 
 def _score_model(model, tokenizer, items: list[EvalItem], *, metric: str, batch_size: int, max_new_tokens: int,
-                 adapter_off: bool = False) -> dict:
-    """Outputs, scores and the answer loss of one model (``adapter_off``: its adapter switched off)."""
+                 adapter_off: bool = False, objective: str | None = None) -> dict:
+    """Outputs, scores and the answer loss of one model (``adapter_off``: its adapter switched off); with
+    preference pairs (``objective``), how often it gives the chosen answer the higher log-prob."""
     accelerator = Accelerator(cpu=model.device.type == "cpu")
     with model.disable_adapter() if adapter_off else nullcontext():
         outputs, scores = score_items(model, tokenizer, items, metric, max_new_tokens=max_new_tokens,
@@ -266,10 +275,23 @@ def _score_model(model, tokenizer, items: list[EvalItem], *, metric: str, batch_
         # train.evaluate reads only the micro-batch size of the train section.
         loss = evaluate(model, tokenizer, [i.example for i in items], SimpleNamespace(micro_batch_size=batch_size),
                         accelerator, loss_fn)["eval_loss"]
+        preference = _preference(model, tokenizer, items, objective, batch_size) if objective else {}
     model.eval()  # evaluate() hands the model back in train mode
     return {"score": round(sum(scores) / len(scores), 6) if scores else None, "loss": loss,
-            "perplexity": round(math.exp(min(loss, 50)), 4), "outputs": outputs, "scores": scores,
+            "perplexity": round(math.exp(min(loss, 50)), 4), **preference, "outputs": outputs, "scores": scores,
             "loss_path": loss_fn.describe().removeprefix("loss: ")}
+
+
+def _preference(model, tokenizer, items: list[EvalItem], objective: str, batch_size: int) -> dict:
+    """The fraction of pairs whose chosen answer the model gives the higher log-prob, and the mean margin, in the
+    log-probs ``objective`` compares (summed over the answer's tokens, or their per-token mean)."""
+    pairs = [item.pair for item in items if item.pair is not None]
+    loss = PreferenceLoss(model, TrainSection(objective=objective, max_steps=1))
+    logps = compute_reference(loss, pairs, tokenizer, batch_size, adapter_on=True)  # the model as it is
+    if NORMALISED[objective]:
+        logps = [(c / num_targets(p.labels), r / num_targets(p.rejected.labels)) for (c, r), p in zip(logps, pairs)]
+    return {"preference_accuracy": round(sum(c > r for c, r in logps) / len(logps), 6),
+            "preference_margin": round(sum(c - r for c, r in logps) / len(logps), 6)}
 
 
 def _report(target: Target, data_file: Path, section: DataSection, items, skipped, results, settings,
@@ -281,7 +303,7 @@ def _report(target: Target, data_file: Path, section: DataSection, items, skippe
         for name, result in results.items():
             row[name] = {"output": result["outputs"][k], "score": result["scores"][k]}
         per_row.append(row)
-    totals = {name: {key: r[key] for key in ("score", "loss", "perplexity")} for name, r in results.items()}
+    totals = {name: {key: r[key] for key in TOTALS if key in r} for name, r in results.items()}
     return {
         "target": str(target.path), "kind": target.kind, "data": str(data_file), "format": section.format,
         "settings": {**settings, "greedy": True, "quantization": target.model.quantization,
@@ -346,9 +368,16 @@ def format_summary(report: dict) -> str:
     metric = report["settings"]["metric"]
     lines = [f"{report['scored_rows']} scored rows of {report['data']} ({metric}); loss over {report['loss_rows']}"]
     lines.append(f"{'':<12}" + "".join(f"{n:>12}" for n in names))
-    for key in ("score", "loss", "perplexity"):
+    for key in TOTALS:
+        if key not in report["totals"][names[0]]:
+            continue
         values = [report["totals"][n][key] for n in names]
-        lines.append(f"{key:<12}" + "".join(f"{'-' if v is None else format(v, '.4g'):>12}" for v in values))
+        label = {"preference_accuracy": "pref acc", "preference_margin": "pref margin"}.get(key, key)
+        lines.append(f"{label:<12}" + "".join(f"{'-' if v is None else format(v, '.4g'):>12}" for v in values))
+    if "objective" in report["settings"]:
+        lines.append(f"pref acc: the pairs whose chosen answer has the higher log-prob "
+                     f"({'per-token mean' if NORMALISED[report['settings']['objective']] else 'summed'}, as "
+                     f"{report['settings']['objective']} compares them); pref margin: chosen − rejected, averaged")
     if len(names) == 2:
         differ = [r for r in report["per_row"] if r["base"]["score"] != r["tuned"]["score"]]
         for row in differ[:EXAMPLES_SHOWN]:

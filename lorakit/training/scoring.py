@@ -27,11 +27,13 @@ class EvalItem:
     example: Example  # what the loss is computed on: the response tokens only (train_on_inputs off)
     prompt_ids: list[int] | None  # everything before the last response; None for text rows (loss only)
     answer: str | None
+    pair: Example | None = None  # a preference row: its chosen and rejected sequences, cut as training cuts them
 
 
 def eval_items(rows: list[Row], section: DataSection, tokenizer) -> tuple[list[EvalItem], list[str]]:
     """(items, why each skipped row was skipped): rows rendered with the recipe's format, fields, template and
-    length rule; only the response is supervised, so the loss is the answer's loss whatever train_on_inputs."""
+    length rule; only the response is supervised, so the loss is the answer's loss whatever train_on_inputs (a
+    preference pair's: the chosen answer's, the rejected one left out)."""
     section = section.model_copy(update={"train_on_inputs": False})
     items, skipped = [], []
     for row in rows:
@@ -47,9 +49,12 @@ def eval_items(rows: list[Row], section: DataSection, tokenizer) -> tuple[list[E
         if example is None or not num_targets(example.labels):
             skipped.append(f"{row.where}: longer than data.max_seq_len {section.max_seq_len} or no answer token left")
             continue
+        pair = None
+        if example.rejected is not None:  # a pair, cut as training cuts it: its chosen answer is the one scored
+            pair, example = example, Example(example.input_ids, example.labels, example.prompt_len)
         answer = answer_of(row, section)
         prompt = example.input_ids[: last_response_start(example.labels)] if answer is not None else None
-        items.append(EvalItem(row.where, example, prompt, answer))
+        items.append(EvalItem(row.where, example, prompt, answer, pair))
     return items, skipped
 
 

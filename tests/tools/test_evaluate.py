@@ -404,3 +404,52 @@ def test_eval_of_an_adapter_without_lorakit_json_that_names_no_base_or_is_damage
     name = "bottleneck_config.json" if case.startswith("bottleneck") else "adapter_config.json"
     assert f"a/{name}" in result.output
     assert ("not valid JSON" if case.endswith("damaged") else "records no base model") in result.output
+
+
+def test_eval_of_preference_pairs_scores_the_chosen_answer_and_the_preference(tiny_model_dir, tmp_path):
+    """Pairs: the loss is the chosen answer's (it was the chosen and the rejected answers' NLL together), the rows
+    are recognised without a recipe (was exit 3, "cannot tell the row format"), and the preference accuracy and
+    margin are those of the summed answer log-probs computed with plain PEFT, for the tuned model and the base."""
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.data.formats import tokenize_pair
+    from lorakit.testing import build_random_adapter
+
+    adapter = build_random_adapter(tiny_model_dir, tmp_path / "adapter", LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), seed=3)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    pairs = [{"prompt": f"Count to {k}", "chosen": " ".join(map(str, range(k))), "rejected": "fox " * k}
+             for k in (1, 2, 3, 4)]
+    chats = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}
+             for p in pairs]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    result = cli("eval", adapter, "--data", data, "--base-too", "--max-new-tokens", "2", "--output",
+                 tmp_path / "pairs.json")
+    assert result.exit_code == 0, result.output
+    assert "pref acc" in result.output and "summed, as dpo compares them" in result.output
+    assert cli("eval", adapter, "--data", tmp_path / "chat.jsonl", "--base-too", "--max-new-tokens", "2",
+               "--output", tmp_path / "chat.json").exit_code == 0
+    report, chat = (json.loads((tmp_path / name).read_text()) for name in ("pairs.json", "chat.json"))
+    assert report["format"] == "preference"
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    section = DataSection(train=str(data), format="preference", max_seq_len=128)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      adapter).eval()
+
+    def answer_logp(example):
+        ids = torch.tensor([example.input_ids])
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+        return float(logps[torch.tensor(example.labels[1:]) != -100].sum())
+
+    for name in ("tuned", "base"):
+        assert report["totals"][name]["loss"] == pytest.approx(chat["totals"][name]["loss"], abs=1e-6)
+        with torch.no_grad(), model.disable_adapter() if name == "base" else torch.no_grad():
+            margins = [answer_logp(p) - answer_logp(p.rejected)
+                       for p in (tokenize_pair(Row("d", r), section, tokenizer) for r in pairs)]
+        assert report["totals"][name]["preference_margin"] == pytest.approx(sum(margins) / 4, abs=1e-4)
+        assert report["totals"][name]["preference_accuracy"] == sum(m > 0 for m in margins) / 4
+    assert report["totals"]["tuned"]["preference_margin"] != report["totals"]["base"]["preference_margin"]
