@@ -400,7 +400,7 @@ def answer_of(row: Row, section: DataSection) -> str | None:
     if section.format == "text":
         return None
     if section.format == "preference":
-        chosen = _answer(row, "chosen", section, True)
+        chosen = _answer(_explicit_prompt(row, section)[0], "chosen", section, True)
         return chosen if isinstance(chosen, str) else chosen[-1]["content"]
     if section.format == "chat":
         column = section.fields.get("messages", "messages")

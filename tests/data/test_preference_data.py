@@ -8,6 +8,7 @@ import torch
 
 from lorakit.config.load import parse_recipe
 from lorakit.data import IGNORE_INDEX, collate, load_datasets, tokenize_rows
+from lorakit.data.formats import answer_of
 from lorakit.data.sources import BadRowError, Row
 from lorakit.data.pipeline import fit_length
 from lorakit.data.shards import idle_batch
@@ -129,16 +130,16 @@ def test_trl_conversational_rows_are_the_same_pairs_as_messages(tmp_path, tokeni
     were bad rows (exit 3: "field 'prompt' must be a string, got list", "missing field 'prompt'")."""
     user, assistant = ({"role": r, "content": c} for r, c in (("user", "Count to 3"), ("assistant", "hello")))
     system, hi = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}
-    answer_of = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    said = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     prompt = [system, hi, assistant, user]  # multi-turn, with a system message
-    rows = [{"messages": prompt, "chosen": answer_of("0 1 2"), "rejected": answer_of("fox")},
-            {"prompt": prompt, "chosen": answer_of("0 1 2"), "rejected": answer_of("fox")},
-            {"chosen": prompt + answer_of("0 1 2"), "rejected": prompt + answer_of("fox")},
+    rows = [{"messages": prompt, "chosen": said("0 1 2"), "rejected": said("fox")},
+            {"prompt": prompt, "chosen": said("0 1 2"), "rejected": said("fox")},
+            {"chosen": prompt + said("0 1 2"), "rejected": prompt + said("fox")},
             # an assistant turn both share after the prompt is part of both answers, not of the prompt
-            {"messages": prompt, "chosen": answer_of("ok") + answer_of("0 1 2"), "rejected": answer_of("ok") +
-             answer_of("fox")},
-            {"chosen": prompt + answer_of("ok") + answer_of("0 1 2"), "rejected": prompt + answer_of("ok") +
-             answer_of("fox")}]
+            {"messages": prompt, "chosen": said("ok") + said("0 1 2"), "rejected": said("ok") +
+             said("fox")},
+            {"chosen": prompt + said("ok") + said("0 1 2"), "rejected": prompt + said("ok") +
+             said("fox")}]
     pairs, stats = tokenize_rows(rows, recipe(tmp_path / "d.jsonl").data, tokenizer)
     assert stats.kept == 5
     for got, want in ((pairs[1], pairs[0]), (pairs[2], pairs[0]), (pairs[4], pairs[3])):
@@ -147,8 +148,10 @@ def test_trl_conversational_rows_are_the_same_pairs_as_messages(tmp_path, tokeni
     assert decode(tokenizer, pairs[2].input_ids[: pairs[2].prompt_len]).startswith("<|im_start|>system\nBe brief")
     assert answer(tokenizer, pairs[2]) == "0 1 2<|im_end|>\n"
     assert answer(tokenizer, pairs[4].rejected) == "ok<|im_end|>\n<|im_start|>assistant\nfox<|im_end|>\n"
+    # what `lorakit eval` scores a pair against: the chosen answer (it was exit 3 on the implicit form)
+    assert [answer_of(Row("d", r), recipe(tmp_path / "d.jsonl").data) for r in rows[:3]] == ["0 1 2"] * 3
     renamed = recipe(tmp_path / "d.jsonl", fields={"prompt": "question", "chosen": "good", "rejected": "bad"}).data
-    (pair,), _ = tokenize_rows([{"question": prompt, "good": answer_of("0 1 2"), "bad": answer_of("fox")}], renamed,
+    (pair,), _ = tokenize_rows([{"question": prompt, "good": said("0 1 2"), "bad": said("fox")}], renamed,
                                tokenizer)
     assert (pair.input_ids, pair.rejected.input_ids) == (pairs[0].input_ids, pairs[0].rejected.input_ids)
 
