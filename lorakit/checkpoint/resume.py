@@ -181,6 +181,7 @@ def restore_adapter(ckpt: Checkpoint, *, model, sampler, changed: bool, say, dat
     _check_same_parameters(ckpt, state, model)
     _check_same_data(ckpt, state, sampler, changed, say)
     _check_same_content(ckpt, state, data_identity or {}, changed or allow_change, say)
+    _check_same_reference(ckpt, state, data_identity or {}, changed or allow_change, say)
     _load_adapter(ckpt, model)
 
 
@@ -272,6 +273,23 @@ def _check_same_content(ckpt: Checkpoint, state: dict, current: dict, allowed: b
     if not allowed:
         raise CheckpointError(message + "; restore the data, or pass --allow-recipe-change to continue on it")
     say(message + "; continuing on the new data (--allow-recipe-change)")
+
+
+def _check_same_reference(ckpt: Checkpoint, state: dict, current: dict, allowed: bool, say) -> None:
+    """A reference computed before training (train.reference precomputed, init_from) is computed again on resume
+    (or read from the data cache): it must be the checkpoint's, else the rest of the run compares the policy with
+    another model. Compared as the mean log-prob of the chosen and of the rejected answers, to a tolerance above
+    the rounding of another device or batch layout (checkpoints without it are not checked)."""
+    then, now = state.get("data", {}).get("reference"), current.get("reference")
+    if not then or not now or all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(then, now)):
+        return
+    message = (f"{ckpt.path}: the reference log-probs differ from this checkpoint's (mean chosen, rejected "
+               f"{then[0]:.4g}, {then[1]:.4g} then, {now[0]:.4g}, {now[1]:.4g} now): the reference model (model."
+               "name_or_path, or the adapter.init_from adapter for train.reference init_from) changed since")
+    if not allowed:
+        raise CheckpointError(message + "; restore it, or pass --allow-recipe-change to continue against the new "
+                              "reference")
+    say(message + "; continuing against the new reference (--allow-recipe-change)")
 
 
 def _load_adapter(ckpt: Checkpoint, model) -> None:

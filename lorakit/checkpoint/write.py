@@ -63,6 +63,7 @@ def trainer_state(step: int, tokens_seen: int, sampler, model, metrics_path: Pat
             # of the tokenized examples, and of each data.train source's (lorakit.data.fingerprint)
             "fingerprint": (data_identity or {}).get("fingerprint", ""),
             "sources": (data_identity or {}).get("sources", {}),
+            "reference": (data_identity or {}).get("reference"),  # train.reference precomputed / init_from
         },
         "world_size": sampler.world_size,
         "fsdp": adapter_state is not None,  # for the record: a checkpoint resumes with or without FSDP

@@ -46,10 +46,14 @@ class Datasets:
     sources: np.ndarray | None = None  # each train example's source index (StepSampler's weights)
     weights: list[float] | None = None  # data.train[i].weight
     cache_key: str | None = None  # their entry in the data cache (train.reference: precomputed stores there too)
+    # the mean reference log-probs of the train pairs' chosen and rejected answers (train.reference precomputed or
+    # init_from), checked on resume: a reference adapter or base changed since the checkpoint changes them
+    reference: list[float] | None = None
 
     def identity(self) -> dict:
         """What a checkpoint records of the data and a resume compares (lorakit.data.fingerprint)."""
-        return {"fingerprint": self.fingerprint, "sources": dict(self.source_fingerprints)}
+        identity = {"fingerprint": self.fingerprint, "sources": dict(self.source_fingerprints)}
+        return identity if self.reference is None else {**identity, "reference": self.reference}
 
 
 def tokenize_rows(rows: list[Row | dict], section: DataSection, tokenizer, stats: DataStats | None = None,

@@ -231,6 +231,8 @@ def attach_reference(recipe, loss: PreferenceLoss, data, tokenizer, say, device=
         say(f"reference log-probs: computed for {len(data.train)} train and {len(data.eval)} eval pairs")
     else:
         say("reference log-probs: from the data cache")
+    train = np.asarray(stored["train"], dtype=np.float64).reshape(-1, 2)
+    data.reference = [round(float(v), 6) for v in train.mean(0)] if len(train) else None
     for name, examples in splits.items():
         if hasattr(examples, "ref_logps"):  # a token store builds its examples on access: it holds the values
             examples.ref_logps = np.asarray(stored[name], dtype=np.float32).reshape(-1, 2)

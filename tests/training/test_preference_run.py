@@ -116,3 +116,38 @@ def test_dpo_continues_an_sft_adapter_with_it_as_the_reference(tiny_model_dir, t
     recipe["adapter"]["r"], recipe["output"]["dir"] = 8, str(tmp_path / "dpo-r8")
     refused = cli("train", write_recipe(tmp_path / "dpo-r8.yaml", recipe))
     assert refused.exit_code == 4 and "adapter.init_from" in refused.output and "set adapter.r" in refused.output
+
+
+def test_resume_refuses_a_reference_that_changed_since_the_checkpoint(tiny_model_dir, tmp_path):
+    """train.reference init_from computes the reference again on resume, from the adapter.init_from directory as it
+    is now: an adapter changed since the checkpoint was used silently (the rest of the run against another
+    reference); now exit 4 naming it, or --allow-recipe-change. The unchanged one resumes."""
+    from peft import LoraConfig
+
+    from lorakit.testing import build_random_adapter
+
+    def sft_adapter(seed):
+        return build_random_adapter(tiny_model_dir, tmp_path / "sft", LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), seed=seed)
+
+    recipe = pref_recipe(tiny_model_dir, write_pairs(tmp_path / "pairs.jsonl", 8), tmp_path / "dpo", max_steps=2,
+                         save_every=1, eval_every=0, reference="init_from")
+    recipe["adapter"]["init_from"] = str(sft_adapter(0))
+    recipe["data"]["eval_split"] = None
+    path = write_recipe(tmp_path / "dpo.yaml", recipe)
+    assert (result := cli("train", path)).exit_code == 0, result.output
+    checkpoint = tmp_path / "dpo" / "checkpoints" / "step-000001"
+
+    def unfinish(n):  # as if stopped after the checkpoint: a finished run's resume only says it is finished
+        (tmp_path / "dpo" / "adapter").rename(tmp_path / f"adapter-{n}")
+
+    unfinish(0)
+    assert (result := cli("train", path, "--resume", checkpoint)).exit_code == 0, result.output
+    assert "resuming from" in result.output
+    unfinish(1)
+    sft_adapter(1)  # the SFT stage run again in place
+    refused = cli("train", path, "--resume", checkpoint)
+    assert refused.exit_code == 4, refused.output
+    assert "the reference log-probs differ from this checkpoint's" in " ".join(refused.output.split())
+    allowed = cli("train", path, "--resume", checkpoint, "--allow-recipe-change")
+    assert allowed.exit_code == 0 and "continuing against the new reference" in " ".join(allowed.output.split())
