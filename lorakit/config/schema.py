@@ -452,8 +452,9 @@ class Recipe(Section):
             raise ValueError("train.reference: init_from needs adapter.init_from (the adapter this stage starts from, "
                              "e.g. runs/sft/adapter); or use base")
         if pairs and self.train.eval_generate:
-            raise ValueError("train.eval_generate: not available with preference data (eval reports the "
-                             "preference accuracy, rewards/accuracy); set it to 0")
+            raise ValueError("train.eval_generate: not available with preference data (evaluation reports the "
+                             "preference accuracy, rewards/accuracy); set it to 0, and after training score answers "
+                             "to the pairs' prompts with `lorakit eval RUN --data PAIRS` (against the chosen ones)")
         if pairs and self.adapter.method in ("prefix", "prompt"):
             raise ValueError(f"train.objective: {self.train.objective} needs an adapter that can be switched off "
                              f"for the reference and a per-token head; adapter.method {self.adapter.method} adds "

@@ -67,6 +67,12 @@ def test_a_key_the_objective_does_not_use_is_refused(tmp_path, objective, key, v
     assert e.value.exit_code == 2
 
 
+def test_eval_generate_is_refused_naming_lorakit_eval(tmp_path):
+    with pytest.raises(RecipeError, match="train.eval_generate: not available with preference data .* set it to 0, "
+                                          "and after training score answers .* `lorakit eval RUN --data PAIRS`"):
+        recipe(tmp_path / "d.jsonl", train={"eval_generate": 2}, eval_split=0.2)
+
+
 def test_objective_and_format_must_match(tmp_path):
     with pytest.raises(RecipeError, match="set data.format: preference"):
         parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d"},
