@@ -448,6 +448,13 @@ class Recipe(Section):
         if pairs and not preference:
             raise ValueError("data.format: preference rows need a preference objective; set train.objective to "
                              f"one of {', '.join(PREFERENCE_OBJECTIVES)}")
+        # a source's own format: pairs and single answers cannot share a data set (each batch is one or the other)
+        for i, source in enumerate(self.data.sources()):
+            if source.format is not None and (source.format == "preference") != preference:
+                need = "preference (chosen/rejected pairs)" if preference else "a format with one answer per row"
+                raise ValueError(f"data.train[{i}].format: {source.path} has format {source.format}, but train."
+                                 f"objective {self.train.objective} needs {need} from every source; remove that "
+                                 "source, or train it in a stage of its own")
         if self.train.reference == "init_from" and self.adapter.init_from is None:
             raise ValueError("train.reference: init_from needs adapter.init_from (the adapter this stage starts from, "
                              "e.g. runs/sft/adapter); or use base")

@@ -67,6 +67,17 @@ def test_a_key_the_objective_does_not_use_is_refused(tmp_path, objective, key, v
     assert e.value.exit_code == 2
 
 
+@pytest.mark.parametrize("objective, formats", [("dpo", ("preference", "chat")), ("sft", ("chat", "preference"))])
+def test_a_source_of_the_other_kind_is_refused(tmp_path, objective, formats):
+    """A chat source beside pairs under dpo stopped with exit 1 (KeyError: 'rejected') while caching the data."""
+    sources = [{"path": "a.jsonl", "format": formats[0]}, {"path": "b.jsonl", "format": formats[1]}]
+    with pytest.raises(RecipeError, match=f"data.train\\[1\\].format: b.jsonl has format {formats[1]}, but train."
+                                          f"objective {objective} needs .* from every source") as e:
+        parse_recipe({"model": {"name_or_path": "m"}, "data": {"train": sources, "format": formats[0]},
+                      "train": {"max_steps": 1, "objective": objective}})
+    assert e.value.exit_code == 2
+
+
 def test_eval_generate_is_refused_naming_lorakit_eval(tmp_path):
     with pytest.raises(RecipeError, match="train.eval_generate: not available with preference data .* set it to 0, "
                                           "and after training score answers .* `lorakit eval RUN --data PAIRS`"):
