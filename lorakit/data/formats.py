@@ -293,6 +293,11 @@ def _explicit_prompt(row: Row, section: DataSection) -> tuple[Row, str]:
     if isinstance(data.get(names["prompt"]), list):
         return Row(row.where, {**data, names["messages"]: data[names["prompt"]]}), names["prompt"]
     chosen, rejected = data.get(names["chosen"]), data.get(names["rejected"])
+    if data.get(names["prompt"]) is None and isinstance(chosen, str) and isinstance(rejected, str):
+        raise BadRowError(f"{row.where}: missing field {names['prompt']!r} for data.format preference; "
+                          f"{names['chosen']!r} and {names['rejected']!r} are texts (TRL's implicit prompt is taken "
+                          "from conversations only: a shared beginning of two texts can split a word); give the "
+                          f"prompt as {names['prompt']!r}, or map its column with data.fields")
     if data.get(names["prompt"]) is not None or not (isinstance(chosen, list) and isinstance(rejected, list)):
         return row, names["messages"]
     shared = 0  # the common opening, leaving each answer at least its last turn

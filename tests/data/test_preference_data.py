@@ -195,7 +195,8 @@ def test_a_batch_of_pairs_is_tokenized_as_each_row_alone(tmp_path, tokenizer):
     ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
     ({"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
     ({"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "assistant messages only"),
-    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt' for data.format preference; 'chosen' and 'rejected' "
+                                       "are texts \\(TRL's implicit prompt is taken from conversations only"),
     # present but null: it said "missing field 'chosen' ... the row has prompt, chosen, rejected"
     ({"prompt": "p", "chosen": None, "rejected": "b"}, "field 'chosen' is null; data.format preference needs a string"),
     # the answer inside the prompt: it was trained as a second assistant turn after it, silently
