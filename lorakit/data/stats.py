@@ -187,7 +187,9 @@ def fit_pair(pair: Example, section: DataSection, bos_token_id: int | None = Non
     """data.truncation for a preference pair, both sequences together: the longer must fit max_seq_len.
 
     The shared prompt is trimmed first (its oldest tokens, after a leading BOS), by the same tokens in both;
-    truncate_prompt drops the pair when that is not enough, truncate then cuts the ends of the answers.
+    truncate_prompt drops the pair when that is not enough. truncate then keeps the prompt's newest tokens, up to
+    half of max_seq_len (TRL's former default max_prompt_length 512 of max_length 1024), and cuts the ends of the
+    answers: a pair never loses its whole prompt to a long answer.
     Returns (the pair or None; False, "prompt" or "answers": what was cut).
     """
     limit, longest = section.max_seq_len, max(len(pair), len(pair.rejected))
@@ -197,9 +199,11 @@ def fit_pair(pair: Example, section: DataSection, bos_token_id: int | None = Non
         return None, False
     keep = 1 if bos_token_id is not None and pair.input_ids[0] == bos_token_id and pair.prompt_len > 1 else 0
     excess = longest - limit
-    if excess > pair.prompt_len - keep and section.truncation == "truncate_prompt":
-        return None, False  # the answers alone are longer than max_seq_len
-    trim = min(excess, pair.prompt_len - keep)
+    trim = excess
+    if excess > pair.prompt_len - keep:  # the answers alone are longer than max_seq_len
+        if section.truncation == "truncate_prompt":
+            return None, False
+        trim = max(0, pair.prompt_len - max(limit // 2, keep))
     cut = lambda seq: (seq[:keep] + seq[keep + trim:])[:limit]  # noqa: E731
     chosen, rejected = (Example(cut(e.input_ids), cut(e.labels), e.prompt_len - trim) for e in pair.sequences)
     chosen.rejected = rejected

@@ -233,7 +233,13 @@ def test_pairs_are_truncated_together_prompt_first(tmp_path, tokenizer):
     assert fit_length(base, short) == (None, False)
     cut = recipe(tmp_path / "d", max_seq_len=len(base.rejected) - base.prompt_len - 2, truncation="truncate").data
     pair, how = fit_length(base, cut)
-    assert how == "answers" and len(pair.rejected) == cut.max_seq_len and pair.prompt_len == 0
+    assert how == "answers" and len(pair.rejected) == cut.max_seq_len
+    # ... keeping the prompt's newest tokens, up to half of max_seq_len: the whole prompt was cut away before, and
+    # the pair was trained with no question at all
+    kept = min(base.prompt_len, cut.max_seq_len // 2)
+    assert 0 < pair.prompt_len == pair.rejected.prompt_len == kept
+    assert pair.input_ids[:kept] == base.input_ids[base.prompt_len - kept : base.prompt_len]
+    assert pair.rejected.input_ids[:kept] == pair.input_ids[:kept]
     _, stats = tokenize_rows(rows * 2, cut, tokenizer)
     assert stats.truncated == 2 and stats.answers_cut == 2 and "2 truncated, 2 of them in the answers" in stats.summary()
     _, stats = tokenize_rows(rows, short, tokenizer)
