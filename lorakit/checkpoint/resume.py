@@ -279,8 +279,12 @@ def _check_same_reference(ckpt: Checkpoint, state: dict, current: dict, allowed:
     """A reference computed before training (train.reference precomputed, init_from) is computed again on resume
     (or read from the data cache): it must be the checkpoint's, else the rest of the run compares the policy with
     another model. Compared as the mean log-prob of the chosen and of the rejected answers, to a tolerance above
-    the rounding of another device or batch layout (checkpoints without it are not checked)."""
-    then, now = state.get("data", {}).get("reference"), current.get("reference")
+    the rounding of another device or batch layout, where the pairs are the checkpoint's (checkpoints without it
+    are not checked)."""
+    recorded = state.get("data", {})
+    if recorded.get("fingerprint") != current.get("fingerprint"):  # other pairs (allowed by then): other means
+        return
+    then, now = recorded.get("reference"), current.get("reference")
     if not then or not now or all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(then, now)):
         return
     message = (f"{ckpt.path}: the reference log-probs differ from this checkpoint's (mean chosen, rejected "

@@ -151,3 +151,10 @@ def test_resume_refuses_a_reference_that_changed_since_the_checkpoint(tiny_model
     assert "the reference log-probs differ from this checkpoint's" in " ".join(refused.output.split())
     allowed = cli("train", path, "--resume", checkpoint, "--allow-recipe-change")
     assert allowed.exit_code == 0 and "continuing against the new reference" in " ".join(allowed.output.split())
+    # Other pairs (edited data, allowed): their reference means differ for that reason, and it is not blamed
+    unfinish(2)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(pairs.read_text().replace("Count to 1", "Count up to 1"))
+    edited = cli("train", path, "--resume", checkpoint, "--allow-recipe-change")
+    assert edited.exit_code == 0 and "continuing on the new data" in " ".join(edited.output.split())
+    assert "reference log-probs differ" not in edited.output
