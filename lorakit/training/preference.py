@@ -179,9 +179,10 @@ class PreferenceLoss:
 
 @torch.no_grad()
 def compute_reference(loss: PreferenceLoss, examples: list, tokenizer, micro_batch_size: int,
-                      adapter_on: bool = False) -> list:
+                      adapter_on: bool = False, padding_free: bool = False) -> list:
     """Each pair's reference log-probs (chosen, rejected) in one pass, micro_batch_size pairs at a time, in eval
-    mode (no dropout), with the adapter switched off (``adapter_on``: as it is, for train.reference init_from)."""
+    mode (no dropout), with the adapter switched off (``adapter_on``: as it is, for train.reference init_from);
+    ``padding_free``: flattened, as the training batches are, so a policy at its reference matches it bit for bit."""
     from lorakit.data.batching import collate
 
     model = loss.model
@@ -191,7 +192,7 @@ def compute_reference(loss: PreferenceLoss, examples: list, tokenizer, micro_bat
         for start in range(0, len(examples), micro_batch_size):
             # without stored log-probs, so the reference is computed, not read back
             chunk = [dataclasses.replace(e, ref_logps=None) for e in examples[start : start + micro_batch_size]]
-            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer).items()}
+            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer, padding_free).items()}
             logps = loss.reference_logps(batch, adapter_on).tolist()
             out += list(zip(logps[: len(chunk)], logps[len(chunk):]))
     return out
@@ -207,11 +208,13 @@ def reference_key(recipe) -> str:
 
     adapter = recipe.adapter.init_from if recipe.train.reference == "init_from" else None
     material = {"model": recipe.model.model_dump(mode="json"), "files": files(recipe.model.name_or_path),
-                "adapter": files(adapter), "chunked": recipe.train.chunked_loss}
+                "adapter": files(adapter), "chunked": recipe.train.chunked_loss,
+                "padding_free": recipe.data.padding_free}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def attach_reference(recipe, loss: PreferenceLoss, data, tokenizer, say, device=None) -> None:
+def attach_reference(recipe, loss: PreferenceLoss, data, tokenizer, say, device=None,
+                     padding_free: bool = False) -> None:
     """train.reference precomputed or init_from: every train and eval pair gets its reference log-probs, read from
     the data cache when this model's are stored there, else computed (and stored) on ``device``, where
     accelerator.prepare puts the model next anyway."""
@@ -224,7 +227,7 @@ def attach_reference(recipe, loss: PreferenceLoss, data, tokenizer, say, device=
         if device is not None:
             loss.model.to(device)
         adapter_on = recipe.train.reference == "init_from"
-        stored = {name: compute_reference(loss, ex, tokenizer, recipe.train.micro_batch_size, adapter_on)
+        stored = {name: compute_reference(loss, ex, tokenizer, recipe.train.micro_batch_size, adapter_on, padding_free)
                   for name, ex in splits.items()}
         if data.cache_key:
             cache.save_reference(data.cache_key, key, stored)

@@ -267,7 +267,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
     if recipe.train.reference in ("precomputed", "init_from"):  # init_from: the adapter as loaded, before a resume
         with stage(accelerator.is_main_process, "reference log-probs"), accelerator.main_process_first():
             attach_reference(recipe, build_training_loss(model, recipe.train), data, tokenizer, say,
-                             accelerator.device)
+                             accelerator.device, batching.padding_free)
     if checkpoint is not None:  # the weights before wrapping: FSDP shards what was restored
         restore_adapter(checkpoint, model=model, sampler=sampler, changed=changed, say=say,
                         data_identity=data.identity(),

@@ -254,3 +254,23 @@ def test_efficiency_counts_the_live_reference_forward(tiny_model_dir, tmp_path):
     assert with_reference / ModelShape.of(model).flops(work, False) == pytest.approx(
         counted["dpo"] / counted["simpo"], rel=0.05)
     assert not live_reference(recipe.train.model_copy(update={"objective": "dpo", "reference": "precomputed"}))
+
+
+def test_a_precomputed_reference_is_computed_in_the_training_batch_layout(tiny_model_dir, tmp_path):
+    """B = 0: a reference precomputed in the layout the training batches have (flattened under data.padding_free,
+    the default) is the policy bit for bit: every reward exactly 0. It was always computed padded, and rounding
+    made some chosen rewards higher at step 0 (rewards/accuracy 0.25 on a train.reference init_from run)."""
+    from lorakit.training.preference import attach_reference
+
+    recipe, model, tokenizer, _ = setup(tiny_model_dir, tmp_path, "dpo", perturb=False, reference="precomputed")
+    loss_fn = build_training_loss(model, recipe.train)
+    data = load_datasets(recipe.data.model_copy(update={"cache": False}), tokenizer, 0)
+    padding_free = choose_batching(recipe, model, None).padding_free
+    attach_reference(recipe, loss_fn, data, tokenizer, lambda line: None, padding_free=padding_free)
+    pairs = [data.train[i] for i in range(len(data.train))]
+    assert padding_free and all(pair.ref_logps is not None for pair in pairs)
+    tally = loss_fn.new_tally()
+    for start in range(0, len(pairs), 2):
+        loss_fn(model, collate(pairs[start : start + 2], tokenizer, padding_free=padding_free), 1, tally)
+    means = tally.means(Accelerator())
+    assert means["rewards/chosen"] == means["rewards/rejected"] == means["rewards/accuracy"] == 0

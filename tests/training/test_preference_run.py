@@ -70,8 +70,9 @@ def test_precomputed_reference_is_stored_in_the_data_cache(tiny_model_dir, tmp_p
     again = cli("train", write_recipe(tmp_path / "pre-2.yaml", pre))
     assert again.exit_code == 0 and "reference log-probs: from the data cache" in again.output
     # The same learning as the reference computed on the fly (dropout is off in the reference either way), up to
-    # float rounding (padded batches there, flattened here). Accuracy is left out: at B = 0 every reward is 0 on
-    # the fly and a rounding error of either sign precomputed, a tie broken either way.
+    # float rounding (the live reference runs in the training micro-batches, the precomputed one in data order).
+    # Accuracy is left out: at B = 0 every reward is 0 on the fly and may be a rounding error of either sign
+    # precomputed, a tie broken either way.
     for a, b in zip(training_records(tmp_path / "base" / "metrics.jsonl"),
                     training_records(tmp_path / "pre" / "metrics.jsonl")):
         assert a.keys() == b.keys()
