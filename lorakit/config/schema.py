@@ -16,7 +16,7 @@ from lorakit.config.methods import (
     _WHY_UNUSED, MERGEABLE_METHODS, METHOD_KEY_DEFAULTS, METHODS, PREFERENCE_LORA_DROPOUT,
     UNSUPPORTED_LORA_OPTIONS, is_lora_family,
 )
-from lorakit.config.schema_base import Section
+from lorakit.config.schema_base import Section, other_kind_of_rows
 from lorakit.config.schema_train import (  # noqa: F401  (re-exported: the schema's public names)
     EVAL_METRICS, NO_WARMUP_SCHEDULERS, OBJECTIVE_KEYS, OBJECTIVES, PREFERENCE_OBJECTIVES, REFERENCES, SCHEDULERS,
     UNSUPPORTED_SCHEDULERS, USABLE_SCHEDULERS, TrainSection,
@@ -448,20 +448,15 @@ class Recipe(Section):
         if pairs and not preference:
             raise ValueError("data.format: preference rows need a preference objective; set train.objective to "
                              f"one of {', '.join(PREFERENCE_OBJECTIVES)}")
-        # a source's own format: pairs and single answers cannot share a data set (each batch is one or the other)
-        for i, source in enumerate(self.data.sources()):
+        for i, source in enumerate(self.data.sources()):  # pairs and one-answer rows cannot share a batch
             if source.format is not None and (source.format == "preference") != preference:
-                need = "preference (chosen/rejected pairs)" if preference else "a format with one answer per row"
-                raise ValueError(f"data.train[{i}].format: {source.path} has format {source.format}, but train."
-                                 f"objective {self.train.objective} needs {need} from every source; remove that "
-                                 "source, or train it in a stage of its own")
+                raise ValueError(other_kind_of_rows(i, source.path, source.format, self.train.objective))
         if self.train.reference == "init_from" and self.adapter.init_from is None:
             raise ValueError("train.reference: init_from needs adapter.init_from (the adapter this stage starts from, "
                              "e.g. runs/sft/adapter); or use base")
         if pairs and self.train.eval_generate:
-            raise ValueError("train.eval_generate: not available with preference data (evaluation reports the "
-                             "preference accuracy, rewards/accuracy); set it to 0, and after training score answers "
-                             "to the pairs' prompts with `lorakit eval RUN --data PAIRS` (against the chosen ones)")
+            raise ValueError("train.eval_generate: not available with preference data (evaluation reports rewards/"
+                             "accuracy); set it to 0 (after training, `lorakit eval RUN --data PAIRS` scores answers)")
         if pairs and self.adapter.method in ("prefix", "prompt"):
             raise ValueError(f"train.objective: {self.train.objective} needs an adapter that can be switched off "
                              f"for the reference and a per-token head; adapter.method {self.adapter.method} adds "

@@ -34,6 +34,13 @@ def _takes_number(annotation) -> bool:
     return bool({int, float} & set(args)) and bool not in args
 
 
+def other_kind_of_rows(i: int, path: str, fmt: str, objective: str) -> str:
+    """Why data.train[i], whose own format is ``fmt``, cannot feed train.objective ``objective``."""
+    need = "one answer per row" if objective == "sft" else "preference (chosen/rejected pairs)"
+    return (f"data.train[{i}].format: {path} has format {fmt}, but train.objective {objective} needs {need} from "
+            "every source; remove that source, or train it in a stage of its own")
+
+
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""

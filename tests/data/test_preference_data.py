@@ -79,8 +79,8 @@ def test_a_source_of_the_other_kind_is_refused(tmp_path, objective, formats):
 
 
 def test_eval_generate_is_refused_naming_lorakit_eval(tmp_path):
-    with pytest.raises(RecipeError, match="train.eval_generate: not available with preference data .* set it to 0, "
-                                          "and after training score answers .* `lorakit eval RUN --data PAIRS`"):
+    with pytest.raises(RecipeError, match="train.eval_generate: not available with preference data .* set it to 0 "
+                                          "\\(after training, `lorakit eval RUN --data PAIRS` scores answers\\)"):
         recipe(tmp_path / "d.jsonl", train={"eval_generate": 2}, eval_split=0.2)
 
 
