@@ -104,6 +104,17 @@ def encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer, temp
         return _encode_chunk(rows, sources, section, tokenizer)
 
 
+# Answers of at most this many supervised tokens are decoded to see whether they hold any text: an end-of-turn is
+# a few tokens in every template, and decoding only such short answers costs nothing on real data.
+EMPTY_TARGETS = 8
+
+
+def _empty_answer(labels: list[int], tokenizer) -> bool:
+    """Whether the supervised tokens hold no text: an empty answer ("output": "") leaves only the end-of-turn."""
+    ids = [t for t in labels[1:] if t != IGNORE_INDEX]
+    return not tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> Chunk:
     stats = DataStats()
     stats.rows += len(rows)
@@ -127,6 +138,8 @@ def _encode_chunk(rows: list[Row], sources, section: DataSection, tokenizer) -> 
         if min(targets) <= 0:
             stats.note("unsupervised", f"{row.where}{nothing_to_learn(row, section)}", source)
             continue
+        if min(targets) <= EMPTY_TARGETS and any(_empty_answer(s.labels, tokenizer) for s in example.sequences):
+            stats.note("empty_answers", row.where, source)
         if eos is not None and any(eos not in s.labels[1:] for s in example.sequences):
             stats.note("no_eos", row.where, source)
         stats.count(source, "kept")

@@ -29,6 +29,7 @@ class DataStats:
     unsupervised: int = 0  # dropped: no token left for the loss
     bad: int = 0  # malformed rows skipped (data.skip_bad_rows)
     no_eos: int = 0  # kept rows whose supervised tokens hold no EOS
+    empty_answers: int = 0  # kept rows whose answer has no text: only its end-of-turn (special) tokens supervised
     identical: int = 0  # kept preference pairs whose chosen and rejected sequences are the same tokens
     identical_rows: list = field(default_factory=list)  # where the first ROWS_NAMED of them are
     supervised_tokens: int = 0
@@ -60,7 +61,7 @@ class DataStats:
 
     def merge(self, other: "DataStats") -> None:
         """Add the counts of ``other`` (a later chunk of the same split): its first rows come after ours."""
-        for name in (*COUNTS, "no_eos", "supervised_tokens", "answers_cut", "identical"):
+        for name in (*COUNTS, "no_eos", "empty_answers", "supervised_tokens", "answers_cut", "identical"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.identical_rows = (self.identical_rows + other.identical_rows)[:ROWS_NAMED]
         self.longest = max(self.longest, other.longest)
@@ -137,6 +138,11 @@ class DataStats:
             out.append(f"{self.identical} preference pair(s) have the same chosen and rejected answer and teach no "
                        f"preference (zero gradient of the preference loss): {', '.join(self.identical_rows)}{more}; "
                        "give them a rejected answer that differs, or remove them")
+        if self.empty_answers:
+            out.append(
+                f"{self.empty_answers} kept row(s) have an empty answer (first: {self.first['empty_answers']}): they "
+                "teach the model to end its turn at once; give them an answer, or remove them"
+            )
         if self.no_eos:
             out.append(
                 f"{self.no_eos} kept row(s) never supervise the EOS token {self.eos_token!r} (first: "

@@ -208,6 +208,20 @@ def test_rows_left_without_supervision_are_counted_and_reported(tok):
     assert all(num_targets(e.labels) > 0 for e in examples)
 
 
+def test_rows_with_an_empty_answer_are_reported(tok):
+    """"output": "" (or an assistant turn with no text) trained silently on the end-of-turn alone, teaching the model
+    to stop at once; such rows are counted and named (and still kept: the data is the user's)."""
+    rows = [Row("t:1", {"instruction": "a", "output": "b"}), Row("t:2", {"instruction": "a", "output": ""}),
+            Row("t:3", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]})]
+    examples, stats = tokenize_rows(rows[:2], section(), tok)
+    assert len(examples) == 2 and stats.empty_answers == 1
+    assert any("1 kept row(s) have an empty answer (first: t:2)" in w for w in stats.warnings())
+    _, chat = tokenize_rows(rows[2:], section(format="chat"), tok)
+    assert chat.empty_answers == 1
+    _, fine = tokenize_rows(rows[:1], section(), tok)
+    assert fine.empty_answers == 0 and fine.warnings() == []
+
+
 def test_rows_without_supervised_eos_are_reported(tok):
     rows = [Row("t:1", {"instruction": "a", "output": "word " * 40})]
     _, stats = tokenize_rows(rows, section(max_seq_len=60, truncation="truncate"), tok)
