@@ -137,6 +137,11 @@ def disable_base_dropout(model) -> int:
     return changed
 
 
+def lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, layer) of every PEFT LoRA layer holding lorakit's adapter ("default")."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})]
+
+
 def check_bias_mergeable(model, save: str) -> None:
     """adapter.lora_bias on a layer without a bias trains a bias the merge has nowhere to put: with output.save
     merged/both the run would fail at its end (lorakit merge refuses it), so it is exit 2 before training."""

@@ -84,6 +84,20 @@ def _not_an_adapter(path: Path) -> str:
     return "give an adapter directory (RUN/adapter)"
 
 
+def target_dir(path: Path) -> Path:
+    """The directory `lorakit eval` and `generate` take as TARGET (exit 4 when there is none): a run, an adapter or
+    a model; a run that saved only its merged model (output.save: merged) is that model, RUN/merged."""
+    if not path.is_dir():
+        what = "a file" if path.exists() else "not found"
+        raise CheckpointError(f"{path}: {what}; give a run directory, an adapter directory or a merged model")
+    return merged_only_run(path) or path
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a whole model (a merged one, or any): config.json and no adapter_config.json."""
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
 def merged_only_run(path: str | Path) -> Path | None:
     """RUN/merged of a run directory that saved its merged model and no adapter (output.save: merged), else None:
     commands that take a run (eval, generate) then use the merged model."""

@@ -42,6 +42,11 @@ def recipe_changes(old: dict, new: dict, ignore: set[str] = frozenset()) -> list
     return changes
 
 
+def changed_key(change: str) -> str:
+    """The recipe key of one of recipe_changes' lines (``key: old → new``)."""
+    return change.split(": ", 1)[0]
+
+
 def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, say, fsdp: bool = False) -> bool:
     """Refuse (exit 4) a resume under a changed recipe or world size unless allowed; True when something changed.
 
@@ -83,7 +88,7 @@ def check_resume(ckpt: Checkpoint, recipe, world_size: int, allow_change: bool, 
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     if not allow_change:
         why = "".join(f" ({reason})" for key, reason in WHY_FIXED.items()
-                      if any(change.startswith(f"{key}:") for change in changes))
+                      if key in map(changed_key, changes))
         raise CheckpointError(
             f"{ckpt.path}: cannot resume, the run changed since this checkpoint ({shown}){why}; undo the change, or "
             "pass --allow-recipe-change to continue under the new settings (the result then differs from an "
@@ -122,7 +127,7 @@ SHAPE_KEYS = ("adapter.method", "adapter.r", "adapter.num_virtual_tokens", "adap
 def _check_same_shapes(ckpt: Checkpoint, changes: list[str]) -> None:
     """An adapter key whose change means other adapter tensors: exit 4 from the recipes alone, before the base model
     loads (minutes on a big one), with the message restore_adapter gives once it has."""
-    shaped = [change for change in changes if change.split(": ", 1)[0] in SHAPE_KEYS]
+    shaped = [change for change in changes if changed_key(change) in SHAPE_KEYS]
     if shaped:
         raise CheckpointError(
             f"{ckpt.path}: its adapter does not fit this model ({'; '.join(shaped)}: other adapter tensors); it was "
@@ -147,7 +152,7 @@ def _keep_recorded_defaults(recipe, recorded, changes: list[str], say) -> bool:
     """When every change is a key the recipe leaves to its default and that default changed since the checkpoint
     was written (an upgrade of lorakit: DPO's LoRA dropout went from 0.05 to 0), continue with the checkpoint's
     values, set on ``recipe`` in place, one line each; True if so. A key the recipe sets stays a change."""
-    keys = [change.split(": ", 1)[0] for change in changes]
+    keys = [changed_key(change) for change in changes]
     if not all(_left_to_default(recipe, key) for key in keys):
         return False
     for key in keys:

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, merged_only_run,
-                                    read_config, read_record, recorded_base, require_weights)
+from lorakit.adapters.files import (RECORD_FILE, check_recorded_base, config_file, find_adapter_dir, is_model_dir,
+                                    read_config, read_record, recorded_base, require_weights, target_dir)
 from lorakit.config.load import parse_recipe, read_yaml
 from lorakit.config.schema import PREFERENCE_OBJECTIVES, DataSection, ModelSection, Recipe, TrainSection
 from lorakit.data.chat import resolve_chat_template
@@ -61,15 +61,11 @@ class Target:
 def resolve_target(path: Path, base: str | None = None) -> Target:
     """A run directory (its adapter), an adapter directory, or a merged model directory. ``base`` (--base): the
     adapter's base, or a merged model's for --base-too, in place of the one recorded."""
-    path = Path(path)
-    if not path.is_dir():
-        what = "a file" if path.exists() else "not found"
-        raise CheckpointError(f"{path}: {what}; give a run directory, an adapter directory or a merged model")
-    path = merged_only_run(path) or path  # a run that saved only its merged model (output.save: merged)
+    path = target_dir(Path(path))
     if base is not None and not base.strip():
         raise UsageError("--base: the value is empty; name the base model, or drop --base for the recorded one")
     recipe, recipe_file = _run_recipe(path)
-    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if is_model_dir(path):
         if problem := folder_problem(path, ("config.json", "generation_config.json")):
             raise CheckpointError(f"{problem}; the model is damaged: merge or copy it again")
         dtype = recipe.model.dtype if recipe else "auto"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.build import load_adapter
-from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, merged_only_run, read_config,
-                                    read_record, recorded_base, recorded_quantization, require_weights)
+from lorakit.adapters.files import (check_recorded_base, find_adapter_dir, is_model_dir, read_config, read_record,
+                                    recorded_base, recorded_quantization, require_weights, target_dir)
 from lorakit.compat import adapter_generate
 from lorakit.config.schema import ModelSection
 from lorakit.data.chat import check_messages
@@ -74,12 +74,8 @@ def generation_target(target: str | None, model: str | None, adapters: list[str]
     directory (merged or full; RUN/merged of a run saved with output.save: merged) the model. Without --model the
     base is the one the adapters record."""
     if target is not None:
-        path = Path(target).expanduser()
-        if not path.is_dir():
-            what = "a file" if path.exists() else "not found"
-            raise CheckpointError(f"{target}: {what}; give a run directory, an adapter directory or a merged model")
-        path = merged_only_run(path) or path
-        if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        path = target_dir(Path(target).expanduser())
+        if is_model_dir(path):
             if model is not None:
                 raise UsageError(f"--model {model}: {target} is a model already (merged or full); give one of the two")
             model = str(path)

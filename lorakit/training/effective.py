@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorakit.adapters.bottleneck import BottleneckAdapter
+from lorakit.adapters.build import lora_layers
 from lorakit.adapters.dropout import uses_lora_dropout
 from lorakit.config.schema import CHAT_FORMATS, PREFERENCE_OBJECTIVES
 from lorakit.errors import UsageError
@@ -98,7 +99,7 @@ def _adapter_lines(recipe, model, init) -> list[Setting]:
     config = getattr(model, "peft_config", {}).get("default")
     lines.append(Setting("adapter", f"{section.method} ({type(config).__name__ if config else 'BottleneckConfig'})",
                          ("adapter.method",)))
-    lora = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})]
+    lora = lora_layers(model)
     if lora:
         short = Counter(n.rsplit(".", 1)[-1] for n, _ in lora)
         ranks = sorted({m.r["default"] for _, m in lora})

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from lorakit import __version__
-from lorakit.adapters.build import apply_adapter, build_model, continue_from, counting_section
+from lorakit.adapters.build import apply_adapter, build_model, continue_from, counting_section, lora_layers
 from lorakit.adapters.inits import InitRecord, capture_initial, run_eva, save_converted
 from lorakit.adapters.card import write_card
+from lorakit.adapters.vllm import warn_if_not_servable
+from lorakit.atomic import umask_modes
 from lorakit.checkpoint.format import TrainState
 from lorakit.checkpoint.read import select_checkpoint, set_aside_newer
 from lorakit.checkpoint.resume import (
@@ -39,10 +41,8 @@ from lorakit.models.loading import (
     check_attention_package, load_tokenizer, model_dir_on_disk, resolve_dtype, resolve_model_path, trainable_summary,
 )
 from lorakit.models.meta import build_meta_model, read_model_config
-from lorakit.atomic import umask_modes
 from lorakit.publish import check_output, check_replaceable, read_marker, set_aside, write_marker
 from lorakit.runlock import OutputLock
-from lorakit.adapters.vllm import warn_if_not_servable
 from lorakit.training.context import FitContext, RunPaths
 from lorakit.training.effective import as_records, effective_settings, format_block
 from lorakit.training.interrupt import outside_steps
@@ -238,8 +238,7 @@ def _train(recipe: Recipe, paths: RunPaths, *, allow_pickle, resume, resume_from
         meter = StepMeter(ModelShape.of(model, reference_forward=live_reference(recipe.train)))
         apply_speed_knobs(model, recipe.train.compile, recipe.train.liger)
     # After the build: a target PEFT cannot find (a typo) is refused first, and a regular expression is resolved
-    warn_if_not_servable(recipe.adapter, warn, {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                                                if hasattr(module, "lora_A")} or None)
+    warn_if_not_servable(recipe.adapter, warn, {name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)} or None)
     say(trainable_summary(model))
     say(f"batches: {batching.note}")
 
